@@ -1,0 +1,134 @@
+"""From a series of samples to the thermodynamic readings (THEORY.md sections 2-5).
+
+`Thermometer` keeps a sliding window of the last `window` samples of one job and derives,
+at every sample:
+
+* per layer: entropy S_l = n_l h_l (gaussian estimator), the work of the last sampled
+  update, and beta_l = Delta S_l / Delta E_l over the window, where Delta E_l is the layer's
+  work summed over the window. Work is only measured on sampled steps, so each sampled
+  w_{l,t} stands for the `gap` steps until the next sample (an unbiased estimate of the
+  work done over them);
+* for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
+  the window. The slope of the noisy minibatch energy is the "smoothed" energy change, and
+  its standard error is the noise floor under which T is undefined;
+* per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta).
+
+The agent uses it in-process (`Monitor.latest()`), the collector on merged samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import physics
+from .stats import LayerInfo, Sample, SiteInfo
+
+#: Standard errors the job's energy slope must exceed for the temperature to be defined.
+ENERGY_SLOPE_SIGMAS = 2.0
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Derived values at one sample. NaN means undefined (see `physics.temperature`)."""
+
+    step: int
+    wall_time: float
+    energy: float
+    entropy: float
+    beta: float
+    temperature: float
+    efficiency: float
+    layer_names: tuple[str, ...]
+    layer_entropy: np.ndarray
+    layer_work: np.ndarray
+    layer_beta: np.ndarray
+    layer_temperature: np.ndarray
+    site_names: tuple[str, ...]
+    site_efficiency: np.ndarray
+
+
+class Thermometer:
+    """Windowed derivation for one job; feed it samples in step order."""
+
+    def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = 10) -> None:
+        if window < 2:
+            raise ValueError(f"window must be at least 2 samples, got {window}")
+        self.layer_names = tuple(layer.name for layer in layers)
+        self.site_names = tuple(site.name for site in sites)
+        self._steps: deque[int] = deque(maxlen=window)
+        self._energy: deque[float] = deque(maxlen=window)
+        self._entropy: deque[np.ndarray] = deque(maxlen=window)
+        self._work: deque[np.ndarray] = deque(maxlen=window)  # cumulative work at each sample
+        self._last: Sample | None = None
+        self.latest: Reading | None = None
+
+    def update(self, sample: Sample) -> Reading:
+        """Add one sample (a step after the previous one) and return the new reading."""
+        prev = self._last
+        if prev is not None and sample.step <= prev.step:
+            raise ValueError(f"sample for step {sample.step} after step {prev.step}")
+        layers = sample.layers
+        entropy = physics.layer_entropy(layers.count, layers.mean, layers.m2)
+        if prev is None:
+            cumulative = np.zeros(len(layers))
+        else:
+            cumulative = self._work[-1] + prev.layers.work * (sample.step - prev.step)
+        self._steps.append(sample.step)
+        self._energy.append(sample.energy)
+        self._entropy.append(entropy)
+        self._work.append(cumulative)
+        self._last = sample
+
+        layer_beta, layer_t = physics.temperature(
+            entropy - self._entropy[0],
+            cumulative - self._work[0],
+            entropy_floor=physics.ENTROPY_RESOLUTION * layers.count,
+            energy_floor=physics.WORK_RESOLUTION,
+        )
+        beta, temp = self._job_temperature()
+        sites = sample.sites
+        eta = physics.site_efficiency(
+            physics.variance(sites.count, sites.in_mean, sites.in_m2),
+            physics.variance(sites.count, sites.out_mean, sites.out_m2),
+        )
+        self.latest = Reading(
+            step=sample.step,
+            wall_time=sample.wall_time,
+            energy=sample.energy,
+            entropy=float(entropy.sum()),
+            beta=beta,
+            temperature=temp,
+            efficiency=physics.network_efficiency(eta),
+            layer_names=self.layer_names,
+            layer_entropy=entropy,
+            layer_work=layers.work,
+            layer_beta=layer_beta,
+            layer_temperature=layer_t,
+            site_names=self.site_names,
+            site_efficiency=eta,
+        )
+        return self.latest
+
+    def _job_temperature(self) -> tuple[float, float]:
+        """Job beta and T from the slopes of S and E against step over the window."""
+        steps = np.asarray(self._steps, dtype=np.float64)
+        energy = np.asarray(self._energy, dtype=np.float64)
+        known = np.isfinite(energy)
+        if known.sum() < 3:
+            return math.nan, math.nan
+        total_s = np.asarray([s.sum() for s in self._entropy])[known]
+        ds, _ = physics.slope(steps[known], total_s)
+        de, de_err = physics.slope(steps[known], energy[known])
+        count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
+        span = float(steps[known][-1] - steps[known][0])
+        beta, temp = physics.temperature(
+            ds * span,
+            de * span,
+            entropy_floor=physics.ENTROPY_RESOLUTION * count,
+            energy_floor=ENERGY_SLOPE_SIGMAS * de_err * span,
+        )
+        return float(beta), float(temp)

@@ -1,0 +1,175 @@
+"""`Monitor`: the one object a training loop holds.
+
+    monitor = Monitor(model, optimizer, collector="127.0.0.1:50051", job="my-run", every=10)
+    for batch in data:
+        loss = loss_fn(model(batch.x), batch.y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.step(loss)
+    monitor.close()
+
+Every `every`-th optimizer step is sampled: the sampler's hooks are armed just before it
+and removed right after it, so the other steps run with no hook at all, and `step(loss)`
+on them is a counter increment (no device-to-host sync). With a collector, sampled steps
+stream from a background thread; without one (`collector=None`) they are derived
+in-process, read with `latest()`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+from thermoscope.v1 import telemetry_pb2 as pb
+from torch import nn
+
+from . import wire
+from .derive import Reading, Thermometer
+from .sampler import Pending, Sampler, find_sites
+from .sender import Sender
+
+AGENT_VERSION = "0.1.0"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP/DataParallel, so layer names carry no `module.` prefix."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+class Monitor:
+    """Measures entropy, work, temperature and efficiency of `model` while it trains."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        collector: str | None = None,
+        job: str | None = None,
+        run: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        every: int = 10,
+        window: int = 10,
+        sites: Iterable[nn.Module] = (),
+        max_queue: int = 1024,
+    ) -> None:
+        """
+        Args:
+            optimizer: whose steps are measured; None measures every optimizer that steps
+                this model's parameters (through torch's global optimizer hooks).
+            collector: "host:port" of a collector; None derives everything in-process.
+            job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
+            every: sample one optimizer step in this many.
+            window: samples over which temperatures are taken (in-process mode).
+            sites: extra modules to watch as activation sites.
+            max_queue: sampled steps held for the sender before the oldest is dropped.
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        model = _unwrap(model)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = [optimizer]
+        self.job = job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
+        self.run = run or uuid.uuid4().hex[:12]
+        self.rank, self.world_size = rank, world_size
+        self.every = every
+        self.enabled = True
+        self._sampler = Sampler(
+            list(model.named_parameters()),
+            find_sites(model, sites),
+            None if optimizer is None else list(optimizer),
+        )
+        self._step = 0
+        self._sender: Sender | None = None
+        self._local: deque[Pending] = deque(maxlen=max_queue)
+        self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
+        if collector is not None:
+            self._sender = Sender(collector, self._hello(), max_queue=max_queue, on_config=self._configure)
+        self._sampler.arm()
+
+    @property
+    def layers(self):
+        return self._sampler.layers
+
+    @property
+    def sites(self):
+        return self._sampler.sites
+
+    @property
+    def dropped(self) -> int:
+        """Sampled steps that never reached the collector (queue overflow or a broken stream)."""
+        return self._sender.dropped if self._sender is not None else 0
+
+    @property
+    def acked(self) -> int:
+        """Frames the collector has accepted."""
+        return self._sender.acked if self._sender is not None else 0
+
+    @property
+    def connected(self) -> bool:
+        return self._sender is not None and self._sender.connected
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
+
+        Call after `optimizer.step()`. On unsampled steps this only counts.
+        """
+        if self._sampler.armed:
+            pending = self._sampler.collect(self._step, loss)
+            self._sampler.disarm()
+            if self._sender is not None:
+                self._sender.submit(pending)
+            else:
+                self._local.append(pending)
+        self._step += 1
+        if self.enabled and self._step % self.every == 0:
+            self._sampler.arm()
+
+    def latest(self) -> Reading | None:
+        """The newest derived reading (in-process mode; None before the first sample)."""
+        while self._local:
+            self._thermometer.update(self._local.popleft().to_sample())
+        return self._thermometer.latest
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (bounded) until the collector has acknowledged every sampled step."""
+        return self._sender.flush(timeout) if self._sender is not None else True
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Remove the hooks, flush and stop streaming. True if nothing was left unsent."""
+        self._sampler.disarm()
+        self.enabled = False
+        return self._sender.shutdown(timeout) if self._sender is not None else True
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _configure(self, config: pb.Config) -> None:
+        """Apply the collector's settings (called on the sender thread; plain assignments)."""
+        if config.every > 0:
+            self.every = config.every
+        self.enabled = not config.paused
+
+    def _hello(self) -> pb.AgentMessage:
+        return wire.hello(
+            job_id=self.job,
+            run_id=self.run,
+            rank=self.rank,
+            world_size=self.world_size,
+            host=socket.gethostname(),
+            agent_version=AGENT_VERSION,
+            every=self.every,
+            layers=self._sampler.layers,
+            sites=self._sampler.sites,
+        )

@@ -1,0 +1,153 @@
+"""The formulas of THEORY.md, pure and vectorized over layers (numpy in, numpy out).
+
+Everything here works on *sufficient statistics* (count, mean, M2, dot products), never on
+raw tensors, so the same code serves one rank in-process and the collector after it has
+merged ranks and shards. Units: entropy in nats, energy in loss units, temperature in loss
+units per nat.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LN_2PI_E = math.log(2.0 * math.pi * math.e)
+
+#: Smallest variance we take a layer to have, relative to its squared mean and absolute.
+#: A constant tensor (zero biases, LayerNorm gains of one) has a degenerate distribution of
+#: entropy -inf; float32 values cannot resolve a spread below ~2^-24 of their magnitude, so
+#: that is where the entropy is floored (documented in docs/quantities.md).
+VAR_FLOOR_REL = 2.0**-48
+VAR_FLOOR_ABS = 1e-30
+
+#: Entropy changes below this many nats per value are not resolvable from float32 moments.
+ENTROPY_RESOLUTION = 1e-6
+#: Layer work below this (loss units) is indistinguishable from float64 round-off.
+WORK_RESOLUTION = 1e-12
+
+
+def variance(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """Population variance M2/count, floored at what float32 values can resolve."""
+    count = np.asarray(count, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.asarray(m2, dtype=np.float64) / count
+    floor = np.maximum(VAR_FLOOR_REL * mean * mean, VAR_FLOOR_ABS)
+    return np.where(count > 0, np.maximum(var, floor), np.nan)
+
+
+def gaussian_entropy(var: np.ndarray | float) -> np.ndarray:
+    """Differential entropy per value of N(., var): 1/2 ln(2 pi e var) (nats)."""
+    return 0.5 * (LN_2PI_E + np.log(np.asarray(var, dtype=np.float64)))
+
+
+def layer_entropy(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """S_l = n_l * h_l with the gaussian estimator (nats)."""
+    return np.asarray(count, dtype=np.float64) * gaussian_entropy(variance(count, mean, m2))
+
+
+def merge_moments(
+    count_a: np.ndarray,
+    mean_a: np.ndarray,
+    m2_a: np.ndarray,
+    count_b: np.ndarray,
+    mean_b: np.ndarray,
+    m2_b: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chan et al.'s exact parallel merge of (count, mean, M2) of two disjoint parts."""
+    na = np.asarray(count_a, dtype=np.float64)
+    nb = np.asarray(count_b, dtype=np.float64)
+    n = na + nb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        delta = np.asarray(mean_b, dtype=np.float64) - mean_a
+        frac_b = np.where(n > 0, nb / n, 0.0)
+        mean = mean_a + delta * frac_b
+        m2 = m2_a + m2_b + delta * delta * na * frac_b
+    return n, np.where(n > 0, mean, 0.0), np.where(n > 0, m2, 0.0)
+
+
+def merge_moments_grouped(
+    group: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge many parts at once: part i goes into group[i] (of `size`); Chan's sum form.
+
+    M2 = sum_i M2_i + sum_i n_i (mean_i - mean)^2, which is exact and order-free.
+    """
+    group = np.asarray(group, dtype=np.int64)
+    count = np.asarray(count, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    total = np.bincount(group, count, size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        merged_mean = np.where(total > 0, np.bincount(group, count * mean, size) / total, 0.0)
+    spread = count * (mean - merged_mean[group]) ** 2
+    return total, merged_mean, np.bincount(group, np.asarray(m2, dtype=np.float64) + spread, size)
+
+
+def inverse_temperature(
+    delta_s: np.ndarray, delta_e: np.ndarray, energy_floor: np.ndarray | float
+) -> np.ndarray:
+    """beta = dS/dE, always finite: |dE| is taken as at least the energy noise floor.
+
+    Where the energy change is below its floor, beta saturates at dS/floor (a lower bound
+    on |beta|); `temperature` then reports the temperature as undefined.
+    """
+    delta_s = np.asarray(delta_s, dtype=np.float64)
+    delta_e = np.asarray(delta_e, dtype=np.float64)
+    sign = np.where(delta_e < 0, -1.0, 1.0)
+    return delta_s / (sign * np.maximum(np.abs(delta_e), energy_floor))
+
+
+def temperature(
+    delta_s: np.ndarray,
+    delta_e: np.ndarray,
+    entropy_floor: np.ndarray | float,
+    energy_floor: np.ndarray | float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(beta, T) with T = 1/beta where both changes are resolvable, else NaN.
+
+    NaN means "undefined, effectively infinite": the entropy did not move measurably
+    (|beta| under its noise floor) or the energy did not. Negative T is real: the entropy
+    grew while the energy fell.
+    """
+    beta = inverse_temperature(delta_s, delta_e, energy_floor)
+    resolved = (np.abs(delta_s) > entropy_floor) & (np.abs(delta_e) > energy_floor)
+    with np.errstate(divide="ignore"):
+        return beta, np.where(resolved, 1.0 / beta, np.nan)
+
+
+def site_efficiency(var_in: np.ndarray, var_out: np.ndarray) -> np.ndarray:
+    """eta = 1 - Var(a)/Var(z): the share of the input's thermal energy the site converts."""
+    var_in = np.asarray(var_in, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(var_in > 0, 1.0 - np.asarray(var_out, dtype=np.float64) / var_in, np.nan)
+
+
+def network_efficiency(eta: np.ndarray) -> float:
+    """eta_net = 1 - prod_l (1 - eta_l) over the sites with a defined efficiency."""
+    eta = np.asarray(eta, dtype=np.float64)
+    eta = eta[np.isfinite(eta)]
+    return float(1.0 - np.prod(1.0 - eta)) if eta.size else math.nan
+
+
+def slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope of y (n, ...) against x (n,) and its standard error.
+
+    Used for the job's energy, which carries minibatch noise: the slope's standard error
+    is the noise floor below which the energy change over the window is not resolved.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.shape[0]
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    if n < 2 or sxx == 0.0:
+        nan = np.full(y.shape[1:], np.nan)
+        return nan, nan
+    yc = y - y.mean(axis=0)
+    b = np.tensordot(xc, yc, axes=(0, 0)) / sxx
+    if n < 3:
+        return b, np.zeros_like(b)
+    resid = yc - np.multiply.outer(xc, b)
+    se = np.sqrt((resid * resid).sum(axis=0) / (n - 2) / sxx)
+    return b, se

@@ -1,0 +1,179 @@
+"""Stream samples to the collector from a background thread; training never waits for it.
+
+Shaped like OpenTelemetry's batch processor: the training thread only appends to a
+bounded `deque` (the oldest item is dropped and counted when it is full) and sets an
+`Event`; one daemon thread owns the gRPC stream, converts items to frames, reads acks and
+configuration, and reconnects with jittered exponential backoff while the collector is
+away. After `fork` (DataLoader workers) the child gets a fresh, empty sender whose thread
+starts only if the child ever submits. `flush` and `shutdown` wait a bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import grpc
+from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+
+from . import wire
+from .sampler import Pending
+
+log = logging.getLogger("thermoscope.agent")
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class Sender:
+    """Owns the stream to one collector address."""
+
+    def __init__(
+        self,
+        target: str,
+        hello: pb.AgentMessage,
+        *,
+        max_queue: int = 1024,
+        on_config: Callable[[pb.Config], None] | None = None,
+        connect_timeout: float = 5.0,
+        backoff: tuple[float, float] = (0.2, 10.0),
+    ) -> None:
+        self.target = target
+        self._hello = hello
+        self._max_queue = max_queue
+        self._on_config = on_config
+        self._connect_timeout = connect_timeout
+        self._backoff = backoff
+        self._init_state()
+        ref = weakref.WeakMethod(self._init_state)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+
+    def _init_state(self) -> None:
+        self._queue: deque[Pending] = deque(maxlen=self._max_queue)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._acked_cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._call: grpc.RpcContext | None = None
+        self.seq = 0  # last sequence number put on a stream
+        self.acked = 0  # highest sequence number the collector accepted
+        self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
+        self.connected = False
+        self.last_error: str | None = None
+        self._drop_logged = False
+
+    # -- training thread ------------------------------------------------------------------------
+
+    def submit(self, item: Pending) -> None:
+        """Queue one sampled step; never blocks. Drops (and counts) the oldest when full."""
+        if len(self._queue) == self._max_queue:
+            self._count_drop(1, "the send queue is full")
+        self._queue.append(item)
+        if self._thread is None:
+            self._start()
+        self._wake.set()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="thermoscope-sender", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued frame is acknowledged; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._acked_cond:
+            while self._queue or self.acked < self.seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._acked_cond.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Flush (bounded), close the stream and stop the thread. True if nothing was left."""
+        flushed = self.flush(timeout) if self._thread is not None else not self._queue
+        self._stopping.set()
+        self._wake.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return flushed
+
+    def _count_drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        if not self._drop_logged:
+            self._drop_logged = True
+            log.warning(
+                "thermoscope: dropping frames (%s); training continues. Further drops are counted.", why
+            )
+
+    # -- sender thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self._backoff[0]
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self._stream_once()
+            except grpc.RpcError as exc:
+                self._note_error(f"{exc.code().name}: {exc.details()}")
+            except grpc.FutureTimeoutError:
+                self._note_error(f"no collector answering at {self.target}")
+            finally:
+                self.connected = False
+                lost = self.seq - self.acked
+                if lost > 0:
+                    self.acked = self.seq  # those frames are gone with the stream
+                    self._count_drop(lost, "a stream broke with frames in flight")
+            if time.monotonic() - started > 30:
+                delay = self._backoff[0]  # the stream had been healthy: start the backoff over
+            self._stopping.wait(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self._backoff[1])
+
+    def _note_error(self, error: str) -> None:
+        if error != self.last_error and not self._stopping.is_set():
+            log.warning("thermoscope: collector stream at %s: %s (retrying with backoff)", self.target, error)
+        self.last_error = error
+
+    def _stream_once(self) -> None:
+        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+            grpc.channel_ready_future(channel).result(timeout=self._connect_timeout)
+            call = pb_grpc.TelemetryStub(channel).Stream(self._messages())
+            self._call = call
+            if self._stopping.is_set():
+                call.cancel()
+            for reply in call:
+                if not self.connected:
+                    self.connected, self.last_error = True, None
+                    log.info("thermoscope: streaming to %s", self.target)
+                if reply.HasField("ack"):
+                    with self._acked_cond:
+                        self.acked = max(self.acked, reply.ack.seq)
+                        self._acked_cond.notify_all()
+                elif reply.HasField("config") and self._on_config is not None:
+                    self._on_config(reply.config)
+
+    def _messages(self) -> Iterator[pb.AgentMessage]:
+        """The request stream: the hello, then one frame per queued sample until stopped."""
+        yield self._hello
+        while True:
+            try:
+                item = self._queue.popleft()
+            except IndexError:
+                if self._stopping.is_set():
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self.seq += 1
+            yield wire.encode(item.to_sample(), self.seq)

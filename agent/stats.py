@@ -1,0 +1,81 @@
+"""What one sampled step says about a model: the sufficient statistics, as host arrays.
+
+A `Sample` is produced by the agent's sampler (one rank), travels as a wire `Frame`, and
+is produced again by the collector's merge (all ranks and shards of a job). Every field is
+mergeable, so the derivation downstream never needs the raw tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One named parameter tensor (or this rank's shard of it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    shard_index: int = 0
+    shard_count: int = 1
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One activation site: a module computing a = phi(z)."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per-layer columns: moments of the values at step t and the two work dot products."""
+
+    count: np.ndarray  # int64
+    mean: np.ndarray  # float64
+    m2: np.ndarray  # float64, sum of squared deviations
+    dot_before: np.ndarray  # float64, <g, theta_t>
+    dot_after: np.ndarray  # float64, <g, theta_{t+1}>
+
+    @property
+    def work(self) -> np.ndarray:
+        """w_{l,t} = <g, theta_{t+1} - theta_t>: the energy change caused by updating layer l."""
+        return self.dot_after - self.dot_before
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """Per-site columns: moments of the pre-activations z and activations a."""
+
+    count: np.ndarray  # int64
+    in_mean: np.ndarray
+    in_m2: np.ndarray
+    out_mean: np.ndarray
+    out_m2: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Statistics of one sampled optimizer step."""
+
+    step: int
+    wall_time: float
+    energy: float  # NaN when the training loop gave no loss
+    layers: LayerStats
+    sites: SiteStats
+
+    @property
+    def has_energy(self) -> bool:
+        return not math.isnan(self.energy)

@@ -1,0 +1,179 @@
+"""Between `Sample`s and the wire contract (proto/thermoscope/v1/telemetry.proto).
+
+Columns travel as little-endian bytes (measured here: ~4 us per 10k values against ~3 ms
+for a `repeated double` filled from numpy). Decoding validates everything a bad or buggy
+agent could send and raises `WireError` with a reason (a bounded label for the rejection
+counter) and a message for the agent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from thermoscope.v1 import telemetry_pb2 as pb
+
+from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+
+PROTOCOL_VERSION = 1
+F64 = np.dtype("<f8")
+I64 = np.dtype("<i8")
+
+LAYER_COLUMNS = (
+    ("count", I64),
+    ("mean", F64),
+    ("m2", F64),
+    ("grad_dot_before", F64),
+    ("grad_dot_after", F64),
+)
+SITE_COLUMNS = (("count", I64), ("in_mean", F64), ("in_m2", F64), ("out_mean", F64), ("out_m2", F64))
+
+
+class WireError(ValueError):
+    """A message that breaks the contract. `reason` is a short, bounded label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def hello(
+    *,
+    job_id: str,
+    run_id: str,
+    rank: int,
+    world_size: int,
+    host: str,
+    agent_version: str,
+    every: int,
+    layers: list[LayerInfo],
+    sites: list[SiteInfo],
+) -> pb.AgentMessage:
+    return pb.AgentMessage(
+        hello=pb.Hello(
+            job_id=job_id,
+            run_id=run_id,
+            rank=rank,
+            world_size=world_size,
+            host=host,
+            agent_version=agent_version,
+            protocol_version=PROTOCOL_VERSION,
+            every=every,
+            layers=[
+                pb.Layer(
+                    name=layer.name,
+                    shape=layer.shape,
+                    numel=layer.numel,
+                    dtype=layer.dtype,
+                    shard=pb.Shard(index=layer.shard_index, count=layer.shard_count)
+                    if layer.shard_count > 1
+                    else None,
+                )
+                for layer in layers
+            ],
+            sites=[pb.Site(name=site.name, kind=site.kind) for site in sites],
+        )
+    )
+
+
+def encode(sample: Sample, seq: int) -> pb.AgentMessage:
+    layers, sites = sample.layers, sample.sites
+    frame = pb.Frame(
+        seq=seq,
+        step=sample.step,
+        wall_time=sample.wall_time,
+        layers=pb.LayerColumns(
+            count=_bytes(layers.count, I64),
+            mean=_bytes(layers.mean, F64),
+            m2=_bytes(layers.m2, F64),
+            grad_dot_before=_bytes(layers.dot_before, F64),
+            grad_dot_after=_bytes(layers.dot_after, F64),
+        ),
+        sites=pb.SiteColumns(
+            count=_bytes(sites.count, I64),
+            in_mean=_bytes(sites.in_mean, F64),
+            in_m2=_bytes(sites.in_m2, F64),
+            out_mean=_bytes(sites.out_mean, F64),
+            out_m2=_bytes(sites.out_m2, F64),
+        ),
+    )
+    if sample.has_energy:
+        frame.energy = sample.energy
+    return pb.AgentMessage(frame=frame)
+
+
+def _bytes(values: np.ndarray, dtype: np.dtype) -> bytes:
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
+    """Validate a Hello and return its layer and site tables."""
+    if msg.protocol_version != PROTOCOL_VERSION:
+        raise WireError(
+            "protocol_version",
+            f"protocol version {msg.protocol_version} is not supported"
+            f" (this collector speaks {PROTOCOL_VERSION})",
+        )
+    if not msg.job_id:
+        raise WireError("hello", "hello has no job_id")
+    if msg.world_size < 1 or msg.rank >= msg.world_size:
+        raise WireError("hello", f"rank {msg.rank} is outside world size {msg.world_size}")
+    if not msg.layers:
+        raise WireError("hello", "hello declares no layers")
+    layers = []
+    for layer in msg.layers:
+        count = layer.shard.count if layer.HasField("shard") else 1
+        index = layer.shard.index if layer.HasField("shard") else 0
+        if not layer.name or layer.numel < 0 or count < 1 or index >= count:
+            raise WireError("hello", f"layer {layer.name!r}: bad name, numel or shard ({index} of {count})")
+        layers.append(LayerInfo(layer.name, tuple(layer.shape), layer.numel, layer.dtype, index, count))
+    if len({layer.name for layer in layers}) != len(layers):
+        raise WireError("hello", "hello names a layer twice")
+    return layers, [SiteInfo(site.name, site.kind) for site in msg.sites]
+
+
+def decode(frame: pb.Frame, n_layers: int, n_sites: int) -> Sample:
+    """Validate a Frame against the stream's Hello and return its Sample."""
+    lc = _columns(frame.layers, LAYER_COLUMNS, n_layers, "layer")
+    sc = _columns(frame.sites, SITE_COLUMNS, n_sites, "site")
+    energy = frame.energy if frame.HasField("energy") else math.nan
+    if frame.HasField("energy") and not math.isfinite(energy):
+        raise WireError("non_finite", f"frame {frame.seq} (step {frame.step}): energy is {energy}")
+    if not math.isfinite(frame.wall_time):
+        raise WireError("non_finite", f"frame {frame.seq}: wall_time is {frame.wall_time}")
+    for name, values in (*lc.items(), *sc.items()):
+        if values.dtype == F64 and not np.isfinite(values).all():
+            raise WireError(
+                "non_finite", f"frame {frame.seq} (step {frame.step}): column {name} has NaN or Inf"
+            )
+        if (name.endswith("count") or name.endswith("m2")) and (values < 0).any():
+            raise WireError("invalid_value", f"frame {frame.seq}: column {name} has negative values")
+    return Sample(
+        step=frame.step,
+        wall_time=frame.wall_time,
+        energy=energy,
+        layers=LayerStats(
+            lc["layer.count"],
+            lc["layer.mean"],
+            lc["layer.m2"],
+            lc["layer.grad_dot_before"],
+            lc["layer.grad_dot_after"],
+        ),
+        sites=SiteStats(
+            sc["site.count"], sc["site.in_mean"], sc["site.in_m2"], sc["site.out_mean"], sc["site.out_m2"]
+        ),
+    )
+
+
+def _columns(msg, spec, n: int, prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for field, dtype in spec:
+        data = getattr(msg, field)
+        if len(data) != n * dtype.itemsize:
+            raise WireError(
+                "length_mismatch",
+                f"column {prefix}.{field} holds {len(data)} bytes; the hello declares {n} {prefix}s "
+                f"({n * dtype.itemsize} bytes of {dtype.name})",
+            )
+        out[f"{prefix}.{field}"] = np.frombuffer(data, dtype=dtype)
+    return out

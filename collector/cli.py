@@ -1,0 +1,72 @@
+"""The `thermoscope` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="thermoscope", description="Thermodynamics of neural-network training.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("collector", help="run the collector (gRPC ingest + Prometheus /metrics)")
+    c.add_argument("--grpc", default=DEFAULT_GRPC, help=f"gRPC listen address (default {DEFAULT_GRPC})")
+    c.add_argument(
+        "--metrics", default=DEFAULT_METRICS, help=f"/metrics listen address (default {DEFAULT_METRICS})"
+    )
+    c.add_argument("--window", type=_positive, default=10, help="samples per temperature window (default 10)")
+    c.add_argument("--every", type=int, default=0, help="sampling interval to ask agents for (0: theirs)")
+    c.add_argument("--max-message-bytes", type=_positive, default=16 << 20, help="largest accepted message")
+
+    d = sub.add_parser(
+        "demo", help="train a small model with a live agent and collector, then show the readings"
+    )
+    d.add_argument("--steps", type=_positive, default=400, help="training steps (default 400)")
+    d.add_argument("--every", type=_positive, default=5, help="sample one step in this many (default 5)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--serve", action="store_true", help="keep serving /metrics after training until Ctrl-C")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "collector":
+        if args.window < 2:
+            print("thermoscope: --window must be at least 2", file=sys.stderr)
+            return 2
+        collector = Collector(
+            args.grpc,
+            args.metrics,
+            window=args.window,
+            every=args.every,
+            max_message_bytes=args.max_message_bytes,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(collector.serve())
+        return 0
+    if args.command == "demo":
+        from . import demo  # torch is imported only by the commands that train
+
+        logging.getLogger("thermoscope").setLevel(logging.WARNING)
+        demo.run(steps=args.steps, every=args.every, seed=args.seed, serve=args.serve)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`thermoscope demo`: the whole path on one machine, with nothing to set up.
+
+A collector starts in-process on free loopback ports; a small MLP student learns a fixed
+random teacher (data made here, seeded) with a real `Monitor` streaming over real gRPC;
+the readings shown at the end are the ones the collector derived and serves at `/metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from thermoscope.agent import Monitor, Reading
+from torch import nn
+
+from .service import Collector
+
+JOB = "demo"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    reading: Reading
+    sites: dict[str, str]  # site name -> activation kind
+    metrics_url: str
+    frames: int
+    dropped: int
+
+
+def teacher_student(seed: int, n: int = 4096, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x ~ N(0, I) and targets from a fixed random tanh teacher plus a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    w1 = torch.randn(dim, 64, generator=gen) / math.sqrt(dim)
+    w2 = torch.randn(64, 1, generator=gen) / 8.0
+    y = torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(n, 1, generator=gen)
+    return x, y
+
+
+def student(dim: int = 32, hidden: int = 128) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)
+    )
+
+
+def run(steps: int = 400, every: int = 5, seed: int = 0, serve: bool = False, console: Console | None = None):
+    console = console or Console()
+    torch.manual_seed(seed)
+    x, y = teacher_student(seed)
+    model = student(x.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    with Collector("127.0.0.1:0", "127.0.0.1:0").running() as collector:
+        console.print(
+            f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
+        )
+        monitor = Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=every)
+        columns = (
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("training", total=steps)
+            for step in range(steps):
+                idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+                loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                monitor.step(loss)
+                if step % 20 == 0:
+                    progress.update(task, description=f"training  loss {loss.item():.4f}")
+                progress.advance(task)
+        monitor.close()
+        last_sampled = (steps - 1) // every * every
+        reading = _wait_for(collector, last_sampled)
+        result = DemoResult(
+            reading=reading,
+            sites={s.name: s.kind for s in monitor.sites},
+            metrics_url=collector.metrics_url,
+            frames=collector.jobs[JOB].frames_received,
+            dropped=monitor.dropped,
+        )
+        show(result, console)
+        if serve:
+            console.print(f"serving {collector.metrics_url} until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return result
+
+
+def _wait_for(collector: Collector, step: int, timeout: float = 10.0) -> Reading:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = collector.jobs.get(JOB)
+        reading = job.reading if job is not None else None
+        if reading is not None and reading.step >= step:
+            return reading
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the collector did not merge step {step} within {timeout} s")
+        time.sleep(0.02)
+
+
+def _fmt(value: float, spec: str = ".4g") -> str:
+    return "undefined" if math.isnan(value) else format(value, spec)
+
+
+def show(result: DemoResult, console: Console) -> None:
+    r = result.reading
+    job = Table(title=f"job {JOB!r} at step {r.step}")
+    for col in ("energy (loss)", "entropy (nats)", "temperature (loss/nat)", "efficiency"):
+        job.add_column(col, justify="right")
+    job.add_row(_fmt(r.energy), _fmt(r.entropy, ".6g"), _fmt(r.temperature), _fmt(r.efficiency, ".3f"))
+    layers = Table(title="layers")
+    layers.add_column("layer")
+    for col in ("entropy (nats)", "temperature (loss/nat)", "work (loss)"):
+        layers.add_column(col, justify="right")
+    for name, s, t, w in zip(r.layer_names, r.layer_entropy, r.layer_temperature, r.layer_work, strict=True):
+        layers.add_row(name, _fmt(s, ".6g"), _fmt(t), _fmt(w, ".3e"))
+    sites = Table(title="activation sites")
+    sites.add_column("site")
+    sites.add_column("activation")
+    sites.add_column("efficiency", justify="right")
+    for name, eta in zip(r.site_names, r.site_efficiency, strict=True):
+        sites.add_row(name, result.sites.get(name, "?"), _fmt(eta, ".3f"))
+    console.print(job, layers, sites)
+    console.print(
+        f"{result.frames} frames merged, {result.dropped} dropped; metrics were at {result.metrics_url}"
+    )

@@ -1,0 +1,131 @@
+"""Prometheus exposition: one custom collector that reads the jobs' latest readings at scrape time.
+
+Metric names and labels are a contract (dashboards and alert rules depend on them):
+base units, `_total` counters, the job label is `job_id` (Prometheus owns `job` and
+`instance`), and no per-layer series carries a `rank` label: ranks are merged first, so a
+job's series count is layers + sites, whatever its world size. NaN means undefined (a
+temperature whose changes are below their noise floor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .merge import Job
+
+JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("thermoscope_energy", "energy", "Training loss at the last merged step, mean over ranks (loss units)."),
+    ("thermoscope_entropy_nats", "entropy", "Parameter entropy of the job, sum over layers (nats)."),
+    (
+        "thermoscope_temperature",
+        "temperature",
+        "Job temperature dE/dS over the window (loss units per nat); NaN: undefined.",
+    ),
+    (
+        "thermoscope_inverse_temperature",
+        "beta",
+        "Job inverse temperature dS/dE over the window (nats per loss unit).",
+    ),
+    (
+        "thermoscope_efficiency_ratio",
+        "efficiency",
+        "Network work efficiency 1 - prod(1 - eta) over activation sites.",
+    ),
+    ("thermoscope_last_step", "step", "Last optimizer step merged for the job."),
+)
+LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("thermoscope_layer_entropy_nats", "layer_entropy", "Layer entropy n * h, gaussian estimator (nats)."),
+    (
+        "thermoscope_layer_temperature",
+        "layer_temperature",
+        "Layer temperature dE/dS over the window (loss units per nat); NaN: undefined.",
+    ),
+    (
+        "thermoscope_layer_inverse_temperature",
+        "layer_beta",
+        "Layer inverse temperature dS/dE over the window (nats per loss unit).",
+    ),
+    (
+        "thermoscope_layer_work",
+        "layer_work",
+        "Work <g, theta_after - theta_before> of the last sampled update on the layer (loss units).",
+    ),
+)
+
+
+class MetricsExporter(Collector):
+    """prometheus_client collector over the collector's jobs and counters."""
+
+    def __init__(self, jobs: Mapping[str, Job], rejected: Mapping[str, int], version: str) -> None:
+        self._jobs = jobs
+        self._rejected = rejected
+        self._version = version
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = list(self._jobs.values())  # one atomic copy: the event loop may add jobs meanwhile
+        info = InfoMetricFamily("thermoscope_collector", "The Thermoscope collector.")
+        info.add_metric([], {"version": self._version})
+        yield info
+
+        connected = GaugeMetricFamily(
+            "thermoscope_agents_connected", "Agents streaming for the job.", labels=["job_id"]
+        )
+        received = CounterMetricFamily(
+            "thermoscope_frames_received", "Frames accepted for the job.", labels=["job_id"]
+        )
+        for job in jobs:
+            connected.add_metric([job.job_id], job.agents_connected)
+            received.add_metric([job.job_id], job.frames_received)
+        yield connected
+        yield received
+        rejected = CounterMetricFamily(
+            "thermoscope_frames_rejected", "Messages refused, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(dict(self._rejected).items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+
+        readings = [(job.job_id, job.reading) for job in jobs if job.reading is not None]
+        yield from _families(
+            JOB_GAUGES, ["job_id"], lambda attr: (([job_id], getattr(r, attr)) for job_id, r in readings)
+        )
+        yield from _families(
+            LAYER_GAUGES,
+            ["job_id", "layer"],
+            lambda attr: (
+                ([job_id, name], value)
+                for job_id, r in readings
+                for name, value in zip(r.layer_names, getattr(r, attr), strict=True)
+            ),
+        )
+        yield from _families(
+            (
+                (
+                    "thermoscope_site_efficiency_ratio",
+                    "site_efficiency",
+                    "Work efficiency 1 - Var(a)/Var(z) of the activation site.",
+                ),
+            ),
+            ["job_id", "site"],
+            lambda attr: (
+                ([job_id, name], value)
+                for job_id, r in readings
+                for name, value in zip(r.site_names, getattr(r, attr), strict=True)
+            ),
+        )
+
+
+def _families(
+    specs: tuple[tuple[str, str, str], ...],
+    labels: list[str],
+    rows: Callable[[str], Iterator[tuple[list[str], Any]]],
+) -> Iterator[GaugeMetricFamily]:
+    for name, attr, doc in specs:
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for label_values, value in rows(attr):
+            family.add_metric(label_values, float(value))
+        yield family

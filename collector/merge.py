@@ -1,0 +1,185 @@
+"""Merge the ranks and shards of a job into one sample per step, then derive its readings.
+
+Each rank's Hello fixes its layer table. A layer name held whole by several ranks (data
+parallel replicas) is counted once, from the lowest rank; a layer split into shards
+(FSDP, ZeRO: `Shard{index, count}`) is the exact Chan merge of one copy of each shard, and
+its work dots add up. A layer missing a shard at a step is NaN for that step. Energy is the
+mean of the ranks' losses; activation sites pool every rank's batch.
+
+A step is merged once every connected rank of the job has sent it, or once every connected
+rank has moved past it (a rank that skipped it, or left); a frame arriving for a step that
+was already merged is counted as late and not applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from thermoscope.agent import physics
+from thermoscope.agent.derive import Reading, Thermometer
+from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+
+#: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
+MAX_PENDING_STEPS = 32
+
+
+@dataclass
+class Stream:
+    """One connected agent."""
+
+    job_id: str
+    run_id: str
+    rank: int
+    world_size: int
+    host: str
+    every: int
+    layers: list[LayerInfo]
+    sites: list[SiteInfo]
+    last_step: int = -1
+    last_seq: int = 0
+    frames: int = 0
+
+
+@dataclass
+class Job:
+    """Everything the collector knows about one training job."""
+
+    job_id: str
+    window: int
+    streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
+    frames_received: int = 0
+    frames_late: int = 0
+    layer_names: list[str] = field(default_factory=list)
+    site_names: list[str] = field(default_factory=list)
+    reading: Reading | None = None
+    last_seen: float = 0.0
+    _tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]] = field(default_factory=dict)
+    _pending: dict[int, dict[int, Sample]] = field(default_factory=dict)
+    _merged_step: int = -1
+    _thermometer: Thermometer | None = None
+
+    @property
+    def agents_connected(self) -> int:
+        return len(self.streams)
+
+    def open(self, stream: Stream) -> None:
+        self.streams[stream.rank] = stream
+        self._tables[stream.rank] = (stream.layers, stream.sites)
+        known = set(self.layer_names)
+        self.layer_names += [layer.name for layer in stream.layers if layer.name not in known]
+        known_sites = set(self.site_names)
+        self.site_names += [site.name for site in stream.sites if site.name not in known_sites]
+        self.last_seen = time.time()
+
+    def close(self, stream: Stream) -> None:
+        if self.streams.get(stream.rank) is stream:
+            del self.streams[stream.rank]
+        self._merge_ready()
+
+    def accept(self, stream: Stream, sample: Sample) -> None:
+        """Take one rank's sample; merge every step that became complete."""
+        self.frames_received += 1
+        self.last_seen = time.time()
+        stream.frames += 1
+        stream.last_step = max(stream.last_step, sample.step)
+        if sample.step <= self._merged_step:
+            self.frames_late += 1
+            return
+        self._pending.setdefault(sample.step, {})[stream.rank] = sample
+        self._merge_ready()
+
+    def _merge_ready(self) -> None:
+        ranks = set(self.streams)
+        horizon = min((s.last_step for s in self.streams.values()), default=math.inf)
+        for step in sorted(self._pending):
+            parts = self._pending[step]
+            complete = ranks <= parts.keys() or step < horizon
+            if not (complete or len(self._pending) > MAX_PENDING_STEPS):
+                break
+            del self._pending[step]
+            self._apply(merge_step(step, parts, self._tables, self.layer_names, self.site_names))
+
+    def _apply(self, sample: Sample) -> None:
+        th = self._thermometer
+        if th is None or th.layer_names != tuple(self.layer_names) or th.site_names != tuple(self.site_names):
+            th = self._thermometer = Thermometer(
+                [LayerInfo(n, (), 0, "") for n in self.layer_names],
+                [SiteInfo(n, "") for n in self.site_names],
+                window=self.window,
+            )
+        self.reading = th.update(sample)
+        self._merged_step = sample.step
+
+
+def merge_step(
+    step: int,
+    parts: dict[int, Sample],
+    tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]],
+    layer_names: list[str],
+    site_names: list[str],
+) -> Sample:
+    """One job-wide sample from the ranks' samples of one step (see module docstring)."""
+    layer_pos = {name: j for j, name in enumerate(layer_names)}
+    site_pos = {name: j for j, name in enumerate(site_names)}
+    ranks = sorted(parts)
+
+    # Layers: one contribution per (layer, shard index), from the lowest rank holding it.
+    dest, shard, shards, stats = [], [], [], []
+    for r in ranks:
+        layers = tables[r][0]
+        dest.append([layer_pos[layer.name] for layer in layers])
+        shard.append([layer.shard_index for layer in layers])
+        shards.append([layer.shard_count for layer in layers])
+        stats.append(parts[r].layers)
+    dest_a, shard_a, shards_a = (np.concatenate(x).astype(np.int64) for x in (dest, shard, shards))
+    cat = {
+        f: np.concatenate([getattr(s, f) for s in stats]).astype(np.float64)
+        for f in ("count", "mean", "m2", "dot_before", "dot_after")
+    }
+    width = int(shards_a.max()) + 1
+    _, first = np.unique(dest_a * width + shard_a, return_index=True)
+    keep = np.zeros(len(dest_a), dtype=bool)
+    keep[first] = True
+    n_layers = len(layer_names)
+    d = dest_a[keep]
+    n, mean, m2 = physics.merge_moments_grouped(
+        d, cat["count"][keep], cat["mean"][keep], cat["m2"][keep], n_layers
+    )
+    covered = np.bincount(d, minlength=n_layers)
+    expected = np.zeros(n_layers, dtype=np.int64)
+    expected[d] = shards_a[keep]
+    missing = covered != expected
+    nan_if_missing = np.where(missing, np.nan, 1.0)
+    layers = LayerStats(
+        count=n.astype(np.int64),
+        mean=mean * nan_if_missing,
+        m2=m2 * nan_if_missing,
+        dot_before=np.bincount(d, cat["dot_before"][keep], n_layers) * nan_if_missing,
+        dot_after=np.bincount(d, cat["dot_after"][keep], n_layers) * nan_if_missing,
+    )
+
+    # Sites: every rank's batch is a disjoint part of the job's batch.
+    site_dest = np.asarray([site_pos[s.name] for r in ranks for s in tables[r][1]], dtype=np.int64)
+    scat = {
+        f: np.concatenate([getattr(parts[r].sites, f) for r in ranks]).astype(np.float64)
+        for f in ("count", "in_mean", "in_m2", "out_mean", "out_m2")
+    }
+    n_sites = len(site_names)
+    sn, in_mean, in_m2 = physics.merge_moments_grouped(
+        site_dest, scat["count"], scat["in_mean"], scat["in_m2"], n_sites
+    )
+    _, out_mean, out_m2 = physics.merge_moments_grouped(
+        site_dest, scat["count"], scat["out_mean"], scat["out_m2"], n_sites
+    )
+
+    energies = [parts[r].energy for r in ranks if parts[r].has_energy]
+    return Sample(
+        step=step,
+        wall_time=max(parts[r].wall_time for r in ranks),
+        energy=float(np.mean(energies)) if energies else math.nan,
+        layers=layers,
+        sites=SiteStats(sn.astype(np.int64), in_mean, in_m2, out_mean, out_m2),
+    )

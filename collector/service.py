@@ -1,0 +1,130 @@
+"""The collector process: gRPC ingest, the standard health service, and `/metrics`.
+
+`Collector.serve()` runs it in the foreground (the CLI); `Collector.running()` runs it on a
+background thread for in-process use (`thermoscope demo`, tests). Addresses default to
+loopback; port 0 picks a free port, read back from `grpc_port` / `metrics_port`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+from .export import MetricsExporter
+from .merge import Job
+from .server import SERVICE, Telemetry
+
+log = logging.getLogger("thermoscope.collector")
+
+VERSION = "0.1.0"
+DEFAULT_GRPC = "127.0.0.1:50051"
+DEFAULT_METRICS = "127.0.0.1:9108"
+#: gRPC's own hard limit; the contract limit (`max_message_bytes`) is checked below it so that
+#: messages between the two are refused with our status and counted.
+HARD_MESSAGE_LIMIT = 256 << 20
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Collector:
+    """Receives agents' streams, merges them per job and serves Prometheus metrics."""
+
+    def __init__(
+        self,
+        grpc_address: str = DEFAULT_GRPC,
+        metrics_address: str = DEFAULT_METRICS,
+        *,
+        window: int = 10,
+        every: int = 0,
+        max_message_bytes: int = 16 << 20,
+    ) -> None:
+        self.grpc_address = grpc_address
+        self.metrics_address = metrics_address
+        self.max_message_bytes = max_message_bytes
+        self.jobs: dict[str, Job] = {}
+        self.telemetry = Telemetry(self.jobs, window=window, every=every)
+        self.registry = CollectorRegistry()
+        self.registry.register(MetricsExporter(self.jobs, self.telemetry.rejected, VERSION))
+        ProcessCollector(registry=self.registry)
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._http = None
+
+    @property
+    def metrics_url(self) -> str:
+        host, _ = split_address(self.metrics_address)
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    @property
+    def grpc_target(self) -> str:
+        host, _ = split_address(self.grpc_address)
+        return f"{host}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.telemetry.handler(self.max_message_bytes),))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.grpc_port = server.add_insecure_port(self.grpc_address)
+        if not self.grpc_port:
+            raise OSError(f"cannot listen for gRPC on {self.grpc_address}")
+        host, port = split_address(self.metrics_address)
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        self.metrics_port = self._http.server_port
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    async def serve(self) -> None:
+        """Run until cancelled (Ctrl-C)."""
+        await self.start()
+        try:
+            await self._server.wait_for_termination()  # type: ignore[union-attr]
+        finally:
+            await self.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Collector]:
+        """Run on a background thread with its own event loop for the duration of the block."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="thermoscope-collector", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result(timeout=30)
+            yield self
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=30)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()

@@ -1,0 +1,1 @@
+"""Generated stubs of the Thermoscope wire contract (see telemetry.proto)."""
