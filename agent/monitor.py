@@ -25,8 +25,9 @@ from collections import deque
 from collections.abc import Iterable
 
 import torch
-from thermoscope.v1 import telemetry_pb2 as pb
 from torch import nn
+
+from thermoscope.v1 import telemetry_pb2 as pb
 
 from . import wire
 from .derive import Reading, Thermometer

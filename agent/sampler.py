@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
@@ -187,9 +188,8 @@ class Sampler:
             self._handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
             self._handles.append(module.register_forward_hook(self._site_out_hook(i)))
         if self._optimizers is None:
-            opt = torch.optim.optimizer
-            self._handles.append(opt.register_optimizer_step_pre_hook(self._before_step))
-            self._handles.append(opt.register_optimizer_step_post_hook(self._after_step))
+            self._handles.append(register_optimizer_step_pre_hook(self._before_step))
+            self._handles.append(register_optimizer_step_post_hook(self._after_step))
         else:
             for o in self._optimizers:
                 self._handles.append(o.register_step_pre_hook(self._before_step))

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 import grpc
+
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 

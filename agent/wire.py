@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from thermoscope.v1 import telemetry_pb2 as pb
 
 from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats

@@ -8,14 +8,31 @@ import contextlib
 import logging
 import sys
 
-from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector
+from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _address(text: str) -> str:
+    try:
+        split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+_positive = _at_least(1)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,12 +41,18 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("collector", help="run the collector (gRPC ingest + Prometheus /metrics)")
-    c.add_argument("--grpc", default=DEFAULT_GRPC, help=f"gRPC listen address (default {DEFAULT_GRPC})")
+    c.add_argument(
+        "--grpc", type=_address, default=DEFAULT_GRPC, help=f"gRPC listen address (default {DEFAULT_GRPC})"
+    )
     c.add_argument(
         "--metrics", default=DEFAULT_METRICS, help=f"/metrics listen address (default {DEFAULT_METRICS})"
     )
-    c.add_argument("--window", type=_positive, default=10, help="samples per temperature window (default 10)")
-    c.add_argument("--every", type=int, default=0, help="sampling interval to ask agents for (0: theirs)")
+    c.add_argument(
+        "--window", type=_at_least(2), default=10, help="samples per temperature window (default 10)"
+    )
+    c.add_argument(
+        "--every", type=_at_least(0), default=0, help="sampling interval to ask agents for (0: theirs)"
+    )
     c.add_argument("--max-message-bytes", type=_positive, default=16 << 20, help="largest accepted message")
 
     d = sub.add_parser(
@@ -46,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "collector":
-        if args.window < 2:
-            print("thermoscope: --window must be at least 2", file=sys.stderr)
-            return 2
         collector = Collector(
             args.grpc,
             args.metrics,

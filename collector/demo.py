@@ -15,8 +15,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from thermoscope.agent import Monitor, Reading
 from torch import nn
+
+from thermoscope.agent import Monitor, Reading
 
 from .service import Collector
 

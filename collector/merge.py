@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from thermoscope.agent import physics
 from thermoscope.agent.derive import Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
+
 from thermoscope.agent import wire
 from thermoscope.v1 import telemetry_pb2 as pb
 

@@ -1,0 +1,189 @@
+"""Shared fixtures: real collectors on loopback, and a scraper for their /metrics."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from thermoscope.agent import wire
+from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.collector.service import Collector
+from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, keyed by (name, labels)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(metrics: dict, name: str, **labels: str) -> float:
+    return metrics[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """A collector on free loopback ports, on a background thread of this process."""
+    with Collector("127.0.0.1:0", "127.0.0.1:0", max_message_bytes=256 << 10).running() as c:
+        yield c
+
+
+class CollectorProcess:
+    def __init__(self, grpc_port: int, metrics_port: int, proc: subprocess.Popen) -> None:
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.proc = proc
+
+
+def wait_serving(target: str, timeout: float = 20.0) -> None:
+    """Poll the standard gRPC health service until it says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service="thermoscope.v1.Telemetry"), timeout=1
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"collector at {target} not serving after {timeout} s")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def collector_process() -> Iterator[CollectorProcess]:
+    """`thermoscope collector` as its own process, as a user would run it."""
+    grpc_port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thermoscope.collector.cli",
+            "collector",
+            "--grpc",
+            f"127.0.0.1:{grpc_port}",
+            "--metrics",
+            f"127.0.0.1:{metrics_port}",
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_serving(f"127.0.0.1:{grpc_port}")
+        yield CollectorProcess(grpc_port, metrics_port, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# -- raw protocol helpers: agents written against the contract, without the Monitor ----------------
+
+
+def layer_table(n: int, shard: tuple[int, int] = (0, 1), numel: int = 100) -> list[LayerInfo]:
+    return [LayerInfo(f"layer{i}", (numel,), numel, "float32", *shard) for i in range(n)]
+
+
+def hello(
+    job: str,
+    n_layers: int = 2,
+    n_sites: int = 1,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    layers: list[LayerInfo] | None = None,
+) -> pb.AgentMessage:
+    return wire.hello(
+        job_id=job,
+        run_id="r1",
+        rank=rank,
+        world_size=world_size,
+        host="test",
+        agent_version="test",
+        every=1,
+        layers=layers or layer_table(n_layers),
+        sites=[SiteInfo(f"site{i}", "ReLU") for i in range(n_sites)],
+    )
+
+
+def sample(step: int, n_layers: int = 2, n_sites: int = 1, energy: float = 1.0, numel: int = 100) -> Sample:
+    ones = np.ones(n_layers)
+    return Sample(
+        step=step,
+        wall_time=time.time(),
+        energy=energy,
+        layers=LayerStats(
+            np.full(n_layers, numel, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones
+        ),
+        sites=SiteStats(np.full(n_sites, 64, dtype=np.int64), *(np.ones(n_sites) for _ in range(4))),
+    )
+
+
+def frame(seq: int, step: int, n_layers: int = 2, n_sites: int = 1, **kw) -> pb.AgentMessage:
+    return wire.encode(sample(step, n_layers, n_sites, **kw), seq)
+
+
+def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcError | None]:
+    """Send `messages` on one Telemetry stream; return the replies and the error, if any."""
+    with grpc.insecure_channel(target) as channel:
+        call = pb_grpc.TelemetryStub(channel).Stream(iter(messages), timeout=15)
+        replies: list[pb.CollectorMessage] = []
+        try:
+            replies.extend(call)
+        except grpc.RpcError as exc:
+            return replies, exc
+        return replies, None
+
+
+class OpenStream:
+    """An agent's stream held open: send messages one at a time and read the replies."""
+
+    def __init__(self, target: str, first: pb.AgentMessage) -> None:
+        self._outbox: queue.Queue = queue.Queue()
+        self._outbox.put(first)
+        self._channel = grpc.insecure_channel(target)
+        self._call = pb_grpc.TelemetryStub(self._channel).Stream(iter(self._outbox.get, None), timeout=30)
+        self._replies = iter(self._call)
+        assert self.reply().HasField("config")
+
+    def send(self, msg: pb.AgentMessage) -> None:
+        self._outbox.put(msg)
+
+    def reply(self) -> pb.CollectorMessage:
+        return next(self._replies)
+
+    def ack(self, msg: pb.AgentMessage) -> int:
+        """Send a frame and return the sequence number the collector acknowledged."""
+        self.send(msg)
+        return self.reply().ack.seq
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        list(self._replies)
+        self._channel.close()

@@ -1,0 +1,248 @@
+"""The agent in-process: its statistics against direct computations on the model."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from thermoscope.agent import Monitor, physics
+
+
+def entropy64(t: torch.Tensor) -> float:
+    """n/2 ln(2 pi e var), var floored as physics documents (a 1-value bias has var 0)."""
+    v = t.detach().double().reshape(-1)
+    var = max(
+        float(v.var(unbiased=False)), physics.VAR_FLOOR_REL * float(v.mean()) ** 2, physics.VAR_FLOOR_ABS
+    )
+    return v.numel() * 0.5 * math.log(2 * math.pi * math.e * var)
+
+
+def efficiency64(z: torch.Tensor, a: torch.Tensor) -> float:
+    return 1.0 - float(a.double().var(unbiased=False)) / float(z.double().var(unbiased=False))
+
+
+def mlp(inplace: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 300), nn.ReLU(inplace=inplace), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 1)
+    )
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps: int, record_at: int):
+    """Train on a fixed task; return float64 truths of step `record_at`."""
+    gen = torch.Generator().manual_seed(1)
+    truth = {}
+    for step in range(steps):
+        x = torch.randn(64, 16, generator=gen)
+        y = x[:, :1] * 2
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == record_at:
+            before = [p.detach().clone() for p in model.parameters()]
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            with torch.no_grad():
+                z = model[0](x)
+                a = model[1](z.clone())
+            opt.step()
+            work = [
+                float(torch.dot(g.double().reshape(-1), (p.detach().double() - b.double()).reshape(-1)))
+                for g, p, b in zip(grads, model.parameters(), before, strict=True)
+            ]
+            truth = {
+                "entropy": [entropy64(b) for b in before],
+                "work": work,
+                "loss": loss.item(),
+                "relu_eta": efficiency64(z, a),
+            }
+        else:
+            opt.step()
+        monitor.step(loss)
+    return truth
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_in_process_readings_match_a_direct_float64_computation(inplace: bool) -> None:
+    model = mlp(inplace)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, every=5)
+    truth = train(model, opt, monitor, steps=26, record_at=25)
+    r = monitor.latest()
+    assert r is not None and r.step == 25
+    assert r.energy == pytest.approx(truth["loss"], rel=1e-6)
+    assert r.layer_entropy == pytest.approx(truth["entropy"], rel=1e-6)
+    assert r.layer_work == pytest.approx(truth["work"], rel=1e-4, abs=1e-12)
+    # in-place ReLU: the pre-hook saw z before the ReLU overwrote it
+    assert r.site_efficiency[0] == pytest.approx(truth["relu_eta"], rel=1e-6)
+    assert r.entropy == pytest.approx(sum(truth["entropy"]), rel=1e-6)
+
+
+def test_work_sums_to_the_first_order_energy_change() -> None:
+    """sum_l w_l = E_{t+1} - E_t to first order, on a fixed batch with a small step."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    monitor = Monitor(model, opt, every=1)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(3))
+    y = x[:, :1] * 2
+    losses = []
+    for _ in range(2):
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    monitor.latest()
+    first = monitor._thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
+    work0 = first._work[1] - first._work[0]  # cumulative work from sample 0 to sample 1
+    assert work0.sum() == pytest.approx(losses[1] - losses[0], rel=2e-2)
+
+
+def test_unsampled_steps_run_without_any_hook() -> None:
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters())
+    monitor = Monitor(model, opt, every=4)
+    relu = model[1]
+    hooked = []
+    for _ in range(8):
+        hooked.append(bool(relu._forward_pre_hooks) or bool(opt._optimizer_step_pre_hooks))
+        loss = model(torch.randn(8, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    assert hooked == [True, False, False, False, True, False, False, False]
+    monitor.close()
+    assert not relu._forward_pre_hooks and not opt._optimizer_step_pre_hooks
+
+
+def test_without_an_optimizer_argument_global_optimizer_hooks_measure_work() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, every=1)
+    for _ in range(3):
+        loss = model(torch.randn(32, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    r = monitor.latest()
+    monitor.close()
+    assert (r.layer_work < 0).all()  # plain SGD on a fixed objective: every layer's work lowers the loss
+
+
+def test_a_module_called_twice_in_a_step_pools_both_calls() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc2(self.act(self.fc1(x)))))
+
+    model = Twice()
+    monitor = Monitor(model, every=1)
+    x = torch.randn(100, 8)
+    monitor._sampler.arm()
+    model(x)
+    sample = monitor._sampler.collect(0, None).to_sample()
+    assert [s.name for s in monitor.sites] == ["act"]
+    assert sample.sites.count[0] == 2 * 100 * 8
+    z1 = model.fc1(x)
+    z2 = model.fc2(torch.relu(z1))
+    z = torch.cat([z1, z2]).detach().double()
+    assert sample.sites.in_mean[0] == pytest.approx(float(z.mean()), rel=1e-9)
+    assert sample.sites.in_m2[0] == pytest.approx(float(((z - z.mean()) ** 2).sum()), rel=1e-9)
+    monitor.close()
+
+
+def test_identity_counts_as_a_site_only_where_it_stands_as_an_activation() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 4))
+            self.norm = nn.Identity()  # a placeholder, not an activation
+            self.act = nn.Identity()
+
+        def forward(self, x):
+            return self.act(self.norm(self.body(x)))
+
+    monitor = Monitor(Net(), every=1)
+    monitor.close()
+    assert [s.name for s in monitor.sites] == ["body.1", "act"]
+
+
+def test_many_small_tensors_are_measured_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(30)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, opt, every=1)
+    loss = model(torch.randn(4, 10)).square().mean()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    monitor.step(loss)
+    r = monitor.latest()
+    work = [
+        float(torch.dot(g.double().flatten(), (p.detach() - b).double().flatten()))
+        for g, p, b in zip(grads, model.parameters(), before, strict=True)
+    ]
+    assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-9)
+    assert r.layer_work == pytest.approx(work, rel=1e-5)
+
+
+def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
+    from conftest import free_port
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters())
+    monitor = Monitor(model, opt, collector=f"127.0.0.1:{free_port()}", every=1, max_queue=4)
+    start = time.monotonic()
+    for _ in range(50):
+        loss = model(torch.randn(8, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    assert time.monotonic() - start < 30  # bounded: no step waited for the absent collector
+    assert monitor.close(timeout=0.5) is False
+    assert monitor.dropped >= 46
+    assert monitor.acked == 0 and not monitor.connected
+
+
+def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:
+    from conftest import free_port
+
+    model = mlp()
+    monitor = Monitor(model, collector=f"127.0.0.1:{free_port()}", every=1, max_queue=8)
+    monitor.step(torch.tensor(1.0))  # the sender thread starts and holds one frame
+    pid = os.fork()
+    if pid == 0:  # child: like a DataLoader worker
+        sender = monitor._sender
+        os._exit(0 if sender._thread is None and not sender._queue and sender.dropped == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    monitor.close(timeout=0.2)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="every"):
+        Monitor(mlp(), every=0)
+
+
+def test_float_loss_and_no_loss_are_accepted() -> None:
+    model = mlp()
+    monitor = Monitor(model, every=1)
+    monitor.step(0.5)
+    monitor.step(None)
+    r = monitor.latest()
+    monitor.close()
+    assert r.step == 1 and math.isnan(r.energy)
+    assert np.isfinite(r.layer_entropy).all()

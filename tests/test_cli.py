@@ -1,0 +1,44 @@
+"""The `thermoscope` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "thermoscope.collector.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_trains_streams_and_shows_the_readings() -> None:
+    result = thermoscope("demo", "--steps", "60", "--every", "5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "/metrics" in out and "gRPC 127.0.0.1:" in out
+    assert "job 'demo' at step 55" in out
+    for layer in ("0.weight", "0.bias", "2.weight", "4.bias"):
+        assert layer in out
+    assert "ReLU" in out and "Tanh" in out
+    assert "12 frames merged, 0 dropped" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["demo", "--every", "x"], "--every: must be an integer, got 'x'"),
+        (["collector", "--window", "1"], "--window: must be at least 2"),
+        (["collector", "--grpc", "nonsense"], "HOST:PORT"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:
+    result = thermoscope(*args, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -1,0 +1,186 @@
+"""The whole path: a real agent in a training loop -> gRPC -> `thermoscope collector` -> /metrics."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from thermoscope.agent import Monitor, physics
+from thermoscope.agent.stats import LayerStats, Sample, SiteStats
+from thermoscope.agent.wire import encode
+
+from conftest import OpenStream, frame, hello, layer_table, scrape, stream, value
+from test_agent import efficiency64, entropy64
+
+
+def wait_for(metrics_url: str, name: str, expected: float, **labels: str) -> dict:
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = scrape(metrics_url)
+        if metrics.get((name, frozenset(labels.items()))) == expected:
+            return metrics
+        assert time.monotonic() < deadline, f"{name}{labels} never became {expected}"
+        time.sleep(0.05)
+
+
+def test_metrics_match_a_direct_computation_from_the_models_parameters(collector_process) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 200), nn.ReLU(), nn.Linear(200, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, collector=collector_process.grpc_target, job="e2e", every=2)
+    steps, last = 20, 18
+    for step in range(steps):
+        x = torch.randn(32, 8)
+        loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        if step == last:
+            before = [p.detach().clone() for p in model.parameters()]
+            grads = [p.grad.clone() for p in model.parameters()]
+            with torch.no_grad():
+                z = model[0](x)
+                relu_eta = efficiency64(z, torch.relu(z))
+            truth_loss = loss.item()
+        opt.step()
+        if step == last:
+            after = [p.detach().clone() for p in model.parameters()]
+        monitor.step(loss)
+    assert monitor.close(timeout=10)
+    assert monitor.dropped == 0
+
+    m = wait_for(collector_process.metrics_url, "thermoscope_last_step", last, job_id="e2e")
+    names = [layer.name for layer in monitor.layers]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    entropies = [entropy64(b) for b in before]
+    works = [
+        float(torch.dot(g.double().flatten(), (a - b).double().flatten()))
+        for g, a, b in zip(grads, after, before, strict=True)
+    ]
+    for name, s, w in zip(names, entropies, works, strict=True):
+        assert value(m, "thermoscope_layer_entropy_nats", job_id="e2e", layer=name) == pytest.approx(
+            s, rel=1e-6
+        )
+        assert value(m, "thermoscope_layer_work", job_id="e2e", layer=name) == pytest.approx(
+            w, rel=1e-4, abs=1e-12
+        )
+        beta = value(m, "thermoscope_layer_inverse_temperature", job_id="e2e", layer=name)
+        t = value(m, "thermoscope_layer_temperature", job_id="e2e", layer=name)
+        assert np.isfinite(beta) and (np.isnan(t) or t == pytest.approx(1 / beta))
+    assert value(m, "thermoscope_energy", job_id="e2e") == pytest.approx(truth_loss, rel=1e-6)
+    assert value(m, "thermoscope_entropy_nats", job_id="e2e") == pytest.approx(sum(entropies), rel=1e-6)
+    assert value(m, "thermoscope_site_efficiency_ratio", job_id="e2e", site="1") == pytest.approx(
+        relu_eta, rel=1e-6
+    )
+    assert value(m, "thermoscope_efficiency_ratio", job_id="e2e") == pytest.approx(relu_eta, rel=1e-6)
+    assert value(m, "thermoscope_frames_received_total", job_id="e2e") == steps // 2
+    wait_for(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
+    # no per-layer series carries a rank, nor a label Prometheus owns
+    labels = {label for (_, ls) in m for label, _ in ls}
+    assert not labels & {"rank", "job", "instance"}
+
+
+def test_replicas_count_once_and_energy_is_the_mean_over_ranks(collector) -> None:
+    """Two data-parallel ranks: layers from the lowest rank, loss averaged, site batches pooled."""
+    msgs = []
+    for rank, (energy, mean) in enumerate(((1.0, 0.1), (3.0, 0.7))):
+        s = Sample(
+            5,
+            time.time(),
+            energy,
+            LayerStats(np.array([100, 100]), np.full(2, mean), np.full(2, 2.0), np.zeros(2), np.ones(2)),
+            SiteStats(np.array([64]), *(np.ones(1) * (rank + 1) for _ in range(4))),
+        )
+        msgs.append((hello("dp", rank=rank, world_size=2), encode(s, 1)))
+    ranks = [OpenStream(collector.grpc_target, first) for first, _ in msgs]  # both connected
+    for agent, (_, msg) in zip(ranks, msgs, strict=True):
+        assert agent.ack(msg) == 1
+    metrics = wait_for(collector.metrics_url, "thermoscope_last_step", 5, job_id="dp")
+    assert value(metrics, "thermoscope_energy", job_id="dp") == pytest.approx(2.0)
+    expected = physics.layer_entropy(np.array([100]), np.array([0.1]), np.array([2.0]))[0]
+    assert value(metrics, "thermoscope_layer_entropy_nats", job_id="dp", layer="layer0") == pytest.approx(
+        expected
+    )
+    assert value(metrics, "thermoscope_layer_work", job_id="dp", layer="layer0") == pytest.approx(1.0)
+    # sites pool both batches: 128 values with means 1 and 2
+    assert value(metrics, "thermoscope_site_efficiency_ratio", job_id="dp", site="site0") == pytest.approx(
+        1 - (2 + 2 * 64 * 0.25) / (2 + 2 * 64 * 0.25)
+    )
+    for agent in ranks:
+        agent.close()
+
+
+def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> None:
+    """Three ranks each hold a third of two tensors (FSDP-style); the collector sees the whole."""
+    rng = np.random.default_rng(0)
+    whole = rng.normal(0.2, 1.5, (2, 3000))
+    g = rng.normal(0, 1e-3, (2, 3000))
+    ranks = [
+        OpenStream(
+            collector.grpc_target,
+            hello("fsdp", rank=rank, world_size=3, layers=layer_table(2, shard=(rank, 3), numel=1000)),
+        )
+        for rank in range(3)
+    ]
+    for agent, part in zip(ranks, np.split(np.arange(3000), 3), strict=True):
+        x, gx = whole[:, part], g[:, part]
+        mean = x.mean(1)
+        s = Sample(
+            7,
+            time.time(),
+            0.5,
+            LayerStats(
+                np.full(2, 1000),
+                mean,
+                ((x - mean[:, None]) ** 2).sum(1),
+                (gx * x).sum(1),
+                (gx * (x - 0.01)).sum(1),
+            ),
+            SiteStats(np.array([10]), *(np.ones(1) for _ in range(4))),
+        )
+        assert agent.ack(encode(s, 1)) == 1
+    metrics = wait_for(collector.metrics_url, "thermoscope_last_step", 7, job_id="fsdp")
+    for i in range(2):
+        v = whole[i]
+        expected = v.size * physics.gaussian_entropy(v.var())
+        got = value(metrics, "thermoscope_layer_entropy_nats", job_id="fsdp", layer=f"layer{i}")
+        assert got == pytest.approx(expected, rel=1e-12)
+        work = value(metrics, "thermoscope_layer_work", job_id="fsdp", layer=f"layer{i}")
+        assert work == pytest.approx(-0.01 * g[i].sum(), rel=1e-9)
+    for agent in ranks:
+        agent.close()
+
+
+def test_a_step_waits_for_every_connected_rank(collector) -> None:
+    """Rank 0 has sent step 1, rank 1 only step 0: the job shows step 0 until rank 1 sends step 1."""
+    rank1 = OpenStream(collector.grpc_target, hello("sync", rank=1, world_size=2))
+    rank0 = OpenStream(collector.grpc_target, hello("sync", rank=0, world_size=2))
+    assert rank1.ack(frame(1, 0)) == 1
+    assert rank0.ack(frame(1, 0)) == 1
+    assert rank0.ack(frame(2, 1)) == 2
+    wait_for(collector.metrics_url, "thermoscope_last_step", 0, job_id="sync")
+    time.sleep(0.2)
+    assert value(scrape(collector.metrics_url), "thermoscope_last_step", job_id="sync") == 0
+    assert rank1.ack(frame(2, 1)) == 2
+    wait_for(collector.metrics_url, "thermoscope_last_step", 1, job_id="sync")
+    rank0.close()
+    rank1.close()
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus (.ci/run)"
+)
+def test_metrics_pass_promtool_check_metrics(collector) -> None:
+    assert stream(collector.grpc_target, [hello("lint"), frame(1, 0), frame(2, 1)])[1] is None
+    wait_for(collector.metrics_url, "thermoscope_last_step", 1, job_id="lint")
+    with urllib.request.urlopen(collector.metrics_url, timeout=5) as resp:
+        text = resp.read()
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert result.stdout.decode().strip() == "" and result.stderr.decode().strip() == ""
