@@ -17,7 +17,7 @@ LN_2PI_E = math.log(2.0 * math.pi * math.e)
 #: Smallest variance we take a layer to have, relative to its squared mean and absolute.
 #: A constant tensor (zero biases, LayerNorm gains of one) has a degenerate distribution of
 #: entropy -inf; float32 values cannot resolve a spread below ~2^-24 of their magnitude, so
-#: that is where the entropy is floored (documented in docs/quantities.md).
+#: that is where the entropy is floored (documented in the README).
 VAR_FLOOR_REL = 2.0**-48
 VAR_FLOOR_ABS = 1e-30
 

@@ -15,8 +15,9 @@ from torch import nn
 from thermoscope.agent import Monitor, physics
 from thermoscope.agent.stats import LayerStats, Sample, SiteStats
 from thermoscope.agent.wire import encode
+from thermoscope.collector.service import Collector
 
-from conftest import OpenStream, frame, hello, layer_table, scrape, stream, value
+from conftest import OpenStream, frame, free_port, hello, layer_table, scrape, stream, value
 from test_agent import efficiency64, entropy64
 
 
@@ -184,3 +185,45 @@ def test_metrics_pass_promtool_check_metrics(collector) -> None:
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert result.stdout.decode().strip() == "" and result.stderr.decode().strip() == ""
+
+
+def small_training(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(16, 8)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+
+
+def test_an_agent_started_before_its_collector_connects_when_it_appears() -> None:
+    port = free_port()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, collector=f"127.0.0.1:{port}", job="late", every=1, max_queue=8)
+    small_training(monitor, model, opt, 20)
+    time.sleep(0.5)
+    assert monitor.dropped > 0 and monitor.acked == 0
+    with Collector(f"127.0.0.1:{port}", "127.0.0.1:0").running() as collector:
+        deadline = time.monotonic() + 30
+        while monitor.acked == 0:  # keeps training; the sender retries with backoff meanwhile
+            assert time.monotonic() < deadline, "the agent never reconnected"
+            small_training(monitor, model, opt, 1)
+            time.sleep(0.05)
+        assert monitor.close(timeout=10)
+        assert collector.jobs["late"].frames_received == monitor.acked
+
+
+def test_the_collector_sets_the_agents_sampling_interval() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with Collector("127.0.0.1:0", "127.0.0.1:0", every=3).running() as collector:
+        monitor = Monitor(model, opt, collector=collector.grpc_target, job="cfg", every=10)
+        small_training(monitor, model, opt, 1)  # step 0 is sampled: the stream opens
+        deadline = time.monotonic() + 15
+        while monitor.every != 3:
+            assert time.monotonic() < deadline, "the configuration never arrived"
+            time.sleep(0.05)
+        small_training(monitor, model, opt, 11)  # steps 1..11: 3, 6, 9 sampled
+        assert monitor.close(timeout=10)
+        assert collector.jobs["cfg"].frames_received == 4
