@@ -110,9 +110,9 @@ class Monitor:
         return self._sender.dropped if self._sender is not None else 0
 
     @property
-    def acked(self) -> int:
-        """Frames the collector has accepted."""
-        return self._sender.acked if self._sender is not None else 0
+    def delivered(self) -> int:
+        """Sampled steps the collector has accepted (once flushed: sampled = delivered + dropped)."""
+        return self._sender.delivered if self._sender is not None else 0
 
     @property
     def connected(self) -> bool:

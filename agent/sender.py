@@ -61,14 +61,19 @@ class Sender:
 
     def _init_state(self) -> None:
         self._queue: deque[Pending] = deque(maxlen=self._max_queue)
-        self._wake = threading.Event()
+        # One condition guards the queue, the sequence counters and the stream generation, so
+        # that "queued", "in flight" and "acknowledged" are always read consistently.
+        self._cond = threading.Condition()
+        self._generation = 0  # bumped when a stream ends: its request generator must stop
         self._stopping = threading.Event()
-        self._acked_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._call: grpc.RpcContext | None = None
         self.seq = 0  # last sequence number put on a stream
-        self.acked = 0  # highest sequence number the collector accepted
+        self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
+        self.submitted = 0  # sampled steps handed to the sender
+        self.delivered = 0  # frames the collector accepted
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
+        # invariant once flushed: submitted == delivered + dropped
         self.connected = False
         self.last_error: str | None = None
         self._drop_logged = False
@@ -77,12 +82,14 @@ class Sender:
 
     def submit(self, item: Pending) -> None:
         """Queue one sampled step; never blocks. Drops (and counts) the oldest when full."""
-        if len(self._queue) == self._max_queue:
-            self._count_drop(1, "the send queue is full")
-        self._queue.append(item)
+        with self._cond:
+            if len(self._queue) == self._max_queue:
+                self._count_drop(1, "the send queue is full")
+            self._queue.append(item)
+            self.submitted += 1
+            self._cond.notify_all()
         if self._thread is None:
             self._start()
-        self._wake.set()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="thermoscope-sender", daemon=True)
@@ -91,23 +98,28 @@ class Sender:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued frame is acknowledged; False if `timeout` passed first."""
         deadline = time.monotonic() + timeout
-        with self._acked_cond:
+        with self._cond:
             while self._queue or self.acked < self.seq:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._thread is None or not self._thread.is_alive():
                     return False
-                self._acked_cond.wait(min(left, 0.05))
+                self._cond.wait(min(left, 0.05))
         return True
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush (bounded), close the stream and stop the thread. True if nothing was left."""
         flushed = self.flush(timeout) if self._thread is not None else not self._queue
-        self._stopping.set()
-        self._wake.set()
+        with self._cond:
+            self._stopping.set()
+            self._cond.notify_all()
         if self._call is not None:
             self._call.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cond:
+            if self._queue:
+                self._count_drop(len(self._queue), "the collector could not take them before shutdown")
+                self._queue.clear()
         return flushed
 
     def _count_drop(self, n: int, why: str) -> None:
@@ -131,15 +143,22 @@ class Sender:
             except grpc.FutureTimeoutError:
                 self._note_error(f"no collector answering at {self.target}")
             finally:
-                self.connected = False
-                lost = self.seq - self.acked
-                if lost > 0:
-                    self.acked = self.seq  # those frames are gone with the stream
-                    self._count_drop(lost, "a stream broke with frames in flight")
+                self._end_stream()
             if time.monotonic() - started > 30:
                 delay = self._backoff[0]  # the stream had been healthy: start the backoff over
             self._stopping.wait(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self._backoff[1])
+
+    def _end_stream(self) -> None:
+        """Retire the stream's request generator and count the frames that died with it."""
+        with self._cond:
+            self.connected = False
+            self._generation += 1
+            lost = self.seq - self.acked
+            if lost > 0:
+                self.acked = self.seq
+                self._count_drop(lost, "a stream broke with frames in flight")
+            self._cond.notify_all()
 
     def _note_error(self, error: str) -> None:
         if error != self.last_error and not self._stopping.is_set():
@@ -149,7 +168,7 @@ class Sender:
     def _stream_once(self) -> None:
         with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
             grpc.channel_ready_future(channel).result(timeout=self._connect_timeout)
-            call = pb_grpc.TelemetryStub(channel).Stream(self._messages())
+            call = pb_grpc.TelemetryStub(channel).Stream(self._messages(self._generation))
             self._call = call
             if self._stopping.is_set():
                 call.cancel()
@@ -158,23 +177,28 @@ class Sender:
                     self.connected, self.last_error = True, None
                     log.info("thermoscope: streaming to %s", self.target)
                 if reply.HasField("ack"):
-                    with self._acked_cond:
-                        self.acked = max(self.acked, reply.ack.seq)
-                        self._acked_cond.notify_all()
+                    with self._cond:
+                        if reply.ack.seq > self.acked:
+                            self.delivered += reply.ack.seq - self.acked
+                            self.acked = reply.ack.seq
+                        self._cond.notify_all()
                 elif reply.HasField("config") and self._on_config is not None:
                     self._on_config(reply.config)
 
-    def _messages(self) -> Iterator[pb.AgentMessage]:
-        """The request stream: the hello, then one frame per queued sample until stopped."""
+    def _messages(self, generation: int) -> Iterator[pb.AgentMessage]:
+        """The request stream: the hello, then one frame per queued sample.
+
+        Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
+        stream was retired (it must not take a frame that no stream would carry).
+        """
         yield self._hello
         while True:
-            try:
-                item = self._queue.popleft()
-            except IndexError:
-                if self._stopping.is_set():
+            with self._cond:
+                while not self._queue and not self._stopping.is_set() and generation == self._generation:
+                    self._cond.wait()
+                if generation != self._generation or not self._queue:
                     return
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            self.seq += 1
-            yield wire.encode(item.to_sample(), self.seq)
+                item = self._queue.popleft()
+                self.seq += 1
+                seq = self.seq
+            yield wire.encode(item.to_sample(), seq)

@@ -157,8 +157,9 @@ def test_a_module_called_twice_in_a_step_pools_both_calls() -> None:
     z1 = model.fc1(x)
     z2 = model.fc2(torch.relu(z1))
     z = torch.cat([z1, z2]).detach().double()
-    assert sample.sites.in_mean[0] == pytest.approx(float(z.mean()), rel=1e-9)
-    assert sample.sites.in_m2[0] == pytest.approx(float(((z - z.mean()) ** 2).sum()), rel=1e-9)
+    # float32 accumulation: the mean to ~1e-6 of the spread, M2 to ~1e-6 relative
+    assert sample.sites.in_mean[0] == pytest.approx(float(z.mean()), abs=1e-6 * float(z.std()))
+    assert sample.sites.in_m2[0] == pytest.approx(float(((z - z.mean()) ** 2).sum()), rel=1e-5)
     monitor.close()
 
 
@@ -214,7 +215,7 @@ def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
     assert time.monotonic() - start < 30  # bounded: no step waited for the absent collector
     assert monitor.close(timeout=0.5) is False
     assert monitor.dropped >= 46
-    assert monitor.acked == 0 and not monitor.connected
+    assert monitor.delivered == 0 and not monitor.connected
 
 
 def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:

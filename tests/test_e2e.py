@@ -203,15 +203,15 @@ def test_an_agent_started_before_its_collector_connects_when_it_appears() -> Non
     monitor = Monitor(model, opt, collector=f"127.0.0.1:{port}", job="late", every=1, max_queue=8)
     small_training(monitor, model, opt, 20)
     time.sleep(0.5)
-    assert monitor.dropped > 0 and monitor.acked == 0
+    assert monitor.dropped > 0 and monitor.delivered == 0
     with Collector(f"127.0.0.1:{port}", "127.0.0.1:0").running() as collector:
         deadline = time.monotonic() + 30
-        while monitor.acked == 0:  # keeps training; the sender retries with backoff meanwhile
+        while monitor.delivered == 0:  # keeps training; the sender retries with backoff meanwhile
             assert time.monotonic() < deadline, "the agent never reconnected"
             small_training(monitor, model, opt, 1)
             time.sleep(0.05)
         assert monitor.close(timeout=10)
-        assert collector.jobs["late"].frames_received == monitor.acked
+        assert collector.jobs["late"].frames_received == monitor.delivered
 
 
 def test_the_collector_sets_the_agents_sampling_interval() -> None:
@@ -227,3 +227,27 @@ def test_the_collector_sets_the_agents_sampling_interval() -> None:
         small_training(monitor, model, opt, 11)  # steps 1..11: 3, 6, 9 sampled
         assert monitor.close(timeout=10)
         assert collector.jobs["cfg"].frames_received == 4
+
+
+def test_every_sampled_step_is_delivered_or_counted_across_a_collector_restart() -> None:
+    port = free_port()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, collector=f"127.0.0.1:{port}", job="restart", every=1)
+    received = 0
+    for _ in range(2):  # the collector goes away mid-run and a new one takes its port
+        with Collector(f"127.0.0.1:{port}", "127.0.0.1:0").running() as collector:
+            deadline = time.monotonic() + 30
+            start = monitor.delivered
+            while monitor.delivered < start + 20:
+                assert time.monotonic() < deadline, "no frames reached the collector"
+                small_training(monitor, model, opt, 5)
+                time.sleep(0.01)
+            monitor.flush(timeout=10)
+        received += collector.jobs["restart"].frames_received
+        small_training(monitor, model, opt, 10)  # no collector: queued, sent to the next one or dropped
+    assert monitor.close(timeout=0.5) is False
+    sampled = monitor._step
+    assert monitor.delivered == received
+    assert monitor.delivered + monitor.dropped == sampled
+    assert monitor.dropped >= 10  # the last steps, sampled after the second collector left
