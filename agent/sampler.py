@@ -49,14 +49,13 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
-#: CUDA: the work dots reduce float32 products in float64 this many values at a time, which
-#: bounds the temporary a sampled step needs (16 MiB) whatever the layer size.
-DOT_CHUNK = 1 << 22
-#: CPU: a float64 reduction there first makes a float64 copy of its input (measured: 0.28 ms
-#: per 1M values, 63 ms at 16M, against 0.13 ms for blocked BLAS dots), so the dots run in
-#: float32 over blocks of this many values and add up in float64. Measured relative error of
-#: the work against exact float64: 4e-5 when the update is 1e-4 of the weights, 6e-4 at 1e-6.
-CPU_DOT_BLOCK = 1 << 16
+#: The work dots are BLAS float32 dots over blocks of this many values, added up in float64.
+#: A float64 reduction of the products would be more exact but costs a float32 product
+#: temporary and, on CPU, a float64 copy too (measured: 0.28 ms per 1M values, 63 ms at 16M,
+#: against 0.08 ms blocked; on an H200, 0.16 ms against 0.05 ms at 16M). Measured relative
+#: error of the work against exact float64 when the update is 1e-4 of the weights: 7e-5 on
+#: CPU (2e-3 at 1e-6), 3e-7 on CUDA, whose dot reduces as a tree.
+DOT_BLOCK = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
 _SITE_COLUMNS = 4  # sum z, sum z^2, sum a, sum a^2 (the counts stay on the host)
@@ -94,18 +93,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dot64(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """<g, p> of two flat tensors, accumulated in float64 (see DOT_CHUNK, CPU_DOT_BLOCK)."""
-    if p.is_cuda:
-        parts = [
-            torch.sum(_wide(gc) * _wide(pc), dtype=torch.float64)
-            for gc, pc in zip(g.split(DOT_CHUNK), p.split(DOT_CHUNK), strict=True)
-        ]
-    else:
-        parts = [
-            torch.dot(_wide(gc), _wide(pc))
-            for gc, pc in zip(g.split(CPU_DOT_BLOCK), p.split(CPU_DOT_BLOCK), strict=True)
-        ]
-    return parts[0].double() if len(parts) == 1 else torch.stack(parts).sum(dtype=torch.float64)
+    """<g, p> of two flat tensors: float32 dots over blocks, float64 across them (DOT_BLOCK)."""
+    block = DOT_BLOCK.get(p.device.type, DOT_BLOCK["cpu"])
+    if p.numel() <= block:
+        return torch.dot(_wide(g), _wide(p)).double()
+    parts = [torch.dot(_wide(gc), _wide(pc)) for gc, pc in zip(g.split(block), p.split(block), strict=True)]
+    return torch.stack(parts).sum(dtype=torch.float64)
 
 
 @dataclass
@@ -179,7 +172,11 @@ class Sampler:
         self._layer_count = np.array([p.numel() for p in self.params], dtype=np.int64)
         self._device = self.params[0].device
         self._handles: list = []
-        self._segments: dict[tuple[int, ...], torch.Tensor] = {}
+        self._small = [i for i, p in enumerate(self.params) if p.numel() < SMALL_NUMEL]
+        self._small_pos = {i: k for k, i in enumerate(self._small)}
+        self._seg: torch.Tensor | None = None
+        if self._small:
+            self._segment_index()
         self._reset()
 
     # -- arming ---------------------------------------------------------------------------
@@ -213,8 +210,8 @@ class Sampler:
     def _reset(self) -> None:
         n = len(self.params)
         self._moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n  # sum, sumsq of theta_t
-        self._dot_before: list[torch.Tensor | None] = [None] * n
-        self._dot_after: list[torch.Tensor | None] = [None] * n
+        self._dot_before: dict[int, torch.Tensor] = {}
+        self._dot_after: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
         self._site_in: list[torch.Tensor | None] = [None] * len(self._site_modules)  # z sums of the call
         self._site_sums: list[list[torch.Tensor]] = [[] for _ in self._site_modules]  # one row per call
@@ -256,68 +253,70 @@ class Sampler:
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         idx = self._owned(optimizer)
-        self._measure_moments(idx)
-        with_grad = [i for i in idx if self.params[i].grad is not None]
-        for i in with_grad:
-            self._grads[i] = self.params[i].grad
-        for i, dot in zip(with_grad, self._dots(with_grad), strict=True):
-            self._dot_before[i] = dot
+        self._grads.update({i: g for i in idx if (g := self.params[i].grad) is not None})
+        self._dot_before.update(self._measure(idx, moments=True))
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        idx = [i for i in self._owned(optimizer) if i in self._grads]
-        for i, dot in zip(idx, self._dots(idx), strict=True):
-            self._dot_after[i] = dot
+        self._dot_after.update(self._measure([i for i in self._owned(optimizer) if i in self._grads]))
 
-    def _measure_moments(self, idx: list[int]) -> None:
-        idx = [i for i in idx if self._moments[i] is None]
-        small = [i for i in idx if self.params[i].numel() < SMALL_NUMEL]
+    def _measure(self, idx: list[int], moments: bool = False) -> dict[int, torch.Tensor]:
+        """<g, theta> of the layers in idx that have a saved gradient (float64), and, with
+        `moments`, (sum, sum of squares) of those whose moments are not taken yet.
+
+        Large tensors are done one at a time; small ones all together (whichever of them idx
+        names), from one flat copy and segment sums over a segment index built once.
+        """
+        dots: dict[int, torch.Tensor] = {}
         for i in idx:
-            if self.params[i].numel() >= SMALL_NUMEL:
-                p = self.params[i].detach().reshape(-1)
+            if i in self._small_pos:
+                continue
+            p = self.params[i].detach().reshape(-1)
+            if moments and self._moments[i] is None:
                 self._moments[i] = (p.sum(dtype=torch.float32), _sumsq(p))
-        if small:
-            flat, seg = self._flatten(small, [self.params[i] for i in small])
-            sums = _segment_sum(flat, seg, len(small))
-            sumsq = _segment_sum(flat * flat, seg, len(small))
-            for k, i in enumerate(small):
-                self._moments[i] = (sums[k], sumsq[k])
+            if i in self._grads:
+                dots[i] = _dot64(self._grads[i].reshape(-1), p)
+        small = [i for i in idx if i in self._small_pos]
+        if not small:
+            return dots
+        n, seg = len(self._small), self._segment_index()
+        flat = _flat64([self.params[i] for i in self._small])
+        if moments:
+            sums, sumsqs = _segment_sum(flat, seg, n), _segment_sum(flat * flat, seg, n)
+            for i in small:
+                if self._moments[i] is None:
+                    k = self._small_pos[i]
+                    self._moments[i] = (sums[k], sumsqs[k])
+        if any(i in self._grads for i in small):
+            grads = [
+                self._grads[i] if i in self._grads else torch.zeros_like(self.params[i]) for i in self._small
+            ]
+            products = _segment_sum(_flat64(grads) * flat, seg, n)
+            dots.update({i: products[self._small_pos[i]] for i in small if i in self._grads})
+        return dots
 
-    def _dots(self, idx: list[int]) -> list[torch.Tensor]:
-        """<g, theta> per layer in idx, in float64 (current theta, gradient saved at pre-hook)."""
-        out: dict[int, torch.Tensor] = {}
-        small = [i for i in idx if self.params[i].numel() < SMALL_NUMEL]
-        for i in idx:
-            if self.params[i].numel() >= SMALL_NUMEL:
-                out[i] = _dot64(self._grads[i].reshape(-1), self.params[i].detach().reshape(-1))
-        if small:
-            flat_p, seg = self._flatten(small, [self.params[i] for i in small])
-            flat_g, _ = self._flatten(small, [self._grads[i] for i in small])
-            dots = _segment_sum(flat_g * flat_p, seg, len(small))
-            out.update({i: dots[k] for k, i in enumerate(small)})
-        return [out[i] for i in idx]
+    def _segment_index(self) -> torch.Tensor:
+        """Layer number of each value of the small tensors' flat copy, kept on their device.
 
-    def _flatten(self, idx: list[int], tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One float64 copy of small tensors and each value's segment (layer) number."""
-        flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
-        key = tuple(idx)
-        seg = self._segments.get(key)
-        if seg is None:  # built once per layer set: a host-to-device copy would sync the stream
-            sizes = torch.tensor([self.params[i].numel() for i in idx])
-            seg = torch.repeat_interleave(torch.arange(len(idx)), sizes).to(flat.device)
-            self._segments[key] = seg
-        return flat, seg
+        Built at construction (a host-to-device copy then costs nothing), rebuilt only if the
+        parameters moved to another device since.
+        """
+        device = self.params[self._small[0]].device
+        if self._seg is None or self._seg.device != device:
+            sizes = torch.tensor([self.params[i].numel() for i in self._small])
+            self._seg = torch.repeat_interleave(torch.arange(len(self._small)), sizes).to(device)
+        return self._seg
 
     # -- collecting ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def collect(self, step: int, loss: torch.Tensor | float | None) -> Pending:
         """Pack this step's statistics and start their copy to the host; reset for the next step."""
-        self._measure_moments(list(range(len(self.params))))  # layers no optimizer stepped
+        self._measure([i for i, m in enumerate(self._moments) if m is None], moments=True)  # not stepped
         zero = torch.zeros((), dtype=torch.float64, device=self._device)
         sums, sumsqs = zip(*self._moments, strict=True)  # type: ignore[misc]
-        before = [zero if d is None else d for d in self._dot_before]
-        after = [zero if d is None else d for d in self._dot_after]
+        before = [self._dot_before.get(i, zero) for i in range(len(self.params))]
+        after = [self._dot_after.get(i, zero) for i in range(len(self.params))]
         # stack and cat promote the float32 sums of large tensors to float64
         columns = [torch.stack(sums), torch.stack(sumsqs), torch.stack(before), torch.stack(after)]
         if self._site_modules:
@@ -348,6 +347,11 @@ def _power_sums(t: torch.Tensor) -> torch.Tensor:
     """(sum t, sum t^2) of an activation in float32 (cascade sum and BLAS dot: no float64 copy on CPU)."""
     flat = _wide(t.reshape(-1))
     return torch.stack([flat.sum(), _sumsq(flat)])
+
+
+def _flat64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One float64 copy of many small tensors, end to end (one cat and one cast)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
 
 
 def _segment_sum(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
