@@ -84,7 +84,7 @@ class Monitor:
         self.every = every
         self.enabled = True
         self._sampler = Sampler(
-            list(model.named_parameters()),
+            [(name, p) for name, p in model.named_parameters() if p.numel() > 0],
             find_sites(model, sites),
             None if optimizer is None else list(optimizer),
         )
