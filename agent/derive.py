@@ -11,7 +11,11 @@ at every sample:
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
   the window. The slope of the noisy minibatch energy is the "smoothed" energy change, and
   its standard error is the noise floor under which T is undefined;
-* per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta).
+* per layer also the histogram entropy (fixed edges, seeded subset), the negentropy
+  J = h_gauss - h_hist (nats per value; how far the layer is from a Gaussian shape) and the
+  share of its subset outside the edges;
+* per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta); and its
+  engine type from the latest scale probe, and the network's.
 
 The agent uses it in-process (`Monitor.latest()`), the collector on merged samples.
 """
@@ -47,8 +51,13 @@ class Reading:
     layer_work: np.ndarray
     layer_beta: np.ndarray
     layer_temperature: np.ndarray
+    layer_histogram_entropy: np.ndarray  # n * h_hist (nats), comparable with layer_entropy
+    layer_negentropy: np.ndarray  # h_gauss - h_hist, nats per value
+    layer_outside: np.ndarray  # share of the histogram subset outside the edges
     site_names: tuple[str, ...]
     site_efficiency: np.ndarray
+    site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
+    engine: str  # the network's engine type
 
 
 class Thermometer:
@@ -59,6 +68,9 @@ class Thermometer:
             raise ValueError(f"window must be at least 2 samples, got {window}")
         self.layer_names = tuple(layer.name for layer in layers)
         self.site_names = tuple(site.name for site in sites)
+        self._lo = np.array([layer.hist_lo for layer in layers])
+        self._hi = np.array([layer.hist_hi for layer in layers])
+        self._probe = np.full(len(sites), -1.0)  # last probe spread per site
         self._steps: deque[int] = deque(maxlen=window)
         self._energy: deque[float] = deque(maxlen=window)
         self._entropy: deque[np.ndarray] = deque(maxlen=window)
@@ -95,6 +107,10 @@ class Thermometer:
             physics.variance(sites.count, sites.in_mean, sites.in_m2),
             physics.variance(sites.count, sites.out_mean, sites.out_m2),
         )
+        self._probe = np.where(sites.probe_spread >= 0, sites.probe_spread, self._probe)
+        site_engine = physics.engine_type(self._probe)
+        h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
+        h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
         self.latest = Reading(
             step=sample.step,
             wall_time=sample.wall_time,
@@ -108,8 +124,13 @@ class Thermometer:
             layer_work=layers.work,
             layer_beta=layer_beta,
             layer_temperature=layer_t,
+            layer_histogram_entropy=layers.count * h_hist,
+            layer_negentropy=h_gauss - h_hist,
+            layer_outside=physics.outside_fraction(layers.histogram),
             site_names=self.site_names,
             site_efficiency=eta,
+            site_engine=site_engine,
+            engine=physics.network_engine_type(site_engine),
         )
         return self.latest
 

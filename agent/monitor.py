@@ -31,7 +31,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 
 from . import wire
 from .derive import Reading, Thermometer
-from .sampler import Pending, Sampler, find_sites
+from .sampler import BINS, SUBSET, Pending, Sampler, find_sites
 from .sender import Sender
 
 AGENT_VERSION = "0.1.0"
@@ -61,6 +61,8 @@ class Monitor:
         window: int = 10,
         sites: Iterable[nn.Module] = (),
         max_queue: int = 1024,
+        bins: int = BINS,
+        subset: int = SUBSET,
     ) -> None:
         """
         Args:
@@ -72,6 +74,8 @@ class Monitor:
             window: samples over which temperatures are taken (in-process mode).
             sites: extra modules to watch as activation sites.
             max_queue: sampled steps held for the sender before the oldest is dropped.
+            bins: histogram bins between each layer's fixed edges.
+            subset: the most values of a layer its histogram counts (a fixed, seeded subset).
         """
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -87,6 +91,8 @@ class Monitor:
             [(name, p) for name, p in model.named_parameters() if p.numel() > 0],
             find_sites(model, sites),
             None if optimizer is None else list(optimizer),
+            bins=bins,
+            subset=subset,
         )
         self._step = 0
         self._sender: Sender | None = None
@@ -173,4 +179,5 @@ class Monitor:
             every=self.every,
             layers=self._sampler.layers,
             sites=self._sampler.sites,
+            bins=self._sampler.bins,
         )

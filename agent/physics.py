@@ -47,6 +47,48 @@ def layer_entropy(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.nda
     return np.asarray(count, dtype=np.float64) * gaussian_entropy(variance(count, mean, m2))
 
 
+#: Histogram edges are the initial mean +- this many initial standard deviations (rounded out
+#: to a coarse grid), wide enough for the spreading that training brings (values beyond are
+#: counted as outside and reported).
+EDGE_SIGMAS = 8.0
+#: A constant initial tensor (zero bias, unit gain) has no spread to size its edges by: they
+#: are then +- this fraction of max(|mean|, 1) around it.
+EDGE_FLOOR = 0.05
+
+
+def histogram_edges(mean: float, std: float) -> tuple[float, float]:
+    """Fixed edges [lo, hi) for a layer from its initial mean and standard deviation.
+
+    A deterministic rule, so every replica computes the same edges; lo and hi are rounded
+    outwards to a power-of-two grid so that float noise in the inputs cannot move them.
+    """
+    half = EDGE_SIGMAS * std if std > 0 else EDGE_FLOOR * max(abs(mean), 1.0)
+    grid = 2.0 ** math.floor(math.log2(half / 8))
+    return math.floor((mean - half) / grid) * grid, math.ceil((mean + half) / grid) * grid
+
+
+def histogram_entropy(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """h = -sum p_i ln p_i + ln(bin width) per value, from counts (layers, bins + 2).
+
+    Columns 0 and -1 hold the values below and above the edges: they are left out of p (the
+    entropy is that of the values inside the edges) and reported by `outside_fraction`.
+    """
+    inside = np.asarray(counts, dtype=np.float64)[:, 1:-1]
+    n = inside.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = inside / n
+        plogp = np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+        width = (np.asarray(hi, dtype=np.float64) - lo) / inside.shape[1]
+        return np.where(n[:, 0] > 0, -plogp + np.log(width), np.nan)
+
+
+def outside_fraction(counts: np.ndarray) -> np.ndarray:
+    """Share of each layer's histogram subset that fell outside its edges."""
+    counts = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (counts[:, 0] + counts[:, -1]) / counts.sum(axis=1)
+
+
 def merge_moments(
     count_a: np.ndarray,
     mean_a: np.ndarray,
@@ -128,6 +170,27 @@ def network_efficiency(eta: np.ndarray) -> float:
     eta = np.asarray(eta, dtype=np.float64)
     eta = eta[np.isfinite(eta)]
     return float(1.0 - np.prod(1.0 - eta)) if eta.size else math.nan
+
+
+#: A site is a scale-invariant (Type A) engine when its scale probe moves eta by at most this
+#: much. For a positively homogeneous activation the probe is exact (scaling by 1/2 and 2
+#: is exact in floating point), so its spread is 0; saturating and smooth ones move by far
+#: more at any input temperature.
+ENGINE_TOLERANCE = 1e-7
+
+
+def engine_type(probe_spread: np.ndarray) -> np.ndarray:
+    """'A' (scale-invariant), 'B' (temperature-dependent) or '' (not probed) per site."""
+    spread = np.asarray(probe_spread, dtype=np.float64)
+    return np.where(spread < 0, "", np.where(spread <= ENGINE_TOLERANCE, "A", "B"))
+
+
+def network_engine_type(site_types: np.ndarray) -> str:
+    """The network is Type A when all its probed sites are; '' when none was probed."""
+    known = [t for t in site_types if t]
+    if not known:
+        return ""
+    return "A" if all(t == "A" for t in known) else "B"
 
 
 def slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

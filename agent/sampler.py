@@ -11,6 +11,10 @@ sampled step:
   sum theta^2 and <g, theta> (the step's state theta_t, paired with its loss E_t); the post-hook
   reads <g, theta_{t+1}>. Work w = <g, theta_{t+1}> - <g, theta_t> needs no parameter copy;
   the two dots cancel to a small difference, so they accumulate in float64 (THEORY section 2);
+* at the first optimizer pre-hook of the step (or at `collect` when none ran) every layer's
+  histogram is counted on fixed edges over a fixed, seeded subset of at most `subset` values
+  (the same indices every sample, so changes are paired, not resampled noise), and every
+  `probe_every`-th sample each activation site runs its engine-type scale probe;
 * `collect` packs everything into one float64 tensor and starts its copy to the host
   (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from . import physics
 from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 #: Module classes that are activation sites by default.
@@ -57,8 +63,16 @@ SMALL_NUMEL = 1 << 16
 #: CPU (2e-3 at 1e-6), 3e-7 on CUDA, whose dot reduces as a tree.
 DOT_BLOCK = {"cpu": 1 << 18, "cuda": 1 << 24}
 
+#: Histogram settings: bins between the fixed edges, and the most values of a layer counted.
+BINS = 512
+SUBSET = 1 << 16
+#: The engine-type probe: values of z it uses, the scales it applies, how often it runs.
+PROBE_VALUES = 4096
+PROBE_SCALES = (0.5, 2.0)
+PROBE_EVERY = 10
+
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
-_SITE_COLUMNS = 4  # sum z, sum z^2, sum a, sum a^2 (the counts stay on the host)
+_SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
 
 
 def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
@@ -111,6 +125,7 @@ class Pending:
     ready: torch.cuda.Event | None
     layer_count: np.ndarray
     site_count: np.ndarray
+    bins: int
     energy: float | None  # known on the host already, else the last packed value
 
     def to_sample(self) -> Sample:
@@ -118,8 +133,12 @@ class Pending:
             self.ready.synchronize()
         values = self.packed.numpy()
         n_layers, n_sites = len(self.layer_count), len(self.site_count)
-        layer = values[: n_layers * _LAYER_COLUMNS].reshape(_LAYER_COLUMNS, n_layers)
-        site = values[n_layers * _LAYER_COLUMNS :][: n_sites * _SITE_COLUMNS].reshape(_SITE_COLUMNS, n_sites)
+        layer, site, hist = np.split(
+            values[: n_layers * (_LAYER_COLUMNS + self.bins + 2) + n_sites * _SITE_COLUMNS],
+            [n_layers * _LAYER_COLUMNS, n_layers * _LAYER_COLUMNS + n_sites * _SITE_COLUMNS],
+        )
+        layer = layer.reshape(_LAYER_COLUMNS, n_layers)
+        site = site.reshape(_SITE_COLUMNS, n_sites)
         count = self.layer_count.astype(np.float64)
         mean = layer[0] / np.maximum(count, 1)
         n_site = self.site_count.astype(np.float64)
@@ -136,6 +155,7 @@ class Pending:
                 m2=np.maximum(layer[1] - count * mean * mean, 0.0),
                 dot_before=layer[2].copy(),
                 dot_after=layer[3].copy(),
+                histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64),
             ),
             sites=SiteStats(
                 count=self.site_count,
@@ -143,6 +163,7 @@ class Pending:
                 in_m2=np.maximum(site[1] - n_site * in_mean * in_mean, 0.0),
                 out_mean=out_mean,
                 out_m2=np.maximum(site[3] - n_site * out_mean * out_mean, 0.0),
+                probe_spread=site[4].copy(),
             ),
         )
 
@@ -155,28 +176,37 @@ class Sampler:
         layers: Sequence[tuple[str, torch.Tensor]],
         sites: Sequence[tuple[str, nn.Module]],
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        *,
+        bins: int = BINS,
+        subset: int = SUBSET,
+        seed: int = 0,
     ) -> None:
         if not layers:
             raise ValueError("the model has no parameters to watch")
+        if bins < 1 or subset < 1:
+            raise ValueError(f"bins and subset must be positive, got {bins} and {subset}")
         self.params = [p for _, p in layers]
-        self.layers = [
-            LayerInfo(
-                name=n, shape=tuple(p.shape), numel=p.numel(), dtype=str(p.dtype).removeprefix("torch.")
-            )
-            for n, p in layers
-        ]
+        self.bins = bins
+        self.layers = [_describe(name, p) for name, p in layers]
         self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
         self._site_modules = [m for _, m in sites]
+        self._probed = [not any(True for _ in m.buffers()) for m in self._site_modules]  # stateless only
         self._optimizers = list(optimizers) if optimizers is not None else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([p.numel() for p in self.params], dtype=np.int64)
         self._device = self.params[0].device
         self._handles: list = []
+        self._samples = 0
         self._small = [i for i, p in enumerate(self.params) if p.numel() < SMALL_NUMEL]
         self._small_pos = {i: k for k, i in enumerate(self._small)}
-        self._seg: torch.Tensor | None = None
-        if self._small:
-            self._segment_index()
+        # Built once, here: a host-to-device copy during a step would make CUDA wait.
+        self._seg = _segments([self.params[i].numel() for i in self._small], self._device)
+        self._subsets = [_subset(name, p.numel(), subset, seed, self._device) for name, p in layers]
+        self._hist_seg = _segments([min(p.numel(), subset) for p in self.params], self._device)
+        self._hist_lo = torch.tensor([layer.hist_lo for layer in self.layers], device=self._device)
+        self._hist_scale = torch.tensor(
+            [bins / (layer.hist_hi - layer.hist_lo) for layer in self.layers], device=self._device
+        )
         self._reset()
 
     # -- arming ---------------------------------------------------------------------------
@@ -208,14 +238,15 @@ class Sampler:
         self._handles.clear()
 
     def _reset(self) -> None:
-        n = len(self.params)
-        self._moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n  # sum, sumsq of theta_t
+        n_sites = len(self._site_modules)
+        self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sums, sumsqs, hist
         self._dot_before: dict[int, torch.Tensor] = {}
         self._dot_after: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
-        self._site_in: list[torch.Tensor | None] = [None] * len(self._site_modules)  # z sums of the call
-        self._site_sums: list[list[torch.Tensor]] = [[] for _ in self._site_modules]  # one row per call
-        self._site_count = np.zeros(len(self._site_modules), dtype=np.int64)
+        self._site_in: list[torch.Tensor | None] = [None] * n_sites  # z sums of the call
+        self._site_sums: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]  # one row per call
+        self._site_count = np.zeros(n_sites, dtype=np.int64)
+        self._probe: list[torch.Tensor | None] = [None] * n_sites
 
     # -- activation sites -------------------------------------------------------------------
 
@@ -225,6 +256,8 @@ class Sampler:
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = _power_sums(z)
+                    if self._probe[i] is None and self._probed[i] and self._samples % PROBE_EVERY == 0:
+                        self._probe[i] = _scale_probe(module, z)
 
         return hook
 
@@ -252,79 +285,84 @@ class Sampler:
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
+            self._state = self._measure_state()
         idx = self._owned(optimizer)
         self._grads.update({i: g for i in idx if (g := self.params[i].grad) is not None})
-        self._dot_before.update(self._measure(idx, moments=True))
+        self._dot_before.update(self._dots(idx))
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._dot_after.update(self._measure([i for i in self._owned(optimizer) if i in self._grads]))
+        self._dot_after.update(self._dots(self._owned(optimizer)))
 
-    def _measure(self, idx: list[int], moments: bool = False) -> dict[int, torch.Tensor]:
-        """<g, theta> of the layers in idx that have a saved gradient (float64), and, with
-        `moments`, (sum, sum of squares) of those whose moments are not taken yet.
-
-        Large tensors are done one at a time; small ones all together (whichever of them idx
-        names), from one flat copy and segment sums over a segment index built once.
-        """
-        dots: dict[int, torch.Tensor] = {}
-        for i in idx:
+    def _measure_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum, sum of squares, histogram) of every layer: large tensors one at a time, small
+        ones together from one flat copy, histograms all together from the layers' subsets."""
+        sums: list[torch.Tensor] = []
+        sumsqs: list[torch.Tensor] = []
+        flats = [p.detach().reshape(-1) for p in self.params]
+        if self._small:
+            flat = _flat64([flats[i] for i in self._small])
+            small_sums = _segment_sum(flat, self._seg, len(self._small))
+            small_sumsqs = _segment_sum(flat * flat, self._seg, len(self._small))
+        for i, p in enumerate(flats):
             if i in self._small_pos:
-                continue
-            p = self.params[i].detach().reshape(-1)
-            if moments and self._moments[i] is None:
-                self._moments[i] = (p.sum(dtype=torch.float32), _sumsq(p))
-            if i in self._grads:
-                dots[i] = _dot64(self._grads[i].reshape(-1), p)
+                sums.append(small_sums[self._small_pos[i]])
+                sumsqs.append(small_sumsqs[self._small_pos[i]])
+            else:
+                sums.append(p.sum(dtype=torch.float32))
+                sumsqs.append(_sumsq(p))
+        subsets = zip(flats, self._subsets, strict=True)
+        values = torch.cat([p if idx is None else p.index_select(0, idx) for p, idx in subsets])
+        # bin k of layer l lands at l * (bins + 2) + k + 1; below lo at +0, at or above hi at + bins + 1
+        bins = ((_wide(values) - self._hist_lo[self._hist_seg]) * self._hist_scale[self._hist_seg]).floor_()
+        slot = bins.clamp_(-1, self.bins).long() + 1 + self._hist_seg * (self.bins + 2)
+        hist = torch.zeros(len(flats) * (self.bins + 2), device=values.device).index_add_(
+            0, slot, torch.ones_like(values, dtype=torch.float32)
+        )
+        # stack and cat promote the float32 sums of large tensors to float64
+        return torch.stack(sums), torch.stack(sumsqs), hist
+
+    def _dots(self, idx: list[int]) -> dict[int, torch.Tensor]:
+        """<g, theta> in float64 of the layers in idx with a saved gradient (current theta)."""
+        idx = [i for i in idx if i in self._grads]
+        dots = {
+            i: _dot64(self._grads[i].reshape(-1), self.params[i].detach().reshape(-1))
+            for i in idx
+            if i not in self._small_pos
+        }
         small = [i for i in idx if i in self._small_pos]
-        if not small:
-            return dots
-        n, seg = len(self._small), self._segment_index()
-        flat = _flat64([self.params[i] for i in self._small])
-        if moments:
-            sums, sumsqs = _segment_sum(flat, seg, n), _segment_sum(flat * flat, seg, n)
-            for i in small:
-                if self._moments[i] is None:
-                    k = self._small_pos[i]
-                    self._moments[i] = (sums[k], sumsqs[k])
-        if any(i in self._grads for i in small):
-            grads = [
-                self._grads[i] if i in self._grads else torch.zeros_like(self.params[i]) for i in self._small
-            ]
-            products = _segment_sum(_flat64(grads) * flat, seg, n)
-            dots.update({i: products[self._small_pos[i]] for i in small if i in self._grads})
+        if small:
+            grads = [self._grads.get(i, torch.zeros_like(self.params[i])) for i in self._small]
+            flat = _flat64([self.params[i] for i in self._small])
+            products = _segment_sum(_flat64(grads) * flat, self._seg, len(self._small))
+            dots.update({i: products[self._small_pos[i]] for i in small})
         return dots
-
-    def _segment_index(self) -> torch.Tensor:
-        """Layer number of each value of the small tensors' flat copy, kept on their device.
-
-        Built at construction (a host-to-device copy then costs nothing), rebuilt only if the
-        parameters moved to another device since.
-        """
-        device = self.params[self._small[0]].device
-        if self._seg is None or self._seg.device != device:
-            sizes = torch.tensor([self.params[i].numel() for i in self._small])
-            self._seg = torch.repeat_interleave(torch.arange(len(self._small)), sizes).to(device)
-        return self._seg
 
     # -- collecting ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def collect(self, step: int, loss: torch.Tensor | float | None) -> Pending:
         """Pack this step's statistics and start their copy to the host; reset for the next step."""
-        self._measure([i for i, m in enumerate(self._moments) if m is None], moments=True)  # not stepped
+        sums, sumsqs, hist = self._state if self._state is not None else self._measure_state()
         zero = torch.zeros((), dtype=torch.float64, device=self._device)
-        sums, sumsqs = zip(*self._moments, strict=True)  # type: ignore[misc]
         before = [self._dot_before.get(i, zero) for i in range(len(self.params))]
         after = [self._dot_after.get(i, zero) for i in range(len(self.params))]
-        # stack and cat promote the float32 sums of large tensors to float64
-        columns = [torch.stack(sums), torch.stack(sumsqs), torch.stack(before), torch.stack(after)]
+        columns = [sums, sumsqs, torch.stack(before), torch.stack(after)]
         if self._site_modules:
-            empty = torch.zeros(_SITE_COLUMNS, dtype=torch.float64, device=self._device)
+            empty = torch.zeros(_SITE_COLUMNS - 1, dtype=torch.float64, device=self._device)
+            unprobed = torch.full((), -1.0, dtype=torch.float64, device=self._device)
             rows = [
-                torch.stack(calls).sum(0).to(self._device) if calls else empty for calls in self._site_sums
+                torch.cat(
+                    [
+                        torch.stack(calls).sum(0).to(self._device) if calls else empty,
+                        (unprobed if probe is None else probe.to(self._device)).reshape(1),
+                    ]
+                )
+                for calls, probe in zip(self._site_sums, self._probe, strict=True)
             ]
             columns.extend(torch.stack(rows).T)
+        columns.append(hist)
         energy: float | None = math.nan if loss is None else None
         if isinstance(loss, torch.Tensor):
             columns.append(loss.detach().reshape(-1)[:1].to(device=self._device, dtype=torch.float64))
@@ -333,6 +371,7 @@ class Sampler:
         packed = torch.cat([c.reshape(-1) for c in columns]).double()
         site_count = self._site_count
         self._reset()
+        self._samples += 1
         ready = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -340,7 +379,53 @@ class Sampler:
             ready = torch.cuda.Event()
             ready.record()
             packed = host
-        return Pending(step, time.time(), packed, ready, self._layer_count, site_count, energy)
+        return Pending(step, time.time(), packed, ready, self._layer_count, site_count, self.bins, energy)
+
+
+def _describe(name: str, p: torch.Tensor) -> LayerInfo:
+    """A layer's table entry, with histogram edges fixed from its initial statistics."""
+    with torch.no_grad():
+        values = _wide(p.detach())
+        std, mean = (
+            torch.std_mean(values, correction=0) if p.numel() > 1 else (torch.zeros(()), values.mean())
+        )
+    lo, hi = physics.histogram_edges(float(mean), float(std))
+    dtype = str(p.dtype).removeprefix("torch.")
+    return LayerInfo(name=name, shape=tuple(p.shape), numel=p.numel(), dtype=dtype, hist_lo=lo, hist_hi=hi)
+
+
+def _subset(name: str, numel: int, size: int, seed: int, device: torch.device) -> torch.Tensor | None:
+    """The fixed, seeded indices of a layer's histogram subset (None: the whole layer).
+
+    Seeded by the layer's name, so that every replica of the layer counts the same values.
+    """
+    if numel <= size:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randperm(numel, generator=gen)[:size].sort().values.to(device=device, dtype=torch.int32)
+
+
+def _segments(sizes: list[int], device: torch.device) -> torch.Tensor:
+    """Segment number of each value when tensors of these sizes are laid end to end."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)).to(device)
+
+
+def _scale_probe(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """max over c of |eta(c z) - eta(z)| on a strided subsample of z, with the site's own
+    activation (THEORY section 5); -1 where it cannot be measured (no spread, or the module
+    does not take a single tensor)."""
+    flat = z.reshape(-1)
+    sub = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]
+    try:
+        etas = []
+        for c in (1.0, *PROBE_SCALES):
+            zc = sub * c
+            var_in = zc.double().var(correction=0)
+            etas.append(1 - module.forward(zc).double().var(correction=0) / var_in)
+    except (TypeError, RuntimeError):
+        return torch.full((), -1.0, dtype=torch.float64, device=z.device)
+    eta = torch.stack(etas)
+    return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
 
 
 def _power_sums(t: torch.Tensor) -> torch.Tensor:

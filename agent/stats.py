@@ -23,6 +23,8 @@ class LayerInfo:
     dtype: str
     shard_index: int = 0
     shard_count: int = 1
+    hist_lo: float = -1.0  # fixed histogram edges [lo, hi) for the run
+    hist_hi: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class LayerStats:
     m2: np.ndarray  # float64, sum of squared deviations
     dot_before: np.ndarray  # float64, <g, theta_t>
     dot_after: np.ndarray  # float64, <g, theta_{t+1}>
+    histogram: np.ndarray  # int64 (layers, bins + 2): below lo, the bins, at or above hi
 
     @property
     def work(self) -> np.ndarray:
@@ -61,6 +64,7 @@ class SiteStats:
     in_m2: np.ndarray
     out_mean: np.ndarray
     out_m2: np.ndarray
+    probe_spread: np.ndarray  # float64 engine-type probe; negative: not probed
 
     def __len__(self) -> int:
         return len(self.count)

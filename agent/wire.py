@@ -19,6 +19,7 @@ from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 PROTOCOL_VERSION = 1
 F64 = np.dtype("<f8")
 I64 = np.dtype("<i8")
+U32 = np.dtype("<u4")
 
 LAYER_COLUMNS = (
     ("count", I64),
@@ -27,7 +28,16 @@ LAYER_COLUMNS = (
     ("grad_dot_before", F64),
     ("grad_dot_after", F64),
 )
-SITE_COLUMNS = (("count", I64), ("in_mean", F64), ("in_m2", F64), ("out_mean", F64), ("out_m2", F64))
+SITE_COLUMNS = (
+    ("count", I64),
+    ("in_mean", F64),
+    ("in_m2", F64),
+    ("out_mean", F64),
+    ("out_m2", F64),
+    ("probe_spread", F64),
+)
+#: Largest number of histogram bins a hello may declare.
+MAX_BINS = 4096
 
 
 class WireError(ValueError):
@@ -49,6 +59,7 @@ def hello(
     every: int,
     layers: list[LayerInfo],
     sites: list[SiteInfo],
+    bins: int,
 ) -> pb.AgentMessage:
     return pb.AgentMessage(
         hello=pb.Hello(
@@ -69,10 +80,13 @@ def hello(
                     shard=pb.Shard(index=layer.shard_index, count=layer.shard_count)
                     if layer.shard_count > 1
                     else None,
+                    histogram_lo=layer.hist_lo,
+                    histogram_hi=layer.hist_hi,
                 )
                 for layer in layers
             ],
             sites=[pb.Site(name=site.name, kind=site.kind) for site in sites],
+            histogram_bins=bins,
         )
     )
 
@@ -89,6 +103,7 @@ def encode(sample: Sample, seq: int) -> pb.AgentMessage:
             m2=_bytes(layers.m2, F64),
             grad_dot_before=_bytes(layers.dot_before, F64),
             grad_dot_after=_bytes(layers.dot_after, F64),
+            histogram=_bytes(layers.histogram, U32),
         ),
         sites=pb.SiteColumns(
             count=_bytes(sites.count, I64),
@@ -96,6 +111,7 @@ def encode(sample: Sample, seq: int) -> pb.AgentMessage:
             in_m2=_bytes(sites.in_m2, F64),
             out_mean=_bytes(sites.out_mean, F64),
             out_m2=_bytes(sites.out_m2, F64),
+            probe_spread=_bytes(sites.probe_spread, F64),
         ),
     )
     if sample.has_energy:
@@ -121,22 +137,32 @@ def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
         raise WireError("hello", f"rank {msg.rank} is outside world size {msg.world_size}")
     if not msg.layers:
         raise WireError("hello", "hello declares no layers")
+    if not 1 <= msg.histogram_bins <= MAX_BINS:
+        raise WireError("hello", f"histogram_bins must be 1..{MAX_BINS}, got {msg.histogram_bins}")
     layers = []
     for layer in msg.layers:
         count = layer.shard.count if layer.HasField("shard") else 1
         index = layer.shard.index if layer.HasField("shard") else 0
         if not layer.name or layer.numel < 0 or count < 1 or index >= count:
             raise WireError("hello", f"layer {layer.name!r}: bad name, numel or shard ({index} of {count})")
-        layers.append(LayerInfo(layer.name, tuple(layer.shape), layer.numel, layer.dtype, index, count))
+        lo, hi = layer.histogram_lo, layer.histogram_hi
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise WireError(
+                "hello", f"layer {layer.name!r}: histogram edges [{lo}, {hi}) are not an interval"
+            )
+        layers.append(
+            LayerInfo(layer.name, tuple(layer.shape), layer.numel, layer.dtype, index, count, lo, hi)
+        )
     if len({layer.name for layer in layers}) != len(layers):
         raise WireError("hello", "hello names a layer twice")
     return layers, [SiteInfo(site.name, site.kind) for site in msg.sites]
 
 
-def decode(frame: pb.Frame, n_layers: int, n_sites: int) -> Sample:
+def decode(frame: pb.Frame, n_layers: int, n_sites: int, bins: int) -> Sample:
     """Validate a Frame against the stream's Hello and return its Sample."""
     lc = _columns(frame.layers, LAYER_COLUMNS, n_layers, "layer")
     sc = _columns(frame.sites, SITE_COLUMNS, n_sites, "site")
+    hist = _columns(frame.layers, (("histogram", U32),), n_layers * (bins + 2), "layer")["layer.histogram"]
     energy = frame.energy if frame.HasField("energy") else math.nan
     if frame.HasField("energy") and not math.isfinite(energy):
         raise WireError("non_finite", f"frame {frame.seq} (step {frame.step}): energy is {energy}")
@@ -147,7 +173,7 @@ def decode(frame: pb.Frame, n_layers: int, n_sites: int) -> Sample:
             raise WireError(
                 "non_finite", f"frame {frame.seq} (step {frame.step}): column {name} has NaN or Inf"
             )
-        if (name.endswith("count") or name.endswith("m2")) and (values < 0).any():
+        if name.endswith(("count", "m2")) and (values < 0).any():
             raise WireError("invalid_value", f"frame {frame.seq}: column {name} has negative values")
     return Sample(
         step=frame.step,
@@ -159,10 +185,9 @@ def decode(frame: pb.Frame, n_layers: int, n_sites: int) -> Sample:
             lc["layer.m2"],
             lc["layer.grad_dot_before"],
             lc["layer.grad_dot_after"],
+            hist.astype(np.int64).reshape(n_layers, bins + 2),
         ),
-        sites=SiteStats(
-            sc["site.count"], sc["site.in_mean"], sc["site.in_m2"], sc["site.out_mean"], sc["site.out_m2"]
-        ),
+        sites=SiteStats(*(sc[f"site.{name}"] for name, _ in SITE_COLUMNS)),
     )
 
 

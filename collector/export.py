@@ -50,6 +50,21 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
         "Layer inverse temperature dS/dE over the window (nats per loss unit).",
     ),
     (
+        "thermoscope_layer_binned_entropy_nats",
+        "layer_histogram_entropy",
+        "Layer entropy n * h from its histogram on fixed edges over a fixed subset (nats).",
+    ),
+    (
+        "thermoscope_layer_negentropy_nats",
+        "layer_negentropy",
+        "Non-Gaussianity h_gauss - h_hist of the layer's values (nats per value; 0 for a Gaussian shape).",
+    ),
+    (
+        "thermoscope_layer_outside_edges_ratio",
+        "layer_outside",
+        "Share of the layer's histogram subset outside its fixed edges (not in the histogram entropy).",
+    ),
+    (
         "thermoscope_layer_work",
         "layer_work",
         "Work <g, theta_after - theta_before> of the last sampled update on the layer (loss units).",
@@ -117,6 +132,25 @@ class MetricsExporter(Collector):
                 for name, value in zip(r.site_names, getattr(r, attr), strict=True)
             ),
         )
+        engines = InfoMetricFamily(
+            "thermoscope_engine",
+            "Engine type of the activation site by its scale probe: "
+            "A scale-invariant, B temperature-dependent.",
+            labels=["job_id", "site"],
+        )
+        network = InfoMetricFamily(
+            "thermoscope_network_engine",
+            "Engine type of the network: A when all its sites are.",
+            labels=["job_id"],
+        )
+        for job_id, r in readings:
+            for name, engine in zip(r.site_names, r.site_engine, strict=True):
+                if engine:
+                    engines.add_metric([job_id, name], {"engine": str(engine)})
+            if r.engine:
+                network.add_metric([job_id], {"engine": r.engine})
+        yield engines
+        yield network
 
 
 def _families(

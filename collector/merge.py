@@ -22,6 +22,7 @@ import numpy as np
 from thermoscope.agent import physics
 from thermoscope.agent.derive import Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.agent.wire import WireError
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
@@ -39,6 +40,7 @@ class Stream:
     every: int
     layers: list[LayerInfo]
     sites: list[SiteInfo]
+    bins: int
     last_step: int = -1
     last_seq: int = 0
     frames: int = 0
@@ -53,8 +55,9 @@ class Job:
     streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
     frames_received: int = 0
     frames_late: int = 0
-    layer_names: list[str] = field(default_factory=list)
-    site_names: list[str] = field(default_factory=list)
+    layers: dict[str, LayerInfo] = field(default_factory=dict)  # by name, as first declared
+    sites: dict[str, SiteInfo] = field(default_factory=dict)
+    bins: int = 0
     reading: Reading | None = None
     last_seen: float = 0.0
     _tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]] = field(default_factory=dict)
@@ -66,13 +69,35 @@ class Job:
     def agents_connected(self) -> int:
         return len(self.streams)
 
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.sites)
+
     def open(self, stream: Stream) -> None:
+        """Add an agent; its histogram edges must match what other ranks declared (WireError)."""
+        if self.bins and stream.bins != self.bins:
+            raise WireError(
+                "edges_mismatch", f"histogram_bins {stream.bins}; this job's ranks use {self.bins}"
+            )
+        for layer in stream.layers:
+            known = self.layers.get(layer.name)
+            if known is not None and (known.hist_lo, known.hist_hi) != (layer.hist_lo, layer.hist_hi):
+                raise WireError(
+                    "edges_mismatch",
+                    f"layer {layer.name!r}: histogram edges [{layer.hist_lo}, {layer.hist_hi}) differ from "
+                    f"[{known.hist_lo}, {known.hist_hi}) declared by another rank",
+                )
+        self.bins = stream.bins
         self.streams[stream.rank] = stream
         self._tables[stream.rank] = (stream.layers, stream.sites)
-        known = set(self.layer_names)
-        self.layer_names += [layer.name for layer in stream.layers if layer.name not in known]
-        known_sites = set(self.site_names)
-        self.site_names += [site.name for site in stream.sites if site.name not in known_sites]
+        for layer in stream.layers:
+            self.layers.setdefault(layer.name, layer)
+        for site in stream.sites:
+            self.sites.setdefault(site.name, site)
         self.last_seen = time.time()
 
     def close(self, stream: Stream) -> None:
@@ -105,11 +130,9 @@ class Job:
 
     def _apply(self, sample: Sample) -> None:
         th = self._thermometer
-        if th is None or th.layer_names != tuple(self.layer_names) or th.site_names != tuple(self.site_names):
+        if th is None or th.layer_names != tuple(self.layers) or th.site_names != tuple(self.sites):
             th = self._thermometer = Thermometer(
-                [LayerInfo(n, (), 0, "") for n in self.layer_names],
-                [SiteInfo(n, "") for n in self.site_names],
-                window=self.window,
+                list(self.layers.values()), list(self.sites.values()), window=self.window
             )
         self.reading = th.update(sample)
         self._merged_step = sample.step
@@ -154,12 +177,16 @@ def merge_step(
     expected[d] = shards_a[keep]
     missing = covered != expected
     nan_if_missing = np.where(missing, np.nan, 1.0)
+    hist = np.concatenate([parts[r].layers.histogram for r in ranks])[keep]
+    merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
+    np.add.at(merged_hist, d, hist)
     layers = LayerStats(
         count=n.astype(np.int64),
         mean=mean * nan_if_missing,
         m2=m2 * nan_if_missing,
         dot_before=np.bincount(d, cat["dot_before"][keep], n_layers) * nan_if_missing,
         dot_after=np.bincount(d, cat["dot_after"][keep], n_layers) * nan_if_missing,
+        histogram=merged_hist,
     )
 
     # Sites: every rank's batch is a disjoint part of the job's batch.
@@ -172,6 +199,8 @@ def merge_step(
     sn, in_mean, in_m2 = physics.merge_moments_grouped(
         site_dest, scat["count"], scat["in_mean"], scat["in_m2"], n_sites
     )
+    probe = np.full(n_sites, -1.0)  # any rank whose probe moved makes the site temperature-dependent
+    np.maximum.at(probe, site_dest, np.concatenate([parts[r].sites.probe_spread for r in ranks]))
     _, out_mean, out_m2 = physics.merge_moments_grouped(
         site_dest, scat["count"], scat["out_mean"], scat["out_m2"], n_sites
     )
@@ -182,5 +211,5 @@ def merge_step(
         wall_time=max(parts[r].wall_time for r in ranks),
         energy=float(np.mean(energies)) if energies else math.nan,
         layers=layers,
-        sites=SiteStats(sn.astype(np.int64), in_mean, in_m2, out_mean, out_m2),
+        sites=SiteStats(sn.astype(np.int64), in_mean, in_m2, out_mean, out_m2, probe),
     )

@@ -30,6 +30,7 @@ _STATUS = {
     "unknown_stream": grpc.StatusCode.FAILED_PRECONDITION,
     "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
+    "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
     "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
@@ -86,7 +87,7 @@ class Telemetry:
                     if stream is None:
                         await self._reject(context, "unknown_stream", "frame on a stream that sent no hello")
                     try:
-                        sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites))
+                        sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins)
                     except wire.WireError as exc:
                         await self._reject(context, exc.reason, str(exc))
                     if msg.frame.seq <= stream.last_seq:
@@ -117,6 +118,7 @@ class Telemetry:
             every=hello.every,
             layers=layers,
             sites=sites,
+            bins=hello.histogram_bins,
         )
         job.open(stream)
         log.info(

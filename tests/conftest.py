@@ -106,6 +106,21 @@ def collector_process() -> Iterator[CollectorProcess]:
 # -- raw protocol helpers: agents written against the contract, without the Monitor ----------------
 
 
+BINS = 8  # histogram bins the raw-protocol agents declare
+
+
+def histogram(n_layers: int, per_bin: int = 10) -> np.ndarray:
+    """A flat histogram: `per_bin` values in every bin, none outside the edges."""
+    hist = np.full((n_layers, BINS + 2), per_bin, dtype=np.int64)
+    hist[:, [0, -1]] = 0
+    return hist
+
+
+def site_stats(count: np.ndarray, *moments: np.ndarray) -> SiteStats:
+    """Site columns with the probe marked as not run (-1)."""
+    return SiteStats(count, *moments, probe_spread=np.full(len(count), -1.0))
+
+
 def layer_table(n: int, shard: tuple[int, int] = (0, 1), numel: int = 100) -> list[LayerInfo]:
     return [LayerInfo(f"layer{i}", (numel,), numel, "float32", *shard) for i in range(n)]
 
@@ -129,6 +144,7 @@ def hello(
         every=1,
         layers=layers or layer_table(n_layers),
         sites=[SiteInfo(f"site{i}", "ReLU") for i in range(n_sites)],
+        bins=BINS,
     )
 
 
@@ -139,9 +155,14 @@ def sample(step: int, n_layers: int = 2, n_sites: int = 1, energy: float = 1.0, 
         wall_time=time.time(),
         energy=energy,
         layers=LayerStats(
-            np.full(n_layers, numel, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones
+            np.full(n_layers, numel, dtype=np.int64),
+            0.1 * ones,
+            2.0 * ones,
+            0.5 * ones,
+            0.4 * ones,
+            histogram(n_layers),
         ),
-        sites=SiteStats(np.full(n_sites, 64, dtype=np.int64), *(np.ones(n_sites) for _ in range(4))),
+        sites=site_stats(np.full(n_sites, 64, dtype=np.int64), *(np.ones(n_sites) for _ in range(4))),
     )
 
 

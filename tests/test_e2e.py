@@ -13,11 +13,23 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor, physics
-from thermoscope.agent.stats import LayerStats, Sample, SiteStats
+from thermoscope.agent.stats import LayerStats, Sample
 from thermoscope.agent.wire import encode
 from thermoscope.collector.service import Collector
 
-from conftest import OpenStream, frame, free_port, hello, layer_table, scrape, stream, value
+from conftest import (
+    BINS,
+    OpenStream,
+    frame,
+    free_port,
+    hello,
+    histogram,
+    layer_table,
+    scrape,
+    site_stats,
+    stream,
+    value,
+)
 from test_agent import efficiency64, entropy64
 
 
@@ -91,12 +103,16 @@ def test_replicas_count_once_and_energy_is_the_mean_over_ranks(collector) -> Non
     """Two data-parallel ranks: layers from the lowest rank, loss averaged, site batches pooled."""
     msgs = []
     for rank, (energy, mean) in enumerate(((1.0, 0.1), (3.0, 0.7))):
+        hist = histogram(2, per_bin=10)
+        hist[:, 1] += 100 * rank  # rank 1's copy differs: it must not be counted
         s = Sample(
             5,
             time.time(),
             energy,
-            LayerStats(np.array([100, 100]), np.full(2, mean), np.full(2, 2.0), np.zeros(2), np.ones(2)),
-            SiteStats(np.array([64]), *(np.ones(1) * (rank + 1) for _ in range(4))),
+            LayerStats(
+                np.array([100, 100]), np.full(2, mean), np.full(2, 2.0), np.zeros(2), np.ones(2), hist
+            ),
+            site_stats(np.array([64]), *(np.ones(1) * (rank + 1) for _ in range(4))),
         )
         msgs.append((hello("dp", rank=rank, world_size=2), encode(s, 1)))
     ranks = [OpenStream(collector.grpc_target, first) for first, _ in msgs]  # both connected
@@ -109,12 +125,22 @@ def test_replicas_count_once_and_energy_is_the_mean_over_ranks(collector) -> Non
         expected
     )
     assert value(metrics, "thermoscope_layer_work", job_id="dp", layer="layer0") == pytest.approx(1.0)
+    # rank 0's flat histogram over [-1, 1) in 8 bins: h = ln 8 + ln(2/8) = ln 2 per value
+    assert value(metrics, "thermoscope_layer_binned_entropy_nats", job_id="dp", layer="layer0") == (
+        pytest.approx(100 * np.log(2.0))
+    )
     # sites pool both batches: 128 values with means 1 and 2
     assert value(metrics, "thermoscope_site_efficiency_ratio", job_id="dp", site="site0") == pytest.approx(
         1 - (2 + 2 * 64 * 0.25) / (2 + 2 * 64 * 0.25)
     )
     for agent in ranks:
         agent.close()
+
+
+def counts_on_edges(v: np.ndarray) -> np.ndarray:
+    """[below -1, BINS bins over [-1, 1), at or above 1]: the layout of a frame's histogram."""
+    inside = np.histogram(v[(v >= -1) & (v < 1)], bins=BINS, range=(-1.0, 1.0))[0]
+    return np.array([(v < -1).sum(), *inside, (v >= 1).sum()])
 
 
 def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> None:
@@ -132,6 +158,7 @@ def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> N
     for agent, part in zip(ranks, np.split(np.arange(3000), 3), strict=True):
         x, gx = whole[:, part], g[:, part]
         mean = x.mean(1)
+        hist = np.stack([counts_on_edges(v) for v in x])
         s = Sample(
             7,
             time.time(),
@@ -142,8 +169,9 @@ def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> N
                 ((x - mean[:, None]) ** 2).sum(1),
                 (gx * x).sum(1),
                 (gx * (x - 0.01)).sum(1),
+                hist,
             ),
-            SiteStats(np.array([10]), *(np.ones(1) for _ in range(4))),
+            site_stats(np.array([10]), *(np.ones(1) for _ in range(4))),
         )
         assert agent.ack(encode(s, 1)) == 1
     metrics = wait_for(collector.metrics_url, "thermoscope_last_step", 7, job_id="fsdp")
@@ -154,6 +182,14 @@ def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> N
         assert got == pytest.approx(expected, rel=1e-12)
         work = value(metrics, "thermoscope_layer_work", job_id="fsdp", layer=f"layer{i}")
         assert work == pytest.approx(-0.01 * g[i].sum(), rel=1e-9)
+        inside = counts_on_edges(v)[1:-1]
+        p = inside / inside.sum()
+        h_hist = -(p[p > 0] * np.log(p[p > 0])).sum() + np.log(2.0 / BINS)
+        got = value(metrics, "thermoscope_layer_binned_entropy_nats", job_id="fsdp", layer=f"layer{i}")
+        assert got == pytest.approx(v.size * h_hist, rel=1e-12)
+        outside = ((v < -1) | (v >= 1)).mean()
+        got = value(metrics, "thermoscope_layer_outside_edges_ratio", job_id="fsdp", layer=f"layer{i}")
+        assert got == pytest.approx(outside, rel=1e-12)
     for agent in ranks:
         agent.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from thermoscope.agent import wire
 
-from conftest import sample
+from conftest import BINS, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,18 +34,18 @@ def test_committed_stubs_are_what_the_proto_generates(tmp_path: Path) -> None:
 def test_a_sample_round_trips_exactly_through_a_frame() -> None:
     s = sample(42, n_layers=3, n_sites=2, energy=0.25)
     msg = wire.encode(s, seq=7)
-    back = wire.decode(type(msg.frame).FromString(msg.frame.SerializeToString()), 3, 2)
+    back = wire.decode(type(msg.frame).FromString(msg.frame.SerializeToString()), 3, 2, BINS)
     assert msg.frame.seq == 7 and back.step == 42 and back.energy == 0.25
-    for field in ("count", "mean", "m2", "dot_before", "dot_after"):
+    for field in ("count", "mean", "m2", "dot_before", "dot_after", "histogram"):
         np.testing.assert_array_equal(getattr(back.layers, field), getattr(s.layers, field))
-    for field in ("count", "in_mean", "in_m2", "out_mean", "out_m2"):
+    for field in ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread"):
         np.testing.assert_array_equal(getattr(back.sites, field), getattr(s.sites, field))
 
 
 def test_a_frame_without_energy_decodes_to_nan() -> None:
     msg = wire.encode(sample(1, energy=math.nan), seq=1)
     assert not msg.frame.HasField("energy")
-    assert math.isnan(wire.decode(msg.frame, 2, 1).energy)
+    assert math.isnan(wire.decode(msg.frame, 2, 1, BINS).energy)
 
 
 def test_columns_are_little_endian_bytes_not_repeated_fields() -> None:
@@ -58,5 +58,5 @@ def test_negative_counts_are_refused() -> None:
     msg = wire.encode(sample(1), seq=1)
     msg.frame.layers.count = np.array([-1, 5], dtype="<i8").tobytes()
     with pytest.raises(wire.WireError) as info:
-        wire.decode(msg.frame, 2, 1)
+        wire.decode(msg.frame, 2, 1, BINS)
     assert info.value.reason == "invalid_value"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ethermoscope/v1/telemetry.proto\x12\x0ethermoscope.v1\"f\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.thermoscope.v1.HelloH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.thermoscope.v1.FrameH\x00\x42\x06\n\x04\x62ody\"h\n\x10\x43ollectorMessage\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.thermoscope.v1.AckH\x00\x12(\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.thermoscope.v1.ConfigH\x00\x42\x06\n\x04\x62ody\"\xe3\x01\n\x05Hello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\r\n\x05\x65very\x18\x08 \x01(\r\x12%\n\x06layers\x18\t \x03(\x0b\x32\x15.thermoscope.v1.Layer\x12#\n\x05sites\x18\n \x03(\x0b\x32\x14.thermoscope.v1.Site\"h\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12$\n\x05shard\x18\x05 \x01(\x0b\x32\x15.thermoscope.v1.Shard\"%\n\x05Shard\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\"\n\x04Site\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\xaf\x01\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x13\n\x06\x65nergy\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12,\n\x06layers\x18\x05 \x01(\x0b\x32\x1c.thermoscope.v1.LayerColumns\x12*\n\x05sites\x18\x06 \x01(\x0b\x32\x1b.thermoscope.v1.SiteColumnsB\t\n\x07_energy\"h\n\x0cLayerColumns\x12\r\n\x05\x63ount\x18\x01 \x01(\x0c\x12\x0c\n\x04mean\x18\x02 \x01(\x0c\x12\n\n\x02m2\x18\x03 \x01(\x0c\x12\x17\n\x0fgrad_dot_before\x18\x04 \x01(\x0c\x12\x16\n\x0egrad_dot_after\x18\x05 \x01(\x0c\"^\n\x0bSiteColumns\x12\r\n\x05\x63ount\x18\x01 \x01(\x0c\x12\x0f\n\x07in_mean\x18\x02 \x01(\x0c\x12\r\n\x05in_m2\x18\x03 \x01(\x0c\x12\x10\n\x08out_mean\x18\x04 \x01(\x0c\x12\x0e\n\x06out_m2\x18\x05 \x01(\x0c\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\'\n\x06\x43onfig\x12\r\n\x05\x65very\x18\x01 \x01(\r\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x32Y\n\tTelemetry\x12L\n\x06Stream\x12\x1c.thermoscope.v1.AgentMessage\x1a .thermoscope.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ethermoscope/v1/telemetry.proto\x12\x0ethermoscope.v1\"f\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.thermoscope.v1.HelloH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.thermoscope.v1.FrameH\x00\x42\x06\n\x04\x62ody\"h\n\x10\x43ollectorMessage\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.thermoscope.v1.AckH\x00\x12(\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.thermoscope.v1.ConfigH\x00\x42\x06\n\x04\x62ody\"\xfb\x01\n\x05Hello\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\r\n\x05\x65very\x18\x08 \x01(\r\x12%\n\x06layers\x18\t \x03(\x0b\x32\x15.thermoscope.v1.Layer\x12#\n\x05sites\x18\n \x03(\x0b\x32\x14.thermoscope.v1.Site\x12\x16\n\x0ehistogram_bins\x18\x0b \x01(\r\"\x94\x01\n\x05Layer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12$\n\x05shard\x18\x05 \x01(\x0b\x32\x15.thermoscope.v1.Shard\x12\x14\n\x0chistogram_lo\x18\x06 \x01(\x01\x12\x14\n\x0chistogram_hi\x18\x07 \x01(\x01\"%\n\x05Shard\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\"\n\x04Site\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\xaf\x01\n\x05\x46rame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x13\n\x06\x65nergy\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12,\n\x06layers\x18\x05 \x01(\x0b\x32\x1c.thermoscope.v1.LayerColumns\x12*\n\x05sites\x18\x06 \x01(\x0b\x32\x1b.thermoscope.v1.SiteColumnsB\t\n\x07_energy\"{\n\x0cLayerColumns\x12\r\n\x05\x63ount\x18\x01 \x01(\x0c\x12\x0c\n\x04mean\x18\x02 \x01(\x0c\x12\n\n\x02m2\x18\x03 \x01(\x0c\x12\x17\n\x0fgrad_dot_before\x18\x04 \x01(\x0c\x12\x16\n\x0egrad_dot_after\x18\x05 \x01(\x0c\x12\x11\n\thistogram\x18\x06 \x01(\x0c\"t\n\x0bSiteColumns\x12\r\n\x05\x63ount\x18\x01 \x01(\x0c\x12\x0f\n\x07in_mean\x18\x02 \x01(\x0c\x12\r\n\x05in_m2\x18\x03 \x01(\x0c\x12\x10\n\x08out_mean\x18\x04 \x01(\x0c\x12\x0e\n\x06out_m2\x18\x05 \x01(\x0c\x12\x14\n\x0cprobe_spread\x18\x06 \x01(\x0c\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\'\n\x06\x43onfig\x12\r\n\x05\x65very\x18\x01 \x01(\r\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x32Y\n\tTelemetry\x12L\n\x06Stream\x12\x1c.thermoscope.v1.AgentMessage\x1a .thermoscope.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLLECTORMESSAGE']._serialized_start=154
   _globals['_COLLECTORMESSAGE']._serialized_end=258
   _globals['_HELLO']._serialized_start=261
-  _globals['_HELLO']._serialized_end=488
-  _globals['_LAYER']._serialized_start=490
-  _globals['_LAYER']._serialized_end=594
-  _globals['_SHARD']._serialized_start=596
-  _globals['_SHARD']._serialized_end=633
-  _globals['_SITE']._serialized_start=635
-  _globals['_SITE']._serialized_end=669
-  _globals['_FRAME']._serialized_start=672
-  _globals['_FRAME']._serialized_end=847
-  _globals['_LAYERCOLUMNS']._serialized_start=849
-  _globals['_LAYERCOLUMNS']._serialized_end=953
-  _globals['_SITECOLUMNS']._serialized_start=955
-  _globals['_SITECOLUMNS']._serialized_end=1049
-  _globals['_ACK']._serialized_start=1051
-  _globals['_ACK']._serialized_end=1069
-  _globals['_CONFIG']._serialized_start=1071
-  _globals['_CONFIG']._serialized_end=1110
-  _globals['_TELEMETRY']._serialized_start=1112
-  _globals['_TELEMETRY']._serialized_end=1201
+  _globals['_HELLO']._serialized_end=512
+  _globals['_LAYER']._serialized_start=515
+  _globals['_LAYER']._serialized_end=663
+  _globals['_SHARD']._serialized_start=665
+  _globals['_SHARD']._serialized_end=702
+  _globals['_SITE']._serialized_start=704
+  _globals['_SITE']._serialized_end=738
+  _globals['_FRAME']._serialized_start=741
+  _globals['_FRAME']._serialized_end=916
+  _globals['_LAYERCOLUMNS']._serialized_start=918
+  _globals['_LAYERCOLUMNS']._serialized_end=1041
+  _globals['_SITECOLUMNS']._serialized_start=1043
+  _globals['_SITECOLUMNS']._serialized_end=1159
+  _globals['_ACK']._serialized_start=1161
+  _globals['_ACK']._serialized_end=1179
+  _globals['_CONFIG']._serialized_start=1181
+  _globals['_CONFIG']._serialized_end=1220
+  _globals['_TELEMETRY']._serialized_start=1222
+  _globals['_TELEMETRY']._serialized_end=1311
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class CollectorMessage(_message.Message):
     def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites")
+    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Hello(_message.Message):
     EVERY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_BINS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     run_id: str
     rank: int
@@ -44,21 +45,26 @@ class Hello(_message.Message):
     every: int
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     sites: _containers.RepeatedCompositeFieldContainer[Site]
-    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ...) -> None: ...
+    histogram_bins: int
+    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "shape", "numel", "dtype", "shard")
+    __slots__ = ("name", "shape", "numel", "dtype", "shard", "histogram_lo", "histogram_hi")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_LO_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_HI_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     numel: int
     dtype: str
     shard: Shard
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ...) -> None: ...
+    histogram_lo: float
+    histogram_hi: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ..., histogram_lo: _Optional[float] = ..., histogram_hi: _Optional[float] = ...) -> None: ...
 
 class Shard(_message.Message):
     __slots__ = ("index", "count")
@@ -93,32 +99,36 @@ class Frame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., energy: _Optional[float] = ..., layers: _Optional[_Union[LayerColumns, _Mapping]] = ..., sites: _Optional[_Union[SiteColumns, _Mapping]] = ...) -> None: ...
 
 class LayerColumns(_message.Message):
-    __slots__ = ("count", "mean", "m2", "grad_dot_before", "grad_dot_after")
+    __slots__ = ("count", "mean", "m2", "grad_dot_before", "grad_dot_after", "histogram")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     M2_FIELD_NUMBER: _ClassVar[int]
     GRAD_DOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     GRAD_DOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     count: bytes
     mean: bytes
     m2: bytes
     grad_dot_before: bytes
     grad_dot_after: bytes
-    def __init__(self, count: _Optional[bytes] = ..., mean: _Optional[bytes] = ..., m2: _Optional[bytes] = ..., grad_dot_before: _Optional[bytes] = ..., grad_dot_after: _Optional[bytes] = ...) -> None: ...
+    histogram: bytes
+    def __init__(self, count: _Optional[bytes] = ..., mean: _Optional[bytes] = ..., m2: _Optional[bytes] = ..., grad_dot_before: _Optional[bytes] = ..., grad_dot_after: _Optional[bytes] = ..., histogram: _Optional[bytes] = ...) -> None: ...
 
 class SiteColumns(_message.Message):
-    __slots__ = ("count", "in_mean", "in_m2", "out_mean", "out_m2")
+    __slots__ = ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     IN_MEAN_FIELD_NUMBER: _ClassVar[int]
     IN_M2_FIELD_NUMBER: _ClassVar[int]
     OUT_MEAN_FIELD_NUMBER: _ClassVar[int]
     OUT_M2_FIELD_NUMBER: _ClassVar[int]
+    PROBE_SPREAD_FIELD_NUMBER: _ClassVar[int]
     count: bytes
     in_mean: bytes
     in_m2: bytes
     out_mean: bytes
     out_m2: bytes
-    def __init__(self, count: _Optional[bytes] = ..., in_mean: _Optional[bytes] = ..., in_m2: _Optional[bytes] = ..., out_mean: _Optional[bytes] = ..., out_m2: _Optional[bytes] = ...) -> None: ...
+    probe_spread: bytes
+    def __init__(self, count: _Optional[bytes] = ..., in_mean: _Optional[bytes] = ..., in_m2: _Optional[bytes] = ..., out_mean: _Optional[bytes] = ..., out_m2: _Optional[bytes] = ..., probe_spread: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq",)
