@@ -67,6 +67,12 @@ def histogram_edges(mean: float, std: float) -> tuple[float, float]:
     return math.floor((mean - half) / grid) * grid, math.ceil((mean + half) / grid) * grid
 
 
+#: A histogram entropy needs this many values per bin on average to mean something: with fewer
+#: the plug-in estimate is biased low by about (occupied bins - 1) / (2 n). Layers with fewer
+#: values (small biases) have no histogram entropy (NaN).
+MIN_VALUES_PER_BIN = 4
+
+
 def histogram_entropy(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """h = -sum p_i ln p_i + ln(bin width) per value, from counts (layers, bins + 2).
 
@@ -79,7 +85,8 @@ def histogram_entropy(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.
         p = inside / n
         plogp = np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
         width = (np.asarray(hi, dtype=np.float64) - lo) / inside.shape[1]
-        return np.where(n[:, 0] > 0, -plogp + np.log(width), np.nan)
+        enough = n[:, 0] >= MIN_VALUES_PER_BIN * inside.shape[1]
+        return np.where(enough, -plogp + np.log(width), np.nan)
 
 
 def outside_fraction(counts: np.ndarray) -> np.ndarray:

@@ -117,24 +117,38 @@ def _fmt(value: float, spec: str = ".4g") -> str:
     return "undefined" if math.isnan(value) else format(value, spec)
 
 
+def _engine(engine: str) -> str:
+    return {"A": "A (scale-invariant)", "B": "B (temperature-dependent)"}.get(engine, "not probed")
+
+
 def show(result: DemoResult, console: Console) -> None:
     r = result.reading
     job = Table(title=f"job {JOB!r} at step {r.step}")
-    for col in ("energy (loss)", "entropy (nats)", "temperature (loss/nat)", "efficiency"):
+    for col in ("energy (loss)", "entropy (nats)", "temperature (loss/nat)", "efficiency", "engine"):
         job.add_column(col, justify="right")
-    job.add_row(_fmt(r.energy), _fmt(r.entropy, ".6g"), _fmt(r.temperature), _fmt(r.efficiency, ".3f"))
+    job.add_row(
+        _fmt(r.energy),
+        _fmt(r.entropy, ".6g"),
+        _fmt(r.temperature),
+        _fmt(r.efficiency, ".3f"),
+        r.engine or "?",
+    )
     layers = Table(title="layers")
     layers.add_column("layer")
-    for col in ("entropy (nats)", "temperature (loss/nat)", "work (loss)"):
+    for col in ("entropy (nats)", "temperature (loss/nat)", "work (loss)", "negentropy (nats/value)"):
         layers.add_column(col, justify="right")
-    for name, s, t, w in zip(r.layer_names, r.layer_entropy, r.layer_temperature, r.layer_work, strict=True):
-        layers.add_row(name, _fmt(s, ".6g"), _fmt(t), _fmt(w, ".3e"))
+    rows = zip(
+        r.layer_names, r.layer_entropy, r.layer_temperature, r.layer_work, r.layer_negentropy, strict=True
+    )
+    for name, s, t, w, j in rows:
+        layers.add_row(name, _fmt(s, ".6g"), _fmt(t), _fmt(w, ".3e"), _fmt(j, ".3f"))
     sites = Table(title="activation sites")
     sites.add_column("site")
     sites.add_column("activation")
     sites.add_column("efficiency", justify="right")
-    for name, eta in zip(r.site_names, r.site_efficiency, strict=True):
-        sites.add_row(name, result.sites.get(name, "?"), _fmt(eta, ".3f"))
+    sites.add_column("engine")
+    for name, eta, engine in zip(r.site_names, r.site_efficiency, r.site_engine, strict=True):
+        sites.add_row(name, result.sites.get(name, "?"), _fmt(eta, ".3f"), _engine(engine))
     console.print(job, layers, sites)
     console.print(
         f"{result.frames} frames merged, {result.dropped} dropped; metrics were at {result.metrics_url}"

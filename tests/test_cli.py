@@ -26,6 +26,7 @@ def test_demo_trains_streams_and_shows_the_readings() -> None:
     for layer in ("0.weight", "0.bias", "2.weight", "4.bias"):
         assert layer in out
     assert "ReLU" in out and "Tanh" in out
+    assert "A (scale-invariant)" in out and "B (temperature-dependent)" in out  # the sites' engine types
     assert "12 frames merged, 0 dropped" in out
 
 

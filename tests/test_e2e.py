@@ -93,6 +93,8 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     )
     assert value(m, "thermoscope_efficiency_ratio", job_id="e2e") == pytest.approx(relu_eta, rel=1e-6)
     assert value(m, "thermoscope_frames_received_total", job_id="e2e") == steps // 2
+    assert value(m, "thermoscope_engine_info", job_id="e2e", site="1", engine="A") == 1  # ReLU
+    assert value(m, "thermoscope_network_engine_info", job_id="e2e", engine="A") == 1
     wait_for(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
     # no per-layer series carries a rank, nor a label Prometheus owns
     labels = {label for (_, ls) in m for label, _ in ls}
@@ -187,6 +189,8 @@ def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> N
         h_hist = -(p[p > 0] * np.log(p[p > 0])).sum() + np.log(2.0 / BINS)
         got = value(metrics, "thermoscope_layer_binned_entropy_nats", job_id="fsdp", layer=f"layer{i}")
         assert got == pytest.approx(v.size * h_hist, rel=1e-12)
+        negentropy = value(metrics, "thermoscope_layer_negentropy_nats", job_id="fsdp", layer=f"layer{i}")
+        assert negentropy == pytest.approx(physics.gaussian_entropy(v.var()) - h_hist, rel=1e-9)
         outside = ((v < -1) | (v >= 1)).mean()
         got = value(metrics, "thermoscope_layer_outside_edges_ratio", job_id="fsdp", layer=f"layer{i}")
         assert got == pytest.approx(outside, rel=1e-12)
