@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import sys
+
+from thermoscope.agent.theory import INITS, LOSSES, ProblemError
 
 from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
 
@@ -33,6 +36,16 @@ def _address(text: str) -> str:
 
 
 _positive = _at_least(1)
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,11 +75,36 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--every", type=_positive, default=5, help="sample one step in this many (default 5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--serve", action="store_true", help="keep serving /metrics after training until Ctrl-C")
+    d.add_argument("--figure", metavar="FILE.png", help="also draw the run's readings (needs matplotlib)")
+
+    t = sub.add_parser(
+        "theory",
+        help="predicted T_{I->II} of a linear model (THEORY section 7); --simulate measures it",
+    )
+    t.add_argument("--loss", choices=LOSSES, default="mse", help="training loss (default mse)")
+    t.add_argument("--init", choices=INITS, default="normal", help="init distribution (default normal)")
+    t.add_argument(
+        "--scale", type=_positive_number, default=0.1, help="the init's standard deviation s (default 0.1)"
+    )
+    t.add_argument(
+        "--target-scale",
+        type=_positive_number,
+        default=0.05,
+        help="teacher weights' standard deviation b (default 0.05; for ce keep b sqrt(d) at a few at most)",
+    )
+    t.add_argument("--dim", type=_positive, default=200, help="input dimension d (default 200)")
+    t.add_argument(
+        "--samples", type=_positive, default=4000, help="training samples N (default 4000; N >= d, ce N > 2d)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the data and of the init draw")
+    t.add_argument("--simulate", action="store_true", help="also train it with a Monitor and compare")
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "collector":
         collector = Collector(
@@ -83,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         from . import demo  # torch is imported only by the commands that train
 
         logging.getLogger("thermoscope").setLevel(logging.WARNING)
-        demo.run(steps=args.steps, every=args.every, seed=args.seed, serve=args.serve)
+        demo.run(steps=args.steps, every=args.every, seed=args.seed, serve=args.serve, figure=args.figure)
         return 0
+    if args.command == "theory":
+        from . import theory_cli  # torch is imported only with --simulate
+
+        try:
+            return theory_cli.run(args)
+        except ProblemError as exc:
+            p.error(f"theory: {exc}")
     return 2
 
 

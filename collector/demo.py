@@ -49,7 +49,15 @@ def student(dim: int = 32, hidden: int = 128) -> nn.Module:
     )
 
 
-def run(steps: int = 400, every: int = 5, seed: int = 0, serve: bool = False, console: Console | None = None):
+def run(
+    steps: int = 400,
+    every: int = 5,
+    seed: int = 0,
+    serve: bool = False,
+    figure: str | None = None,
+    console: Console | None = None,
+) -> DemoResult:
+    """Train, stream, show; with `figure`, also draw the run's readings (see `plot.phase_figure`)."""
     console = console or Console()
     torch.manual_seed(seed)
     x, y = teacher_student(seed)
@@ -68,6 +76,7 @@ def run(steps: int = 400, every: int = 5, seed: int = 0, serve: bool = False, co
             MofNCompleteColumn(),
             TimeRemainingColumn(),
         )
+        history: list[Reading] = []  # the collector's readings as they appeared, for the figure
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("training", total=steps)
             for step in range(steps):
@@ -80,6 +89,13 @@ def run(steps: int = 400, every: int = 5, seed: int = 0, serve: bool = False, co
                 if step % 20 == 0:
                     progress.update(task, description=f"training  loss {loss.item():.4f}")
                 progress.advance(task)
+                job = collector.jobs.get(JOB)
+                if (
+                    job is not None
+                    and job.reading is not None
+                    and (not history or history[-1] is not job.reading)
+                ):
+                    history.append(job.reading)
         monitor.close()
         last_sampled = (steps - 1) // every * every
         reading = _wait_for(collector, last_sampled)
@@ -91,6 +107,13 @@ def run(steps: int = 400, every: int = 5, seed: int = 0, serve: bool = False, co
             dropped=monitor.dropped,
         )
         show(result, console)
+        if figure:
+            from .plot import phase_figure
+
+            if history[-1] is not reading:
+                history.append(reading)
+            path = phase_figure(history, figure, title=f"thermoscope demo: {steps} steps, every {every}")
+            console.print(f"figure written to {path}")
         if serve:
             console.print(f"serving {collector.metrics_url} until Ctrl-C")
             try:

@@ -30,6 +30,14 @@ def test_demo_trains_streams_and_shows_the_readings() -> None:
     assert "12 frames merged, 0 dropped" in out
 
 
+def test_demo_draws_its_run_when_asked(tmp_path) -> None:
+    figure = tmp_path / "run.png"
+    result = thermoscope("demo", "--steps", "40", "--every", "2", "--figure", str(figure))
+    assert result.returncode == 0, result.stderr
+    assert f"figure written to {figure}" in result.stdout.replace("\n", "")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 20_000
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
