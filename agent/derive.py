@@ -11,9 +11,9 @@ at every sample:
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
   the window. The slope of the noisy minibatch energy is the "smoothed" energy change, and
   its standard error is the noise floor under which T is undefined;
-* per layer also the histogram entropy (fixed edges, seeded subset), the negentropy
-  J = h_gauss - h_hist (nats per value; how far the layer is from a Gaussian shape) and the
-  share of its subset outside the edges;
+* per layer also, from the latest sample that took histograms, the histogram entropy (fixed
+  edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
+  layer is from a Gaussian shape) and the share of its subset outside the edges;
 * per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta); and its
   engine type from the latest scale probe, and the network's.
 
@@ -71,6 +71,8 @@ class Thermometer:
         self._lo = np.array([layer.hist_lo for layer in layers])
         self._hi = np.array([layer.hist_hi for layer in layers])
         self._probe = np.full(len(sites), -1.0)  # last probe spread per site
+        nan = np.full(len(layers), np.nan)
+        self._shape = (nan, nan, nan)  # h_hist, negentropy, outside share, from the last histogram
         self._steps: deque[int] = deque(maxlen=window)
         self._energy: deque[float] = deque(maxlen=window)
         self._entropy: deque[np.ndarray] = deque(maxlen=window)
@@ -109,8 +111,11 @@ class Thermometer:
         )
         self._probe = np.where(sites.probe_spread >= 0, sites.probe_spread, self._probe)
         site_engine = physics.engine_type(self._probe)
-        h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
-        h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
+        if layers.histogram is not None:
+            h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
+            h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
+            self._shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
+        h_hist, negentropy, outside = self._shape
         self.latest = Reading(
             step=sample.step,
             wall_time=sample.wall_time,
@@ -125,8 +130,8 @@ class Thermometer:
             layer_beta=layer_beta,
             layer_temperature=layer_t,
             layer_histogram_entropy=layers.count * h_hist,
-            layer_negentropy=h_gauss - h_hist,
-            layer_outside=physics.outside_fraction(layers.histogram),
+            layer_negentropy=negentropy,
+            layer_outside=outside,
             site_names=self.site_names,
             site_efficiency=eta,
             site_engine=site_engine,

@@ -11,10 +11,11 @@ sampled step:
   sum theta^2 and <g, theta> (the step's state theta_t, paired with its loss E_t); the post-hook
   reads <g, theta_{t+1}>. Work w = <g, theta_{t+1}> - <g, theta_t> needs no parameter copy;
   the two dots cancel to a small difference, so they accumulate in float64 (THEORY section 2);
-* at the first optimizer pre-hook of the step (or at `collect` when none ran) every layer's
-  histogram is counted on fixed edges over a fixed, seeded subset of at most `subset` values
-  (the same indices every sample, so changes are paired, not resampled noise), and every
-  `probe_every`-th sample each activation site runs its engine-type scale probe;
+* the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
+  first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
+  is counted on fixed edges over a fixed, seeded subset of at most `subset` values (the same
+  indices every time, so changes are paired, not resampled noise), and each activation site
+  runs its engine-type scale probe;
 * `collect` packs everything into one float64 tensor and starts its copy to the host
   (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
 
@@ -66,10 +67,12 @@ DOT_BLOCK = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: Histogram settings: bins between the fixed edges, and the most values of a layer counted.
 BINS = 512
 SUBSET = 1 << 16
-#: The engine-type probe: values of z it uses, the scales it applies, how often it runs.
+#: The engine-type probe: values of z it uses, the scales it applies.
 PROBE_VALUES = 4096
 PROBE_SCALES = (0.5, 2.0)
-PROBE_EVERY = 10
+#: Samples between shape measurements (histograms and probes): they cost more than the
+#: moments (~2.4 ms against ~0.4 ms for the reference model on 2 CPU cores) and move slowly.
+SHAPE_EVERY = 10
 
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
 _SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
@@ -126,6 +129,7 @@ class Pending:
     layer_count: np.ndarray
     site_count: np.ndarray
     bins: int
+    has_histogram: bool
     energy: float | None  # known on the host already, else the last packed value
 
     def to_sample(self) -> Sample:
@@ -133,8 +137,9 @@ class Pending:
             self.ready.synchronize()
         values = self.packed.numpy()
         n_layers, n_sites = len(self.layer_count), len(self.site_count)
+        hist_size = n_layers * (self.bins + 2) if self.has_histogram else 0
         layer, site, hist = np.split(
-            values[: n_layers * (_LAYER_COLUMNS + self.bins + 2) + n_sites * _SITE_COLUMNS],
+            values[: n_layers * _LAYER_COLUMNS + n_sites * _SITE_COLUMNS + hist_size],
             [n_layers * _LAYER_COLUMNS, n_layers * _LAYER_COLUMNS + n_sites * _SITE_COLUMNS],
         )
         layer = layer.reshape(_LAYER_COLUMNS, n_layers)
@@ -155,7 +160,7 @@ class Pending:
                 m2=np.maximum(layer[1] - count * mean * mean, 0.0),
                 dot_before=layer[2].copy(),
                 dot_after=layer[3].copy(),
-                histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64),
+                histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64) if hist_size else None,
             ),
             sites=SiteStats(
                 count=self.site_count,
@@ -203,6 +208,7 @@ class Sampler:
         self._seg = _segments([self.params[i].numel() for i in self._small], self._device)
         self._subsets = [_subset(name, p.numel(), subset, seed, self._device) for name, p in layers]
         self._hist_seg = _segments([min(p.numel(), subset) for p in self.params], self._device)
+        self._hist_offset = self._hist_seg * (bins + 2) + 1
         self._hist_lo = torch.tensor([layer.hist_lo for layer in self.layers], device=self._device)
         self._hist_scale = torch.tensor(
             [bins / (layer.hist_hi - layer.hist_lo) for layer in self.layers], device=self._device
@@ -239,7 +245,9 @@ class Sampler:
 
     def _reset(self) -> None:
         n_sites = len(self._site_modules)
-        self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sums, sumsqs, hist
+        self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = (
+            None  # sums, sumsqs, hist
+        )
         self._dot_before: dict[int, torch.Tensor] = {}
         self._dot_after: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
@@ -256,7 +264,7 @@ class Sampler:
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = _power_sums(z)
-                    if self._probe[i] is None and self._probed[i] and self._samples % PROBE_EVERY == 0:
+                    if self._probe[i] is None and self._probed[i] and self._shape_sample:
                         self._probe[i] = _scale_probe(module, z)
 
         return hook
@@ -295,9 +303,13 @@ class Sampler:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         self._dot_after.update(self._dots(self._owned(optimizer)))
 
-    def _measure_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sum, sum of squares, histogram) of every layer: large tensors one at a time, small
-        ones together from one flat copy, histograms all together from the layers' subsets."""
+    @property
+    def _shape_sample(self) -> bool:
+        return self._samples % SHAPE_EVERY == 0
+
+    def _measure_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(sum, sum of squares, histogram or None) of every layer: large tensors one at a time,
+        small ones together from one flat copy, histograms all together from the layers' subsets."""
         sums: list[torch.Tensor] = []
         sumsqs: list[torch.Tensor] = []
         flats = [p.detach().reshape(-1) for p in self.params]
@@ -312,16 +324,19 @@ class Sampler:
             else:
                 sums.append(p.sum(dtype=torch.float32))
                 sumsqs.append(_sumsq(p))
-        subsets = zip(flats, self._subsets, strict=True)
-        values = torch.cat([p if idx is None else p.index_select(0, idx) for p, idx in subsets])
-        # bin k of layer l lands at l * (bins + 2) + k + 1; below lo at +0, at or above hi at + bins + 1
-        bins = ((_wide(values) - self._hist_lo[self._hist_seg]) * self._hist_scale[self._hist_seg]).floor_()
-        slot = bins.clamp_(-1, self.bins).long() + 1 + self._hist_seg * (self.bins + 2)
-        hist = torch.zeros(len(flats) * (self.bins + 2), device=values.device).index_add_(
-            0, slot, torch.ones_like(values, dtype=torch.float32)
-        )
         # stack and cat promote the float32 sums of large tensors to float64
-        return torch.stack(sums), torch.stack(sumsqs), hist
+        return torch.stack(sums), torch.stack(sumsqs), self._histogram(flats) if self._shape_sample else None
+
+    def _histogram(self, flats: list[torch.Tensor]) -> torch.Tensor:
+        """Counts (layers x (bins + 2)) of every layer's subset: below lo, the bins, at or above hi."""
+        subsets = zip(flats, self._subsets, strict=True)
+        values = _wide(torch.cat([p if idx is None else p.index_select(0, idx) for p, idx in subsets]))
+        seg = self._hist_seg
+        bins = ((values - self._hist_lo[seg]) * self._hist_scale[seg]).floor_().clamp_(-1, self.bins)
+        # bin k of layer l counts at l * (bins + 2) + k + 1
+        slot = bins.long().add_(self._hist_offset)
+        counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)
+        return counts.index_add_(0, slot, torch.ones_like(values))
 
     def _dots(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """<g, theta> in float64 of the layers in idx with a saved gradient (current theta)."""
@@ -362,14 +377,15 @@ class Sampler:
                 for calls, probe in zip(self._site_sums, self._probe, strict=True)
             ]
             columns.extend(torch.stack(rows).T)
-        columns.append(hist)
+        if hist is not None:
+            columns.append(hist)
         energy: float | None = math.nan if loss is None else None
         if isinstance(loss, torch.Tensor):
             columns.append(loss.detach().reshape(-1)[:1].to(device=self._device, dtype=torch.float64))
         elif loss is not None:
             energy = float(loss)
         packed = torch.cat([c.reshape(-1) for c in columns]).double()
-        site_count = self._site_count
+        site_count, has_histogram = self._site_count, hist is not None
         self._reset()
         self._samples += 1
         ready = None
@@ -379,7 +395,9 @@ class Sampler:
             ready = torch.cuda.Event()
             ready.record()
             packed = host
-        return Pending(step, time.time(), packed, ready, self._layer_count, site_count, self.bins, energy)
+        return Pending(
+            step, time.time(), packed, ready, self._layer_count, site_count, self.bins, has_histogram, energy
+        )
 
 
 def _describe(name: str, p: torch.Tensor) -> LayerInfo:

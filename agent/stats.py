@@ -44,7 +44,7 @@ class LayerStats:
     m2: np.ndarray  # float64, sum of squared deviations
     dot_before: np.ndarray  # float64, <g, theta_t>
     dot_after: np.ndarray  # float64, <g, theta_{t+1}>
-    histogram: np.ndarray  # int64 (layers, bins + 2): below lo, the bins, at or above hi
+    histogram: np.ndarray | None  # int64 (layers, bins + 2): below lo, the bins, at/above hi; None: not taken
 
     @property
     def work(self) -> np.ndarray:

@@ -103,7 +103,7 @@ def encode(sample: Sample, seq: int) -> pb.AgentMessage:
             m2=_bytes(layers.m2, F64),
             grad_dot_before=_bytes(layers.dot_before, F64),
             grad_dot_after=_bytes(layers.dot_after, F64),
-            histogram=_bytes(layers.histogram, U32),
+            histogram=b"" if layers.histogram is None else _bytes(layers.histogram, U32),
         ),
         sites=pb.SiteColumns(
             count=_bytes(sites.count, I64),
@@ -162,7 +162,11 @@ def decode(frame: pb.Frame, n_layers: int, n_sites: int, bins: int) -> Sample:
     """Validate a Frame against the stream's Hello and return its Sample."""
     lc = _columns(frame.layers, LAYER_COLUMNS, n_layers, "layer")
     sc = _columns(frame.sites, SITE_COLUMNS, n_sites, "site")
-    hist = _columns(frame.layers, (("histogram", U32),), n_layers * (bins + 2), "layer")["layer.histogram"]
+    hist = None  # histograms come every few frames; an empty column means "not taken"
+    if frame.layers.histogram:
+        hist = _columns(frame.layers, (("histogram", U32),), n_layers * (bins + 2), "layer")[
+            "layer.histogram"
+        ]
     energy = frame.energy if frame.HasField("energy") else math.nan
     if frame.HasField("energy") and not math.isfinite(energy):
         raise WireError("non_finite", f"frame {frame.seq} (step {frame.step}): energy is {energy}")
@@ -185,7 +189,7 @@ def decode(frame: pb.Frame, n_layers: int, n_sites: int, bins: int) -> Sample:
             lc["layer.m2"],
             lc["layer.grad_dot_before"],
             lc["layer.grad_dot_after"],
-            hist.astype(np.int64).reshape(n_layers, bins + 2),
+            None if hist is None else hist.astype(np.int64).reshape(n_layers, bins + 2),
         ),
         sites=SiteStats(*(sc[f"site.{name}"] for name, _ in SITE_COLUMNS)),
     )

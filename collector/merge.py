@@ -177,9 +177,11 @@ def merge_step(
     expected[d] = shards_a[keep]
     missing = covered != expected
     nan_if_missing = np.where(missing, np.nan, 1.0)
-    hist = np.concatenate([parts[r].layers.histogram for r in ranks])[keep]
-    merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
-    np.add.at(merged_hist, d, hist)
+    merged_hist = None  # ranks sample in step, so they take their histograms on the same steps
+    if all(parts[r].layers.histogram is not None for r in ranks):
+        hist = np.concatenate([parts[r].layers.histogram for r in ranks])[keep]
+        merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
+        np.add.at(merged_hist, d, hist)
     layers = LayerStats(
         count=n.astype(np.int64),
         mean=mean * nan_if_missing,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor, physics
-from thermoscope.agent.sampler import SUBSET
+from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET
 
 N = 1 << 20  # values in the layer; the histogram counts SUBSET = 65,536 of them
 
@@ -62,13 +62,26 @@ def test_negentropy_is_zero_for_normal_and_the_known_gap_for_uniform() -> None:
 def test_the_subset_is_fixed_so_an_unchanged_layer_counts_the_same_values() -> None:
     model = layer_of(torch.randn(N))
     monitor = Monitor(model, every=1)
-    monitor.step(None)
-    first = monitor._local[-1].to_sample().layers.histogram
-    monitor.step(None)
-    second = monitor._local[-1].to_sample().layers.histogram
+    samples = []
+    for _ in range(SHAPE_EVERY + 1):
+        monitor.step(None)
+        samples.append(monitor._local[-1].to_sample())
     monitor.close()
-    np.testing.assert_array_equal(first, second)
-    assert first.sum() == SUBSET
+    taken = [s.layers.histogram is not None for s in samples]
+    assert taken == [True] + [False] * (SHAPE_EVERY - 1) + [True]  # a shape sample every SHAPE_EVERY
+    np.testing.assert_array_equal(samples[0].layers.histogram, samples[-1].layers.histogram)
+    assert samples[0].layers.histogram.sum() == SUBSET
+
+
+def test_readings_between_histograms_keep_the_last_shape() -> None:
+    monitor = Monitor(layer_of(torch.randn(N)), every=1)
+    monitor.step(None)
+    first = monitor.latest()
+    monitor.step(None)
+    second = monitor.latest()
+    monitor.close()
+    assert np.isfinite(first.layer_negentropy).all()
+    np.testing.assert_array_equal(first.layer_negentropy, second.layer_negentropy)
 
 
 def test_replicas_fix_the_same_edges_and_values_beyond_them_are_counted() -> None:

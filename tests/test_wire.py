@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,11 @@ def test_negative_counts_are_refused() -> None:
     with pytest.raises(wire.WireError) as info:
         wire.decode(msg.frame, 2, 1, BINS)
     assert info.value.reason == "invalid_value"
+
+
+def test_a_frame_without_a_histogram_decodes_to_none() -> None:
+    s = sample(3)
+    no_hist = type(s)(s.step, s.wall_time, s.energy, replace(s.layers, histogram=None), s.sites)
+    msg = wire.encode(no_hist, seq=1)
+    assert msg.frame.layers.histogram == b""
+    assert wire.decode(msg.frame, 2, 1, BINS).layers.histogram is None
