@@ -92,11 +92,11 @@ def parser() -> argparse.ArgumentParser:
         default=0.05,
         help="teacher weights' standard deviation b (default 0.05; for ce keep b sqrt(d) at a few at most)",
     )
-    t.add_argument("--dim", type=_positive, default=200, help="input dimension d (default 200)")
+    t.add_argument("--dim", type=_positive, default=1000, help="input dimension d (default 1000)")
     t.add_argument(
-        "--samples", type=_positive, default=4000, help="training samples N (default 4000; N >= d, ce N > 2d)"
+        "--samples", type=_positive, default=10000, help="training samples N (default 10000; >= d, ce > 2d)"
     )
-    t.add_argument("--seed", type=int, default=0, help="seed of the data and of the init draw")
+    t.add_argument("--seed", type=_at_least(0), default=0, help="seed of the data and of the init draw")
     t.add_argument("--simulate", action="store_true", help="also train it with a Monitor and compare")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return p
