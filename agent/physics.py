@@ -144,7 +144,8 @@ def inverse_temperature(
     delta_s = np.asarray(delta_s, dtype=np.float64)
     delta_e = np.asarray(delta_e, dtype=np.float64)
     sign = np.where(delta_e < 0, -1.0, 1.0)
-    return delta_s / (sign * np.maximum(np.abs(delta_e), energy_floor))
+    floor = np.maximum(energy_floor, WORK_RESOLUTION)  # a flat, noiseless energy has a floor of 0
+    return delta_s / (sign * np.maximum(np.abs(delta_e), floor))
 
 
 def temperature(

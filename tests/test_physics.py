@@ -121,3 +121,9 @@ def test_network_efficiency_composes_sites_and_ignores_undefined_ones() -> None:
     assert physics.network_efficiency(np.array([0.5, 0.5, math.nan])) == pytest.approx(0.75)
     assert physics.network_efficiency(np.array([0.0, 0.0])) == 0.0
     assert math.isnan(physics.network_efficiency(np.array([])))
+
+
+def test_beta_stays_finite_when_neither_entropy_nor_energy_moves() -> None:
+    with np.errstate(all="raise"):  # no 0/0 on the way either
+        beta, t = physics.temperature(np.array([0.0, 2.0]), np.array([0.0, 0.0]), 0.0, 0.0)
+    assert np.isfinite(beta).all() and np.isnan(t).all()
