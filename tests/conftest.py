@@ -24,6 +24,16 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 
 
+def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `thermoscope` command as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "thermoscope.collector.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-
-def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "thermoscope.collector.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from conftest import thermoscope
 
 
 def test_demo_trains_streams_and_shows_the_readings() -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,16 +21,9 @@ import pytest
 from thermoscope.agent import physics, theory
 from thermoscope.collector import theory_cli
 
+from conftest import thermoscope
+
 REQUIRED = ("energy_type_i", "delta_energy", "entropy_type_i", "entropy_type_ii", "temperature")
-
-
-def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "thermoscope.collector.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # -- entropies ----------------------------------------------------------------------------------------
