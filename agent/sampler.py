@@ -74,6 +74,9 @@ PROBE_SCALES = (0.5, 2.0)
 #: moments (~2.4 ms against ~0.4 ms for the reference model on 2 CPU cores) and move slowly.
 SHAPE_EVERY = 10
 
+#: Every layer's (sum, sum of squares, histogram counts or None) at theta_t.
+_State = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
 _SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
 
@@ -195,7 +198,8 @@ class Sampler:
         self.layers = [_describe(name, p) for name, p in layers]
         self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
         self._site_modules = [m for _, m in sites]
-        self._probed = [not any(True for _ in m.buffers()) for m in self._site_modules]  # stateless only
+        # the probe calls forward() again: only on stateless modules (no running statistics)
+        self._probed = [next(m.buffers(), None) is None for m in self._site_modules]
         self._optimizers = list(optimizers) if optimizers is not None else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([p.numel() for p in self.params], dtype=np.int64)
@@ -245,9 +249,7 @@ class Sampler:
 
     def _reset(self) -> None:
         n_sites = len(self._site_modules)
-        self._state: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = (
-            None  # sums, sumsqs, hist
-        )
+        self._state: _State | None = None
         self._dot_before: dict[int, torch.Tensor] = {}
         self._dot_after: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
@@ -307,7 +309,7 @@ class Sampler:
     def _shape_sample(self) -> bool:
         return self._samples % SHAPE_EVERY == 0
 
-    def _measure_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _measure_state(self) -> _State:
         """(sum, sum of squares, histogram or None) of every layer: large tensors one at a time,
         small ones together from one flat copy, histograms all together from the layers' subsets."""
         sums: list[torch.Tensor] = []
