@@ -247,3 +247,42 @@ def test_float_loss_and_no_loss_are_accepted() -> None:
     monitor.close()
     assert r.step == 1 and math.isnan(r.energy)
     assert np.isfinite(r.layer_entropy).all()
+
+
+def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, every=1)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    loss = model(x).float().square().mean()
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    monitor.step(loss)
+    r = monitor.latest()
+    monitor.close()
+    work = [
+        float(torch.dot(g.double().flatten(), (p.detach().double() - b.double()).flatten()))
+        for g, p, b in zip(grads, model.parameters(), before, strict=True)
+    ]
+    assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-5)
+    assert r.layer_work == pytest.approx(work, rel=1e-3)
+    assert list(r.site_engine) == ["B"]
+
+
+def test_ddp_layer_names_carry_no_module_prefix() -> None:
+    import torch.distributed as dist
+
+    from conftest import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        monitor = Monitor(ddp, every=1)
+        monitor.close()
+        assert [layer.name for layer in monitor.layers] == ["0.weight", "0.bias"]
+        assert [site.name for site in monitor.sites] == ["1"]
+    finally:
+        dist.destroy_process_group()
