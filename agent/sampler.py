@@ -150,9 +150,14 @@ class Pending:
         count = self.layer_count.astype(np.float64)
         mean = layer[0] / np.maximum(count, 1)
         n_site = self.site_count.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(
+            divide="ignore", invalid="ignore"
+        ):  # a diverged run has inf here: the wire refuses it
             in_mean = np.where(n_site > 0, site[0] / n_site, 0.0)
             out_mean = np.where(n_site > 0, site[2] / n_site, 0.0)
+            in_m2 = np.maximum(site[1] - n_site * in_mean * in_mean, 0.0)
+            out_m2 = np.maximum(site[3] - n_site * out_mean * out_mean, 0.0)
+            m2 = np.maximum(layer[1] - count * mean * mean, 0.0)
         return Sample(
             step=self.step,
             wall_time=self.wall_time,
@@ -160,7 +165,7 @@ class Pending:
             layers=LayerStats(
                 count=self.layer_count,
                 mean=mean,
-                m2=np.maximum(layer[1] - count * mean * mean, 0.0),
+                m2=m2,
                 dot_before=layer[2].copy(),
                 dot_after=layer[3].copy(),
                 histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64) if hist_size else None,
@@ -168,9 +173,9 @@ class Pending:
             sites=SiteStats(
                 count=self.site_count,
                 in_mean=in_mean,
-                in_m2=np.maximum(site[1] - n_site * in_mean * in_mean, 0.0),
+                in_m2=in_m2,
                 out_mean=out_mean,
-                out_m2=np.maximum(site[3] - n_site * out_mean * out_mean, 0.0),
+                out_m2=out_m2,
                 probe_spread=site[4].copy(),
             ),
         )
@@ -334,7 +339,8 @@ class Sampler:
         subsets = zip(flats, self._subsets, strict=True)
         values = _wide(torch.cat([p if idx is None else p.index_select(0, idx) for p, idx in subsets]))
         seg = self._hist_seg
-        bins = ((values - self._hist_lo[seg]) * self._hist_scale[seg]).floor_().clamp_(-1, self.bins)
+        bins = ((values - self._hist_lo[seg]) * self._hist_scale[seg]).floor_()
+        bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
         # bin k of layer l counts at l * (bins + 2) + k + 1
         slot = bins.long().add_(self._hist_offset)
         counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)

@@ -286,3 +286,19 @@ def test_ddp_layer_names_carry_no_module_prefix() -> None:
         assert [site.name for site in monitor.sites] == ["1"]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_nan_weight_never_breaks_the_training_step() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, every=1)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    loss = model(torch.randn(8, 16)).square().mean()
+    loss.backward()
+    opt.step()  # the hooks run here
+    monitor.step(loss)
+    sample = monitor._local[-1].to_sample()
+    monitor.close()
+    assert sample.layers.histogram[0, 0] >= 1  # the NaN is counted outside the edges
+    assert np.isnan(sample.layers.mean[0])  # and the moments say so (the wire refuses such frames)
