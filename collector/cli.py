@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import sys
 
 from thermoscope.agent.theory import INITS, LOSSES, ProblemError
 
+from . import events_cli
 from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
+from .store import DEFAULT_DB
 
 
 def _at_least(low: int):
@@ -68,14 +71,38 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--max-message-bytes", type=_positive, default=16 << 20, help="largest accepted message")
 
+    c.add_argument(
+        "--db", default=str(DEFAULT_DB), help=f"SQLite file of phase events (default {DEFAULT_DB})"
+    )
+    c.add_argument(
+        "--phase-layers",
+        type=_at_least(0),
+        default=50,
+        help="layers per job with a phase state-set (default 50)",
+    )
+
+    e = sub.add_parser("events", help="list the phase transitions a collector detected")
+    e.add_argument(
+        "--db", default=str(DEFAULT_DB), help=f"the collector's event database (default {DEFAULT_DB})"
+    )
+    e.add_argument("--job", help="only this job id")
+    e.add_argument(
+        "--since", type=events_cli.since, help="only events at or after this time (Unix s or ISO 8601)"
+    )
+    e.add_argument("--json", action="store_true", help="print a JSON list of events")
+
     d = sub.add_parser(
         "demo", help="train a small model with a live agent and collector, then show the readings"
     )
-    d.add_argument("--steps", type=_positive, default=400, help="training steps (default 400)")
+    d.add_argument("--steps", type=_positive, default=1200, help="training steps (default 1200)")
     d.add_argument("--every", type=_positive, default=5, help="sample one step in this many (default 5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--serve", action="store_true", help="keep serving /metrics after training until Ctrl-C")
     d.add_argument("--figure", metavar="FILE.png", help="also draw the run's readings (needs matplotlib)")
+    d.add_argument(
+        "--shift-at", type=_at_least(0), help="step at which the data shift (default: half way; 0: never)"
+    )
+    d.add_argument("--db", help="keep the demo's phase events in this SQLite file (default: a temporary one)")
 
     t = sub.add_parser(
         "theory",
@@ -113,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             window=args.window,
             every=args.every,
             max_message_bytes=args.max_message_bytes,
+            db=args.db,
+            phase_layers=args.phase_layers,
         )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(collector.serve())
@@ -121,8 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         from . import demo  # torch is imported only by the commands that train
 
         logging.getLogger("thermoscope").setLevel(logging.WARNING)
-        demo.run(steps=args.steps, every=args.every, seed=args.seed, serve=args.serve, figure=args.figure)
+        demo.run(
+            steps=args.steps,
+            every=args.every,
+            seed=args.seed,
+            serve=args.serve,
+            figure=args.figure,
+            shift_at=args.shift_at,
+            db=args.db,
+        )
         return 0
+    if args.command == "events":
+        try:
+            return events_cli.run(args)
+        except FileNotFoundError as exc:
+            p.error(f"events: {exc}")
+        except sqlite3.DatabaseError as exc:
+            p.error(f"events: {args.db} is not a Thermoscope event database ({exc})")
     if args.command == "theory":
         from . import theory_cli  # torch is imported only with --simulate
 

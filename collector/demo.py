@@ -1,15 +1,20 @@
 """`thermoscope demo`: the whole path on one machine, with nothing to set up.
 
 A collector starts in-process on free loopback ports; a small MLP student learns a fixed
-random teacher (data made here, seeded) with a real `Monitor` streaming over real gRPC;
-the readings shown at the end are the ones the collector derived and serves at `/metrics`.
+random teacher (data made here, seeded) with a real `Monitor` streaming over real gRPC. Half
+way through, the data shift to another teacher, so the run goes type_i -> transition -> type_ii,
+then refresh -> transition -> type_ii again. The readings and the transitions shown at the end
+are the ones the collector derived, stored and serves at `/metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -20,6 +25,7 @@ from torch import nn
 from thermoscope.agent import Monitor, Reading
 
 from .service import Collector
+from .store import Event
 
 JOB = "demo"
 
@@ -31,6 +37,8 @@ class DemoResult:
     metrics_url: str
     frames: int
     dropped: int
+    events: list[Event]  # the job's phase transitions, in order
+    layer_phases: dict[str, str]  # each layer's phase at the end
 
 
 def teacher_student(seed: int, n: int = 4096, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,61 +58,39 @@ def student(dim: int = 32, hidden: int = 128) -> nn.Module:
 
 
 def run(
-    steps: int = 400,
+    steps: int = 1200,
     every: int = 5,
     seed: int = 0,
     serve: bool = False,
     figure: str | None = None,
+    shift_at: int | None = None,
+    db: str | None = None,
     console: Console | None = None,
 ) -> DemoResult:
-    """Train, stream, show; with `figure`, also draw the run's readings (see `plot.phase_figure`)."""
-    console = console or Console()
-    torch.manual_seed(seed)
-    x, y = teacher_student(seed)
-    model = student(x.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed + 1)
+    """Train, stream, show; the data shift at `shift_at` (default: half way; 0: never).
 
-    with Collector("127.0.0.1:0", "127.0.0.1:0").running() as collector:
+    With `figure`, also draw the run's readings (see `plot.phase_figure`); events go to `db`,
+    or to a temporary database that goes away with the demo.
+    """
+    console = console or Console()
+    shift_at = steps // 2 if shift_at is None else shift_at
+    with contextlib.ExitStack() as stack:
+        db = db or str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "events.db")
+        collector = stack.enter_context(Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running())
         console.print(
             f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
         )
-        monitor = Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=every)
-        columns = (
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        )
-        history: list[Reading] = []  # the collector's readings as they appeared, for the figure
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("training", total=steps)
-            for step in range(steps):
-                idx = torch.randint(0, x.shape[0], (64,), generator=gen)
-                loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                monitor.step(loss)
-                if step % 20 == 0:
-                    progress.update(task, description=f"training  loss {loss.item():.4f}")
-                progress.advance(task)
-                job = collector.jobs.get(JOB)
-                if (
-                    job is not None
-                    and job.reading is not None
-                    and (not history or history[-1] is not job.reading)
-                ):
-                    history.append(job.reading)
-        monitor.close()
-        last_sampled = (steps - 1) // every * every
-        reading = _wait_for(collector, last_sampled)
+        monitor, history = _train(collector, steps, every, seed, shift_at, console)
+        reading = _wait_for(collector, (steps - 1) // every * every)
+        job = collector.jobs[JOB]
         result = DemoResult(
             reading=reading,
             sites={s.name: s.kind for s in monitor.sites},
             metrics_url=collector.metrics_url,
-            frames=collector.jobs[JOB].frames_received,
+            frames=job.frames_received,
             dropped=monitor.dropped,
+            events=[e for e in collector.store.query(job=JOB) if e.scope == "job"],
+            layer_phases=dict(zip(reading.layer_names, job.detector.layer_phases(), strict=True)),
         )
         show(result, console)
         if figure:
@@ -116,12 +102,53 @@ def run(
             console.print(f"figure written to {path}")
         if serve:
             console.print(f"serving {collector.metrics_url} until Ctrl-C")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
     return result
+
+
+def _train(
+    collector: Collector, steps: int, every: int, seed: int, shift_at: int, console: Console
+) -> tuple[Monitor, list[Reading]]:
+    """The training run, with a progress bar; returns its monitor and the readings seen."""
+    torch.manual_seed(seed)
+    x, y = teacher_student(seed)
+    model = student(x.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    monitor = Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=every)
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    history: list[Reading] = []  # the collector's readings as they appeared, for the figure
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("training", total=steps)
+        for step in range(steps):
+            if step == shift_at:
+                x, y = teacher_student(seed + 1000)
+                progress.console.print(f"step {step}: the data shift to another teacher")
+            idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+            if step % 20 == 0:
+                progress.update(task, description=f"training  loss {loss.item():.4f}")
+            progress.advance(task)
+            job = collector.jobs.get(JOB)
+            if (
+                job is not None
+                and job.reading is not None
+                and (not history or history[-1] is not job.reading)
+            ):
+                history.append(job.reading)
+    monitor.close()
+    return monitor, history
 
 
 def _wait_for(collector: Collector, step: int, timeout: float = 10.0) -> Reading:
@@ -138,6 +165,13 @@ def _wait_for(collector: Collector, step: int, timeout: float = 10.0) -> Reading
 
 def _fmt(value: float, spec: str = ".4g") -> str:
     return "undefined" if math.isnan(value) else format(value, spec)
+
+
+def _count(phases) -> str:
+    counts: dict[str, int] = {}
+    for phase in phases:
+        counts[phase] = counts.get(phase, 0) + 1
+    return ", ".join(f"{n} {phase}" for phase, n in counts.items())
 
 
 def _engine(engine: str) -> str:
@@ -172,7 +206,14 @@ def show(result: DemoResult, console: Console) -> None:
     sites.add_column("engine")
     for name, eta, engine in zip(r.site_names, r.site_efficiency, r.site_engine, strict=True):
         sites.add_row(name, result.sites.get(name, "?"), _fmt(eta, ".3f"), _engine(engine))
-    console.print(job, layers, sites)
+    phases = Table(title="phase transitions of the job")
+    for col in ("step", "from", "to", "statistic", "confidence"):
+        phases.add_column(col, justify="right" if col in ("step", "confidence") else "left")
+    for e in result.events:
+        phases.add_row(str(e.step), e.from_, e.to, e.statistic, f"{e.confidence:.2f}")
+    console.print(job, layers, sites, phases)
+    path = " -> ".join(["type_i", *(e.to for e in result.events)])
+    console.print(f"job phases: {path}; layers now: {_count(result.layer_phases.values())}")
     console.print(
         f"{result.frames} frames merged, {result.dropped} dropped; metrics were at {result.metrics_url}"
     )

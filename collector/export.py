@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .detect import PHASES, TRANSITIONS
 from .merge import Job
 
 JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -75,10 +76,13 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
 class MetricsExporter(Collector):
     """prometheus_client collector over the collector's jobs and counters."""
 
-    def __init__(self, jobs: Mapping[str, Job], rejected: Mapping[str, int], version: str) -> None:
+    def __init__(
+        self, jobs: Mapping[str, Job], rejected: Mapping[str, int], version: str, phase_layers: int = 50
+    ) -> None:
         self._jobs = jobs
         self._rejected = rejected
         self._version = version
+        self._phase_layers = phase_layers
 
     def collect(self) -> Iterator[Metric]:
         jobs = list(self._jobs.values())  # one atomic copy: the event loop may add jobs meanwhile
@@ -151,6 +155,45 @@ class MetricsExporter(Collector):
                 network.add_metric([job_id], {"engine": r.engine})
         yield engines
         yield network
+        yield from self._phases(jobs)
+
+    def _phases(self, jobs: list[Job]) -> Iterator[Metric]:
+        """State-sets of the job's and its first `phase_layers` layers' phases, and transitions."""
+        phase = GaugeMetricFamily(
+            "thermoscope_phase",
+            "Current phase (1) among type_i, transition, type_ii, refresh, unstable, for the job"
+            ' (scope="job") and its first layers (scope="layer").',
+            labels=["job_id", "scope", "layer", "phase"],
+        )
+        transitions = CounterMetricFamily(
+            "thermoscope_phase_transitions",
+            "Job-level phase transitions, by kind.",
+            labels=["job_id", "from", "to"],
+        )
+        last = GaugeMetricFamily(
+            "thermoscope_last_transition_timestamp_seconds",
+            "When the job's last phase transition happened (Unix time).",
+            labels=["job_id"],
+        )
+        for job in jobs:
+            detector = job.detector
+            if detector is None:
+                continue
+            scopes = [("job", "", detector.job_phase)]
+            names = job.reading.layer_names if job.reading is not None else ()
+            layer_phases = detector.layer_phases()[: self._phase_layers]
+            scopes += [("layer", name, p) for name, p in zip(names, layer_phases, strict=False)]
+            for scope, layer, current in scopes:
+                for name in PHASES:
+                    phase.add_metric([job.job_id, scope, layer, name], float(name == current))
+            counts = dict(job.transitions)
+            for before, after in TRANSITIONS:
+                transitions.add_metric([job.job_id, before, after], counts.get((before, after), 0))
+            if job.last_transition_time is not None:
+                last.add_metric([job.job_id], job.last_transition_time)
+        yield phase
+        yield transitions
+        yield last
 
 
 def _families(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,9 @@ from thermoscope.agent import physics
 from thermoscope.agent.derive import Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.agent.wire import WireError
+
+from .detect import PHASES, PhaseDetector
+from .store import Event, EventStore
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
@@ -52,6 +56,7 @@ class Job:
 
     job_id: str
     window: int
+    store: EventStore | None = None  # where phase transitions are kept
     streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
     frames_received: int = 0
     frames_late: int = 0
@@ -59,6 +64,9 @@ class Job:
     sites: dict[str, SiteInfo] = field(default_factory=dict)
     bins: int = 0
     reading: Reading | None = None
+    detector: PhaseDetector | None = None
+    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)  # job-scope (from, to)
+    last_transition_time: float | None = None
     last_seen: float = 0.0
     _tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]] = field(default_factory=dict)
     _pending: dict[int, dict[int, Sample]] = field(default_factory=dict)
@@ -136,6 +144,47 @@ class Job:
             )
         self.reading = th.update(sample)
         self._merged_step = sample.step
+        self._detect(sample)
+
+    def _detect(self, sample: Sample) -> None:
+        """Update the phases from the new reading; keep and count what changed."""
+        reading = self.reading
+        if self.detector is None or len(self.detector.layers) != len(reading.layer_names):
+            self.detector = PhaseDetector(len(reading.layer_names))
+            self._resume_phases()
+        per_value = reading.layer_entropy / np.maximum(sample.layers.count, 1)
+        changes = self.detector.update(sample.step, reading.energy, per_value)
+        events = [
+            Event(
+                job=self.job_id,
+                scope="job" if c.series < 0 else "layer",
+                layer="" if c.series < 0 else reading.layer_names[c.series],
+                step=c.step,
+                time=sample.wall_time,
+                from_=c.before,
+                to=c.after,
+                statistic=c.statistic,
+                confidence=c.confidence,
+            )
+            for c in changes
+        ]
+        for e in events:
+            if e.scope == "job":
+                self.transitions[(e.from_, e.to)] += 1
+                self.last_transition_time = e.time
+        if self.store is not None:
+            self.store.add(events)
+
+    def _resume_phases(self) -> None:
+        """A restarted collector carries on from the phases its database last recorded."""
+        if self.store is None or self.detector is None:
+            return
+        index = {name: j for j, name in enumerate(self.layers)}
+        for (scope, layer), phase in self.store.last_phases(self.job_id).items():
+            if scope == "job":
+                self.detector.job = PHASES.index(phase)
+            elif layer in index:
+                self.detector.layers[index[layer]] = PHASES.index(phase)
 
 
 def merge_step(

@@ -35,6 +35,7 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
     phase.plot(entropy, energy, color="0.7", lw=0.6, zorder=0)
     phase.set(xlabel="entropy S (nats)", ylabel="energy E (loss)", title="phase diagram: slope dE/dS = T")
     fig.colorbar(points, ax=phase, label="step")
+    phase.tick_params(axis="x", labelrotation=30)
 
     layer_t = np.array([r.layer_temperature for r in readings])
     for j, name in enumerate(readings[-1].layer_names):

@@ -21,6 +21,7 @@ from thermoscope.agent import wire
 from thermoscope.v1 import telemetry_pb2 as pb
 
 from .merge import Job, Stream
+from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
@@ -60,8 +61,11 @@ def deserializer(max_bytes: int):
 class Telemetry:
     """The servicer: hello, then frames; acks each accepted frame."""
 
-    def __init__(self, jobs: dict[str, Job], *, window: int = 10, every: int = 0) -> None:
+    def __init__(
+        self, jobs: dict[str, Job], *, window: int = 10, every: int = 0, store: EventStore | None = None
+    ) -> None:
         self.jobs = jobs
+        self.store = store
         self.window = window
         self.every = every
         self.rejected: Counter[str] = Counter()
@@ -108,7 +112,7 @@ class Telemetry:
         layers, sites = wire.decode_hello(hello)
         job = self.jobs.get(hello.job_id)
         if job is None:
-            job = self.jobs[hello.job_id] = Job(hello.job_id, window=self.window)
+            job = self.jobs[hello.job_id] = Job(hello.job_id, window=self.window, store=self.store)
         stream = Stream(
             job_id=hello.job_id,
             run_id=hello.run_id,

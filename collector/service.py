@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from .export import MetricsExporter
 from .merge import Job
 from .server import SERVICE, Telemetry
+from .store import DEFAULT_DB, EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
@@ -49,14 +51,19 @@ class Collector:
         window: int = 10,
         every: int = 0,
         max_message_bytes: int = 16 << 20,
+        db: str | Path | None = DEFAULT_DB,
+        phase_layers: int = 50,
     ) -> None:
+        """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
+        layers per job get a `thermoscope_phase` state-set (a bound on series per job)."""
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
-        self.telemetry = Telemetry(self.jobs, window=window, every=every)
+        self.store = EventStore(db) if db is not None else None
+        self.telemetry = Telemetry(self.jobs, window=window, every=every, store=self.store)
         self.registry = CollectorRegistry()
-        self.registry.register(MetricsExporter(self.jobs, self.telemetry.rejected, VERSION))
+        self.registry.register(MetricsExporter(self.jobs, self.telemetry.rejected, VERSION, phase_layers))
         ProcessCollector(registry=self.registry)
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -104,6 +111,8 @@ class Collector:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.store is not None:
+            self.store.close()
 
     async def serve(self) -> None:
         """Run until cancelled (Ctrl-C)."""

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -56,9 +57,10 @@ def value(metrics: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def collector() -> Iterator[Collector]:
+def collector(tmp_path: Path) -> Iterator[Collector]:
     """A collector on free loopback ports, on a background thread of this process."""
-    with Collector("127.0.0.1:0", "127.0.0.1:0", max_message_bytes=256 << 10).running() as c:
+    db = tmp_path / "events.db"
+    with Collector("127.0.0.1:0", "127.0.0.1:0", max_message_bytes=256 << 10, db=db).running() as c:
         yield c
 
 
@@ -67,6 +69,10 @@ class CollectorProcess:
         self.grpc_target = f"127.0.0.1:{grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.proc = proc
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 def wait_serving(target: str, timeout: float = 20.0) -> None:
@@ -88,10 +94,9 @@ def wait_serving(target: str, timeout: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def collector_process() -> Iterator[CollectorProcess]:
-    """`thermoscope collector` as its own process, as a user would run it."""
-    grpc_port, metrics_port = free_port(), free_port()
+def start_collector_process(db: Path, grpc_port: int | None = None) -> CollectorProcess:
+    """`thermoscope collector` as its own process, as a user would run it, once it serves."""
+    grpc_port, metrics_port = grpc_port or free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -102,15 +107,26 @@ def collector_process() -> Iterator[CollectorProcess]:
             f"127.0.0.1:{grpc_port}",
             "--metrics",
             f"127.0.0.1:{metrics_port}",
+            "--db",
+            str(db),
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         wait_serving(f"127.0.0.1:{grpc_port}")
-        yield CollectorProcess(grpc_port, metrics_port, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return CollectorProcess(grpc_port, metrics_port, proc)
+
+
+@pytest.fixture
+def collector_process(tmp_path: Path) -> Iterator[CollectorProcess]:
+    process = start_collector_process(tmp_path / "events.db")
+    try:
+        yield process
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        process.stop()
 
 
 # -- raw protocol helpers: agents written against the contract, without the Monitor ----------------

@@ -7,22 +7,24 @@ import pytest
 from conftest import thermoscope
 
 
-def test_demo_trains_streams_and_shows_the_readings() -> None:
-    result = thermoscope("demo", "--steps", "60", "--every", "5")
+def test_the_default_demo_trains_streams_detects_the_shift_and_shows_it_all() -> None:
+    result = thermoscope("demo")  # the README's command: 1200 steps, every 5, data shift at 600
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "/metrics" in out and "gRPC 127.0.0.1:" in out
-    assert "job 'demo' at step 55" in out
+    assert "job 'demo' at step 1195" in out
     for layer in ("0.weight", "0.bias", "2.weight", "4.bias"):
         assert layer in out
     assert "ReLU" in out and "Tanh" in out
     assert "A (scale-invariant)" in out and "B (temperature-dependent)" in out  # the sites' engine types
-    assert "12 frames merged, 0 dropped" in out
+    assert "step 600: the data shift" in out
+    assert "job phases: type_i -> transition -> type_ii -> refresh -> transition -> type_ii" in out
+    assert "240 frames merged, 0 dropped" in out
 
 
 def test_demo_draws_its_run_when_asked(tmp_path) -> None:
     figure = tmp_path / "run.png"
-    result = thermoscope("demo", "--steps", "40", "--every", "2", "--figure", str(figure))
+    result = thermoscope("demo", "--steps", "40", "--every", "2", "--shift-at", "0", "--figure", str(figure))
     assert result.returncode == 0, result.stderr
     assert f"figure written to {figure}" in result.stdout.replace("\n", "")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 20_000

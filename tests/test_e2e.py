@@ -244,7 +244,7 @@ def test_an_agent_started_before_its_collector_connects_when_it_appears() -> Non
     small_training(monitor, model, opt, 20)
     time.sleep(0.5)
     assert monitor.dropped > 0 and monitor.delivered == 0
-    with Collector(f"127.0.0.1:{port}", "127.0.0.1:0").running() as collector:
+    with Collector(f"127.0.0.1:{port}", "127.0.0.1:0", db=None).running() as collector:
         deadline = time.monotonic() + 30
         while monitor.delivered == 0:  # keeps training; the sender retries with backoff meanwhile
             assert time.monotonic() < deadline, "the agent never reconnected"
@@ -257,7 +257,7 @@ def test_an_agent_started_before_its_collector_connects_when_it_appears() -> Non
 def test_the_collector_sets_the_agents_sampling_interval() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    with Collector("127.0.0.1:0", "127.0.0.1:0", every=3).running() as collector:
+    with Collector("127.0.0.1:0", "127.0.0.1:0", every=3, db=None).running() as collector:
         monitor = Monitor(model, opt, collector=collector.grpc_target, job="cfg", every=10)
         small_training(monitor, model, opt, 1)  # step 0 is sampled: the stream opens
         deadline = time.monotonic() + 15
@@ -276,7 +276,7 @@ def test_every_sampled_step_is_delivered_or_counted_across_a_collector_restart()
     monitor = Monitor(model, opt, collector=f"127.0.0.1:{port}", job="restart", every=1)
     received = 0
     for _ in range(2):  # the collector goes away mid-run and a new one takes its port
-        with Collector(f"127.0.0.1:{port}", "127.0.0.1:0").running() as collector:
+        with Collector(f"127.0.0.1:{port}", "127.0.0.1:0", db=None).running() as collector:
             deadline = time.monotonic() + 30
             start = monitor.delivered
             while monitor.delivered < start + 20:

@@ -208,7 +208,8 @@ def collector_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         "--metrics",
         f"{HOST}:{metrics_port}",
     ]
-    with tempfile.TemporaryFile() as log:
+    with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory() as state:
+        command += ["--db", os.path.join(state, "events.db")]
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(proc, target, log)

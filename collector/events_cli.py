@@ -1,0 +1,57 @@
+"""`thermoscope events`: the phase transitions a collector stored, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from datetime import datetime, timezone
+
+from rich.console import Console
+from rich.table import Table
+
+from .store import FIELDS, EventStore
+
+
+def since(text: str) -> float:
+    """Unix seconds, or an ISO 8601 date-time (UTC unless it names a zone)."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be Unix seconds or an ISO 8601 date-time such as 2026-11-27T10:00:00, got {text!r}"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite time, got {text!r}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the events; raises FileNotFoundError when there is no database at --db."""
+    store = EventStore(args.db, create=False)
+    try:
+        events = store.query(job=args.job, since=args.since)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in events]))
+        return 0
+    table = Table(title=f"{len(events)} phase transitions in {args.db}")
+    for name in FIELDS:
+        table.add_column(name, justify="right" if name in ("step", "confidence") else "left")
+    for e in events:
+        stamp = datetime.fromtimestamp(e.time, tz=timezone.utc).isoformat(timespec="seconds")
+        table.add_row(
+            e.job, e.scope, e.layer, str(e.step), stamp, e.from_, e.to, e.statistic, f"{e.confidence:.3f}"
+        )
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the columns into 80 characters
+        console = Console(width=200)
+    console.print(table)
+    return 0
