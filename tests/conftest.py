@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +34,16 @@ def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
         text=True,
         timeout=timeout,
     )
+
+
+def train_steps(monitor, model, opt, steps: int, batch: int = 16) -> None:
+    """`steps` plain training steps on random inputs (loss: the outputs' mean square), monitored."""
+    for _ in range(steps):
+        loss = model(torch.randn(batch, model[0].in_features)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
 
 
 def free_port() -> int:

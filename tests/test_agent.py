@@ -13,6 +13,8 @@ from torch import nn
 
 from thermoscope.agent import Monitor, physics
 
+from conftest import free_port, train_steps
+
 
 def entropy64(t: torch.Tensor) -> float:
     """n/2 ln(2 pi e var), var floored as physics documents (a 1-value bias has var 0)."""
@@ -126,12 +128,7 @@ def test_without_an_optimizer_argument_global_optimizer_hooks_measure_work() -> 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     monitor = Monitor(model, every=1)
-    for _ in range(3):
-        loss = model(torch.randn(32, 16)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
+    train_steps(monitor, model, opt, 3, batch=32)
     r = monitor.latest()
     monitor.close()
     assert (r.layer_work < 0).all()  # plain SGD on a fixed objective: every layer's work lowers the loss
@@ -200,18 +197,11 @@ def test_many_small_tensors_are_measured_exactly() -> None:
 
 
 def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
-    from conftest import free_port
-
     model = mlp()
     opt = torch.optim.Adam(model.parameters())
     monitor = Monitor(model, opt, collector=f"127.0.0.1:{free_port()}", every=1, max_queue=4)
     start = time.monotonic()
-    for _ in range(50):
-        loss = model(torch.randn(8, 16)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
+    train_steps(monitor, model, opt, 50, batch=8)
     assert time.monotonic() - start < 30  # bounded: no step waited for the absent collector
     assert monitor.close(timeout=0.5) is False
     assert monitor.dropped >= 46
@@ -219,8 +209,6 @@ def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
 
 
 def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:
-    from conftest import free_port
-
     model = mlp()
     monitor = Monitor(model, collector=f"127.0.0.1:{free_port()}", every=1, max_queue=8)
     monitor.step(torch.tensor(1.0))  # the sender thread starts and holds one frame
@@ -274,8 +262,6 @@ def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:
 
 def test_ddp_layer_names_carry_no_module_prefix() -> None:
     import torch.distributed as dist
-
-    from conftest import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

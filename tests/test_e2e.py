@@ -28,6 +28,7 @@ from conftest import (
     scrape,
     site_stats,
     stream,
+    train_steps,
     value,
 )
 from test_agent import efficiency64, entropy64
@@ -227,28 +228,19 @@ def test_metrics_pass_promtool_check_metrics(collector) -> None:
     assert result.stdout.decode().strip() == "" and result.stderr.decode().strip() == ""
 
 
-def small_training(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
-    for _ in range(steps):
-        loss = model(torch.randn(16, 8)).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
-
-
 def test_an_agent_started_before_its_collector_connects_when_it_appears() -> None:
     port = free_port()
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     monitor = Monitor(model, opt, collector=f"127.0.0.1:{port}", job="late", every=1, max_queue=8)
-    small_training(monitor, model, opt, 20)
+    train_steps(monitor, model, opt, 20)
     time.sleep(0.5)
     assert monitor.dropped > 0 and monitor.delivered == 0
     with Collector(f"127.0.0.1:{port}", "127.0.0.1:0", db=None).running() as collector:
         deadline = time.monotonic() + 30
         while monitor.delivered == 0:  # keeps training; the sender retries with backoff meanwhile
             assert time.monotonic() < deadline, "the agent never reconnected"
-            small_training(monitor, model, opt, 1)
+            train_steps(monitor, model, opt, 1)
             time.sleep(0.05)
         assert monitor.close(timeout=10)
         assert collector.jobs["late"].frames_received == monitor.delivered
@@ -259,12 +251,12 @@ def test_the_collector_sets_the_agents_sampling_interval() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     with Collector("127.0.0.1:0", "127.0.0.1:0", every=3, db=None).running() as collector:
         monitor = Monitor(model, opt, collector=collector.grpc_target, job="cfg", every=10)
-        small_training(monitor, model, opt, 1)  # step 0 is sampled: the stream opens
+        train_steps(monitor, model, opt, 1)  # step 0 is sampled: the stream opens
         deadline = time.monotonic() + 15
         while monitor.every != 3:
             assert time.monotonic() < deadline, "the configuration never arrived"
             time.sleep(0.05)
-        small_training(monitor, model, opt, 11)  # steps 1..11: 3, 6, 9 sampled
+        train_steps(monitor, model, opt, 11)  # steps 1..11: 3, 6, 9 sampled
         assert monitor.close(timeout=10)
         assert collector.jobs["cfg"].frames_received == 4
 
@@ -281,11 +273,11 @@ def test_every_sampled_step_is_delivered_or_counted_across_a_collector_restart()
             start = monitor.delivered
             while monitor.delivered < start + 20:
                 assert time.monotonic() < deadline, "no frames reached the collector"
-                small_training(monitor, model, opt, 5)
+                train_steps(monitor, model, opt, 5)
                 time.sleep(0.01)
             monitor.flush(timeout=10)
         received += collector.jobs["restart"].frames_received
-        small_training(monitor, model, opt, 10)  # no collector: queued, sent to the next one or dropped
+        train_steps(monitor, model, opt, 10)  # no collector: queued, sent to the next one or dropped
     assert monitor.close(timeout=0.5) is False
     sampled = monitor._step
     assert monitor.delivered == received
