@@ -25,6 +25,14 @@ def entropy64(t: torch.Tensor) -> float:
     return v.numel() * 0.5 * math.log(2 * math.pi * math.e * var)
 
 
+def work64(grads: list[torch.Tensor], after: list[torch.Tensor], before: list[torch.Tensor]) -> list[float]:
+    """<g, theta_after - theta_before> per tensor, in float64 from copies: the truth for the work."""
+    return [
+        float(torch.dot(g.double().flatten(), (a.detach().double() - b.double()).flatten()))
+        for g, a, b in zip(grads, after, before, strict=True)
+    ]
+
+
 def efficiency64(z: torch.Tensor, a: torch.Tensor) -> float:
     return 1.0 - float(a.double().var(unbiased=False)) / float(z.double().var(unbiased=False))
 
@@ -53,10 +61,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps:
                 z = model[0](x)
                 a = model[1](z.clone())
             opt.step()
-            work = [
-                float(torch.dot(g.double().reshape(-1), (p.detach().double() - b.double()).reshape(-1)))
-                for g, p, b in zip(grads, model.parameters(), before, strict=True)
-            ]
+            work = work64(grads, list(model.parameters()), before)
             truth = {
                 "entropy": [entropy64(b) for b in before],
                 "work": work,
@@ -188,10 +193,7 @@ def test_many_small_tensors_are_measured_exactly() -> None:
     opt.step()
     monitor.step(loss)
     r = monitor.latest()
-    work = [
-        float(torch.dot(g.double().flatten(), (p.detach() - b).double().flatten()))
-        for g, p, b in zip(grads, model.parameters(), before, strict=True)
-    ]
+    work = work64(grads, list(model.parameters()), before)
     assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-9)
     assert r.layer_work == pytest.approx(work, rel=1e-5)
 
@@ -251,10 +253,7 @@ def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:
     monitor.step(loss)
     r = monitor.latest()
     monitor.close()
-    work = [
-        float(torch.dot(g.double().flatten(), (p.detach().double() - b.double()).flatten()))
-        for g, p, b in zip(grads, model.parameters(), before, strict=True)
-    ]
+    work = work64(grads, list(model.parameters()), before)
     assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-5)
     assert r.layer_work == pytest.approx(work, rel=1e-3)
     assert list(r.site_engine) == ["B"]

@@ -31,7 +31,7 @@ from conftest import (
     train_steps,
     value,
 )
-from test_agent import efficiency64, entropy64
+from test_agent import efficiency64, entropy64, work64
 
 
 def wait_for(metrics_url: str, name: str, expected: float, **labels: str) -> dict:
@@ -73,10 +73,7 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     names = [layer.name for layer in monitor.layers]
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
     entropies = [entropy64(b) for b in before]
-    works = [
-        float(torch.dot(g.double().flatten(), (a - b).double().flatten()))
-        for g, a, b in zip(grads, after, before, strict=True)
-    ]
+    works = work64(grads, after, before)
     for name, s, w in zip(names, entropies, works, strict=True):
         assert value(m, "thermoscope_layer_entropy_nats", job_id="e2e", layer=name) == pytest.approx(
             s, rel=1e-6
