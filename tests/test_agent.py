@@ -33,6 +33,18 @@ def work64(grads: list[torch.Tensor], after: list[torch.Tensor], before: list[to
     ]
 
 
+def checked_step(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor):
+    """One sampled step; returns the reading and float64 truths (entropy and work per tensor)."""
+    loss.backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    monitor.step(loss)
+    reading = monitor.latest()
+    monitor.close()
+    return reading, [entropy64(b) for b in before], work64(grads, list(model.parameters()), before)
+
+
 def efficiency64(z: torch.Tensor, a: torch.Tensor) -> float:
     return 1.0 - float(a.double().var(unbiased=False)) / float(z.double().var(unbiased=False))
 
@@ -186,15 +198,8 @@ def test_many_small_tensors_are_measured_exactly() -> None:
     model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(30)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, opt, every=1)
-    loss = model(torch.randn(4, 10)).square().mean()
-    loss.backward()
-    before = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    opt.step()
-    monitor.step(loss)
-    r = monitor.latest()
-    work = work64(grads, list(model.parameters()), before)
-    assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-9)
+    r, entropy, work = checked_step(monitor, model, opt, model(torch.randn(4, 10)).square().mean())
+    assert r.layer_entropy == pytest.approx(entropy, rel=1e-9)
     assert r.layer_work == pytest.approx(work, rel=1e-5)
 
 
@@ -245,16 +250,8 @@ def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     monitor = Monitor(model, opt, every=1)
     x = torch.randn(64, 256, dtype=torch.bfloat16)
-    loss = model(x).float().square().mean()
-    loss.backward()
-    before = [p.detach().clone() for p in model.parameters()]
-    grads = [p.grad.clone() for p in model.parameters()]
-    opt.step()
-    monitor.step(loss)
-    r = monitor.latest()
-    monitor.close()
-    work = work64(grads, list(model.parameters()), before)
-    assert r.layer_entropy == pytest.approx([entropy64(b) for b in before], rel=1e-5)
+    r, entropy, work = checked_step(monitor, model, opt, model(x).float().square().mean())
+    assert r.layer_entropy == pytest.approx(entropy, rel=1e-5)
     assert r.layer_work == pytest.approx(work, rel=1e-3)
     assert list(r.site_engine) == ["B"]
 
