@@ -96,26 +96,6 @@ def outside_fraction(counts: np.ndarray) -> np.ndarray:
         return (counts[:, 0] + counts[:, -1]) / counts.sum(axis=1)
 
 
-def merge_moments(
-    count_a: np.ndarray,
-    mean_a: np.ndarray,
-    m2_a: np.ndarray,
-    count_b: np.ndarray,
-    mean_b: np.ndarray,
-    m2_b: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chan et al.'s exact parallel merge of (count, mean, M2) of two disjoint parts."""
-    na = np.asarray(count_a, dtype=np.float64)
-    nb = np.asarray(count_b, dtype=np.float64)
-    n = na + nb
-    with np.errstate(divide="ignore", invalid="ignore"):
-        delta = np.asarray(mean_b, dtype=np.float64) - mean_a
-        frac_b = np.where(n > 0, nb / n, 0.0)
-        mean = mean_a + delta * frac_b
-        m2 = m2_a + m2_b + delta * delta * na * frac_b
-    return n, np.where(n > 0, mean, 0.0), np.where(n > 0, m2, 0.0)
-
-
 def merge_moments_grouped(
     group: np.ndarray, count: np.ndarray, mean: np.ndarray, m2: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,10 +46,11 @@ def test_shards_merge_exactly_to_the_whole_tensor(k: int) -> None:
     parts = [moments(p) for p in np.split(x, cuts)]
     whole = moments(x)
 
-    n, mean, m2 = parts[0]
+    merged = parts[0]  # one shard at a time, as shards arrive: merging merged parts stays exact
     for part in parts[1:]:
-        n, mean, m2 = physics.merge_moments(n, mean, m2, *part)
-    assert (n, mean, m2) == pytest.approx(whole, rel=1e-12)
+        cols = np.array([merged, part]).T
+        merged = tuple(float(c[0]) for c in physics.merge_moments_grouped(np.zeros(2, dtype=int), *cols, 1))
+    assert merged == pytest.approx(whole, rel=1e-12)
 
     cols = np.array(parts).T
     grouped = physics.merge_moments_grouped(np.zeros(k, dtype=int), cols[0], cols[1], cols[2], 1)
