@@ -9,8 +9,11 @@ at every sample:
   w_{l,t} stands for the `gap` steps until the next sample (an unbiased estimate of the
   work done over them);
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
-  the window. The slope of the noisy minibatch energy is the "smoothed" energy change, and
-  its standard error is the noise floor under which T is undefined;
+  the window. Where the training loop gave no loss (zero-code instrumentation), the energy
+  is the cumulative work sum_l sum_{s<t} w_{l,s} since the first sample (E_0 = 0): to first
+  order it is E_t - E_0 (THEORY section 2), so slopes and temperatures keep their meaning;
+  `Reading.energy_from_work` says which it is. The slope of the noisy minibatch energy is the
+  "smoothed" energy change, and its standard error is the noise floor under which T is undefined;
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;
@@ -58,6 +61,7 @@ class Reading:
     site_efficiency: np.ndarray
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
     engine: str  # the network's engine type
+    energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
 
 
 class Thermometer:
@@ -91,8 +95,9 @@ class Thermometer:
             cumulative = np.zeros(len(layers))
         else:
             cumulative = self._work[-1] + prev.layers.work * (sample.step - prev.step)
+        energy = sample.energy if sample.has_energy else float(cumulative.sum())
         self._steps.append(sample.step)
-        self._energy.append(sample.energy)
+        self._energy.append(energy)
         self._entropy.append(entropy)
         self._work.append(cumulative)
         self._last = sample
@@ -119,7 +124,7 @@ class Thermometer:
         self.latest = Reading(
             step=sample.step,
             wall_time=sample.wall_time,
-            energy=sample.energy,
+            energy=energy,
             entropy=float(entropy.sum()),
             beta=beta,
             temperature=temp,
@@ -136,6 +141,7 @@ class Thermometer:
             site_efficiency=eta,
             site_engine=site_engine,
             engine=physics.network_engine_type(site_engine),
+            energy_from_work=not sample.has_energy,
         )
         return self.latest
 

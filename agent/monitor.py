@@ -22,14 +22,14 @@ import os
 import socket
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from thermoscope.v1 import telemetry_pb2 as pb
 
-from . import wire
+from . import discovery, wire
 from .derive import Reading, Thermometer
 from .sampler import BINS, SUBSET, Pending, Sampler, find_sites
 from .sender import Sender
@@ -52,11 +52,12 @@ class Monitor:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         *,
-        collector: str | None = None,
+        collector: str | Callable[[], str | None] | None = None,
         job: str | None = None,
         run: str | None = None,
         rank: int = 0,
         world_size: int = 1,
+        step: int = 0,
         every: int = 10,
         window: int = 10,
         sites: Iterable[nn.Module] = (),
@@ -68,8 +69,11 @@ class Monitor:
         Args:
             optimizer: whose steps are measured; None measures every optimizer that steps
                 this model's parameters (through torch's global optimizer hooks).
-            collector: "host:port" of a collector; None derives everything in-process.
+            collector: "host:port" of a collector, or a function that finds one (dormant
+                until it does); None derives everything in-process.
             job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
+            step: the optimizer step training starts at (a run resumed from a checkpoint
+                passes its step, so that the collector recognizes replayed steps).
             every: sample one optimizer step in this many.
             window: samples over which temperatures are taken (in-process mode).
             sites: extra modules to watch as activation sites.
@@ -94,13 +98,20 @@ class Monitor:
             bins=bins,
             subset=subset,
         )
-        self._step = 0
+        self._step = step
         self._sender: Sender | None = None
         self._local: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
         if collector is not None:
-            self._sender = Sender(collector, self._hello(), max_queue=max_queue, on_config=self._configure)
-        self._sampler.arm()
+            self._sender = Sender(
+                collector,
+                self._hello(),
+                max_queue=max_queue,
+                on_config=self._configure,
+                interval=discovery.interval(),
+            )
+        if self._step % every == 0 and not self.dormant:
+            self._sampler.arm()
 
     @property
     def layers(self):
@@ -124,6 +135,11 @@ class Monitor:
     def connected(self) -> bool:
         return self._sender is not None and self._sender.connected
 
+    @property
+    def dormant(self) -> bool:
+        """True while a monitor that looks for its collector has none: it samples nothing."""
+        return self._sender is not None and self._sender.discovering
+
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
 
@@ -137,7 +153,7 @@ class Monitor:
             else:
                 self._local.append(pending)
         self._step += 1
-        if self.enabled and self._step % self.every == 0:
+        if self.enabled and self._step % self.every == 0 and not self.dormant:
             self._sampler.arm()
 
     def latest(self) -> Reading | None:

@@ -6,6 +6,12 @@ bounded `deque` (the oldest item is dropped and counted when it is full) and set
 configuration, and reconnects with jittered exponential backoff while the collector is
 away. After `fork` (DataLoader workers) the child gets a fresh, empty sender whose thread
 starts only if the child ever submits. `flush` and `shutdown` wait a bounded time.
+
+The target is an address, or a function that finds one (`discovery.find_collector`): then
+the thread starts at once and, while no collector is found, looks again every `interval`
+seconds (the agent is dormant meanwhile); a broken stream is followed by a new lookup, so
+an agent follows a collector that moved. `shutdown` half-closes the stream, so that the
+collector sees a rank that finished, not one that was lost.
 """
 
 from __future__ import annotations
@@ -41,16 +47,20 @@ class Sender:
 
     def __init__(
         self,
-        target: str,
+        target: str | Callable[[], str | None],
         hello: pb.AgentMessage,
         *,
         max_queue: int = 1024,
         on_config: Callable[[pb.Config], None] | None = None,
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.2, 10.0),
+        interval: float = 5.0,
     ) -> None:
-        self.target = target
+        """`interval`: seconds between lookups while `target` (a function) finds no collector."""
+        self._find = target if callable(target) else None
+        self.target: str | None = None if callable(target) else target
         self._hello = hello
+        self._interval = interval
         self._max_queue = max_queue
         self._on_config = on_config
         self._connect_timeout = connect_timeout
@@ -58,6 +68,8 @@ class Sender:
         self._init_state()
         ref = weakref.WeakMethod(self._init_state)
         os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+        if self._find is not None:  # (not after a fork: a DataLoader worker looks for nothing)
+            self._start()
 
     def _init_state(self) -> None:
         self._queue: deque[Pending] = deque(maxlen=self._max_queue)
@@ -77,6 +89,11 @@ class Sender:
         self.connected = False
         self.last_error: str | None = None
         self._drop_logged = False
+
+    @property
+    def discovering(self) -> bool:
+        """True while the target is looked up and no stream is open (the agent is dormant)."""
+        return self._find is not None and not self.connected
 
     # -- training thread ------------------------------------------------------------------------
 
@@ -107,14 +124,19 @@ class Sender:
         return True
 
     def shutdown(self, timeout: float = 5.0) -> bool:
-        """Flush (bounded), close the stream and stop the thread. True if nothing was left."""
+        """Flush (bounded), close the stream and stop the thread. True if nothing was left.
+
+        The request stream ends first (a half-close: the collector ends the call and knows
+        this rank finished); the call is cancelled only if that takes more than a second.
+        """
         flushed = self.flush(timeout) if self._thread is not None else not self._queue
         with self._cond:
             self._stopping.set()
             self._cond.notify_all()
-        if self._call is not None:
-            self._call.cancel()
         if self._thread is not None:
+            self._thread.join(min(timeout, 1.0))
+            if self._thread.is_alive() and self._call is not None:
+                self._call.cancel()
             self._thread.join(timeout)
         with self._cond:
             if self._queue:
@@ -135,6 +157,9 @@ class Sender:
     def _run(self) -> None:
         delay = self._backoff[0]
         while not self._stopping.is_set():
+            if self._find is not None and not self._look_up():
+                self._stopping.wait(self._interval)
+                continue
             started = time.monotonic()
             try:
                 self._stream_once()
@@ -148,6 +173,18 @@ class Sender:
                 delay = self._backoff[0]  # the stream had been healthy: start the backoff over
             self._stopping.wait(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self._backoff[1])
+
+    def _look_up(self) -> bool:
+        """Find the collector; False (dormant for another interval) if there is none."""
+        try:
+            target = self._find()  # type: ignore[misc]
+        except Exception as exc:  # a lookup that fails is retried; it must never kill the thread
+            self._note_error(f"looking up the collector failed: {exc!r}")
+            return False
+        if target != self.target:
+            log.info("thermoscope: collector found at %s", target)
+        self.target = target
+        return target is not None
 
     def _end_stream(self) -> None:
         """Retire the stream's request generator and count the frames that died with it."""

@@ -240,8 +240,31 @@ def test_float_loss_and_no_loss_are_accepted() -> None:
     monitor.step(None)
     r = monitor.latest()
     monitor.close()
-    assert r.step == 1 and math.isnan(r.energy)
+    assert r.step == 1 and r.energy_from_work and np.isfinite(r.energy)
     assert np.isfinite(r.layer_entropy).all()
+
+
+def test_without_a_loss_the_energy_is_the_cumulative_work_since_the_first_sample() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, opt, every=3)
+    readings = []
+    for step in range(12):
+        x = torch.randn(32, 16)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step()
+        if step % 3 == 0:
+            readings.append(monitor.latest())
+    monitor.close()
+    assert all(r.energy_from_work for r in readings)
+    assert readings[0].energy == 0.0
+    # each sampled work stands for the steps until the next sample (every = 3)
+    expected = np.cumsum([3 * r.layer_work.sum() for r in readings[:-1]])
+    assert np.allclose([r.energy for r in readings[1:]], expected, rtol=1e-12, atol=0)
+    assert readings[-1].energy < 0  # gradient descent does negative work: the energy falls
 
 
 def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:

@@ -1,0 +1,44 @@
+"""Where the collector is, for agents that were given no address.
+
+In order: `$THERMOSCOPE_COLLECTOR` ("host:port"), then — in a process that is part of a
+Ray cluster — the detached actor named `ACTOR_NAME` in namespace `NAMESPACE`, which
+`thermoscope attach` (or `thermoscope collector --ray`) starts. Ray is never imported
+here: a process that has not imported it is not in a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: The collector actor's name and namespace (named actors are looked up per namespace).
+ACTOR_NAME = "thermoscope-collector"
+NAMESPACE = "thermoscope"
+#: Seconds between lookups while no collector is found; `$THERMOSCOPE_DISCOVERY_INTERVAL`.
+DEFAULT_INTERVAL = 5.0
+
+
+def interval() -> float:
+    """The discovery interval, from the environment (a bad value is an error, not a default)."""
+    raw = os.environ.get("THERMOSCOPE_DISCOVERY_INTERVAL")
+    if raw is None:
+        return DEFAULT_INTERVAL
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"THERMOSCOPE_DISCOVERY_INTERVAL must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def find_collector() -> str | None:
+    """The collector's gRPC "host:port", or None if there is none (yet)."""
+    address = os.environ.get("THERMOSCOPE_COLLECTOR")
+    if address:
+        return address
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        actor = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    except ValueError:  # no such actor: nobody attached Thermoscope yet
+        return None
+    return ray.get(actor.address.remote(), timeout=10)
