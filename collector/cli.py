@@ -12,7 +12,7 @@ import sys
 
 from thermoscope.agent.theory import INITS, LOSSES, ProblemError
 
-from . import events_cli
+from . import attach_cli, events_cli
 from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
 from .store import DEFAULT_DB
 
@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
         default=50,
         help="layers per job with a phase state-set (default 50)",
     )
+    attach_cli.add_arguments(sub, c)
 
     e = sub.add_parser("events", help="list the phase transitions a collector detected")
     e.add_argument(
@@ -103,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
         "--shift-at", type=_at_least(0), help="step at which the data shift (default: half way; 0: never)"
     )
     d.add_argument("--db", help="keep the demo's phase events in this SQLite file (default: a temporary one)")
+    d.add_argument(
+        "--workers",
+        type=_at_least(0),
+        default=0,
+        help="train as a Ray Train job of this many workers on a local Ray cluster (default 0: no Ray)",
+    )
 
     t = sub.add_parser(
         "theory",
@@ -134,15 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "collector":
-        collector = Collector(
-            args.grpc,
-            args.metrics,
-            window=args.window,
-            every=args.every,
-            max_message_bytes=args.max_message_bytes,
-            db=args.db,
-            phase_layers=args.phase_layers,
-        )
+        settings = {
+            "window": args.window,
+            "every": args.every,
+            "max_message_bytes": args.max_message_bytes,
+            "db": args.db,
+            "phase_layers": args.phase_layers,
+        }
+        if args.ray:
+            return attach_cli.start(args, settings)
+        collector = Collector(args.grpc, args.metrics, **settings)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(collector.serve())
         return 0
@@ -158,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             figure=args.figure,
             shift_at=args.shift_at,
             db=args.db,
+            workers=args.workers,
         )
         return 0
+    if args.command == "attach":
+        return attach_cli.attach(args)
+    if args.command == "detach":
+        return attach_cli.detach(args)
     if args.command == "events":
         try:
             return events_cli.run(args)

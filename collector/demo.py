@@ -5,14 +5,22 @@ random teacher (data made here, seeded) with a real `Monitor` streaming over rea
 way through, the data shift to another teacher, so the run goes type_i -> transition -> type_ii,
 then refresh -> transition -> type_ii again. The readings and the transitions shown at the end
 are the ones the collector derived, stored and serves at `/metrics`.
+
+With `workers=N` the same training runs as an N-worker Ray Train job (DDP over gloo) on a
+local Ray cluster bound to loopback: each rank draws its own batches and streams through
+`watch`, which finds the collector from `$THERMOSCOPE_COLLECTOR` in the job's runtime_env;
+the collector merges the ranks into the one job shown at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,29 +74,38 @@ def run(
     shift_at: int | None = None,
     db: str | None = None,
     console: Console | None = None,
+    workers: int = 0,
 ) -> DemoResult:
     """Train, stream, show; the data shift at `shift_at` (default: half way; 0: never).
 
     With `figure`, also draw the run's readings (see `plot.phase_figure`); events go to `db`,
-    or to a temporary database that goes away with the demo.
+    or to a temporary database that goes away with the demo. `workers` > 0 trains as a Ray
+    Train job of that many workers (see the module docstring).
     """
     console = console or Console()
     shift_at = steps // 2 if shift_at is None else shift_at
     with contextlib.ExitStack() as stack:
-        db = db or str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "events.db")
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thermoscope-")))
+        db = db or str(tmp / "events.db")
+        if workers:  # first: Ray forks its processes, which must not inherit gRPC's threads
+            stack.enter_context(_local_ray(workers, tmp))
         collector = stack.enter_context(Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running())
         console.print(
             f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
         )
-        monitor, history = _train(collector, steps, every, seed, shift_at, console)
+        config = {"steps": steps, "every": every, "seed": seed, "shift_at": shift_at}
+        if workers:
+            dropped, history = _train_on_ray(collector, workers, config, tmp, console)
+        else:
+            dropped, history = _train(collector, config, console)
         reading = _wait_for(collector, (steps - 1) // every * every)
         job = collector.jobs[JOB]
         result = DemoResult(
             reading=reading,
-            sites={s.name: s.kind for s in monitor.sites},
+            sites={s.name: s.kind for s in job.sites.values()},
             metrics_url=collector.metrics_url,
             frames=job.frames_received,
-            dropped=monitor.dropped,
+            dropped=dropped,
             events=[e for e in collector.store.query(job=JOB) if e.scope == "job"],
             layer_phases=dict(zip(reading.layer_names, job.detector.layer_phases(), strict=True)),
         )
@@ -108,47 +125,144 @@ def run(
     return result
 
 
-def _train(
-    collector: Collector, steps: int, every: int, seed: int, shift_at: int, console: Console
-) -> tuple[Monitor, list[Reading]]:
-    """The training run, with a progress bar; returns its monitor and the readings seen."""
+def _training(
+    config: dict,
+    make_monitor: Callable[[nn.Module, torch.optim.Optimizer], Monitor],
+    *,
+    rank: int = 0,
+    distributed: bool = False,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> Monitor:
+    """The training loop of every rank: the student learns the teacher, which shifts once.
+
+    Ranks share the data and the initial weights (the seed), and draw their own batches.
+    """
+    seed, shift_at = config["seed"], config["shift_at"]
     torch.manual_seed(seed)
     x, y = teacher_student(seed)
     model = student(x.shape[1])
+    if distributed:
+        from ray.train.torch import prepare_model
+
+        model = prepare_model(model)  # DDP over the worker group
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed + 1)
-    monitor = Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=every)
+    gen = torch.Generator().manual_seed(seed + 1 + rank)
+    monitor = make_monitor(model, optimizer)
+    for step in range(config["steps"]):
+        if step == shift_at:
+            x, y = teacher_student(seed + 1000)
+        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    monitor.close()
+    return monitor
+
+
+def _progress(console: Console) -> Progress:
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
+    return Progress(*columns, console=console)
+
+
+def _record(collector: Collector, history: list[Reading]) -> None:
+    """Keep the collector's newest reading, for the figure."""
+    job = collector.jobs.get(JOB)
+    if job is not None and job.reading is not None and (not history or history[-1] is not job.reading):
+        history.append(job.reading)
+
+
+def _train(collector: Collector, config: dict, console: Console) -> tuple[int, list[Reading]]:
+    """The training run in this process, with a progress bar; returns its drops and the readings."""
     history: list[Reading] = []  # the collector's readings as they appeared, for the figure
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("training", total=steps)
-        for step in range(steps):
-            if step == shift_at:
-                x, y = teacher_student(seed + 1000)
+    with _progress(console) as progress:
+        task = progress.add_task("training", total=config["steps"])
+
+        def on_step(step: int, loss: torch.Tensor) -> None:
+            if step == config["shift_at"]:
                 progress.console.print(f"step {step}: the data shift to another teacher")
-            idx = torch.randint(0, x.shape[0], (64,), generator=gen)
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
             if step % 20 == 0:
                 progress.update(task, description=f"training  loss {loss.item():.4f}")
             progress.advance(task)
-            job = collector.jobs.get(JOB)
-            if (
-                job is not None
-                and job.reading is not None
-                and (not history or history[-1] is not job.reading)
-            ):
-                history.append(job.reading)
-    monitor.close()
-    return monitor, history
+            _record(collector, history)
+
+        def make_monitor(model: nn.Module, optimizer: torch.optim.Optimizer) -> Monitor:
+            return Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=config["every"])
+
+        monitor = _training(config, make_monitor, on_step=on_step)
+    return monitor.dropped, history
+
+
+def _ray_worker(config: dict) -> None:
+    """One Ray Train worker: `watch` names the rank from Ray; the collector is the driver's."""
+    import ray.train
+
+    from thermoscope.agent import watch
+
+    def make_monitor(model: nn.Module, optimizer: torch.optim.Optimizer) -> Monitor:
+        return watch(model, optimizer, collector=config["collector"], job=JOB, every=config["every"])
+
+    _training(config, make_monitor, rank=ray.train.get_context().get_world_rank(), distributed=True)
+
+
+@contextlib.contextmanager
+def _local_ray(workers: int, tmp: Path) -> Iterator[None]:
+    """A Ray cluster of this machine only: loopback, its state in `tmp`, no token in ~/.ray."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # nothing but loopback can reach it
+    ray.init(
+        address="local",
+        num_cpus=workers,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(tmp / "ray"),
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _train_on_ray(
+    collector: Collector, workers: int, config: dict, tmp: Path, console: Console
+) -> tuple[int, list[Reading]]:
+    """The training run as a Ray Train job; progress is the step the collector merged last."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={**config, "collector": collector.grpc_target},
+        scaling_config=ScalingConfig(num_workers=workers),
+        run_config=RunConfig(storage_path=str(tmp / "train")),
+    )
+    history: list[Reading] = []
+    with _progress(console) as progress, ThreadPoolExecutor(1) as pool:
+        task = progress.add_task(f"starting {workers} Ray Train workers", total=config["steps"])
+        fit = pool.submit(trainer.fit)
+        while not fit.done():
+            _record(collector, history)
+            if history:
+                done = history[-1].step + 1
+                progress.update(task, completed=done, description=f"training on {workers} workers")
+            time.sleep(0.2)
+        fit.result()
+        progress.update(task, completed=config["steps"])
+    _record(collector, history)
+    # every rank samples the same steps: what the collector lacks was dropped
+    sampled = workers * len(range(0, config["steps"], config["every"]))
+    return sampled - collector.jobs[JOB].frames_received, history
 
 
 def _wait_for(collector: Collector, step: int, timeout: float = 10.0) -> Reading:

@@ -43,3 +43,13 @@ def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:
     result = thermoscope(*args, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_demo_runs_as_a_two_worker_ray_train_job_and_merges_both_ranks() -> None:
+    pytest.importorskip("ray")
+    result = thermoscope("demo", "--workers", "2", "--steps", "400", "--every", "5", timeout=300)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "job 'demo' at step 395" in out
+    assert "160 frames merged, 0 dropped" in out  # 80 samples from each of the 2 ranks
+    assert "type_ii -> refresh" in out  # the data shift at step 200 is seen in the merged job

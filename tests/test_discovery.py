@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import train_steps
 from thermoscope.agent import Monitor, discovery
 from thermoscope.collector.service import Collector
+
+from conftest import train_steps
 
 INTERVAL = 0.2
 

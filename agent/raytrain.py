@@ -1,0 +1,161 @@
+"""Thermoscope in Ray Train workers: one line (`watch`), or none (`setup`).
+
+    def train_loop(config):
+        model = ray.train.torch.prepare_model(build_model())
+        optimizer = torch.optim.AdamW(model.parameters())
+        monitor = thermoscope.agent.watch(model, optimizer)
+        for batch in data:
+            ...
+            optimizer.step()
+            monitor.step(loss)
+
+`watch` takes the job, run and rank from Ray; it finds the collector by itself (the
+detached actor that `thermoscope attach` starts, see `discovery`) and stays dormant —
+hooks off, nothing sampled — until there is one, so the same code runs with or without
+Thermoscope attached.
+
+Zero-code mode: launch the job with
+
+    runtime_env={"worker_process_setup_hook": "thermoscope.agent.raytrain.setup"}
+
+and every Ray worker of the job installs two process-wide torch hooks. A global module
+forward pre-hook notes the outermost modules called until the first optimizer step; a
+global optimizer step post-hook then picks, among them, the model holding that optimizer's
+parameters, watches it, and removes both global hooks. From then on the monitor's step
+is counted by a post-hook on that optimizer alone. No loss is visible to a hook, so the
+energy is the cumulative work (see `derive`). Processes that never step an optimizer (the
+Train controller, data workers) pay one dictionary insert per outermost module call.
+
+Identity: `job` is Ray's job id (`ray.get_runtime_context().get_job_id()`); `run` is the
+Train run's name (`RunConfig(name=...)`, by default Ray's unique, time-stamped
+`ray_train_run-<date>_<time>`), so a worker that Ray Train restarts rejoins the same run:
+the collector counts the steps it replays once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
+
+from . import discovery
+from .monitor import Monitor
+
+log = logging.getLogger("thermoscope.agent")
+
+
+def ray_identity() -> dict[str, Any]:
+    """job, run, rank and world size of this process, from Ray Train (or torch.distributed)."""
+    import ray
+
+    identity: dict[str, Any] = {"job": ray.get_runtime_context().get_job_id()}
+    try:
+        ctx = ray.train.get_context()
+        identity |= {
+            "run": ctx.get_experiment_name(),
+            "rank": ctx.get_world_rank(),
+            "world_size": ctx.get_world_size(),
+        }
+    except (RuntimeError, AttributeError, ValueError):  # not inside a Train worker
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            identity |= {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    return identity
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **settings: Any) -> Monitor:
+    """A `Monitor` of `model` that finds its collector and names itself from Ray.
+
+    `settings` go to `Monitor` and take precedence (e.g. `every=`, `step=` when resuming
+    from a checkpoint, `collector=` to give an address).
+    """
+    options: dict[str, Any] = {"collector": discovery.find_collector, **ray_identity()}
+    options.update(settings)
+    return Monitor(model, optimizer, **options)
+
+
+class _AutoWatch:
+    """The zero-code agent of one process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.monitor: Monitor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._roots: dict[int, weakref.ref[nn.Module]] = {}
+        self._depth = threading.local()
+        self._forward_hooks: list[RemovableHandle] = [
+            nn.modules.module.register_module_forward_pre_hook(self._enter),
+            nn.modules.module.register_module_forward_hook(self._leave),
+        ]
+        # Global post-hooks run after the optimizer's own ones, so the sampler's work hook has
+        # run when the step is counted. It stays registered: torch iterates the hook dict
+        # while calling it, so it must not remove itself.
+        self._step_hook = register_optimizer_step_post_hook(self._after_step)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            self._roots[id(module)] = weakref.ref(module)
+        self._depth.n = depth + 1
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._depth.n = max(getattr(self._depth, "n", 1) - 1, 0)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if optimizer is self._optimizer:
+            self.monitor.step()  # type: ignore[union-attr]
+        elif self._optimizer is None and self._forward_hooks:
+            self._first_step(optimizer)
+
+    def _first_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Find the model this optimizer trains, and watch it from the next step on."""
+        for handle in self._forward_hooks:
+            handle.remove()
+        self._forward_hooks.clear()
+        model = _model_of(optimizer, [m for ref in self._roots.values() if (m := ref()) is not None])
+        self._roots.clear()
+        if model is None:
+            log.warning("thermoscope: no module called before the first optimizer step holds its parameters")
+            return
+        try:
+            self.monitor = watch(model, optimizer, step=1)
+        except Exception:  # instrumentation must never break the user's job
+            log.exception("thermoscope: could not watch the model; training continues unmonitored")
+            return
+        self._optimizer = optimizer
+
+    def close(self) -> None:
+        for handle in (*self._forward_hooks, self._step_hook):
+            handle.remove()
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def _model_of(optimizer: torch.optim.Optimizer, roots: list[nn.Module]) -> nn.Module | None:
+    """The root module holding most of the optimizer's parameters (None if none holds any)."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    best, held = None, 0
+    for root in roots:
+        n = sum(id(p) in params for p in root.parameters())
+        if n > held:
+            best, held = root, n
+    return best
+
+
+_agent: _AutoWatch | None = None
+
+
+def setup() -> None:
+    """The `worker_process_setup_hook`: instrument this process's training, with no code change.
+
+    Set `THERMOSCOPE_DISABLE=1` in the job's environment to make it a no-op.
+    """
+    global _agent
+    if _agent is None and os.environ.get("THERMOSCOPE_DISABLE") != "1":
+        _agent = _AutoWatch()

@@ -1,0 +1,141 @@
+"""`thermoscope attach`, `thermoscope detach` and `thermoscope collector --ray`: the collector
+actor of a Ray cluster, driven from any machine that can join the cluster.
+
+Ray is imported here only, so the other commands run where it is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+
+def _actor():
+    try:
+        from . import actor
+    except ImportError as exc:
+        raise SystemExit(
+            f"thermoscope: this command needs Ray ({exc}): pip install 'thermoscope[ray]'"
+        ) from None
+    return actor
+
+
+def _connect(args: argparse.Namespace):
+    actor = _actor()
+    try:
+        actor.connect(args.address)
+    except ConnectionError as exc:
+        where = args.address or "$RAY_ADDRESS or a local cluster"
+        raise SystemExit(f"thermoscope: no Ray cluster at {where}: {exc}") from None
+    return actor
+
+
+def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    """`collector --ray`: start (or find) the collector actor and print where it serves."""
+    from .service import split_address
+
+    actor = _connect(args)
+    _, targets = actor.start(
+        grpc_port=split_address(args.grpc)[1],
+        metrics_port=split_address(args.metrics)[1],
+        sd_file=args.sd_file,
+        **settings,
+    )
+    print(json.dumps(targets, indent=2))
+    return 0
+
+
+def attach(args: argparse.Namespace) -> int:
+    """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
+    actor = _connect(args)
+    handle = actor.find()
+    fresh = handle is None
+    if fresh:  # a collector started for one job watches that job only
+        handle, targets = actor.start(
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            sd_file=args.sd_file,
+            active=args.job is None,
+        )
+        print(f"started the collector actor: gRPC {targets['grpc']}, metrics {targets['metrics']}")
+    import ray
+
+    ray.get(handle.attach.remote(args.job))
+    what = f"job {args.job}" if args.job else "every job"
+    print(f"attached to {what}; dormant agents connect within two discovery intervals")
+    return _wait_for_ranks(ray, handle, args.job, args.wait)
+
+
+def _wait_for_ranks(ray, handle, job: str | None, wait: float) -> int:
+    """Print the streaming ranks once a second until every rank of the job(s) streams, or `wait` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        jobs = ray.get(handle.snapshot.remote())
+        if job is not None:
+            jobs = {j: v for j, v in jobs.items() if j == job}
+        complete = bool(jobs) and all(_streaming(v) == _world_size(v) for v in jobs.values())
+        lines = [f"job {j}: {_streaming(v)}/{_world_size(v)} ranks streaming" for j, v in jobs.items()]
+        print(", ".join(lines) or "no agent connected yet", flush=True)
+        if complete or time.monotonic() >= deadline:
+            return 0 if complete or wait == 0 else 1
+        time.sleep(1.0)
+
+
+def _streaming(job: dict[str, Any]) -> int:
+    return int(job["agents_connected"])
+
+
+def _world_size(job: dict[str, Any]) -> int:
+    return max((int(r.get("world_size", 1)) for r in job["ranks"].values()), default=1)
+
+
+def detach(args: argparse.Namespace) -> int:
+    """Pause the job (or every job): agents stop sampling, the training never notices."""
+    actor = _connect(args)
+    if args.stop:
+        print("stopped the collector actor" if actor.stop() else "no collector actor was running")
+        return 0
+    handle = actor.find()
+    if handle is None:
+        print("no collector actor is running: nothing is attached")
+        return 0
+    import ray
+
+    ray.get(handle.detach.remote(args.job))
+    print(f"detached from {'job ' + args.job if args.job else 'every job'}; its agents are idle")
+    return 0
+
+
+def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentParser) -> None:
+    """The Ray options of `collector`, and the `attach` and `detach` commands."""
+    from .store import STATE_HOME
+
+    sd_default = STATE_HOME / "thermoscope" / "file_sd.json"
+    collector.add_argument(
+        "--ray",
+        action="store_true",
+        help="start it as the Ray cluster's detached collector actor, on the ports of --grpc and "
+        "--metrics and the address of its node, and return",
+    )
+    address_help = "Ray cluster address (default: $RAY_ADDRESS, else the local cluster)"
+    collector.add_argument("--address", help=address_help + "; with --ray")
+    collector.add_argument(
+        "--sd-file",
+        default=str(sd_default),
+        help=f"Prometheus file-SD JSON, with --ray (default {sd_default})",
+    )
+    a = sub.add_parser("attach", help="monitor a running Ray job: start or find the collector actor")
+    a.add_argument("--address", help=address_help)
+    a.add_argument("--job", help="Ray job id to monitor (default: every job)")
+    a.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait until every rank streams, printing progress"
+    )
+    a.add_argument("--sd-file", default=str(sd_default), help="Prometheus file-SD JSON if a collector starts")
+    a.add_argument("--grpc-port", type=int, default=50051, help="if a collector starts (0: any free port)")
+    a.add_argument("--metrics-port", type=int, default=9108, help="if a collector starts (0: any free port)")
+    d = sub.add_parser("detach", help="stop monitoring a Ray job (the job keeps running, untouched)")
+    d.add_argument("--address", help=address_help)
+    d.add_argument("--job", help="Ray job id (default: every job)")
+    d.add_argument("--stop", action="store_true", help="also stop the collector actor")
