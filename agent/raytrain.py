@@ -34,8 +34,10 @@ the collector counts the steps it replays once.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import Any
@@ -52,10 +54,19 @@ log = logging.getLogger("thermoscope.agent")
 
 
 def ray_identity() -> dict[str, Any]:
-    """job, run, rank and world size of this process, from Ray Train (or torch.distributed)."""
-    import ray
+    """job, run, rank and world size of this process, from Ray Train where it runs in one.
 
-    identity: dict[str, Any] = {"job": ray.get_runtime_context().get_job_id()}
+    Outside a Ray worker (torchrun, tests) rank and world size come from torch.distributed,
+    if initialized, and the job from `Monitor`'s defaults.
+    """
+    identity: dict[str, Any] = {}
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        identity |= {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return identity
+    identity["job"] = ray.get_runtime_context().get_job_id()
     try:
         ctx = ray.train.get_context()
         identity |= {
@@ -63,10 +74,8 @@ def ray_identity() -> dict[str, Any]:
             "rank": ctx.get_world_rank(),
             "world_size": ctx.get_world_size(),
         }
-    except (RuntimeError, AttributeError, ValueError):  # not inside a Train worker
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            identity |= {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    except (RuntimeError, AttributeError, ValueError):  # a Ray worker, but not a Train worker
+        pass
     return identity
 
 
@@ -130,11 +139,12 @@ class _AutoWatch:
             return
         self._optimizer = optimizer
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Remove the hooks; flush and end the stream (bounded), so the rank ends as finished."""
         for handle in (*self._forward_hooks, self._step_hook):
             handle.remove()
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close(timeout)
 
 
 def _model_of(optimizer: torch.optim.Optimizer, roots: list[nn.Module]) -> nn.Module | None:
@@ -159,3 +169,4 @@ def setup() -> None:
     global _agent
     if _agent is None and os.environ.get("THERMOSCOPE_DISABLE") != "1":
         _agent = _AutoWatch()
+        atexit.register(_agent.close, 2.0)
