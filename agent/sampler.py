@@ -21,11 +21,20 @@ sampled step:
 
 Small tensors (biases, norms) are measured together from one flat copy with segment sums,
 since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them.
+
+Sharded parameters (DTensors, as FSDP2's `fully_shard` makes them) are measured on the shard
+this rank holds, their gradients likewise (a histogram counts a subset of each shard): the
+statistics of the shards merge exactly in the collector (THEORY section 3). Which layers are
+sharded is found once, at construction, so that a model of plain tensors pays nothing for
+it. A sharded layer's histogram edges come from the full tensor, so that all its shards
+share them: constructing a `Sampler` over sharded parameters is then a collective, which
+every rank of their device mesh must make (`_full_moments`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -198,25 +207,38 @@ class Sampler:
             raise ValueError("the model has no parameters to watch")
         if bins < 1 or subset < 1:
             raise ValueError(f"bins and subset must be positive, got {bins} and {subset}")
-        self.params = [p for _, p in layers]
+        self.params = [p for _, p in layers]  # the Parameter objects: optimizers know them by id
+        dtensor = _dtensor_type()
+        self._sharded = (
+            [] if dtensor is None else [i for i, p in enumerate(self.params) if isinstance(p, dtensor)]
+        )
+        values = self._read_values()
         self.bins = bins
-        self.layers = [_describe(name, p) for name, p in layers]
+        moments = _full_moments([self.params[i] for i in self._sharded], [values[i] for i in self._sharded])
+        full = dict(zip(self._sharded, moments, strict=True))
+        self.layers = [
+            _describe_shard(name, p, values[i], *full[i]) if i in full else _describe(name, p)
+            for i, (name, p) in enumerate(layers)
+        ]
         self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
         self._site_modules = [m for _, m in sites]
         # the probe calls forward() again: only on stateless modules (no running statistics)
         self._probed = [next(m.buffers(), None) is None for m in self._site_modules]
         self._optimizers = list(optimizers) if optimizers is not None else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._layer_count = np.array([p.numel() for p in self.params], dtype=np.int64)
-        self._device = self.params[0].device
+        self._layer_count = np.array([v.numel() for v in values], dtype=np.int64)
+        self._device = values[0].device
         self._handles: list = []
         self._samples = 0
-        self._small = [i for i, p in enumerate(self.params) if p.numel() < SMALL_NUMEL]
+        self._small = [i for i, v in enumerate(values) if v.numel() < SMALL_NUMEL]
         self._small_pos = {i: k for k, i in enumerate(self._small)}
         # Built once, here: a host-to-device copy during a step would make CUDA wait.
-        self._seg = _segments([self.params[i].numel() for i in self._small], self._device)
-        self._subsets = [_subset(name, p.numel(), subset, seed, self._device) for name, p in layers]
-        self._hist_seg = _segments([min(p.numel(), subset) for p in self.params], self._device)
+        self._seg = _segments([values[i].numel() for i in self._small], self._device)
+        self._subsets = [
+            _subset(layer.name, v.numel(), subset, seed, self._device)
+            for layer, v in zip(self.layers, values, strict=True)
+        ]
+        self._hist_seg = _segments([min(v.numel(), subset) for v in values], self._device)
         self._hist_offset = self._hist_seg * (bins + 2) + 1
         self._hist_lo = torch.tensor([layer.hist_lo for layer in self.layers], device=self._device)
         self._hist_scale = torch.tensor(
@@ -254,6 +276,7 @@ class Sampler:
 
     def _reset(self) -> None:
         n_sites = len(self._site_modules)
+        self._values: list[torch.Tensor] | None = None
         self._state: _State | None = None
         self._dot_before: dict[int, torch.Tensor] = {}
         self._dot_after: dict[int, torch.Tensor] = {}
@@ -290,6 +313,23 @@ class Sampler:
 
     # -- parameters ---------------------------------------------------------------------------
 
+    def _read_values(self) -> list[torch.Tensor]:
+        """Each layer's values on this rank: the parameter, or the local shard of a DTensor."""
+        if not self._sharded:
+            return self.params
+        values = list(self.params)
+        for i in self._sharded:
+            values[i] = values[i].to_local()
+        return values
+
+    def _held(self) -> list[torch.Tensor]:
+        """`_read_values`, once per sampled step (`to_local` is an autograd call per tensor; the
+        optimizer updates the shards in place). Read at the step, not kept from construction:
+        FSDP2 may replace a shard's local tensor on the model's first forward (its lazy init)."""
+        if self._values is None:
+            self._values = self._read_values()
+        return self._values
+
     def _owned(self, optimizer: torch.optim.Optimizer) -> list[int]:
         return [
             self._index[id(p)]
@@ -303,7 +343,11 @@ class Sampler:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
             self._state = self._measure_state()
         idx = self._owned(optimizer)
-        self._grads.update({i: g for i in idx if (g := self.params[i].grad) is not None})
+        grads = {i: g for i in idx if (g := self.params[i].grad) is not None}
+        for i in self._sharded:  # a DTensor's gradient is one too
+            if i in grads:
+                grads[i] = grads[i].to_local()
+        self._grads.update(grads)
         self._dot_before.update(self._dots(idx))
 
     @torch.no_grad()
@@ -319,7 +363,7 @@ class Sampler:
         small ones together from one flat copy, histograms all together from the layers' subsets."""
         sums: list[torch.Tensor] = []
         sumsqs: list[torch.Tensor] = []
-        flats = [p.detach().reshape(-1) for p in self.params]
+        flats = [v.detach().reshape(-1) for v in self._held()]
         if self._small:
             flat = _flat64([flats[i] for i in self._small])
             small_sums = _segment_sum(flat, self._seg, len(self._small))
@@ -349,15 +393,16 @@ class Sampler:
     def _dots(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """<g, theta> in float64 of the layers in idx with a saved gradient (current theta)."""
         idx = [i for i in idx if i in self._grads]
+        values = self._held()
         dots = {
-            i: _dot64(self._grads[i].reshape(-1), self.params[i].detach().reshape(-1))
+            i: _dot64(self._grads[i].reshape(-1), values[i].detach().reshape(-1))
             for i in idx
             if i not in self._small_pos
         }
         small = [i for i in idx if i in self._small_pos]
         if small:
-            grads = [self._grads.get(i, torch.zeros_like(self.params[i])) for i in self._small]
-            flat = _flat64([self.params[i] for i in self._small])
+            grads = [self._grads.get(i, torch.zeros_like(values[i])) for i in self._small]
+            flat = _flat64([values[i] for i in self._small])
             products = _segment_sum(_flat64(grads) * flat, self._seg, len(self._small))
             dots.update({i: products[self._small_pos[i]] for i in small})
         return dots
@@ -418,6 +463,73 @@ def _describe(name: str, p: torch.Tensor) -> LayerInfo:
     lo, hi = physics.histogram_edges(float(mean), float(std))
     dtype = str(p.dtype).removeprefix("torch.")
     return LayerInfo(name=name, shape=tuple(p.shape), numel=p.numel(), dtype=dtype, hist_lo=lo, hist_hi=hi)
+
+
+def _dtensor_type() -> type | None:
+    """torch's DTensor class if torch.distributed.tensor is loaded, else None: a parameter can
+    only be a DTensor once it is, and importing it here would add ~0.5 s to every start."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _shard_position(
+    placements: Sequence, coordinate: Sequence[int], mesh_shape: Sequence[int]
+) -> tuple[int, int]:
+    """(shard index, shard count) of a DTensor's local shard.
+
+    The index numbers this rank's coordinates along the mesh dimensions that shard the tensor
+    (row-major); the count is the product of their sizes. Replicated dimensions do not count:
+    their ranks hold copies of the same shard (HSDP), which the collector takes once.
+    """
+    index, count = 0, 1
+    for placement, coord, size in zip(placements, coordinate, mesh_shape, strict=True):
+        if placement.is_shard():
+            index, count = index * size + coord, count * size
+    return index, count
+
+
+def _full_moments(params: list[torch.Tensor], shards: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """(mean, std) of each DTensor's full value, from the local shards of every rank.
+
+    A collective: all ranks must call it with the same parameters in the same order (each
+    constructs its Monitor over the same model). Per group of parameters sharded over the same
+    mesh dimensions, two all_reduce calls over those dimensions: the counts and sums give the
+    mean, then the squared deviations from it give the variance. Two passes, as for a whole
+    tensor, so that a constant tensor has a variance of exactly 0 (one pass of sums of squares
+    would leave round-off, and edges sized by it).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for k, p in enumerate(params):
+        sharded = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
+        groups.setdefault((p.device_mesh, sharded), []).append(k)
+
+    def all_reduce(mesh, dims: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
+        for d in dims:
+            torch.distributed.all_reduce(values, group=mesh.get_group(d))
+        return values
+
+    moments = [(0.0, 0.0)] * len(params)
+    for (mesh, dims), members in groups.items():
+        local = [shards[k].detach().reshape(-1) for k in members]  # in float64 one at a time
+        count = torch.tensor([v.numel() for v in local], dtype=torch.float64, device=local[0].device)
+        sums = torch.stack([v.sum(dtype=torch.float64) for v in local])
+        count, sums = all_reduce(mesh, dims, torch.stack([count, sums]))
+        mean = sums / count
+        deviations = [(v.double() - m).square().sum() for v, m in zip(local, mean, strict=True)]
+        m2 = all_reduce(mesh, dims, torch.stack(deviations))
+        for k, m, var in zip(members, mean.tolist(), (m2 / count).tolist(), strict=True):
+            moments[k] = (m, math.sqrt(var))
+    return moments
+
+
+def _describe_shard(name: str, p: torch.Tensor, local: torch.Tensor, mean: float, std: float) -> LayerInfo:
+    """A sharded layer's table entry: the full shape, the values this rank holds (maybe none),
+    its shard's place, and histogram edges from the full tensor's moments, so that every shard
+    declares the same edges (the collector refuses a layer whose ranks disagree)."""
+    index, count = _shard_position(p.placements, p.device_mesh.get_coordinate(), p.device_mesh.shape)
+    lo, hi = physics.histogram_edges(mean, std)
+    dtype = str(p.dtype).removeprefix("torch.")
+    return LayerInfo(name, tuple(p.shape), local.numel(), dtype, index, count, lo, hi)
 
 
 def _subset(name: str, numel: int, size: int, seed: int, device: torch.device) -> torch.Tensor | None:
