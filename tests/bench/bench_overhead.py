@@ -14,7 +14,10 @@ initial weights):
 * `every=1, collector`: a `Monitor` sampling every step, streaming to a live collector;
 * `every=10, collector`: the same, sampling one step in ten (the default);
 * `every=10, in-process`: `collector=None`, samples kept in-process (not derived: nothing
-  calls `latest()`), i.e. the sampler's own cost without the sender thread.
+  calls `latest()`), i.e. the sampler's own cost without the sender thread;
+* `every=10, dormant`: a monitor that looks for its collector and finds none (what `watch`
+  and the zero-code hook are in a Ray job nobody attached to): it samples nothing, and its
+  sender thread looks the collector up once per discovery interval.
 
 The collector is a separate process (`thermoscope collector` on free loopback ports), as in
 production: it does not share the training process's GIL, but on a small machine it shares
@@ -98,6 +101,7 @@ class Config:
     name: str
     every: int | None  # None: no monitor
     streamed: bool = False  # to the collector process, else in-process
+    dormant: bool = False  # looking for a collector that is not there
 
 
 @dataclass
@@ -254,7 +258,7 @@ def make_arm(config: Config, shape: Shape, target: str | None, seed: int, device
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     monitor = None
     if config.every is not None:
-        collector = target if config.streamed else None
+        collector = target if config.streamed else (lambda: None) if config.dormant else None
         monitor = Monitor(model, optimizer, collector=collector, job=JOB, every=config.every)
     return Arm(config, model, optimizer, monitor)
 
@@ -268,7 +272,9 @@ def train(arm: Arm, pool: list[tuple[torch.Tensor, torch.Tensor]], steps: int, r
     for _ in range(steps):
         x, y = pool[arm.steps % len(pool)]
         # The monitor samples steps 0, every, 2 every, ... (it arms itself on construction).
-        sampled = monitor is not None and monitor.enabled and arm.steps % monitor.every == 0
+        sampled = (
+            monitor is not None and monitor.enabled and not monitor.dormant and arm.steps % monitor.every == 0
+        )
         t0 = clock()
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -437,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if not args.no_local:
         configs.append(Config("every=10, in-process", 10))
+    configs.append(Config("every=10, dormant", 10, dormant=True))
 
     shape = Shape(args.width, args.depth, args.batch)
     pool = make_pool(shape, args.seed + 1, device)
