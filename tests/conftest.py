@@ -7,6 +7,7 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -105,8 +106,8 @@ def wait_serving(target: str, timeout: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def start_collector_process(db: Path, grpc_port: int | None = None) -> CollectorProcess:
-    """`thermoscope collector` as its own process, as a user would run it, once it serves."""
+def start_collector_process(db: Path, grpc_port: int | None = None, *options: str) -> CollectorProcess:
+    """`thermoscope collector [options]` as its own process, as a user would run it, once it serves."""
     grpc_port, metrics_port = grpc_port or free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -120,6 +121,7 @@ def start_collector_process(db: Path, grpc_port: int | None = None) -> Collector
             f"127.0.0.1:{metrics_port}",
             "--db",
             str(db),
+            *options,
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -220,21 +222,45 @@ def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcEr
 
 
 class OpenStream:
-    """An agent's stream held open: send messages one at a time and read the replies."""
+    """An agent's stream held open: send messages one at a time and read the replies.
+
+    `config` is the Config that answered the hello. Replies are read by a thread, so that
+    `reply` can wait a bounded time; `cancel` breaks the call as a crashed agent would.
+    """
+
+    _END = object()
 
     def __init__(self, target: str, first: pb.AgentMessage) -> None:
         self._outbox: queue.Queue = queue.Queue()
         self._outbox.put(first)
+        self._inbox: queue.Queue = queue.Queue()
         self._channel = grpc.insecure_channel(target)
         self._call = pb_grpc.TelemetryStub(self._channel).Stream(iter(self._outbox.get, None), timeout=30)
-        self._replies = iter(self._call)
-        assert self.reply().HasField("config")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        first_reply = self.reply()
+        assert first_reply.HasField("config")
+        self.config = first_reply.config
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._inbox.put(reply)
+        except grpc.RpcError:
+            pass
+        finally:
+            self._inbox.put(self._END)
 
     def send(self, msg: pb.AgentMessage) -> None:
         self._outbox.put(msg)
 
-    def reply(self) -> pb.CollectorMessage:
-        return next(self._replies)
+    def reply(self, timeout: float = 15.0) -> pb.CollectorMessage:
+        """The next reply (queue.Empty if none came within `timeout` s)."""
+        item = self._inbox.get(timeout=timeout)
+        if item is self._END:
+            self._inbox.put(item)
+            raise EOFError("the call has ended")
+        return item
 
     def ack(self, msg: pb.AgentMessage) -> int:
         """Send a frame and return the sequence number the collector acknowledged."""
@@ -242,6 +268,13 @@ class OpenStream:
         return self.reply().ack.seq
 
     def close(self) -> None:
+        """Half-close the requests (the agent finished) and read the call to its end."""
         self._outbox.put(None)
-        list(self._replies)
+        self._reader.join(timeout=15)
+        self._channel.close()
+
+    def cancel(self) -> None:
+        """Break the call (an agent that crashed or lost its connection)."""
+        self._call.cancel()
+        self._reader.join(timeout=15)
         self._channel.close()
