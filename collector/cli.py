@@ -80,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
         default=50,
         help="layers per job with a phase state-set (default 50)",
     )
+    c.add_argument(
+        "--stale-after",
+        type=_positive_number,
+        default=60.0,
+        metavar="S",
+        help="seconds an agent may send nothing (its job not paused) before its rank is stale (default 60)",
+    )
     attach_cli.add_arguments(sub, c)
 
     e = sub.add_parser("events", help="list the phase transitions a collector detected")
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_message_bytes": args.max_message_bytes,
             "db": args.db,
             "phase_layers": args.phase_layers,
+            "stale_after": args.stale_after,
         }
         if args.ray:
             return attach_cli.start(args, settings)

@@ -5,6 +5,11 @@ base units, `_total` counters, the job label is `job_id` (Prometheus owns `job` 
 `instance`), and no per-layer series carries a `rank` label: ranks are merged first, so a
 job's series count is layers + sites, whatever its world size. NaN means undefined (a
 temperature whose changes are below their noise floor).
+
+Liveness is the one place ranks appear: `thermoscope_rank_stale{job_id,rank}` (one series
+per rank that streams or is stale; a rank that finished has none), beside
+`thermoscope_agents_connected{job_id}`, `thermoscope_rank_lost_total{job_id}` and
+`thermoscope_job_paused{job_id}`.
 """
 
 from __future__ import annotations
@@ -90,16 +95,12 @@ class MetricsExporter(Collector):
         info.add_metric([], {"version": self._version})
         yield info
 
-        connected = GaugeMetricFamily(
-            "thermoscope_agents_connected", "Agents streaming for the job.", labels=["job_id"]
-        )
+        yield from self._liveness(jobs)
         received = CounterMetricFamily(
             "thermoscope_frames_received", "Frames accepted for the job.", labels=["job_id"]
         )
         for job in jobs:
-            connected.add_metric([job.job_id], job.agents_connected)
             received.add_metric([job.job_id], job.frames_received)
-        yield connected
         yield received
         rejected = CounterMetricFamily(
             "thermoscope_frames_rejected", "Messages refused, by reason.", labels=["reason"]
@@ -156,6 +157,42 @@ class MetricsExporter(Collector):
         yield engines
         yield network
         yield from self._phases(jobs)
+
+    def _liveness(self, jobs: list[Job]) -> Iterator[Metric]:
+        """Who streams: connected agents, stale ranks, ranks lost, paused jobs."""
+        connected = GaugeMetricFamily(
+            "thermoscope_agents_connected",
+            "Agents streaming for the job: open streams whose rank is not stale.",
+            labels=["job_id"],
+        )
+        stale = GaugeMetricFamily(
+            "thermoscope_rank_stale",
+            "1 if the rank is stale: its stream ended abnormally, or sent nothing for the collector's "
+            "stale_after seconds while the job was not paused; 0 if it streams. A rank that "
+            "finished (closed its stream cleanly) has no series.",
+            labels=["job_id", "rank"],
+        )
+        lost = CounterMetricFamily(
+            "thermoscope_rank_lost",
+            "Times a rank of the job went stale (a rank that reconnects is live again).",
+            labels=["job_id"],
+        )
+        paused = GaugeMetricFamily(
+            "thermoscope_job_paused",
+            "1 if the collector asked the job's agents to stop sampling (detached), else 0.",
+            labels=["job_id"],
+        )
+        for job in jobs:
+            live = job.liveness()
+            connected.add_metric([job.job_id], live.connected)
+            for rank, (_, is_stale) in live.ranks.items():
+                stale.add_metric([job.job_id, str(rank)], float(is_stale))
+            lost.add_metric([job.job_id], live.lost_total)
+            paused.add_metric([job.job_id], float(job.paused))
+        yield connected
+        yield stale
+        yield lost
+        yield paused
 
     def _phases(self, jobs: list[Job]) -> Iterator[Metric]:
         """State-sets of the job's and its first `phase_layers` layers' phases, and transitions."""

@@ -8,12 +8,24 @@ mean of the ranks' losses; activation sites pool every rank's batch.
 
 A step is merged once every connected rank of the job has sent it, or once every connected
 rank has moved past it (a rank that skipped it, or left); a frame arriving for a step that
-was already merged is counted as late and not applied.
+was already merged is counted as late and not applied. So a rank that comes back (a worker
+restarted from a checkpoint, its step counter replaying steps already merged) counts nothing
+twice.
+
+Liveness: a rank is *stale* when its stream ended abnormally (cancelled, connection broken,
+refused) or when its open stream sent nothing for `stale_after` seconds while its job was not
+paused; a rank whose stream ended cleanly (the agent half-closed: it finished) is neither:
+it is only kept in `Job.finished`, for the record.
+Silence is judged when someone looks (a scrape, a snapshot, the rank's next frame), so no
+timer runs; each time a rank goes stale counts once in `ranks_lost`. The liveness state is
+read from the metrics thread, so it is kept under `Job.lock`; everything else is the event
+loop's.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +60,17 @@ class Stream:
     last_step: int = -1
     last_seq: int = 0
     frames: int = 0
+    heard: float = field(default_factory=time.monotonic)  # when it last sent (or was unpaused)
+    stale: bool = False  # stale at the last look: its silence was counted in `Job.ranks_lost`
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Who is streaming for a job, at one moment."""
+
+    ranks: dict[int, tuple[Stream, bool]]  # open and lost ranks: the (last) stream, stale
+    connected: int  # open streams that are not stale
+    lost_total: int  # times a rank of the job went stale
 
 
 @dataclass
@@ -57,7 +80,12 @@ class Job:
     job_id: str
     window: int
     store: EventStore | None = None  # where phase transitions are kept
+    stale_after: float = 60.0  # seconds of silence after which an open stream's rank is stale
+    paused: bool = False  # the collector asked the job's agents to stop sampling
     streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
+    lost: dict[int, Stream] = field(default_factory=dict)  # by rank: streams that ended abnormally
+    finished: dict[int, Stream] = field(default_factory=dict)  # by rank: streams that ended cleanly
+    ranks_lost: int = 0  # times a rank went stale
     frames_received: int = 0
     frames_late: int = 0
     layers: dict[str, LayerInfo] = field(default_factory=dict)  # by name, as first declared
@@ -72,10 +100,17 @@ class Job:
     _pending: dict[int, dict[int, Sample]] = field(default_factory=dict)
     _merged_step: int = -1
     _thermometer: Thermometer | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def agents_connected(self) -> int:
-        return len(self.streams)
+        """Open streams that are not stale."""
+        return self.liveness().connected
+
+    @property
+    def merged_step(self) -> int:
+        """The last step merged (-1: none yet)."""
+        return self._merged_step
 
     @property
     def layer_names(self) -> list[str]:
@@ -100,7 +135,10 @@ class Job:
                     f"[{known.hist_lo}, {known.hist_hi}) declared by another rank",
                 )
         self.bins = stream.bins
-        self.streams[stream.rank] = stream
+        with self.lock:
+            self.streams[stream.rank] = stream  # a rank that comes back is live again
+            self.lost.pop(stream.rank, None)
+            self.finished.pop(stream.rank, None)
         self._tables[stream.rank] = (stream.layers, stream.sites)
         for layer in stream.layers:
             self.layers.setdefault(layer.name, layer)
@@ -108,13 +146,61 @@ class Job:
             self.sites.setdefault(site.name, site)
         self.last_seen = time.time()
 
-    def close(self, stream: Stream) -> None:
-        if self.streams.get(stream.rank) is stream:
-            del self.streams[stream.rank]
+    def close(self, stream: Stream, clean: bool = True) -> None:
+        """The stream ended: cleanly (the rank finished) or not (the rank is stale until it returns).
+
+        A stream that another one of its rank already replaced changes nothing.
+        """
+        with self.lock:
+            if self.streams.get(stream.rank) is stream:
+                del self.streams[stream.rank]
+                if clean:
+                    stream.stale = False
+                    self.finished[stream.rank] = stream
+                else:
+                    if not self._judge(stream, time.monotonic()):  # not already stale by silence
+                        self.ranks_lost += 1
+                    stream.stale = True
+                    self.lost[stream.rank] = stream
         self._merge_ready()
+
+    def liveness(self, now: float | None = None) -> Liveness:
+        """The staleness of every rank not finished, now (counting ranks that have just gone stale)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            ranks = {rank: (s, self._judge(s, now)) for rank, s in self.streams.items()}
+            connected = sum(not stale for _, stale in ranks.values())
+            ranks.update((rank, (s, True)) for rank, s in self.lost.items())
+            return Liveness(dict(sorted(ranks.items())), connected, self.ranks_lost)
+
+    def set_paused(self, paused: bool, now: float | None = None) -> None:
+        """Pause or resume the job's agents: paused ranks are not stale for their silence."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if paused == self.paused:
+                return
+            for s in self.streams.values():
+                if paused:
+                    self._judge(s, now)  # a silence that had already gone on too long still counts
+                else:
+                    s.heard, s.stale = now, False  # the silence clock starts at the resume
+            self.paused = paused
+
+    def _judge(self, stream: Stream, now: float) -> bool:
+        """Is the open `stream` stale at `now`? Counts it when it has just gone stale (lock held)."""
+        stale = not self.paused and now - stream.heard > self.stale_after
+        if stale and not stream.stale:
+            self.ranks_lost += 1
+        stream.stale = stale
+        return stale
 
     def accept(self, stream: Stream, sample: Sample) -> None:
         """Take one rank's sample; merge every step that became complete."""
+        now = time.monotonic()
+        with self.lock:
+            if self.streams.get(stream.rank) is stream:
+                self._judge(stream, now)  # a silence no one looked at still counts
+            stream.heard, stream.stale = now, False
         self.frames_received += 1
         self.last_seen = time.time()
         stream.frames += 1

@@ -5,14 +5,20 @@ wrong (the agent reconnects), is counted in `thermoscope_frames_rejected_total{r
 and changes no state; every other stream carries on. Size and decoding are checked in the
 request deserializer, before protobuf parses anything, so an oversized or garbled message
 costs only its bytes.
+
+The collector also decides which jobs stream at all (`Telemetry.admit`: attach/detach): a
+change reaches every open stream of the job at once as a `Config{paused}`, and a new stream
+gets the job's state in the `Config` that answers its hello.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,6 +40,10 @@ _STATUS = {
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
     "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+#: Requests a stream reads ahead of the ones it has handled (then gRPC's flow control holds the agent).
+READ_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -58,61 +68,222 @@ def deserializer(max_bytes: int):
     return decode
 
 
+@dataclass(frozen=True)
+class _ReadFailed:
+    """Reading the requests failed (the server is stopping): the handler re-raises it."""
+
+    error: Exception
+
+
+_END = object()  # the agent half-closed its requests
+_PUSH = object()  # the job's admission changed: tell the agent
+
+
+@dataclass(eq=False)
+class _Session:
+    """One call: what its reader task, its handler and admission changes share."""
+
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # requests, _PUSH, then _END
+    credit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(READ_AHEAD))
+    stream: Stream | None = None  # after a valid hello
+    pushing: bool = False  # a _PUSH is queued
+    clean: bool = False  # the agent half-closed, and our last reply reached it
+    ended: bool = False
+
+    def push(self) -> None:
+        if not self.pushing:
+            self.pushing = True
+            self.inbox.put_nowait(_PUSH)
+
+
 class Telemetry:
-    """The servicer: hello, then frames; acks each accepted frame."""
+    """The servicer: hello, then frames; acks each accepted frame; pushes admission changes.
+
+    All its state lives on the server's event loop; other threads go through
+    `Collector.attach` / `detach` / `snapshot`, which hop onto the loop.
+    """
 
     def __init__(
-        self, jobs: dict[str, Job], *, window: int = 10, every: int = 0, store: EventStore | None = None
+        self,
+        jobs: dict[str, Job],
+        *,
+        window: int = 10,
+        every: int = 0,
+        store: EventStore | None = None,
+        stale_after: float = 60.0,
+        active: bool = True,
     ) -> None:
+        """`stale_after`: seconds of silence after which an open stream's rank is stale;
+        `active`: whether jobs stream by default (False: every job paused until attached)."""
+        if not stale_after > 0:
+            raise ValueError(f"stale_after must be positive, got {stale_after}")
         self.jobs = jobs
         self.store = store
         self.window = window
         self.every = every
+        self.stale_after = stale_after
+        self.default_active = active
+        self.overrides: dict[str, bool] = {}  # per-job admission, over the default
         self.rejected: Counter[str] = Counter()
+        self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def active(self, job_id: str) -> bool:
+        """Whether the job's agents should stream (not paused)."""
+        return self.overrides.get(job_id, self.default_active)
+
+    def admit(self, job_id: str | None, active: bool) -> None:
+        """attach (`active`) or detach one job, or every job (None: set the default, drop the
+        per-job choices). Every open stream of a job whose state changes is told at once.
+        Call on the event loop's thread."""
+        watched = set(self.jobs) | set(self._sessions)
+        before = {j: self.active(j) for j in watched}
+        if job_id is None:
+            self.default_active = active
+            self.overrides.clear()
+        else:
+            self.overrides[job_id] = active
+        now = time.monotonic()
+        for j in watched:
+            if self.active(j) == before[j]:
+                continue
+            if j in self.jobs:
+                self.jobs[j].set_paused(not self.active(j), now)
+            for session in self._sessions.get(j, ()):
+                session.push()
+        log.info("%s %s", "attached" if active else "detached", f"job {job_id}" if job_id else "every job")
+
+    def _config(self, job_id: str) -> pb.CollectorMessage:
+        return pb.CollectorMessage(config=pb.Config(every=self.every, paused=not self.active(job_id)))
+
+    # -- the call ---------------------------------------------------------------------------------
 
     async def Stream(
         self, requests: AsyncIterator[pb.AgentMessage | BadBytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CollectorMessage]:
-        stream: Stream | None = None
+        """One agent's call: a reader task feeds an `asyncio.Queue`; this generator is its only writer.
+
+        The replies must follow the requests (an ack per frame) and also admission changes,
+        which happen while the agent sends nothing (a paused agent is silent). So a task
+        reads the requests into the session's queue, `Telemetry.admit` puts a `_PUSH` marker
+        in the same queue, and this generator, the call's one writer, takes both in order.
+        Why not `context.write` from `admit`: grpc.aio allows "only one write operation
+        simultaneously" per call, and the runtime writes whatever this generator yields, so
+        a second writer would race the acks. One writer keeps the replies ordered, and keeps
+        validation, `abort` and the final status in the handler's own task. The reader
+        holds at most `READ_AHEAD` requests unhandled, so gRPC's flow control still paces
+        the agent.
+
+        How the call ended decides whether the rank is stale: a client cancel or a broken
+        connection cancels this task (the rank is lost); a half-close ends the requests (the
+        rank finished). grpc.aio shows a cancel that races the reader as an end of requests
+        too, so on that end a last `Ack` (the highest accepted seq: a no-op for the agent) is
+        written first: if the agent is gone the write fails, this generator is not resumed,
+        and the end counts as abnormal; only a rank whose agent read it ended cleanly.
+        """
+        session = _Session()
+        context.add_done_callback(lambda _: self._end(session))
+        reader = asyncio.create_task(self._read(requests, session))
+        try:
+            while True:
+                item = await session.inbox.get()
+                if item is _PUSH:
+                    session.pushing = False
+                    if session.stream is not None:
+                        yield self._config(session.stream.job_id)
+                elif item is _END:
+                    if session.stream is not None:
+                        yield pb.CollectorMessage(ack=pb.Ack(seq=session.stream.last_seq))
+                    session.clean = True
+                    return
+                elif isinstance(item, _ReadFailed):
+                    raise item.error
+                else:
+                    session.credit.release()
+                    yield await self._handle(item, session, context)
+        finally:
+            reader.cancel()
+            self._end(session)
+
+    async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: _Session) -> None:
         try:
             async for msg in requests:
-                if isinstance(msg, BadBytes):
-                    await self._reject(context, msg.reason, msg.message)
-                kind = msg.WhichOneof("body")
-                if kind == "hello":
-                    if stream is not None:
-                        await self._reject(context, "duplicate_hello", "a stream sends one hello, first")
-                    try:
-                        stream = self._open(msg.hello)
-                    except wire.WireError as exc:
-                        await self._reject(context, exc.reason, str(exc))
-                    yield pb.CollectorMessage(config=pb.Config(every=self.every, paused=False))
-                elif kind == "frame":
-                    if stream is None:
-                        await self._reject(context, "unknown_stream", "frame on a stream that sent no hello")
-                    try:
-                        sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins)
-                    except wire.WireError as exc:
-                        await self._reject(context, exc.reason, str(exc))
-                    if msg.frame.seq <= stream.last_seq:
-                        await self._reject(
-                            context, "sequence", f"frame seq {msg.frame.seq} after seq {stream.last_seq}"
-                        )
-                    stream.last_seq = msg.frame.seq
-                    self.jobs[stream.job_id].accept(stream, sample)
-                    yield pb.CollectorMessage(ack=pb.Ack(seq=msg.frame.seq))
-                else:
-                    await self._reject(context, "empty", "message carries neither hello nor frame")
-        finally:
+                session.inbox.put_nowait(msg)
+                await session.credit.acquire()
+        except Exception as exc:  # handed to the handler, which raises it
+            session.inbox.put_nowait(_ReadFailed(exc))
+        else:
+            session.inbox.put_nowait(_END)
+
+    async def _handle(
+        self, msg: pb.AgentMessage | BadBytes, session: _Session, context: grpc.aio.ServicerContext
+    ) -> pb.CollectorMessage:
+        """The reply to one request, or the end of the call with a status (`_reject` raises)."""
+        if isinstance(msg, BadBytes):
+            await self._reject(context, msg.reason, msg.message)
+        stream = session.stream
+        kind = msg.WhichOneof("body")
+        if kind == "hello":
             if stream is not None:
-                self.jobs[stream.job_id].close(stream)
+                await self._reject(context, "duplicate_hello", "a stream sends one hello, first")
+            try:
+                stream = session.stream = self._open(msg.hello)
+            except wire.WireError as exc:
+                await self._reject(context, exc.reason, str(exc))
+            self._sessions.setdefault(stream.job_id, set()).add(session)
+            return self._config(stream.job_id)
+        if kind == "frame":
+            if stream is None:
+                await self._reject(context, "unknown_stream", "frame on a stream that sent no hello")
+            try:
+                sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins)
+            except wire.WireError as exc:
+                await self._reject(context, exc.reason, str(exc))
+            if msg.frame.seq <= stream.last_seq:
+                await self._reject(
+                    context, "sequence", f"frame seq {msg.frame.seq} after seq {stream.last_seq}"
+                )
+            stream.last_seq = msg.frame.seq
+            self.jobs[stream.job_id].accept(stream, sample)
+            return pb.CollectorMessage(ack=pb.Ack(seq=msg.frame.seq))
+        await self._reject(context, "empty", "message carries neither hello nor frame")
+        raise AssertionError("unreachable: _reject raises")
+
+    def _end(self, session: _Session) -> None:
+        """The call is over (called from the handler and from the call's done callback)."""
+        if session.ended:
+            return
+        session.ended = True
+        stream = session.stream
+        if stream is None:
+            return
+        sessions = self._sessions.get(stream.job_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions[stream.job_id]
+        self.jobs[stream.job_id].close(stream, clean=session.clean)
+        if not session.clean:
+            log.warning(
+                "agent lost: job %s rank %d on %s (its stream ended abnormally)",
+                stream.job_id,
+                stream.rank,
+                stream.host,
+            )
 
     def _open(self, hello: pb.Hello) -> Stream:
         """Register the agent of a valid hello with its job (raises WireError otherwise)."""
         layers, sites = wire.decode_hello(hello)
         job = self.jobs.get(hello.job_id)
         if job is None:
-            job = self.jobs[hello.job_id] = Job(hello.job_id, window=self.window, store=self.store)
+            job = self.jobs[hello.job_id] = Job(
+                hello.job_id,
+                window=self.window,
+                store=self.store,
+                stale_after=self.stale_after,
+                paused=not self.active(hello.job_id),
+            )
         stream = Stream(
             job_id=hello.job_id,
             run_id=hello.run_id,

@@ -1,25 +1,31 @@
 """The collector process: gRPC ingest, the standard health service, and `/metrics`.
 
 `Collector.serve()` runs it in the foreground (the CLI); `Collector.running()` runs it on a
-background thread for in-process use (`thermoscope demo`, tests). Addresses default to
-loopback; port 0 picks a free port, read back from `grpc_port` / `metrics_port`.
+background thread for in-process use (`thermoscope demo`, the Ray actor, tests). Addresses
+default to loopback; port 0 picks a free port, read back from `grpc_port` / `metrics_port`.
+
+Its state belongs to its event loop. Other threads use `attach`, `detach` and `snapshot`,
+which run on that loop and return once done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
 from .export import MetricsExporter
-from .merge import Job
+from .merge import Job, Stream
 from .server import SERVICE, Telemetry
 from .store import DEFAULT_DB, EventStore
 
@@ -31,6 +37,10 @@ DEFAULT_METRICS = "127.0.0.1:9108"
 #: gRPC's own hard limit; the contract limit (`max_message_bytes`) is checked below it so that
 #: messages between the two are refused with our status and counted.
 HARD_MESSAGE_LIMIT = 256 << 20
+#: How long `attach`, `detach` and `snapshot` wait for the collector's event loop.
+LOOP_TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -53,15 +63,22 @@ class Collector:
         max_message_bytes: int = 16 << 20,
         db: str | Path | None = DEFAULT_DB,
         phase_layers: int = 50,
+        stale_after: float = 60.0,
+        active: bool = True,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
-        layers per job get a `thermoscope_phase` state-set (a bound on series per job)."""
+        layers per job get a `thermoscope_phase` state-set (a bound on series per job);
+        `stale_after`: seconds an open stream may stay silent (its job not paused) before its
+        rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
+        ones to watch)."""
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
         self.store = EventStore(db) if db is not None else None
-        self.telemetry = Telemetry(self.jobs, window=window, every=every, store=self.store)
+        self.telemetry = Telemetry(
+            self.jobs, window=window, every=every, store=self.store, stale_after=stale_after, active=active
+        )
         self.registry = CollectorRegistry()
         self.registry.register(MetricsExporter(self.jobs, self.telemetry.rejected, VERSION, phase_layers))
         ProcessCollector(registry=self.registry)
@@ -70,6 +87,7 @@ class Collector:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._http = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def metrics_url(self) -> str:
@@ -82,6 +100,7 @@ class Collector:
         return f"{host}:{self.grpc_port}"
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT),
@@ -122,6 +141,75 @@ class Collector:
         finally:
             await self.stop()
 
+    # -- from any thread ---------------------------------------------------------------------------
+
+    def attach(self, job: str | None = None) -> None:
+        """Let `job` stream (None: every job, dropping per-job choices); its agents resume at once."""
+        self._on_loop(self.telemetry.admit, job, True)
+
+    def detach(self, job: str | None = None) -> None:
+        """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once."""
+        self._on_loop(self.telemetry.admit, job, False)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every known job's state, JSON-able: the collector's view for a CLI or an actor.
+
+        `{job_id: {"active", "agents_connected", "last_step" (-1: none merged), "frames_received",
+        "frames_late", "energy", "layer_entropy": {layer: nats}, "ranks": {rank: {"stale",
+        "finished", "last_step", "frames", "run_id", "host", "world_size"}}}}`; undefined
+        numbers are None. `ranks` holds every rank that ever streamed: streaming (neither flag),
+        stale, or finished (its stream ended cleanly); a rank's numbers are its last stream's.
+        """
+        return self._on_loop(self._snapshot)
+
+    def _snapshot(self) -> dict[str, dict[str, Any]]:
+        jobs = {}
+        for job_id, job in self.jobs.items():
+            live = job.liveness()
+            ranks = [(rank, (s, stale, False)) for rank, (s, stale) in live.ranks.items()]
+            ranks += [(rank, (s, False, True)) for rank, s in list(job.finished.items())]
+            ranks.sort(key=lambda item: item[0])
+            reading = job.reading
+            entropy = (
+                {} if reading is None else dict(zip(reading.layer_names, reading.layer_entropy, strict=True))
+            )
+            jobs[job_id] = {
+                "active": self.telemetry.active(job_id),
+                "agents_connected": live.connected,
+                "last_step": job.merged_step,
+                "frames_received": job.frames_received,
+                "frames_late": job.frames_late,
+                "energy": None if reading is None else _number(reading.energy),
+                "layer_entropy": {name: _number(h) for name, h in entropy.items()},
+                "ranks": {rank: _rank(s, stale, finished) for rank, (s, stale, finished) in ranks},
+            }
+        return jobs
+
+    def _on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the collector's event loop and return its result.
+
+        Before `start` and after the loop stopped nothing else touches the state: it runs here.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return fn(*args)
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:  # no loop runs on this thread
+            here = None
+        if here is loop:
+            return fn(*args)
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(call)
+        return done.result(timeout=LOOP_TIMEOUT)
+
     @contextlib.contextmanager
     def running(self) -> Iterator[Collector]:
         """Run on a background thread with its own event loop for the duration of the block."""
@@ -137,3 +225,19 @@ class Collector:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
             loop.close()
+
+
+def _rank(s: Stream, stale: bool, finished: bool) -> dict[str, Any]:
+    return {
+        "stale": stale,
+        "finished": finished,
+        "last_step": s.last_step,
+        "frames": s.frames,
+        "run_id": s.run_id,
+        "host": s.host,
+        "world_size": s.world_size,
+    }
+
+
+def _number(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None

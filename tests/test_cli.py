@@ -37,6 +37,7 @@ def test_demo_draws_its_run_when_asked(tmp_path) -> None:
         (["demo", "--every", "x"], "--every: must be an integer, got 'x'"),
         (["collector", "--window", "1"], "--window: must be at least 2"),
         (["collector", "--grpc", "nonsense"], "HOST:PORT"),
+        (["collector", "--stale-after", "0"], "--stale-after: must be a positive number, got 0"),
     ],
 )
 def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:

@@ -94,9 +94,10 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     assert value(m, "thermoscope_engine_info", job_id="e2e", site="1", engine="A") == 1  # ReLU
     assert value(m, "thermoscope_network_engine_info", job_id="e2e", engine="A") == 1
     wait_for(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
-    # no per-layer series carries a rank, nor a label Prometheus owns
+    # no series carries a label Prometheus owns, and only liveness has a rank (none per layer)
     labels = {label for (_, ls) in m for label, _ in ls}
-    assert not labels & {"rank", "job", "instance"}
+    assert not labels & {"job", "instance"}
+    assert {name for (name, ls) in m if "rank" in dict(ls)} <= {"thermoscope_rank_stale"}
 
 
 def test_replicas_count_once_and_energy_is_the_mean_over_ranks(collector) -> None:
