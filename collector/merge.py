@@ -6,9 +6,12 @@ parallel replicas) is counted once, from the lowest rank; a layer split into sha
 its work dots add up. A layer missing a shard at a step is NaN for that step. Energy is the
 mean of the ranks' losses; activation sites pool every rank's batch.
 
-A step is merged once every connected rank of the job has sent it, or once every connected
-rank has moved past it (a rank that skipped it, or left); a frame arriving for a step that
-was already merged is counted as late and not applied. So a rank that comes back (a worker
+A step is merged once every rank the job waits for has sent it: the connected ranks, and
+the ranks of its `world_size` that have not connected yet (agents that find their collector
+by discovery connect up to an interval apart); or, once all ranks have connected, when every
+connected rank has moved past it (a rank that skipped it, or left). Waiting is bounded:
+beyond MAX_PENDING_STEPS steps the oldest is merged with the ranks it has. A frame arriving
+for a step that was already merged is counted as late and not applied. So a rank that comes back (a worker
 restarted from a checkpoint, its step counter replaying steps already merged) counts nothing
 twice.
 
@@ -212,11 +215,12 @@ class Job:
         self._merge_ready()
 
     def _merge_ready(self) -> None:
-        ranks = set(self.streams)
+        world = max((s.world_size for s in self.streams.values()), default=0)
+        unseen = sum(rank < world for rank in self._tables) < world  # an announced rank never connected
         horizon = min((s.last_step for s in self.streams.values()), default=math.inf)
         for step in sorted(self._pending):
             parts = self._pending[step]
-            complete = ranks <= parts.keys() or step < horizon
+            complete = not unseen and (self.streams.keys() <= parts.keys() or step < horizon)
             if not (complete or len(self._pending) > MAX_PENDING_STEPS):
                 break
             del self._pending[step]

@@ -213,6 +213,24 @@ def test_a_step_waits_for_every_connected_rank(collector) -> None:
     rank1.close()
 
 
+def test_a_step_waits_for_the_ranks_of_the_world_that_have_not_connected_yet(collector) -> None:
+    """Agents that discover their collector connect up to an interval apart: rank 0's first steps
+    wait for rank 1 (a bounded wait), so the job's energy is the mean of both ranks' losses."""
+    rank0 = OpenStream(collector.grpc_target, hello("joining", rank=0, world_size=2))
+    for seq, step in enumerate((0, 1, 2), start=1):
+        assert rank0.ack(frame(seq, step, energy=1.0)) == seq
+    time.sleep(0.2)
+    assert collector.jobs["joining"].reading is None  # rank 1 has not connected: nothing merged
+    rank1 = OpenStream(collector.grpc_target, hello("joining", rank=1, world_size=2))
+    for seq, step in enumerate((0, 1, 2), start=1):
+        assert rank1.ack(frame(seq, step, energy=3.0)) == seq
+    wait_for(collector.metrics_url, "thermoscope_last_step", 2, job_id="joining")
+    assert value(scrape(collector.metrics_url), "thermoscope_energy", job_id="joining") == 2.0
+    assert collector.jobs["joining"].frames_late == 0
+    rank0.close()
+    rank1.close()
+
+
 @pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus (.ci/run)"
 )
