@@ -24,7 +24,10 @@ global optimizer step post-hook then picks, among them, the model holding that o
 parameters, watches it, and removes both global hooks. From then on the monitor's step
 is counted by a post-hook on that optimizer alone. No loss is visible to a hook, so the
 energy is the cumulative work (see `derive`). Processes that never step an optimizer (the
-Train controller, data workers) pay one dictionary insert per outermost module call.
+Train controller, data workers) pay one dictionary insert per outermost module call. The
+stream ends (flushed, half-closed: the collector sees a rank that finished, not one that was
+lost) when the thread that trained ends — Ray Train runs the training function on a thread
+of its own, and stops the worker without running exit handlers — or at interpreter exit.
 
 Identity: `job` is Ray's job id (`ray.get_runtime_context().get_job_id()`); `run` is the
 Train run's name (`RunConfig(name=...)`, by default Ray's unique, time-stamped
@@ -138,6 +141,16 @@ class _AutoWatch:
             log.exception("thermoscope: could not watch the model; training continues unmonitored")
             return
         self._optimizer = optimizer
+        trainer = threading.current_thread()
+        if trainer is not threading.main_thread():  # Ray Train: the training function's own thread
+            threading.Thread(
+                target=self._close_after, args=(trainer,), name="thermoscope-end", daemon=True
+            ).start()
+
+    def _close_after(self, trainer: threading.Thread) -> None:
+        """End the stream when the training thread ends, so the collector sees ranks that finished."""
+        trainer.join()
+        self.close(2.0)
 
     def close(self, timeout: float = 5.0) -> None:
         """Remove the hooks; flush and end the stream (bounded), so the rank ends as finished."""

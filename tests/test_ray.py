@@ -1,0 +1,231 @@
+"""Thermoscope on a real local Ray cluster: the collector actor, 2-worker Ray Train jobs, attach.
+
+One cluster for the module (127.0.0.1, 2 CPUs, its own temp dir, no token written to
+~/.ray); each job is a separate driver process (tests/ray_job.py), as users submit them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE  # noqa: E402
+from thermoscope.collector import actor  # noqa: E402
+
+from conftest import scrape, thermoscope, value  # noqa: E402
+
+JOB = Path(__file__).with_name("ray_job.py")
+INTERVAL = 1.0  # discovery interval of the jobs' agents, seconds
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray cluster on loopback; yields its GCS address. Leaves no state behind."""
+    home_ray = Path.home() / ".ray"
+    had_home_ray = home_ray.exists()
+    temp = tempfile.mkdtemp(prefix="ts-ray-")
+    saved = dict(os.environ)
+    os.environ.update(RAY_AUTH_MODE="disabled", THERMOSCOPE_DISCOVERY_INTERVAL=str(INTERVAL))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        _temp_dir=temp,
+        logging_level="WARNING",
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(temp, ignore_errors=True)
+        if not had_home_ray:
+            shutil.rmtree(home_ray, ignore_errors=True)
+
+
+@pytest.fixture
+def collector_actor(cluster: str, tmp_path: Path) -> Iterator[tuple[object, dict[str, str]]]:
+    """The cluster's collector actor on free loopback ports, stopped afterwards."""
+    handle, targets = actor.start(
+        grpc_port=0, metrics_port=0, sd_file=tmp_path / "sd.json", db=tmp_path / "events.db", every=2
+    )
+    try:
+        yield handle, targets
+    finally:
+        actor.stop()
+
+
+def submit(cluster: str, out: Path, *args: str) -> subprocess.Popen:
+    """Start tests/ray_job.py as its own Ray job (driver process)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RAY_ADDRESS": cluster}
+    return subprocess.Popen(
+        [sys.executable, str(JOB), "--out", str(out), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(job: subprocess.Popen, timeout: float = 180) -> None:
+    output, _ = job.communicate(timeout=timeout)
+    assert job.returncode == 0, output[-4000:]
+
+
+def records(out: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (out / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path, rank: int) -> dict[int, float]:
+    """The rank's loss at each step, from its last attempt."""
+    result: dict[int, float] = {}
+    for r in records(out, rank):
+        if "attempt" in r:
+            result = {}
+        else:
+            result[r["step"]] = r["loss"]
+    return result
+
+
+def snapshot(handle) -> dict:
+    return ray.get(handle.snapshot.remote())
+
+
+def test_every_rank_of_a_ray_train_job_streams_to_the_collector_actor_and_merges(
+    collector_actor, tmp_path: Path, cluster: str
+) -> None:
+    handle, targets = collector_actor
+    out = tmp_path / "job"
+    finish(submit(cluster, out, "--mode", "watch", "--steps", "40"))
+
+    job_id = (out / "job_id").read_text()
+    job = snapshot(handle)[job_id]
+    assert set(job["ranks"]) == {0, 1}
+    # steps 2, 4, ..., 38 from each rank (step 0 began before the agent found the collector)
+    assert all(r["frames"] == 19 and r["finished"] for r in job["ranks"].values())
+    assert job["last_step"] == 38
+    # ranks merge: the job's energy is the mean of the ranks' losses at that step
+    expected = (losses(out, 0)[38] + losses(out, 1)[38]) / 2
+    assert job["energy"] == pytest.approx(expected, rel=1e-12)
+    # DDP's `module.` prefix is gone from the layer names
+    assert set(job["layer_entropy"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    # Prometheus finds the actor through the file-service-discovery file it wrote
+    sd = json.loads(Path(targets["sd_file"]).read_text())
+    metrics_target = sd[0]["targets"][0]
+    metrics = scrape(f"http://{metrics_target}/metrics")
+    assert value(metrics, "thermoscope_last_step", job_id=job_id) == 38
+    assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE) is not None
+
+
+def wait_for_frames(handle, out: Path, job: subprocess.Popen, frames: int, timeout: float = 120) -> str:
+    """Wait until both ranks of the job at `out` streamed `frames` frames; return its job id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "the job's ranks did not stream"
+        job_id = (out / "job_id").read_text() if (out / "job_id").exists() else None
+        ranks = snapshot(handle).get(job_id, {}).get("ranks", {})
+        if len(ranks) == 2 and all(r["frames"] >= frames for r in ranks.values()):
+            return job_id
+        time.sleep(0.5)
+
+
+def test_a_job_launched_with_the_setup_hook_is_instrumented_with_no_code(
+    collector_actor, tmp_path: Path, cluster: str
+) -> None:
+    handle, _ = collector_actor
+    out, stop = tmp_path / "job", tmp_path / "stop"
+    job = submit(cluster, out, "--mode", "zero-code", "--until", str(stop))
+    try:
+        job_id = wait_for_frames(handle, out, job, frames=5)
+    finally:
+        stop.touch()
+        finish(job)
+
+    state = snapshot(handle)[job_id]
+    assert state["last_step"] % 2 == 0  # every 2 (the collector's setting), counted from the optimizer
+    # no loss is visible to a hook: the energy is the cumulative work, negative under descent
+    assert state["energy"] < 0
+    assert set(state["layer_entropy"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert all(r["finished"] for r in state["ranks"].values())  # closed at exit: finished, not lost
+
+
+def test_attach_to_a_running_job_streams_every_rank_within_two_intervals_and_detach_idles_it(
+    cluster: str, tmp_path: Path
+) -> None:
+    assert actor.find() is None
+    out, stop = tmp_path / "job", tmp_path / "stop"
+    job = submit(cluster, out, "--mode", "zero-code", "--until", str(stop))
+    try:
+        deadline = time.monotonic() + 120
+        while not all((out / f"rank{r}.jsonl").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and job.poll() is None, "the job did not start training"
+            time.sleep(0.5)
+        job_id = (out / "job_id").read_text()
+
+        started = time.monotonic()
+        attached = thermoscope(
+            "attach", "--address", cluster, "--job", job_id, "--wait", "30",
+            "--grpc-port", "0", "--metrics-port", "0", "--sd-file", str(tmp_path / "sd.json"),
+        )  # fmt: skip
+        assert attached.returncode == 0, attached.stdout + attached.stderr
+        assert f"job {job_id}: 2/2 ranks streaming" in attached.stdout
+        # connected within two discovery intervals (plus the attach command's own start-up)
+        assert time.monotonic() - started < 2 * INTERVAL + 15
+
+        handle = actor.find()
+        frames = snapshot(handle)[job_id]["frames_received"]
+        time.sleep(1.0)
+        assert snapshot(handle)[job_id]["frames_received"] > frames
+
+        detached = thermoscope("detach", "--address", cluster, "--job", job_id)
+        assert detached.returncode == 0, detached.stdout + detached.stderr
+        time.sleep(0.5)
+        idle = snapshot(handle)[job_id]["frames_received"]
+        steps = len(records(out, 0))
+        time.sleep(1.5)
+        assert snapshot(handle)[job_id]["frames_received"] == idle  # agents idle...
+        assert len(records(out, 0)) > steps  # ...while the job trains on
+    finally:
+        stop.touch()
+        finish(job)
+        stopped = thermoscope("detach", "--address", cluster, "--stop")
+        assert "stopped the collector actor" in stopped.stdout
+    # the job never restarted: one attempt per rank
+    assert [r for r in records(out, 0) if "attempt" in r] == [records(out, 0)[0]]
+
+
+def test_a_killed_worker_is_marked_lost_and_its_replayed_steps_are_not_counted_twice(
+    collector_actor, tmp_path: Path, cluster: str
+) -> None:
+    handle, targets = collector_actor
+    out = tmp_path / "job"
+    finish(submit(cluster, out, "--mode", "watch", "--steps", "60", "--kill-rank", "1", "--kill-at", "30"))
+
+    job_id = (out / "job_id").read_text()
+    attempts = [r for r in records(out, 1) if "attempt" in r]
+    assert len(attempts) == 2 and attempts[0]["pid"] != attempts[1]["pid"]  # Ray restarted it
+
+    job = snapshot(handle)[job_id]
+    metrics = scrape(targets["metrics"])
+    assert value(metrics, "thermoscope_rank_lost_total", job_id=job_id) >= 1
+    # the restarted group replays steps 0..: those the collector had merged are late, not merged
+    assert job["frames_late"] > 0
+    assert job["last_step"] == 58
+    expected = (losses(out, 0)[58] + losses(out, 1)[58]) / 2
+    assert job["energy"] == pytest.approx(expected, rel=1e-12)
+    assert all(not r["stale"] for r in job["ranks"].values())  # both ranks finished cleanly
