@@ -70,17 +70,18 @@ def attach(args: argparse.Namespace) -> int:
 
 def _wait_for_ranks(ray, handle, job: str | None, wait: float) -> int:
     """Print the streaming ranks once a second until every rank of the job(s) streams, or `wait` s."""
-    deadline = time.monotonic() + wait
+    began = time.monotonic()
     while True:
         jobs = ray.get(handle.snapshot.remote())
         if job is not None:
             jobs = {j: v for j, v in jobs.items() if j == job}
         complete = bool(jobs) and all(_streaming(v) == _world_size(v) for v in jobs.values())
         lines = [f"job {j}: {_streaming(v)}/{_world_size(v)} ranks streaming" for j, v in jobs.items()]
-        print(", ".join(lines) or "no agent connected yet", flush=True)
-        if complete or time.monotonic() >= deadline:
+        elapsed = time.monotonic() - began
+        print(f"{', '.join(lines) or 'no agent connected yet'} ({elapsed:.1f} s after attaching)", flush=True)
+        if complete or elapsed >= wait:
             return 0 if complete or wait == 0 else 1
-        time.sleep(1.0)
+        time.sleep(min(0.25, wait / 10))
 
 
 def _streaming(job: dict[str, Any]) -> int:

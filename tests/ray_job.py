@@ -32,6 +32,13 @@ from torch import nn
 SETUP_HOOK = "thermoscope.agent.raytrain.setup"
 
 
+def stop_everywhere(until: Path, deadline: float) -> bool:
+    """Whether any rank saw `until` (or the deadline): DDP ranks must stop at the same step."""
+    stop = torch.tensor([float(until.exists() or time.monotonic() > deadline)])
+    torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+    return bool(stop.item())
+
+
 def train_loop(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     out = Path(config["out"])
@@ -59,7 +66,7 @@ def train_loop(config: dict) -> None:
     until = Path(config["until"]) if config["until"] else None
     deadline = time.monotonic() + 300
     step = 0
-    while (step < config["steps"]) if until is None else not until.exists() and time.monotonic() < deadline:
+    while (step < config["steps"]) if until is None else not stop_everywhere(until, deadline):
         if attempt == 1 and rank == config["kill_rank"] and step == config["kill_at"]:
             os.kill(os.getpid(), signal.SIGKILL)
         x = torch.randn(32, 16, generator=gen)
