@@ -57,6 +57,8 @@ class Monitor:
         run: str | None = None,
         rank: int = 0,
         world_size: int = 1,
+        local_rank: int = 0,
+        node: str = "",
         step: int = 0,
         every: int = 10,
         window: int = 10,
@@ -72,6 +74,8 @@ class Monitor:
             collector: "host:port" of a collector, or a function that finds one (dormant
                 until it does); None derives everything in-process.
             job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
+            local_rank, node: this process's rank on its node, and the node's id in the cluster
+                (both informational: they say where a rank runs).
             step: the optimizer step training starts at (a run resumed from a checkpoint
                 passes its step, so that the collector recognizes replayed steps).
             every: sample one optimizer step in this many.
@@ -89,6 +93,7 @@ class Monitor:
         self.job = job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
         self.run = run or uuid.uuid4().hex[:12]
         self.rank, self.world_size = rank, world_size
+        self.local_rank, self.node = local_rank, node
         self.every = every
         self.enabled = True
         self._sampler = Sampler(
@@ -190,6 +195,8 @@ class Monitor:
             run_id=self.run,
             rank=self.rank,
             world_size=self.world_size,
+            local_rank=self.local_rank,
+            node=self.node,
             host=socket.gethostname(),
             agent_version=AGENT_VERSION,
             every=self.every,

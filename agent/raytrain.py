@@ -69,13 +69,15 @@ def ray_identity() -> dict[str, Any]:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return identity
-    identity["job"] = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    identity |= {"job": context.get_job_id(), "node": context.get_node_id()}
     try:
         ctx = ray.train.get_context()
         identity |= {
             "run": ctx.get_experiment_name(),
             "rank": ctx.get_world_rank(),
             "world_size": ctx.get_world_size(),
+            "local_rank": ctx.get_local_rank(),
         }
     except (RuntimeError, AttributeError, ValueError):  # a Ray worker, but not a Train worker
         pass

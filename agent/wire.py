@@ -56,6 +56,8 @@ def hello(
     world_size: int,
     host: str,
     agent_version: str,
+    local_rank: int = 0,
+    node: str = "",
     every: int,
     layers: list[LayerInfo],
     sites: list[SiteInfo],
@@ -69,6 +71,8 @@ def hello(
             world_size=world_size,
             host=host,
             agent_version=agent_version,
+            local_rank=local_rank,
+            node=node,
             protocol_version=PROTOCOL_VERSION,
             every=every,
             layers=[

@@ -56,6 +56,8 @@ class Stream:
     rank: int
     world_size: int
     host: str
+    local_rank: int
+    node: str
     every: int
     layers: list[LayerInfo]
     sites: list[SiteInfo]

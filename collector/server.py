@@ -290,6 +290,8 @@ class Telemetry:
             rank=hello.rank,
             world_size=hello.world_size,
             host=hello.host,
+            local_rank=hello.local_rank,
+            node=hello.node,
             every=hello.every,
             layers=layers,
             sites=sites,

@@ -156,9 +156,10 @@ class Collector:
 
         `{job_id: {"active", "agents_connected", "last_step" (-1: none merged), "frames_received",
         "frames_late", "energy", "layer_entropy": {layer: nats}, "ranks": {rank: {"stale",
-        "finished", "last_step", "frames", "run_id", "host", "world_size"}}}}`; undefined
-        numbers are None. `ranks` holds every rank that ever streamed: streaming (neither flag),
-        stale, or finished (its stream ended cleanly); a rank's numbers are its last stream's.
+        "finished", "last_step", "frames", "run_id", "host", "local_rank", "node",
+        "world_size"}}}}`; undefined numbers are None. `ranks` holds every rank that ever
+        streamed: streaming (neither flag), stale, or finished (its stream ended cleanly); a
+        rank's numbers are its last stream's.
         """
         return self._on_loop(self._snapshot)
 
@@ -235,6 +236,8 @@ def _rank(s: Stream, stale: bool, finished: bool) -> dict[str, Any]:
         "frames": s.frames,
         "run_id": s.run_id,
         "host": s.host,
+        "local_rank": s.local_rank,
+        "node": s.node,
         "world_size": s.world_size,
     }
 

@@ -27,7 +27,7 @@ from thermoscope.collector import actor  # noqa: E402
 from conftest import scrape, thermoscope, value  # noqa: E402
 
 JOB = Path(__file__).with_name("ray_job.py")
-INTERVAL = 1.0  # discovery interval of the jobs' agents, seconds
+INTERVAL = 2.0  # discovery interval of the jobs' agents, seconds
 
 
 @pytest.fixture(scope="module")

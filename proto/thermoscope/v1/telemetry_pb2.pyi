@@ -23,7 +23,7 @@ class CollectorMessage(_message.Message):
     def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins")
+    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins", "local_rank", "node")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class Hello(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_BINS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     run_id: str
     rank: int
@@ -46,7 +48,9 @@ class Hello(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     sites: _containers.RepeatedCompositeFieldContainer[Site]
     histogram_bins: int
-    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ...) -> None: ...
+    local_rank: int
+    node: str
+    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., local_rank: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "shape", "numel", "dtype", "shard", "histogram_lo", "histogram_hi")
