@@ -160,6 +160,8 @@ def test_a_rank_that_reconnects_is_live_again_and_its_replayed_steps_count_once(
         "frames": 4,
         "run_id": "r1",
         "host": "test",
+        "local_rank": 0,
+        "node": "",
         "world_size": 2,
     }
     m = scrape(collector.metrics_url)
@@ -291,6 +293,8 @@ def test_snapshot_is_json_and_taken_on_the_collectors_loop(collector) -> None:
         "frames": 2,
         "run_id": "r1",
         "host": "test",
+        "local_rank": 0,
+        "node": "",
         "world_size": 2,
     }
     assert job["ranks"]["1"]["last_step"] == 0
