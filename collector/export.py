@@ -24,7 +24,12 @@ from .detect import PHASES, TRANSITIONS
 from .merge import Job
 
 JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("thermoscope_energy", "energy", "Training loss at the last merged step, mean over ranks (loss units)."),
+    (
+        "thermoscope_energy",
+        "energy",
+        "Training loss at the last merged step, mean over ranks (loss units); where agents see no "
+        "loss (zero-code), the cumulative work since the job's first sample.",
+    ),
     ("thermoscope_entropy_nats", "entropy", "Parameter entropy of the job, sum over layers (nats)."),
     (
         "thermoscope_temperature",

@@ -27,6 +27,7 @@ from thermoscope.collector import actor  # noqa: E402
 from conftest import scrape, thermoscope, value  # noqa: E402
 
 JOB = Path(__file__).with_name("ray_job.py")
+DEPLOY = Path(__file__).parents[1] / "deploy" / "prometheus"
 INTERVAL = 2.0  # discovery interval of the jobs' agents, seconds
 
 
@@ -61,7 +62,11 @@ def cluster() -> Iterator[str]:
 def collector_actor(cluster: str, tmp_path: Path) -> Iterator[tuple[object, dict[str, str]]]:
     """The cluster's collector actor on free loopback ports, stopped afterwards."""
     handle, targets = actor.start(
-        grpc_port=0, metrics_port=0, sd_file=tmp_path / "sd.json", db=tmp_path / "events.db", every=2
+        grpc_port=0,
+        metrics_port=0,
+        sd_file=tmp_path / "file_sd" / "thermoscope.json",  # where deploy/prometheus looks, beside it
+        db=tmp_path / "events.db",
+        every=2,
     )
     try:
         yield handle, targets
@@ -129,6 +134,10 @@ def test_every_rank_of_a_ray_train_job_streams_to_the_collector_actor_and_merges
     metrics_target = sd[0]["targets"][0]
     metrics = scrape(f"http://{metrics_target}/metrics")
     assert value(metrics, "thermoscope_last_step", job_id=job_id) == 38
+    if shutil.which("promtool"):  # the shipped config reads the file as it is written
+        config = shutil.copy(DEPLOY / "prometheus.yml", tmp_path)
+        checked = subprocess.run(["promtool", "check", "config", config], capture_output=True, text=True)
+        assert checked.returncode == 0 and "WARNING" not in checked.stdout + checked.stderr, checked
     assert ray.get_actor(ACTOR_NAME, namespace=NAMESPACE) is not None
 
 
