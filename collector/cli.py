@@ -51,6 +51,16 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="thermoscope", description="Thermodynamics of neural-network training.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -87,7 +97,20 @@ def parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds an agent may send nothing (its job not paused) before its rank is stale (default 60)",
     )
+    c.add_argument(
+        "--history-interval",
+        type=_seconds,
+        default=1.0,
+        metavar="S",
+        help="least seconds between two rows of a job's history in --db, what `plot` draws (default 1; "
+        "0: every merged sample)",
+    )
     attach_cli.add_arguments(sub, c)
+
+    g = sub.add_parser("plot", help="draw a job's run from the collector's database: its phase diagram")
+    g.add_argument("--db", default=str(DEFAULT_DB), help=f"the collector's database (default {DEFAULT_DB})")
+    g.add_argument("--job", help="the job id (default: the job with the newest history)")
+    g.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure (PNG or SVG)")
 
     e = sub.add_parser("events", help="list the phase transitions a collector detected")
     e.add_argument(
@@ -155,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "db": args.db,
             "phase_layers": args.phase_layers,
             "stale_after": args.stale_after,
+            "history_interval": args.history_interval,
         }
         if args.ray:
             return attach_cli.start(args, settings)
@@ -181,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return attach_cli.attach(args)
     if args.command == "detach":
         return attach_cli.detach(args)
+    if args.command == "plot":
+        from .plot import plot_job  # matplotlib is imported only by the commands that draw
+
+        try:
+            print(f"figure written to {plot_job(args.db, args.job, args.out)}")
+            return 0
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(f"plot: {exc}")
+        except sqlite3.DatabaseError as exc:
+            p.error(f"plot: {args.db} is not a Thermoscope database ({exc})")
     if args.command == "events":
         try:
             return events_cli.run(args)

@@ -89,7 +89,8 @@ def run(
         db = db or str(tmp / "events.db")
         if workers:  # first: Ray forks its processes, which must not inherit gRPC's threads
             stack.enter_context(_local_ray(workers, tmp))
-        collector = stack.enter_context(Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running())
+        collector = Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0)  # all of it
+        stack.enter_context(collector.running())
         console.print(
             f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
         )

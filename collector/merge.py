@@ -27,7 +27,9 @@ loop's.
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -42,6 +44,8 @@ from thermoscope.agent.wire import WireError
 
 from .detect import PHASES, PhaseDetector
 from .store import Event, EventStore
+
+log = logging.getLogger("thermoscope.collector")
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
@@ -93,6 +97,7 @@ class Job:
     ranks_lost: int = 0  # times a rank went stale
     frames_received: int = 0
     frames_late: int = 0
+    history_errors: int = 0  # history rows the database refused (logged once)
     layers: dict[str, LayerInfo] = field(default_factory=dict)  # by name, as first declared
     sites: dict[str, SiteInfo] = field(default_factory=dict)
     bins: int = 0
@@ -236,6 +241,13 @@ class Job:
             )
         self.reading = th.update(sample)
         self._merged_step = sample.step
+        if self.store is not None:
+            try:
+                self.store.add_reading(self.job_id, self.reading)
+            except sqlite3.Error as exc:  # the history is a record: losing a row must not stop ingest
+                self.history_errors += 1
+                if self.history_errors == 1:
+                    log.error("job %s: cannot keep its history in %s: %s", self.job_id, self.store.path, exc)
         self._detect(sample)
 
     def _detect(self, sample: Sample) -> None:

@@ -1,12 +1,16 @@
 """Pictures of a run's thermodynamics (matplotlib, the `plot` extra).
 
-`phase_figure` draws, from a series of readings: the phase diagram (energy against entropy,
-whose slope is the temperature), each layer's temperature over the steps, and each activation
-site's efficiency with its engine type.
+`phase_figure` draws a live run from its readings (`thermoscope demo --figure`): the phase
+diagram (energy against entropy, whose slope is the temperature), each layer's temperature
+over the steps, and each activation site's efficiency with its engine type.
+`history_figure` draws a run from the collector's database (`thermoscope plot`): the phase
+diagram, the energy over the steps shaded by the job's phase, and each layer's temperature,
+with the job's transitions marked on all three.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,9 +18,19 @@ import numpy as np
 
 from thermoscope.agent.derive import Reading
 
+from .store import Event, EventStore, History
 
-def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "") -> Path:
-    """Write the figure to `path` (PNG or SVG by its suffix) and return the path."""
+#: Colors of the job's phases (THEORY section 6), shared by the bands and the markers.
+PHASE_COLORS = {
+    "type_i": "#9e9e9e",
+    "transition": "#1f77b4",
+    "type_ii": "#2ca02c",
+    "refresh": "#ff7f0e",
+    "unstable": "#d62728",
+}
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -24,27 +38,49 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError("plotting needs matplotlib: pip install 'thermoscope[plot]'") from exc
+    return plt
+
+
+def _phase_diagram(ax, fig, steps: np.ndarray, entropy: np.ndarray, energy: np.ndarray, ylabel: str) -> None:
+    points = ax.scatter(entropy, energy, c=steps, cmap="viridis", s=12)
+    ax.plot(entropy, energy, color="0.7", lw=0.6, zorder=0)
+    ax.set(xlabel="entropy S (nats)", ylabel=ylabel, title="phase diagram: slope dE/dS = T")
+    fig.colorbar(points, ax=ax, label="step")
+    ax.tick_params(axis="x", labelrotation=30)
+
+
+def _layer_temperatures(ax, steps: np.ndarray, names: Sequence[str], layer_t: np.ndarray) -> None:
+    for j, name in enumerate(names):
+        if np.isfinite(layer_t[:, j]).any():
+            ax.plot(steps, layer_t[:, j], lw=1, label=name)
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set(xlabel="step", ylabel="T_l (loss per nat)", title="layer temperatures (gaps: undefined)")
+    if len(names) <= 20:
+        ax.legend(fontsize=7, loc="best")
+
+
+def _save(fig, plt, path: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "") -> Path:
+    """Write the figure to `path` (PNG or SVG by its suffix) and return the path."""
+    plt = _pyplot()
     if len(readings) < 2:
         raise ValueError("a figure needs at least two readings")
     steps = np.array([r.step for r in readings])
     fig, (phase, temps, sites) = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
-
-    entropy = np.array([r.entropy for r in readings])
     energy = np.array([r.energy for r in readings])
-    points = phase.scatter(entropy, energy, c=steps, cmap="viridis", s=12)
-    phase.plot(entropy, energy, color="0.7", lw=0.6, zorder=0)
-    phase.set(xlabel="entropy S (nats)", ylabel="energy E (loss)", title="phase diagram: slope dE/dS = T")
-    fig.colorbar(points, ax=phase, label="step")
-    phase.tick_params(axis="x", labelrotation=30)
-
-    layer_t = np.array([r.layer_temperature for r in readings])
-    for j, name in enumerate(readings[-1].layer_names):
-        if np.isfinite(layer_t[:, j]).any():
-            temps.plot(steps, layer_t[:, j], lw=1, label=name)
-    temps.axhline(0, color="0.5", lw=0.6)
-    temps.set_yscale("symlog", linthresh=1e-4)
-    temps.set(xlabel="step", ylabel="T_l (loss per nat)", title="layer temperatures (gaps: undefined)")
-    temps.legend(fontsize=7, loc="best")
+    _phase_diagram(phase, fig, steps, np.array([r.entropy for r in readings]), energy, "energy E (loss)")
+    _layer_temperatures(
+        temps, steps, readings[-1].layer_names, np.array([r.layer_temperature for r in readings])
+    )
 
     eta = np.array([r.site_efficiency for r in readings])
     last = readings[-1]
@@ -56,10 +92,50 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
         xlabel="step", ylabel="eta = 1 - Var(a)/Var(z)", title="activation-site efficiency", ylim=(0, 1)
     )
     sites.legend(fontsize=7, loc="best")
+    return _save(fig, plt, path, title)
 
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def history_figure(history: History, events: Sequence[Event], path: str | Path) -> Path:
+    """The run of one job from its stored history and job-scope transitions (see module docstring)."""
+    plt = _pyplot()
+    if len(history.step) < 2:
+        raise ValueError(f"job {history.job!r} has {len(history.step)} history row(s); a figure needs two")
+    steps = history.step
+    ylabel = "energy: cumulative work (loss)" if history.energy_from_work else "energy E (loss)"
+    fig, (phase, energy, temps) = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    _phase_diagram(phase, fig, steps, history.entropy, history.energy, ylabel)
+    _layer_temperatures(temps, steps, history.layer_names, history.layer_temperature)
+
+    energy.plot(steps, history.energy, color="k", lw=0.9)
+    energy.set(xlabel="step", ylabel=ylabel, title="energy, shaded by the job's phase")
+    changes = [e for e in events if e.scope == "job"]
+    bounds = [steps[0], *(e.step for e in changes), steps[-1]]
+    phases = ["type_i", *(e.to for e in changes)]
+    for (start, end), phase_name in zip(itertools.pairwise(bounds), phases, strict=True):
+        energy.axvspan(start, end, color=PHASE_COLORS.get(phase_name, "0.8"), alpha=0.18, lw=0)
+    for e in changes:
+        color = PHASE_COLORS.get(e.to, "0.3")
+        i = min(int(np.searchsorted(steps, e.step)), len(steps) - 1)  # the first row at or after it
+        phase.scatter(
+            history.entropy[i], history.energy[i], s=90, facecolors="none", edgecolors=color, lw=1.8
+        )
+        phase.annotate(f"-> {e.to}", (history.entropy[i], history.energy[i]), fontsize=7, color=color)
+        for ax in (energy, temps):
+            ax.axvline(e.step, color=color, lw=1, ls="--")
+        energy.annotate(
+            f"{e.from_} -> {e.to}", (e.step, 1.0), xycoords=("data", "axes fraction"),
+            rotation=90, va="top", ha="right", fontsize=7, color=color,
+        )  # fmt: skip
+    return _save(fig, plt, path, f"thermoscope: job {history.job}, steps {steps[0]}-{steps[-1]}")
+
+
+def plot_job(db: str | Path, job: str | None, out: str | Path) -> Path:
+    """`thermoscope plot`: draw `job` (default: the newest) from the database at `db`."""
+    store = EventStore(db, create=False)
+    try:
+        job = job or store.latest_job()
+        if job is None:
+            raise ValueError(f"{db} holds no job history yet")
+        return history_figure(store.history(job), store.query(job=job), out)
+    finally:
+        store.close()

@@ -65,17 +65,19 @@ class Collector:
         phase_layers: int = 50,
         stale_after: float = 60.0,
         active: bool = True,
+        history_interval: float = 1.0,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
         layers per job get a `thermoscope_phase` state-set (a bound on series per job);
         `stale_after`: seconds an open stream may stay silent (its job not paused) before its
         rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
-        ones to watch)."""
+        ones to watch); `history_interval`: the least seconds between two rows of a job's
+        history in `db` (what `thermoscope plot` draws; 0: every merged sample)."""
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
-        self.store = EventStore(db) if db is not None else None
+        self.store = EventStore(db, history_interval=history_interval) if db is not None else None
         self.telemetry = Telemetry(
             self.jobs, window=window, every=every, store=self.store, stale_after=stale_after, active=active
         )

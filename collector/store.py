@@ -1,16 +1,25 @@
-"""Durable phase-transition events: an embedded SQLite database in WAL mode.
+"""Durable phase-transition events, and each job's history: an embedded SQLite database in WAL mode.
 
-WAL lets `thermoscope events` read while the collector writes, and survives a crash of the
-writer with every committed event intact. Events are rare (a few per job per phase change),
-so each batch is one small transaction on the collector's event loop.
+WAL lets `thermoscope events` and `thermoscope plot` read while the collector writes, and
+survives a crash of the writer with every committed row intact. Events are rare (a few per
+job per phase change), so each batch is one small transaction on the collector's event loop.
+The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
+layer's temperature (one float64 blob, in the order of the job's layer names) — at most one
+row per job every `history_interval` seconds, so its size follows wall time, not step rate.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
+
+from thermoscope.agent.derive import Reading
 
 STATE_HOME = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
 DEFAULT_DB = STATE_HOME / "thermoscope" / "events.db"
@@ -31,7 +40,34 @@ CREATE TABLE IF NOT EXISTS events (
     confidence REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job_time ON events (job, time);
+CREATE TABLE IF NOT EXISTS history (
+    job TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    energy REAL,  -- NULL: NaN, undefined
+    entropy REAL,
+    temperature REAL,
+    energy_from_work INTEGER NOT NULL,
+    layer_temperature BLOB NOT NULL,
+    PRIMARY KEY (job, step)
+);
+CREATE TABLE IF NOT EXISTS layer_names (job TEXT PRIMARY KEY, names TEXT NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class History:
+    """A job's readings over its run, as `thermoscope plot` draws them (NaN: undefined)."""
+
+    job: str
+    step: np.ndarray
+    time: np.ndarray
+    energy: np.ndarray
+    entropy: np.ndarray
+    temperature: np.ndarray
+    energy_from_work: bool
+    layer_names: tuple[str, ...]
+    layer_temperature: np.ndarray  # (steps, layers); layers added later are NaN before
 
 
 @dataclass(frozen=True)
@@ -58,8 +94,11 @@ class Event:
 class EventStore:
     """Append and query events; one connection, used from one thread at a time."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, history_interval: float = 1.0) -> None:
         path = Path(path)
+        self.history_interval = history_interval
+        self._last_history: dict[str, float] = {}  # job -> time of its last history row
+        self._names: dict[str, tuple[str, ...]] = {}
         if not create and not path.exists():
             raise FileNotFoundError(f"no event database at {path}")
         if create:
@@ -79,6 +118,70 @@ class EventStore:
                 " confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [tuple(e.as_dict().values()) for e in events],
             )
+
+    def add_reading(self, job: str, reading: Reading) -> None:
+        """Keep the reading in the job's history, unless one was kept less than an interval ago."""
+        last = self._last_history.get(job, -math.inf)
+        if reading.wall_time - last < self.history_interval:
+            return
+        self._last_history[job] = reading.wall_time
+        names_changed = self._names.get(job) != reading.layer_names
+        with self._db:
+            if names_changed:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO layer_names (job, names) VALUES (?, ?)",
+                    (job, json.dumps(reading.layer_names)),
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job,
+                    reading.step,
+                    reading.wall_time,
+                    reading.energy,
+                    reading.entropy,
+                    reading.temperature,
+                    reading.energy_from_work,
+                    np.asarray(reading.layer_temperature, dtype="<f8").tobytes(),
+                ),
+            )
+        self._names[job] = reading.layer_names
+
+    def history(self, job: str) -> History:
+        """The job's history in step order (ValueError if it has none)."""
+        rows = self._db.execute(
+            "SELECT step, time, energy, entropy, temperature, energy_from_work, layer_temperature"
+            " FROM history WHERE job = ? ORDER BY step",
+            (job,),
+        ).fetchall()
+        names = self._db.execute("SELECT names FROM layer_names WHERE job = ?", (job,)).fetchone()
+        if not rows or names is None:
+            raise ValueError(f"no history of job {job!r} in {self.path}")
+        layer_names = tuple(json.loads(names[0]))
+        layer_t = np.full((len(rows), len(layer_names)), np.nan)
+        for i, row in enumerate(rows):
+            values = np.frombuffer(row[6], dtype="<f8")[: len(layer_names)]
+            layer_t[i, : len(values)] = values
+        # SQLite keeps NaN as NULL, which numpy reads back as NaN
+        time, energy, entropy, temperature = (
+            np.array([row[k] for row in rows], dtype=float) for k in range(1, 5)
+        )
+        return History(
+            job=job,
+            step=np.array([r[0] for r in rows], dtype=np.int64),
+            time=time,
+            energy=energy,
+            entropy=entropy,
+            temperature=temperature,
+            energy_from_work=bool(rows[-1][5]),
+            layer_names=layer_names,
+            layer_temperature=layer_t,
+        )
+
+    def latest_job(self) -> str | None:
+        """The job with the newest history row."""
+        row = self._db.execute("SELECT job FROM history ORDER BY time DESC LIMIT 1").fetchone()
+        return None if row is None else row[0]
 
     def query(self, job: str | None = None, since: float | None = None) -> list[Event]:
         """Events in time order, optionally of one job and at or after `since` (epoch seconds)."""
