@@ -95,7 +95,7 @@ def series_names(promql: str) -> set[str]:
 def recording_rules() -> set[str]:
     """Names of the recording rules that deploy/prometheus defines."""
     names = set()
-    for path in sorted(PROMETHEUS.glob("*.y*ml")):
+    for path in sorted(PROMETHEUS.rglob("*.y*ml")):
         for doc in yaml.safe_load_all(path.read_text()):
             for group in (doc or {}).get("groups", []) if isinstance(doc, dict) else []:
                 names.update(rule["record"] for rule in group.get("rules", []) if "record" in rule)
@@ -104,7 +104,7 @@ def recording_rules() -> set[str]:
 
 def prometheus_alerts() -> dict[str, dict[str, Any]]:
     alerts = {}
-    for path in sorted(PROMETHEUS.glob("*.y*ml")):
+    for path in sorted(PROMETHEUS.rglob("*.y*ml")):
         for doc in yaml.safe_load_all(path.read_text()):
             for group in (doc or {}).get("groups", []) if isinstance(doc, dict) else []:
                 alerts.update({rule["alert"]: rule for rule in group.get("rules", []) if "alert" in rule})
