@@ -28,6 +28,7 @@ from conftest import scrape, thermoscope, value  # noqa: E402
 
 JOB = Path(__file__).with_name("ray_job.py")
 DEPLOY = Path(__file__).parents[1] / "deploy" / "prometheus"
+KUBE = Path(__file__).parents[1] / "deploy" / "kubernetes"
 INTERVAL = 2.0  # discovery interval of the jobs' agents, seconds
 
 
@@ -239,3 +240,45 @@ def test_a_killed_worker_is_marked_lost_and_its_replayed_steps_are_not_counted_t
     expected = (losses(out, 0)[58] + losses(out, 1)[58]) / 2
     assert job["energy"] == pytest.approx(expected, rel=1e-12)
     assert all(not r["stale"] for r in job["ranks"].values())  # both ranks finished cleanly
+
+
+def test_the_kubernetes_example_job_streams_every_rank_through_its_runtime_env(
+    cluster: str, collector, tmp_path: Path
+) -> None:
+    """deploy/kubernetes: rayjob.yaml's runtime env (less its pip line: Thermoscope is installed
+    here) around its train.py, which has no Thermoscope code; the in-process collector plays the
+    collector Service that THERMOSCOPE_COLLECTOR names there."""
+    import yaml
+
+    (rayjob,) = yaml.safe_load_all((KUBE / "rayjob.yaml").read_text())
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    del runtime_env["pip"]
+    runtime_env["env_vars"]["THERMOSCOPE_COLLECTOR"] = collector.grpc_target
+    driver = (
+        "import json, runpy, sys, ray\n"
+        "ray.init(runtime_env=json.loads(sys.argv[1]), logging_level='WARNING')\n"
+        f"sys.argv = [{str(KUBE / 'train.py')!r}, *sys.argv[2:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    train = ["--workers", "2", "--steps", "60", "--shift-at", "30", "--storage-path", str(tmp_path / "runs")]
+    job = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(runtime_env), *train],
+        env={**os.environ, "RAY_ADDRESS": cluster},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+    (state,) = collector.snapshot().values()  # the job's id is Ray's
+    assert set(state["ranks"]) == {0, 1} and all(r["finished"] for r in state["ranks"].values())
+    assert {r["run_id"] for r in state["ranks"].values()} == {"thermoscope-example"}  # train.py's --name
+    assert state["last_step"] >= 40  # sampled every 10 steps (the agents' default), from the first one
+    assert set(state["layer_entropy"]) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    metrics = scrape(collector.metrics_url)
+    (job_id,) = collector.snapshot()
+    assert {name for name, labels in metrics if ("job_id", job_id) in labels} >= {
+        "thermoscope_site_efficiency_ratio",  # the tanh and ReLU sites, found by the hook
+        "thermoscope_layer_temperature",
+        "thermoscope_phase",
+    }

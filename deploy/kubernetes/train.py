@@ -1,6 +1,6 @@
 """The example RayJob's training: plain Ray Train and PyTorch, no Thermoscope code at all.
 
-    python train.py [--workers 2] [--steps 3000] [--shift-at 1500]
+    python train.py [--workers 2] [--steps 3000] [--shift-at 1500] [--storage-path URI]
 
 A small MLP (tanh and ReLU activation sites) learns a random teacher network, data-parallel
 over `--workers` CPU workers; at `--shift-at` the teacher changes (a data shift, which the
@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     p.add_argument("--shift-at", type=int, default=1500, help="step of the data shift (0: never)")
     p.add_argument("--name", default="thermoscope-example", help="the Train run's name")
+    p.add_argument("--storage-path", help="where Ray Train keeps the run (default: Ray's, ~/ray_results)")
     return p
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         train_loop,
         train_loop_config={"steps": args.steps, "shift_at": args.shift_at},
         scaling_config=ScalingConfig(num_workers=args.workers),
-        run_config=RunConfig(name=args.name),
+        run_config=RunConfig(name=args.name, storage_path=args.storage_path),
     )
     trainer.fit()
 
