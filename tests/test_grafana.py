@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -255,6 +257,24 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
         "thermoscope_phase_transitions_total",
     ):
         assert family in used, f"no panel or alert reads {family}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus")
+def test_every_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query as a recording rule's expression (Grafana's variables filled in)."""
+    grafana_vars = {"$__rate_interval": "1m", "$__interval": "1m", "$job_id": ".*"}
+    rules = []
+    for i, (where, promql) in enumerate(dashboard_queries(dashboard()) + alert_queries(alerting())):
+        if promql.startswith("label_values("):  # a Grafana function, not PromQL: check its metric
+            promql = re.fullmatch(r"label_values\((\w+), *\w+\)", promql)[1]
+        for var, value in grafana_vars.items():
+            promql = promql.replace(var, value)
+        assert "$" not in promql, f"{where}: a Grafana variable the test does not know"
+        rules.append({"record": f"check:query_{i}", "expr": promql})
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "queries", "rules": rules}]}))
+    checked = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_recording_rule_names_are_accepted_only_where_deploy_prometheus_defines_them() -> None:
