@@ -34,7 +34,7 @@ from thermoscope.collector.cli import parser
 from thermoscope.collector.server import SERVICE
 from thermoscope.collector.service import DEFAULT_GRPC, DEFAULT_METRICS, split_address
 
-from conftest import free_port, scrape, wait_serving
+from conftest import free_port, scrape, stop_process, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -167,8 +167,7 @@ def test_the_collector_runs_without_torch(tmp_path: Path) -> None:
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert any(name == "thermoscope_collector_info" for name, _ in metrics)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def compose() -> dict[str, Any]:

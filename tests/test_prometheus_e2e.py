@@ -22,7 +22,7 @@ from torch import nn
 from thermoscope.agent import Monitor
 from thermoscope.collector.demo import student, teacher_student
 
-from conftest import CollectorProcess, free_port, scrape, start_collector_process
+from conftest import CollectorProcess, free_port, scrape, stop_process
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 SHIPPED_TARGET = "127.0.0.1:9108"
@@ -87,32 +87,12 @@ class Prometheus:
         return f"{what}\nlast API answers:\n{answers}\nprometheus exit code {self.proc.poll()}, log:\n{log}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 @pytest.fixture
-def live_collector(tmp_path: Path) -> Iterator[CollectorProcess]:
-    """`thermoscope collector` as its own process (killed if it does not stop)."""
-    process = start_collector_process(tmp_path / "events.db")
-    try:
-        yield process
-    finally:
-        process.proc.terminate()
-        try:
-            process.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.proc.kill()
-            process.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def prometheus(tmp_path: Path, live_collector: CollectorProcess) -> Iterator[Prometheus]:
-    port = urllib.parse.urlsplit(live_collector.metrics_url).port
+def prometheus(tmp_path: Path, collector_process: CollectorProcess) -> Iterator[Prometheus]:
+    port = urllib.parse.urlsplit(collector_process.metrics_url).port
     server = Prometheus(tmp_path, port)
     try:
         yield server
@@ -172,11 +152,11 @@ class Training:
 
 
 def test_prometheus_fires_the_data_shift_alert_for_a_real_run_with_the_shipped_rules(
-    live_collector: CollectorProcess, prometheus: Prometheus
+    collector_process: CollectorProcess, prometheus: Prometheus
 ) -> None:
     start = time.monotonic()
     job = f'job_id="{JOB}"'
-    with Training(live_collector.grpc_target) as training:
+    with Training(collector_process.grpc_target) as training:
 
         def wait(what: str, done) -> object:
             while True:
@@ -189,7 +169,7 @@ def test_prometheus_fires_the_data_shift_alert_for_a_real_run_with_the_shipped_r
                     try:
                         phases = {
                             dict(labels)["phase"]: v
-                            for (name, labels), v in scrape(live_collector.metrics_url).items()
+                            for (name, labels), v in scrape(collector_process.metrics_url).items()
                             if name == "thermoscope_phase" and dict(labels).get("scope") == "job"
                         }
                     except OSError as exc:
@@ -240,7 +220,7 @@ def test_prometheus_fires_the_data_shift_alert_for_a_real_run_with_the_shipped_r
         "alertname": "ThermoscopeDataShift",
         "severity": "warning",
         "job": "thermoscope",
-        "instance": urllib.parse.urlsplit(live_collector.metrics_url).netloc,
+        "instance": urllib.parse.urlsplit(collector_process.metrics_url).netloc,
         "job_id": JOB,
         "from": "type_ii",
         "to": "refresh",
