@@ -32,6 +32,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from . import discovery, wire
 from .derive import Reading, Thermometer
 from .sampler import BINS, SUBSET, Pending, Sampler, find_sites
+from .security import Pem, channel_security
 from .sender import Sender
 
 AGENT_VERSION = "0.1.0"
@@ -53,6 +54,10 @@ class Monitor:
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         *,
         collector: str | Callable[[], str | None] | None = None,
+        token: str | None = None,
+        tls_root_cert: Pem | None = None,
+        tls_client_cert: Pem | None = None,
+        tls_client_key: Pem | None = None,
         job: str | None = None,
         run: str | None = None,
         rank: int = 0,
@@ -73,6 +78,10 @@ class Monitor:
                 this model's parameters (through torch's global optimizer hooks).
             collector: "host:port" of a collector, or a function that finds one (dormant
                 until it does); None derives everything in-process.
+            token, tls_root_cert, tls_client_cert, tls_client_key: how to prove ourselves to the
+                collector (a bearer token; TLS with this CA; mutual TLS; PEM paths or bytes);
+                each defaults to $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE),
+                $THERMOSCOPE_TLS_CA, $THERMOSCOPE_TLS_CERT, $THERMOSCOPE_TLS_KEY (`security`).
             job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
             local_rank, node: this process's rank on its node, and the node's id in the cluster
                 (both informational: they say where a rank runs).
@@ -108,11 +117,14 @@ class Monitor:
         self._local: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
         if collector is not None:
+            credentials, metadata = channel_security(token, tls_root_cert, tls_client_cert, tls_client_key)
             self._sender = Sender(
                 collector,
                 self._hello(),
                 max_queue=max_queue,
                 on_config=self._configure,
+                credentials=credentials,
+                metadata=metadata,
                 interval=discovery.interval(),
             )
         if self._step % every == 0 and not self.dormant:

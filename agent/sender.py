@@ -30,7 +30,7 @@ import grpc
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 
-from . import wire
+from . import security, wire
 from .sampler import Pending
 
 log = logging.getLogger("thermoscope.agent")
@@ -52,6 +52,8 @@ class Sender:
         *,
         max_queue: int = 1024,
         on_config: Callable[[pb.Config], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.2, 10.0),
         interval: float = 5.0,
@@ -64,6 +66,8 @@ class Sender:
         self._max_queue = max_queue
         self._on_config = on_config
         self._connect_timeout = connect_timeout
+        # `security.channel_security`: TLS (None: plaintext) and per-call metadata (a token)
+        self._credentials, self._metadata = credentials, tuple(metadata)
         self._backoff = backoff
         self._init_state()
         ref = weakref.WeakMethod(self._init_state)
@@ -203,9 +207,16 @@ class Sender:
         self.last_error = error
 
     def _stream_once(self) -> None:
-        with grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+        if self._credentials is None:
+            security.warn_plaintext(self.target, self._metadata)  # type: ignore[arg-type]
+            channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
+        with channel:
             grpc.channel_ready_future(channel).result(timeout=self._connect_timeout)
-            call = pb_grpc.TelemetryStub(channel).Stream(self._messages(self._generation))
+            call = pb_grpc.TelemetryStub(channel).Stream(
+                self._messages(self._generation), metadata=self._metadata or None
+            )
             self._call = call
             if self._stopping.is_set():
                 call.cancel()

@@ -11,6 +11,12 @@ when it stops, so Prometheus follows it (`file_sd_configs` in deploy/prometheus)
 gRPC and `/metrics` listen on the address of the actor's node, which Ray knows as
 `ray.util.get_node_ip_address()` (loopback on a one-machine cluster started with
 `ray.init(_node_ip_address="127.0.0.1")`).
+
+Authentication travels in `settings` like the rest (`security=auth.Security(...)`, which
+`thermoscope collector --ray` builds from its --tokens/--tls-*/--metrics-*/--insecure flags);
+its files are read on the actor's node. On a node whose address is not loopback the collector
+refuses to start without them (or `insecure=True`), and `start` raises its reason; `thermoscope
+attach` starts a bare actor, so on such a cluster start it first with `collector --ray` and flags.
 """
 
 from __future__ import annotations

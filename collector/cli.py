@@ -12,7 +12,7 @@ import sys
 
 from thermoscope.agent.theory import INITS, LOSSES, ProblemError
 
-from . import attach_cli, events_cli
+from . import attach_cli, auth, events_cli
 from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
 from .store import DEFAULT_DB
 
@@ -105,6 +105,7 @@ def parser() -> argparse.ArgumentParser:
         help="least seconds between two rows of a job's history in --db, what `plot` draws (default 1; "
         "0: every merged sample)",
     )
+    auth.add_arguments(c)
     attach_cli.add_arguments(sub, c)
 
     g = sub.add_parser("plot", help="draw a job's run from the collector's database: its phase diagram")
@@ -179,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             "phase_layers": args.phase_layers,
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
+            "security": auth.from_args(args, p),
         }
         if args.ray:
             return attach_cli.start(args, settings)
-        collector = Collector(args.grpc, args.metrics, **settings)
+        try:
+            collector = Collector(args.grpc, args.metrics, **settings)
+        except (auth.AuthConfigError, auth.InsecureError) as exc:
+            p.error(f"collector: {exc}")
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(collector.serve())
         return 0

@@ -35,6 +35,7 @@ SERVICE = "thermoscope.v1.Telemetry"
 
 _STATUS = {
     "unknown_stream": grpc.StatusCode.FAILED_PRECONDITION,
+    "forbidden_job": grpc.StatusCode.PERMISSION_DENIED,  # a token bound to other jobs (auth.py)
     "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,

@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
+from .auth import Security
 from .export import MetricsExporter
 from .merge import Job, Stream
 from .server import SERVICE, Telemetry
@@ -65,6 +66,7 @@ class Collector:
         phase_layers: int = 50,
         stale_after: float = 60.0,
         active: bool = True,
+        security: Security | None = None,
         history_interval: float = 1.0,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
@@ -75,6 +77,9 @@ class Collector:
         history in `db` (what `thermoscope plot` draws; 0: every merged sample)."""
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
+        # tokens, TLS, basic auth (`auth.Security`): exposure checked and files read here, first
+        self.security = security or Security()
+        self._guard = self.security.load(split_address(grpc_address)[0], split_address(metrics_address)[0])
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
         self.store = EventStore(db, history_interval=history_interval) if db is not None else None
@@ -94,7 +99,7 @@ class Collector:
     @property
     def metrics_url(self) -> str:
         host, _ = split_address(self.metrics_address)
-        return f"http://{host}:{self.metrics_port}/metrics"
+        return f"{self._guard.metrics_scheme}://{host}:{self.metrics_port}/metrics"
 
     @property
     def grpc_target(self) -> str:
@@ -104,19 +109,20 @@ class Collector:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         server = grpc.aio.server(
+            interceptors=self._guard.interceptors(self.telemetry.rejected),
             options=[
                 ("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers((self.telemetry.handler(self.max_message_bytes),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.grpc_port = server.add_insecure_port(self.grpc_address)
+        self.grpc_port = self._guard.add_port(server, self.grpc_address)
         if not self.grpc_port:
             raise OSError(f"cannot listen for gRPC on {self.grpc_address}")
         host, port = split_address(self.metrics_address)
-        self._http, _ = start_http_server(port, host, registry=self.registry)
+        self._http, _ = self._guard.start_metrics(host, port, self.registry)
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
