@@ -9,6 +9,7 @@ counter) and a message for the agent.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -38,6 +39,11 @@ SITE_COLUMNS = (
 )
 #: Largest number of histogram bins a hello may declare.
 MAX_BINS = 4096
+#: Most values one rank may summarize per layer or site (2**40: a 4 TB float32 shard): counts
+#: stay exact in float64 and their sums over ranks far from int64 overflow.
+MAX_COUNT = 1 << 40
+#: Largest frame sequence number (a uint64 on the wire): what a signed 64-bit column holds.
+MAX_SEQ = (1 << 63) - 1
 
 
 class WireError(ValueError):
@@ -162,8 +168,19 @@ def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
     return layers, [SiteInfo(site.name, site.kind) for site in msg.sites]
 
 
-def decode(frame: pb.Frame, n_layers: int, n_sites: int, bins: int) -> Sample:
-    """Validate a Frame against the stream's Hello and return its Sample."""
+def decode(
+    frame: pb.Frame, n_layers: int, n_sites: int, bins: int, nonfinite: dict[str, int] | None = None
+) -> Sample:
+    """Validate a Frame against the stream's Hello and return its Sample.
+
+    NaN and Inf are not refused (a diverging run legitimately produces them, and refusing its
+    stream would lose the rest): a layer or site with a non-finite value in any of its float
+    columns is NaN in all of them (so no merge sums it; the merged layer is NaN at that step),
+    a probe that is not finite reads "not probed", a non-finite wall time is replaced by
+    the time of decoding, and an energy of -inf reads "no loss" (+inf is a divergence the
+    phase detector sees, NaN already means "no loss"). Each is counted into `nonfinite`
+    by what carried it: "energy", "wall_time", "layer", "site" (values, not rows).
+    """
     lc = _columns(frame.layers, LAYER_COLUMNS, n_layers, "layer")
     sc = _columns(frame.sites, SITE_COLUMNS, n_sites, "site")
     hist = None  # histograms come every few frames; an empty column means "not taken"
@@ -171,21 +188,39 @@ def decode(frame: pb.Frame, n_layers: int, n_sites: int, bins: int) -> Sample:
         hist = _columns(frame.layers, (("histogram", U32),), n_layers * (bins + 2), "layer")[
             "layer.histogram"
         ]
+    if frame.seq > MAX_SEQ:
+        raise WireError("invalid_value", f"frame seq {frame.seq} exceeds {MAX_SEQ}")
+    counts = {} if nonfinite is None else nonfinite
     energy = frame.energy if frame.HasField("energy") else math.nan
-    if frame.HasField("energy") and not math.isfinite(energy):
-        raise WireError("non_finite", f"frame {frame.seq} (step {frame.step}): energy is {energy}")
-    if not math.isfinite(frame.wall_time):
-        raise WireError("non_finite", f"frame {frame.seq}: wall_time is {frame.wall_time}")
+    if math.isinf(energy):
+        counts["energy"] = counts.get("energy", 0) + 1
+        if energy < 0:
+            energy = math.nan
+    wall_time = frame.wall_time
+    if not math.isfinite(wall_time):
+        counts["wall_time"] = counts.get("wall_time", 0) + 1
+        wall_time = time.time()
+    for prefix, cols, probe in (("layer", lc, None), ("site", sc, "site.probe_spread")):
+        floats = [name for name, values in cols.items() if values.dtype == F64 and name != probe]
+        if probe is not None and not np.isfinite(cols[probe]).all():
+            counts[prefix] = counts.get(prefix, 0) + int((~np.isfinite(cols[probe])).sum())
+            cols[probe] = np.where(np.isfinite(cols[probe]), cols[probe], -1.0)
+        if not floats:
+            continue
+        bad = ~np.isfinite(np.stack([cols[name] for name in floats]))
+        if bad.any():
+            counts[prefix] = counts.get(prefix, 0) + int(bad.sum())
+            rows = bad.any(axis=0)
+            for name in floats:
+                cols[name] = np.where(rows, np.nan, cols[name])
     for name, values in (*lc.items(), *sc.items()):
-        if values.dtype == F64 and not np.isfinite(values).all():
-            raise WireError(
-                "non_finite", f"frame {frame.seq} (step {frame.step}): column {name} has NaN or Inf"
-            )
         if name.endswith(("count", "m2")) and (values < 0).any():
             raise WireError("invalid_value", f"frame {frame.seq}: column {name} has negative values")
+        if name.endswith("count") and (values > MAX_COUNT).any():
+            raise WireError("invalid_value", f"frame {frame.seq}: column {name} exceeds {MAX_COUNT} values")
     return Sample(
         step=frame.step,
-        wall_time=frame.wall_time,
+        wall_time=wall_time,
         energy=energy,
         layers=LayerStats(
             lc["layer.count"],

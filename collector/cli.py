@@ -80,6 +80,28 @@ def parser() -> argparse.ArgumentParser:
         "--every", type=_at_least(0), default=0, help="sampling interval to ask agents for (0: theirs)"
     )
     c.add_argument("--max-message-bytes", type=_positive, default=16 << 20, help="largest accepted message")
+    c.add_argument(
+        "--max-layers", type=_positive, default=10_000, help="layers (and sites) per job (default 10000)"
+    )
+    c.add_argument(
+        "--max-name-length", type=_positive, default=256, help="characters in a hello's names (default 256)"
+    )
+    c.add_argument(
+        "--max-jobs", type=_positive, default=1_000, help="jobs kept, more refused (default 1000)"
+    )
+    c.add_argument(
+        "--max-series-per-job",
+        type=_at_least(2),
+        default=2_000,
+        help="layer (site) series per job and metric; the rest fold into one __other__ series (default 2000)",
+    )
+    c.add_argument(
+        "--max-frame-rate",
+        type=_positive_number,
+        default=1_000.0,
+        metavar="HZ",
+        help="frames per second one agent may send; beyond, its stream is refused (default 1000)",
+    )
 
     c.add_argument(
         "--db", default=str(DEFAULT_DB), help=f"SQLite file of phase events (default {DEFAULT_DB})"
@@ -181,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
             "security": auth.from_args(args, p),
+            "max_layers": args.max_layers,
+            "max_name_length": args.max_name_length,
+            "max_jobs": args.max_jobs,
+            "max_series_per_job": args.max_series_per_job,
+            "max_frame_rate": args.max_frame_rate,
         }
         if args.ray:
             return attach_cli.start(args, settings)

@@ -10,6 +10,17 @@ Liveness is the one place ranks appear: `thermoscope_rank_stale{job_id,rank}` (o
 per rank that streams or is stale; a rank that finished has none), beside
 `thermoscope_agents_connected{job_id}`, `thermoscope_rank_lost_total{job_id}` and
 `thermoscope_job_paused{job_id}`.
+
+Cardinality is bounded per job: a job with more layers (or sites) than `max_series` exports
+its first `max_series - 1` and folds the rest into one `__other__` series per metric, counted
+in `thermoscope_layers_folded{job_id}` / `thermoscope_sites_folded{job_id}`. Folding happens
+here, at export, not at merge: the merged sample, the detector and the history keep every
+layer (no reading is lost, only its series), and the additive readings fold exactly, the
+entropies and the work being sums over layers (the `__other__` entropy is what the folded
+layers add to `thermoscope_entropy_nats`). Ratios (temperatures, negentropy, outside share,
+site efficiency) have no exact fold from the per-layer readings: `__other__` is NaN for them.
+NaN/Inf values agents send are not merged; they are counted in
+`thermoscope_nonfinite_values_total{job_id,what}`.
 """
 
 from __future__ import annotations
@@ -22,6 +33,11 @@ from prometheus_client.registry import Collector
 
 from .detect import PHASES, TRANSITIONS
 from .merge import Job
+
+#: The series the layers (sites) of a job beyond `max_series` are folded into.
+OTHER = "__other__"
+#: Layer readings that are sums over values, so a sum over layers folds them exactly.
+ADDITIVE = frozenset({"layer_entropy", "layer_histogram_entropy", "layer_work"})
 
 JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
     (
@@ -87,12 +103,30 @@ class MetricsExporter(Collector):
     """prometheus_client collector over the collector's jobs and counters."""
 
     def __init__(
-        self, jobs: Mapping[str, Job], rejected: Mapping[str, int], version: str, phase_layers: int = 50
+        self,
+        jobs: Mapping[str, Job],
+        rejected: Mapping[str, int],
+        version: str,
+        phase_layers: int = 50,
+        *,
+        max_series: int = 2_000,
+        nonfinite: Mapping[tuple[str, str], int] | None = None,
     ) -> None:
+        if max_series < 2:
+            raise ValueError(f"max_series must be at least 2, got {max_series}")
         self._jobs = jobs
         self._rejected = rejected
         self._version = version
         self._phase_layers = phase_layers
+        self._max_series = max_series
+        self._nonfinite = nonfinite if nonfinite is not None else {}
+
+    def _fold(self, names: list[str], values: Any, additive: bool) -> Iterator[tuple[str, float]]:
+        """(name, value) of one job's layers or sites, the excess folded into `OTHER`."""
+        keep = self._max_series - 1 if len(names) > self._max_series else len(names)
+        yield from zip(names[:keep], (float(v) for v in values[:keep]), strict=True)
+        if keep < len(names):
+            yield OTHER, float(sum(float(v) for v in values[keep:])) if additive else float("nan")
 
     def collect(self) -> Iterator[Metric]:
         jobs = list(self._jobs.values())  # one atomic copy: the event loop may add jobs meanwhile
@@ -113,6 +147,15 @@ class MetricsExporter(Collector):
         for reason, count in sorted(dict(self._rejected).items()):
             rejected.add_metric([reason], count)
         yield rejected
+        nonfinite = CounterMetricFamily(
+            "thermoscope_nonfinite_values",
+            "NaN/Inf values agents sent, by what carried them (energy, wall_time, layer, site): "
+            "counted, never merged (the layer or site is NaN at that step).",
+            labels=["job_id", "what"],
+        )
+        for (job_id, what), count in sorted(dict(self._nonfinite).items()):
+            nonfinite.add_metric([job_id, what], count)
+        yield nonfinite
 
         readings = [(job.job_id, job.reading) for job in jobs if job.reading is not None]
         yield from _families(
@@ -124,7 +167,7 @@ class MetricsExporter(Collector):
             lambda attr: (
                 ([job_id, name], value)
                 for job_id, r in readings
-                for name, value in zip(r.layer_names, getattr(r, attr), strict=True)
+                for name, value in self._fold(list(r.layer_names), getattr(r, attr), attr in ADDITIVE)
             ),
         )
         yield from _families(
@@ -139,9 +182,26 @@ class MetricsExporter(Collector):
             lambda attr: (
                 ([job_id, name], value)
                 for job_id, r in readings
-                for name, value in zip(r.site_names, getattr(r, attr), strict=True)
+                for name, value in self._fold(list(r.site_names), getattr(r, attr), False)
             ),
         )
+        folded_layers = GaugeMetricFamily(
+            "thermoscope_layers_folded",
+            "Layers of the job exported only inside its __other__ layer series (the collector's "
+            "max_series_per_job bound on cardinality).",
+            labels=["job_id"],
+        )
+        folded_sites = GaugeMetricFamily(
+            "thermoscope_sites_folded",
+            "Activation sites of the job exported only inside its __other__ site series.",
+            labels=["job_id"],
+        )
+        for job_id, r in readings:
+            for family, names in ((folded_layers, r.layer_names), (folded_sites, r.site_names)):
+                over = len(names) - (self._max_series - 1)
+                family.add_metric([job_id], float(over if len(names) > self._max_series else 0))
+        yield folded_layers
+        yield folded_sites
         engines = InfoMetricFamily(
             "thermoscope_engine",
             "Engine type of the activation site by its scale probe: "
@@ -154,7 +214,7 @@ class MetricsExporter(Collector):
             labels=["job_id"],
         )
         for job_id, r in readings:
-            for name, engine in zip(r.site_names, r.site_engine, strict=True):
+            for name, engine in list(zip(r.site_names, r.site_engine, strict=True))[: self._max_series]:
                 if engine:
                     engines.add_metric([job_id, name], {"engine": str(engine)})
             if r.engine:

@@ -40,6 +40,9 @@ _STATUS = {
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
     "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "too_many_jobs": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "too_many_layers": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -70,6 +73,49 @@ def deserializer(max_bytes: int):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on what agents may make the collector hold; each refusal has its reason.
+
+    `max_layers`: layers (and, separately, sites) a job may declare over all its ranks
+    (RESOURCE_EXHAUSTED `too_many_layers`); `max_name_length`: characters in any name a hello
+    carries (INVALID_ARGUMENT `name_too_long`); `max_jobs`: jobs the collector keeps (a hello of
+    a new job beyond it: RESOURCE_EXHAUSTED `too_many_jobs`); `max_frame_rate`: frames per
+    second one stream may send, a token bucket holding one second of frames (beyond it the
+    stream ends with RESOURCE_EXHAUSTED `rate_limited`; the agent backs off, reconnects and
+    resends what was not acked, so nothing is lost and the collector's work stays bounded).
+    """
+
+    max_layers: int = 10_000
+    max_name_length: int = 256
+    max_jobs: int = 1_000
+    max_frame_rate: float = 1_000.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_layers", "max_name_length", "max_jobs", "max_frame_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class _Bucket:
+    """Token bucket: `rate` tokens per second, holding at most one second's worth (at least 1)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(frozen=True)
 class _ReadFailed:
     """Reading the requests failed (the server is stopping): the handler re-raises it."""
 
@@ -87,6 +133,7 @@ class _Session:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # requests, _PUSH, then _END
     credit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(READ_AHEAD))
     stream: Stream | None = None  # after a valid hello
+    bucket: _Bucket | None = None  # frames it may send (Limits.max_frame_rate), after the hello
     pushing: bool = False  # a _PUSH is queued
     clean: bool = False  # the agent half-closed, and our last reply reached it
     ended: bool = False
@@ -113,9 +160,11 @@ class Telemetry:
         store: EventStore | None = None,
         stale_after: float = 60.0,
         active: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         """`stale_after`: seconds of silence after which an open stream's rank is stale;
-        `active`: whether jobs stream by default (False: every job paused until attached)."""
+        `active`: whether jobs stream by default (False: every job paused until attached);
+        `limits`: bounds on input (`Limits`; None: its defaults)."""
         if not stale_after > 0:
             raise ValueError(f"stale_after must be positive, got {stale_after}")
         self.jobs = jobs
@@ -125,7 +174,9 @@ class Telemetry:
         self.stale_after = stale_after
         self.default_active = active
         self.overrides: dict[str, bool] = {}  # per-job admission, over the default
+        self.limits = limits or Limits()
         self.rejected: Counter[str] = Counter()
+        self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
 
     # -- admission --------------------------------------------------------------------------------
@@ -232,13 +283,21 @@ class Telemetry:
                 stream = session.stream = self._open(msg.hello)
             except wire.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
+            session.bucket = _Bucket(self.limits.max_frame_rate)
             self._sessions.setdefault(stream.job_id, set()).add(session)
             return self._config(stream.job_id)
         if kind == "frame":
             if stream is None:
                 await self._reject(context, "unknown_stream", "frame on a stream that sent no hello")
+            if not session.bucket.take():
+                await self._reject(
+                    context,
+                    "rate_limited",
+                    f"more than {self.limits.max_frame_rate:g} frames per second on this stream",
+                )
+            nonfinite: dict[str, int] = {}
             try:
-                sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins)
+                sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite)
             except wire.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
             if msg.frame.seq <= stream.last_seq:
@@ -246,6 +305,7 @@ class Telemetry:
                     context, "sequence", f"frame seq {msg.frame.seq} after seq {stream.last_seq}"
                 )
             stream.last_seq = msg.frame.seq
+            self._count_nonfinite(stream, msg.frame, nonfinite)
             self.jobs[stream.job_id].accept(stream, sample)
             return pb.CollectorMessage(ack=pb.Ack(seq=msg.frame.seq))
         await self._reject(context, "empty", "message carries neither hello nor frame")
@@ -275,8 +335,25 @@ class Telemetry:
 
     def _open(self, hello: pb.Hello) -> Stream:
         """Register the agent of a valid hello with its job (raises WireError otherwise)."""
+        self._check_names(hello)
         layers, sites = wire.decode_hello(hello)
         job = self.jobs.get(hello.job_id)
+        limit = self.limits.max_layers
+        for table, names, known in (
+            ("layers", {layer.name for layer in layers}, job.layers if job else {}),
+            ("sites", {site.name for site in sites}, job.sites if job else {}),
+        ):
+            total = len(names | known.keys()) if len(names) <= limit else len(names)
+            if total > limit:
+                raise wire.WireError(
+                    "too_many_layers",
+                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limit}"
+                )
+        if job is None and len(self.jobs) >= self.limits.max_jobs:
+            raise wire.WireError(
+                "too_many_jobs",
+                f"the collector keeps {len(self.jobs)} jobs, its limit; job {hello.job_id!r} is refused",
+            )
         if job is None:
             job = self.jobs[hello.job_id] = Job(
                 hello.job_id,
@@ -303,6 +380,36 @@ class Telemetry:
             "agent joined: job %s rank %d/%d on %s", hello.job_id, hello.rank, hello.world_size, hello.host
         )
         return stream
+
+    def _check_names(self, hello: pb.Hello) -> None:
+        """Every name a hello carries is at most `max_name_length` characters (WireError)."""
+        limit = self.limits.max_name_length
+        fields = ("job_id", "run_id", "host", "agent_version", "node")
+        named = [(f, getattr(hello, f)) for f in fields]
+        named += [(f"layer {i}", layer.name) for i, layer in enumerate(hello.layers)]
+        named += [(f"layer {i} dtype", layer.dtype) for i, layer in enumerate(hello.layers)]
+        named += [(f"site {i}", site.name) for i, site in enumerate(hello.sites)]
+        named += [(f"site {i} kind", site.kind) for i, site in enumerate(hello.sites)]
+        for what, name in named:
+            if len(name) > limit:
+                raise wire.WireError(
+                    "name_too_long", f"{what}: a name of {len(name)} characters; the limit is {limit}"
+                )
+
+    def _count_nonfinite(self, stream: Stream, frame: pb.Frame, counts: dict[str, int]) -> None:
+        """Count the NaN/Inf values of an accepted frame; log the first of each kind per job."""
+        for what, n in counts.items():
+            key = (stream.job_id, what)
+            if key not in self.nonfinite:
+                log.warning(
+                    "job %s rank %d: %d NaN/Inf %s value(s) at step %d (counted, not merged; logged once)",
+                    stream.job_id,
+                    stream.rank,
+                    n,
+                    what,
+                    frame.step,
+                )
+            self.nonfinite[key] += n
 
     async def _reject(self, context: grpc.aio.ServicerContext, reason: str, message: str) -> None:
         self.rejected[reason] += 1

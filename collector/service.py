@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from .auth import Security
 from .export import MetricsExporter
 from .merge import Job, Stream
-from .server import SERVICE, Telemetry
+from .server import SERVICE, Limits, Telemetry
 from .store import DEFAULT_DB, EventStore
 
 log = logging.getLogger("thermoscope.collector")
@@ -68,13 +68,25 @@ class Collector:
         active: bool = True,
         security: Security | None = None,
         history_interval: float = 1.0,
+        max_layers: int = 10_000,
+        max_name_length: int = 256,
+        max_jobs: int = 1_000,
+        max_series_per_job: int = 2_000,
+        max_frame_rate: float = 1_000.0,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
         layers per job get a `thermoscope_phase` state-set (a bound on series per job);
         `stale_after`: seconds an open stream may stay silent (its job not paused) before its
         rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
         ones to watch); `history_interval`: the least seconds between two rows of a job's
-        history in `db` (what `thermoscope plot` draws; 0: every merged sample)."""
+        history in `db` (what `thermoscope plot` draws; 0: every merged sample).
+
+        Limits on input (each refusal ends the stream with its gRPC status and is counted in
+        `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
+        `max_name_length` characters per name, `max_jobs` jobs, `max_frame_rate` frames per
+        second per agent (see `server.Limits`); `max_series_per_job`: layer (and site) series
+        per job and metric in /metrics, the excess folded into one `__other__` series and
+        counted in `thermoscope_layers_folded{job_id}` (see `export`)."""
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
         # tokens, TLS, basic auth (`auth.Security`): exposure checked and files read here, first
@@ -84,10 +96,25 @@ class Collector:
         self.jobs: dict[str, Job] = {}
         self.store = EventStore(db, history_interval=history_interval) if db is not None else None
         self.telemetry = Telemetry(
-            self.jobs, window=window, every=every, store=self.store, stale_after=stale_after, active=active
+            self.jobs,
+            window=window,
+            every=every,
+            store=self.store,
+            stale_after=stale_after,
+            active=active,
+            limits=Limits(max_layers, max_name_length, max_jobs, max_frame_rate),
         )
         self.registry = CollectorRegistry()
-        self.registry.register(MetricsExporter(self.jobs, self.telemetry.rejected, VERSION, phase_layers))
+        self.registry.register(
+            MetricsExporter(
+                self.jobs,
+                self.telemetry.rejected,
+                VERSION,
+                phase_layers,
+                max_series=max_series_per_job,
+                nonfinite=self.telemetry.nonfinite,
+            )
+        )
         ProcessCollector(registry=self.registry)
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None

@@ -7,6 +7,7 @@ import math
 import grpc
 import pytest
 
+from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2 as pb
 
 from conftest import OpenStream, frame, hello, scrape, stream, value
@@ -44,12 +45,11 @@ CASES = {
         "length_mismatch",
         "layer.m2",
     ),
-    "NaN in a column": ([hello("bad"), nan_column()], grpc.StatusCode.INVALID_ARGUMENT, "non_finite", "NaN"),
-    "infinite energy": (
-        [hello("bad"), frame(1, 0, energy=math.inf)],
+    "name too long": (
+        [hello("x" * 300)],
         grpc.StatusCode.INVALID_ARGUMENT,
-        "non_finite",
-        "energy",
+        "name_too_long",
+        "300 characters",
     ),
     "second hello": (
         [hello("bad"), hello("bad")],
@@ -108,8 +108,73 @@ def test_garbage_bytes_are_refused_as_undecodable(collector) -> None:
 def test_a_rejected_frame_leaves_the_jobs_state_as_it_was(collector) -> None:
     _, error = stream(collector.grpc_target, [hello("j"), frame(1, 0), frame(2, 1, energy=math.nan)])
     assert error is None  # NaN energy is allowed: "no loss given"
-    _, error = stream(collector.grpc_target, [hello("j"), frame(3, 2), nan_column()])
+    _, error = stream(collector.grpc_target, [hello("j"), frame(3, 2), short_column()])
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
     metrics = scrape(collector.metrics_url)
     assert value(metrics, "thermoscope_frames_received_total", job_id="j") == 3
     assert value(metrics, "thermoscope_last_step", job_id="j") == 2
+
+
+def test_nan_and_inf_are_counted_not_merged_and_the_stream_goes_on(collector) -> None:
+    """A diverging run sends NaN weights and an infinite loss: counted, the layer NaN at that
+    step, the energy's +inf seen by the detector, and the stream carries on."""
+    nan = nan_column()  # layer1's mean is NaN at step 0
+    nan.frame.seq, nan.frame.step = 2, 1
+    replies, error = stream(
+        collector.grpc_target,
+        [hello("div"), frame(1, 0), nan, frame(3, 2, energy=math.inf), frame(4, 3)],
+    )
+    assert error is None
+    assert [r.ack.seq for r in replies if r.HasField("ack")][:4] == [1, 2, 3, 4]
+    metrics = scrape(collector.metrics_url)
+    assert value(metrics, "thermoscope_frames_received_total", job_id="div") == 4
+    assert value(metrics, "thermoscope_nonfinite_values_total", job_id="div", what="layer") == 1
+    assert value(metrics, "thermoscope_nonfinite_values_total", job_id="div", what="energy") == 1
+    assert value(metrics, "thermoscope_phase", job_id="div", scope="job", layer="", phase="unstable") == 1
+    assert not any(name == "thermoscope_frames_rejected_total" and v for (name, _), v in metrics.items())
+
+
+def test_limits_on_jobs_rate_and_series(tmp_path) -> None:
+    with Collector(
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        db=None,
+        max_jobs=2,
+        max_frame_rate=5,
+        max_series_per_job=3,
+        max_layers=6,
+    ).running() as c:
+        _, error = stream(c.grpc_target, [hello("a", n_layers=7)])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 6" in error.details()
+        assert stream(c.grpc_target, [hello("a", n_layers=5, n_sites=4), frame(1, 0, 5, 4)])[1] is None
+        assert stream(c.grpc_target, [hello("b")])[1] is None
+        _, error = stream(c.grpc_target, [hello("c")])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "jobs" in error.details()
+        assert stream(c.grpc_target, [hello("a", n_layers=5, n_sites=4)])[1] is None  # a known job: fine
+        replies, error = stream(c.grpc_target, [hello("b"), *(frame(i, i) for i in range(1, 20))])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per second" in error.details()
+        assert len([r for r in replies if r.HasField("ack")]) == 5  # the bucket holds one second
+        metrics = scrape(c.metrics_url)
+        for reason in ("too_many_layers", "too_many_jobs", "rate_limited"):
+            assert value(metrics, "thermoscope_frames_rejected_total", reason=reason) == 1
+        layers = {dict(k[1])["layer"]: v for k, v in metrics.items() if k[0] == "thermoscope_layer_work"}
+        assert set(layers) == {"layer0", "layer1", "__other__"}
+        assert layers["__other__"] == pytest.approx(3 * (0.4 - 0.5))  # work folds exactly: a sum
+        entropy = {
+            dict(k[1])["layer"]: v for k, v in metrics.items() if k[0] == "thermoscope_layer_entropy_nats"
+        }
+        assert sum(entropy.values()) == pytest.approx(value(metrics, "thermoscope_entropy_nats", job_id="a"))
+        assert value(metrics, "thermoscope_layers_folded", job_id="a") == 3
+        assert value(metrics, "thermoscope_sites_folded", job_id="a") == 2
+
+
+def test_the_limits_are_collector_flags() -> None:
+    from thermoscope.collector.cli import parser
+
+    flags = {"--max-layers": "7", "--max-name-length": "9", "--max-jobs": "3"}
+    flags |= {"--max-series-per-job": "5", "--max-frame-rate": "2.5"}
+    args = parser().parse_args(["collector", *(x for item in flags.items() for x in item)])
+    assert (args.max_layers, args.max_name_length, args.max_jobs) == (7, 9, 3)
+    assert (args.max_series_per_job, args.max_frame_rate) == (5, 2.5)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["collector", "--max-series-per-job", "1"])
