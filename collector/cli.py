@@ -186,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_at_least(0), default=0, help="seed of the data and of the init draw")
     t.add_argument("--simulate", action="store_true", help="also train it with a Monitor and compare")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    from . import loadgen  # its own module: the load generator and its flags
+
+    loadgen.add_arguments(sub)
     return p
 
 
@@ -254,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"events: {exc}")
         except sqlite3.DatabaseError as exc:
             p.error(f"events: {args.db} is not a Thermoscope event database ({exc})")
+    if args.command == "loadgen":
+        from . import loadgen
+
+        return loadgen.main(args, p)
     if args.command == "theory":
         from . import theory_cli  # torch is imported only with --simulate
 

@@ -178,6 +178,26 @@ class Telemetry:
         self.rejected: Counter[str] = Counter()
         self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
+        self.draining = False  # the collector is shutting down: see `drain`
+
+    # -- graceful shutdown ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The collector is shutting down: refuse new streams and end every open one.
+
+        Each open call handles the requests it already read, writes a last `Ack` and ends
+        with OK, so its agent reconnects (to this collector's successor) and nothing counts
+        as lost: a stream that ends while draining, even cut by the server's grace period,
+        counts as ended cleanly, not as a lost rank. Call on the event loop's thread."""
+        self.draining = True
+        for sessions in list(self._sessions.values()):
+            for session in list(sessions):
+                session.inbox.put_nowait(_END)
+
+    @property
+    def open_streams(self) -> int:
+        """Calls that sent a valid hello and have not ended."""
+        return sum(len(sessions) for sessions in self._sessions.values())
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -279,6 +299,8 @@ class Telemetry:
         if kind == "hello":
             if stream is not None:
                 await self._reject(context, "duplicate_hello", "a stream sends one hello, first")
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
             try:
                 stream = session.stream = self._open(msg.hello)
             except wire.WireError as exc:
@@ -324,8 +346,9 @@ class Telemetry:
             sessions.discard(session)
             if not sessions:
                 del self._sessions[stream.job_id]
-        self.jobs[stream.job_id].close(stream, clean=session.clean)
-        if not session.clean:
+        clean = session.clean or self.draining
+        self.jobs[stream.job_id].close(stream, clean=clean)
+        if not clean:
             log.warning(
                 "agent lost: job %s rank %d on %s (its stream ended abnormally)",
                 stream.job_id,

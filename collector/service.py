@@ -15,7 +15,9 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,24 +159,46 @@ class Collector:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float = 2.0, hold: float = 0.0) -> None:
+        """Shut down gracefully: health says NOT_SERVING, open streams are drained (each ends
+        with OK once the frames it read are merged and acknowledged; its agent reconnects to a
+        successor), then the server stops (calls left after `grace` s are cancelled, still not
+        counted as lost ranks), /metrics closes and the database is closed with every row
+        committed. `hold`: the least seconds health says NOT_SERVING before the port closes,
+        so that health checkers see it."""
+        started = time.monotonic()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        self.telemetry.drain()
+        while self.telemetry.open_streams and time.monotonic() - started < grace:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, hold - (time.monotonic() - started)))
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.1, grace - (time.monotonic() - started)))
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         if self.store is not None:
             self.store.close()
 
-    async def serve(self) -> None:
-        """Run until cancelled (Ctrl-C)."""
+    async def serve(self, grace: float = 5.0, hold: float = 0.5) -> None:
+        """Run until SIGTERM or SIGINT (Ctrl-C), then `stop(grace, hold)`: returns once shut down."""
         await self.start()
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        handled = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, signalled.set)
+                handled.append(sig)
         try:
-            await self._server.wait_for_termination()  # type: ignore[union-attr]
+            await signalled.wait()
+            log.info("collector: shutting down (draining %d streams)", self.telemetry.open_streams)
         finally:
-            await self.stop()
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            await self.stop(grace, hold)
+        log.info("collector: stopped")
 
     # -- from any thread ---------------------------------------------------------------------------
 

@@ -1,0 +1,522 @@
+"""`thermoscope loadgen`: drive collectors on loopback with many light agents and measure them.
+
+Agents speak the raw protocol (`thermoscope.v1.Telemetry/Stream`), not a `Monitor`: each
+frame is one pre-encoded `AgentMessage` whose `seq`, `step` and `wall_time` are appended as
+a second serialized frame (protobuf merges a message's concatenated encodings: the later
+scalars win), so that sending costs the loadgen a few microseconds. Many streams share a few
+`grpc.aio` channels in one asyncio loop. Agents form jobs of `--world-size` ranks; with
+`--collectors K` jobs are sharded over K collector processes (job i to collector i mod K),
+as users would scale out.
+
+Latency is from the send of a step's last rank to that step appearing as
+`thermoscope_last_step{job_id}` at `/metrics`, measured on a sample of jobs (`--latency-jobs`)
+by scraping `/metrics` back to back (the scrape's own time is part of it, as for any
+scraper). Collector CPU (cores used) and peak RSS come from `/proc/<pid>` of the collectors
+the loadgen started (not reported with `--target`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from thermoscope.agent import wire
+from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.v1 import telemetry_pb2 as pb
+
+from .service import split_address
+
+METHOD = "/thermoscope.v1.Telemetry/Stream"
+MAX_AGENTS = 5000
+MAX_DURATION = 600.0
+MAX_LAYERS = 5000
+STREAMS_PER_CHANNEL = 100
+BINS = 8
+
+
+class LoadgenError(ValueError):
+    """A request the loadgen refuses (the CLI prints it as a usage error)."""
+
+
+def check_loopback(target: str) -> None:
+    host, _ = split_address(target)
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise LoadgenError(f"loadgen drives loopback collectors only, not {target!r}")
+
+
+def check_bounds(agents: int, layers: int, rate: float, duration: float, world_size: int) -> None:
+    if not 1 <= agents <= MAX_AGENTS:
+        raise LoadgenError(f"--agents must be 1..{MAX_AGENTS}, got {agents}")
+    if not 1 <= layers <= MAX_LAYERS:
+        raise LoadgenError(f"--layers must be 1..{MAX_LAYERS}, got {layers}")
+    if not (math.isfinite(rate) and rate >= 0):
+        raise LoadgenError(f"--rate must be >= 0 Hz (0: as fast as acks allow), got {rate}")
+    if not 0 < duration <= MAX_DURATION:
+        raise LoadgenError(f"--duration must be in (0, {MAX_DURATION:g}] s, got {duration}")
+    if world_size < 1 or agents % world_size:
+        raise LoadgenError(f"--agents ({agents}) must be a multiple of --world-size ({world_size})")
+
+
+def _template(layers: int) -> bytes:
+    ones = np.ones(layers)
+    hist = np.full((layers, BINS + 2), 10, dtype=np.int64)
+    hist[:, [0, -1]] = 0
+    sample = Sample(
+        step=0,
+        wall_time=0.0,
+        energy=1.0,
+        layers=LayerStats(
+            np.full(layers, 1000, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones, hist
+        ),
+        sites=SiteStats(
+            np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
+        ),
+    )
+    return wire.encode(sample, 1).SerializeToString()
+
+
+def _hello(job: str, rank: int, world_size: int, layers: int) -> bytes:
+    return wire.hello(
+        job_id=job,
+        run_id="loadgen",
+        rank=rank,
+        world_size=world_size,
+        host="loadgen",
+        agent_version="loadgen",
+        every=1,
+        layers=[LayerInfo(f"layer{i}", (1000,), 1000, "float32", 0, 1) for i in range(layers)],
+        sites=[SiteInfo("site0", "ReLU")],
+        bins=BINS,
+    ).SerializeToString()
+
+
+def _stamp(seq: int, step: int, wall_time: float) -> bytes:
+    return pb.AgentMessage(frame=pb.Frame(seq=seq, step=step, wall_time=wall_time)).SerializeToString()
+
+
+@dataclass
+class Totals:
+    sent: int = 0
+    acked: int = 0
+    errors: int = 0
+    error_text: list[str] = field(default_factory=list)
+    scrape_error: str = ""
+    latencies: list[float] = field(default_factory=list)
+    sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
+
+
+@dataclass
+class Spawned:
+    grpc_target: str
+    metrics_url: str
+    proc: subprocess.Popen | None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_collectors(k: int, workdir: Path, profile: bool = False) -> list[Spawned]:
+    out = []
+    for i in range(k):
+        g, m = _free_port(), _free_port()
+        cmd = [sys.executable]
+        if profile:
+            cmd += ["-m", "cProfile", "-o", str(workdir / f"collector{i}.prof")]
+            cmd += ["-m", "thermoscope.collector.cli"]
+        else:
+            cmd += ["-m", "thermoscope.collector.cli"]
+        cmd += [
+            "--log-level",
+            "WARNING",
+            "collector",
+            "--grpc",
+            f"127.0.0.1:{g}",
+            "--metrics",
+            f"127.0.0.1:{m}",
+        ]
+        cmd += ["--db", str(workdir / f"collector{i}.db")]
+        with open(workdir / f"collector{i}.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        out.append(Spawned(f"127.0.0.1:{g}", f"http://127.0.0.1:{m}/metrics", proc))
+    for s in out:
+        _wait_serving(s)
+    return out
+
+
+def _wait_serving(s: Spawned, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(s.metrics_url, timeout=2):
+                return
+        except OSError:
+            if s.proc is not None and s.proc.poll() is not None:
+                raise RuntimeError(f"collector at {s.grpc_target} exited with {s.proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"collector at {s.grpc_target} did not start") from None
+            time.sleep(0.1)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _agent(
+    channel: grpc.aio.Channel,
+    job: str,
+    rank: int,
+    world_size: int,
+    layers: int,
+    template: bytes,
+    rate: float,
+    start: float,
+    end: float,
+    totals: Totals,
+    sampled: bool,
+    phase: float,
+) -> None:
+    call = channel.stream_stream(METHOD, response_deserializer=pb.CollectorMessage.FromString)()
+    window = asyncio.Semaphore(64)
+
+    async def read() -> None:
+        last = 0
+        async for reply in call:
+            if reply.HasField("ack") and reply.ack.seq > last:  # (the call's last ack repeats one)
+                totals.acked += reply.ack.seq - last
+                for _ in range(reply.ack.seq - last):
+                    window.release()
+                last = reply.ack.seq
+
+    try:
+        await call.write(_hello(job, rank, world_size, layers))
+        reader = asyncio.create_task(read())
+        seq = 0
+        nxt = start + phase / rate if rate else start  # agents spread over the period
+        while True:
+            if rate:
+                delay = nxt - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                nxt += 1 / rate
+            if time.monotonic() >= end:
+                break
+            await window.acquire()
+            seq += 1
+            now = time.time()
+            await call.write(template + _stamp(seq, seq, now))
+            totals.sent += 1
+            if sampled:
+                totals.sends[(job, seq)] = time.monotonic()
+        await call.done_writing()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reader, 10)
+    except grpc.aio.AioRpcError as exc:
+        totals.errors += 1
+        if len(totals.error_text) < 5:
+            totals.error_text.append(f"{exc.code().name}: {exc.details()}")
+    finally:
+        call.cancel()
+
+
+def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -> None:
+    """Scrape back to back; a sampled job's step counts once `thermoscope_last_step` reaches it."""
+    jobs_by_url: dict[str, set[str]] = {}
+    for job, url in urls.items():
+        jobs_by_url.setdefault(url, set()).add(job)
+    seen: dict[str, int] = {}
+    while not stop.is_set():
+        for url, jobs in jobs_by_url.items():
+            try:
+                with urllib.request.urlopen(url, timeout=30) as resp:
+                    text = resp.read().decode()
+            except Exception as exc:  # a scrape that fails is retried; it is reported once
+                if not totals.scrape_error:
+                    totals.scrape_error = repr(exc)
+                continue
+            now = time.monotonic()
+            for line in text.splitlines():
+                if not line.startswith("thermoscope_last_step{"):
+                    continue
+                job = line.split('job_id="', 1)[1].split('"', 1)[0]
+                if job not in jobs:
+                    continue
+                step = int(float(line.rsplit(" ", 1)[1]))
+                for s in range(seen.get(job, 0) + 1, step + 1):
+                    sent = totals.sends.pop((job, s), None)
+                    if sent is not None:
+                        totals.latencies.append(now - sent)
+                seen[job] = max(seen.get(job, 0), step)
+        stop.wait(0.01)
+
+
+async def _drive(
+    collectors: list[Spawned],
+    agents: int,
+    layers: int,
+    rate: float,
+    duration: float,
+    world_size: int,
+    latency_jobs: int,
+    totals: Totals,
+    progress,
+) -> float:
+    template = _template(layers)
+    jobs = agents // world_size
+    per_collector: list[list[grpc.aio.Channel]] = []
+    for c in collectors:
+        n = max(1, math.ceil(jobs * world_size / len(collectors) / STREAMS_PER_CHANNEL))
+        per_collector.append([grpc.aio.insecure_channel(c.grpc_target) for _ in range(n)])
+    sampled = {f"loadgen-{j}" for j in range(0, jobs, max(1, jobs // max(1, latency_jobs)))}
+    urls = {f"loadgen-{j}": collectors[j % len(collectors)].metrics_url for j in range(jobs)}
+    stop = threading.Event()
+    poller = threading.Thread(
+        target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop), daemon=True
+    )
+    poller.start()
+    start = time.monotonic() + 0.5
+    end = start + duration
+    tasks = []
+    count = 0
+    for j in range(jobs):
+        job = f"loadgen-{j}"
+        channels = per_collector[j % len(collectors)]
+        for rank in range(world_size):
+            channel = channels[count % len(channels)]
+            count += 1
+            tasks.append(
+                asyncio.create_task(
+                    _agent(
+                        channel,
+                        job,
+                        rank,
+                        world_size,
+                        layers,
+                        template,
+                        rate,
+                        start,
+                        end,
+                        totals,
+                        job in sampled,
+                        (count * 0.6180339887) % 1.0,
+                    )
+                )
+            )
+
+    async def report() -> None:
+        last, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            progress(totals, (totals.acked - last) / (now - last_t), now - start)
+            last, last_t = totals.acked, now
+
+    reporter = asyncio.create_task(report())
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - start
+    reporter.cancel()
+    await asyncio.sleep(1.5)  # let the last sampled steps reach /metrics
+    stop.set()
+    poller.join(timeout=35)
+    for channels in per_collector:
+        for ch in channels:
+            await ch.close()
+    return min(elapsed, duration)
+
+
+def run(
+    *,
+    agents: int,
+    layers: int,
+    rate: float,
+    duration: float,
+    world_size: int = 4,
+    collectors: int = 1,
+    target: str | None = None,
+    target_metrics: str | None = None,
+    latency_jobs: int = 20,
+    profile: bool = False,
+    out=sys.stdout,
+) -> dict[str, float]:
+    """Drive the load and print a table; returns its figures."""
+    check_bounds(agents, layers, rate, duration, world_size)
+    if target is not None:
+        check_loopback(target)
+        if collectors != 1:
+            raise LoadgenError("--collectors starts its own collectors: leave out --target")
+    with tempfile.TemporaryDirectory(prefix="thermoscope-loadgen-") as tmp:
+        if target is None:
+            spawned = start_collectors(collectors, Path(tmp), profile)
+        else:
+            if target_metrics is None:
+                raise LoadgenError("--target needs --target-metrics, the collector's /metrics URL")
+            spawned = [Spawned(target, target_metrics, None)]
+        pids = [s.proc.pid for s in spawned if s.proc is not None]
+        cpu0 = {pid: _cpu_seconds(pid) for pid in pids}
+        rss_peak = dict.fromkeys(pids, 0)
+        totals = Totals()
+
+        def progress(t: Totals, fps: float, at: float) -> None:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    rss_peak[pid] = max(rss_peak[pid], _rss_bytes(pid))
+            p99 = _pct(t.latencies, 99)
+            print(
+                f"t={at:5.1f}s acked frames/s={fps:9.0f} layer-samples/s={fps * layers:11.0f} "
+                f"sent={t.sent} acked={t.acked} errors={t.errors} p99={p99 * 1e3:.0f}ms",
+                file=out,
+                flush=True,
+            )
+
+        try:
+            elapsed = asyncio.run(
+                _drive(spawned, agents, layers, rate, duration, world_size, latency_jobs, totals, progress)
+            )
+            cpu = {pid: _cpu_seconds(pid) - cpu0[pid] for pid in pids}
+            for pid in pids:
+                rss_peak[pid] = max(rss_peak[pid], _rss_bytes(pid))
+        finally:
+            for s in spawned:
+                if s.proc is not None:
+                    s.proc.terminate()
+                    try:
+                        s.proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        s.proc.kill()
+            if profile:
+                _print_profile(Path(tmp), out)
+    fps = totals.acked / elapsed
+    figures = {
+        "agents": agents,
+        "layers": layers,
+        "rate_hz": rate,
+        "duration_s": duration,
+        "collectors": collectors,
+        "frames_sent": totals.sent,
+        "frames_acked": totals.acked,
+        "frames_per_s": fps,
+        "layer_samples_per_s": fps * layers,
+        "latency_p50_s": _pct(totals.latencies, 50),
+        "latency_p99_s": _pct(totals.latencies, 99),
+        "latency_samples": len(totals.latencies),
+        "errors": totals.errors,
+        "collector_cpu_cores": sum(cpu.values()) / elapsed if pids else math.nan,
+        "collector_rss_peak_mib": max(rss_peak.values()) / 2**20 if pids else math.nan,
+        "collector_rss_total_mib": sum(rss_peak.values()) / 2**20 if pids else math.nan,
+    }
+    _table(figures, out)
+    for text in totals.error_text:
+        print(f"error: {text}", file=out)
+    if totals.scrape_error:
+        print(f"scraping /metrics failed at least once: {totals.scrape_error}", file=out)
+    return figures
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def _table(f: dict[str, float], out) -> None:
+    rate = "max" if not f["rate_hz"] else f"{f['rate_hz']:g}"
+    head = (
+        "| agents | layers | rate Hz | s | collectors | frames/s | layer-samples/s | p50 ms | p99 ms "
+        "| latency n | errors | collector CPU cores | RSS peak MiB (one) | RSS MiB (all) |"
+    )
+    print(head, file=out)
+    print("|" + " ---: |" * (head.count("|") - 1), file=out)
+    print(
+        f"| {f['agents']} | {f['layers']} | {rate} | {f['duration_s']:g} | {f['collectors']} "
+        f"| {f['frames_per_s']:.0f} | {f['layer_samples_per_s']:.0f} | {f['latency_p50_s'] * 1e3:.0f} "
+        f"| {f['latency_p99_s'] * 1e3:.0f} | {f['latency_samples']} | {f['errors']} "
+        f"| {f['collector_cpu_cores']:.2f} | {f['collector_rss_peak_mib']:.0f} "
+        f"| {f['collector_rss_total_mib']:.0f} |",
+        file=out,
+        flush=True,
+    )
+
+
+def _print_profile(workdir: Path, out) -> None:
+    import pstats
+
+    for prof in sorted(workdir.glob("*.prof")):
+        print(f"\ncProfile of {prof.stem} (top 15 by own time):", file=out)
+        pstats.Stats(str(prof), stream=out).sort_stats("tottime").print_stats(15)
+
+
+def add_arguments(sub) -> None:
+    """The `loadgen` subcommand's parser."""
+    lg = sub.add_parser(
+        "loadgen", help="drive collectors on loopback with many light agents; print throughput and latency"
+    )
+    lg.add_argument(
+        "--agents", type=int, default=100, help=f"agents (streams), 1..{MAX_AGENTS} (default 100)"
+    )
+    lg.add_argument("--layers", type=int, default=200, help="layers per frame (default 200)")
+    lg.add_argument(
+        "--rate", type=float, default=1.0, help="frames/s per agent (default 1; 0: as fast as acks)"
+    )
+    lg.add_argument(
+        "--duration", type=float, default=10.0, help=f"seconds, at most {MAX_DURATION:g} (default 10)"
+    )
+    lg.add_argument("--world-size", type=int, default=4, help="ranks per job (default 4)")
+    lg.add_argument(
+        "--collectors", type=int, default=1, help="collector processes to start, jobs sharded over them"
+    )
+    lg.add_argument(
+        "--target", help="an existing collector's gRPC HOST:PORT on loopback (default: start one)"
+    )
+    lg.add_argument("--target-metrics", help="that collector's /metrics URL (with --target)")
+    lg.add_argument("--latency-jobs", type=int, default=20, help="jobs whose latency is sampled (default 20)")
+    lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")
+
+
+def main(args, p) -> int:
+    try:
+        if args.collectors < 1:
+            raise LoadgenError(f"--collectors must be at least 1, got {args.collectors}")
+        figures = run(
+            agents=args.agents,
+            layers=args.layers,
+            rate=args.rate,
+            duration=args.duration,
+            world_size=args.world_size,
+            collectors=args.collectors,
+            target=args.target,
+            target_metrics=args.target_metrics,
+            latency_jobs=args.latency_jobs,
+            profile=args.profile,
+        )
+    except LoadgenError as exc:
+        p.error(f"loadgen: {exc}")
+    return 1 if figures["errors"] else 0

@@ -1,0 +1,153 @@
+"""Training against a collector that stalls or is down: step time against no monitor.
+
+Run it as a script (pytest does not collect it):
+
+    python tests/bench/bench_blocked.py            # 5 rounds x 200 steps, every=1, max_queue 64
+
+The model is `bench_overhead.py`'s (4 x Linear(1024, 1024) + ReLU, Adam, MSE, batch 64). Arms:
+
+* `no monitor`: the baseline;
+* `every=1, stalled`: a `Monitor` streaming to a gRPC server that accepts the stream and never
+  reads it (HTTP/2 flow control stalls the sender once the window is full);
+* `every=1, down`: a `Monitor` whose collector address has nothing listening.
+
+Every=1 is the worst case: every step is sampled and submitted. The arms run in interleaved
+rounds (the order rotating). `mean x` is the throughput cost against no monitor; for every=1
+it includes the sampling itself (`bench_overhead.py`'s `every=1, collector` row is the same
+cost with a collector that reads), so the figure to read is the difference between these
+rows and that one: what a stalled or absent collector adds. `dropped` / `queue max` show the
+agent's memory held within its bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_overhead import Shape, make_model, make_pool
+
+from thermoscope.agent.monitor import Monitor
+
+
+def stalling_server() -> tuple[str, callable]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def stall(requests, context):
+        await asyncio.Event().wait()
+        yield b""
+
+    async def start():
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "thermoscope.v1.Telemetry", {"Stream": grpc.stream_stream_rpc_method_handler(stall)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+
+    return f"127.0.0.1:{port}", stop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--max-queue", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    shape = Shape(1024, 4, 64)
+    pool = make_pool(shape, 1, torch.device("cpu"))
+    stalled_target, stop = stalling_server()
+    targets = {
+        "no monitor": None,
+        "every=1, stalled": stalled_target,
+        "every=1, down": f"127.0.0.1:{free_port()}",
+    }
+    arms = {}
+    for name, target in targets.items():
+        model = make_model(shape, 0, torch.device("cpu"))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        mon = (
+            None
+            if target is None
+            else Monitor(model, opt, collector=target, job="b", every=1, max_queue=args.max_queue)
+        )
+        arms[name] = {"model": model, "opt": opt, "mon": mon, "times": [], "rounds": [], "qmax": 0}
+    loss_fn = nn.MSELoss()
+
+    def train(arm, steps, record):
+        start = time.perf_counter()
+        for i in range(steps):
+            x, y = pool[i % len(pool)]
+            t0 = time.perf_counter()
+            loss = loss_fn(arm["model"](x), y)
+            loss.backward()
+            arm["opt"].step()
+            arm["opt"].zero_grad()
+            if arm["mon"] is not None:
+                arm["mon"].step(loss)
+                arm["qmax"] = max(arm["qmax"], len(arm["mon"]._sender._queue))
+            if record:
+                arm["times"].append(time.perf_counter() - t0)
+        if record:
+            arm["rounds"].append((time.perf_counter() - start) / steps)
+
+    names = list(arms)
+    for name in names:
+        train(arms[name], 20, False)
+    for r in range(args.rounds):
+        for name in names[r % 3 :] + names[: r % 3]:
+            train(arms[name], args.steps, True)
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+    base = arms["no monitor"]
+    print(f"model: {shape}, Adam, batch 64; torch {torch.__version__}; {args.rounds} x {args.steps} steps\n")
+    print(
+        "| configuration | median ms | mean ms | mean x | mean x (rounds) "
+        "| submitted | delivered | dropped | queue max |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, arm in arms.items():
+        mon = arm["mon"]
+        if mon is not None:
+            mon.close(timeout=1.0)
+        s = mon._sender if mon is not None else None
+        ratio = statistics.mean(arm["times"]) / statistics.mean(base["times"])
+        rounds = statistics.median(a / b for a, b in zip(arm["rounds"], base["rounds"], strict=True))
+        counts = (s.submitted, s.delivered, s.dropped, arm["qmax"]) if s else ("-",) * 4
+        print(
+            f"| {name} | {statistics.median(arm['times']) * 1e3:.2f} "
+            f"| {statistics.mean(arm['times']) * 1e3:.2f} "
+            f"| {ratio:.3f} | {rounds:.3f} | " + " | ".join(str(c) for c in counts) + " |"
+        )
+    stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

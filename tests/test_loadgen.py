@@ -1,0 +1,38 @@
+"""`thermoscope loadgen`: a small load holds its rate with no error, and the command's bounds."""
+
+from __future__ import annotations
+
+import io
+import math
+
+from thermoscope.collector import loadgen
+
+from conftest import thermoscope
+
+
+def test_a_small_load_is_held_and_measured() -> None:
+    out = io.StringIO()
+    agents, layers, rate, duration = 20, 10, 5.0, 3.0
+    f = loadgen.run(agents=agents, layers=layers, rate=rate, duration=duration, out=out)
+    text = out.getvalue()
+    assert "| agents | layers |" in text and "acked frames/s=" in text
+    assert f["errors"] == 0
+    assert 0.7 * agents * rate <= f["frames_per_s"] <= 1.3 * agents * rate, text
+    assert f["layer_samples_per_s"] == f["frames_per_s"] * layers
+    assert f["frames_acked"] == f["frames_sent"]
+    assert f["latency_samples"] > 0
+    assert 0 < f["latency_p50_s"] <= f["latency_p99_s"] < 5, text
+    assert f["collector_cpu_cores"] > 0
+    assert 10 < f["collector_rss_peak_mib"] < 2048
+
+
+def test_loadgen_refuses_what_it_must_not_drive() -> None:
+    remote = thermoscope(
+        "loadgen", "--target", "10.1.2.3:50051", "--target-metrics", "http://10.1.2.3:9108/metrics"
+    )
+    assert remote.returncode == 2 and "loopback" in remote.stderr
+    many = thermoscope("loadgen", "--agents", str(loadgen.MAX_AGENTS + 1))
+    assert many.returncode == 2 and "--agents" in many.stderr
+    long = thermoscope("loadgen", "--duration", str(loadgen.MAX_DURATION + 1))
+    assert long.returncode == 2 and "--duration" in long.stderr
+    assert math.isfinite(loadgen.MAX_DURATION)
