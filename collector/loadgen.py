@@ -23,6 +23,7 @@ import ipaddress
 import math
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,8 @@ class Totals:
     errors: int = 0
     error_text: list[str] = field(default_factory=list)
     scrape_error: str = ""
+    scrape_interval: float = 0.0  # seconds between two scrapes of the latency poller (0: back to back)
+    scrapes: list[float] = field(default_factory=list)  # each scrape's duration
     latencies: list[float] = field(default_factory=list)
     sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
 
@@ -258,9 +261,11 @@ def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -
     seen: dict[str, int] = {}
     while not stop.is_set():
         for url, jobs in jobs_by_url.items():
+            began = time.monotonic()
             try:
                 with urllib.request.urlopen(url, timeout=30) as resp:
                     text = resp.read().decode()
+                totals.scrapes.append(time.monotonic() - began)
             except Exception as exc:  # a scrape that fails is retried; it is reported once
                 if not totals.scrape_error:
                     totals.scrape_error = repr(exc)
@@ -278,7 +283,7 @@ def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -
                     if sent is not None:
                         totals.latencies.append(now - sent)
                 seen[job] = max(seen.get(job, 0), step)
-        stop.wait(0.01)
+        stop.wait(max(0.01, totals.scrape_interval))
 
 
 async def _drive(
@@ -366,6 +371,7 @@ def run(
     target: str | None = None,
     target_metrics: str | None = None,
     latency_jobs: int = 20,
+    scrape_interval: float = 0.0,
     profile: bool = False,
     out=sys.stdout,
 ) -> dict[str, float]:
@@ -385,7 +391,7 @@ def run(
         pids = [s.proc.pid for s in spawned if s.proc is not None]
         cpu0 = {pid: _cpu_seconds(pid) for pid in pids}
         rss_peak = dict.fromkeys(pids, 0)
-        totals = Totals()
+        totals = Totals(scrape_interval=scrape_interval)
 
         def progress(t: Totals, fps: float, at: float) -> None:
             for pid in pids:
@@ -438,6 +444,12 @@ def run(
     _table(figures, out)
     for text in totals.error_text:
         print(f"error: {text}", file=out)
+    if totals.scrapes:
+        print(
+            f"/metrics scrapes: {len(totals.scrapes)}, mean {statistics.mean(totals.scrapes) * 1e3:.0f} ms, "
+            f"max {max(totals.scrapes) * 1e3:.0f} ms",
+            file=out,
+        )
     if totals.scrape_error:
         print(f"scraping /metrics failed at least once: {totals.scrape_error}", file=out)
     return figures
@@ -497,6 +509,12 @@ def add_arguments(sub) -> None:
         "--target", help="an existing collector's gRPC HOST:PORT on loopback (default: start one)"
     )
     lg.add_argument("--target-metrics", help="that collector's /metrics URL (with --target)")
+    lg.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=0.0,
+        help="seconds between two /metrics scrapes for latency (default 0: back to back)",
+    )
     lg.add_argument("--latency-jobs", type=int, default=20, help="jobs whose latency is sampled (default 20)")
     lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")
 
@@ -515,6 +533,7 @@ def main(args, p) -> int:
             target=args.target,
             target_metrics=args.target_metrics,
             latency_jobs=args.latency_jobs,
+            scrape_interval=args.scrape_interval,
             profile=args.profile,
         )
     except LoadgenError as exc:
