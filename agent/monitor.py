@@ -71,6 +71,8 @@ class Monitor:
         max_queue: int = 1024,
         bins: int = BINS,
         subset: int = SUBSET,
+        spool: str | os.PathLike | None = None,
+        spool_bytes: int = 64 << 20,
     ) -> None:
         """
         Args:
@@ -93,6 +95,11 @@ class Monitor:
             max_queue: sampled steps held for the sender before the oldest is dropped.
             bins: histogram bins between each layer's fixed edges.
             subset: the most values of a layer its histogram counts (a fixed, seeded subset).
+            spool: a directory where this process keeps the frames the collector has not
+                acknowledged (one file per process), replayed after a reconnect, so that a
+                collector killed and restarted loses none (None: no spool; frames in flight
+                when a stream breaks are dropped and counted).
+            spool_bytes: the spool's bound; beyond it the oldest frames are dropped and counted.
         """
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -126,6 +133,8 @@ class Monitor:
                 credentials=credentials,
                 metadata=metadata,
                 interval=discovery.interval(),
+                spool=spool,
+                spool_bytes=spool_bytes,
             )
         if self._step % every == 0 and not self.dormant:
             self._sampler.arm()

@@ -12,6 +12,14 @@ the thread starts at once and, while no collector is found, looks again every `i
 seconds (the agent is dormant meanwhile); a broken stream is followed by a new lookup, so
 an agent follows a collector that moved. `shutdown` half-closes the stream, so that the
 collector sees a rank that finished, not one that was lost.
+
+Without a spool, frames in flight when a stream breaks are counted as dropped. With one
+(`spool=DIR`), every frame put on a stream is also appended to a bounded on-disk spool
+(`agent/spool.py`) until the collector acknowledges it; the next stream replays the frames
+still held, in sequence order, before any new one, and nothing is counted as dropped unless
+the spool overflowed (`spool_bytes`: the oldest are evicted) or `shutdown` gave up on it.
+Sequence numbers keep increasing across streams, and the collector de-duplicates on (job,
+run, rank, seq), so a replayed frame it had already applied is acknowledged, not re-applied.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -32,6 +41,7 @@ from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 
 from . import security, wire
 from .sampler import Pending
+from .spool import Spool
 
 log = logging.getLogger("thermoscope.agent")
 
@@ -57,8 +67,16 @@ class Sender:
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.2, 10.0),
         interval: float = 5.0,
+        spool: str | os.PathLike | None = None,
+        spool_bytes: int = 64 << 20,
     ) -> None:
-        """`interval`: seconds between lookups while `target` (a function) finds no collector."""
+        """`interval`: seconds between lookups while `target` (a function) finds no collector;
+        `spool`: a directory for this process's spool of unacknowledged frames (None: none, frames
+        in flight when a stream breaks are lost); `spool_bytes`: its bound."""
+        if spool_bytes < 1:
+            raise ValueError(f"spool_bytes must be positive, got {spool_bytes}")
+        self._spool_dir = spool
+        self._spool_bytes = spool_bytes
         self._find = target if callable(target) else None
         self.target: str | None = None if callable(target) else target
         self._hello = hello
@@ -93,6 +111,8 @@ class Sender:
         self.connected = False
         self.last_error: str | None = None
         self._drop_logged = False
+        # made at the first submit, per process (a forked child never writes its parent's file)
+        self._spool: Spool | None = None
 
     @property
     def discovering(self) -> bool:
@@ -108,9 +128,16 @@ class Sender:
                 self._count_drop(1, "the send queue is full")
             self._queue.append(item)
             self.submitted += 1
+            if self._spool_dir is not None and self._spool is None:
+                self._spool = Spool(self._spool_path(), self._spool_bytes)
             self._cond.notify_all()
         if self._thread is None:
             self._start()
+
+    def _spool_path(self) -> str:
+        h = self._hello.hello
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{h.job_id}-{h.run_id}-{h.rank}-{os.getpid()}")
+        return os.path.join(self._spool_dir, f"{name}.spool")  # type: ignore[arg-type]
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="thermoscope-sender", daemon=True)
@@ -146,6 +173,13 @@ class Sender:
             if self._queue:
                 self._count_drop(len(self._queue), "the collector could not take them before shutdown")
                 self._queue.clear()
+            if self._spool is not None:
+                lost = self._spool.clear()
+                if lost:
+                    self._count_drop(lost, "the collector had not acknowledged them at shutdown")
+                self.acked = self.seq
+                self._spool.close()
+                self._spool = None
         return flushed
 
     def _count_drop(self, n: int, why: str) -> None:
@@ -196,7 +230,7 @@ class Sender:
             self.connected = False
             self._generation += 1
             lost = self.seq - self.acked
-            if lost > 0:
+            if lost > 0 and self._spool is None:
                 self.acked = self.seq
                 self._count_drop(lost, "a stream broke with frames in flight")
             self._cond.notify_all()
@@ -227,7 +261,10 @@ class Sender:
                 if reply.HasField("ack"):
                     with self._cond:
                         if reply.ack.seq > self.acked:
-                            self.delivered += reply.ack.seq - self.acked
+                            if self._spool is not None:  # frames evicted meanwhile are counted dropped
+                                self.delivered += self._spool.ack(reply.ack.seq)
+                            else:
+                                self.delivered += reply.ack.seq - self.acked
                             self.acked = reply.ack.seq
                         self._cond.notify_all()
                 elif reply.HasField("config") and self._on_config is not None:
@@ -237,9 +274,16 @@ class Sender:
         """The request stream: the hello, then one frame per queued sample.
 
         Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
-        stream was retired (it must not take a frame that no stream would carry).
+        stream was retired (it must not take a frame that no stream would carry). With a
+        spool, the frames it holds (sent, never acknowledged) go first, in seq order.
         """
         yield self._hello
+        with self._cond:
+            replay = [] if self._spool is None else self._spool.frames(self.acked)
+        for _, data in replay:
+            if generation != self._generation:
+                return
+            yield pb.AgentMessage.FromString(data)
         while True:
             with self._cond:
                 while not self._queue and not self._stopping.is_set() and generation == self._generation:
@@ -249,4 +293,11 @@ class Sender:
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            yield wire.encode(item.to_sample(), seq)
+            msg = wire.encode(item.to_sample(), seq)
+            if self._spool is not None:  # (no ack for `seq` can come before it is sent)
+                data = msg.SerializeToString()
+                with self._cond:
+                    evicted = self._spool.append(seq, data)
+                    if evicted:
+                        self._count_drop(evicted, "the spool of unacknowledged frames is full")
+            yield msg

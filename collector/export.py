@@ -141,6 +141,14 @@ class MetricsExporter(Collector):
         for job in jobs:
             received.add_metric([job.job_id], job.frames_received)
         yield received
+        duplicate = CounterMetricFamily(
+            "thermoscope_frames_duplicate",
+            "Frames replayed after a reconnect that the job had already applied: acknowledged, not applied.",
+            labels=["job_id"],
+        )
+        for job in jobs:
+            duplicate.add_metric([job.job_id], job.frames_duplicate)
+        yield duplicate
         rejected = CounterMetricFamily(
             "thermoscope_frames_rejected", "Messages refused, by reason.", labels=["reason"]
         )

@@ -23,12 +23,30 @@ Silence is judged when someone looks (a scrape, a snapshot, the rank's next fram
 timer runs; each time a rank goes stale counts once in `ranks_lost`. The liveness state is
 read from the metrics thread, so it is kept under `Job.lock`; everything else is the event
 loop's.
+
+No frame lost, none counted twice. Agents number their frames (`seq` 1, 2, 3... per agent
+process) and, with a spool, replay the ones not acknowledged after a reconnect. A job keeps
+the (seq, step) of the last frame it applied per (run, rank) (`Job.marks`): a frame at or
+below both is a duplicate, counted in `frames_duplicate` and acknowledged, never applied.
+A frame numbered 1 starts an agent process: unless it is the very frame of the mark (a
+replay of an agent whose first frame was never acknowledged), it is a worker restarted under
+the same run id (Ray Train keeps it) and the mark starts over; its frames replaying steps
+already merged are then late, as without a mark. (Were the acks of several first frames all
+lost, their replay would count them late a second time: counters only, since a step merges
+once and a pending step takes a rank's frame idempotently.)
+With a store, each applied frame commits, in one transaction with its history row and
+events, the new mark and the job's state (`_STATE`: layer tables, pending steps, last merged
+step, thermometer, phase detector, counters), before the servicer acknowledges it. So a
+collector killed at any point and restarted on the same database, which restores a job when
+its first agent says hello, resumes exactly after the last frame it acknowledged, or after
+one it applied without acknowledging: replayed, that one is a duplicate.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import sqlite3
 import threading
 import time
@@ -49,6 +67,23 @@ log = logging.getLogger("thermoscope.collector")
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
+#: What a job persists after each frame, to resume from after a restart (see the module docstring).
+_STATE = (
+    "layers",
+    "sites",
+    "bins",
+    "reading",
+    "detector",
+    "transitions",
+    "last_transition_time",
+    "frames_received",
+    "frames_late",
+    "frames_duplicate",
+    "_tables",
+    "_pending",
+    "_merged_step",
+    "_thermometer",
+)
 
 
 @dataclass
@@ -97,6 +132,8 @@ class Job:
     ranks_lost: int = 0  # times a rank went stale
     frames_received: int = 0
     frames_late: int = 0
+    frames_duplicate: int = 0  # replayed frames already applied: acknowledged, not applied again
+    marks: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (run, rank) -> (seq, step)
     history_errors: int = 0  # history rows the database refused (logged once)
     layers: dict[str, LayerInfo] = field(default_factory=dict)  # by name, as first declared
     sites: dict[str, SiteInfo] = field(default_factory=dict)
@@ -111,6 +148,36 @@ class Job:
     _merged_step: int = -1
     _thermometer: Thermometer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        """Carry on from the marks and state the store kept for this job (a restarted collector)."""
+        if self.store is None:
+            return
+        try:
+            marks, state = self.store.load_job(self.job_id)
+            restored = {} if state is None else pickle.loads(state)
+        except (sqlite3.Error, pickle.UnpicklingError, AttributeError, ImportError, EOFError) as exc:
+            log.error(
+                "job %s: cannot resume its state from %s, starting afresh: %s",
+                self.job_id,
+                self.store.path,
+                exc,
+            )
+            return
+        self.marks.update(marks)
+        for name in _STATE:
+            if name in restored:
+                setattr(self, name, restored[name])
+        if state is not None:
+            log.info("job %s: resumed after step %d from %s", self.job_id, self._merged_step, self.store.path)
+
+    def _commit(self, marks: dict[tuple[str, int], tuple[int, int]]) -> None:
+        """Save the changed marks and the job's state (inside the caller's transaction)."""
+        state = pickle.dumps({name: getattr(self, name) for name in _STATE}, protocol=pickle.HIGHEST_PROTOCOL)
+        self.store.save_job(self.job_id, marks, state)  # type: ignore[union-attr]
 
     @property
     def agents_connected(self) -> int:
@@ -172,7 +239,15 @@ class Job:
                         self.ranks_lost += 1
                     stream.stale = True
                     self.lost[stream.rank] = stream
-        self._merge_ready()
+        if self.store is None:
+            self._merge_ready()
+            return
+        try:
+            with self.store.transaction():
+                self._merge_ready()
+                self._commit({})
+        except sqlite3.Error as exc:  # e.g. closed by a shutdown that ends the streams after it
+            log.warning("job %s: cannot save its state in %s: %s", self.job_id, self.store.path, exc)
 
     def liveness(self, now: float | None = None) -> Liveness:
         """The staleness of every rank not finished, now (counting ranks that have just gone stale)."""
@@ -204,15 +279,35 @@ class Job:
         stream.stale = stale
         return stale
 
-    def accept(self, stream: Stream, sample: Sample) -> None:
-        """Take one rank's sample; merge every step that became complete."""
+    def accept(self, stream: Stream, sample: Sample) -> bool:
+        """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered); merge every step
+        that became complete. False: a duplicate of a frame already applied (not applied again).
+        With a store, returns once the frame's effects and the new mark are committed."""
         now = time.monotonic()
         with self.lock:
             if self.streams.get(stream.rank) is stream:
                 self._judge(stream, now)  # a silence no one looked at still counts
             stream.heard, stream.stale = now, False
-        self.frames_received += 1
         self.last_seen = time.time()
+        key, seq = (stream.run_id, stream.rank), stream.last_seq
+        if seq == 1 and self.marks.get(key, (1, sample.step)) != (1, sample.step):
+            del self.marks[key]  # a new agent process of the same run: its numbering starts over
+        last_seq, last_step = self.marks.get(key, (0, -1))
+        if seq and seq <= last_seq and sample.step <= last_step:
+            self.frames_duplicate += 1
+            return False
+        if seq:
+            self.marks[key] = (seq, sample.step)
+        if self.store is None:
+            self._take(stream, sample)
+        else:
+            with self.store.transaction():
+                self._take(stream, sample)
+                self._commit({key: self.marks[key]} if seq else {})
+        return True
+
+    def _take(self, stream: Stream, sample: Sample) -> None:
+        self.frames_received += 1
         stream.frames += 1
         stream.last_step = max(stream.last_step, sample.step)
         if sample.step <= self._merged_step:

@@ -6,14 +6,23 @@ job per phase change), so each batch is one small transaction on the collector's
 The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
 layer's temperature (one float64 blob, in the order of the job's layer names) — at most one
 row per job every `history_interval` seconds, so its size follows wall time, not step rate.
+
+It also keeps what a collector killed and restarted on the same database needs in order to
+lose no frame and count none twice (`save_job` / `load_job`): per (job, run, rank) the
+sequence number and step of the last frame applied (`marks`), and per job the state its merge and phase
+detector resume from (`job_state`, a pickle written by this collector only). A frame, its
+history row, its events and these are one transaction (`transaction`), committed before the
+frame is acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +61,15 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (job, step)
 );
 CREATE TABLE IF NOT EXISTS layer_names (job TEXT PRIMARY KEY, names TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (
+    job TEXT NOT NULL,
+    run TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    seq INTEGER NOT NULL,  -- the sequence number and step of the last frame applied (and acknowledged)
+    step INTEGER NOT NULL,
+    PRIMARY KEY (job, run, rank)
+);
+CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, state BLOB NOT NULL);
 """
 
 
@@ -108,11 +126,41 @@ class EventStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint
         self._db.executescript(_SCHEMA)
+        self._in_transaction = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything written in the block commits at its end, at once (or not at all); nests."""
+        if self._in_transaction:
+            yield
+            return
+        self._in_transaction = True
+        try:
+            with self._db:
+                yield
+        finally:
+            self._in_transaction = False
+
+    def save_job(self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes) -> None:
+        """Record the (run, rank) -> (seq, step) marks that changed, and the job's resumable state."""
+        with self.transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO marks (job, run, rank, seq, step) VALUES (?, ?, ?, ?, ?)",
+                [(job, run, rank, seq, step) for (run, rank), (seq, step) in marks.items()],
+            )
+            self._db.execute("INSERT OR REPLACE INTO job_state (job, state) VALUES (?, ?)", (job, state))
+
+    def load_job(self, job: str) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None]:
+        """The job's marks and its state as `save_job` left them (empty, None: never saved)."""
+        rows = self._db.execute("SELECT run, rank, seq, step FROM marks WHERE job = ?", (job,))
+        marks = {(run, rank): (seq, step) for run, rank, seq, step in rows}
+        row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
+        return marks, None if row is None else row[0]
 
     def add(self, events: list[Event]) -> None:
         if not events:
             return
-        with self._db:
+        with self.transaction():
             self._db.executemany(
                 "INSERT INTO events (job, scope, layer, step, time, from_phase, to_phase, statistic,"
                 " confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -126,7 +174,7 @@ class EventStore:
             return
         self._last_history[job] = reading.wall_time
         names_changed = self._names.get(job) != reading.layer_names
-        with self._db:
+        with self.transaction():
             if names_changed:
                 self._db.execute(
                     "INSERT OR REPLACE INTO layer_names (job, names) VALUES (?, ?)",

@@ -1,0 +1,116 @@
+"""The agent's spool: frames put on a stream that the collector has not acknowledged yet.
+
+A `Sender` given a spool keeps every frame it sends until the collector acknowledges it, and
+replays the ones still held, in sequence order, on the next stream (a collector that was
+killed, restarted or moved). The collector de-duplicates on (job, run, rank, seq), so a
+replayed frame it had already applied is acknowledged and not counted twice.
+
+On disk: one append-only file per agent process, a log of records
+`<seq: u64 little-endian> <length: u32> <length bytes: a serialized AgentMessage>`; the
+acknowledgement watermark and the offsets of the frames still held live in memory (the file
+is for this process only: it is truncated when the spool opens, so nothing of another
+process's run is replayed). Memory holds only `(seq, offset, length)` per frame, so a long
+outage costs disk, not RAM. The file is truncated once every frame is acknowledged, and
+rewritten with only the frames still held when its dead records outgrow the bound.
+
+The bound is `max_bytes` of frames held: beyond it the oldest frames are evicted (the
+sender counts them dropped), but the newest frame is always kept, however large.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from pathlib import Path
+
+_HEADER = struct.Struct("<QI")
+
+
+class Spool:
+    """Unacknowledged frames of one sender, bounded by `max_bytes`; not thread-safe (the
+    sender calls it under its lock)."""
+
+    def __init__(self, path: str | Path, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"spool bound must be positive, got {max_bytes}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._file = open(self.path, "w+b")  # noqa: SIM115 (held open for the spool's life)
+        self._index: deque[tuple[int, int, int]] = deque()  # (seq, offset, length), seq order
+        self.bytes = 0  # frame bytes held
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def append(self, seq: int, data: bytes) -> int:
+        """Keep the frame `seq`; returns how many of the oldest frames were evicted for it."""
+        if self._index and seq <= self._index[-1][0]:
+            raise ValueError(f"spool seq {seq} after {self._index[-1][0]}")
+        self._file.seek(0, os.SEEK_END)
+        offset = self._file.tell() + _HEADER.size
+        self._file.write(_HEADER.pack(seq, len(data)))
+        self._file.write(data)
+        self._file.flush()  # in the OS's hands: survives this process's collector, and this process
+        self._index.append((seq, offset, len(data)))
+        self.bytes += len(data)
+        evicted = 0
+        while self.bytes > self.max_bytes and len(self._index) > 1:
+            self.bytes -= self._index.popleft()[2]
+            evicted += 1
+        self._compact()
+        return evicted
+
+    def ack(self, seq: int) -> int:
+        """The collector acknowledged every frame up to `seq`: returns how many held frames that settles."""
+        settled = 0
+        while self._index and self._index[0][0] <= seq:
+            self.bytes -= self._index.popleft()[2]
+            settled += 1
+        if settled:
+            self._compact()
+        return settled
+
+    def frames(self, after: int = 0) -> list[tuple[int, bytes]]:
+        """The frames held with seq > `after`, in seq order, read back from the file."""
+        out = []
+        for seq, offset, length in self._index:
+            if seq > after:
+                self._file.seek(offset)
+                out.append((seq, self._file.read(length)))
+        return out
+
+    def clear(self) -> int:
+        """Forget every frame held (returns how many)."""
+        n = len(self._index)
+        self._index.clear()
+        self.bytes = 0
+        self._compact()
+        return n
+
+    def close(self, remove: bool = True) -> None:
+        self._file.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+    def _compact(self) -> None:
+        """Truncate when nothing is held; rewrite when dead records take more than the bound."""
+        if not self._index:
+            self._file.truncate(0)
+            return
+        size = self._file.seek(0, os.SEEK_END)
+        if size - self.bytes - len(self._index) * _HEADER.size <= max(self.max_bytes, 1 << 20):
+            return
+        live = self.frames()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        index = deque()
+        with open(tmp, "wb") as f:
+            for seq, data in live:
+                f.write(_HEADER.pack(seq, len(data)))
+                index.append((seq, f.tell(), len(data)))
+                f.write(data)
+        os.replace(tmp, self.path)
+        self._file.close()
+        self._file = open(self.path, "r+b")  # noqa: SIM115
+        self._index = index
