@@ -127,6 +127,12 @@ def parser() -> argparse.ArgumentParser:
         help="least seconds between two rows of a job's history in --db, what `plot` draws (default 1; "
         "0: every merged sample)",
     )
+    c.add_argument(
+        "--durable",
+        action="store_true",
+        help="commit every applied frame and the job's state to --db before acking it: with agents' "
+        "spools, a kill -9 of the collector loses and double-counts nothing (costs ingest rate)",
+    )
     auth.add_arguments(c)
     attach_cli.add_arguments(sub, c)
 
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             "phase_layers": args.phase_layers,
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
+            "durable": args.durable,
             "security": auth.from_args(args, p),
             "max_layers": args.max_layers,
             "max_name_length": args.max_name_length,

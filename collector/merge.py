@@ -152,9 +152,13 @@ class Job:
     def __post_init__(self) -> None:
         self._resume()
 
+    @property
+    def _durable(self) -> bool:
+        return self.store is not None and self.store.durable
+
     def _resume(self) -> None:
         """Carry on from the marks and state the store kept for this job (a restarted collector)."""
-        if self.store is None:
+        if not self._durable:
             return
         try:
             marks, state = self.store.load_job(self.job_id)
@@ -239,11 +243,11 @@ class Job:
                         self.ranks_lost += 1
                     stream.stale = True
                     self.lost[stream.rank] = stream
-        if self.store is None:
+        if not self._durable:
             self._merge_ready()
             return
         try:
-            with self.store.transaction():
+            with self.store.transaction():  # type: ignore[union-attr]
                 self._merge_ready()
                 self._commit({})
         except sqlite3.Error as exc:  # e.g. closed by a shutdown that ends the streams after it
@@ -298,10 +302,10 @@ class Job:
             return False
         if seq:
             self.marks[key] = (seq, sample.step)
-        if self.store is None:
+        if not self._durable:
             self._take(stream, sample)
         else:
-            with self.store.transaction():
+            with self.store.transaction():  # type: ignore[union-attr]
                 self._take(stream, sample)
                 self._commit({key: self.marks[key]} if seq else {})
         return True

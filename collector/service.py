@@ -70,6 +70,7 @@ class Collector:
         active: bool = True,
         security: Security | None = None,
         history_interval: float = 1.0,
+        durable: bool = False,
         max_layers: int = 10_000,
         max_name_length: int = 256,
         max_jobs: int = 1_000,
@@ -81,7 +82,10 @@ class Collector:
         `stale_after`: seconds an open stream may stay silent (its job not paused) before its
         rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
         ones to watch); `history_interval`: the least seconds between two rows of a job's
-        history in `db` (what `thermoscope plot` draws; 0: every merged sample).
+        history in `db` (what `thermoscope plot` draws; 0: every merged sample); `durable`:
+        commit each applied frame with its job's state before acking it, so that with agents'
+        spools a kill -9 of the collector loses and double-counts nothing (off by default: it
+        divides the ingest rate, see tests/bench/RESULTS.md).
 
         Limits on input (each refusal ends the stream with its gRPC status and is counted in
         `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
@@ -96,7 +100,9 @@ class Collector:
         self._guard = self.security.load(split_address(grpc_address)[0], split_address(metrics_address)[0])
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
-        self.store = EventStore(db, history_interval=history_interval) if db is not None else None
+        self.store = (
+            EventStore(db, history_interval=history_interval, durable=durable) if db is not None else None
+        )
         self.telemetry = Telemetry(
             self.jobs,
             window=window,

@@ -43,7 +43,7 @@ def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path:
     and every sampled step ends up merged exactly once."""
     torch.manual_seed(0)
     db, grpc_port = tmp_path / "events.db", free_port()
-    first = start_collector_process(db, grpc_port, "--history-interval", "0")
+    first = start_collector_process(db, grpc_port, "--history-interval", "0", "--durable")
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = Monitor(
@@ -64,7 +64,7 @@ def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path:
         os.kill(first.proc.pid, signal.SIGKILL)  # mid-run: frames in flight, some applied and not acked
         first.proc.wait(timeout=10)
         train_steps(monitor, model, opt, 40)  # the collector is gone: queued or spooled
-        second = start_collector_process(db, grpc_port, "--history-interval", "0")
+        second = start_collector_process(db, grpc_port, "--history-interval", "0", "--durable")
         train_steps(monitor, model, opt, 40)
         assert monitor.flush(timeout=60)
         received, duplicate = _frames(second.metrics_url)
@@ -116,7 +116,7 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
     """Raw protocol: frames replayed on a new stream, to the same collector or to a new one on
     the same database, are acknowledged and counted as duplicates; only new ones are applied."""
     db = tmp_path / "events.db"
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0).running() as c:
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, durable=True).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (1, 2, 3)] == [1, 2, 3]
         s.cancel()  # the acks of 2 and 3 were "lost": the agent replays them
@@ -126,7 +126,7 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
         job = c.snapshot()[JOB]
         assert (job["frames_received"], job["last_step"]) == (5, 4)
         assert value(scrape(c.metrics_url), "thermoscope_frames_duplicate_total", job_id=JOB) == 2
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0).running() as c:
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, durable=True).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (4, 5, 6, 7)] == [4, 5, 6, 7]
         s.close()
