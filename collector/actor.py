@@ -8,9 +8,10 @@ and where its Prometheus file-service-discovery file (`sd_file`) is written: a J
 with the actor's `/metrics` target, rewritten wherever Ray (re)schedules it and emptied
 when it stops, so Prometheus follows it (`file_sd_configs` in deploy/prometheus).
 
-gRPC and `/metrics` listen on the address of the actor's node, which Ray knows as
-`ray.util.get_node_ip_address()` (loopback on a one-machine cluster started with
-`ray.init(_node_ip_address="127.0.0.1")`).
+gRPC and `/metrics` listen on the address Ray knows the actor's node by (`node_address`:
+loopback on a one-machine cluster started with `ray.init(_node_ip_address="127.0.0.1")`). Off
+loopback the collector refuses to start without a token or TLS (`auth`): start it with
+`thermoscope collector --ray` and its security flags (or `--insecure`) before `attach`.
 
 Authentication travels in `settings` like the rest (`security=auth.Security(...)`, which
 `thermoscope collector --ray` builds from its --tokens/--tls-*/--metrics-*/--insecure flags);
@@ -46,7 +47,7 @@ class CollectorActor:
     def __init__(
         self, grpc_port: int, metrics_port: int, sd_file: str, active: bool, settings: dict[str, Any]
     ) -> None:
-        host = ray.util.get_node_ip_address()
+        host = node_address()
         grpc_address, metrics_address = f"{host}:{grpc_port}", f"{host}:{metrics_port}"
         self._collector = Collector(grpc_address, metrics_address, active=active, **settings)
         self._running = contextlib.ExitStack()
@@ -80,6 +81,13 @@ class CollectorActor:
         """Stop serving and take the target out of service discovery (the actor is killed next)."""
         write_targets(self._sd_file, [])
         self._running.close()
+
+
+def node_address() -> str:
+    """The address Ray knows this process's node by (loopback for a cluster started on
+    127.0.0.1), not the machine's routable address that `ray.util.get_node_ip_address` finds."""
+    here = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == here)
 
 
 def write_targets(path: Path, targets: list[str]) -> None:

@@ -217,9 +217,10 @@ def _ray_worker(config: dict) -> None:
 @contextlib.contextmanager
 def _local_ray(workers: int, tmp: Path) -> Iterator[None]:
     """A Ray cluster of this machine only: loopback, its state in `tmp`, no token in ~/.ray."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # nothing but loopback can reach it
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at import: node on 127.0.0.1
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # nothing but loopback can reach it
     ray.init(
         address="local",
         num_cpus=workers,

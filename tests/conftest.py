@@ -20,6 +20,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+# Ray reads this when it is imported: 0 makes a local cluster register its node as 127.0.0.1
+# (with `_node_ip_address` alone it registers the machine's address, and actors listen there).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from thermoscope.agent import wire
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.collector.service import Collector
