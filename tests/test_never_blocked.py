@@ -7,19 +7,16 @@ delivered or dropped) and logged once. Step times are a benchmark's business, no
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Iterator
 
-import grpc
 import pytest
 import torch
 from torch import nn
 
 from thermoscope.agent.monitor import Monitor
 
-from conftest import free_port, train_steps
+from conftest import free_port, stalled_collector, train_steps
 
 MAX_QUEUE = 8
 STEPS = 400
@@ -27,33 +24,8 @@ STEPS = 400
 
 @pytest.fixture
 def stalling_server() -> Iterator[str]:
-    """A gRPC server that accepts the Telemetry stream and never reads it (flow control stalls)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def stall(requests, context):
-        await asyncio.Event().wait()  # never reads a request, never replies
-        yield b""
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        handler = grpc.method_handlers_generic_handler(
-            "thermoscope.v1.Telemetry", {"Stream": grpc.stream_stream_rpc_method_handler(stall)}
-        )
-        server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with stalled_collector() as target:
+        yield target
 
 
 def train_against(target: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -22,56 +22,22 @@ agent's memory held within its bound.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import socket
+import contextlib
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-import grpc
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench_overhead import Shape, make_model, make_pool
 
 from thermoscope.agent.monitor import Monitor
 
-
-def stalling_server() -> tuple[str, callable]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def stall(requests, context):
-        await asyncio.Event().wait()
-        yield b""
-
-    async def start():
-        server = grpc.aio.server()
-        handler = grpc.method_handlers_generic_handler(
-            "thermoscope.v1.Telemetry", {"Stream": grpc.stream_stream_rpc_method_handler(stall)}
-        )
-        server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-
-    return f"127.0.0.1:{port}", stop
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, stalled_collector
 
 
 def main() -> int:
@@ -83,7 +49,8 @@ def main() -> int:
     torch.set_num_threads(2)
     shape = Shape(1024, 4, 64)
     pool = make_pool(shape, 1, torch.device("cpu"))
-    stalled_target, stop = stalling_server()
+    servers = contextlib.ExitStack()  # the stalling server lives until the table is printed
+    stalled_target = servers.enter_context(stalled_collector())
     targets = {
         "no monitor": None,
         "every=1, stalled": stalled_target,
@@ -145,7 +112,7 @@ def main() -> int:
             f"| {statistics.mean(arm['times']) * 1e3:.2f} "
             f"| {ratio:.3f} | {rounds:.3f} | " + " | ".join(str(c) for c in counts) + " |"
         )
-    stop()
+    servers.close()
     return 0
 
 
