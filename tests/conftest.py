@@ -152,9 +152,11 @@ def wait_serving(target: str, timeout: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def start_collector_process(db: Path, grpc_port: int | None = None, *options: str) -> CollectorProcess:
+def start_collector_process(
+    db: Path, grpc_port: int | None = None, *options: str, metrics_port: int | None = None
+) -> CollectorProcess:
     """`thermoscope collector [options]` as its own process, as a user would run it, once it serves."""
-    grpc_port, metrics_port = grpc_port or free_port(), free_port()
+    grpc_port, metrics_port = grpc_port or free_port(), metrics_port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,40 +24,19 @@ from conftest import (
     free_port,
     hello,
     scrape,
+    start_collector_process,
     stop_process,
     thermoscope,
     train_steps,
     value,
-    wait_serving,
 )
 
 JOB = "shutdown"
 
 
 def collector_process(db: Path, grpc_port: int, metrics_port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "thermoscope.collector.cli",
-            "collector",
-            "--grpc",
-            f"127.0.0.1:{grpc_port}",
-            "--metrics",
-            f"127.0.0.1:{metrics_port}",
-            "--db",
-            str(db),
-            "--history-interval",
-            "0",
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        wait_serving(f"127.0.0.1:{grpc_port}")
-    except BaseException:
-        proc.kill()
-        raise
-    return proc
+    """A collector on fixed ports (its successor takes the same), keeping every merged reading."""
+    return start_collector_process(db, grpc_port, "--history-interval", "0", metrics_port=metrics_port).proc
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
