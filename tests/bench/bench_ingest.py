@@ -1,0 +1,240 @@
+"""What the collector's ingest costs per frame and per merged step, in-process, without gRPC.
+
+Run it as a script (pytest does not collect it):
+
+    python tests/bench/bench_ingest.py                          # 4 ranks x 200 layers (loadgen's job)
+    python tests/bench/bench_ingest.py --layers 1000 --profile  # plus a cProfile top-15 of Job.accept
+
+The frames are `thermoscope loadgen`'s (collector/loadgen.py): layers `layer{i}` of 1,000
+float32 values, held whole by every rank (data parallel replicas), one ReLU site, 8 histogram
+bins, energy 1.0, the same column values as its template, parsed from the template plus a
+(seq, step, wall_time) stamp as a collector receives them. Options move away from it:
+`--sites`, `--hist-every` (histograms on every k-th step, as agents send them; loadgen sends
+them on every frame), `--layout shard` (every layer split into one shard per rank, as FSDP
+does) and `--noise` (a seeded relative perturbation of the moments, so that entropies move
+and the detector and thermometer see a learning-like series instead of a constant one).
+
+Stages, each timed over all frames of a run (the best of `--repeat` runs: the machine is
+shared, the minimum is the least disturbed figure):
+
+* `parse`: `AgentMessage.FromString` (gRPC's deserializer does it before the servicer);
+* `wire.decode`: validation and columns of one frame;
+* `Job.accept`: one frame into a `Job` (store=None, as the collector runs without `--db`),
+  which on each step's last rank merges the step, runs the thermometer and the detector;
+* per merged step, apart: `merge_step` (as the job calls it), `Thermometer.update` and
+  `PhaseDetector.update` on the merged samples.
+
+The table gives microseconds per frame or per merged step, and what one core could take if
+it did nothing but that stage: frames/s and layer-samples/s (frames x layers per frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from thermoscope.agent import wire
+from thermoscope.agent.derive import Thermometer
+from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.collector import loadgen
+from thermoscope.collector.detect import PhaseDetector
+from thermoscope.collector.merge import Job, Stream, merge_step
+from thermoscope.v1 import telemetry_pb2 as pb
+
+BINS = loadgen.BINS
+WINDOW = 10  # the collector's default thermometer window
+
+
+def tables(ranks: int, layers: int, sites: int, layout: str) -> list[pb.Hello]:
+    """Each rank's hello, as loadgen's `_hello` builds it (shards: one per rank of every layer)."""
+    out = []
+    for rank in range(ranks):
+        shard = (rank, ranks) if layout == "shard" else (0, 1)
+        out.append(
+            wire.hello(
+                job_id="bench",
+                run_id="loadgen",
+                rank=rank,
+                world_size=ranks,
+                host="loadgen",
+                agent_version="loadgen",
+                every=1,
+                layers=[LayerInfo(f"layer{i}", (1000,), 1000, "float32", *shard) for i in range(layers)],
+                sites=[SiteInfo(f"site{i}", "ReLU") for i in range(sites)],
+                bins=BINS,
+            ).hello
+        )
+    return out
+
+
+def frames(args: argparse.Namespace) -> list[list[bytes]]:
+    """Serialized frames by step, then rank: loadgen's template values and its stamp."""
+    rng = np.random.default_rng(0)
+    n, ones = args.layers, np.ones(args.layers)
+    hist = np.full((n, BINS + 2), 10, dtype=np.int64)
+    hist[:, [0, -1]] = 0
+    out = []
+    for step in range(1, args.steps + 1):
+        drift = 1.0 + 1e-3 * step / args.steps  # a slow, learning-like spread of the values
+        row = []
+        for _ in range(args.ranks):
+            jitter = 1.0 + args.noise * rng.standard_normal((2, n))
+            sample = Sample(
+                step=0,
+                wall_time=0.0,
+                energy=1.0 + args.noise * rng.standard_normal() if args.noise else 1.0,
+                layers=LayerStats(
+                    np.full(n, 1000, dtype=np.int64),
+                    0.1 * ones * jitter[0],
+                    2.0 * ones * (drift if args.noise else 1.0) * np.abs(jitter[1]),
+                    0.5 * ones,
+                    0.4 * ones,
+                    hist if step % args.hist_every == 0 else None,
+                ),
+                sites=SiteStats(
+                    np.full(args.sites, 64, dtype=np.int64),
+                    *(np.ones(args.sites) for _ in range(4)),
+                    probe_spread=np.full(args.sites, -1.0),
+                ),
+            )
+            template = wire.encode(sample, 1).SerializeToString()
+            stamp = pb.AgentMessage(frame=pb.Frame(seq=step, step=step, wall_time=time.time()))
+            row.append(template + stamp.SerializeToString())
+        out.append(row)
+    return out
+
+
+def new_job(hellos: list[pb.Hello]) -> tuple[Job, list[Stream]]:
+    """A job with one open stream per rank, built as the servicer's `_open` builds them."""
+    job = Job("bench", window=WINDOW, store=None)
+    streams = []
+    for h in hellos:
+        layers, sites = wire.decode_hello(h)
+        s = Stream(
+            job_id=h.job_id,
+            run_id=h.run_id,
+            rank=h.rank,
+            world_size=h.world_size,
+            host=h.host,
+            local_rank=h.local_rank,
+            node=h.node,
+            every=h.every,
+            layers=layers,
+            sites=sites,
+            bins=h.histogram_bins,
+        )
+        job.open(s)
+        streams.append(s)
+    return job, streams
+
+
+def best(repeat: int, run: Callable[[], None]) -> float:
+    """The least wall-clock seconds of `repeat` runs."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=4, help="ranks per job (default 4, loadgen's --world-size)")
+    p.add_argument("--layers", type=int, default=200, help="layers per rank's frame (default 200)")
+    p.add_argument("--sites", type=int, default=1, help="activation sites per frame (default 1)")
+    p.add_argument("--steps", type=int, default=300, help="merged steps per run (default 300)")
+    p.add_argument("--hist-every", type=int, default=1, help="histograms every k-th step (default 1)")
+    p.add_argument("--layout", choices=("replica", "shard"), default="replica", help="default replica")
+    p.add_argument("--noise", type=float, default=0.0, help="relative noise on the moments (default 0)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per stage; the best is reported")
+    p.add_argument("--profile", action="store_true", help="print a cProfile top-15 of Job.accept")
+    args = p.parse_args()
+
+    hellos = tables(args.ranks, args.layers, args.sites, args.layout)
+    raw = frames(args)
+    n_frames, n_steps = args.ranks * args.steps, args.steps
+    msgs = [[pb.AgentMessage.FromString(b) for b in row] for row in raw]
+    decode = lambda: [  # noqa: E731
+        [wire.decode(m.frame, args.layers, args.sites, BINS, {}) for m in row] for row in msgs
+    ]
+    samples = decode()
+
+    def accept() -> None:
+        job, streams = new_job(hellos)
+        for row, srow in zip(msgs, samples, strict=True):
+            for s, m, sample in zip(streams, row, srow, strict=True):
+                s.last_seq = m.frame.seq
+                job.accept(s, sample)
+        assert job.merged_step == args.steps, job.merged_step
+
+    # the per-step parts alone, as the job hands them to merge_step
+    job, _ = new_job(hellos)
+    names, site_names = job.layer_names, job.site_names
+    parts = [dict(enumerate(srow)) for srow in samples]
+    merged = [merge_step(i + 1, ps, job._tables, names, site_names) for i, ps in enumerate(parts)]
+
+    def merge() -> None:
+        for i, ps in enumerate(parts):
+            merge_step(i + 1, ps, job._tables, job.layer_names, job.site_names)
+
+    def thermometer() -> None:
+        th = Thermometer(list(job.layers.values()), list(job.sites.values()), window=WINDOW)
+        for m in merged:
+            th.update(m)
+
+    th = Thermometer(list(job.layers.values()), list(job.sites.values()), window=WINDOW)
+    readings = [th.update(m) for m in merged]
+    per_value = [
+        r.layer_entropy / np.maximum(m.layers.count, 1) for r, m in zip(readings, merged, strict=True)
+    ]
+
+    def detector() -> None:
+        d = PhaseDetector(len(names))
+        for r, h in zip(readings, per_value, strict=True):
+            d.update(r.step, r.energy, h)
+
+    stages = [
+        (
+            "parse (protobuf)",
+            "frame",
+            best(args.repeat, lambda: [pb.AgentMessage.FromString(b) for r in raw for b in r]) / n_frames,
+        ),
+        ("wire.decode", "frame", best(args.repeat, decode) / n_frames),
+        ("Job.accept (merge + thermometer + detector)", "frame", best(args.repeat, accept) / n_frames),
+        ("merge_step", "merged step", best(args.repeat, merge) / n_steps),
+        ("Thermometer.update", "merged step", best(args.repeat, thermometer) / n_steps),
+        ("PhaseDetector.update", "merged step", best(args.repeat, detector) / n_steps),
+    ]
+    print(
+        f"{args.ranks} ranks x {args.layers} layers ({args.layout}), {args.sites} site(s), "
+        f"{BINS} bins, histograms every {args.hist_every} step(s), noise {args.noise:g}, "
+        f"{args.steps} steps, best of {args.repeat}\n"
+    )
+    print("| stage | per | us | frames/s per core | layer-samples/s per core |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, per, seconds in stages:
+        fps = (1.0 if per == "frame" else args.ranks) / seconds
+        print(f"| {name} | {per} | {seconds * 1e6:,.1f} | {fps:,.0f} | {fps * args.layers:,.0f} |")
+    decode_accept = stages[1][2] + stages[2][2]
+    print(
+        f"| wire.decode + Job.accept | frame | {decode_accept * 1e6:,.1f} | {1 / decode_accept:,.0f} "
+        f"| {args.layers / decode_accept:,.0f} |"
+    )
+
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(accept)
+        print("\ncProfile of Job.accept over one run (top 15 by own time):\n")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
