@@ -15,7 +15,8 @@ collector sees a rank that finished, not one that was lost.
 
 Without a spool, frames in flight when a stream breaks are counted as dropped. With one
 (`spool=DIR`), every frame put on a stream is also appended to a bounded on-disk spool
-(`agent/spool.py`) until the collector acknowledges it; the next stream replays the frames
+(`agent/spool.py`) until the collector says it is durable (`Ack.durable`: its periodic
+checkpoint holds the frame; `Ack.seq` only says it was accepted); the next stream replays the frames
 still held, in sequence order, before any new one, and nothing is counted as dropped unless
 the spool overflowed (`spool_bytes`: the oldest are evicted) or `shutdown` gave up on it.
 Sequence numbers keep increasing across streams, and the collector de-duplicates on (job,
@@ -71,7 +72,7 @@ class Sender:
         spool_bytes: int = 64 << 20,
     ) -> None:
         """`interval`: seconds between lookups while `target` (a function) finds no collector;
-        `spool`: a directory for this process's spool of unacknowledged frames (None: none, frames
+        `spool`: a directory for this process's spool of frames not durable yet (None: none, frames
         in flight when a stream breaks are lost); `spool_bytes`: its bound."""
         if spool_bytes < 1:
             raise ValueError(f"spool_bytes must be positive, got {spool_bytes}")
@@ -104,6 +105,7 @@ class Sender:
         self._call: grpc.RpcContext | None = None
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
+        self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
         self.submitted = 0  # sampled steps handed to the sender
         self.delivered = 0  # frames the collector accepted
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
@@ -202,7 +204,7 @@ class Sender:
             try:
                 self._stream_once()
             except grpc.RpcError as exc:
-                self._note_error(f"{exc.code().name}: {exc.details()}")
+                self._note_error(f"{exc.code().name}: {exc.details()}{security.refusal_hint(exc.code())}")
             except grpc.FutureTimeoutError:
                 self._note_error(f"no collector answering at {self.target}")
             finally:
@@ -259,27 +261,36 @@ class Sender:
                     self.connected, self.last_error = True, None
                     log.info("thermoscope: streaming to %s", self.target)
                 if reply.HasField("ack"):
-                    with self._cond:
-                        if reply.ack.seq > self.acked:
-                            if self._spool is not None:  # frames evicted meanwhile are counted dropped
-                                self.delivered += self._spool.ack(reply.ack.seq)
-                            else:
-                                self.delivered += reply.ack.seq - self.acked
-                            self.acked = reply.ack.seq
-                        self._cond.notify_all()
+                    self._take_ack(reply.ack)
                 elif reply.HasField("config") and self._on_config is not None:
                     self._on_config(reply.config)
+
+    def _take_ack(self, ack: pb.Ack) -> None:
+        """Count what the collector accepted (`seq`); free the spool up to what it persisted."""
+        durable = ack.durable if ack.HasField("durable") else ack.seq
+        with self._cond:
+            if ack.seq > self.acked:
+                if self._spool is not None:  # frames evicted meanwhile are counted dropped
+                    self.delivered += self._spool.settle(ack.seq)
+                else:
+                    self.delivered += ack.seq - self.acked
+                self.acked = ack.seq
+            if durable > self.durable:
+                if self._spool is not None:
+                    self._spool.ack(durable)
+                self.durable = durable
+            self._cond.notify_all()
 
     def _messages(self, generation: int) -> Iterator[pb.AgentMessage]:
         """The request stream: the hello, then one frame per queued sample.
 
         Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
         stream was retired (it must not take a frame that no stream would carry). With a
-        spool, the frames it holds (sent, never acknowledged) go first, in seq order.
+        spool, the frames it holds (sent, not durable at the collector) go first, in seq order.
         """
         yield self._hello
         with self._cond:
-            replay = [] if self._spool is None else self._spool.frames(self.acked)
+            replay = [] if self._spool is None else self._spool.frames(self.durable)
         for _, data in replay:
             if generation != self._generation:
                 return
@@ -299,5 +310,5 @@ class Sender:
                 with self._cond:
                     evicted = self._spool.append(seq, data)
                     if evicted:
-                        self._count_drop(evicted, "the spool of unacknowledged frames is full")
+                        self._count_drop(evicted, "the spool of frames not yet durable is full")
             yield msg

@@ -1,20 +1,22 @@
-"""The agent's spool: frames put on a stream that the collector has not acknowledged yet.
+"""The agent's spool: frames put on a stream that the collector has not made durable yet.
 
-A `Sender` given a spool keeps every frame it sends until the collector acknowledges it, and
-replays the ones still held, in sequence order, on the next stream (a collector that was
-killed, restarted or moved). The collector de-duplicates on (job, run, rank, seq), so a
-replayed frame it had already applied is acknowledged and not counted twice.
+A `Sender` given a spool keeps every frame it sends until the collector says it is durable
+(`Ack.durable`: its last checkpoint holds the frame's effects), and replays the ones still
+held, in sequence order, on the next stream (a collector that was killed, restarted or
+moved). The collector de-duplicates on (job, run, rank, seq), so a replayed frame it had
+already applied is acknowledged and not counted twice. A frame the collector accepted
+(`Ack.seq`) but has not checkpointed yet is *settled* (delivered) and still held.
 
 On disk: one append-only file per agent process, a log of records
 `<seq: u64 little-endian> <length: u32> <length bytes: a serialized AgentMessage>`; the
-acknowledgement watermark and the offsets of the frames still held live in memory (the file
+watermarks and the offsets of the frames still held live in memory (the file
 is for this process only: it is truncated when the spool opens, so nothing of another
 process's run is replayed). Memory holds only `(seq, offset, length)` per frame, so a long
-outage costs disk, not RAM. The file is truncated once every frame is acknowledged, and
+outage costs disk, not RAM. The file is truncated once every frame is durable, and
 rewritten with only the frames still held when its dead records outgrow the bound.
 
 The bound is `max_bytes` of frames held: beyond it the oldest frames are evicted (the
-sender counts them dropped), but the newest frame is always kept, however large.
+sender counts the unsettled ones dropped), but the newest frame is always kept, however large.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _HEADER = struct.Struct("<QI")
 
 
 class Spool:
-    """Unacknowledged frames of one sender, bounded by `max_bytes`; not thread-safe (the
+    """Frames of one sender not durable yet, bounded by `max_bytes`; not thread-safe (the
     sender calls it under its lock)."""
 
     def __init__(self, path: str | Path, max_bytes: int) -> None:
@@ -40,12 +42,14 @@ class Spool:
         self._file = open(self.path, "w+b")  # noqa: SIM115 (held open for the spool's life)
         self._index: deque[tuple[int, int, int]] = deque()  # (seq, offset, length), seq order
         self.bytes = 0  # frame bytes held
+        self.settled = 0  # frames up to this seq were accepted by the collector
 
     def __len__(self) -> int:
         return len(self._index)
 
     def append(self, seq: int, data: bytes) -> int:
-        """Keep the frame `seq`; returns how many of the oldest frames were evicted for it."""
+        """Keep the frame `seq`; returns how many unsettled frames were evicted for it (the oldest go
+        first; evicting a settled frame loses nothing the collector has not applied)."""
         if self._index and seq <= self._index[-1][0]:
             raise ValueError(f"spool seq {seq} after {self._index[-1][0]}")
         self._file.seek(0, os.SEEK_END)
@@ -57,20 +61,28 @@ class Spool:
         self.bytes += len(data)
         evicted = 0
         while self.bytes > self.max_bytes and len(self._index) > 1:
-            self.bytes -= self._index.popleft()[2]
-            evicted += 1
+            old, _, length = self._index.popleft()
+            self.bytes -= length
+            evicted += old > self.settled
         self._compact()
         return evicted
 
-    def ack(self, seq: int) -> int:
-        """The collector acknowledged every frame up to `seq`: returns how many held frames that settles."""
-        settled = 0
+    def settle(self, seq: int) -> int:
+        """The collector accepted every frame up to `seq`: returns how many held frames that settles."""
+        if seq <= self.settled:
+            return 0
+        n = sum(self.settled < held <= seq for held, _, _ in self._index)
+        self.settled = seq
+        return n
+
+    def ack(self, seq: int) -> None:
+        """Every frame up to `seq` is durable at the collector: forget them."""
+        dropped = False
         while self._index and self._index[0][0] <= seq:
             self.bytes -= self._index.popleft()[2]
-            settled += 1
-        if settled:
+            dropped = True
+        if dropped:
             self._compact()
-        return settled
 
     def frames(self, after: int = 0) -> list[tuple[int, bytes]]:
         """The frames held with seq > `after`, in seq order, read back from the file."""
@@ -82,8 +94,8 @@ class Spool:
         return out
 
     def clear(self) -> int:
-        """Forget every frame held (returns how many)."""
-        n = len(self._index)
+        """Forget every frame held (returns how many were not settled)."""
+        n = sum(held > self.settled for held, _, _ in self._index)
         self._index.clear()
         self.bytes = 0
         self._compact()

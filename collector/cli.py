@@ -128,10 +128,13 @@ def parser() -> argparse.ArgumentParser:
         "0: every merged sample)",
     )
     c.add_argument(
-        "--durable",
-        action="store_true",
-        help="commit every applied frame and the job's state to --db before acking it: with agents' "
-        "spools, a kill -9 of the collector loses and double-counts nothing (costs ingest rate)",
+        "--checkpoint-interval",
+        type=_positive_number,
+        default=2.0,
+        metavar="S",
+        help="seconds between two checkpoints of the jobs' state to --db (default 2): a collector killed "
+        "and restarted resumes from its last one and agents replay the frames after it from their spools; "
+        "events and history reach --db at each checkpoint",
     )
     auth.add_arguments(c)
     attach_cli.add_arguments(sub, c)
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "phase_layers": args.phase_layers,
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
-            "durable": args.durable,
+            "checkpoint_interval": args.checkpoint_interval,
             "security": auth.from_args(args, p),
             "max_layers": args.max_layers,
             "max_name_length": args.max_name_length,

@@ -34,12 +34,16 @@ the same run id (Ray Train keeps it) and the mark starts over; its frames replay
 already merged are then late, as without a mark. (Were the acks of several first frames all
 lost, their replay would count them late a second time: counters only, since a step merges
 once and a pending step takes a rank's frame idempotently.)
-With a store, each applied frame commits, in one transaction with its history row and
-events, the new mark and the job's state (`_STATE`: layer tables, pending steps, last merged
-step, thermometer, phase detector, counters), before the servicer acknowledges it. So a
-collector killed at any point and restarted on the same database, which restores a job when
-its first agent says hello, resumes exactly after the last frame it acknowledged, or after
-one it applied without acknowledging: replayed, that one is a duplicate.
+With a store, the collector checkpoints (`Job.checkpoint`, every `--checkpoint-interval`
+seconds): each job that changed saves its marks and its state (`_STATE`: layer tables,
+pending steps, last merged step, thermometer, phase detector, counters) into the store's
+open transaction, which then commits with the history rows and events the same frames
+produced. Only then does the servicer tell each stream how far it is durable
+(`Ack.durable`); its agent keeps the frames above that in its spool. So a collector killed at
+any point and restarted on the same database, which restores a job when its first agent
+says hello, resumes from its last checkpoint, and the agents' replays bring exactly the
+frames after it: none lost, none applied twice (a replayed frame the checkpoint already
+holds is a duplicate).
 """
 
 from __future__ import annotations
@@ -147,18 +151,15 @@ class Job:
     _pending: dict[int, dict[int, Sample]] = field(default_factory=dict)
     _merged_step: int = -1
     _thermometer: Thermometer | None = None
+    dirty: bool = False  # changed since its last checkpoint
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._resume()
 
-    @property
-    def _durable(self) -> bool:
-        return self.store is not None and self.store.durable
-
     def _resume(self) -> None:
         """Carry on from the marks and state the store kept for this job (a restarted collector)."""
-        if not self._durable:
+        if self.store is None:
             return
         try:
             marks, state = self.store.load_job(self.job_id)
@@ -178,10 +179,15 @@ class Job:
         if state is not None:
             log.info("job %s: resumed after step %d from %s", self.job_id, self._merged_step, self.store.path)
 
-    def _commit(self, marks: dict[tuple[str, int], tuple[int, int]]) -> None:
-        """Save the changed marks and the job's state (inside the caller's transaction)."""
+    def checkpoint(self) -> bool:
+        """Write the marks and the state into the store's open transaction, if the job changed
+        since its last checkpoint (True); the caller commits."""
+        if self.store is None or not self.dirty:
+            return False
         state = pickle.dumps({name: getattr(self, name) for name in _STATE}, protocol=pickle.HIGHEST_PROTOCOL)
-        self.store.save_job(self.job_id, marks, state)  # type: ignore[union-attr]
+        self.store.save_job(self.job_id, self.marks, state)
+        self.dirty = False
+        return True
 
     @property
     def agents_connected(self) -> int:
@@ -243,15 +249,11 @@ class Job:
                         self.ranks_lost += 1
                     stream.stale = True
                     self.lost[stream.rank] = stream
-        if not self._durable:
-            self._merge_ready()
-            return
         try:
-            with self.store.transaction():  # type: ignore[union-attr]
-                self._merge_ready()
-                self._commit({})
+            self._merge_ready()
         except sqlite3.Error as exc:  # e.g. closed by a shutdown that ends the streams after it
-            log.warning("job %s: cannot save its state in %s: %s", self.job_id, self.store.path, exc)
+            log.warning("job %s: cannot record its last steps in %s: %s", self.job_id, self.store.path, exc)
+        self.dirty = True
 
     def liveness(self, now: float | None = None) -> Liveness:
         """The staleness of every rank not finished, now (counting ranks that have just gone stale)."""
@@ -286,7 +288,7 @@ class Job:
     def accept(self, stream: Stream, sample: Sample) -> bool:
         """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered); merge every step
         that became complete. False: a duplicate of a frame already applied (not applied again).
-        With a store, returns once the frame's effects and the new mark are committed."""
+        The job's next checkpoint makes it durable."""
         now = time.monotonic()
         with self.lock:
             if self.streams.get(stream.rank) is stream:
@@ -302,12 +304,8 @@ class Job:
             return False
         if seq:
             self.marks[key] = (seq, sample.step)
-        if not self._durable:
-            self._take(stream, sample)
-        else:
-            with self.store.transaction():  # type: ignore[union-attr]
-                self._take(stream, sample)
-                self._commit({key: self.marks[key]} if seq else {})
+        self._take(stream, sample)
+        self.dirty = True
         return True
 
     def _take(self, stream: Stream, sample: Sample) -> None:

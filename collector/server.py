@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -135,6 +136,7 @@ class _Session:
     stream: Stream | None = None  # after a valid hello
     bucket: _Bucket | None = None  # frames it may send (Limits.max_frame_rate), after the hello
     pushing: bool = False  # a _PUSH is queued
+    durable: int = 0  # the highest seq of this stream a checkpoint has persisted (sent with each ack)
     clean: bool = False  # the agent half-closed, and our last reply reached it
     ended: bool = False
 
@@ -145,7 +147,8 @@ class _Session:
 
 
 class Telemetry:
-    """The servicer: hello, then frames; acks each accepted frame; pushes admission changes.
+    """The servicer: hello, then frames; acks each accepted frame (with a store, also saying how
+    far the stream's frames are durable: `checkpoint`); pushes admission changes.
 
     All its state lives on the server's event loop; other threads go through
     `Collector.attach` / `detach` / `snapshot`, which hop onto the loop.
@@ -179,6 +182,7 @@ class Telemetry:
         self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
+        self._checkpoint_failing = False  # the last checkpoint could not commit (logged once)
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -193,6 +197,48 @@ class Telemetry:
         for sessions in list(self._sessions.values()):
             for session in list(sessions):
                 session.inbox.put_nowait(_END)
+
+    # -- durability -------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Save every job changed since the last checkpoint and commit, with the history rows and
+        events written meanwhile. Each open stream's next ack says how far its frames are durable
+        (no message of its own: an agent learns it with its next frame, or at its stream's end).
+
+        A commit that fails (a full disk) is logged once until one succeeds; the jobs stay
+        changed, no stream's durable mark moves, and their agents keep holding the frames.
+        Call on the event loop's thread."""
+        if self.store is None:
+            return
+        saved = []
+        try:
+            for job in list(self.jobs.values()):
+                if job.checkpoint():
+                    saved.append(job)
+            self.store.commit()
+        except sqlite3.Error as exc:
+            for job in saved:
+                job.dirty = True
+            if not self._checkpoint_failing:
+                log.error("checkpoint to %s failed, agents keep their frames: %s", self.store.path, exc)
+            self._checkpoint_failing = True
+            return
+        self._checkpoint_failing = False
+        for sessions in self._sessions.values():
+            for session in sessions:
+                if session.stream is not None:
+                    session.durable = session.stream.last_seq
+
+    async def checkpoints(self, interval: float) -> None:
+        """Checkpoint every `interval` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.checkpoint()
+
+    def _ack(self, session: _Session, seq: int) -> pb.CollectorMessage:
+        if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
+            return pb.CollectorMessage(ack=pb.Ack(seq=seq))
+        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=session.durable))
 
     @property
     def open_streams(self) -> int:
@@ -266,7 +312,8 @@ class Telemetry:
                         yield self._config(session.stream.job_id)
                 elif item is _END:
                     if session.stream is not None:
-                        yield pb.CollectorMessage(ack=pb.Ack(seq=session.stream.last_seq))
+                        self.checkpoint()  # the agent may be leaving for good: make its frames durable
+                        yield self._ack(session, session.stream.last_seq)
                     session.clean = True
                     return
                 elif isinstance(item, _ReadFailed):
@@ -329,7 +376,7 @@ class Telemetry:
             stream.last_seq = msg.frame.seq
             self._count_nonfinite(stream, msg.frame, nonfinite)
             self.jobs[stream.job_id].accept(stream, sample)
-            return pb.CollectorMessage(ack=pb.Ack(seq=msg.frame.seq))
+            return self._ack(session, msg.frame.seq)
         await self._reject(context, "empty", "message carries neither hello nor frame")
         raise AssertionError("unreachable: _reject raises")
 

@@ -70,7 +70,7 @@ class Collector:
         active: bool = True,
         security: Security | None = None,
         history_interval: float = 1.0,
-        durable: bool = False,
+        checkpoint_interval: float = 2.0,
         max_layers: int = 10_000,
         max_name_length: int = 256,
         max_jobs: int = 1_000,
@@ -82,10 +82,10 @@ class Collector:
         `stale_after`: seconds an open stream may stay silent (its job not paused) before its
         rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
         ones to watch); `history_interval`: the least seconds between two rows of a job's
-        history in `db` (what `thermoscope plot` draws; 0: every merged sample); `durable`:
-        commit each applied frame with its job's state before acking it, so that with agents'
-        spools a kill -9 of the collector loses and double-counts nothing (off by default: it
-        divides the ingest rate, see tests/bench/RESULTS.md).
+        history in `db` (what `thermoscope plot` draws; 0: every merged sample);
+        `checkpoint_interval`: seconds between two checkpoints of the jobs' state to `db` (see
+        `Telemetry.checkpoint`): with agents' spools, a kill -9 of the collector loses and
+        double-counts nothing; events and history rows commit at each checkpoint.
 
         Limits on input (each refusal ends the stream with its gRPC status and is counted in
         `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
@@ -93,6 +93,9 @@ class Collector:
         second per agent (see `server.Limits`); `max_series_per_job`: layer (and site) series
         per job and metric in /metrics, the excess folded into one `__other__` series and
         counted in `thermoscope_layers_folded{job_id}` (see `export`)."""
+        if not checkpoint_interval > 0:
+            raise ValueError(f"checkpoint_interval must be positive, got {checkpoint_interval}")
+        self.checkpoint_interval = checkpoint_interval
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
         # tokens, TLS, basic auth (`auth.Security`): exposure checked and files read here, first
@@ -101,7 +104,7 @@ class Collector:
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
         self.store = (
-            EventStore(db, history_interval=history_interval, durable=durable) if db is not None else None
+            EventStore(db, history_interval=history_interval) if db is not None else None
         )
         self.telemetry = Telemetry(
             self.jobs,
@@ -130,6 +133,7 @@ class Collector:
         self._health: health.aio.HealthServicer | None = None
         self._http = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._checkpoints: asyncio.Task | None = None
 
     @property
     def metrics_url(self) -> str:
@@ -161,6 +165,8 @@ class Collector:
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
+        if self.store is not None:
+            self._checkpoints = asyncio.create_task(self.telemetry.checkpoints(self.checkpoint_interval))
         for name in ("", SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
@@ -184,7 +190,10 @@ class Collector:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
         if self.store is not None:
+            self.telemetry.checkpoint()
             self.store.close()
 
     async def serve(self, grace: float = 5.0, hold: float = 0.5) -> None:

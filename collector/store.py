@@ -1,8 +1,10 @@
 """Durable phase-transition events, and each job's history: an embedded SQLite database in WAL mode.
 
 WAL lets `thermoscope events` and `thermoscope plot` read while the collector writes, and
-survives a crash of the writer with every committed row intact. Events are rare (a few per
-job per phase change), so each batch is one small transaction on the collector's event loop.
+survives a crash of the writer with every committed row intact. Writes accumulate in one open
+transaction that the collector commits at each checkpoint (`commit`, every
+`--checkpoint-interval` seconds, see `checkpoint`): one commit per interval instead of one
+per row, and what a checkpoint commits is always consistent with the job states it saves.
 The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
 layer's temperature (one float64 blob, in the order of the job's layer names) — at most one
 row per job every `history_interval` seconds, so its size follows wall time, not step rate.
@@ -10,19 +12,17 @@ row per job every `history_interval` seconds, so its size follows wall time, not
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_job` / `load_job`): per (job, run, rank) the
 sequence number and step of the last frame applied (`marks`), and per job the state its merge and phase
-detector resume from (`job_state`, a pickle written by this collector only). A frame, its
-history row, its events and these are one transaction (`transaction`), committed before the
-frame is acknowledged.
+detector resume from (`job_state`, a pickle written by this collector only). The marks, the
+states, and the history rows and events the same frames produced commit together, so a
+restarted collector resumes from a state whose events are exactly those in the database.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,13 +113,10 @@ class EventStore:
     """Append and query events; one connection, used from one thread at a time."""
 
     def __init__(
-        self, path: str | Path, *, create: bool = True, history_interval: float = 1.0, durable: bool = False
+        self, path: str | Path, *, create: bool = True, history_interval: float = 1.0
     ) -> None:
-        """`durable`: jobs commit every applied frame with their state before it is acked (see
-        `merge.Job`): no frame lost or counted twice across a kill -9, at a cost in ingest rate."""
         path = Path(path)
         self.history_interval = history_interval
-        self.durable = durable
         self._last_history: dict[str, float] = {}  # job -> time of its last history row
         self._names: dict[str, tuple[str, ...]] = {}
         if not create and not path.exists():
@@ -131,29 +128,18 @@ class EventStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint
         self._db.executescript(_SCHEMA)
-        self._in_transaction = False
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Everything written in the block commits at its end, at once (or not at all); nests."""
-        if self._in_transaction:
-            yield
-            return
-        self._in_transaction = True
-        try:
-            with self._db:
-                yield
-        finally:
-            self._in_transaction = False
+    def commit(self) -> None:
+        """Make everything written since the last commit durable, at once."""
+        self._db.commit()
 
     def save_job(self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes) -> None:
         """Record the (run, rank) -> (seq, step) marks that changed, and the job's resumable state."""
-        with self.transaction():
-            self._db.executemany(
-                "INSERT OR REPLACE INTO marks (job, run, rank, seq, step) VALUES (?, ?, ?, ?, ?)",
-                [(job, run, rank, seq, step) for (run, rank), (seq, step) in marks.items()],
-            )
-            self._db.execute("INSERT OR REPLACE INTO job_state (job, state) VALUES (?, ?)", (job, state))
+        self._db.executemany(
+            "INSERT OR REPLACE INTO marks (job, run, rank, seq, step) VALUES (?, ?, ?, ?, ?)",
+            [(job, run, rank, seq, step) for (run, rank), (seq, step) in marks.items()],
+        )
+        self._db.execute("INSERT OR REPLACE INTO job_state (job, state) VALUES (?, ?)", (job, state))
 
     def load_job(self, job: str) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None]:
         """The job's marks and its state as `save_job` left them (empty, None: never saved)."""
@@ -165,12 +151,11 @@ class EventStore:
     def add(self, events: list[Event]) -> None:
         if not events:
             return
-        with self.transaction():
-            self._db.executemany(
-                "INSERT INTO events (job, scope, layer, step, time, from_phase, to_phase, statistic,"
-                " confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [tuple(e.as_dict().values()) for e in events],
-            )
+        self._db.executemany(
+            "INSERT INTO events (job, scope, layer, step, time, from_phase, to_phase, statistic,"
+            " confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [tuple(e.as_dict().values()) for e in events],
+        )
 
     def add_reading(self, job: str, reading: Reading) -> None:
         """Keep the reading in the job's history, unless one was kept less than an interval ago."""
@@ -179,25 +164,24 @@ class EventStore:
             return
         self._last_history[job] = reading.wall_time
         names_changed = self._names.get(job) != reading.layer_names
-        with self.transaction():
-            if names_changed:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO layer_names (job, names) VALUES (?, ?)",
-                    (job, json.dumps(reading.layer_names)),
-                )
+        if names_changed:
             self._db.execute(
-                "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job,
-                    reading.step,
-                    reading.wall_time,
-                    reading.energy,
-                    reading.entropy,
-                    reading.temperature,
-                    reading.energy_from_work,
-                    np.asarray(reading.layer_temperature, dtype="<f8").tobytes(),
-                ),
+                "INSERT OR REPLACE INTO layer_names (job, names) VALUES (?, ?)",
+                (job, json.dumps(reading.layer_names)),
             )
+        self._db.execute(
+            "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job,
+                reading.step,
+                reading.wall_time,
+                reading.energy,
+                reading.entropy,
+                reading.temperature,
+                reading.energy_from_work,
+                np.asarray(reading.layer_temperature, dtype="<f8").tobytes(),
+            ),
+        )
         self._names[job] = reading.layer_names
 
     def history(self, job: str) -> History:
@@ -260,4 +244,6 @@ class EventStore:
         return {(scope, layer): phase for scope, layer, phase in rows}
 
     def close(self) -> None:
+        """Commit what is written, then close."""
+        self._db.commit()
         self._db.close()

@@ -39,11 +39,12 @@ def _frames(metrics_url: str) -> tuple[float, float]:
 
 def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path: Path) -> None:
     """A real collector process is SIGKILLed while a real training loop streams to it with a
-    spool; training goes on, a new collector process starts on the same ports and database,
+    spool, after one checkpoint and with frames applied since; training goes on, a new
+    collector process starts on the same ports and database, resumes from the checkpoint,
     and every sampled step ends up merged exactly once."""
     torch.manual_seed(0)
     db, grpc_port = tmp_path / "events.db", free_port()
-    first = start_collector_process(db, grpc_port, "--history-interval", "0", "--durable")
+    first = start_collector_process(db, grpc_port, "--history-interval", "0", "--checkpoint-interval", "1")
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = Monitor(
@@ -56,15 +57,21 @@ def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path:
         spool_bytes=4 << 20,
     )
     second = None
+    sender = monitor._sender
     try:
         train_steps(monitor, model, opt, 40)
+        assert monitor.flush(timeout=20)
+        time.sleep(1.5)  # a checkpoint makes these 40 durable; the agent learns it with its next ack
+        train_steps(monitor, model, opt, 20)
         deadline = time.monotonic() + 20
-        while monitor.delivered < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(first.proc.pid, signal.SIGKILL)  # mid-run: frames in flight, some applied and not acked
+        while monitor.delivered < 50 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        durable, accepted = sender.durable, sender.acked
+        os.kill(first.proc.pid, signal.SIGKILL)  # frames in flight, some applied and not checkpointed
         first.proc.wait(timeout=10)
-        train_steps(monitor, model, opt, 40)  # the collector is gone: queued or spooled
-        second = start_collector_process(db, grpc_port, "--history-interval", "0", "--durable")
+        assert 40 <= durable < accepted  # the restarted collector needs the spool for the frames after it
+        train_steps(monitor, model, opt, 20)  # the collector is gone: queued or spooled
+        second = start_collector_process(db, grpc_port, "--history-interval", "0")
         train_steps(monitor, model, opt, 40)
         assert monitor.flush(timeout=60)
         received, duplicate = _frames(second.metrics_url)
@@ -89,10 +96,15 @@ def test_spool_bound_evicts_the_oldest_and_counts_them(tmp_path: Path) -> None:
     assert evicted == [0, 0, 1, 1, 1]  # 250 bytes hold two 100-byte frames
     assert [seq for seq, _ in spool.frames()] == [4, 5]
     assert spool.frames(4) == [(5, bytes([5]) * 100)]
-    assert spool.ack(4) == 1 and len(spool) == 1
+    assert spool.settle(4) == 1 and len(spool) == 2  # accepted, not durable yet: still held
+    spool.ack(4)
+    assert len(spool) == 1
     assert spool.append(6, b"x" * 1000) == 1  # the newest is kept, however large
     assert spool.frames() == [(6, b"x" * 1000)]
-    assert spool.ack(6) == 1 and spool.path.stat().st_size == 0  # all settled: the file is emptied
+    assert spool.settle(6) == 1  # 5 was evicted unsettled (counted as dropped then), 6 settles
+    assert spool.append(7, b"y" * 1000) == 0  # evicting the settled 6 loses nothing
+    assert spool.clear() == 1  # 7 was never settled
+    assert spool.path.stat().st_size == 0  # nothing held: the file is emptied
     spool.close()
     assert not spool.path.exists()
 
@@ -116,7 +128,7 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
     """Raw protocol: frames replayed on a new stream, to the same collector or to a new one on
     the same database, are acknowledged and counted as duplicates; only new ones are applied."""
     db = tmp_path / "events.db"
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, durable=True).running() as c:
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (1, 2, 3)] == [1, 2, 3]
         s.cancel()  # the acks of 2 and 3 were "lost": the agent replays them
@@ -126,7 +138,7 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
         job = c.snapshot()[JOB]
         assert (job["frames_received"], job["last_step"]) == (5, 4)
         assert value(scrape(c.metrics_url), "thermoscope_frames_duplicate_total", job_id=JOB) == 2
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, durable=True).running() as c:
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (4, 5, 6, 7)] == [4, 5, 6, 7]
         s.close()
@@ -138,3 +150,24 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
         s.close()
         assert c.snapshot()[JOB]["last_step"] == 7
         assert c.store.history(JOB).step.tolist() == list(range(8))
+
+
+def test_acks_say_how_far_the_stream_is_durable(tmp_path: Path) -> None:
+    """Each ack carries the highest seq the collector's last checkpoint persisted: nothing before
+    the first checkpoint, the frames applied before it after; without a database, no such field."""
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", checkpoint_interval=0.3).running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB))
+        s.send(frame(1, 0))
+        first = s.reply().ack
+        time.sleep(0.7)  # at least one checkpoint
+        s.send(frame(2, 1))
+        second = s.reply().ack
+        s.close()
+    assert (first.seq, first.HasField("durable"), first.durable) == (1, True, 0)
+    assert (second.seq, second.durable) == (2, 1)
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=None).running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB))
+        s.send(frame(1, 0))
+        ack = s.reply().ack
+        s.close()
+    assert (ack.seq, ack.HasField("durable")) == (1, False)

@@ -135,10 +135,12 @@ class SiteColumns(_message.Message):
     def __init__(self, count: _Optional[bytes] = ..., in_mean: _Optional[bytes] = ..., in_m2: _Optional[bytes] = ..., out_mean: _Optional[bytes] = ..., out_m2: _Optional[bytes] = ..., probe_spread: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "durable")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    durable: int
+    def __init__(self, seq: _Optional[int] = ..., durable: _Optional[int] = ...) -> None: ...
 
 class Config(_message.Message):
     __slots__ = ("every", "paused")
