@@ -103,3 +103,20 @@ def warn_plaintext(target: str, metadata: tuple[tuple[str, str], ...]) -> None:
     if not loopback:
         _warned.add(target)
         log.warning("thermoscope: sending the bearer token to %s without TLS", target)
+
+
+def refusal_hint(code: grpc.StatusCode) -> str:
+    """What to add to the agent's (once-only) log line about a refusal the agent's side must fix.
+
+    UNAUTHENTICATED: the collector wants a token this agent was not given (or not this one).
+    Typical for agents that discovered a Ray collector actor started with --tokens, whose
+    launcher set no token in the workers' environment; the stream is retried with backoff
+    meanwhile (the collector may be restarted with other tokens), so this line is all it says.
+    """
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            "; this collector requires a bearer token from its tokens file: give Monitor(token=...) or set "
+            "$THERMOSCOPE_TOKEN or $THERMOSCOPE_TOKEN_FILE (Ray workers: the job's runtime_env env_vars). "
+            "Until then nothing is delivered (training is unaffected)"
+        )
+    return ""
