@@ -9,22 +9,30 @@ with the actor's `/metrics` target, rewritten wherever Ray (re)schedules it and 
 when it stops, so Prometheus follows it (`file_sd_configs` in deploy/prometheus).
 
 gRPC and `/metrics` listen on the address Ray knows the actor's node by (`node_address`:
-loopback on a one-machine cluster started with `ray.init(_node_ip_address="127.0.0.1")`). Off
-loopback the collector refuses to start without a token or TLS (`auth`): start it with
-`thermoscope collector --ray` and its security flags (or `--insecure`) before `attach`.
+loopback on a one-machine cluster whose node registered as 127.0.0.1). Off loopback the
+collector refuses to start without a token or TLS (`auth.check_exposure`), so on a real
+multi-node cluster `start` needs `security=auth.Security(...)` (the CLI: `--tokens`, `--tls-*`,
+`--metrics-*`, or `--insecure`).
 
-Authentication travels in `settings` like the rest (`security=auth.Security(...)`, which
-`thermoscope collector --ray` builds from its --tokens/--tls-*/--metrics-*/--insecure flags);
-its files are read on the actor's node. On a node whose address is not loopback the collector
-refuses to start without them (or `insecure=True`), and `start` raises its reason; `thermoscope
-attach` starts a bare actor, so on such a cluster start it first with `collector --ray` and flags.
+The security files are read where `start` runs, not on the actor's node: `PackedSecurity.pack`
+reads and checks them on the driver (a bad file fails there, before anything starts) and their
+contents travel with the actor's creation arguments, because the actor may be placed, or
+restarted by Ray, on a node that has none of the driver's files. In the actor they are written
+to a private temporary directory only for the time the collector takes to load them. Whoever
+can join the Ray cluster can run any code in it, the actor included, so shipping the contents
+gives its users nothing they could not take already; no log line shows them (`repr` leaves
+them out).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import ssl
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE
 
+from .auth import AuthConfigError, BasicAuthUsers, Security, TokenTable, check_exposure
 from .service import Collector
 from .store import STATE_HOME
 
@@ -41,17 +50,123 @@ DEFAULT_SD_FILE = STATE_HOME / "thermoscope" / "file_sd.json"
 MAX_RESTARTS = 3
 
 
+#: What each file of `auth.Security` is, for the errors that name it.
+_FILES = {
+    "tokens": "tokens file",
+    "tls_cert": "TLS certificate",
+    "tls_key": "TLS key",
+    "tls_client_ca": "client CA",
+    "metrics_tls_cert": "/metrics TLS certificate",
+    "metrics_tls_key": "/metrics TLS key",
+    "metrics_basic_auth": "basic-auth file",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSecurity:
+    """An `auth.Security` carrying its files' contents instead of their paths: what travels to the actor.
+
+    `contents` maps a `Security` field (`tokens`, `tls_cert`, ...) to the bytes of its file; it is
+    left out of `repr`, so that no log line or error message ever shows a token or a key.
+    """
+
+    contents: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+    insecure: bool = False
+
+    @classmethod
+    def pack(cls, security: Security) -> PackedSecurity:
+        """Read every file of `security` here and check it as the collector will use it.
+
+        AuthConfigError names the file and what is wrong with it: an unreadable file, a tokens or
+        basic-auth file the collector would refuse, a certificate that does not load with its key
+        (PEM, the key unencrypted, as gRPC needs them) or a CA file with no certificate.
+        """
+        contents = {}
+        for name, what in _FILES.items():
+            path = getattr(security, name)
+            if path is None:
+                continue
+            try:
+                contents[name] = Path(path).read_bytes()
+            except OSError as exc:
+                raise AuthConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        _check(security)
+        return cls(contents, security.insecure)
+
+    def check_exposure(self, host: str) -> None:
+        """Refuse (InsecureError) as the collector will on a node whose address is `host`."""
+        check_exposure(
+            host,
+            host,
+            tokens="tokens" in self.contents,
+            grpc_tls="tls_cert" in self.contents,
+            metrics_tls="metrics_tls_cert" in self.contents,
+            metrics_auth="metrics_basic_auth" in self.contents,
+            insecure=self.insecure,
+        )
+
+    @contextlib.contextmanager
+    def unpacked(self) -> Iterator[Security]:
+        """A `Security` of the contents written to a private temporary directory (0700, files 0600),
+        removed when the block ends: the collector reads every file while it starts, inside it."""
+        with tempfile.TemporaryDirectory(prefix="thermoscope-security-") as tmp:
+            paths = {}
+            for name, data in self.contents.items():
+                paths[name] = Path(tmp, name)
+                with os.fdopen(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    f.write(data)
+            yield Security(**paths, insecure=self.insecure)
+
+
+def _check(security: Security) -> None:
+    """Parse each file of `security` as the collector will (AuthConfigError, naming the file)."""
+    if security.tokens is not None:
+        TokenTable.load(security.tokens)
+    if security.metrics_basic_auth is not None:
+        BasicAuthUsers.load(security.metrics_basic_auth)
+    pairs = (
+        (security.tls_cert, security.tls_key, "TLS"),
+        (security.metrics_tls_cert, security.metrics_tls_key, "/metrics TLS"),
+    )
+    for cert, key, what in pairs:
+        if cert is None:
+            continue
+        try:  # the empty password: an encrypted key fails here instead of prompting on the terminal
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+        except (OSError, ssl.SSLError) as exc:
+            raise AuthConfigError(
+                f"the {what} certificate {cert} does not load with the key {key} "
+                f"(PEM, the key unencrypted): {exc}"
+            ) from None
+    if security.tls_client_ca is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=security.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise AuthConfigError(
+                f"the client CA {security.tls_client_ca} holds no PEM certificate: {exc}"
+            ) from None
+
+
 class CollectorActor:
     """Runs a `Collector` on a background thread for the actor's lifetime."""
 
     def __init__(
-        self, grpc_port: int, metrics_port: int, sd_file: str, active: bool, settings: dict[str, Any]
+        self,
+        grpc_port: int,
+        metrics_port: int,
+        sd_file: str,
+        active: bool,
+        security: PackedSecurity,
+        settings: dict[str, Any],
     ) -> None:
         host = node_address()
         grpc_address, metrics_address = f"{host}:{grpc_port}", f"{host}:{metrics_port}"
-        self._collector = Collector(grpc_address, metrics_address, active=active, **settings)
         self._running = contextlib.ExitStack()
-        self._running.enter_context(self._collector.running())
+        with security.unpacked() as files:  # on disk only until the collector has read them
+            self._collector = Collector(
+                grpc_address, metrics_address, active=active, security=files, **settings
+            )
+            self._running.enter_context(self._collector.running())
         self._sd_file = Path(sd_file)
         self._host = host
         write_targets(self._sd_file, [f"{host}:{self._collector.metrics_port}"])
@@ -120,14 +235,24 @@ def start(
     sd_file: str | Path = DEFAULT_SD_FILE,
     active: bool = True,
     timeout: float = 60.0,
+    security: Security | PackedSecurity | None = None,
     **settings: Any,
 ) -> tuple[ray.actor.ActorHandle, dict[str, str]]:
-    """Start the collector actor, or find the running one; return it with its targets.
+    """Start the collector actor, or find the running one (as it was started); return it with its targets.
 
     Needs a connected driver (`connect`). `active=False` starts it with every job paused
-    (then `attach(job)` chooses which to watch); `settings` go to `Collector`. A collector
-    that cannot start (a port in use) raises the actor's error here.
+    (then `attach(job)` chooses which to watch); `security`: who may stream and scrape (its
+    files are read here, see the module docstring); `settings` go to `Collector`. Before
+    anything starts, a bad security file raises AuthConfigError and an unprotected non-loopback
+    node InsecureError (checked for this node, where the actor prefers to run). A collector that
+    cannot start (a port in use; elsewhere, unprotected) raises the actor's error here.
     """
+    running = find()
+    if running is not None:
+        return running, ray.get(running.targets.remote(), timeout=timeout)
+    if not isinstance(security, PackedSecurity):
+        security = PackedSecurity.pack(security or Security())
+    security.check_exposure(node_address())
     here = ray.get_runtime_context().get_node_id()
     handle = (
         ray.remote(CollectorActor)
@@ -140,7 +265,7 @@ def start(
             max_restarts=MAX_RESTARTS,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
         )
-        .remote(grpc_port, metrics_port, str(Path(sd_file).expanduser()), active, settings)
+        .remote(grpc_port, metrics_port, str(Path(sd_file).expanduser()), active, security, settings)
     )
     try:
         return handle, ray.get(handle.targets.remote(), timeout=timeout)

@@ -1,6 +1,12 @@
 """`thermoscope attach`, `thermoscope detach` and `thermoscope collector --ray`: the collector
 actor of a Ray cluster, driven from any machine that can join the cluster.
 
+`attach` takes the security flags of `thermoscope collector` (`auth.add_arguments`), and both
+commands that may start the actor read those files here, on the machine the command runs on,
+and ship their contents to it (`actor.PackedSecurity`): a file that cannot be read or used, or a
+node address that would be exposed unprotected, is refused before anything starts (the CLI
+exits 2). The flags apply when the actor starts; one already running keeps its own.
+
 Ray is imported here only, so the other commands run where it is not installed.
 """
 
@@ -8,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
+
+from . import auth
 
 
 def _actor():
@@ -22,22 +31,52 @@ def _actor():
     return actor
 
 
-def _connect(args: argparse.Namespace):
-    actor = _actor()
+def _connect(actor, address: str | None):
     try:
-        actor.connect(args.address)
+        actor.connect(address)
     except ConnectionError as exc:
-        where = args.address or "$RAY_ADDRESS or a local cluster"
+        where = address or "$RAY_ADDRESS or a local cluster"
         raise SystemExit(f"thermoscope: no Ray cluster at {where}: {exc}") from None
     return actor
 
 
+def _start(security: auth.Security, address: str | None, **options: Any) -> tuple[Any, dict[str, str], bool]:
+    """Start or find the collector actor: (handle, targets, whether it was started here).
+
+    The security files are read and checked before Ray is joined (AuthConfigError), the
+    exposure of this node before the actor is created (InsecureError); the caller turns both
+    into exit status 2. Flags given for an actor that is already running are reported as unused.
+    """
+    actor = _actor()
+    packed = actor.PackedSecurity.pack(security)
+    _connect(actor, address)
+    import ray
+
+    running = actor.find()
+    if running is not None:
+        if security != auth.Security():
+            print(
+                "thermoscope: the collector actor is already running and keeps the security settings it "
+                "was started with (`thermoscope detach --stop`, then start it again, to change them)",
+                file=sys.stderr,
+            )
+        return running, ray.get(running.targets.remote(), timeout=60), False
+    try:
+        handle, targets = actor.start(security=packed, **options)
+    except ray.exceptions.RayActorError as exc:
+        raise SystemExit(f"thermoscope: the collector actor could not start: {exc}") from None
+    return handle, targets, True
+
+
 def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
-    """`collector --ray`: start (or find) the collector actor and print where it serves."""
+    """`collector --ray`: start (or find) the collector actor and print where it serves.
+
+    `settings`: the `Collector` settings of the command line, `security` among them.
+    """
     from .service import split_address
 
-    actor = _connect(args)
-    _, targets = actor.start(
+    _, targets, _ = _start(
+        address=args.address,
         grpc_port=split_address(args.grpc)[1],
         metrics_port=split_address(args.metrics)[1],
         sd_file=args.sd_file,
@@ -47,18 +86,17 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     return 0
 
 
-def attach(args: argparse.Namespace) -> int:
+def attach(args: argparse.Namespace, security: auth.Security) -> int:
     """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
-    actor = _connect(args)
-    handle = actor.find()
-    fresh = handle is None
-    if fresh:  # a collector started for one job watches that job only
-        handle, targets = actor.start(
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
-            sd_file=args.sd_file,
-            active=args.job is None,
-        )
+    handle, targets, fresh = _start(
+        security,
+        args.address,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        sd_file=args.sd_file,
+        active=args.job is None,  # a collector started for one job watches that job only
+    )
+    if fresh:
         print(f"started the collector actor: gRPC {targets['grpc']}, metrics {targets['metrics']}")
     import ray
 
@@ -94,7 +132,7 @@ def _world_size(job: dict[str, Any]) -> int:
 
 def detach(args: argparse.Namespace) -> int:
     """Pause the job (or every job): agents stop sampling, the training never notices."""
-    actor = _connect(args)
+    actor = _connect(_actor(), args.address)
     if args.stop:
         print("stopped the collector actor" if actor.stop() else "no collector actor was running")
         return 0
@@ -118,7 +156,8 @@ def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentP
         "--ray",
         action="store_true",
         help="start it as the Ray cluster's detached collector actor, on the ports of --grpc and "
-        "--metrics and the address of its node, and return",
+        "--metrics and the address of its node, and return; the security files are read here and "
+        "their contents shipped to the actor",
     )
     address_help = "Ray cluster address (default: $RAY_ADDRESS, else the local cluster)"
     collector.add_argument("--address", help=address_help + "; with --ray")
@@ -136,6 +175,7 @@ def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentP
     a.add_argument("--sd-file", default=str(sd_default), help="Prometheus file-SD JSON if a collector starts")
     a.add_argument("--grpc-port", type=int, default=50051, help="if a collector starts (0: any free port)")
     a.add_argument("--metrics-port", type=int, default=9108, help="if a collector starts (0: any free port)")
+    auth.add_arguments(a)  # if a collector starts: read here, shipped to the actor
     d = sub.add_parser("detach", help="stop monitoring a Ray job (the job keeps running, untouched)")
     d.add_argument("--address", help=address_help)
     d.add_argument("--job", help="Ray job id (default: every job)")

@@ -433,8 +433,9 @@ class Security:
     TLS; `tls_client_ca`: and requires client certificates signed by this CA (mutual TLS);
     `metrics_tls_cert`/`metrics_tls_key`: /metrics serves HTTPS; `metrics_basic_auth`: the
     basic-auth users file of /metrics; `insecure`: allow a non-loopback address unprotected.
-    Paths are read when the collector is built (on the Ray actor's node for `--ray`), so a
-    missing or malformed file fails at startup, not at the first agent.
+    Paths are read when the collector is built, so a missing or malformed file fails at startup,
+    not at the first agent (for the Ray actor they are read on the driver and their contents
+    shipped to it, see `actor.PackedSecurity`).
     """
 
     tokens: str | Path | None = None

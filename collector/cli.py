@@ -223,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             "max_frame_rate": args.max_frame_rate,
         }
         if args.ray:
-            return attach_cli.start(args, settings)
+            try:
+                return attach_cli.start(args, settings)
+            except (auth.AuthConfigError, auth.InsecureError) as exc:
+                p.error(f"collector --ray: {exc}")
         try:
             collector = Collector(args.grpc, args.metrics, **settings)
         except (auth.AuthConfigError, auth.InsecureError) as exc:
@@ -247,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "attach":
-        return attach_cli.attach(args)
+        try:
+            return attach_cli.attach(args, auth.from_args(args, p))
+        except (auth.AuthConfigError, auth.InsecureError) as exc:
+            p.error(f"attach: {exc}")
     if args.command == "detach":
         return attach_cli.detach(args)
     if args.command == "plot":
