@@ -34,12 +34,21 @@ INTERVAL = 2.0  # discovery interval of the jobs' agents, seconds
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    """A local Ray cluster on loopback; yields its GCS address. Leaves no state behind."""
+    """A local Ray cluster on loopback; yields its GCS address. Leaves no state behind.
+
+    Its processes inherit `XDG_STATE_HOME` in its temp dir: a collector actor started without
+    `--db` keeps its database there, not in ~/.local/state, where the job state it resumes from
+    would carry over to the next cluster (whose first job has the same Ray job id again).
+    """
     home_ray = Path.home() / ".ray"
     had_home_ray = home_ray.exists()
     temp = tempfile.mkdtemp(prefix="ts-ray-")
     saved = dict(os.environ)
-    os.environ.update(RAY_AUTH_MODE="disabled", THERMOSCOPE_DISCOVERY_INTERVAL=str(INTERVAL))
+    os.environ.update(
+        RAY_AUTH_MODE="disabled",
+        THERMOSCOPE_DISCOVERY_INTERVAL=str(INTERVAL),
+        XDG_STATE_HOME=os.path.join(temp, "state"),
+    )
     ray.init(
         address="local",
         num_cpus=2,
