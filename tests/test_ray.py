@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -24,7 +25,7 @@ ray = pytest.importorskip("ray")
 from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE  # noqa: E402
 from thermoscope.collector import actor  # noqa: E402
 
-from conftest import scrape, thermoscope, value  # noqa: E402
+from conftest import frame, hello, scrape, stream, thermoscope, value  # noqa: E402
 
 JOB = Path(__file__).with_name("ray_job.py")
 DEPLOY = Path(__file__).parents[1] / "deploy" / "prometheus"
@@ -292,3 +293,72 @@ def test_the_kubernetes_example_job_streams_every_rank_through_its_runtime_env(
         "thermoscope_layer_temperature",
         "thermoscope_phase",
     }
+
+
+def test_an_actor_attached_with_a_tokens_file_refuses_streams_without_it_and_workers_stream_with_it(
+    cluster: str, tmp_path: Path
+) -> None:
+    """`thermoscope attach --tokens FILE`: the real actor requires the token (a raw stream without it
+    is refused and counted), and an agent in a Ray worker, given the token through its runtime env
+    and the actor's address by discovery, streams its job."""
+
+    def agent_in_a_ray_worker(steps: int) -> tuple[bool, int, str]:
+        """Train `steps` steps watched by `watch`: (flushed, delivered, job id). Nested, so that
+        cloudpickle ships it by value (the worker cannot import this test module)."""
+        import time
+
+        import ray
+        import torch
+        from torch import nn
+
+        from thermoscope.agent import watch
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        monitor = watch(model, opt, every=1)
+        deadline = time.monotonic() + 30
+        while monitor.dormant and time.monotonic() < deadline:  # it looks the actor up by name
+            time.sleep(0.05)
+        for _ in range(steps):
+            loss = model(torch.randn(16, 4)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        flushed = monitor.flush(15)
+        monitor.close()
+        return flushed, monitor.delivered, ray.get_runtime_context().get_job_id()
+
+    assert actor.find() is None
+    token = "ray-workers-token-0123456789"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token}\n")
+    attached = thermoscope(
+        "attach", "--address", cluster, "--tokens", str(tokens),
+        "--grpc-port", "0", "--metrics-port", "0", "--sd-file", str(tmp_path / "sd.json"),
+    )  # fmt: skip
+    try:
+        assert attached.returncode == 0, attached.stdout + attached.stderr
+        assert token not in attached.stdout + attached.stderr
+        tokens.unlink()  # read by the command, shipped to the actor: nothing reads it again
+        targets = ray.get(actor.find().targets.remote())
+
+        replies, error = stream(targets["grpc"], [hello("intruder"), frame(1, 0)])
+        assert replies == [] and error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED
+        metrics = scrape(targets["metrics"])
+        assert value(metrics, "thermoscope_frames_rejected_total", reason="unauthenticated") == 1
+
+        # a worker of a job launched with the token in its runtime env finds the actor and streams
+        worker_token = tmp_path / "worker-token"
+        worker_token.write_text(f"{token}\n")
+        env = {"env_vars": {"THERMOSCOPE_TOKEN_FILE": str(worker_token)}}
+        task = ray.remote(num_cpus=0)(agent_in_a_ray_worker).options(runtime_env=env)
+        flushed, delivered, job_id = ray.get(task.remote(5), timeout=120)
+        assert flushed and delivered >= 4  # (the step under way when it found the actor is not sampled)
+        job = snapshot(actor.find())[job_id]
+        assert job["frames_received"] == delivered and job["last_step"] == 4
+        assert value(scrape(targets["metrics"]), "thermoscope_last_step", job_id=job_id) == 4
+        assert "intruder" not in snapshot(actor.find())
+    finally:
+        actor.stop()
