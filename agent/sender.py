@@ -113,6 +113,8 @@ class Sender:
         self.connected = False
         self.last_error: str | None = None
         self._drop_logged = False
+        self._gap = 0.0  # least seconds between two frames: below the collector's max_frame_rate
+        self._next_send = 0.0
         # made at the first submit, per process (a forked child never writes its parent's file)
         self._spool: Spool | None = None
 
@@ -211,8 +213,32 @@ class Sender:
                 self._end_stream()
             if time.monotonic() - started > 30:
                 delay = self._backoff[0]  # the stream had been healthy: start the backoff over
-            self._stopping.wait(delay * random.uniform(0.5, 1.5))
+            self._idle(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, self._backoff[1])
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between streams (until `seconds` pass or shutdown). With a spool, spill the oldest
+        queued frames into it once the queue is half full: during an outage the spool's bytes
+        bound what is kept, not the queue's length (a short wait stays in memory)."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping.is_set():
+            with self._cond:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                if self._spool is None or len(self._queue) < max(1, self._max_queue // 2):
+                    self._cond.wait(left)  # woken by `submit` and `shutdown`
+                    continue
+                item = self._queue.popleft()
+                self.seq += 1
+                seq = self.seq
+            self._keep(seq, wire.encode(item.to_sample(), seq).SerializeToString())
+
+    def _keep(self, seq: int, data: bytes) -> None:
+        with self._cond:
+            evicted = self._spool.append(seq, data)  # type: ignore[union-attr]
+            if evicted:
+                self._count_drop(evicted, "the spool of frames not yet durable is full")
 
     def _look_up(self) -> bool:
         """Find the collector; False (dormant for another interval) if there is none."""
@@ -249,7 +275,14 @@ class Sender:
         else:
             channel = grpc.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
         with channel:
-            grpc.channel_ready_future(channel).result(timeout=self._connect_timeout)
+            ready = grpc.channel_ready_future(channel)
+            deadline = time.monotonic() + self._connect_timeout
+            while not ready.done():  # spilling into the spool meanwhile
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    ready.cancel()
+                    raise grpc.FutureTimeoutError()
+                self._idle(min(left, 0.05))
             call = pb_grpc.TelemetryStub(channel).Stream(
                 self._messages(self._generation), metadata=self._metadata or None
             )
@@ -262,8 +295,11 @@ class Sender:
                     log.info("thermoscope: streaming to %s", self.target)
                 if reply.HasField("ack"):
                     self._take_ack(reply.ack)
-                elif reply.HasField("config") and self._on_config is not None:
-                    self._on_config(reply.config)
+                elif reply.HasField("config"):
+                    rate = reply.config.max_frame_rate
+                    self._gap = 1.0 / (0.9 * rate) if rate > 0 else 0.0
+                    if self._on_config is not None:
+                        self._on_config(reply.config)
 
     def _take_ack(self, ack: pb.Ack) -> None:
         """Count what the collector accepted (`seq`); free the spool up to what it persisted."""
@@ -294,6 +330,7 @@ class Sender:
         for _, data in replay:
             if generation != self._generation:
                 return
+            self._pace()
             yield pb.AgentMessage.FromString(data)
         while True:
             with self._cond:
@@ -306,9 +343,18 @@ class Sender:
                 seq = self.seq
             msg = wire.encode(item.to_sample(), seq)
             if self._spool is not None:  # (no ack for `seq` can come before it is sent)
-                data = msg.SerializeToString()
-                with self._cond:
-                    evicted = self._spool.append(seq, data)
-                    if evicted:
-                        self._count_drop(evicted, "the spool of frames not yet durable is full")
+                self._keep(seq, msg.SerializeToString())
+            self._pace()
             yield msg
+
+    def _pace(self) -> None:
+        """Stay below the collector's `max_frame_rate` (its Config says it): a replay after an
+        outage would otherwise come as one burst and be refused. Sleeps on gRPC's request
+        thread; training never waits for it."""
+        if not self._gap:
+            return
+        now = time.monotonic()
+        if self._next_send > now:
+            time.sleep(self._next_send - now)
+            now = self._next_send
+        self._next_send = now + self._gap

@@ -49,15 +49,21 @@ class Spool:
 
     def append(self, seq: int, data: bytes) -> int:
         """Keep the frame `seq`; returns how many unsettled frames were evicted for it (the oldest go
-        first; evicting a settled frame loses nothing the collector has not applied)."""
-        if self._index and seq <= self._index[-1][0]:
-            raise ValueError(f"spool seq {seq} after {self._index[-1][0]}")
+        first; evicting a settled frame loses nothing the collector has not applied).
+
+        Frames may come slightly out of order (a stream's request thread and the sender thread
+        between streams each number and append their own): the index stays in seq order."""
+        position = len(self._index)
+        while position and self._index[position - 1][0] >= seq:
+            if self._index[position - 1][0] == seq:
+                raise ValueError(f"spool already holds seq {seq}")
+            position -= 1
         self._file.seek(0, os.SEEK_END)
         offset = self._file.tell() + _HEADER.size
         self._file.write(_HEADER.pack(seq, len(data)))
         self._file.write(data)
         self._file.flush()  # in the OS's hands: survives this process's collector, and this process
-        self._index.append((seq, offset, len(data)))
+        self._index.insert(position, (seq, offset, len(data)))
         self.bytes += len(data)
         evicted = 0
         while self.bytes > self.max_bytes and len(self._index) > 1:

@@ -138,6 +138,7 @@ class Job:
     frames_late: int = 0
     frames_duplicate: int = 0  # replayed frames already applied: acknowledged, not applied again
     marks: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (run, rank) -> (seq, step)
+    durable_marks: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # marks committed
     history_errors: int = 0  # history rows the database refused (logged once)
     layers: dict[str, LayerInfo] = field(default_factory=dict)  # by name, as first declared
     sites: dict[str, SiteInfo] = field(default_factory=dict)
@@ -173,6 +174,7 @@ class Job:
             )
             return
         self.marks.update(marks)
+        self.durable_marks.update(marks)
         for name in _STATE:
             if name in restored:
                 setattr(self, name, restored[name])
@@ -181,13 +183,21 @@ class Job:
 
     def checkpoint(self) -> bool:
         """Write the marks and the state into the store's open transaction, if the job changed
-        since its last checkpoint (True); the caller commits."""
+        since its last checkpoint (True); the caller commits, then calls `committed`."""
         if self.store is None or not self.dirty:
             return False
         state = pickle.dumps({name: getattr(self, name) for name in _STATE}, protocol=pickle.HIGHEST_PROTOCOL)
         self.store.save_job(self.job_id, self.marks, state)
         self.dirty = False
         return True
+
+    def committed(self) -> None:
+        """The checkpoint that saved this job committed (nothing ran in between)."""
+        self.durable_marks = dict(self.marks)
+
+    def durable(self, stream: Stream) -> int:
+        """The highest seq of this rank's agent process that a committed checkpoint holds."""
+        return self.durable_marks.get((stream.run_id, stream.rank), (0, 0))[0]
 
     @property
     def agents_connected(self) -> int:
@@ -298,6 +308,7 @@ class Job:
         key, seq = (stream.run_id, stream.rank), stream.last_seq
         if seq == 1 and self.marks.get(key, (1, sample.step)) != (1, sample.step):
             del self.marks[key]  # a new agent process of the same run: its numbering starts over
+            self.durable_marks.pop(key, None)
         last_seq, last_step = self.marks.get(key, (0, -1))
         if seq and seq <= last_seq and sample.step <= last_step:
             self.frames_duplicate += 1

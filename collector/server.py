@@ -136,7 +136,6 @@ class _Session:
     stream: Stream | None = None  # after a valid hello
     bucket: _Bucket | None = None  # frames it may send (Limits.max_frame_rate), after the hello
     pushing: bool = False  # a _PUSH is queued
-    durable: int = 0  # the highest seq of this stream a checkpoint has persisted (sent with each ack)
     clean: bool = False  # the agent half-closed, and our last reply reached it
     ended: bool = False
 
@@ -202,8 +201,9 @@ class Telemetry:
 
     def checkpoint(self) -> None:
         """Save every job changed since the last checkpoint and commit, with the history rows and
-        events written meanwhile. Each open stream's next ack says how far its frames are durable
-        (no message of its own: an agent learns it with its next frame, or at its stream's end).
+        events written meanwhile. Each stream's next ack says how far its frames are durable (no
+        message of its own: an agent learns it with its next frame, or at its stream's end; on a
+        new stream, with its first frame, replayed or not: `Job.durable`).
 
         A commit that fails (a full disk) is logged once until one succeeds; the jobs stay
         changed, no stream's durable mark moves, and their agents keep holding the frames.
@@ -224,10 +224,8 @@ class Telemetry:
             self._checkpoint_failing = True
             return
         self._checkpoint_failing = False
-        for sessions in self._sessions.values():
-            for session in sessions:
-                if session.stream is not None:
-                    session.durable = session.stream.last_seq
+        for job in saved:
+            job.committed()
 
     async def checkpoints(self, interval: float) -> None:
         """Checkpoint every `interval` seconds, until cancelled."""
@@ -235,10 +233,10 @@ class Telemetry:
             await asyncio.sleep(interval)
             self.checkpoint()
 
-    def _ack(self, session: _Session, seq: int) -> pb.CollectorMessage:
+    def _ack(self, stream: Stream, seq: int) -> pb.CollectorMessage:
         if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
             return pb.CollectorMessage(ack=pb.Ack(seq=seq))
-        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=session.durable))
+        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=self.jobs[stream.job_id].durable(stream)))
 
     @property
     def open_streams(self) -> int:
@@ -273,7 +271,11 @@ class Telemetry:
         log.info("%s %s", "attached" if active else "detached", f"job {job_id}" if job_id else "every job")
 
     def _config(self, job_id: str) -> pb.CollectorMessage:
-        return pb.CollectorMessage(config=pb.Config(every=self.every, paused=not self.active(job_id)))
+        return pb.CollectorMessage(
+            config=pb.Config(
+                every=self.every, paused=not self.active(job_id), max_frame_rate=self.limits.max_frame_rate
+            )
+        )
 
     # -- the call ---------------------------------------------------------------------------------
 
@@ -313,7 +315,7 @@ class Telemetry:
                 elif item is _END:
                     if session.stream is not None:
                         self.checkpoint()  # the agent may be leaving for good: make its frames durable
-                        yield self._ack(session, session.stream.last_seq)
+                        yield self._ack(session.stream, session.stream.last_seq)
                     session.clean = True
                     return
                 elif isinstance(item, _ReadFailed):
@@ -376,7 +378,7 @@ class Telemetry:
             stream.last_seq = msg.frame.seq
             self._count_nonfinite(stream, msg.frame, nonfinite)
             self.jobs[stream.job_id].accept(stream, sample)
-            return self._ack(session, msg.frame.seq)
+            return self._ack(stream, msg.frame.seq)
         await self._reject(context, "empty", "message carries neither hello nor frame")
         raise AssertionError("unreachable: _reject raises")
 

@@ -128,7 +128,9 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
     """Raw protocol: frames replayed on a new stream, to the same collector or to a new one on
     the same database, are acknowledged and counted as duplicates; only new ones are applied."""
     db = tmp_path / "events.db"
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600).running() as c:
+    with Collector(
+        "127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600
+    ).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (1, 2, 3)] == [1, 2, 3]
         s.cancel()  # the acks of 2 and 3 were "lost": the agent replays them
@@ -138,7 +140,9 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
         job = c.snapshot()[JOB]
         assert (job["frames_received"], job["last_step"]) == (5, 4)
         assert value(scrape(c.metrics_url), "thermoscope_frames_duplicate_total", job_id=JOB) == 2
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600).running() as c:
+    with Collector(
+        "127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0, checkpoint_interval=600
+    ).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         assert [s.ack(frame(seq, seq - 1)) for seq in (4, 5, 6, 7)] == [4, 5, 6, 7]
         s.close()
@@ -155,7 +159,9 @@ def test_replays_are_acknowledged_not_applied_across_reconnects_and_restarts(tmp
 def test_acks_say_how_far_the_stream_is_durable(tmp_path: Path) -> None:
     """Each ack carries the highest seq the collector's last checkpoint persisted: nothing before
     the first checkpoint, the frames applied before it after; without a database, no such field."""
-    with Collector("127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", checkpoint_interval=0.3).running() as c:
+    with Collector(
+        "127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", checkpoint_interval=0.3
+    ).running() as c:
         s = OpenStream(c.grpc_target, hello(JOB))
         s.send(frame(1, 0))
         first = s.reply().ack
@@ -171,3 +177,43 @@ def test_acks_say_how_far_the_stream_is_durable(tmp_path: Path) -> None:
         ack = s.reply().ack
         s.close()
     assert (ack.seq, ack.HasField("durable")) == (1, False)
+
+
+def test_spool_keeps_frames_in_seq_order_whoever_appends_first(tmp_path: Path) -> None:
+    """A stream's request thread and the sender thread between streams may append a moment out
+    of order; replays still come in seq order."""
+    spool = Spool(tmp_path / "s.spool", max_bytes=1 << 20)
+    for seq in (1, 3, 2, 4):
+        assert spool.append(seq, bytes([seq])) == 0
+    assert spool.frames() == [(seq, bytes([seq])) for seq in (1, 2, 3, 4)]
+    spool.close()
+
+
+def test_an_outage_longer_than_the_queue_is_spooled_and_replayed_below_the_rate_limit(tmp_path: Path) -> None:
+    """With the collector down, the sender spills what the queue (16 frames here) cannot hold into
+    the spool; once a collector limited to 20 frames/s comes up, the 60 frames are replayed
+    paced below that limit: none dropped, none refused."""
+    torch.manual_seed(0)
+    port = free_port()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(
+        model, opt, collector=f"127.0.0.1:{port}", job=JOB, every=1, max_queue=16, spool=tmp_path / "spool"
+    )
+    try:
+        for _ in range(6):  # 60 steps over ~1.2 s of outage: the sender spools between its retries
+            train_steps(monitor, model, opt, 10)
+            time.sleep(0.2)
+        with Collector(
+            f"127.0.0.1:{port}", "127.0.0.1:0", db=tmp_path / "e.db", max_frame_rate=20
+        ).running() as c:
+            began = time.monotonic()
+            assert monitor.flush(timeout=30)
+            took = time.monotonic() - began
+            metrics = scrape(c.metrics_url)
+            received = c.snapshot()[JOB]["frames_received"]
+    finally:
+        monitor.close()
+    assert (monitor.dropped, monitor.delivered, received) == (0, 60, 60)
+    assert ("thermoscope_frames_rejected_total", frozenset({("reason", "rate_limited")})) not in metrics
+    assert took > (60 - 20) / 20  # paced: beyond the bucket's one second of frames, at < 20/s

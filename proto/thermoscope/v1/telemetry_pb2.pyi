@@ -143,9 +143,11 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., durable: _Optional[int] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("every", "paused")
+    __slots__ = ("every", "paused", "max_frame_rate")
     EVERY_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_RATE_FIELD_NUMBER: _ClassVar[int]
     every: int
     paused: bool
-    def __init__(self, every: _Optional[int] = ..., paused: _Optional[bool] = ...) -> None: ...
+    max_frame_rate: float
+    def __init__(self, every: _Optional[int] = ..., paused: _Optional[bool] = ..., max_frame_rate: _Optional[float] = ...) -> None: ...
