@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import accumulate, pairwise
 
 import numpy as np
 
@@ -180,14 +181,27 @@ def decode(
     the time of decoding, and an energy of -inf reads "no loss" (+inf is a divergence the
     phase detector sees, NaN already means "no loss"). Each is counted into `nonfinite`
     by what carried it: "energy", "wall_time", "layer", "site" (values, not rows).
+
+    Cost: a collector decodes every frame, so the columns are read as one buffer and the
+    common case (all finite, nothing negative or too large) is settled with three checks
+    over it; only a frame that fails one of them takes the column-by-column checks, which
+    decide what is done and said (the same as checking every column always would).
     """
-    lc = _columns(frame.layers, LAYER_COLUMNS, n_layers, "layer")
-    sc = _columns(frame.sites, SITE_COLUMNS, n_sites, "site")
+    lm, sm = frame.layers, frame.sites
+    layer_data = (lm.count, lm.mean, lm.m2, lm.grad_dot_before, lm.grad_dot_after)  # LAYER_COLUMNS
+    site_data = (sm.count, sm.in_mean, sm.in_m2, sm.out_mean, sm.out_m2, sm.probe_spread)  # SITE_COLUMNS
+    nl, ns = n_layers, n_sites
+    if {*map(len, layer_data)} != {8 * nl} or {*map(len, site_data)} != {8 * ns}:  # 8: I64, F64
+        for prefix, spec, data, n in (
+            ("layer", LAYER_COLUMNS, layer_data, nl),
+            ("site", SITE_COLUMNS, site_data, ns),
+        ):
+            for (name, dtype), column in zip(spec, data, strict=True):
+                _check_length(f"{prefix}.{name}", len(column), n, dtype, prefix)
     hist = None  # histograms come every few frames; an empty column means "not taken"
-    if frame.layers.histogram:
-        hist = _columns(frame.layers, (("histogram", U32),), n_layers * (bins + 2), "layer")[
-            "layer.histogram"
-        ]
+    if histogram := lm.histogram:
+        _check_length("layer.histogram", len(histogram), nl * (bins + 2), U32, "layer")
+        hist = np.frombuffer(histogram, dtype=U32).astype(np.int64).reshape(nl, bins + 2)
     if frame.seq > MAX_SEQ:
         raise WireError("invalid_value", f"frame seq {frame.seq} exceeds {MAX_SEQ}")
     counts = {} if nonfinite is None else nonfinite
@@ -200,49 +214,73 @@ def decode(
     if not math.isfinite(wall_time):
         counts["wall_time"] = counts.get("wall_time", 0) + 1
         wall_time = time.time()
-    for prefix, cols, probe in (("layer", lc, None), ("site", sc, "site.probe_spread")):
-        floats = [name for name, values in cols.items() if values.dtype == F64 and name != probe]
-        if probe is not None and not np.isfinite(cols[probe]).all():
-            counts[prefix] = counts.get(prefix, 0) + int((~np.isfinite(cols[probe])).sum())
-            cols[probe] = np.where(np.isfinite(cols[probe]), cols[probe], -1.0)
-        if not floats:
-            continue
-        bad = ~np.isfinite(np.stack([cols[name] for name in floats]))
-        if bad.any():
-            counts[prefix] = counts.get(prefix, 0) + int(bad.sum())
-            rows = bad.any(axis=0)
-            for name in floats:
-                cols[name] = np.where(rows, np.nan, cols[name])
-    for name, values in (*lc.items(), *sc.items()):
-        if name.endswith(("count", "m2")) and (values < 0).any():
-            raise WireError("invalid_value", f"frame {frame.seq}: column {name} has negative values")
-        if name.endswith("count") and (values > MAX_COUNT).any():
-            raise WireError("invalid_value", f"frame {frame.seq}: column {name} exceeds {MAX_COUNT} values")
+
+    # One buffer, its columns in an order that makes each check one reduction over a contiguous
+    # slice: [0, m2_end) the m2 columns, [m2_end, floats_end) the other floats, then the counts.
+    l_count, l_mean, l_m2, l_before, l_after = layer_data
+    s_count, s_in_mean, s_in_m2, s_out_mean, s_out_m2, s_probe = site_data
+    floats = (l_m2, s_in_m2, s_out_m2, l_mean, l_before, l_after, s_in_mean, s_out_mean, s_probe)
+    raw = np.frombuffer(b"".join((*floats, l_count, s_count)), dtype=I64)
+    f = raw.view(F64)
+    ends = list(accumulate((nl, ns, ns, nl, nl, nl, ns, ns, ns), initial=0))
+    m2, in_m2, out_m2, mean, before, after, in_mean, out_mean, probe = [f[a:b] for a, b in pairwise(ends)]
+    m2_end, floats_end = ends[3], ends[-1]
+    lc = [raw[floats_end : floats_end + nl], mean, m2, before, after]  # LAYER_COLUMNS order
+    sc = [raw[floats_end + nl :], in_mean, in_m2, out_mean, out_m2, probe]  # SITE_COLUMNS order
+    finite = np.isfinite(f[:floats_end]).all()
+    if not finite:
+        _replace_nonfinite(lc, sc, counts)
+    if (
+        not finite  # the m2 columns may hold NaN now, which a min would return
+        or np.maximum.reduce(raw[floats_end:].view(np.uint64), initial=0) > MAX_COUNT  # negative: huge
+        or np.minimum.reduce(f[:m2_end], initial=0.0) < 0
+    ):
+        _check_values(frame.seq, lc, sc)
     return Sample(
         step=frame.step,
         wall_time=wall_time,
         energy=energy,
-        layers=LayerStats(
-            lc["layer.count"],
-            lc["layer.mean"],
-            lc["layer.m2"],
-            lc["layer.grad_dot_before"],
-            lc["layer.grad_dot_after"],
-            None if hist is None else hist.astype(np.int64).reshape(n_layers, bins + 2),
-        ),
-        sites=SiteStats(*(sc[f"site.{name}"] for name, _ in SITE_COLUMNS)),
+        layers=LayerStats(*lc, hist),
+        sites=SiteStats(*sc),
     )
 
 
-def _columns(msg, spec, n: int, prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for field, dtype in spec:
-        data = getattr(msg, field)
-        if len(data) != n * dtype.itemsize:
-            raise WireError(
-                "length_mismatch",
-                f"column {prefix}.{field} holds {len(data)} bytes; the hello declares {n} {prefix}s "
-                f"({n * dtype.itemsize} bytes of {dtype.name})",
-            )
-        out[f"{prefix}.{field}"] = np.frombuffer(data, dtype=dtype)
-    return out
+def _check_length(column: str, size: int, n: int, dtype: np.dtype, prefix: str) -> None:
+    if size != n * dtype.itemsize:
+        raise WireError(
+            "length_mismatch",
+            f"column {column} holds {size} bytes; the hello declares {n} {prefix}s "
+            f"({n * dtype.itemsize} bytes of {dtype.name})",
+        )
+
+
+def _replace_nonfinite(lc: list[np.ndarray], sc: list[np.ndarray], counts: dict[str, int]) -> None:
+    """NaN out the rows with a non-finite float, read a non-finite probe as "not probed", count them.
+
+    `lc` and `sc` are the columns in LAYER_COLUMNS and SITE_COLUMNS order, replaced in place.
+    """
+    for prefix, cols, spec in (("layer", lc, LAYER_COLUMNS), ("site", sc, SITE_COLUMNS)):
+        probe = len(cols) - 1 if prefix == "site" else None
+        floats = [i for i, (name, dtype) in enumerate(spec) if dtype == F64 and i != probe]
+        if probe is not None and not np.isfinite(cols[probe]).all():
+            counts[prefix] = counts.get(prefix, 0) + int((~np.isfinite(cols[probe])).sum())
+            cols[probe] = np.where(np.isfinite(cols[probe]), cols[probe], -1.0)
+        bad = ~np.isfinite(np.stack([cols[i] for i in floats]))
+        if bad.any():
+            counts[prefix] = counts.get(prefix, 0) + int(bad.sum())
+            rows = bad.any(axis=0)
+            for i in floats:
+                cols[i] = np.where(rows, np.nan, cols[i])
+
+
+def _check_values(seq: int, lc: list[np.ndarray], sc: list[np.ndarray]) -> None:
+    """Refuse negative counts and M2s and oversized counts, naming the first column at fault."""
+    named = [
+        *((f"layer.{name}", values) for (name, _), values in zip(LAYER_COLUMNS, lc, strict=True)),
+        *((f"site.{name}", values) for (name, _), values in zip(SITE_COLUMNS, sc, strict=True)),
+    ]
+    for name, values in named:
+        if name.endswith(("count", "m2")) and (values < 0).any():
+            raise WireError("invalid_value", f"frame {seq}: column {name} has negative values")
+        if name.endswith("count") and (values > MAX_COUNT).any():
+            raise WireError("invalid_value", f"frame {seq}: column {name} exceeds {MAX_COUNT} values")
