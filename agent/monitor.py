@@ -78,8 +78,9 @@ class Monitor:
         Args:
             optimizer: whose steps are measured; None measures every optimizer that steps
                 this model's parameters (through torch's global optimizer hooks).
-            collector: "host:port" of a collector, or a function that finds one (dormant
-                until it does); None derives everything in-process.
+            collector: "host:port" of a collector (or several, comma-separated: the job's is
+                picked by a hash of its id, `discovery.shard`), or a function that finds one
+                (dormant until it does); None derives everything in-process.
             token, tls_root_cert, tls_client_cert, tls_client_key: how to prove ourselves to the
                 collector (a bearer token; TLS with this CA; mutual TLS; PEM paths or bytes);
                 each defaults to $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE),

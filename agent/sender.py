@@ -41,6 +41,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 
 from . import security, wire
+from .discovery import shard
 from .sampler import Pending
 from .spool import Spool
 
@@ -79,7 +80,8 @@ class Sender:
         self._spool_dir = spool
         self._spool_bytes = spool_bytes
         self._find = target if callable(target) else None
-        self.target: str | None = None if callable(target) else target
+        # a list of collectors is sharded by job: every rank of the job picks the same one
+        self.target: str | None = None if callable(target) else shard(target, hello.hello.job_id)
         self._hello = hello
         self._interval = interval
         self._max_queue = max_queue
@@ -244,6 +246,8 @@ class Sender:
         """Find the collector; False (dormant for another interval) if there is none."""
         try:
             target = self._find()  # type: ignore[misc]
+            if target is not None:
+                target = shard(target, self._hello.hello.job_id)
         except Exception as exc:  # a lookup that fails is retried; it must never kill the thread
             self._note_error(f"looking up the collector failed: {exc!r}")
             return False
