@@ -64,7 +64,7 @@ from thermoscope.agent.derive import Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.agent.wire import WireError
 
-from .detect import PHASES, PhaseDetector
+from .detect import PhaseDetector
 from .store import Event, EventStore
 
 log = logging.getLogger("thermoscope.collector")
@@ -128,6 +128,7 @@ class Job:
     job_id: str
     window: int
     store: EventStore | None = None  # where phase transitions are kept
+    run_id: str = ""  # the run of the agent that opened the job: it resumes only its own run's state
     stale_after: float = 60.0  # seconds of silence after which an open stream's rank is stale
     paused: bool = False  # the collector asked the job's agents to stop sampling
     streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
@@ -159,11 +160,17 @@ class Job:
         self._resume()
 
     def _resume(self) -> None:
-        """Carry on from the marks and state the store kept for this job (a restarted collector)."""
+        """Carry on from the marks and state the store kept for this job (a restarted collector),
+        if they are of the run whose agent said hello first: a job id can come back for another
+        run (Ray numbers jobs per cluster, so a new cluster's first job is `01000000` again), and
+        that run must not inherit the old one's phases and counters."""
         if self.store is None:
             return
         try:
             marks, state = self.store.load_job(self.job_id)
+            if marks and self.run_id not in {run for run, _ in marks}:
+                log.info("job %s: its saved state is of another run, starting afresh", self.job_id)
+                return
             restored = {} if state is None else pickle.loads(state)
         except (sqlite3.Error, pickle.UnpicklingError, AttributeError, ImportError, EOFError) as exc:
             log.error(
@@ -362,8 +369,9 @@ class Job:
         """Update the phases from the new reading; keep and count what changed."""
         reading = self.reading
         if self.detector is None or len(self.detector.layers) != len(reading.layer_names):
-            self.detector = PhaseDetector(len(reading.layer_names))
-            self._resume_phases()
+            before, self.detector = self.detector, PhaseDetector(len(reading.layer_names))
+            if before is not None:  # a rank brought layers: the job's phase goes on, its layers start over
+                self.detector.job = before.job
         per_value = reading.layer_entropy / np.maximum(sample.layers.count, 1)
         changes = self.detector.update(sample.step, reading.energy, per_value)
         events = [
@@ -387,16 +395,6 @@ class Job:
         if self.store is not None:
             self.store.add(events)
 
-    def _resume_phases(self) -> None:
-        """A restarted collector carries on from the phases its database last recorded."""
-        if self.store is None or self.detector is None:
-            return
-        index = {name: j for j, name in enumerate(self.layers)}
-        for (scope, layer), phase in self.store.last_phases(self.job_id).items():
-            if scope == "job":
-                self.detector.job = PHASES.index(phase)
-            elif layer in index:
-                self.detector.layers[index[layer]] = PHASES.index(phase)
 
 
 def merge_step(

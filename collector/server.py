@@ -431,6 +431,7 @@ class Telemetry:
                 hello.job_id,
                 window=self.window,
                 store=self.store,
+                run_id=hello.run_id,
                 stale_after=self.stale_after,
                 paused=not self.active(hello.job_id),
             )

@@ -234,15 +234,6 @@ class EventStore:
             sql += " WHERE " + " AND ".join(where)
         return [Event(*row) for row in self._db.execute(sql + " ORDER BY time, id", args)]
 
-    def last_phases(self, job: str) -> dict[tuple[str, str], str]:
-        """The latest phase of each (scope, layer) of a job: where a restarted collector resumes."""
-        rows = self._db.execute(
-            "SELECT scope, layer, to_phase FROM events WHERE id IN"
-            " (SELECT MAX(id) FROM events WHERE job = ? GROUP BY scope, layer)",
-            (job,),
-        )
-        return {(scope, layer): phase for scope, layer, phase in rows}
-
     def close(self) -> None:
         """Commit what is written, then close."""
         self._db.commit()

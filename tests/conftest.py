@@ -220,10 +220,11 @@ def hello(
     rank: int = 0,
     world_size: int = 1,
     layers: list[LayerInfo] | None = None,
+    run: str = "r1",
 ) -> pb.AgentMessage:
     return wire.hello(
         job_id=job,
-        run_id="r1",
+        run_id=run,
         rank=rank,
         world_size=world_size,
         host="test",

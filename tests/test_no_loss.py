@@ -217,3 +217,23 @@ def test_an_outage_longer_than_the_queue_is_spooled_and_replayed_below_the_rate_
     assert (monitor.dropped, monitor.delivered, received) == (0, 60, 60)
     assert ("thermoscope_frames_rejected_total", frozenset({("reason", "rate_limited")})) not in metrics
     assert took > (60 - 20) / 20  # paced: beyond the bucket's one second of frames, at < 20/s
+
+
+def test_a_job_id_back_for_another_run_does_not_inherit_the_old_runs_state(tmp_path: Path) -> None:
+    """Ray numbers jobs per cluster: a new cluster's first job reuses an old one's id. The same
+    agent run resumes its job's state; another run of the same job id starts afresh."""
+    db = tmp_path / "events.db"
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB, run="first"))
+        assert [s.ack(frame(seq, seq - 1)) for seq in (1, 2, 3)] == [1, 2, 3]
+        s.close()
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB, run="second"))
+        assert s.ack(frame(1, 0)) == 1
+        s.close()
+        assert c.snapshot()[JOB]["frames_received"] == 1  # not 4: nothing of run "first" carried over
+    with Collector("127.0.0.1:0", "127.0.0.1:0", db=db).running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB, run="second"))
+        assert s.ack(frame(2, 1)) == 2
+        s.close()
+        assert c.snapshot()[JOB]["frames_received"] == 2  # its own run's state resumed
