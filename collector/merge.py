@@ -396,7 +396,6 @@ class Job:
             self.store.add(events)
 
 
-
 def merge_step(
     step: int,
     parts: dict[int, Sample],
