@@ -107,8 +107,10 @@ def merge_moments_grouped(
     count = np.asarray(count, dtype=np.float64)
     mean = np.asarray(mean, dtype=np.float64)
     total = np.bincount(group, count, size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        merged_mean = np.where(total > 0, np.bincount(group, count * mean, size) / total, 0.0)
+    # 0 for empty groups; dividing only where total > 0 needs no errstate (which costs as much as the rest)
+    merged_mean = np.divide(
+        np.bincount(group, count * mean, size), total, out=np.zeros(size), where=total > 0
+    )
     spread = count * (mean - merged_mean[group]) ** 2
     return total, merged_mean, np.bincount(group, np.asarray(m2, dtype=np.float64) + spread, size)
 

@@ -56,6 +56,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -153,6 +154,7 @@ class Job:
     _pending: dict[int, dict[int, Sample]] = field(default_factory=dict)
     _merged_step: int = -1
     _thermometer: Thermometer | None = None
+    _plans: MergePlans = field(default_factory=lambda: MergePlans(), repr=False)  # a cache, not state
     dirty: bool = False  # changed since its last checkpoint
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -346,7 +348,7 @@ class Job:
             if not (complete or len(self._pending) > MAX_PENDING_STEPS):
                 break
             del self._pending[step]
-            self._apply(merge_step(step, parts, self._tables, self.layer_names, self.site_names))
+            self._apply(merge_step(step, parts, self._tables, self.layer_names, self.site_names, self._plans))
 
     def _apply(self, sample: Sample) -> None:
         th = self._thermometer
@@ -396,71 +398,170 @@ class Job:
             self.store.add(events)
 
 
+#: Plans a job keeps (one per set of ranks that sent a step; usually one): more are dropped.
+MAX_PLANS = 8
+
+Tables = dict[int, tuple[list[LayerInfo], list[SiteInfo]]]
+
+
+@dataclass(frozen=True, eq=False)
+class MergePlan:
+    """What merging a step of one set of ranks takes from their tables alone, worked out once.
+
+    The tables change only when a rank says hello, while a job merges a step every second or
+    more often: the destinations, the replica de-duplication (`np.unique`) and the expected
+    shard coverage would otherwise be recomputed at every step, over Python lists of every
+    layer. `merge_step` applies a plan; `MergePlans` keeps a job's.
+    """
+
+    ranks: tuple[int, ...]
+    tables: tuple[tuple[list[LayerInfo], list[SiteInfo]], ...]  # the ranks' entries: compared by identity
+    layer_names: list[str]
+    site_names: list[str]
+    #: per rank that contributes: (rank, its kept layer rows or None: all, their job layers or
+    #: None: its rows are the job's layers in order)
+    rows: tuple[tuple[int, np.ndarray | None, np.ndarray | None], ...]
+    dest: np.ndarray  # the kept rows' job layers, in the order of `rows`
+    nan_if_missing: np.ndarray  # NaN where a layer misses a shard, else 1
+    site_dest: np.ndarray  # every rank's site rows' job sites, in rank order
+
+    @classmethod
+    def build(
+        cls, ranks: tuple[int, ...], tables: Tables, layer_names: list[str], site_names: list[str]
+    ) -> MergePlan:
+        """The plan for a step sent by `ranks` (sorted), from scratch."""
+        layer_pos = {name: j for j, name in enumerate(layer_names)}
+        site_pos = {name: j for j, name in enumerate(site_names)}
+        # Layers: one contribution per (layer, shard index), from the lowest rank holding it.
+        dest, shard, shards, offsets = [], [], [], [0]
+        for r in ranks:
+            layers = tables[r][0]
+            dest.append([layer_pos[layer.name] for layer in layers])
+            shard.append([layer.shard_index for layer in layers])
+            shards.append([layer.shard_count for layer in layers])
+            offsets.append(offsets[-1] + len(layers))
+        dest_a, shard_a, shards_a = (np.concatenate(x).astype(np.int64) for x in (dest, shard, shards))
+        width = int(shards_a.max()) + 1
+        _, first = np.unique(dest_a * width + shard_a, return_index=True)
+        keep = np.zeros(len(dest_a), dtype=bool)
+        keep[first] = True
+        n_layers = len(layer_names)
+        rows = []
+        for r, (lo, hi) in zip(ranks, pairwise(offsets), strict=True):
+            kept = np.flatnonzero(keep[lo:hi])
+            to = dest_a[lo:hi][kept]
+            if len(kept):
+                everything = len(kept) == hi - lo
+                in_order = len(to) == n_layers and (to == np.arange(n_layers)).all()
+                rows.append((r, None if everything else kept, None if in_order else to))
+        d = dest_a[keep]
+        expected = np.zeros(n_layers, dtype=np.int64)
+        expected[d] = shards_a[keep]
+        missing = np.bincount(d, minlength=n_layers) != expected
+        site_dest = [site_pos[s.name] for r in ranks for s in tables[r][1]]
+        return cls(
+            ranks=ranks,
+            tables=tuple(tables[r] for r in ranks),
+            layer_names=list(layer_names),
+            site_names=list(site_names),
+            rows=tuple(rows),
+            dest=d,
+            nan_if_missing=np.where(missing, np.nan, 1.0),
+            site_dest=np.asarray(site_dest, dtype=np.int64),
+        )
+
+    def fits(self, tables: Tables, layer_names: list[str], site_names: list[str]) -> bool:
+        """Was it made from these very tables and these names?"""
+        return (
+            all(tables.get(r) is held for r, held in zip(self.ranks, self.tables, strict=True))
+            and layer_names == self.layer_names
+            and site_names == self.site_names
+        )
+
+
+class MergePlans:
+    """A job's merge plans by the set of ranks of a step, rebuilt when a table or name changed."""
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, ...], MergePlan] = {}
+
+    def get(
+        self, ranks: tuple[int, ...], tables: Tables, layer_names: list[str], site_names: list[str]
+    ) -> MergePlan:
+        plan = self._plans.get(ranks)
+        if plan is None or not plan.fits(tables, layer_names, site_names):
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # rank sets that come and go (ranks lost, steps forced out)
+            plan = self._plans[ranks] = MergePlan.build(ranks, tables, layer_names, site_names)
+        return plan
+
+
 def merge_step(
     step: int,
     parts: dict[int, Sample],
-    tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]],
+    tables: Tables,
     layer_names: list[str],
     site_names: list[str],
+    plans: MergePlans | None = None,
 ) -> Sample:
-    """One job-wide sample from the ranks' samples of one step (see module docstring)."""
-    layer_pos = {name: j for j, name in enumerate(layer_names)}
-    site_pos = {name: j for j, name in enumerate(site_names)}
-    ranks = sorted(parts)
+    """One job-wide sample from the ranks' samples of one step (see module docstring).
 
-    # Layers: one contribution per (layer, shard index), from the lowest rank holding it.
-    dest, shard, shards, stats = [], [], [], []
-    for r in ranks:
-        layers = tables[r][0]
-        dest.append([layer_pos[layer.name] for layer in layers])
-        shard.append([layer.shard_index for layer in layers])
-        shards.append([layer.shard_count for layer in layers])
-        stats.append(parts[r].layers)
-    dest_a, shard_a, shards_a = (np.concatenate(x).astype(np.int64) for x in (dest, shard, shards))
-    cat = {
-        f: np.concatenate([getattr(s, f) for s in stats]).astype(np.float64)
-        for f in ("count", "mean", "m2", "dot_before", "dot_after")
-    }
-    width = int(shards_a.max()) + 1
-    _, first = np.unique(dest_a * width + shard_a, return_index=True)
-    keep = np.zeros(len(dest_a), dtype=bool)
-    keep[first] = True
-    n_layers = len(layer_names)
-    d = dest_a[keep]
-    n, mean, m2 = physics.merge_moments_grouped(
-        d, cat["count"][keep], cat["mean"][keep], cat["m2"][keep], n_layers
+    `plans`: the job's plans, reused while its tables stay the same; without, one is made
+    for this step. Either way the result is, bit for bit, that of merging the concatenated
+    columns of every rank, masked to the kept rows (bincount for the float sums, in rank
+    order; np.add.at for the histograms).
+    """
+    ranks = tuple(sorted(parts))
+    plan = (
+        plans.get(ranks, tables, layer_names, site_names)
+        if plans is not None
+        else MergePlan.build(ranks, tables, layer_names, site_names)
     )
-    covered = np.bincount(d, minlength=n_layers)
-    expected = np.zeros(n_layers, dtype=np.int64)
-    expected[d] = shards_a[keep]
-    missing = covered != expected
-    nan_if_missing = np.where(missing, np.nan, 1.0)
+    n_layers, d = len(layer_names), plan.dest
+
+    def kept(field: str) -> np.ndarray:
+        cols = [
+            getattr(parts[r].layers, field) if rows is None else getattr(parts[r].layers, field)[rows]
+            for r, rows, _ in plan.rows
+        ]
+        return cols[0] if len(cols) == 1 else np.concatenate(cols)
+
+    n, mean, m2 = physics.merge_moments_grouped(d, kept("count"), kept("mean"), kept("m2"), n_layers)
+    nan_if_missing = plan.nan_if_missing
     merged_hist = None  # ranks sample in step, so they take their histograms on the same steps
     if all(parts[r].layers.histogram is not None for r in ranks):
-        hist = np.concatenate([parts[r].layers.histogram for r in ranks])[keep]
-        merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
-        np.add.at(merged_hist, d, hist)
+        # Integer sums, so any order gives what np.add.at over all kept rows gives; a rank
+        # holds a layer once, so its rows scatter to distinct layers.
+        for i, (r, rows, to) in enumerate(plan.rows):
+            hist = parts[r].layers.histogram
+            hist = hist if rows is None else hist[rows]
+            if i == 0:
+                merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
+            if to is None:
+                merged_hist += hist
+            else:
+                merged_hist[to] += hist
     layers = LayerStats(
         count=n.astype(np.int64),
         mean=mean * nan_if_missing,
         m2=m2 * nan_if_missing,
-        dot_before=np.bincount(d, cat["dot_before"][keep], n_layers) * nan_if_missing,
-        dot_after=np.bincount(d, cat["dot_after"][keep], n_layers) * nan_if_missing,
+        dot_before=np.bincount(d, kept("dot_before"), n_layers) * nan_if_missing,
+        dot_after=np.bincount(d, kept("dot_after"), n_layers) * nan_if_missing,
         histogram=merged_hist,
     )
 
     # Sites: every rank's batch is a disjoint part of the job's batch.
-    site_dest = np.asarray([site_pos[s.name] for r in ranks for s in tables[r][1]], dtype=np.int64)
+    site_dest = plan.site_dest
     scat = {
-        f: np.concatenate([getattr(parts[r].sites, f) for r in ranks]).astype(np.float64)
-        for f in ("count", "in_mean", "in_m2", "out_mean", "out_m2")
+        f: np.concatenate([getattr(parts[r].sites, f) for r in ranks])
+        for f in ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread")
     }
     n_sites = len(site_names)
     sn, in_mean, in_m2 = physics.merge_moments_grouped(
         site_dest, scat["count"], scat["in_mean"], scat["in_m2"], n_sites
     )
     probe = np.full(n_sites, -1.0)  # any rank whose probe moved makes the site temperature-dependent
-    np.maximum.at(probe, site_dest, np.concatenate([parts[r].sites.probe_spread for r in ranks]))
+    np.maximum.at(probe, site_dest, scat["probe_spread"])
     _, out_mean, out_m2 = physics.merge_moments_grouped(
         site_dest, scat["count"], scat["out_mean"], scat["out_m2"], n_sites
     )
@@ -469,7 +570,12 @@ def merge_step(
     return Sample(
         step=step,
         wall_time=max(parts[r].wall_time for r in ranks),
-        energy=float(np.mean(energies)) if energies else math.nan,
+        energy=_mean(energies),
         layers=layers,
         sites=SiteStats(sn.astype(np.int64), in_mean, in_m2, out_mean, out_m2, probe),
     )
+
+
+def _mean(values: list[float]) -> float:
+    """np.mean's value (the same pairwise sum, divided by the count), without its overhead; NaN if empty."""
+    return float(np.add.reduce(np.array(values, dtype=np.float64))) / len(values) if values else math.nan

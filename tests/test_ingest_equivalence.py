@@ -1,11 +1,12 @@
 """The collector's fast ingest paths give, bit for bit, what the straightforward code gave.
 
-`wire.decode` (one buffer, checks settled by three vectorized tests) was rewritten for
-speed (tests/bench/bench_ingest.py). The reference implementation below is the code it
-replaced, kept verbatim; random frames (non-finite, negative and oversized values, bad
-lengths, histograms on and off) must come out identical: the same errors with the same
-messages, the same arrays to the bit (NaN payloads and signed zeros included), the same
-counts of non-finite values.
+`wire.decode` (one buffer, checks settled by three vectorized tests), `merge_step` (a cached plan,
+histograms added per rank, `np.divide` where the totals are positive) were rewritten for
+speed (tests/bench/bench_ingest.py). The reference implementations below are the code they
+replaced, kept verbatim; random frames and random rank tables (replicas, shards, missing and
+inconsistent shards, histograms on and off, non-finite, negative and oversized values, bad
+lengths) must come out identical: the same errors with the same messages, the same arrays to
+the bit (NaN payloads and signed zeros included), the same counts of non-finite values.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import math
 import time
 
 import numpy as np
+import pytest
 
 from thermoscope.agent import wire
-from thermoscope.agent.stats import LayerStats, Sample, SiteStats
+from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.agent.wire import F64, I64, LAYER_COLUMNS, MAX_COUNT, MAX_SEQ, SITE_COLUMNS, U32, WireError
+from thermoscope.collector.merge import MergePlans, merge_step
 from thermoscope.v1 import telemetry_pb2 as pb
 
 # -- the references: the code the fast paths replaced -------------------------------------------
@@ -91,6 +94,84 @@ def _reference_columns(msg, spec, n: int, prefix: str) -> dict[str, np.ndarray]:
             )
         out[f"{prefix}.{field}"] = np.frombuffer(data, dtype=dtype)
     return out
+
+
+def reference_merge_moments_grouped(group, count, mean, m2, size):
+    group = np.asarray(group, dtype=np.int64)
+    count = np.asarray(count, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    total = np.bincount(group, count, size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        merged_mean = np.where(total > 0, np.bincount(group, count * mean, size) / total, 0.0)
+    spread = count * (mean - merged_mean[group]) ** 2
+    return total, merged_mean, np.bincount(group, np.asarray(m2, dtype=np.float64) + spread, size)
+
+
+def reference_merge_step(step, parts, tables, layer_names, site_names) -> Sample:
+    layer_pos = {name: j for j, name in enumerate(layer_names)}
+    site_pos = {name: j for j, name in enumerate(site_names)}
+    ranks = sorted(parts)
+    dest, shard, shards, stats = [], [], [], []
+    for r in ranks:
+        layers = tables[r][0]
+        dest.append([layer_pos[layer.name] for layer in layers])
+        shard.append([layer.shard_index for layer in layers])
+        shards.append([layer.shard_count for layer in layers])
+        stats.append(parts[r].layers)
+    dest_a, shard_a, shards_a = (np.concatenate(x).astype(np.int64) for x in (dest, shard, shards))
+    cat = {
+        f: np.concatenate([getattr(s, f) for s in stats]).astype(np.float64)
+        for f in ("count", "mean", "m2", "dot_before", "dot_after")
+    }
+    width = int(shards_a.max()) + 1
+    _, first = np.unique(dest_a * width + shard_a, return_index=True)
+    keep = np.zeros(len(dest_a), dtype=bool)
+    keep[first] = True
+    n_layers = len(layer_names)
+    d = dest_a[keep]
+    n, mean, m2 = reference_merge_moments_grouped(
+        d, cat["count"][keep], cat["mean"][keep], cat["m2"][keep], n_layers
+    )
+    covered = np.bincount(d, minlength=n_layers)
+    expected = np.zeros(n_layers, dtype=np.int64)
+    expected[d] = shards_a[keep]
+    missing = covered != expected
+    nan_if_missing = np.where(missing, np.nan, 1.0)
+    merged_hist = None
+    if all(parts[r].layers.histogram is not None for r in ranks):
+        hist = np.concatenate([parts[r].layers.histogram for r in ranks])[keep]
+        merged_hist = np.zeros((n_layers, hist.shape[1]), dtype=np.int64)
+        np.add.at(merged_hist, d, hist)
+    layers = LayerStats(
+        count=n.astype(np.int64),
+        mean=mean * nan_if_missing,
+        m2=m2 * nan_if_missing,
+        dot_before=np.bincount(d, cat["dot_before"][keep], n_layers) * nan_if_missing,
+        dot_after=np.bincount(d, cat["dot_after"][keep], n_layers) * nan_if_missing,
+        histogram=merged_hist,
+    )
+    site_dest = np.asarray([site_pos[s.name] for r in ranks for s in tables[r][1]], dtype=np.int64)
+    scat = {
+        f: np.concatenate([getattr(parts[r].sites, f) for r in ranks]).astype(np.float64)
+        for f in ("count", "in_mean", "in_m2", "out_mean", "out_m2")
+    }
+    n_sites = len(site_names)
+    sn, in_mean, in_m2 = reference_merge_moments_grouped(
+        site_dest, scat["count"], scat["in_mean"], scat["in_m2"], n_sites
+    )
+    probe = np.full(n_sites, -1.0)
+    np.maximum.at(probe, site_dest, np.concatenate([parts[r].sites.probe_spread for r in ranks]))
+    _, out_mean, out_m2 = reference_merge_moments_grouped(
+        site_dest, scat["count"], scat["out_mean"], scat["out_m2"], n_sites
+    )
+    energies = [parts[r].energy for r in ranks if parts[r].has_energy]
+    return Sample(
+        step=step,
+        wall_time=max(parts[r].wall_time for r in ranks),
+        energy=float(np.mean(energies)) if energies else math.nan,
+        layers=layers,
+        sites=SiteStats(sn.astype(np.int64), in_mean, in_m2, out_mean, out_m2, probe),
+    )
 
 
 # -- comparison -----------------------------------------------------------------------------------
@@ -207,3 +288,98 @@ def test_decode_is_the_column_by_column_decode_on_random_frames() -> None:
             kinds.add("ok" if not old_counts else "nonfinite")
     # the cases reached every outcome: accepted, non-finite, each refusal
     assert kinds == {"ok", "nonfinite", "length_mismatch", "negative", "values", "seq"}, kinds
+
+
+# -- merge -----------------------------------------------------------------------------------------
+
+
+def random_tables(rng: np.random.Generator, world: int) -> dict[int, tuple[list[LayerInfo], list[SiteInfo]]]:
+    """Rank tables over a pool of layers, each held whole by some ranks (replicas) or split into
+    shards spread over them; some shards missing, some shard counts inconsistent between ranks.
+    A third of them regular: every rank holds every layer, in order, whole or its own shard."""
+    sites = [SiteInfo("s0", "ReLU")]
+    if rng.random() < 0.35:
+        sharded = rng.random() < 0.5
+        shard = [(r, world) if sharded and world > 1 else (0, 1) for r in range(world)]
+        return {
+            r: ([LayerInfo(f"l{j}", (4,), 4, "float32", *shard[r]) for j in range(5)], sites)
+            for r in range(world)
+        }
+    tables: dict[int, tuple[list[LayerInfo], list[SiteInfo]]] = {r: ([], []) for r in range(world)}
+    for j in range(int(rng.integers(1, 10))):
+        kind = rng.choice(["replica", "shard", "shard"])
+        if kind == "replica":
+            holders = rng.choice(world, int(rng.integers(1, world + 1)), replace=False)
+            for r in holders:
+                tables[int(r)][0].append(LayerInfo(f"l{j}", (4,), 4, "float32"))
+        else:
+            count = int(rng.integers(2, 5))
+            for index in range(count):
+                if rng.random() < 0.1:
+                    continue  # a missing shard
+                for r in rng.choice(world, int(rng.integers(1, min(world, 2) + 1)), replace=False):
+                    declared = count + 1 if rng.random() < 0.05 else count  # a rank that disagrees
+                    if not any(x.name == f"l{j}" for x in tables[int(r)][0]):
+                        tables[int(r)][0].append(LayerInfo(f"l{j}", (4,), 4, "float32", index, declared))
+    for r in range(world):
+        for k in range(int(rng.integers(0, 3))):
+            tables[r][1].append(SiteInfo(f"s{(k + r) % 3}", "ReLU"))
+        order = rng.permutation(len(tables[r][0]))
+        tables[r] = ([tables[r][0][i] for i in order], tables[r][1])
+        if not tables[r][0]:
+            tables[r][0].append(LayerInfo("l_only", (4,), 4, "float32"))
+    return tables
+
+
+def random_part(rng: np.random.Generator, step: int, table, hist: bool, bins: int) -> Sample:
+    nl, ns = len(table[0]), len(table[1])
+
+    def floats(n: int) -> np.ndarray:
+        v = rng.normal(0, 2, n)
+        if n and rng.random() < 0.2:
+            v[rng.integers(0, n)] = rng.choice([math.nan, -0.0, 0.0, 1e300])
+        return v
+
+    return Sample(
+        step=step,
+        wall_time=float(rng.random()),
+        energy=float(rng.choice([rng.random(), math.nan])),
+        layers=LayerStats(
+            rng.integers(0, 50, nl) * (rng.random(nl) < 0.9),
+            floats(nl),
+            np.abs(floats(nl)),
+            floats(nl),
+            floats(nl),
+            rng.integers(0, 100, (nl, bins + 2)) if hist else None,
+        ),
+        sites=SiteStats(
+            rng.integers(0, 50, ns),
+            floats(ns),
+            np.abs(floats(ns)),
+            floats(ns),
+            np.abs(floats(ns)),
+            rng.choice([-1.0, 0.0, -0.0, 1e-9, 0.5, math.nan], ns),
+        ),
+    )
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the extreme values overflow, in both alike
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_step_with_cached_plans_is_the_from_scratch_merge(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    plans = MergePlans()
+    bins = int(rng.integers(1, 6))
+    for _epoch in range(8):  # tables change (ranks say hello again) between epochs
+        world = int(rng.integers(1, 6))
+        tables = random_tables(rng, world)
+        layer_names = list(dict.fromkeys(x.name for r in sorted(tables) for x in tables[r][0]))
+        site_names = list(dict.fromkeys(x.name for r in sorted(tables) for x in tables[r][1]))
+        if rng.random() < 0.3:  # a layer of a rank that did not send this step
+            layer_names.append("l_absent")
+        for step in range(6):
+            ranks = sorted(rng.choice(world, int(rng.integers(1, world + 1)), replace=False).tolist())
+            hist = rng.random() < 0.6
+            parts = {r: random_part(rng, step, tables[r], hist and (rng.random() < 0.9), bins) for r in ranks}
+            old = reference_merge_step(step, parts, tables, layer_names, site_names)
+            assert_same_sample(merge_step(step, parts, tables, layer_names, site_names, plans), old)
+            assert_same_sample(merge_step(step, parts, tables, list(layer_names), site_names), old)

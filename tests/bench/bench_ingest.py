@@ -44,7 +44,7 @@ from thermoscope.agent.derive import Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.collector import loadgen
 from thermoscope.collector.detect import PhaseDetector
-from thermoscope.collector.merge import Job, Stream, merge_step
+from thermoscope.collector.merge import Job, MergePlans, Stream, merge_step
 from thermoscope.v1 import telemetry_pb2 as pb
 
 BINS = loadgen.BINS
@@ -174,15 +174,16 @@ def main() -> int:
                 job.accept(s, sample)
         assert job.merged_step == args.steps, job.merged_step
 
-    # the per-step parts alone, as the job hands them to merge_step
+    # the per-step parts alone, as the job hands them to merge_step (with its plans, kept across steps)
     job, _ = new_job(hellos)
     names, site_names = job.layer_names, job.site_names
     parts = [dict(enumerate(srow)) for srow in samples]
-    merged = [merge_step(i + 1, ps, job._tables, names, site_names) for i, ps in enumerate(parts)]
+    plans = MergePlans()
+    merged = [merge_step(i + 1, ps, job._tables, names, site_names, plans) for i, ps in enumerate(parts)]
 
     def merge() -> None:
         for i, ps in enumerate(parts):
-            merge_step(i + 1, ps, job._tables, job.layer_names, job.site_names)
+            merge_step(i + 1, ps, job._tables, job.layer_names, job.site_names, plans)
 
     def thermometer() -> None:
         th = Thermometer(list(job.layers.values()), list(job.sites.values()), window=WINDOW)
