@@ -24,8 +24,9 @@ not promise the interceptor and the handler share a context).
 `/metrics` basic auth (`--metrics-basic-auth FILE`): lines `USER:pbkdf2_sha256$ITERATIONS$SALT$HEX`
 (what `hash_password` prints; `python -m thermoscope.collector.auth USER` asks for a password
 and prints the line). PBKDF2 from the standard library: salted and slow, no bcrypt needed.
-prometheus_client has no basic auth, so `start_metrics_server` serves its WSGI app wrapped in
-`BasicAuth` (a 401 with `WWW-Authenticate` without valid credentials), with TLS if given.
+`start_metrics_server` serves the collector's WSGI app (`export.metrics_app`), wrapped in
+`BasicAuth` (a 401 with `WWW-Authenticate` without valid credentials) if users are given, with
+TLS if a certificate is: one server and one handler for plain and guarded `/metrics` alike.
 
 `check_exposure` is the refusal to listen on a non-loopback address unprotected.
 """
@@ -48,7 +49,6 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import make_wsgi_app, start_http_server
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from thermoscope.v1 import telemetry_pb2 as pb
@@ -340,14 +340,13 @@ class _QuietHandler(WSGIRequestHandler):
 def start_metrics_server(
     host: str,
     port: int,
-    registry,
+    app,
     *,
     certfile: str | Path | None = None,
     keyfile: str | Path | None = None,
     users: BasicAuthUsers | None = None,
 ) -> tuple[ThreadingWSGIServer, threading.Thread]:
-    """Serve `registry` like `prometheus_client.start_http_server`, with TLS and basic auth if given."""
-    app = make_wsgi_app(registry)
+    """Serve the WSGI `app` on a thread per request, with TLS and basic auth if given."""
     if users is not None:
         app = BasicAuth(app, users)
 
@@ -499,14 +498,12 @@ class Guard:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, self.credentials)
 
-    def start_metrics(self, host: str, port: int, registry):
-        """(server, thread) like `prometheus_client.start_http_server`, guarded as configured."""
-        if self.users is None and self.security.metrics_tls_cert is None:
-            return start_http_server(port, host, registry=registry)
+    def start_metrics(self, host: str, port: int, app):
+        """(server, thread) serving the WSGI `app` (`/metrics`), guarded as configured."""
         return start_metrics_server(
             host,
             port,
-            registry,
+            app,
             certfile=self.security.metrics_tls_cert,
             keyfile=self.security.metrics_tls_key,
             users=self.users,

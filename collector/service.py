@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from .auth import Security
-from .export import MetricsExporter
+from .export import MetricsExporter, metrics_app
 from .merge import Job, Stream
 from .server import SERVICE, Limits, Telemetry
 from .store import DEFAULT_DB, EventStore
@@ -115,18 +115,19 @@ class Collector:
             active=active,
             limits=Limits(max_layers, max_name_length, max_jobs, max_frame_rate),
         )
-        self.registry = CollectorRegistry()
-        self.registry.register(
-            MetricsExporter(
-                self.jobs,
-                self.telemetry.rejected,
-                VERSION,
-                phase_layers,
-                max_series=max_series_per_job,
-                nonfinite=self.telemetry.nonfinite,
-            )
+        # process_* metrics (CPU, memory, fds), rendered by prometheus_client; described at
+        # registration so that `name[]` collects them only when it names one
+        process = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=process)
+        self.exporter = MetricsExporter(
+            self.jobs,
+            self.telemetry.rejected,
+            VERSION,
+            phase_layers,
+            max_series=max_series_per_job,
+            nonfinite=self.telemetry.nonfinite,
+            extra=process,
         )
-        ProcessCollector(registry=self.registry)
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -161,7 +162,7 @@ class Collector:
         if not self.grpc_port:
             raise OSError(f"cannot listen for gRPC on {self.grpc_address}")
         host, port = split_address(self.metrics_address)
-        self._http, _ = self._guard.start_metrics(host, port, self.registry)
+        self._http, _ = self._guard.start_metrics(host, port, metrics_app(self.exporter))
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
