@@ -10,9 +10,11 @@ as users would scale out.
 
 Latency is from the send of a step's last rank to that step appearing as
 `thermoscope_last_step{job_id}` at `/metrics`, measured on a sample of jobs (`--latency-jobs`)
-by scraping `/metrics` back to back (the scrape's own time is part of it, as for any
-scraper). Collector CPU (cores used) and peak RSS come from `/proc/<pid>` of the collectors
-the loadgen started (not reported with `--target`).
+by polling `/metrics?name[]=thermoscope_last_step` back to back (the family alone, so the
+poll measures when a value becomes visible, not how long a full body takes to render). Beside
+it, a full scrape every `--scrape-interval` seconds stands for Prometheus: its cost is in the
+collector's CPU and its durations are printed. Collector CPU (cores used) and peak RSS come
+from `/proc/<pid>` of the collectors the loadgen started (not reported with `--target`).
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ class Totals:
     errors: int = 0
     error_text: list[str] = field(default_factory=list)
     scrape_error: str = ""
-    scrape_interval: float = 0.0  # seconds between two scrapes of the latency poller (0: back to back)
-    scrapes: list[float] = field(default_factory=list)  # each scrape's duration
+    scrape_interval: float = 5.0  # seconds between two full scrapes (0: none)
+    scrapes: list[float] = field(default_factory=list)  # each full scrape's duration
+    scrape_bytes: int = 0  # the last full scrape's size
     latencies: list[float] = field(default_factory=list)
     sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
 
@@ -253,20 +256,32 @@ async def _agent(
         call.cancel()
 
 
+def _scrape_full(urls: set[str], totals: Totals, stop: threading.Event) -> None:
+    """Scrape every collector's whole /metrics every `scrape_interval` s, as Prometheus would."""
+    while not stop.wait(totals.scrape_interval):
+        for url in urls:
+            began = time.monotonic()
+            try:
+                with urllib.request.urlopen(url, timeout=60) as resp:
+                    totals.scrape_bytes = len(resp.read())
+                totals.scrapes.append(time.monotonic() - began)
+            except Exception as exc:  # reported once
+                if not totals.scrape_error:
+                    totals.scrape_error = repr(exc)
+
+
 def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -> None:
-    """Scrape back to back; a sampled job's step counts once `thermoscope_last_step` reaches it."""
+    """Poll back to back; a sampled job's step counts once `thermoscope_last_step` reaches it."""
     jobs_by_url: dict[str, set[str]] = {}
     for job, url in urls.items():
         jobs_by_url.setdefault(url, set()).add(job)
     seen: dict[str, int] = {}
     while not stop.is_set():
         for url, jobs in jobs_by_url.items():
-            began = time.monotonic()
             try:
-                with urllib.request.urlopen(url, timeout=30) as resp:
+                with urllib.request.urlopen(f"{url}?name[]=thermoscope_last_step", timeout=30) as resp:
                     text = resp.read().decode()
-                totals.scrapes.append(time.monotonic() - began)
-            except Exception as exc:  # a scrape that fails is retried; it is reported once
+            except Exception as exc:  # a poll that fails is retried; it is reported once
                 if not totals.scrape_error:
                     totals.scrape_error = repr(exc)
                 continue
@@ -283,7 +298,7 @@ def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -
                     if sent is not None:
                         totals.latencies.append(now - sent)
                 seen[job] = max(seen.get(job, 0), step)
-        stop.wait(max(0.01, totals.scrape_interval))
+        stop.wait(0.01)
 
 
 async def _drive(
@@ -306,10 +321,13 @@ async def _drive(
     sampled = {f"loadgen-{j}" for j in range(0, jobs, max(1, jobs // max(1, latency_jobs)))}
     urls = {f"loadgen-{j}": collectors[j % len(collectors)].metrics_url for j in range(jobs)}
     stop = threading.Event()
-    poller = threading.Thread(
-        target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop), daemon=True
-    )
-    poller.start()
+    pollers = [threading.Thread(target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop))]
+    if totals.scrape_interval > 0:
+        full = {c.metrics_url for c in collectors}
+        pollers.append(threading.Thread(target=_scrape_full, args=(full, totals, stop)))
+    for poller in pollers:
+        poller.daemon = True
+        poller.start()
     start = time.monotonic() + 0.5
     end = start + duration
     tasks = []
@@ -353,7 +371,8 @@ async def _drive(
     reporter.cancel()
     await asyncio.sleep(1.5)  # let the last sampled steps reach /metrics
     stop.set()
-    poller.join(timeout=35)
+    for poller in pollers:
+        poller.join(timeout=65)
     for channels in per_collector:
         for ch in channels:
             await ch.close()
@@ -371,12 +390,14 @@ def run(
     target: str | None = None,
     target_metrics: str | None = None,
     latency_jobs: int = 20,
-    scrape_interval: float = 0.0,
+    scrape_interval: float = 5.0,
     profile: bool = False,
     out=sys.stdout,
 ) -> dict[str, float]:
     """Drive the load and print a table; returns its figures."""
     check_bounds(agents, layers, rate, duration, world_size)
+    if not (math.isfinite(scrape_interval) and scrape_interval >= 0):
+        raise LoadgenError(f"--scrape-interval must be >= 0 s (0: no full scrapes), got {scrape_interval}")
     if target is not None:
         check_loopback(target)
         if collectors != 1:
@@ -446,8 +467,8 @@ def run(
         print(f"error: {text}", file=out)
     if totals.scrapes:
         print(
-            f"/metrics scrapes: {len(totals.scrapes)}, mean {statistics.mean(totals.scrapes) * 1e3:.0f} ms, "
-            f"max {max(totals.scrapes) * 1e3:.0f} ms",
+            f"full /metrics scrapes: {len(totals.scrapes)} of {totals.scrape_bytes / 2**20:.1f} MiB, "
+            f"mean {statistics.mean(totals.scrapes) * 1e3:.0f} ms, max {max(totals.scrapes) * 1e3:.0f} ms",
             file=out,
         )
     if totals.scrape_error:
@@ -512,8 +533,8 @@ def add_arguments(sub) -> None:
     lg.add_argument(
         "--scrape-interval",
         type=float,
-        default=0.0,
-        help="seconds between two /metrics scrapes for latency (default 0: back to back)",
+        default=5.0,
+        help="seconds between two full /metrics scrapes, as Prometheus would do (default 5; 0: none)",
     )
     lg.add_argument("--latency-jobs", type=int, default=20, help="jobs whose latency is sampled (default 20)")
     lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")

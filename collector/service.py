@@ -103,9 +103,7 @@ class Collector:
         self._guard = self.security.load(split_address(grpc_address)[0], split_address(metrics_address)[0])
         self.max_message_bytes = max_message_bytes
         self.jobs: dict[str, Job] = {}
-        self.store = (
-            EventStore(db, history_interval=history_interval) if db is not None else None
-        )
+        self.store = EventStore(db, history_interval=history_interval) if db is not None else None
         self.telemetry = Telemetry(
             self.jobs,
             window=window,

@@ -13,9 +13,9 @@ from conftest import thermoscope
 def test_a_small_load_is_held_and_measured() -> None:
     out = io.StringIO()
     agents, layers, rate, duration = 20, 10, 5.0, 3.0
-    f = loadgen.run(agents=agents, layers=layers, rate=rate, duration=duration, out=out)
+    f = loadgen.run(agents=agents, layers=layers, rate=rate, duration=duration, scrape_interval=1.0, out=out)
     text = out.getvalue()
-    assert "| agents | layers |" in text and "acked frames/s=" in text
+    assert "| agents | layers |" in text and "acked frames/s=" in text and "full /metrics scrapes: " in text
     assert f["errors"] == 0
     assert 0.7 * agents * rate <= f["frames_per_s"] <= 1.3 * agents * rate, text
     assert f["layer_samples_per_s"] == f["frames_per_s"] * layers
@@ -35,4 +35,6 @@ def test_loadgen_refuses_what_it_must_not_drive() -> None:
     assert many.returncode == 2 and "--agents" in many.stderr
     long = thermoscope("loadgen", "--duration", str(loadgen.MAX_DURATION + 1))
     assert long.returncode == 2 and "--duration" in long.stderr
+    scrapes = thermoscope("loadgen", "--scrape-interval", "-1")
+    assert scrapes.returncode == 2 and "--scrape-interval" in scrapes.stderr
     assert math.isfinite(loadgen.MAX_DURATION)
