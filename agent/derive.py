@@ -80,9 +80,20 @@ class Thermometer:
         self._steps: deque[int] = deque(maxlen=window)
         self._energy: deque[float] = deque(maxlen=window)
         self._entropy: deque[np.ndarray] = deque(maxlen=window)
+        self._total: deque[np.float64] = deque(maxlen=window)  # each entropy's sum, for the job's slope
         self._work: deque[np.ndarray] = deque(maxlen=window)  # cumulative work at each sample
         self._last: Sample | None = None
         self.latest: Reading | None = None
+        self._engines = (self._probe.copy(), *_engines(self._probe))  # (probe, site types, network type)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, giving a thermometer saved by an older collector (a job's state) the caches
+        it did not keep."""
+        self.__dict__.update(state)
+        if "_total" not in state:
+            self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
+        if "_engines" not in state:
+            self._engines = (self._probe.copy(), *_engines(self._probe))
 
     def update(self, sample: Sample) -> Reading:
         """Add one sample (a step after the previous one) and return the new reading."""
@@ -90,7 +101,10 @@ class Thermometer:
         if prev is not None and sample.step <= prev.step:
             raise ValueError(f"sample for step {sample.step} after step {prev.step}")
         layers = sample.layers
-        entropy = physics.layer_entropy(layers.count, layers.mean, layers.m2)
+        # physics.layer_entropy, keeping h_gauss for the histogram's negentropy
+        h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
+        entropy = np.asarray(layers.count, dtype=np.float64) * h_gauss
+        total = entropy.sum()
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
@@ -99,6 +113,7 @@ class Thermometer:
         self._steps.append(sample.step)
         self._energy.append(energy)
         self._entropy.append(entropy)
+        self._total.append(total)
         self._work.append(cumulative)
         self._last = sample
 
@@ -115,17 +130,18 @@ class Thermometer:
             physics.variance(sites.count, sites.out_mean, sites.out_m2),
         )
         self._probe = np.where(sites.probe_spread >= 0, sites.probe_spread, self._probe)
-        site_engine = physics.engine_type(self._probe)
+        if not np.array_equal(self._probe, self._engines[0]):  # probes are rare: their types are kept
+            self._engines = (self._probe.copy(), *_engines(self._probe))
+        _, site_engine, engine = self._engines
         if layers.histogram is not None:
             h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
-            h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
             self._shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
         h_hist, negentropy, outside = self._shape
         self.latest = Reading(
             step=sample.step,
             wall_time=sample.wall_time,
             energy=energy,
-            entropy=float(entropy.sum()),
+            entropy=float(total),
             beta=beta,
             temperature=temp,
             efficiency=physics.network_efficiency(eta),
@@ -140,7 +156,7 @@ class Thermometer:
             site_names=self.site_names,
             site_efficiency=eta,
             site_engine=site_engine,
-            engine=physics.network_engine_type(site_engine),
+            engine=engine,
             energy_from_work=not sample.has_energy,
         )
         return self.latest
@@ -150,13 +166,13 @@ class Thermometer:
         steps = np.asarray(self._steps, dtype=np.float64)
         energy = np.asarray(self._energy, dtype=np.float64)
         known = np.isfinite(energy)
-        if known.sum() < 3:
+        if np.count_nonzero(known) < 3:
             return math.nan, math.nan
-        total_s = np.asarray([s.sum() for s in self._entropy])[known]
-        ds, _ = physics.slope(steps[known], total_s)
-        de, de_err = physics.slope(steps[known], energy[known])
+        steps = steps[known]
+        ds, _ = physics.slope(steps, np.asarray(self._total)[known])
+        de, de_err = physics.slope(steps, energy[known])
         count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
-        span = float(steps[known][-1] - steps[known][0])
+        span = float(steps[-1] - steps[0])
         beta, temp = physics.temperature(
             ds * span,
             de * span,
@@ -164,3 +180,9 @@ class Thermometer:
             energy_floor=ENERGY_SLOPE_SIGMAS * de_err * span,
         )
         return float(beta), float(temp)
+
+
+def _engines(probe: np.ndarray) -> tuple[np.ndarray, str]:
+    """Each site's engine type and the network's, from the last probe spreads."""
+    site_engine = physics.engine_type(probe)
+    return site_engine, physics.network_engine_type(site_engine)

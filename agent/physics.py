@@ -192,13 +192,15 @@ def slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = x.shape[0]
-    xc = x - x.mean()
+    # the job's thermometer fits two series a sample: the means as x.mean() computes them (sum / n)
+    # and, for one series, the dot product tensordot reduces to, without their wrappers' cost
+    xc = x - np.add.reduce(x) / n
     sxx = float(xc @ xc)
     if n < 2 or sxx == 0.0:
         nan = np.full(y.shape[1:], np.nan)
         return nan, nan
-    yc = y - y.mean(axis=0)
-    b = np.tensordot(xc, yc, axes=(0, 0)) / sxx
+    yc = y - np.add.reduce(y, axis=0) / n
+    b = (np.dot(xc, yc) if y.ndim == 1 else np.tensordot(xc, yc, axes=(0, 0))) / sxx
     if n < 3:
         return b, np.zeros_like(b)
     resid = yc - np.multiply.outer(xc, b)

@@ -1,23 +1,28 @@
 """The collector's fast ingest paths give, bit for bit, what the straightforward code gave.
 
-`wire.decode` (one buffer, checks settled by three vectorized tests), `merge_step` (a cached plan,
-histograms added per rank, `np.divide` where the totals are positive) were rewritten for
-speed (tests/bench/bench_ingest.py). The reference implementations below are the code they
-replaced, kept verbatim; random frames and random rank tables (replicas, shards, missing and
-inconsistent shards, histograms on and off, non-finite, negative and oversized values, bad
-lengths) must come out identical: the same errors with the same messages, the same arrays to
-the bit (NaN payloads and signed zeros included), the same counts of non-finite values.
+Rewritten for speed (tests/bench/bench_ingest.py): `wire.decode` (one buffer, three vectorized
+checks), `merge_step` (a cached plan, histograms added per rank) and the thermometer (entropy
+sums and engine types kept, cheaper slopes). The references below are the code they replaced,
+kept verbatim (the thermometer's as a subclass overriding what changed). Random frames, rank
+tables (replicas, shards, missing and inconsistent shards) and samples (histograms on and off,
+non-finite, negative and oversized values, bad lengths) must come out identical: the same
+errors with the same messages, the same arrays to the bit (NaN payloads and signed zeros
+included), the same counts of non-finite values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import time
+import warnings
 
 import numpy as np
 import pytest
 
-from thermoscope.agent import wire
+from thermoscope.agent import physics, wire
+from thermoscope.agent.derive import ENERGY_SLOPE_SIGMAS, Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.agent.wire import F64, I64, LAYER_COLUMNS, MAX_COUNT, MAX_SEQ, SITE_COLUMNS, U32, WireError
 from thermoscope.collector.merge import MergePlans, merge_step
@@ -383,3 +388,160 @@ def test_merge_step_with_cached_plans_is_the_from_scratch_merge(seed: int) -> No
             old = reference_merge_step(step, parts, tables, layer_names, site_names)
             assert_same_sample(merge_step(step, parts, tables, layer_names, site_names, plans), old)
             assert_same_sample(merge_step(step, parts, tables, list(layer_names), site_names), old)
+
+
+# -- thermometer -------------------------------------------------------------------------------
+
+
+def reference_slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.shape[0]
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    if n < 2 or sxx == 0.0:
+        nan = np.full(y.shape[1:], np.nan)
+        return nan, nan
+    yc = y - y.mean(axis=0)
+    b = np.tensordot(xc, yc, axes=(0, 0)) / sxx
+    if n < 3:
+        return b, np.zeros_like(b)
+    resid = yc - np.multiply.outer(xc, b)
+    se = np.sqrt((resid * resid).sum(axis=0) / (n - 2) / sxx)
+    return b, se
+
+
+class ReferenceThermometer(Thermometer):
+    """The thermometer as it was: every value recomputed at every sample."""
+
+    def update(self, sample: Sample) -> Reading:
+        prev = self._last
+        if prev is not None and sample.step <= prev.step:
+            raise ValueError(f"sample for step {sample.step} after step {prev.step}")
+        layers = sample.layers
+        entropy = physics.layer_entropy(layers.count, layers.mean, layers.m2)
+        if prev is None:
+            cumulative = np.zeros(len(layers))
+        else:
+            cumulative = self._work[-1] + prev.layers.work * (sample.step - prev.step)
+        energy = sample.energy if sample.has_energy else float(cumulative.sum())
+        self._steps.append(sample.step)
+        self._energy.append(energy)
+        self._entropy.append(entropy)
+        self._work.append(cumulative)
+        self._last = sample
+
+        layer_beta, layer_t = physics.temperature(
+            entropy - self._entropy[0],
+            cumulative - self._work[0],
+            entropy_floor=physics.ENTROPY_RESOLUTION * layers.count,
+            energy_floor=physics.WORK_RESOLUTION,
+        )
+        beta, temp = self._job_temperature()
+        sites = sample.sites
+        eta = physics.site_efficiency(
+            physics.variance(sites.count, sites.in_mean, sites.in_m2),
+            physics.variance(sites.count, sites.out_mean, sites.out_m2),
+        )
+        self._probe = np.where(sites.probe_spread >= 0, sites.probe_spread, self._probe)
+        site_engine = physics.engine_type(self._probe)
+        if layers.histogram is not None:
+            h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
+            h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
+            self._shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
+        h_hist, negentropy, outside = self._shape
+        self.latest = Reading(
+            step=sample.step,
+            wall_time=sample.wall_time,
+            energy=energy,
+            entropy=float(entropy.sum()),
+            beta=beta,
+            temperature=temp,
+            efficiency=physics.network_efficiency(eta),
+            layer_names=self.layer_names,
+            layer_entropy=entropy,
+            layer_work=layers.work,
+            layer_beta=layer_beta,
+            layer_temperature=layer_t,
+            layer_histogram_entropy=layers.count * h_hist,
+            layer_negentropy=negentropy,
+            layer_outside=outside,
+            site_names=self.site_names,
+            site_efficiency=eta,
+            site_engine=site_engine,
+            engine=physics.network_engine_type(site_engine),
+            energy_from_work=not sample.has_energy,
+        )
+        return self.latest
+
+    def _job_temperature(self) -> tuple[float, float]:
+        steps = np.asarray(self._steps, dtype=np.float64)
+        energy = np.asarray(self._energy, dtype=np.float64)
+        known = np.isfinite(energy)
+        if known.sum() < 3:
+            return math.nan, math.nan
+        total_s = np.asarray([s.sum() for s in self._entropy])[known]
+        ds, _ = reference_slope(steps[known], total_s)
+        de, de_err = reference_slope(steps[known], energy[known])
+        count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
+        span = float(steps[known][-1] - steps[known][0])
+        beta, temp = physics.temperature(
+            ds * span,
+            de * span,
+            entropy_floor=physics.ENTROPY_RESOLUTION * count,
+            energy_floor=ENERGY_SLOPE_SIGMAS * de_err * span,
+        )
+        return float(beta), float(temp)
+
+
+def assert_same_reading(a: Reading, b: Reading) -> None:
+    for f in dataclasses.fields(Reading):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            assert_same_array(x, y, f.name)
+        elif isinstance(x, float):
+            assert np.float64(x).tobytes() == np.float64(y).tobytes(), (f.name, x, y)
+        else:
+            assert x == y, (f.name, x, y)
+
+
+def test_slope_is_the_tensordot_slope() -> None:
+    rng = np.random.default_rng(3)
+    for n in range(0, 25):
+        for shape in ((n,), (n, 3)):
+            x = np.cumsum(rng.integers(1, 4, n)).astype(float)
+            y = rng.normal(0, 10.0 ** rng.integers(-3, 4), shape)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # n = 0: the mean of nothing
+                for new, old in zip(physics.slope(x, y), reference_slope(x, y), strict=True):
+                    assert_same_array(new, old, f"slope n={n} {shape}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_thermometer_is_the_recomputing_thermometer(seed: int) -> None:
+    """Random merged samples (energies missing at times, histograms every few steps, probes now
+    and then, NaN layers); midway the thermometer is pickled as an older collector saved it
+    (without the caches) and carries on from the copy."""
+    rng = np.random.default_rng(seed)
+    nl, ns, bins = 7, 3, 5
+    layers = [LayerInfo(f"l{j}", (9,), 9, "float32", hist_lo=-1.0 - j, hist_hi=1.0 + j) for j in range(nl)]
+    sites = [SiteInfo(f"s{k}", "ReLU") for k in range(ns)]
+    table = (layers, sites)
+    new, old = Thermometer(layers, sites, window=6), ReferenceThermometer(layers, sites, window=6)
+    step = 0
+    for i in range(80):
+        step += int(rng.integers(1, 4))
+        part = random_part(rng, step, table, hist=rng.random() < 0.3, bins=bins)
+        sample = dataclasses.replace(
+            part, energy=float(rng.choice([1.0 / (i + 1), math.nan, 2.0 + rng.random()]))
+        )
+        if rng.random() < 0.2:  # a probe moved on some sites
+            probe = np.where(rng.random(ns) < 0.5, rng.choice([0.0, 1e-9, 0.3], ns), -1.0)
+            sample = dataclasses.replace(sample, sites=dataclasses.replace(sample.sites, probe_spread=probe))
+        with np.errstate(all="ignore"):
+            assert_same_reading(new.update(sample), old.update(sample))
+        if i == 40:
+            state = {k: v for k, v in new.__dict__.items() if k not in ("_total", "_engines")}
+            saved = Thermometer.__new__(Thermometer)
+            saved.__dict__.update(state)
+            new = pickle.loads(pickle.dumps(saved))
