@@ -1,13 +1,14 @@
 """The collector's fast ingest paths give, bit for bit, what the straightforward code gave.
 
 Rewritten for speed (tests/bench/bench_ingest.py): `wire.decode` (one buffer, three vectorized
-checks), `merge_step` (a cached plan, histograms added per rank) and the thermometer (entropy
-sums and engine types kept, cheaper slopes). The references below are the code they replaced,
-kept verbatim (the thermometer's as a subclass overriding what changed). Random frames, rank
-tables (replicas, shards, missing and inconsistent shards) and samples (histograms on and off,
-non-finite, negative and oversized values, bad lengths) must come out identical: the same
-errors with the same messages, the same arrays to the bit (NaN payloads and signed zeros
-included), the same counts of non-finite values.
+checks), `merge_step` (a cached plan, histograms added per rank), the thermometer (entropy sums
+and engine types kept, cheaper slopes) and the phase detector (medians by a sort, and only for
+the layers that read them). The references below are the code they replaced, kept verbatim
+(the thermometer's and the detector's as subclasses overriding what changed). Random frames,
+rank tables (replicas, shards, missing and inconsistent shards), samples (histograms on and
+off, non-finite, negative and oversized values, bad lengths) and real monitored runs must
+come out identical: the same errors with the same messages, the same arrays to the bit (NaN
+payloads and signed zeros included), the same counts, changes and internal state.
 """
 
 from __future__ import annotations
@@ -17,14 +18,30 @@ import math
 import pickle
 import time
 import warnings
+from collections import deque
 
 import numpy as np
 import pytest
+import scenarios
 
 from thermoscope.agent import physics, wire
 from thermoscope.agent.derive import ENERGY_SLOPE_SIGMAS, Reading, Thermometer
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.agent.wire import F64, I64, LAYER_COLUMNS, MAX_COUNT, MAX_SEQ, SITE_COLUMNS, U32, WireError
+from thermoscope.collector.detect import (
+    PHASES,
+    REFRESH,
+    TRANSITION,
+    TYPE_I,
+    TYPE_II,
+    Change,
+    PhaseDetector,
+    Settings,
+    _confidence,
+    _last_rows,
+    _mean,
+    _median,
+)
 from thermoscope.collector.merge import MergePlans, merge_step
 from thermoscope.v1 import telemetry_pb2 as pb
 
@@ -545,3 +562,139 @@ def test_thermometer_is_the_recomputing_thermometer(seed: int) -> None:
             saved = Thermometer.__new__(Thermometer)
             saved.__dict__.update(state)
             new = pickle.loads(pickle.dumps(saved))
+
+
+# -- detector --------------------------------------------------------------------------------------
+
+
+class ReferenceDetector(PhaseDetector):
+    """The layers' update as it was: both medians over every layer at every sample."""
+
+    def _update_layers(self, step: int, h: np.ndarray) -> list[Change]:
+        s = self.s
+        if self._last is None:
+            self._last = np.where(np.isfinite(h), h, np.nan)
+            self._initial = self._last.copy()
+            return []
+        known = np.isfinite(h)
+        first = known & np.isnan(self._last)
+        self._initial = np.where(first, h, self._initial)
+        d = np.where(known & ~first, h - self._last, 0.0)
+        self._last = np.where(known, h, self._last)
+        self._ring[self._count % s.window] = d
+        self._count += 1
+        n = min(self._count, s.window)
+        ring = self._ring[:n]
+        speed = np.abs(ring)
+        net = ring.sum(axis=0)
+        path = speed.sum(axis=0)
+        er = np.divide(np.abs(net), path, out=np.zeros_like(path), where=path > 0)
+        rate = np.abs(net) / n
+        recent = np.median(speed[_last_rows(self._count, s.window, 3)], axis=0)
+        moved = np.abs(np.nan_to_num(self._last - self._initial)) > s.tol
+
+        state = self.layers
+        if self._count < s.min_fit:
+            return []
+        self._hi = np.where(er >= s.er_hi, self._hi + 1, 0)
+        learning = (state != TYPE_II) & (er >= s.er_hi)
+        self._peak = np.where(learning, np.maximum(self._peak, rate), self._peak)
+        quiet = (er < s.er_lo) | (rate <= s.quiet_rate * self._peak)
+        self._lo = np.where(quiet, self._lo + 1, 0)
+        typical = np.median(speed, axis=0)
+        calm = state == TYPE_II
+        self._baseline = np.where(
+            calm,
+            np.where(
+                np.isnan(self._baseline),
+                typical,
+                (1 - s.baseline_alpha) * self._baseline + s.baseline_alpha * typical,
+            ),
+            self._baseline,
+        )
+        ready = self._layer_cool == 0
+        new = state.copy()
+        new[(state == TYPE_I) & moved & (self._hi >= s.confirm)] = TRANSITION
+        new[(state == TYPE_I) & moved & (self._lo >= s.settle)] = TYPE_II
+        new[(state == TRANSITION) & ready & (self._lo >= s.settle)] = TYPE_II
+        if self._since_jump <= s.window:
+            new[calm & ready & (recent > s.burst * self._baseline) & (self._baseline > 0)] = REFRESH
+        waking = (self._hi >= s.settle) & ((self._peak == 0) | (rate > s.wake_rate * self._peak))
+        new[calm & ready & waking] = TRANSITION
+        new[(state == REFRESH) & ready & (self._hi >= s.confirm)] = TRANSITION
+        new[(state == REFRESH) & ready & (self._lo >= s.settle)] = TYPE_II
+        changed = np.flatnonzero(new != state)
+        if len(changed) == 0:
+            self._layer_cool = np.maximum(self._layer_cool - 1, 0)
+            return []
+        self._peak[changed[new[changed] == REFRESH]] = 0.0
+        self._hi[changed] = self._lo[changed] = 0
+        self._layer_cool = np.maximum(self._layer_cool - 1, 0)
+        self._layer_cool[changed] = s.cooldown
+        changes = []
+        for j in changed:
+            if new[j] == REFRESH:
+                statistic, ratio = "entropy_speed_burst", recent[j] / (s.burst * self._baseline[j])
+            elif new[j] == TRANSITION:
+                statistic, ratio = "entropy_directionality", er[j] / s.er_hi
+            else:
+                statistic, ratio = "entropy_directionality", s.er_lo / max(er[j], 1e-9)
+            changes.append(
+                Change(int(j), step, PHASES[state[j]], PHASES[new[j]], statistic, _confidence(ratio))
+            )
+        self.layers = new
+        return changes
+
+
+def assert_same_state(a, b) -> None:
+    assert a.__dict__.keys() == b.__dict__.keys()
+    for k, x in a.__dict__.items():
+        y = b.__dict__[k]
+        if isinstance(x, (np.ndarray, deque)):
+            assert_same_array(np.asarray(x), np.asarray(y), k)
+        else:
+            assert x == y or (x != x and y != y), (k, x, y)
+
+
+def test_median_and_mean_are_numpys() -> None:
+    rng = np.random.default_rng(5)
+    for n in range(1, 24):
+        a = np.abs(rng.standard_t(2, (n, 9)))
+        a[rng.random((n, 9)) < 0.05] = rng.choice([np.nan, np.inf, 0.0])
+        assert_same_array(_median(a), np.median(a, axis=0), f"median of {n}")
+        x = rng.normal(0, 10.0 ** rng.integers(-3, 4), n)
+        assert _mean(x).tobytes() == x.mean().tobytes() and type(_mean(x)) is type(x.mean())
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed", "settings", "reach"),
+    [
+        ("shift", 0, None, {"type_ii", "refresh"}),
+        ("shift", 2, None, {"type_ii", "refresh"}),
+        ("shift", 1, Settings(window=7, min_fit=3, settle=4, confirm=2, cooldown=2), {"type_ii"}),
+        ("frozen", 1, Settings(window=9), {"type_ii"}),
+        ("divergence", 3, None, {"type_ii"}),
+    ],
+)
+def test_detector_is_the_one_with_full_medians(
+    kind: str, seed: int, settings: Settings | None, reach: set[str]
+) -> None:
+    """Real monitored runs (tests/scenarios.py), with non-finite entropies and energies strewn in:
+    the same changes and the same state after every sample; the runs take layers to `reach`
+    (type_ii: the baseline's median; refresh: the median of the last three speeds)."""
+    trace = scenarios.generate(kind, seed)
+    rng = np.random.default_rng(seed)
+    entropy = trace.entropy.copy()
+    entropy[rng.random(entropy.shape) < 0.01] = np.nan
+    entropy[rng.random(entropy.shape) < 0.002] = np.inf
+    energy = np.where(rng.random(len(trace.energy)) < 0.02, np.nan, trace.energy)
+    new = PhaseDetector(entropy.shape[1], settings)
+    old = ReferenceDetector(entropy.shape[1], settings)
+    reached = set()
+    for step, e, h in zip(trace.steps, energy, entropy, strict=True):
+        with np.errstate(all="ignore"):
+            changes = new.update(int(step), float(e), h)
+            assert changes == old.update(int(step), float(e), h)
+        assert_same_state(new, old)
+        reached |= {c.after for c in changes if c.series >= 0}
+    assert reach <= reached, reached
