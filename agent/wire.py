@@ -8,6 +8,7 @@ counter) and a message for the agent.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from itertools import accumulate, pairwise
@@ -222,12 +223,11 @@ def decode(
     floats = (l_m2, s_in_m2, s_out_m2, l_mean, l_before, l_after, s_in_mean, s_out_mean, s_probe)
     raw = np.frombuffer(b"".join((*floats, l_count, s_count)), dtype=I64)
     f = raw.view(F64)
-    ends = list(accumulate((nl, ns, ns, nl, nl, nl, ns, ns, ns), initial=0))
-    m2, in_m2, out_m2, mean, before, after, in_mean, out_mean, probe = [f[a:b] for a, b in pairwise(ends)]
-    m2_end, floats_end = ends[3], ends[-1]
+    cuts, m2_end, floats_end = _layout(nl, ns)
+    m2, in_m2, out_m2, mean, before, after, in_mean, out_mean, probe = [f[cut] for cut in cuts]
     lc = [raw[floats_end : floats_end + nl], mean, m2, before, after]  # LAYER_COLUMNS order
     sc = [raw[floats_end + nl :], in_mean, in_m2, out_mean, out_m2, probe]  # SITE_COLUMNS order
-    finite = np.isfinite(f[:floats_end]).all()
+    finite = np.logical_and.reduce(np.isfinite(f[:floats_end]))
     if not finite:
         _replace_nonfinite(lc, sc, counts)
     if (
@@ -243,6 +243,14 @@ def decode(
         layers=LayerStats(*lc, hist),
         sites=SiteStats(*sc),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(n_layers: int, n_sites: int) -> tuple[tuple[slice, ...], int, int]:
+    """`decode`'s float columns in its buffer, as slices, and where the m2 columns and the
+    floats end (a stream's sizes never change: worked out once)."""
+    ends = list(accumulate((n_layers, n_sites, n_sites, *(n_layers,) * 3, *(n_sites,) * 3), initial=0))
+    return tuple(slice(a, b) for a, b in pairwise(ends)), ends[3], ends[-1]
 
 
 def _check_length(column: str, size: int, n: int, dtype: np.dtype, prefix: str) -> None:
