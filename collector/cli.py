@@ -86,9 +86,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--max-name-length", type=_positive, default=256, help="characters in a hello's names (default 256)"
     )
-    c.add_argument(
-        "--max-jobs", type=_positive, default=1_000, help="jobs kept, more refused (default 1000)"
-    )
+    c.add_argument("--max-jobs", type=_positive, default=1_000, help="jobs kept, more refused (default 1000)")
     c.add_argument(
         "--max-series-per-job",
         type=_at_least(2),
@@ -130,9 +128,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--checkpoint-interval",
         type=_positive_number,
-        default=2.0,
+        default=5.0,
         metavar="S",
-        help="seconds between two checkpoints of the jobs' state to --db (default 2): a collector killed "
+        help="seconds between two checkpoints of the jobs' state to --db (default 5): a collector killed "
         "and restarted resumes from its last one and agents replay the frames after it from their spools; "
         "events and history reach --db at each checkpoint",
     )

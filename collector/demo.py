@@ -100,6 +100,7 @@ def run(
         else:
             dropped, history = _train(collector, config, console)
         reading = _wait_for(collector, (steps - 1) // every * every)
+        collector.checkpoint()  # the events so far, into the database
         job = collector.jobs[JOB]
         result = DemoResult(
             reading=reading,
@@ -114,7 +115,7 @@ def run(
         if figure:
             from .plot import phase_figure
 
-            if history[-1] is not reading:
+            if not history or history[-1] is not reading:
                 history.append(reading)
             path = phase_figure(history, figure, title=f"thermoscope demo: {steps} steps, every {every}")
             console.print(f"figure written to {path}")

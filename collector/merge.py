@@ -35,10 +35,11 @@ already merged are then late, as without a mark. (Were the acks of several first
 lost, their replay would count them late a second time: counters only, since a step merges
 once and a pending step takes a rank's frame idempotently.)
 With a store, the collector checkpoints (`Job.checkpoint`, every `--checkpoint-interval`
-seconds): each job that changed saves its marks and its state (`_STATE`: layer tables,
-pending steps, last merged step, thermometer, phase detector, counters) into the store's
-open transaction, which then commits with the history rows and events the same frames
-produced. Only then does the servicer tell each stream how far it is durable
+seconds): each job that changed writes the history rows and events its frames produced since
+its last checkpoint (kept in memory until then), its marks and its state (`_STATE`: pending
+steps, last merged step, thermometer, phase detector, counters; `_TABLES` when a hello
+changed them) into the store's open transaction, which then commits. Only then does the
+servicer tell each stream how far it is durable
 (`Ack.durable`); its agent keeps the frames above that in its spool. So a collector killed at
 any point and restarted on the same database, which restores a job when its first agent
 says hello, resumes from its last checkpoint, and the agents' replays bring exactly the
@@ -48,6 +49,7 @@ holds is a duplicate).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -72,11 +74,8 @@ log = logging.getLogger("thermoscope.collector")
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
-#: What a job persists after each frame, to resume from after a restart (see the module docstring).
+#: What a job persists at each checkpoint, to resume from after a restart (see the module docstring).
 _STATE = (
-    "layers",
-    "sites",
-    "bins",
     "reading",
     "detector",
     "transitions",
@@ -84,11 +83,12 @@ _STATE = (
     "frames_received",
     "frames_late",
     "frames_duplicate",
-    "_tables",
     "_pending",
     "_merged_step",
     "_thermometer",
 )
+#: ... and when an agent's hello changed them.
+_TABLES = ("layers", "sites", "bins", "_tables")
 
 
 @dataclass
@@ -156,6 +156,11 @@ class Job:
     _thermometer: Thermometer | None = None
     _plans: MergePlans = field(default_factory=lambda: MergePlans(), repr=False)  # a cache, not state
     dirty: bool = False  # changed since its last checkpoint
+    tables_dirty: bool = False  # its layer or site tables changed since its last checkpoint
+    # what the next checkpoint writes with the state: history rows (readings) and events
+    _unsaved_history: list[Reading] = field(default_factory=list, repr=False)
+    _unsaved_events: list[Event] = field(default_factory=list, repr=False)
+    _saving: tuple[int, int, dict] | None = field(default=None, repr=False)  # see `checkpoint`
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -169,11 +174,13 @@ class Job:
         if self.store is None:
             return
         try:
-            marks, state = self.store.load_job(self.job_id)
+            marks, state, tables = self.store.load_job(self.job_id)
             if marks and self.run_id not in {run for run, _ in marks}:
                 log.info("job %s: its saved state is of another run, starting afresh", self.job_id)
                 return
-            restored = {} if state is None else pickle.loads(state)
+            restored = (
+                {} if state is None or tables is None else {**pickle.loads(tables), **pickle.loads(state)}
+            )
         except (sqlite3.Error, pickle.UnpicklingError, AttributeError, ImportError, EOFError) as exc:
             log.error(
                 "job %s: cannot resume its state from %s, starting afresh: %s",
@@ -184,25 +191,49 @@ class Job:
             return
         self.marks.update(marks)
         self.durable_marks.update(marks)
-        for name in _STATE:
+        for name in (*_TABLES, *_STATE):
             if name in restored:
                 setattr(self, name, restored[name])
-        if state is not None:
+        if restored:
             log.info("job %s: resumed after step %d from %s", self.job_id, self._merged_step, self.store.path)
 
     def checkpoint(self) -> bool:
-        """Write the marks and the state into the store's open transaction, if the job changed
-        since its last checkpoint (True); the caller commits, then calls `committed`."""
+        """If the job changed since its last checkpoint (True), write into the store's open
+        transaction its new history rows and events, its marks and its state: all of one moment,
+        so the caller may let other jobs' frames in before it commits (then calls `committed`,
+        or `uncommitted` if the commit failed)."""
         if self.store is None or not self.dirty:
             return False
-        state = pickle.dumps({name: getattr(self, name) for name in _STATE}, protocol=pickle.HIGHEST_PROTOCOL)
-        self.store.save_job(self.job_id, self.marks, state)
-        self.dirty = False
+        for reading in self._unsaved_history:
+            try:
+                self.store.add_reading(self.job_id, reading)
+            except sqlite3.Error as exc:  # the history is a record: losing a row must not stop ingest
+                self.history_errors += 1
+                if self.history_errors == 1:
+                    log.error("job %s: cannot keep its history in %s: %s", self.job_id, self.store.path, exc)
+        self.store.add(self._unsaved_events)
+        dump = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
+        tables = dump({name: getattr(self, name) for name in _TABLES}) if self.tables_dirty else None
+        self.store.save_job(
+            self.job_id, self.marks, dump({name: getattr(self, name) for name in _STATE}), tables
+        )
+        self._saving = (len(self._unsaved_history), len(self._unsaved_events), dict(self.marks))
+        self.dirty = self.tables_dirty = False
         return True
 
     def committed(self) -> None:
-        """The checkpoint that saved this job committed (nothing ran in between)."""
-        self.durable_marks = dict(self.marks)
+        """The checkpoint that saved this job committed: its frames so far are durable."""
+        if self._saving is None:
+            return
+        history, events, self.durable_marks = self._saving
+        del self._unsaved_history[:history], self._unsaved_events[:events]
+        self._saving = None
+
+    def uncommitted(self) -> None:
+        """The checkpoint that saved this job was rolled back: the next one writes it all again."""
+        if self._saving is not None:
+            self._saving = None
+            self.dirty = self.tables_dirty = True
 
     def durable(self, stream: Stream) -> int:
         """The highest seq of this rank's agent process that a committed checkpoint holds."""
@@ -241,6 +272,7 @@ class Job:
                     f"[{known.hist_lo}, {known.hist_hi}) declared by another rank",
                 )
         self.bins = stream.bins
+        self.dirty = self.tables_dirty = True
         with self.lock:
             self.streams[stream.rank] = stream  # a rank that comes back is live again
             self.lost.pop(stream.rank, None)
@@ -268,10 +300,7 @@ class Job:
                         self.ranks_lost += 1
                     stream.stale = True
                     self.lost[stream.rank] = stream
-        try:
-            self._merge_ready()
-        except sqlite3.Error as exc:  # e.g. closed by a shutdown that ends the streams after it
-            log.warning("job %s: cannot record its last steps in %s: %s", self.job_id, self.store.path, exc)
+        self._merge_ready()
         self.dirty = True
 
     def liveness(self, now: float | None = None) -> Liveness:
@@ -358,13 +387,8 @@ class Job:
             )
         self.reading = th.update(sample)
         self._merged_step = sample.step
-        if self.store is not None:
-            try:
-                self.store.add_reading(self.job_id, self.reading)
-            except sqlite3.Error as exc:  # the history is a record: losing a row must not stop ingest
-                self.history_errors += 1
-                if self.history_errors == 1:
-                    log.error("job %s: cannot keep its history in %s: %s", self.job_id, self.store.path, exc)
+        if self.store is not None and self.store.due(self.job_id, self.reading):
+            self._unsaved_history.append(self.reading)
         self._detect(sample)
 
     def _detect(self, sample: Sample) -> None:
@@ -395,7 +419,7 @@ class Job:
                 self.transitions[(e.from_, e.to)] += 1
                 self.last_transition_time = e.time
         if self.store is not None:
-            self.store.add(events)
+            self._unsaved_events.extend(events)
 
 
 #: Plans a job keeps (one per set of ranks that sent a step; usually one): more are dropped.

@@ -49,6 +49,8 @@ _STATUS = {
 
 #: Requests a stream reads ahead of the ones it has handled (then gRPC's flow control holds the agent).
 READ_AHEAD = 8
+#: Seconds a stream that ends waits for others to end before the checkpoint they share.
+CHECKPOINT_BATCH = 0.05
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,9 @@ class Telemetry:
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
         self._checkpoint_failing = False  # the last checkpoint could not commit (logged once)
+        self._checkpoint_lock: asyncio.Lock | None = None  # made on the loop, at the first checkpoint
+        self._checkpoints_started = self._checkpoints_done = 0
+        self._soon: asyncio.Task | None = None  # the checkpoint `checkpoint_soon` callers share
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -199,26 +204,55 @@ class Telemetry:
 
     # -- durability -------------------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
-        """Save every job changed since the last checkpoint and commit, with the history rows and
-        events written meanwhile. Each stream's next ack says how far its frames are durable (no
-        message of its own: an agent learns it with its next frame, or at its stream's end; on a
-        new stream, with its first frame, replayed or not: `Job.durable`).
+    async def checkpoint(self) -> None:
+        """Return once a checkpoint that began after the call has committed: every job changed
+        since the last one saves its history rows, events, marks and state (`Job.checkpoint`),
+        and one commit makes them durable. Each stream's next ack says how far its frames are
+        durable (no message of its own: an agent learns it with its next frame, or at its
+        stream's end; on a new stream, with its first frame, replayed or not: `Job.durable`).
 
-        A commit that fails (a full disk) is logged once until one succeeds; the jobs stay
-        changed, no stream's durable mark moves, and their agents keep holding the frames.
-        Call on the event loop's thread."""
+        Streams go on between two jobs' saves (each job's save is of one moment), so a
+        checkpoint of many jobs does not hold every stream at once. Callers that come while one
+        runs share the next. A commit that fails (a full disk) is rolled back and logged once
+        until one succeeds; no stream's durable mark moves, and agents keep holding the frames."""
         if self.store is None:
             return
+        if self._checkpoint_lock is None:
+            self._checkpoint_lock = asyncio.Lock()
+        wanted = self._checkpoints_started + 1
+        async with self._checkpoint_lock:
+            if self._checkpoints_done >= wanted:
+                return
+            self._checkpoints_started += 1
+            try:
+                await self._checkpoint()
+            finally:
+                self._checkpoints_done = self._checkpoints_started
+
+    async def checkpoint_soon(self) -> None:
+        """`checkpoint`, shared by every caller of the next `CHECKPOINT_BATCH` seconds: when a
+        job's ranks all finish at once, their streams' ends make one checkpoint, not one each."""
+        if self._soon is None:
+            self._soon = asyncio.create_task(self._checkpoint_after(CHECKPOINT_BATCH))
+        await asyncio.shield(self._soon)
+
+    async def _checkpoint_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._soon = None  # a caller from now on may have applied frames this checkpoint misses
+        await self.checkpoint()
+
+    async def _checkpoint(self) -> None:
         saved = []
         try:
             for job in list(self.jobs.values()):
                 if job.checkpoint():
                     saved.append(job)
-            self.store.commit()
+                    await asyncio.sleep(0)
+            self.store.commit()  # type: ignore[union-attr]
         except sqlite3.Error as exc:
+            self.store.rollback()  # type: ignore[union-attr]
             for job in saved:
-                job.dirty = True
+                job.uncommitted()
             if not self._checkpoint_failing:
                 log.error("checkpoint to %s failed, agents keep their frames: %s", self.store.path, exc)
             self._checkpoint_failing = True
@@ -231,7 +265,7 @@ class Telemetry:
         """Checkpoint every `interval` seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval)
-            self.checkpoint()
+            await self.checkpoint()
 
     def _ack(self, stream: Stream, seq: int) -> pb.CollectorMessage:
         if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
@@ -314,7 +348,7 @@ class Telemetry:
                         yield self._config(session.stream.job_id)
                 elif item is _END:
                     if session.stream is not None:
-                        self.checkpoint()  # the agent may be leaving for good: make its frames durable
+                        await self.checkpoint_soon()  # the agent may be leaving: its frames go durable
                         yield self._ack(session.stream, session.stream.last_seq)
                     session.clean = True
                     return
@@ -419,7 +453,7 @@ class Telemetry:
             if total > limit:
                 raise wire.WireError(
                     "too_many_layers",
-                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limit}"
+                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limit}",
                 )
         if job is None and len(self.jobs) >= self.limits.max_jobs:
             raise wire.WireError(
@@ -459,10 +493,14 @@ class Telemetry:
         limit = self.limits.max_name_length
         fields = ("job_id", "run_id", "host", "agent_version", "node")
         named = [(f, getattr(hello, f)) for f in fields]
-        named += [(f"layer {i}", layer.name) for i, layer in enumerate(hello.layers)]
-        named += [(f"layer {i} dtype", layer.dtype) for i, layer in enumerate(hello.layers)]
-        named += [(f"site {i}", site.name) for i, site in enumerate(hello.sites)]
-        named += [(f"site {i} kind", site.kind) for i, site in enumerate(hello.sites)]
+        for i, layer in enumerate(hello.layers):  # (the common case: one pass, no labels built)
+            name, dtype = layer.name, layer.dtype
+            if len(name) > limit or len(dtype) > limit:
+                named += [(f"layer {i}", name), (f"layer {i} dtype", dtype)]
+        for i, site in enumerate(hello.sites):
+            name, kind = site.name, site.kind
+            if len(name) > limit or len(kind) > limit:
+                named += [(f"site {i}", name), (f"site {i} kind", kind)]
         for what, name in named:
             if len(name) > limit:
                 raise wire.WireError(

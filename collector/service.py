@@ -70,7 +70,7 @@ class Collector:
         active: bool = True,
         security: Security | None = None,
         history_interval: float = 1.0,
-        checkpoint_interval: float = 2.0,
+        checkpoint_interval: float = 5.0,
         max_layers: int = 10_000,
         max_name_length: int = 256,
         max_jobs: int = 1_000,
@@ -192,7 +192,7 @@ class Collector:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.store is not None:
-            self.telemetry.checkpoint()
+            await self.telemetry.checkpoint()
             self.store.close()
 
     async def serve(self, grace: float = 5.0, hold: float = 0.5) -> None:
@@ -223,6 +223,13 @@ class Collector:
     def detach(self, job: str | None = None) -> None:
         """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once."""
         self._on_loop(self.telemetry.admit, job, False)
+
+    def checkpoint(self) -> None:
+        """Commit every job's state, history rows and events now, instead of at the next
+        `checkpoint_interval` (e.g. before reading the database from the same process)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.telemetry.checkpoint(), loop).result(LOOP_TIMEOUT)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Every known job's state, JSON-able: the collector's view for a CLI or an actor.

@@ -1,10 +1,10 @@
 """Durable phase-transition events, and each job's history: an embedded SQLite database in WAL mode.
 
 WAL lets `thermoscope events` and `thermoscope plot` read while the collector writes, and
-survives a crash of the writer with every committed row intact. Writes accumulate in one open
-transaction that the collector commits at each checkpoint (`commit`, every
-`--checkpoint-interval` seconds, see `checkpoint`): one commit per interval instead of one
-per row, and what a checkpoint commits is always consistent with the job states it saves.
+survives a crash of the writer with every committed row intact. The collector writes at its
+checkpoints only (every `--checkpoint-interval` seconds, `server.Telemetry.checkpoint`): each
+job that changed writes its new history rows and events with its state, and one `commit`
+makes them all durable, so what is committed is always consistent with the states saved.
 The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
 layer's temperature (one float64 blob, in the order of the job's layer names) — at most one
 row per job every `history_interval` seconds, so its size follows wall time, not step rate.
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS marks (
     PRIMARY KEY (job, run, rank)
 );
 CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS job_tables (job TEXT PRIMARY KEY, tables BLOB NOT NULL);
 """
 
 
@@ -112,9 +113,7 @@ class Event:
 class EventStore:
     """Append and query events; one connection, used from one thread at a time."""
 
-    def __init__(
-        self, path: str | Path, *, create: bool = True, history_interval: float = 1.0
-    ) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True, history_interval: float = 1.0) -> None:
         path = Path(path)
         self.history_interval = history_interval
         self._last_history: dict[str, float] = {}  # job -> time of its last history row
@@ -133,20 +132,31 @@ class EventStore:
         """Make everything written since the last commit durable, at once."""
         self._db.commit()
 
-    def save_job(self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes) -> None:
-        """Record the (run, rank) -> (seq, step) marks that changed, and the job's resumable state."""
+    def rollback(self) -> None:
+        """Forget everything written since the last commit."""
+        self._db.rollback()
+
+    def save_job(
+        self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes, tables: bytes | None
+    ) -> None:
+        """Record the (run, rank) -> (seq, step) marks, the job's resumable state and, when they
+        changed (None: they did not), its layer and site tables: kept apart because they change
+        only when an agent says hello and cost more to pickle than the rest."""
         self._db.executemany(
             "INSERT OR REPLACE INTO marks (job, run, rank, seq, step) VALUES (?, ?, ?, ?, ?)",
             [(job, run, rank, seq, step) for (run, rank), (seq, step) in marks.items()],
         )
         self._db.execute("INSERT OR REPLACE INTO job_state (job, state) VALUES (?, ?)", (job, state))
+        if tables is not None:
+            self._db.execute("INSERT OR REPLACE INTO job_tables (job, tables) VALUES (?, ?)", (job, tables))
 
-    def load_job(self, job: str) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None]:
-        """The job's marks and its state as `save_job` left them (empty, None: never saved)."""
+    def load_job(self, job: str) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None, bytes | None]:
+        """The job's marks, state and tables as `save_job` left them (empty, None, None: never saved)."""
         rows = self._db.execute("SELECT run, rank, seq, step FROM marks WHERE job = ?", (job,))
         marks = {(run, rank): (seq, step) for run, rank, seq, step in rows}
-        row = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
-        return marks, None if row is None else row[0]
+        state = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
+        tables = self._db.execute("SELECT tables FROM job_tables WHERE job = ?", (job,)).fetchone()
+        return marks, None if state is None else state[0], None if tables is None else tables[0]
 
     def add(self, events: list[Event]) -> None:
         if not events:
@@ -157,12 +167,17 @@ class EventStore:
             [tuple(e.as_dict().values()) for e in events],
         )
 
-    def add_reading(self, job: str, reading: Reading) -> None:
-        """Keep the reading in the job's history, unless one was kept less than an interval ago."""
+    def due(self, job: str, reading: Reading) -> bool:
+        """Whether the reading goes into the job's history: none was kept less than an interval
+        before it (a reading found due is counted as kept)."""
         last = self._last_history.get(job, -math.inf)
         if reading.wall_time - last < self.history_interval:
-            return
+            return False
         self._last_history[job] = reading.wall_time
+        return True
+
+    def add_reading(self, job: str, reading: Reading) -> None:
+        """Keep the reading in the job's history (`due` decides which)."""
         names_changed = self._names.get(job) != reading.layer_names
         if names_changed:
             self._db.execute(

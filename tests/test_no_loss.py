@@ -237,3 +237,29 @@ def test_a_job_id_back_for_another_run_does_not_inherit_the_old_runs_state(tmp_p
         assert s.ack(frame(2, 1)) == 2
         s.close()
         assert c.snapshot()[JOB]["frames_received"] == 2  # its own run's state resumed
+
+
+def test_a_checkpoint_the_database_refuses_is_rolled_back_and_retried(tmp_path: Path, caplog) -> None:
+    """A database that refuses writes (as a full disk would) moves no durable mark and is logged
+    once; once it takes writes again, the next checkpoint saves everything since."""
+    collector = Collector(
+        "127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", checkpoint_interval=0.1, history_interval=0
+    )
+    with collector.running() as c:
+        s = OpenStream(c.grpc_target, hello(JOB))
+
+        def durable_after(seq: int) -> int:
+            time.sleep(0.4)  # a few checkpoints
+            s.send(frame(seq, seq - 1))
+            return s.reply().ack.durable
+
+        assert durable_after(1) == 0 and durable_after(2) == 1
+        c.store._db.execute("PRAGMA query_only = ON")  # every write now fails
+        stuck = durable_after(3)
+        assert stuck in (1, 2)  # (2 if a checkpoint came between the ack of 2 and the failure)
+        assert durable_after(4) == stuck
+        c.store._db.execute("PRAGMA query_only = OFF")
+        assert durable_after(5) == 4
+        s.close()
+        assert c.store.history(JOB).step.tolist() == [0, 1, 2, 3, 4]
+    assert sum("checkpoint to" in r.message and "failed" in r.message for r in caplog.records) == 1
