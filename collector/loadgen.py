@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 
 from thermoscope.agent import wire
+from thermoscope.agent.discovery import shard
 from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 
@@ -129,6 +130,8 @@ class Totals:
     scrapes: list[float] = field(default_factory=list)  # each full scrape's duration
     scrape_bytes: int = 0  # the last full scrape's size
     latencies: list[float] = field(default_factory=list)
+    warmup_until: float = 0.0  # steps sent before this (monotonic) time count apart: the connect storm
+    warmup_latencies: list[float] = field(default_factory=list)
     sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
 
 
@@ -296,7 +299,8 @@ def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -
                 for s in range(seen.get(job, 0) + 1, step + 1):
                     sent = totals.sends.pop((job, s), None)
                     if sent is not None:
-                        totals.latencies.append(now - sent)
+                        early = sent < totals.warmup_until
+                        (totals.warmup_latencies if early else totals.latencies).append(now - sent)
                 seen[job] = max(seen.get(job, 0), step)
         stop.wait(0.01)
 
@@ -309,6 +313,7 @@ async def _drive(
     duration: float,
     world_size: int,
     latency_jobs: int,
+    warmup: float,
     totals: Totals,
     progress,
 ) -> float:
@@ -318,8 +323,12 @@ async def _drive(
     for c in collectors:
         n = max(1, math.ceil(jobs * world_size / len(collectors) / STREAMS_PER_CHANNEL))
         per_collector.append([grpc.aio.insecure_channel(c.grpc_target) for _ in range(n)])
+    # each job to its collector as agents given every address pick it (`discovery.shard`)
+    targets = ",".join(c.grpc_target for c in collectors)
+    index = {c.grpc_target: i for i, c in enumerate(collectors)}
+    home = {f"loadgen-{j}": index[shard(targets, f"loadgen-{j}")] for j in range(jobs)}
     sampled = {f"loadgen-{j}" for j in range(0, jobs, max(1, jobs // max(1, latency_jobs)))}
-    urls = {f"loadgen-{j}": collectors[j % len(collectors)].metrics_url for j in range(jobs)}
+    urls = {job: collectors[i].metrics_url for job, i in home.items()}
     stop = threading.Event()
     pollers = [threading.Thread(target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop))]
     if totals.scrape_interval > 0:
@@ -330,11 +339,12 @@ async def _drive(
         poller.start()
     start = time.monotonic() + 0.5
     end = start + duration
+    totals.warmup_until = start + warmup
     tasks = []
     count = 0
     for j in range(jobs):
         job = f"loadgen-{j}"
-        channels = per_collector[j % len(collectors)]
+        channels = per_collector[home[job]]
         for rank in range(world_size):
             channel = channels[count % len(channels)]
             count += 1
@@ -391,6 +401,7 @@ def run(
     target_metrics: str | None = None,
     latency_jobs: int = 20,
     scrape_interval: float = 5.0,
+    warmup: float = 0.0,
     profile: bool = False,
     out=sys.stdout,
 ) -> dict[str, float]:
@@ -398,6 +409,8 @@ def run(
     check_bounds(agents, layers, rate, duration, world_size)
     if not (math.isfinite(scrape_interval) and scrape_interval >= 0):
         raise LoadgenError(f"--scrape-interval must be >= 0 s (0: no full scrapes), got {scrape_interval}")
+    if not 0 <= warmup < duration:
+        raise LoadgenError(f"--warmup must be >= 0 s and shorter than --duration, got {warmup}")
     if target is not None:
         check_loopback(target)
         if collectors != 1:
@@ -428,7 +441,18 @@ def run(
 
         try:
             elapsed = asyncio.run(
-                _drive(spawned, agents, layers, rate, duration, world_size, latency_jobs, totals, progress)
+                _drive(
+                    spawned,
+                    agents,
+                    layers,
+                    rate,
+                    duration,
+                    world_size,
+                    latency_jobs,
+                    warmup,
+                    totals,
+                    progress,
+                )
             )
             cpu = {pid: _cpu_seconds(pid) - cpu0[pid] for pid in pids}
             for pid in pids:
@@ -457,6 +481,8 @@ def run(
         "latency_p50_s": _pct(totals.latencies, 50),
         "latency_p99_s": _pct(totals.latencies, 99),
         "latency_samples": len(totals.latencies),
+        "warmup_s": warmup,
+        "warmup_latency_max_s": max(totals.warmup_latencies, default=math.nan),
         "errors": totals.errors,
         "collector_cpu_cores": sum(cpu.values()) / elapsed if pids else math.nan,
         "collector_rss_peak_mib": max(rss_peak.values()) / 2**20 if pids else math.nan,
@@ -469,6 +495,13 @@ def run(
         print(
             f"full /metrics scrapes: {len(totals.scrapes)} of {totals.scrape_bytes / 2**20:.1f} MiB, "
             f"mean {statistics.mean(totals.scrapes) * 1e3:.0f} ms, max {max(totals.scrapes) * 1e3:.0f} ms",
+            file=out,
+        )
+    if warmup:
+        print(
+            f"warm-up (steps sent in the first {warmup:g} s, left out of p50/p99): "
+            f"{len(totals.warmup_latencies)} steps, "
+            f"largest latency {figures['warmup_latency_max_s'] * 1e3:.0f} ms",
             file=out,
         )
     if totals.scrape_error:
@@ -537,6 +570,13 @@ def add_arguments(sub) -> None:
         help="seconds between two full /metrics scrapes, as Prometheus would do (default 5; 0: none)",
     )
     lg.add_argument("--latency-jobs", type=int, default=20, help="jobs whose latency is sampled (default 20)")
+    lg.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds at the start whose steps are left out of p50/p99 (the connect storm: every agent's "
+        "hello at once); their largest latency is printed apart (default 0)",
+    )
     lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")
 
 
@@ -554,6 +594,7 @@ def main(args, p) -> int:
             target=args.target,
             target_metrics=args.target_metrics,
             latency_jobs=args.latency_jobs,
+            warmup=args.warmup,
             scrape_interval=args.scrape_interval,
             profile=args.profile,
         )

@@ -13,14 +13,16 @@ from conftest import thermoscope
 def test_a_small_load_is_held_and_measured() -> None:
     out = io.StringIO()
     agents, layers, rate, duration = 20, 10, 5.0, 3.0
-    f = loadgen.run(agents=agents, layers=layers, rate=rate, duration=duration, scrape_interval=1.0, out=out)
+    f = loadgen.run(
+        agents=agents, layers=layers, rate=rate, duration=duration, scrape_interval=1.0, warmup=1.0, out=out
+    )
     text = out.getvalue()
     assert "| agents | layers |" in text and "acked frames/s=" in text and "full /metrics scrapes: " in text
     assert f["errors"] == 0
     assert 0.7 * agents * rate <= f["frames_per_s"] <= 1.3 * agents * rate, text
     assert f["layer_samples_per_s"] == f["frames_per_s"] * layers
     assert f["frames_acked"] == f["frames_sent"]
-    assert f["latency_samples"] > 0
+    assert f["latency_samples"] > 0 and "warm-up (steps sent in the first 1 s" in text
     assert 0 < f["latency_p50_s"] <= f["latency_p99_s"] < 5, text
     assert f["collector_cpu_cores"] > 0
     assert 10 < f["collector_rss_peak_mib"] < 2048
@@ -37,4 +39,14 @@ def test_loadgen_refuses_what_it_must_not_drive() -> None:
     assert long.returncode == 2 and "--duration" in long.stderr
     scrapes = thermoscope("loadgen", "--scrape-interval", "-1")
     assert scrapes.returncode == 2 and "--scrape-interval" in scrapes.stderr
+    warmup = thermoscope("loadgen", "--duration", "5", "--warmup", "5")
+    assert warmup.returncode == 2 and "--warmup" in warmup.stderr
     assert math.isfinite(loadgen.MAX_DURATION)
+
+
+def test_collectors_share_the_jobs_as_agents_would() -> None:
+    """--collectors 2: jobs go to the collector `discovery.shard` picks, each merged whole."""
+    out = io.StringIO()
+    f = loadgen.run(agents=16, layers=4, rate=5.0, duration=2.0, collectors=2, scrape_interval=0, out=out)
+    assert f["errors"] == 0 and f["frames_acked"] == f["frames_sent"] > 0, out.getvalue()
+    assert f["latency_samples"] > 0 and f["collector_rss_total_mib"] > f["collector_rss_peak_mib"]
