@@ -152,19 +152,18 @@ def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
     if not 1 <= msg.histogram_bins <= MAX_BINS:
         raise WireError("hello", f"histogram_bins must be 1..{MAX_BINS}, got {msg.histogram_bins}")
     layers = []
-    for layer in msg.layers:
-        count = layer.shard.count if layer.HasField("shard") else 1
-        index = layer.shard.index if layer.HasField("shard") else 0
-        if not layer.name or layer.numel < 0 or count < 1 or index >= count:
-            raise WireError("hello", f"layer {layer.name!r}: bad name, numel or shard ({index} of {count})")
-        lo, hi = layer.histogram_lo, layer.histogram_hi
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise WireError(
-                "hello", f"layer {layer.name!r}: histogram edges [{lo}, {hi}) are not an interval"
-            )
-        layers.append(
-            LayerInfo(layer.name, tuple(layer.shape), layer.numel, layer.dtype, index, count, lo, hi)
-        )
+    for layer in msg.layers:  # each field read once: upb's attribute access is most of the cost
+        name, numel, lo, hi = layer.name, layer.numel, layer.histogram_lo, layer.histogram_hi
+        if layer.HasField("shard"):
+            shard = layer.shard
+            index, count = shard.index, shard.count
+        else:
+            index, count = 0, 1
+        if not name or numel < 0 or count < 1 or index >= count:
+            raise WireError("hello", f"layer {name!r}: bad name, numel or shard ({index} of {count})")
+        if not (lo < hi and math.isfinite(lo) and math.isfinite(hi)):
+            raise WireError("hello", f"layer {name!r}: histogram edges [{lo}, {hi}) are not an interval")
+        layers.append(LayerInfo(name, tuple(layer.shape), numel, layer.dtype, index, count, lo, hi))
     if len({layer.name for layer in layers}) != len(layers):
         raise WireError("hello", "hello names a layer twice")
     return layers, [SiteInfo(site.name, site.kind) for site in msg.sites]
