@@ -13,8 +13,11 @@ Latency is from the send of a step's last rank to that step appearing as
 by polling `/metrics?name[]=thermoscope_last_step` back to back (the family alone, so the
 poll measures when a value becomes visible, not how long a full body takes to render). Beside
 it, a full scrape every `--scrape-interval` seconds stands for Prometheus: its cost is in the
-collector's CPU and its durations are printed. Collector CPU (cores used) and peak RSS come
-from `/proc/<pid>` of the collectors the loadgen started (not reported with `--target`).
+collector's CPU and its durations are printed. Collector CPU (cores used over the whole run,
+connecting and draining included) and peak RSS come from `/proc/<pid>` of the collectors the
+loadgen started (not reported with `--target`); `--pin` gives each collector a CPU of its own
+and the loadgen the others, so a per-core figure is one. Frames/s: acknowledged frames over
+the duration, or until the last ack when the collectors fell behind.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class Totals:
     scrapes: list[float] = field(default_factory=list)  # each full scrape's duration
     scrape_bytes: int = 0  # the last full scrape's size
     latencies: list[float] = field(default_factory=list)
+    last_ack: float = 0.0  # when the last ack came (monotonic)
     warmup_until: float = 0.0  # steps sent before this (monotonic) time count apart: the connect storm
     warmup_latencies: list[float] = field(default_factory=list)
     sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
@@ -148,7 +152,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_collectors(k: int, workdir: Path, profile: bool = False) -> list[Spawned]:
+def start_collectors(k: int, workdir: Path, profile: bool = False, pin: bool = False) -> list[Spawned]:
+    """`k` collector processes on free loopback ports; `pin`: collector i on CPU i alone (the
+    loadgen keeps the CPUs left, see `pin_cpus`)."""
+    cpus = sorted(os.sched_getaffinity(0))
     out = []
     for i in range(k):
         g, m = _free_port(), _free_port()
@@ -169,7 +176,13 @@ def start_collectors(k: int, workdir: Path, profile: bool = False) -> list[Spawn
         ]
         cmd += ["--db", str(workdir / f"collector{i}.db")]
         with open(workdir / f"collector{i}.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+            cpu = {cpus[i]} if pin else None
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=None if cpu is None else lambda cpu=cpu: os.sched_setaffinity(0, cpu),
+            )
         out.append(Spawned(f"127.0.0.1:{g}", f"http://127.0.0.1:{m}/metrics", proc))
     for s in out:
         _wait_serving(s)
@@ -224,6 +237,7 @@ async def _agent(
         async for reply in call:
             if reply.HasField("ack") and reply.ack.seq > last:  # (the call's last ack repeats one)
                 totals.acked += reply.ack.seq - last
+                totals.last_ack = time.monotonic()
                 for _ in range(reply.ack.seq - last):
                     window.release()
                 last = reply.ack.seq
@@ -377,7 +391,8 @@ async def _drive(
 
     reporter = asyncio.create_task(report())
     await asyncio.gather(*tasks)
-    elapsed = time.monotonic() - start
+    # the run's length: its duration, or until the last ack if the collectors fell behind
+    elapsed = max(duration, totals.last_ack - start)
     reporter.cancel()
     await asyncio.sleep(1.5)  # let the last sampled steps reach /metrics
     stop.set()
@@ -386,7 +401,7 @@ async def _drive(
     for channels in per_collector:
         for ch in channels:
             await ch.close()
-    return min(elapsed, duration)
+    return elapsed
 
 
 def run(
@@ -403,9 +418,11 @@ def run(
     scrape_interval: float = 5.0,
     warmup: float = 0.0,
     profile: bool = False,
+    pin: bool = False,
     out=sys.stdout,
 ) -> dict[str, float]:
-    """Drive the load and print a table; returns its figures."""
+    """Drive the load and print a table; returns its figures. `pin`: each collector on a CPU of
+    its own, the loadgen on the others (so "one core" means one)."""
     check_bounds(agents, layers, rate, duration, world_size)
     if not (math.isfinite(scrape_interval) and scrape_interval >= 0):
         raise LoadgenError(f"--scrape-interval must be >= 0 s (0: no full scrapes), got {scrape_interval}")
@@ -415,15 +432,22 @@ def run(
         check_loopback(target)
         if collectors != 1:
             raise LoadgenError("--collectors starts its own collectors: leave out --target")
+    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="thermoscope-loadgen-") as tmp:
         if target is None:
-            spawned = start_collectors(collectors, Path(tmp), profile)
+            if pin and collectors >= len(os.sched_getaffinity(0)):
+                raise LoadgenError(
+                    f"--pin needs more CPUs than --collectors ({collectors}): one is the loadgen's"
+                )
+            spawned = start_collectors(collectors, Path(tmp), profile, pin)
+            if pin:
+                os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[collectors:])
         else:
             if target_metrics is None:
                 raise LoadgenError("--target needs --target-metrics, the collector's /metrics URL")
             spawned = [Spawned(target, target_metrics, None)]
         pids = [s.proc.pid for s in spawned if s.proc is not None]
-        cpu0 = {pid: _cpu_seconds(pid) for pid in pids}
+        cpu0, wall0 = {pid: _cpu_seconds(pid) for pid in pids}, time.monotonic()
         rss_peak = dict.fromkeys(pids, 0)
         totals = Totals(scrape_interval=scrape_interval)
 
@@ -455,9 +479,11 @@ def run(
                 )
             )
             cpu = {pid: _cpu_seconds(pid) - cpu0[pid] for pid in pids}
+            wall = time.monotonic() - wall0  # the CPU's window: connecting and draining included
             for pid in pids:
                 rss_peak[pid] = max(rss_peak[pid], _rss_bytes(pid))
         finally:
+            os.sched_setaffinity(0, affinity)
             for s in spawned:
                 if s.proc is not None:
                     s.proc.terminate()
@@ -484,7 +510,7 @@ def run(
         "warmup_s": warmup,
         "warmup_latency_max_s": max(totals.warmup_latencies, default=math.nan),
         "errors": totals.errors,
-        "collector_cpu_cores": sum(cpu.values()) / elapsed if pids else math.nan,
+        "collector_cpu_cores": sum(cpu.values()) / wall if pids else math.nan,
         "collector_rss_peak_mib": max(rss_peak.values()) / 2**20 if pids else math.nan,
         "collector_rss_total_mib": sum(rss_peak.values()) / 2**20 if pids else math.nan,
     }
@@ -578,6 +604,11 @@ def add_arguments(sub) -> None:
         "hello at once); their largest latency is printed apart (default 0)",
     )
     lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")
+    lg.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin collector i to CPU i alone and the loadgen to the CPUs left (Linux): per-core figures",
+    )
 
 
 def main(args, p) -> int:
@@ -595,6 +626,7 @@ def main(args, p) -> int:
             target_metrics=args.target_metrics,
             latency_jobs=args.latency_jobs,
             warmup=args.warmup,
+            pin=args.pin,
             scrape_interval=args.scrape_interval,
             profile=args.profile,
         )
