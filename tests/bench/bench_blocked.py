@@ -3,20 +3,22 @@
 Run it as a script (pytest does not collect it):
 
     python tests/bench/bench_blocked.py            # 5 rounds x 200 steps, every=1, max_queue 64
+    python tests/bench/bench_blocked.py --every 10 # the agent's default sampling interval
 
 The model is `bench_overhead.py`'s (4 x Linear(1024, 1024) + ReLU, Adam, MSE, batch 64). Arms:
 
 * `no monitor`: the baseline;
-* `every=1, stalled`: a `Monitor` streaming to a gRPC server that accepts the stream and never
+* `every=N, collector`: a `Monitor` streaming to a real collector process that reads: what
+  sampling every step costs when all is well, the row to compare the next two with;
+* `every=N, stalled`: a `Monitor` streaming to a gRPC server that accepts the stream and never
   reads it (HTTP/2 flow control stalls the sender once the window is full);
-* `every=1, down`: a `Monitor` whose collector address has nothing listening.
+* `every=N, down`: a `Monitor` whose collector address has nothing listening.
 
-Every=1 is the worst case: every step is sampled and submitted. The arms run in interleaved
-rounds (the order rotating). `mean x` is the throughput cost against no monitor; for every=1
-it includes the sampling itself (`bench_overhead.py`'s `every=1, collector` row is the same
-cost with a collector that reads), so the figure to read is the difference between these
-rows and that one: what a stalled or absent collector adds. `dropped` / `queue max` show the
-agent's memory held within its bound.
+Every=1 (the default here) is the worst case: every step is sampled and submitted. The arms
+run in interleaved rounds (the order rotating). `mean x` is the throughput cost against no
+monitor; it includes the sampling itself, so the figure to read is the difference between
+the `stalled` / `down` rows and the `collector` row: what a stalled or absent collector adds.
+`dropped` / `queue max` show the agent's memory held within its bound.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +40,7 @@ from bench_overhead import Shape, make_model, make_pool
 
 from thermoscope.agent.monitor import Monitor
 
-from conftest import free_port, stalled_collector
+from conftest import free_port, stalled_collector, start_collector_process
 
 
 def main() -> int:
@@ -45,16 +48,21 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--every", type=int, default=1, help="the monitors' sampling interval (default 1)")
     args = p.parse_args()
     torch.set_num_threads(2)
     shape = Shape(1024, 4, 64)
     pool = make_pool(shape, 1, torch.device("cpu"))
     servers = contextlib.ExitStack()  # the stalling server lives until the table is printed
     stalled_target = servers.enter_context(stalled_collector())
+    tmp = Path(servers.enter_context(tempfile.TemporaryDirectory(prefix="thermoscope-blocked-")))
+    reading = start_collector_process(tmp / "events.db")
+    servers.callback(reading.stop)
     targets = {
         "no monitor": None,
-        "every=1, stalled": stalled_target,
-        "every=1, down": f"127.0.0.1:{free_port()}",
+        f"every={args.every}, collector": reading.grpc_target,
+        f"every={args.every}, stalled": stalled_target,
+        f"every={args.every}, down": f"127.0.0.1:{free_port()}",
     }
     arms = {}
     for name, target in targets.items():
@@ -63,7 +71,7 @@ def main() -> int:
         mon = (
             None
             if target is None
-            else Monitor(model, opt, collector=target, job="b", every=1, max_queue=args.max_queue)
+            else Monitor(model, opt, collector=target, job="b", every=args.every, max_queue=args.max_queue)
         )
         arms[name] = {"model": model, "opt": opt, "mon": mon, "times": [], "rounds": [], "qmax": 0}
     loss_fn = nn.MSELoss()
@@ -89,7 +97,7 @@ def main() -> int:
     for name in names:
         train(arms[name], 20, False)
     for r in range(args.rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             train(arms[name], args.steps, True)
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     base = arms["no monitor"]
