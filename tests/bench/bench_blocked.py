@@ -49,10 +49,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--every", type=int, default=1, help="the monitors' sampling interval (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(2)
-    shape = Shape(1024, 4, 64)
-    pool = make_pool(shape, 1, torch.device("cpu"))
+    shape, device = Shape(args.width, args.depth, args.batch), torch.device(args.device)
+    pool = make_pool(shape, 1, device)
     servers = contextlib.ExitStack()  # the stalling server lives until the table is printed
     stalled_target = servers.enter_context(stalled_collector())
     tmp = Path(servers.enter_context(tempfile.TemporaryDirectory(prefix="thermoscope-blocked-")))
@@ -66,7 +70,7 @@ def main() -> int:
     }
     arms = {}
     for name, target in targets.items():
-        model = make_model(shape, 0, torch.device("cpu"))
+        model = make_model(shape, 0, device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         mon = (
             None
@@ -88,6 +92,8 @@ def main() -> int:
             if arm["mon"] is not None:
                 arm["mon"].step(loss)
                 arm["qmax"] = max(arm["qmax"], len(arm["mon"]._sender._queue))
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # a step's time is its GPU work, not its launches
             if record:
                 arm["times"].append(time.perf_counter() - t0)
         if record:
@@ -101,7 +107,8 @@ def main() -> int:
             train(arms[name], args.steps, True)
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     base = arms["no monitor"]
-    print(f"model: {shape}, Adam, batch 64; torch {torch.__version__}; {args.rounds} x {args.steps} steps\n")
+    print(f"model: {shape}, Adam, on {device}; torch {torch.__version__}; {args.rounds} x {args.steps} steps")
+    print()
     print(
         "| configuration | median ms | mean ms | mean x | mean x (rounds) "
         "| submitted | delivered | dropped | queue max |"
