@@ -142,7 +142,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--job", help="the job id (default: the job with the newest history)")
     g.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure (PNG or SVG)")
 
-    e = sub.add_parser("events", help="list the phase transitions a collector detected")
+    e = sub.add_parser(
+        "events",
+        help="list the phase transitions a collector detected",
+        description="A running collector writes them at each checkpoint (--checkpoint-interval), "
+        "so the newest show up within that interval.",
+    )
     e.add_argument(
         "--db", default=str(DEFAULT_DB), help=f"the collector's event database (default {DEFAULT_DB})"
     )
