@@ -89,16 +89,23 @@ def run(
         db = db or str(tmp / "events.db")
         if workers:  # first: Ray forks its processes, which must not inherit gRPC's threads
             stack.enter_context(_local_ray(workers, tmp))
-        collector = Collector("127.0.0.1:0", "127.0.0.1:0", db=db, history_interval=0)  # all of it
+        history: list[Reading] = []  # every reading the collector merged, for the figure
+        collector = Collector(
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            db=db,
+            history_interval=0,  # all of it
+            on_reading=lambda job, reading: history.append(reading) if job == JOB else None,
+        )
         stack.enter_context(collector.running())
         console.print(
             f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
         )
         config = {"steps": steps, "every": every, "seed": seed, "shift_at": shift_at}
         if workers:
-            dropped, history = _train_on_ray(collector, workers, config, tmp, console)
+            dropped = _train_on_ray(collector, workers, config, tmp, console)
         else:
-            dropped, history = _train(collector, config, console)
+            dropped = _train(collector, config, console)
         reading = _wait_for(collector, (steps - 1) // every * every)
         collector.checkpoint()  # the events so far, into the database
         job = collector.jobs[JOB]
@@ -115,8 +122,6 @@ def run(
         if figure:
             from .plot import phase_figure
 
-            if not history or history[-1] is not reading:
-                history.append(reading)
             path = phase_figure(history, figure, title=f"thermoscope demo: {steps} steps, every {every}")
             console.print(f"figure written to {path}")
         if serve:
@@ -175,16 +180,8 @@ def _progress(console: Console) -> Progress:
     return Progress(*columns, console=console)
 
 
-def _record(collector: Collector, history: list[Reading]) -> None:
-    """Keep the collector's newest reading, for the figure."""
-    job = collector.jobs.get(JOB)
-    if job is not None and job.reading is not None and (not history or history[-1] is not job.reading):
-        history.append(job.reading)
-
-
-def _train(collector: Collector, config: dict, console: Console) -> tuple[int, list[Reading]]:
-    """The training run in this process, with a progress bar; returns its drops and the readings."""
-    history: list[Reading] = []  # the collector's readings as they appeared, for the figure
+def _train(collector: Collector, config: dict, console: Console) -> int:
+    """The training run in this process, with a progress bar; returns its drops."""
     with _progress(console) as progress:
         task = progress.add_task("training", total=config["steps"])
 
@@ -194,13 +191,12 @@ def _train(collector: Collector, config: dict, console: Console) -> tuple[int, l
             if step % 20 == 0:
                 progress.update(task, description=f"training  loss {loss.item():.4f}")
             progress.advance(task)
-            _record(collector, history)
 
         def make_monitor(model: nn.Module, optimizer: torch.optim.Optimizer) -> Monitor:
             return Monitor(model, optimizer, collector=collector.grpc_target, job=JOB, every=config["every"])
 
         monitor = _training(config, make_monitor, on_step=on_step)
-    return monitor.dropped, history
+    return monitor.dropped
 
 
 def _ray_worker(config: dict) -> None:
@@ -237,9 +233,7 @@ def _local_ray(workers: int, tmp: Path) -> Iterator[None]:
         ray.shutdown()
 
 
-def _train_on_ray(
-    collector: Collector, workers: int, config: dict, tmp: Path, console: Console
-) -> tuple[int, list[Reading]]:
+def _train_on_ray(collector: Collector, workers: int, config: dict, tmp: Path, console: Console) -> int:
     """The training run as a Ray Train job; progress is the step the collector merged last."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -250,22 +244,20 @@ def _train_on_ray(
         scaling_config=ScalingConfig(num_workers=workers),
         run_config=RunConfig(storage_path=str(tmp / "train")),
     )
-    history: list[Reading] = []
     with _progress(console) as progress, ThreadPoolExecutor(1) as pool:
         task = progress.add_task(f"starting {workers} Ray Train workers", total=config["steps"])
         fit = pool.submit(trainer.fit)
         while not fit.done():
-            _record(collector, history)
-            if history:
-                done = history[-1].step + 1
+            job = collector.jobs.get(JOB)
+            if job is not None and job.merged_step >= 0:
+                done = job.merged_step + 1
                 progress.update(task, completed=done, description=f"training on {workers} workers")
             time.sleep(0.2)
         fit.result()
         progress.update(task, completed=config["steps"])
-    _record(collector, history)
     # every rank samples the same steps: what the collector lacks was dropped
     sampled = workers * len(range(0, config["steps"], config["every"]))
-    return sampled - collector.jobs[JOB].frames_received, history
+    return sampled - collector.jobs[JOB].frames_received
 
 
 def _wait_for(collector: Collector, step: int, timeout: float = 10.0) -> Reading:

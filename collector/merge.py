@@ -57,6 +57,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -130,6 +131,7 @@ class Job:
     window: int
     store: EventStore | None = None  # where phase transitions are kept
     run_id: str = ""  # the run of the agent that opened the job: it resumes only its own run's state
+    on_reading: Callable[[str, Reading], None] | None = None  # told (job_id, reading) at each merged step
     stale_after: float = 60.0  # seconds of silence after which an open stream's rank is stale
     paused: bool = False  # the collector asked the job's agents to stop sampling
     streams: dict[int, Stream] = field(default_factory=dict)  # by rank, open streams only
@@ -387,6 +389,8 @@ class Job:
             )
         self.reading = th.update(sample)
         self._merged_step = sample.step
+        if self.on_reading is not None:
+            self.on_reading(self.job_id, self.reading)
         if self.store is not None and self.store.due(self.job_id, self.reading):
             self._unsaved_history.append(self.reading)
         self._detect(sample)

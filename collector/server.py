@@ -18,13 +18,14 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from thermoscope.agent import wire
+from thermoscope.agent.derive import Reading
 from thermoscope.v1 import telemetry_pb2 as pb
 
 from .merge import Job, Stream
@@ -165,10 +166,12 @@ class Telemetry:
         stale_after: float = 60.0,
         active: bool = True,
         limits: Limits | None = None,
+        on_reading: Callable[[str, Reading], None] | None = None,
     ) -> None:
         """`stale_after`: seconds of silence after which an open stream's rank is stale;
         `active`: whether jobs stream by default (False: every job paused until attached);
-        `limits`: bounds on input (`Limits`; None: its defaults)."""
+        `limits`: bounds on input (`Limits`; None: its defaults); `on_reading`: called with
+        (job_id, reading) at each merged step, on the event loop (keep it short)."""
         if not stale_after > 0:
             raise ValueError(f"stale_after must be positive, got {stale_after}")
         self.jobs = jobs
@@ -179,6 +182,7 @@ class Telemetry:
         self.default_active = active
         self.overrides: dict[str, bool] = {}  # per-job admission, over the default
         self.limits = limits or Limits()
+        self.on_reading = on_reading
         self.rejected: Counter[str] = Counter()
         self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
@@ -466,6 +470,7 @@ class Telemetry:
                 window=self.window,
                 store=self.store,
                 run_id=hello.run_id,
+                on_reading=self.on_reading,
                 stale_after=self.stale_after,
                 paused=not self.active(hello.job_id),
             )

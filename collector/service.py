@@ -26,6 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from thermoscope.agent.derive import Reading
+
 from .auth import Security
 from .export import MetricsExporter, metrics_app
 from .merge import Job, Stream
@@ -76,6 +78,7 @@ class Collector:
         max_jobs: int = 1_000,
         max_series_per_job: int = 2_000,
         max_frame_rate: float = 1_000.0,
+        on_reading: Callable[[str, Reading], None] | None = None,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
         layers per job get a `thermoscope_phase` state-set (a bound on series per job);
@@ -92,7 +95,8 @@ class Collector:
         `max_name_length` characters per name, `max_jobs` jobs, `max_frame_rate` frames per
         second per agent (see `server.Limits`); `max_series_per_job`: layer (and site) series
         per job and metric in /metrics, the excess folded into one `__other__` series and
-        counted in `thermoscope_layers_folded{job_id}` (see `export`)."""
+        counted in `thermoscope_layers_folded{job_id}` (see `export`). `on_reading`: told
+        (job_id, reading) at each merged step, on the collector's event loop."""
         if not checkpoint_interval > 0:
             raise ValueError(f"checkpoint_interval must be positive, got {checkpoint_interval}")
         self.checkpoint_interval = checkpoint_interval
@@ -112,6 +116,7 @@ class Collector:
             stale_after=stale_after,
             active=active,
             limits=Limits(max_layers, max_name_length, max_jobs, max_frame_rate),
+            on_reading=on_reading,
         )
         # process_* metrics (CPU, memory, fds), rendered by prometheus_client; described at
         # registration so that `name[]` collects them only when it names one
