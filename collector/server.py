@@ -246,19 +246,21 @@ class Telemetry:
         await self.checkpoint()
 
     async def _checkpoint(self) -> None:
-        saved = []
+        store, saved = self.store, []
         try:
             for job in list(self.jobs.values()):
                 if job.checkpoint():
                     saved.append(job)
                     await asyncio.sleep(0)
-            self.store.commit()  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            self.store.rollback()  # type: ignore[union-attr]
-            for job in saved:
+            store.commit()  # type: ignore[union-attr]
+        except BaseException as exc:  # a database error, or cancelled midway (the collector stops)
+            store.rollback()  # type: ignore[union-attr]
+            for job in saved:  # all of it again, next time
                 job.uncommitted()
+            if not isinstance(exc, sqlite3.Error):
+                raise
             if not self._checkpoint_failing:
-                log.error("checkpoint to %s failed, agents keep their frames: %s", self.store.path, exc)
+                log.error("checkpoint to %s failed, agents keep their frames: %s", store.path, exc)  # type: ignore[union-attr]
             self._checkpoint_failing = True
             return
         self._checkpoint_failing = False

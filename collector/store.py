@@ -135,6 +135,7 @@ class EventStore:
     def rollback(self) -> None:
         """Forget everything written since the last commit."""
         self._db.rollback()
+        self._names.clear()  # the layer names written meanwhile are gone too: write them again
 
     def save_job(
         self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes, tables: bytes | None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor
+from thermoscope.agent import Monitor, wire
 from thermoscope.agent.spool import Spool
+from thermoscope.collector.server import Telemetry
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
 
@@ -263,3 +266,31 @@ def test_a_checkpoint_the_database_refuses_is_rolled_back_and_retried(tmp_path: 
         s.close()
         assert c.store.history(JOB).step.tolist() == [0, 1, 2, 3, 4]
     assert sum("checkpoint to" in r.message and "failed" in r.message for r in caplog.records) == 1
+
+
+def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_next(tmp_path: Path) -> None:
+    """A collector that stops while a checkpoint is between two jobs' saves (its task is
+    cancelled) leaves nothing half-written: the next checkpoint writes every job once."""
+    store = EventStore(tmp_path / "e.db", history_interval=0)
+    telemetry = Telemetry({}, store=store)
+    for job in ("a", "b"):
+        s = telemetry._open(hello(job).hello)
+        for seq in (1, 2, 3):
+            s.last_seq = seq
+            msg = frame(seq, seq - 1).frame
+            telemetry.jobs[job].accept(s, wire.decode(msg, len(s.layers), len(s.sites), s.bins))
+
+    async def stop_midway_then_checkpoint() -> None:
+        first = asyncio.create_task(telemetry.checkpoint())
+        while not any(job._saving for job in telemetry.jobs.values()):
+            await asyncio.sleep(0)  # until the first job is saved, the second not yet committed
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await telemetry.checkpoint()
+
+    asyncio.run(stop_midway_then_checkpoint())
+    for job in ("a", "b"):
+        assert store.history(job).step.tolist() == [0, 1, 2]  # once each: the first save rolled back
+        assert telemetry.jobs[job].durable(telemetry.jobs[job].streams[0]) == 3
+    store.close()
