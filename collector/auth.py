@@ -565,7 +565,7 @@ def from_args(args, parser) -> Security:
             insecure=args.insecure,
         )
     except AuthConfigError as exc:
-        parser.error(f"collector: {exc}")
+        parser.error(f"{args.command}: {exc}")
         raise  # parser.error exits
 
 
