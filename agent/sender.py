@@ -47,6 +47,8 @@ from .spool import Spool
 
 log = logging.getLogger("thermoscope.agent")
 
+#: Seconds grpc's channel connectivity poller takes to stop after its last watcher leaves.
+POLL_SETTLE = 0.25
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -285,6 +287,9 @@ class Sender:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
                     ready.cancel()
+                    # grpc's connectivity poller notices the cancel within 0.2 s; closing the
+                    # channel before that makes it print a traceback (grpc/grpc#29848)
+                    time.sleep(POLL_SETTLE)
                     raise grpc.FutureTimeoutError()
                 self._idle(min(left, 0.05))
             call = pb_grpc.TelemetryStub(channel).Stream(
