@@ -45,6 +45,7 @@ from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, Sit
 from thermoscope.collector import loadgen
 from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.merge import Job, MergePlans, Stream, merge_step
+from thermoscope.collector.server import Telemetry
 from thermoscope.v1 import telemetry_pb2 as pb
 
 BINS = loadgen.BINS
@@ -111,27 +112,10 @@ def frames(args: argparse.Namespace) -> list[list[bytes]]:
 
 
 def new_job(hellos: list[pb.Hello]) -> tuple[Job, list[Stream]]:
-    """A job with one open stream per rank, built as the servicer's `_open` builds them."""
-    job = Job("bench", window=WINDOW, store=None)
-    streams = []
-    for h in hellos:
-        layers, sites = wire.decode_hello(h)
-        s = Stream(
-            job_id=h.job_id,
-            run_id=h.run_id,
-            rank=h.rank,
-            world_size=h.world_size,
-            host=h.host,
-            local_rank=h.local_rank,
-            node=h.node,
-            every=h.every,
-            layers=layers,
-            sites=sites,
-            bins=h.histogram_bins,
-        )
-        job.open(s)
-        streams.append(s)
-    return job, streams
+    """A job with one open stream per rank, opened by the servicer's own `_open`."""
+    telemetry = Telemetry({}, window=WINDOW)
+    streams = [telemetry._open(h) for h in hellos]
+    return telemetry.jobs["bench"], streams
 
 
 def best(repeat: int, run: Callable[[], None]) -> float:
