@@ -188,8 +188,7 @@ class Telemetry:
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
         self._checkpoint_failing = False  # the last checkpoint could not commit (logged once)
-        self._checkpoint_lock: asyncio.Lock | None = None  # made on the loop, at the first checkpoint
-        self._checkpoints_started = self._checkpoints_done = 0
+        self._checkpoint_lock = asyncio.Lock()  # one checkpoint at a time (it binds to the loop at first use)
         self._soon: asyncio.Task | None = None  # the checkpoint `checkpoint_soon` callers share
 
     # -- graceful shutdown ------------------------------------------------------------------------
@@ -216,22 +215,14 @@ class Telemetry:
         stream's end; on a new stream, with its first frame, replayed or not: `Job.durable`).
 
         Streams go on between two jobs' saves (each job's save is of one moment), so a
-        checkpoint of many jobs does not hold every stream at once. Callers that come while one
-        runs share the next. A commit that fails (a full disk) is rolled back and logged once
-        until one succeeds; no stream's durable mark moves, and agents keep holding the frames."""
+        checkpoint of many jobs does not hold every stream at once; checkpoints run one at a
+        time (`checkpoint_soon` lets many callers share one). A commit that fails (a full disk)
+        is rolled back and logged once until one succeeds; no stream's durable mark moves, and
+        agents keep holding the frames."""
         if self.store is None:
             return
-        if self._checkpoint_lock is None:
-            self._checkpoint_lock = asyncio.Lock()
-        wanted = self._checkpoints_started + 1
         async with self._checkpoint_lock:
-            if self._checkpoints_done >= wanted:
-                return
-            self._checkpoints_started += 1
-            try:
-                await self._checkpoint()
-            finally:
-                self._checkpoints_done = self._checkpoints_started
+            await self._checkpoint()
 
     async def checkpoint_soon(self) -> None:
         """`checkpoint`, shared by every caller of the next `CHECKPOINT_BATCH` seconds: when a
