@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE
 
-from .auth import AuthConfigError, BasicAuthUsers, Security, TokenTable, check_exposure
+from .auth import AuthConfigError, BasicAuthUsers, Security, TokenTable, check_exposure, read_file
 from .service import Collector
 from .store import STATE_HOME
 
@@ -86,10 +86,7 @@ class PackedSecurity:
             path = getattr(security, name)
             if path is None:
                 continue
-            try:
-                contents[name] = Path(path).read_bytes()
-            except OSError as exc:
-                raise AuthConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+            contents[name] = read_file(path, what)
         _check(security)
         return cls(contents, security.insecure)
 

@@ -66,6 +66,14 @@ class AuthConfigError(ValueError):
     """A token, password or TLS file that cannot be used; the message says which line and why."""
 
 
+def read_file(path: str | Path, what: str) -> bytes:
+    """The file's bytes; AuthConfigError names `what` it is and why it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
 class InsecureError(ValueError):
     """The collector would listen on a non-loopback address unprotected (see `check_exposure`)."""
 
@@ -111,10 +119,7 @@ class TokenTable:
     @classmethod
     def load(cls, path: str | Path) -> TokenTable:
         """Read a tokens file (`TOKEN [JOB_PREFIX]` lines); AuthConfigError names the bad line."""
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise AuthConfigError(f"cannot read the tokens file {path}: {exc.strerror or exc}") from None
+        text = read_file(path, "tokens file").decode()
         entries, lines = [], []
         for number, raw in enumerate(text.splitlines(), 1):
             fields = raw.split("#", 1)[0].split()
@@ -220,18 +225,11 @@ def _bound(decode: Callable[[bytes], object], principal: Principal) -> Callable[
 # -- TLS ----------------------------------------------------------------------------------------------
 
 
-def _read(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise AuthConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
-
-
 def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None):
     """gRPC server credentials; with `client_ca`, clients must present a certificate it signed."""
     return grpc.ssl_server_credentials(
-        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
-        root_certificates=None if client_ca is None else _read(client_ca, "client CA"),
+        [(read_file(key, "TLS key"), read_file(cert, "TLS certificate"))],
+        root_certificates=None if client_ca is None else read_file(client_ca, "client CA"),
         require_client_auth=client_ca is not None,
     )
 
@@ -280,10 +278,7 @@ class BasicAuthUsers:
 
     @classmethod
     def load(cls, path: str | Path) -> BasicAuthUsers:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise AuthConfigError(f"cannot read the basic-auth file {path}: {exc.strerror or exc}") from None
+        text = read_file(path, "basic-auth file").decode()
         users = {}
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
