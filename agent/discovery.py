@@ -7,18 +7,17 @@ here: a process that has not imported it is not in a Ray cluster.
 
 An address may list several collectors ("host:port,host:port,..."): one Python process
 ingests a few hundred thousand layer-samples per second, so large fleets run several and
-shard them by job (`shard`): every rank of a job picks the same one, which merges it whole.
+shard them by job (`thermoscope.wire.contract.shard`): every rank of a job picks the same
+one, which merges it whole.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import zlib
 
-#: The collector actor's name and namespace (named actors are looked up per namespace).
-ACTOR_NAME = "thermoscope-collector"
-NAMESPACE = "thermoscope"
+from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
+
 #: Seconds between lookups while no collector is found; `$THERMOSCOPE_DISCOVERY_INTERVAL`.
 DEFAULT_INTERVAL = 5.0
 
@@ -47,12 +46,3 @@ def find_collector() -> str | None:
     except ValueError:  # no such actor: nobody attached Thermoscope yet
         return None
     return ray.get(actor.address.remote(), timeout=10)
-
-
-def shard(address: str, job_id: str) -> str:
-    """The collector of `job_id` among a comma-separated list: the same for every rank of the
-    job, in every process (a CRC-32 of the job id, not Python's salted `hash`)."""
-    targets = [t.strip() for t in address.split(",") if t.strip()]
-    if not targets:
-        raise ValueError(f"no collector address in {address!r}")
-    return targets[zlib.crc32(job_id.encode()) % len(targets)]

@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire import codec
 
-from . import discovery, wire
-from .derive import Reading, Thermometer
+from . import discovery
 from .sampler import BINS, SUBSET, Pending, Sampler, find_sites
 from .security import Pem, channel_security
 from .sender import Sender
@@ -212,7 +213,7 @@ class Monitor:
         self.enabled = not config.paused
 
     def _hello(self) -> pb.AgentMessage:
-        return wire.hello(
+        return codec.hello(
             job_id=self.job,
             run_id=self.run,
             rank=self.rank,

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import physics
-from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science import physics
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 #: Module classes that are activation sites by default.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (

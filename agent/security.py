@@ -20,12 +20,13 @@ collector checks alike; that is meant for loopback and for networks the operator
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from pathlib import Path
 
 import grpc
+
+from thermoscope.wire.contract import is_loopback
 
 log = logging.getLogger("thermoscope.agent")
 
@@ -96,11 +97,7 @@ def warn_plaintext(target: str, metadata: tuple[tuple[str, str], ...]) -> None:
     if not metadata or target in _warned:
         return
     host = target.rpartition(":")[0].strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host):
         _warned.add(target)
         log.warning("thermoscope: sending the bearer token to %s without TLS", target)
 

@@ -39,9 +39,10 @@ import grpc
 
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire import codec
+from thermoscope.wire.contract import shard
 
-from . import security, wire
-from .discovery import shard
+from . import security
 from .sampler import Pending
 from .spool import Spool
 
@@ -236,7 +237,7 @@ class Sender:
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            self._keep(seq, wire.encode(item.to_sample(), seq).SerializeToString())
+            self._keep(seq, codec.encode(item.to_sample(), seq).SerializeToString())
 
     def _keep(self, seq: int, data: bytes) -> None:
         with self._cond:
@@ -350,7 +351,7 @@ class Sender:
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            msg = wire.encode(item.to_sample(), seq)
+            msg = codec.encode(item.to_sample(), seq)
             if self._spool is not None:  # (no ack for `seq` can come before it is sent)
                 self._keep(seq, msg.SerializeToString())
             self._pace()

@@ -39,7 +39,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE
+from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
 
 from .auth import AuthConfigError, BasicAuthUsers, Security, TokenTable, check_exposure, read_file
 from .service import Collector

@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import socket
@@ -52,12 +51,12 @@ import grpc
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire.contract import STREAM_METHOD, is_loopback
 
-from .server import SERVICE, BadBytes
+from .server import BadBytes
 
 log = logging.getLogger("thermoscope.collector")
 
-STREAM_METHOD = f"/{SERVICE}/Stream"
 MIN_TOKEN_CHARS = 16
 PBKDF2_ITERATIONS = 200_000
 
@@ -370,16 +369,6 @@ def start_metrics_server(
 
 
 # -- exposure -----------------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`; everything else (0.0.0.0, ::, names) counts as exposed."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(

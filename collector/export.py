@@ -52,7 +52,7 @@ from urllib.parse import parse_qs
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
-from thermoscope.agent.derive import Reading
+from thermoscope.science.derive import Reading
 
 from .detect import PHASES, TRANSITIONS
 from .merge import Job, Liveness

@@ -63,10 +63,10 @@ from itertools import pairwise
 
 import numpy as np
 
-from thermoscope.agent import physics
-from thermoscope.agent.derive import Reading, Thermometer
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.agent.wire import WireError
+from thermoscope.science import physics
+from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.wire.codec import WireError
 
 from .detect import PhaseDetector
 from .store import Event, EventStore

@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 
-from thermoscope.agent import wire
-from thermoscope.agent.derive import Reading
+from thermoscope.science.derive import Reading
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire import codec
+from thermoscope.wire.contract import SERVICE
 
 from .merge import Job, Stream
 from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
-SERVICE = "thermoscope.v1.Telemetry"
 
 _STATUS = {
     "unknown_stream": grpc.StatusCode.FAILED_PRECONDITION,
@@ -383,7 +383,7 @@ class Telemetry:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
             try:
                 stream = session.stream = self._open(msg.hello)
-            except wire.WireError as exc:
+            except codec.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
             session.bucket = _Bucket(self.limits.max_frame_rate)
             self._sessions.setdefault(stream.job_id, set()).add(session)
@@ -399,8 +399,10 @@ class Telemetry:
                 )
             nonfinite: dict[str, int] = {}
             try:
-                sample = wire.decode(msg.frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite)
-            except wire.WireError as exc:
+                sample = codec.decode(
+                    msg.frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite
+                )
+            except codec.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
             if msg.frame.seq <= stream.last_seq:
                 await self._reject(
@@ -439,7 +441,7 @@ class Telemetry:
     def _open(self, hello: pb.Hello) -> Stream:
         """Register the agent of a valid hello with its job (raises WireError otherwise)."""
         self._check_names(hello)
-        layers, sites = wire.decode_hello(hello)
+        layers, sites = codec.decode_hello(hello)
         job = self.jobs.get(hello.job_id)
         limit = self.limits.max_layers
         for table, names, known in (
@@ -448,12 +450,12 @@ class Telemetry:
         ):
             total = len(names | known.keys()) if len(names) <= limit else len(names)
             if total > limit:
-                raise wire.WireError(
+                raise codec.WireError(
                     "too_many_layers",
                     f"job {hello.job_id!r} would have {total} {table}; the limit is {limit}",
                 )
         if job is None and len(self.jobs) >= self.limits.max_jobs:
-            raise wire.WireError(
+            raise codec.WireError(
                 "too_many_jobs",
                 f"the collector keeps {len(self.jobs)} jobs, its limit; job {hello.job_id!r} is refused",
             )
@@ -501,7 +503,7 @@ class Telemetry:
                 named += [(f"site {i}", name), (f"site {i} kind", kind)]
         for what, name in named:
             if len(name) > limit:
-                raise wire.WireError(
+                raise codec.WireError(
                     "name_too_long", f"{what}: a name of {len(name)} characters; the limit is {limit}"
                 )
 

@@ -26,19 +26,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from thermoscope.agent.derive import Reading
+from thermoscope.science.derive import Reading
+from thermoscope.wire.contract import DEFAULT_GRPC, DEFAULT_METRICS, SERVICE, split_address
 
 from .auth import Security
 from .export import MetricsExporter, metrics_app
 from .merge import Job, Stream
-from .server import SERVICE, Limits, Telemetry
+from .server import Limits, Telemetry
 from .store import DEFAULT_DB, EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
 VERSION = "0.1.0"
-DEFAULT_GRPC = "127.0.0.1:50051"
-DEFAULT_METRICS = "127.0.0.1:9108"
 #: gRPC's own hard limit; the contract limit (`max_message_bytes`) is checked below it so that
 #: messages between the two are refused with our status and counted.
 HARD_MESSAGE_LIMIT = 256 << 20
@@ -46,13 +45,6 @@ HARD_MESSAGE_LIMIT = 256 << 20
 LOOP_TIMEOUT = 30.0
 
 T = TypeVar("T")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 class Collector:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thermoscope.agent.derive import Reading
+from thermoscope.science.derive import Reading
 
 STATE_HOME = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
 DEFAULT_DB = STATE_HOME / "thermoscope" / "events.db"

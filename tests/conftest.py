@@ -26,17 +26,17 @@ from prometheus_client.parser import text_string_to_metric_families
 # (with `_node_ip_address` alone it registers the machine's address, and actors listen there).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from thermoscope.agent import wire
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.collector.service import Collector
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire import codec
 
 
 def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the `thermoscope` command as a user would, capturing its output."""
     return subprocess.run(
-        [sys.executable, "-m", "thermoscope.collector.cli", *args],
+        [sys.executable, "-m", "thermoscope.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -161,7 +161,7 @@ def start_collector_process(
         [
             sys.executable,
             "-m",
-            "thermoscope.collector.cli",
+            "thermoscope.cli",
             "collector",
             "--grpc",
             f"127.0.0.1:{grpc_port}",
@@ -222,7 +222,7 @@ def hello(
     layers: list[LayerInfo] | None = None,
     run: str = "r1",
 ) -> pb.AgentMessage:
-    return wire.hello(
+    return codec.hello(
         job_id=job,
         run_id=run,
         rank=rank,
@@ -255,7 +255,7 @@ def sample(step: int, n_layers: int = 2, n_sites: int = 1, energy: float = 1.0, 
 
 
 def frame(seq: int, step: int, n_layers: int = 2, n_sites: int = 1, **kw) -> pb.AgentMessage:
-    return wire.encode(sample(step, n_layers, n_sites, **kw), seq)
+    return codec.encode(sample(step, n_layers, n_sites, **kw), seq)
 
 
 def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcError | None]:

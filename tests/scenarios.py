@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.collector.demo import student, teacher_student
+from thermoscope.cli.demo import student, teacher_student
 
 KINDS = ("convergence", "shift", "divergence", "frozen", "stationary")
 EVERY = 5  # optimizer steps per sample

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, physics
+from thermoscope.agent import Monitor
+from thermoscope.science import physics
 
 from conftest import free_port, train_steps
 

@@ -29,6 +29,7 @@ from thermoscope.agent import Monitor
 from thermoscope.collector import auth
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire.contract import is_loopback
 
 from conftest import frame, free_port, hello, stop_process, thermoscope, train_steps, wait_serving
 
@@ -303,9 +304,9 @@ def test_collector_refuses_a_non_loopback_address_unprotected(pki, tokens_file, 
     with pytest.raises(auth.InsecureError, match="--metrics-basic-auth"):
         Collector("127.0.0.1:0", "[::]:0", db=None, security=auth.Security(tokens=tokens_file))
     for host in ("127.0.0.2", "::1", "localhost"):
-        assert auth.is_loopback(host)
+        assert is_loopback(host)
     for host in ("0.0.0.0", "::", "10.0.0.1", "example.org"):
-        assert not auth.is_loopback(host)
+        assert not is_loopback(host)
     Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=auth.Security(tokens=tokens_file))
     Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=auth.Security(insecure=True))
     with pytest.raises(auth.AuthConfigError, match="go together"):
@@ -327,7 +328,7 @@ def test_cli_refuses_to_listen_exposed_and_says_why_unless_insecure(tmp_path, to
     assert refused.returncode == 2 and "line 1: a token has at least 16" in refused.stderr
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "thermoscope.collector.cli", *args, "--insecure"],
+        [sys.executable, "-m", "thermoscope.cli", *args, "--insecure"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

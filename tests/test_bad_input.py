@@ -169,7 +169,7 @@ def test_limits_on_jobs_rate_and_series(tmp_path) -> None:
 
 
 def test_the_limits_are_collector_flags() -> None:
-    from thermoscope.collector.cli import parser
+    from thermoscope.cli.main import parser
 
     flags = {"--max-layers": "7", "--max-name-length": "9", "--max-jobs": "3"}
     flags |= {"--max-series-per-job": "5", "--max-frame-rate": "2.5"}

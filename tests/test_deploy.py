@@ -29,10 +29,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE
-from thermoscope.collector.cli import parser
+from thermoscope.cli.main import parser
 from thermoscope.collector.server import SERVICE
-from thermoscope.collector.service import DEFAULT_GRPC, DEFAULT_METRICS, split_address
+from thermoscope.wire.contract import ACTOR_NAME, DEFAULT_GRPC, DEFAULT_METRICS, NAMESPACE, split_address
 
 from conftest import free_port, scrape, stop_process, wait_serving
 
@@ -132,21 +131,25 @@ def test_the_collector_image_runs_the_collector_on_the_default_ports() -> None:
     assert expose == [f"EXPOSE {GRPC_PORT} {METRICS_PORT}"]
 
 
-def test_the_collector_image_installs_every_dependency_but_torch() -> None:
+def test_the_collector_image_installs_the_package_with_its_declared_dependencies() -> None:
+    """The image installs the package as users do: its dependencies are the collector's, with
+    no torch or ray among them (those are the training side's extras), and it copies every
+    folder the package is built from."""
     text = (DEPLOY / "Dockerfile").read_text()
-    (packages,) = re.findall(r"-c constraints\.txt \\\s*\n\s*([^\\&]+?)\s*\\?\n", text)
+    assert re.search(r"pip install --no-cache-dir -c constraints\.txt \.\s", text)
+    assert "--no-deps" not in text
 
     def name(requirement: str) -> str:
         return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
-    declared = {
-        name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    }
-    assert set(packages.split()) == declared - {"torch"}
-    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    for copied in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
-        for source in copied.split():
-            assert (ROOT / source).exists() and f"!{source.rstrip('/')}" in {i.rstrip("/") for i in ignored}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert not {name(r) for r in project["project"]["dependencies"]} & {"torch", "ray"}
+    ignored = {i.rstrip("/") for i in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()}
+    copied = {s.rstrip("/") for c in re.findall(r"^COPY (.+) \S+$", text, flags=re.M) for s in c.split()}
+    for source in copied:
+        assert (ROOT / source).exists() and f"!{source}" in ignored
+    folders = {d.split("/")[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
+    assert folders <= copied
 
 
 def test_the_collector_runs_without_torch(tmp_path: Path) -> None:
@@ -154,7 +157,7 @@ def test_the_collector_runs_without_torch(tmp_path: Path) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['ray'] = None\n"
-        "from thermoscope.collector.cli import main\n"
+        "from thermoscope.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))"
     )
     argv = ["collector", "--grpc", f"127.0.0.1:{grpc_port}", "--metrics", f"127.0.0.1:{metrics_port}"]

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, physics
-from thermoscope.agent.stats import LayerStats, Sample
-from thermoscope.agent.wire import encode
+from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
+from thermoscope.science import physics
+from thermoscope.science.stats import LayerStats, Sample
+from thermoscope.wire.codec import encode
 
 from conftest import (
     BINS,

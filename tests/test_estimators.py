@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, physics
+from thermoscope.agent import Monitor
 from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET
+from thermoscope.science import physics
 
 N = 1 << 20  # values in the layer; the histogram counts SUBSET = 65,536 of them
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thermoscope.agent.wire import encode
 from thermoscope.collector.detect import PHASES, TRANSITIONS
 from thermoscope.collector.store import FIELDS, Event, EventStore
+from thermoscope.wire.codec import encode
 
 from conftest import OpenStream, hello, sample, scrape, start_collector_process, thermoscope, value
 

@@ -24,8 +24,6 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from thermoscope.agent.derive import Reading
-from thermoscope.agent.stats import SiteInfo
 from thermoscope.collector.detect import PHASES, TRANSITIONS, PhaseDetector
 from thermoscope.collector.export import (
     ADDITIVE,
@@ -37,6 +35,8 @@ from thermoscope.collector.export import (
     MetricsExporter,
 )
 from thermoscope.collector.merge import Job, Stream
+from thermoscope.science.derive import Reading
+from thermoscope.science.stats import SiteInfo
 
 from conftest import frame, hello, layer_table, sample, stream
 

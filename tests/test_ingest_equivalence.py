@@ -1,6 +1,6 @@
 """The collector's fast ingest paths give, bit for bit, what the straightforward code gave.
 
-Rewritten for speed (tests/bench/bench_ingest.py): `wire.decode` (one buffer, three vectorized
+Rewritten for speed (tests/bench/bench_ingest.py): `codec.decode` (one buffer, three vectorized
 checks), `merge_step` (a cached plan, histograms added per rank), the thermometer (entropy sums
 and engine types kept, cheaper slopes) and the phase detector (medians by a sort, and only for
 the layers that read them). The references below are the code they replaced, kept verbatim
@@ -24,10 +24,6 @@ import numpy as np
 import pytest
 import scenarios
 
-from thermoscope.agent import physics, wire
-from thermoscope.agent.derive import ENERGY_SLOPE_SIGMAS, Reading, Thermometer
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.agent.wire import F64, I64, LAYER_COLUMNS, MAX_COUNT, MAX_SEQ, SITE_COLUMNS, U32, WireError
 from thermoscope.collector.detect import (
     PHASES,
     REFRESH,
@@ -43,7 +39,12 @@ from thermoscope.collector.detect import (
     _median,
 )
 from thermoscope.collector.merge import MergePlans, merge_step
+from thermoscope.science import physics
+from thermoscope.science.derive import ENERGY_SLOPE_SIGMAS, Reading, Thermometer
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire import codec
+from thermoscope.wire.codec import F64, I64, LAYER_COLUMNS, MAX_COUNT, MAX_SEQ, SITE_COLUMNS, U32, WireError
 
 # -- the references: the code the fast paths replaced -------------------------------------------
 
@@ -262,11 +263,11 @@ def random_frame(rng: np.random.Generator) -> tuple[pb.Frame, int, int, int]:
         "out_m2": m2(ns),
         "probe_spread": floats(ns),
     }
-    data = {("layer", k): wire._bytes(v, I64 if k == "count" else F64) for k, v in layer.items()}
-    data |= {("site", k): wire._bytes(v, I64 if k == "count" else F64) for k, v in site.items()}
+    data = {("layer", k): codec._bytes(v, I64 if k == "count" else F64) for k, v in layer.items()}
+    data |= {("site", k): codec._bytes(v, I64 if k == "count" else F64) for k, v in site.items()}
     hist = b""
     if rng.random() < 0.6:
-        hist = wire._bytes(rng.integers(0, 2**32, (nl, bins + 2)), U32)
+        hist = codec._bytes(rng.integers(0, 2**32, (nl, bins + 2)), U32)
     if odd and rng.random() < 0.15:  # a column of the wrong length
         key = list(data)[int(rng.integers(0, len(data)))]
         data[key] = data[key][: -8 or None] if data[key] and rng.random() < 0.5 else data[key] + bytes(8)
@@ -297,7 +298,7 @@ def test_decode_is_the_column_by_column_decode_on_random_frames() -> None:
     kinds = set()
     for _ in range(3000):
         frame, nl, ns, bins = random_frame(rng)
-        new, new_counts = outcome(wire.decode, frame, nl, ns, bins)
+        new, new_counts = outcome(codec.decode, frame, nl, ns, bins)
         old, old_counts = outcome(reference_decode, frame, nl, ns, bins)
         assert new_counts == old_counts
         if isinstance(old, tuple):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 
-from thermoscope.collector import loadgen
+from thermoscope.cli import loadgen
 
 from conftest import thermoscope
 

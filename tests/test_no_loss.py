@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, wire
+from thermoscope.agent import Monitor
 from thermoscope.agent.spool import Spool
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
+from thermoscope.wire import codec
 
 from conftest import (
     OpenStream,
@@ -278,7 +279,7 @@ def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_n
         for seq in (1, 2, 3):
             s.last_seq = seq
             msg = frame(seq, seq - 1).frame
-            telemetry.jobs[job].accept(s, wire.decode(msg, len(s.layers), len(s.sites), s.bins))
+            telemetry.jobs[job].accept(s, codec.decode(msg, len(s.layers), len(s.sites), s.bins))
 
     async def stop_midway_then_checkpoint() -> None:
         first = asyncio.create_task(telemetry.checkpoint())

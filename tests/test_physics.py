@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from thermoscope.agent import physics
+from thermoscope.science import physics
 
 RNG = np.random.default_rng(0)
 N = 1_000_000

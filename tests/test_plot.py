@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, Reading
+from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
+from thermoscope.science.derive import Reading
 
 from conftest import thermoscope, train_steps
 

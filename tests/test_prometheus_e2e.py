@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.collector.demo import student, teacher_student
+from thermoscope.cli.demo import student, teacher_student
 
 from conftest import CollectorProcess, free_port, scrape, stop_process
 

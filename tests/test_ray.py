@@ -22,8 +22,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from thermoscope.agent.discovery import ACTOR_NAME, NAMESPACE  # noqa: E402
 from thermoscope.collector import actor  # noqa: E402
+from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE  # noqa: E402
 
 from conftest import frame, hello, scrape, stream, thermoscope, value  # noqa: E402
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.agent.discovery import shard
 from thermoscope.collector.service import Collector
+from thermoscope.wire.contract import shard
 
 from conftest import train_steps
 

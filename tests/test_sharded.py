@@ -23,8 +23,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard
 
-from thermoscope.agent import Monitor, physics
+from thermoscope.agent import Monitor
 from thermoscope.agent.sampler import SHAPE_EVERY, _shard_position
+from thermoscope.science import physics
 
 from conftest import free_port
 from test_agent import entropy64, work64

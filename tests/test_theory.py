@@ -18,8 +18,8 @@ import math
 import numpy as np
 import pytest
 
-from thermoscope.agent import physics, theory
-from thermoscope.collector import theory_cli
+from thermoscope.cli import theory as theory_cli
+from thermoscope.science import physics, theory
 
 from conftest import thermoscope
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thermoscope.agent import wire
+from thermoscope.wire import codec
 
 from conftest import BINS, sample
 
@@ -34,8 +34,8 @@ def test_committed_stubs_are_what_the_proto_generates(tmp_path: Path) -> None:
 
 def test_a_sample_round_trips_exactly_through_a_frame() -> None:
     s = sample(42, n_layers=3, n_sites=2, energy=0.25)
-    msg = wire.encode(s, seq=7)
-    back = wire.decode(type(msg.frame).FromString(msg.frame.SerializeToString()), 3, 2, BINS)
+    msg = codec.encode(s, seq=7)
+    back = codec.decode(type(msg.frame).FromString(msg.frame.SerializeToString()), 3, 2, BINS)
     assert msg.frame.seq == 7 and back.step == 42 and back.energy == 0.25
     for field in ("count", "mean", "m2", "dot_before", "dot_after", "histogram"):
         np.testing.assert_array_equal(getattr(back.layers, field), getattr(s.layers, field))
@@ -44,28 +44,28 @@ def test_a_sample_round_trips_exactly_through_a_frame() -> None:
 
 
 def test_a_frame_without_energy_decodes_to_nan() -> None:
-    msg = wire.encode(sample(1, energy=math.nan), seq=1)
+    msg = codec.encode(sample(1, energy=math.nan), seq=1)
     assert not msg.frame.HasField("energy")
-    assert math.isnan(wire.decode(msg.frame, 2, 1, BINS).energy)
+    assert math.isnan(codec.decode(msg.frame, 2, 1, BINS).energy)
 
 
 def test_columns_are_little_endian_bytes_not_repeated_fields() -> None:
-    msg = wire.encode(sample(1, n_layers=1000), seq=1)
+    msg = codec.encode(sample(1, n_layers=1000), seq=1)
     assert len(msg.frame.layers.mean) == 8 * 1000
     assert np.frombuffer(msg.frame.layers.count, dtype="<i8")[0] == 100
 
 
 def test_negative_counts_are_refused() -> None:
-    msg = wire.encode(sample(1), seq=1)
+    msg = codec.encode(sample(1), seq=1)
     msg.frame.layers.count = np.array([-1, 5], dtype="<i8").tobytes()
-    with pytest.raises(wire.WireError) as info:
-        wire.decode(msg.frame, 2, 1, BINS)
+    with pytest.raises(codec.WireError) as info:
+        codec.decode(msg.frame, 2, 1, BINS)
     assert info.value.reason == "invalid_value"
 
 
 def test_a_frame_without_a_histogram_decodes_to_none() -> None:
     s = sample(3)
     no_hist = type(s)(s.step, s.wall_time, s.energy, replace(s.layers, histogram=None), s.sites)
-    msg = wire.encode(no_hist, seq=1)
+    msg = codec.encode(no_hist, seq=1)
     assert msg.frame.layers.histogram == b""
-    assert wire.decode(msg.frame, 2, 1, BINS).layers.histogram is None
+    assert codec.decode(msg.frame, 2, 1, BINS).layers.histogram is None

@@ -18,7 +18,7 @@ Stages, each timed over all frames of a run (the best of `--repeat` runs: the ma
 shared, the minimum is the least disturbed figure):
 
 * `parse`: `AgentMessage.FromString` (gRPC's deserializer does it before the servicer);
-* `wire.decode`: validation and columns of one frame;
+* `codec.decode`: validation and columns of one frame;
 * `Job.accept`: one frame into a `Job` (store=None, as the collector runs without `--db`),
   which on each step's last rank merges the step, runs the thermometer and the detector;
 * per merged step, apart: `merge_step` (as the job calls it), `Thermometer.update` and
@@ -39,14 +39,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from thermoscope.agent import wire
-from thermoscope.agent.derive import Thermometer
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.collector import loadgen
+from thermoscope.cli import loadgen
 from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.merge import Job, MergePlans, Stream, merge_step
 from thermoscope.collector.server import Telemetry
+from thermoscope.science.derive import Thermometer
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire import codec
 
 BINS = loadgen.BINS
 WINDOW = 10  # the collector's default thermometer window
@@ -58,7 +58,7 @@ def tables(ranks: int, layers: int, sites: int, layout: str) -> list[pb.Hello]:
     for rank in range(ranks):
         shard = (rank, ranks) if layout == "shard" else (0, 1)
         out.append(
-            wire.hello(
+            codec.hello(
                 job_id="bench",
                 run_id="loadgen",
                 rank=rank,
@@ -104,7 +104,7 @@ def frames(args: argparse.Namespace) -> list[list[bytes]]:
                     probe_spread=np.full(args.sites, -1.0),
                 ),
             )
-            template = wire.encode(sample, 1).SerializeToString()
+            template = codec.encode(sample, 1).SerializeToString()
             stamp = pb.AgentMessage(frame=pb.Frame(seq=step, step=step, wall_time=time.time()))
             row.append(template + stamp.SerializeToString())
         out.append(row)
@@ -146,7 +146,7 @@ def main() -> int:
     n_frames, n_steps = args.ranks * args.steps, args.steps
     msgs = [[pb.AgentMessage.FromString(b) for b in row] for row in raw]
     decode = lambda: [  # noqa: E731
-        [wire.decode(m.frame, args.layers, args.sites, BINS, {}) for m in row] for row in msgs
+        [codec.decode(m.frame, args.layers, args.sites, BINS, {}) for m in row] for row in msgs
     ]
     samples = decode()
 
@@ -191,7 +191,7 @@ def main() -> int:
             "frame",
             best(args.repeat, lambda: [pb.AgentMessage.FromString(b) for r in raw for b in r]) / n_frames,
         ),
-        ("wire.decode", "frame", best(args.repeat, decode) / n_frames),
+        ("codec.decode", "frame", best(args.repeat, decode) / n_frames),
         ("Job.accept (merge + thermometer + detector)", "frame", best(args.repeat, accept) / n_frames),
         ("merge_step", "merged step", best(args.repeat, merge) / n_steps),
         ("Thermometer.update", "merged step", best(args.repeat, thermometer) / n_steps),
@@ -209,7 +209,7 @@ def main() -> int:
         print(f"| {name} | {per} | {seconds * 1e6:,.1f} | {fps:,.0f} | {fps * args.layers:,.0f} |")
     decode_accept = stages[1][2] + stages[2][2]
     print(
-        f"| wire.decode + Job.accept | frame | {decode_accept * 1e6:,.1f} | {1 / decode_accept:,.0f} "
+        f"| codec.decode + Job.accept | frame | {decode_accept * 1e6:,.1f} | {1 / decode_accept:,.0f} "
         f"| {args.layers / decode_accept:,.0f} |"
     )
 

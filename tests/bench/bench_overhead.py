@@ -203,7 +203,7 @@ def collector_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     command = [
         sys.executable,
         "-m",
-        "thermoscope.collector.cli",
+        "thermoscope.cli",
         "--log-level",
         "WARNING",
         "collector",

@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.collector.export import MetricsExporter
 from thermoscope.collector.merge import Job, Stream
 from thermoscope.collector.service import VERSION
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 BINS = 8
 REPO = Path(__file__).resolve().parents[2]

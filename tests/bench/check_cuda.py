@@ -21,7 +21,8 @@ import traceback
 import torch
 from torch import nn
 
-from thermoscope.agent import Monitor, physics
+from thermoscope.agent import Monitor
+from thermoscope.science import physics
 
 
 def entropy64(t: torch.Tensor) -> float:

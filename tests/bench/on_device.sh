@@ -37,7 +37,7 @@ run() {  # name, command...
 run overhead_cuda python3 tests/bench/bench_overhead.py "${big[@]}"
 run blocked_cuda_every10 python3 tests/bench/bench_blocked.py "${big[@]}" --every 10
 run blocked_cuda_every1 python3 tests/bench/bench_blocked.py "${big[@]}" --every 1
-loadgen=(python3 -m thermoscope.collector.cli loadgen --pin)
+loadgen=(python3 -m thermoscope.cli loadgen --pin)
 run load_target "${loadgen[@]}" --agents 1000 --layers 200 --rate 1 --duration 30 --warmup 10
 run load_peak_1 "${loadgen[@]}" --agents 40 --layers 1000 --rate 0 --duration 20
 run load_peak_4 "${loadgen[@]}" --agents 160 --layers 1000 --rate 0 --duration 20 --collectors 4

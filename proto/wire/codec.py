@@ -15,9 +15,8 @@ from itertools import accumulate, pairwise
 
 import numpy as np
 
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
-
-from .stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 PROTOCOL_VERSION = 1
 F64 = np.dtype("<f8")

@@ -18,12 +18,12 @@ import sys
 import time
 from typing import Any
 
-from . import auth
+from thermoscope.collector import auth
 
 
 def _actor():
     try:
-        from . import actor
+        from thermoscope.collector import actor
     except ImportError as exc:
         raise SystemExit(
             f"thermoscope: this command needs Ray ({exc}): pip install 'thermoscope[ray]'"
@@ -73,7 +73,7 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 
     `settings`: the `Collector` settings of the command line, `security` among them.
     """
-    from .service import split_address
+    from thermoscope.wire.contract import split_address
 
     _, targets, _ = _start(
         address=args.address,
@@ -149,7 +149,7 @@ def detach(args: argparse.Namespace) -> int:
 
 def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentParser) -> None:
     """The Ray options of `collector`, and the `attach` and `detach` commands."""
-    from .store import STATE_HOME
+    from thermoscope.collector.store import STATE_HOME
 
     sd_default = STATE_HOME / "thermoscope" / "file_sd.json"
     collector.add_argument(

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from thermoscope.agent.derive import Reading
-
-from .store import Event, EventStore, History
+from thermoscope.collector.store import Event, EventStore, History
+from thermoscope.science.derive import Reading
 
 #: Colors of the job's phases (THEORY section 6), shared by the bands and the markers.
 PHASE_COLORS = {

@@ -30,10 +30,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from thermoscope.agent import Monitor, Reading
-
-from .service import Collector
-from .store import Event
+from thermoscope.agent import Monitor
+from thermoscope.collector.service import Collector
+from thermoscope.collector.store import Event
+from thermoscope.science.derive import Reading
 
 JOB = "demo"
 

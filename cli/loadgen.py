@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import math
 import os
 import socket
@@ -41,12 +40,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from thermoscope.agent import wire
-from thermoscope.agent.discovery import shard
-from thermoscope.agent.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
-
-from .service import split_address
+from thermoscope.wire import codec
+from thermoscope.wire.contract import is_loopback, shard, split_address
 
 METHOD = "/thermoscope.v1.Telemetry/Stream"
 MAX_AGENTS = 5000
@@ -61,14 +58,7 @@ class LoadgenError(ValueError):
 
 
 def check_loopback(target: str) -> None:
-    host, _ = split_address(target)
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(split_address(target)[0]):
         raise LoadgenError(f"loadgen drives loopback collectors only, not {target!r}")
 
 
@@ -100,11 +90,11 @@ def _template(layers: int) -> bytes:
             np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
         ),
     )
-    return wire.encode(sample, 1).SerializeToString()
+    return codec.encode(sample, 1).SerializeToString()
 
 
 def _hello(job: str, rank: int, world_size: int, layers: int) -> bytes:
-    return wire.hello(
+    return codec.hello(
         job_id=job,
         run_id="loadgen",
         rank=rank,
@@ -162,9 +152,9 @@ def start_collectors(k: int, workdir: Path, profile: bool = False, pin: bool = F
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", str(workdir / f"collector{i}.prof")]
-            cmd += ["-m", "thermoscope.collector.cli"]
+            cmd += ["-m", "thermoscope.cli"]
         else:
-            cmd += ["-m", "thermoscope.collector.cli"]
+            cmd += ["-m", "thermoscope.cli"]
         cmd += [
             "--log-level",
             "WARNING",

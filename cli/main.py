@@ -10,11 +10,14 @@ import math
 import sqlite3
 import sys
 
-from thermoscope.agent.theory import INITS, LOSSES, ProblemError
+from thermoscope.collector import auth
+from thermoscope.collector.service import Collector
+from thermoscope.collector.store import DEFAULT_DB
+from thermoscope.science.theory import INITS, LOSSES, ProblemError
+from thermoscope.wire.contract import DEFAULT_GRPC, DEFAULT_METRICS, split_address
 
-from . import attach_cli, auth, events_cli
-from .service import DEFAULT_GRPC, DEFAULT_METRICS, Collector, split_address
-from .store import DEFAULT_DB
+from . import attach as attach_cli
+from . import events as events_cli
 
 
 def _at_least(low: int):
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadgen.main(args, p)
     if args.command == "theory":
-        from . import theory_cli  # torch is imported only with --simulate
+        from . import theory as theory_cli  # torch is imported only with --simulate
 
         try:
             return theory_cli.run(args)

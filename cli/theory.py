@@ -1,7 +1,7 @@
 """`thermoscope theory`: section 7's reference tables, and (`--simulate`) the product checked on them.
 
 Without `--simulate` this prints the predicted Type I / Type II energies and entropies and the
-transition temperature T_{I->II} of a linear model (`thermoscope.agent.theory`). With it, the
+transition temperature T_{I->II} of a linear model (`thermoscope.science.theory`). With it, the
 same model is trained in torch with a real `Monitor` attached, and what the Monitor measured
 is printed beside the prediction: the point is that the product's own readings, not a
 side computation, reproduce the theory. `--json` prints one JSON object instead of tables.
@@ -34,7 +34,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from thermoscope.agent import theory
+from thermoscope.science import theory
 
 #: Training stops once the loss is below this fraction of its initial value (mse, mae: the
 #: optimum's loss is 0) or, for ce, once a step changes it by less than this relative amount.
