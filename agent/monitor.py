@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.derive import WINDOW, Reading, Thermometer
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
@@ -67,7 +67,7 @@ class Monitor:
         node: str = "",
         step: int = 0,
         every: int = 10,
-        window: int = 10,
+        window: int = WINDOW,
         sites: Iterable[nn.Module] = (),
         max_queue: int = 1024,
         bins: int = BINS,
@@ -80,8 +80,8 @@ class Monitor:
             optimizer: whose steps are measured; None measures every optimizer that steps
                 this model's parameters (through torch's global optimizer hooks).
             collector: "host:port" of a collector (or several, comma-separated: the job's is
-                picked by a hash of its id, `discovery.shard`), or a function that finds one
-                (dormant until it does); None derives everything in-process.
+                picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
+                that finds one (dormant until it does); None derives everything in-process.
             token, tls_root_cert, tls_client_cert, tls_client_key: how to prove ourselves to the
                 collector (a bearer token; TLS with this CA; mutual TLS; PEM paths or bytes);
                 each defaults to $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE),

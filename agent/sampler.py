@@ -10,7 +10,7 @@ sampled step:
 * the optimizer's step pre-hook reads, per parameter tensor theta with gradient g, sum theta,
   sum theta^2 and <g, theta> (the step's state theta_t, paired with its loss E_t); the post-hook
   reads <g, theta_{t+1}>. Work w = <g, theta_{t+1}> - <g, theta_t> needs no parameter copy;
-  the two dots cancel to a small difference, so they accumulate in float64 (THEORY section 2);
+  the two dots cancel to a small difference, so they accumulate in float64 (docs/science.md section 2);
 * the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
   first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
   is counted on fixed edges over a fixed, seeded subset of at most `subset` values (the same
@@ -24,7 +24,7 @@ since per-op dispatch (~10 us) would otherwise dominate models with hundreds of 
 
 Sharded parameters (DTensors, as FSDP2's `fully_shard` makes them) are measured on the shard
 this rank holds, their gradients likewise (a histogram counts a subset of each shard): the
-statistics of the shards merge exactly in the collector (THEORY section 3). Which layers are
+statistics of the shards merge exactly in the collector (docs/science.md section 3). Which layers are
 sharded is found once, at construction, so that a model of plain tensors pays nothing for
 it. A sharded layer's histogram edges come from the full tensor, so that all its shards
 share them: constructing a `Sampler` over sharded parameters is then a collective, which
@@ -550,7 +550,7 @@ def _segments(sizes: list[int], device: torch.device) -> torch.Tensor:
 
 def _scale_probe(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """max over c of |eta(c z) - eta(z)| on a strided subsample of z, with the site's own
-    activation (THEORY section 5); -1 where it cannot be measured (no spread, or the module
+    activation (docs/science.md section 5); -1 where it cannot be measured (no spread, or the module
     does not take a single tensor)."""
     flat = z.reshape(-1)
     sub = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]

@@ -1,17 +1,20 @@
 """Stream samples to the collector from a background thread; training never waits for it.
 
-Shaped like OpenTelemetry's batch processor: the training thread only appends to a
-bounded `deque` (the oldest item is dropped and counted when it is full) and sets an
-`Event`; one daemon thread owns the gRPC stream, converts items to frames, reads acks and
-configuration, and reconnects with jittered exponential backoff while the collector is
-away. After `fork` (DataLoader workers) the child gets a fresh, empty sender whose thread
-starts only if the child ever submits. `flush` and `shutdown` wait a bounded time.
+Shaped like OpenTelemetry's batch processor: the training thread only appends to a bounded
+`deque` (the oldest item is dropped and counted when it is full) and wakes the sender thread
+through the condition that guards the queue and the counters (one lock, so that "queued", "in
+flight" and "acknowledged" always read consistently). The sender thread drives the rest:
+it finds the collector, connects, and streams to it through a `Link` (`agent/link.py`: one gRPC
+channel per collector address, kept, reconnected by grpc itself), retries a stream that failed
+with jittered exponential backoff, and counts what was delivered and what was dropped. After
+`fork` (DataLoader workers) the child gets a fresh, empty sender whose thread starts only if the
+child ever submits. `flush` and `shutdown` wait a bounded time.
 
 The target is an address, or a function that finds one (`discovery.find_collector`): then
 the thread starts at once and, while no collector is found, looks again every `interval`
-seconds (the agent is dormant meanwhile); a broken stream is followed by a new lookup, so
-an agent follows a collector that moved. `shutdown` half-closes the stream, so that the
-collector sees a rank that finished, not one that was lost.
+seconds (the agent is dormant meanwhile); a stream that ended, or a collector that does not
+answer, is followed by a new lookup, so an agent follows a collector that moved. `shutdown`
+half-closes the stream, so that the collector sees a rank that finished, not one that was lost.
 
 Without a spool, frames in flight when a stream breaks are counted as dropped. With one
 (`spool=DIR`), every frame put on a stream is also appended to a bounded on-disk spool
@@ -28,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import threading
 import time
 import weakref
@@ -38,27 +40,18 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
-from . import security
+from .link import Link
 from .sampler import Pending
 from .spool import Spool
 
 log = logging.getLogger("thermoscope.agent")
 
-#: Seconds grpc's channel connectivity poller takes to stop after its last watcher leaves.
-POLL_SETTLE = 0.25
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-
 
 class Sender:
-    """Owns the stream to one collector address."""
+    """The training thread's queue of sampled steps, and the thread that streams them."""
 
     def __init__(
         self,
@@ -75,9 +68,13 @@ class Sender:
         spool: str | os.PathLike | None = None,
         spool_bytes: int = 64 << 20,
     ) -> None:
-        """`interval`: seconds between lookups while `target` (a function) finds no collector;
-        `spool`: a directory for this process's spool of frames not durable yet (None: none, frames
-        in flight when a stream breaks are lost); `spool_bytes`: its bound."""
+        """`credentials`, `metadata`: from `security.channel_security` (TLS, or None: plaintext;
+        per-call metadata: a token); `connect_timeout`: seconds to wait for a collector to answer
+        before looking it up again; `backoff`: the first and the longest wait after a failed
+        stream (and between grpc's reconnects); `interval`: seconds between lookups while `target`
+        (a function) finds no collector; `spool`: a directory for this process's spool of frames
+        not durable yet (None: none, frames in flight when a stream breaks are lost);
+        `spool_bytes`: its bound."""
         if spool_bytes < 1:
             raise ValueError(f"spool_bytes must be positive, got {spool_bytes}")
         self._spool_dir = spool
@@ -90,24 +87,22 @@ class Sender:
         self._max_queue = max_queue
         self._on_config = on_config
         self._connect_timeout = connect_timeout
-        # `security.channel_security`: TLS (None: plaintext) and per-call metadata (a token)
         self._credentials, self._metadata = credentials, tuple(metadata)
         self._backoff = backoff
         self._init_state()
-        ref = weakref.WeakMethod(self._init_state)
+        ref = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
         if self._find is not None:  # (not after a fork: a DataLoader worker looks for nothing)
             self._start()
 
     def _init_state(self) -> None:
         self._queue: deque[Pending] = deque(maxlen=self._max_queue)
-        # One condition guards the queue, the sequence counters and the stream generation, so
-        # that "queued", "in flight" and "acknowledged" are always read consistently.
+        # One condition guards the queue, the sequence counters and the stream generation.
         self._cond = threading.Condition()
-        self._generation = 0  # bumped when a stream ends: its request generator must stop
+        self._generation = 0  # bumped when a stream ends: its frames generator must stop
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._call: grpc.RpcContext | None = None
+        self._link: Link | None = None  # to the current target; made and closed by the sender thread
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
         self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
@@ -118,10 +113,14 @@ class Sender:
         self.connected = False
         self.last_error: str | None = None
         self._drop_logged = False
-        self._gap = 0.0  # least seconds between two frames: below the collector's max_frame_rate
-        self._next_send = 0.0
-        # made at the first submit, per process (a forked child never writes its parent's file)
+        # made by the first frame kept, per process (a forked child never writes its parent's file)
         self._spool: Spool | None = None
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child starts empty and idle; its parent's link is abandoned, never touched."""
+        if self._link is not None:
+            self._link.abandon()
+        self._init_state()
 
     @property
     def discovering(self) -> bool:
@@ -137,16 +136,9 @@ class Sender:
                 self._count_drop(1, "the send queue is full")
             self._queue.append(item)
             self.submitted += 1
-            if self._spool_dir is not None and self._spool is None:
-                self._spool = Spool(self._spool_path(), self._spool_bytes)
             self._cond.notify_all()
         if self._thread is None:
             self._start()
-
-    def _spool_path(self) -> str:
-        h = self._hello.hello
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{h.job_id}-{h.run_id}-{h.rank}-{os.getpid()}")
-        return os.path.join(self._spool_dir, f"{name}.spool")  # type: ignore[arg-type]
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="thermoscope-sender", daemon=True)
@@ -175,8 +167,9 @@ class Sender:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(min(timeout, 1.0))
-            if self._thread.is_alive() and self._call is not None:
-                self._call.cancel()
+            link = self._link
+            if self._thread.is_alive() and link is not None:
+                link.cancel()
             self._thread.join(timeout)
         with self._cond:
             if self._queue:
@@ -203,35 +196,55 @@ class Sender:
 
     def _run(self) -> None:
         delay = self._backoff[0]
-        while not self._stopping.is_set():
-            if self._find is not None and not self._look_up():
-                self._stopping.wait(self._interval)
-                continue
-            started = time.monotonic()
-            try:
-                self._stream_once()
-            except grpc.RpcError as exc:
-                self._note_error(f"{exc.code().name}: {exc.details()}{security.refusal_hint(exc.code())}")
-            except grpc.FutureTimeoutError:
-                self._note_error(f"no collector answering at {self.target}")
-            finally:
+        try:
+            while not self._stopping.is_set():
+                if self._find is not None and not self._look_up():
+                    self._stopping.wait(self._interval)
+                    continue
+                link = self._link_to(self.target)  # type: ignore[arg-type]
+                if not link.connect(self._connect_timeout, self._idle, self._stopping):
+                    # look up again, and wait again: the channel paces its reconnects itself
+                    self._note_error(f"no collector answering at {link.target}")
+                    continue
+                started = time.monotonic()
+                error = link.stream(
+                    self._hello,
+                    self._frames(self._generation),
+                    on_open=self._opened,
+                    on_ack=self._take_ack,
+                    on_config=self._on_config,
+                    stopping=self._stopping,
+                )
                 self._end_stream()
-            if time.monotonic() - started > 30:
-                delay = self._backoff[0]  # the stream had been healthy: start the backoff over
-            self._idle(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, self._backoff[1])
+                if error is not None:
+                    self._note_error(error)
+                if time.monotonic() - started > 30:
+                    delay = self._backoff[0]  # the stream had been healthy: start the backoff over
+                self._idle(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, self._backoff[1])
+        finally:
+            if self._link is not None:
+                self._link.close()
+
+    def _link_to(self, target: str) -> Link:
+        """The link to `target`: kept while the collector stays there, replaced when it moved."""
+        if self._link is None or self._link.target != target:
+            if self._link is not None:
+                self._link.close()
+            self._link = Link(target, self._credentials, self._metadata, self._backoff)
+        return self._link
 
     def _idle(self, seconds: float) -> None:
-        """Wait between streams (until `seconds` pass or shutdown). With a spool, spill the oldest
-        queued frames into it once the queue is half full: during an outage the spool's bytes
-        bound what is kept, not the queue's length (a short wait stays in memory)."""
+        """Wait while no stream is open (until `seconds` pass or shutdown). With a spool, spill the
+        oldest queued frames into it once the queue is half full: during an outage the spool's
+        bytes bound what is kept, not the queue's length (a short wait stays in memory)."""
         deadline = time.monotonic() + seconds
         while not self._stopping.is_set():
             with self._cond:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                if self._spool is None or len(self._queue) < max(1, self._max_queue // 2):
+                if self._spool_dir is None or len(self._queue) < max(1, self._max_queue // 2):
                     self._cond.wait(left)  # woken by `submit` and `shutdown`
                     continue
                 item = self._queue.popleft()
@@ -240,8 +253,15 @@ class Sender:
             self._keep(seq, codec.encode(item.to_sample(), seq).SerializeToString())
 
     def _keep(self, seq: int, data: bytes) -> None:
+        """Append a frame to the spool (made here, by this process's first frame kept)."""
         with self._cond:
-            evicted = self._spool.append(seq, data)  # type: ignore[union-attr]
+            if self._spool is None:
+                self._spool = Spool.of_process(
+                    self._spool_dir,  # type: ignore[arg-type] (only a sender with a spool keeps frames)
+                    self._hello.hello,
+                    self._spool_bytes,
+                )
+            evicted = self._spool.append(seq, data)
             if evicted:
                 self._count_drop(evicted, "the spool of frames not yet durable is full")
 
@@ -259,88 +279,55 @@ class Sender:
         self.target = target
         return target is not None
 
+    def _opened(self) -> None:
+        """The collector answered on a new stream."""
+        self.connected, self.last_error = True, None
+        log.info("thermoscope: streaming to %s", self.target)
+
     def _end_stream(self) -> None:
-        """Retire the stream's request generator and count the frames that died with it."""
+        """Retire the stream's frames generator and count the frames that died with it."""
         with self._cond:
             self.connected = False
             self._generation += 1
             lost = self.seq - self.acked
-            if lost > 0 and self._spool is None:
+            if lost > 0 and self._spool_dir is None:
                 self.acked = self.seq
                 self._count_drop(lost, "a stream broke with frames in flight")
             self._cond.notify_all()
 
     def _note_error(self, error: str) -> None:
+        """Log an error once (until another one comes): the stream is retried meanwhile."""
         if error != self.last_error and not self._stopping.is_set():
             log.warning("thermoscope: collector stream at %s: %s (retrying with backoff)", self.target, error)
         self.last_error = error
 
-    def _stream_once(self) -> None:
-        if self._credentials is None:
-            security.warn_plaintext(self.target, self._metadata)  # type: ignore[arg-type]
-            channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        else:
-            channel = grpc.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
-        with channel:
-            ready = grpc.channel_ready_future(channel)
-            deadline = time.monotonic() + self._connect_timeout
-            while not ready.done():  # spilling into the spool meanwhile
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopping.is_set():
-                    ready.cancel()
-                    # grpc's connectivity poller notices the cancel within 0.2 s; closing the
-                    # channel before that makes it print a traceback (grpc/grpc#29848)
-                    time.sleep(POLL_SETTLE)
-                    raise grpc.FutureTimeoutError()
-                self._idle(min(left, 0.05))
-            call = pb_grpc.TelemetryStub(channel).Stream(
-                self._messages(self._generation), metadata=self._metadata or None
-            )
-            self._call = call
-            if self._stopping.is_set():
-                call.cancel()
-            for reply in call:
-                if not self.connected:
-                    self.connected, self.last_error = True, None
-                    log.info("thermoscope: streaming to %s", self.target)
-                if reply.HasField("ack"):
-                    self._take_ack(reply.ack)
-                elif reply.HasField("config"):
-                    rate = reply.config.max_frame_rate
-                    self._gap = 1.0 / (0.9 * rate) if rate > 0 else 0.0
-                    if self._on_config is not None:
-                        self._on_config(reply.config)
-
-    def _take_ack(self, ack: pb.Ack) -> None:
-        """Count what the collector accepted (`seq`); free the spool up to what it persisted."""
-        durable = ack.durable if ack.HasField("durable") else ack.seq
+    def _take_ack(self, accepted: int, durable: int) -> None:
+        """Count what the collector accepted; free the spool up to what it persisted."""
         with self._cond:
-            if ack.seq > self.acked:
+            if accepted > self.acked:
                 if self._spool is not None:  # frames evicted meanwhile are counted dropped
-                    self.delivered += self._spool.settle(ack.seq)
+                    self.delivered += self._spool.settle(accepted)
                 else:
-                    self.delivered += ack.seq - self.acked
-                self.acked = ack.seq
+                    self.delivered += accepted - self.acked
+                self.acked = accepted
             if durable > self.durable:
                 if self._spool is not None:
                     self._spool.ack(durable)
                 self.durable = durable
             self._cond.notify_all()
 
-    def _messages(self, generation: int) -> Iterator[pb.AgentMessage]:
-        """The request stream: the hello, then one frame per queued sample.
+    def _frames(self, generation: int) -> Iterator[pb.AgentMessage]:
+        """The frames of one stream: those the spool holds (sent, not durable at the collector)
+        first, in seq order, then one per queued sample.
 
         Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
-        stream was retired (it must not take a frame that no stream would carry). With a
-        spool, the frames it holds (sent, not durable at the collector) go first, in seq order.
+        stream was retired (it must not take a frame that no stream would carry).
         """
-        yield self._hello
         with self._cond:
             replay = [] if self._spool is None else self._spool.frames(self.durable)
         for _, data in replay:
             if generation != self._generation:
                 return
-            self._pace()
             yield pb.AgentMessage.FromString(data)
         while True:
             with self._cond:
@@ -352,19 +339,6 @@ class Sender:
                 self.seq += 1
                 seq = self.seq
             msg = codec.encode(item.to_sample(), seq)
-            if self._spool is not None:  # (no ack for `seq` can come before it is sent)
+            if self._spool_dir is not None:  # (no ack for `seq` can come before it is sent)
                 self._keep(seq, msg.SerializeToString())
-            self._pace()
             yield msg
-
-    def _pace(self) -> None:
-        """Stay below the collector's `max_frame_rate` (its Config says it): a replay after an
-        outage would otherwise come as one burst and be refused. Sleeps on gRPC's request
-        thread; training never waits for it."""
-        if not self._gap:
-            return
-        now = time.monotonic()
-        if self._next_send > now:
-            time.sleep(self._next_send - now)
-            now = self._next_send
-        self._next_send = now + self._gap

@@ -1,13 +1,13 @@
 """The agent's spool: frames put on a stream that the collector has not made durable yet.
 
-A `Sender` given a spool keeps every frame it sends until the collector says it is durable
+A `Sender` given a spool directory keeps every frame it sends until the collector says it is durable
 (`Ack.durable`: its last checkpoint holds the frame's effects), and replays the ones still
 held, in sequence order, on the next stream (a collector that was killed, restarted or
 moved). The collector de-duplicates on (job, run, rank, seq), so a replayed frame it had
 already applied is acknowledged and not counted twice. A frame the collector accepted
 (`Ack.seq`) but has not checkpointed yet is *settled* (delivered) and still held.
 
-On disk: one append-only file per agent process, a log of records
+On disk: one append-only file per agent process (`Spool.of_process`), a log of records
 `<seq: u64 little-endian> <length: u32> <length bytes: a serialized AgentMessage>`; the
 watermarks and the offsets of the frames still held live in memory (the file
 is for this process only: it is truncated when the spool opens, so nothing of another
@@ -22,9 +22,12 @@ sender counts the unsettled ones dropped), but the newest frame is always kept, 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections import deque
 from pathlib import Path
+
+from thermoscope.v1 import telemetry_pb2 as pb
 
 _HEADER = struct.Struct("<QI")
 
@@ -43,6 +46,13 @@ class Spool:
         self._index: deque[tuple[int, int, int]] = deque()  # (seq, offset, length), seq order
         self.bytes = 0  # frame bytes held
         self.settled = 0  # frames up to this seq were accepted by the collector
+
+    @classmethod
+    def of_process(cls, directory: str | os.PathLike, hello: pb.Hello, max_bytes: int) -> Spool:
+        """This process's spool in `directory`, named for its job, run, rank and pid: a forked
+        child that spools gets its own file, never its parent's."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{hello.job_id}-{hello.run_id}-{hello.rank}-{os.getpid()}")
+        return cls(Path(directory, f"{name}.spool"), max_bytes)
 
     def __len__(self) -> int:
         return len(self._index)
