@@ -1,0 +1,283 @@
+"""One training job as the collector holds it: its ranks' streams and their liveness, the marks
+that keep a frame from counting twice, its frame counters, and the pipeline its frames feed.
+
+Liveness (`Ranks`): a rank is *stale* when its stream ended abnormally (cancelled, connection
+broken, refused) or when its open stream sent nothing for `stale_after` seconds while its job
+was not paused; a rank whose stream ended cleanly (the agent half-closed: it finished) is
+neither: it is only kept among the finished ranks, for the record. Silence is judged when
+someone looks (a scrape, a snapshot, the rank's next frame), so no timer runs; each time a rank
+goes stale counts once in `Liveness.lost_total`. The liveness state is read from the metrics
+thread, so it is kept under `Ranks.lock`; everything else is the event loop's.
+
+No frame lost, none counted twice (`Marks`). Agents number their frames (`seq` 1, 2, 3... per
+agent process) and, with a spool, replay the ones not acknowledged after a reconnect. A job keeps
+the (seq, step) of the last frame it applied per (run, rank): a frame at or below both is a
+duplicate, counted in `frames_duplicate` and acknowledged, never applied. A frame numbered 1
+starts an agent process: unless it is the very frame of the mark (a replay of an agent whose
+first frame was never acknowledged), it is a worker restarted under the same run id (Ray Train
+keeps it) and the mark starts over; its frames replaying steps already merged are then late
+(`frames_late`: the pipeline merged their step already). (Were the acks of several first frames
+all lost, their replay would count them late a second time: counters only, since a step merges
+once and a pending step takes a rank's frame idempotently.) With a store, checkpoints make the
+marks durable (checkpoint.py), and each ack says how far (`Job.durable`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from thermoscope.science.derive import Reading
+from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
+
+from .pipeline import Phases, Pipeline
+from .settings import DEFAULTS
+
+
+@dataclass
+class Stream:
+    """One connected agent."""
+
+    job_id: str
+    run_id: str
+    rank: int
+    world_size: int
+    host: str
+    local_rank: int
+    node: str
+    every: int
+    layers: list[LayerInfo]
+    sites: list[SiteInfo]
+    bins: int
+    last_step: int = -1
+    last_seq: int = 0
+    frames: int = 0
+    heard: float = field(default_factory=time.monotonic)  # when it last sent (or was unpaused)
+    stale: bool = False  # stale at the last look: its silence was counted in `lost_total`
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Who is streaming for a job, at one moment."""
+
+    ranks: dict[int, tuple[Stream, bool]]  # open and lost ranks: the (last) stream, stale
+    connected: int  # open streams that are not stale
+    lost_total: int  # times a rank of the job went stale
+    finished: dict[int, Stream]  # ranks whose (last) stream ended cleanly
+    paused: bool  # the collector asked the job's agents to stop sampling
+
+
+class Ranks:
+    """A job's ranks by their streams: open, lost (ended abnormally) and finished (ended cleanly),
+    and whether each is stale (see the module docstring)."""
+
+    def __init__(self, stale_after: float, paused: bool) -> None:
+        self.stale_after = stale_after  # seconds of silence after which an open stream's rank is stale
+        self.paused = paused
+        self.streams: dict[int, Stream] = {}  # by rank, open streams only
+        self.lost: dict[int, Stream] = {}
+        self.finished: dict[int, Stream] = {}
+        self.lost_total = 0
+        self.lock = threading.Lock()  # the metrics thread reads all of the above
+
+    def open(self, stream: Stream) -> None:
+        """A rank's stream opened: a rank that comes back is live again."""
+        with self.lock:
+            self.streams[stream.rank] = stream
+            self.lost.pop(stream.rank, None)
+            self.finished.pop(stream.rank, None)
+
+    def close(self, stream: Stream, clean: bool) -> None:
+        """The stream ended: cleanly (the rank finished) or not (the rank is stale until it returns).
+        A stream that another one of its rank already replaced changes nothing."""
+        with self.lock:
+            if self.streams.get(stream.rank) is not stream:
+                return
+            del self.streams[stream.rank]
+            if clean:
+                stream.stale = False
+                self.finished[stream.rank] = stream
+            else:
+                if not self._judge(stream, time.monotonic()):  # not already stale by silence
+                    self.lost_total += 1
+                stream.stale = True
+                self.lost[stream.rank] = stream
+
+    def heard(self, stream: Stream, now: float) -> None:
+        """The stream sent a frame at `now`: a silence no one looked at before still counts."""
+        with self.lock:
+            if self.streams.get(stream.rank) is stream:
+                self._judge(stream, now)
+            stream.heard, stream.stale = now, False
+
+    def liveness(self, now: float | None = None) -> Liveness:
+        """The staleness of every rank not finished, now (counting ranks that have just gone stale)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            ranks = {rank: (s, self._judge(s, now)) for rank, s in self.streams.items()}
+            connected = sum(not stale for _, stale in ranks.values())
+            ranks.update((rank, (s, True)) for rank, s in self.lost.items())
+            return Liveness(
+                dict(sorted(ranks.items())), connected, self.lost_total, dict(self.finished), self.paused
+            )
+
+    def set_paused(self, paused: bool, now: float | None = None) -> None:
+        """Pause or resume the job's agents: paused ranks are not stale for their silence."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if paused == self.paused:
+                return
+            for s in self.streams.values():
+                if paused:
+                    self._judge(s, now)  # a silence that had already gone on too long still counts
+                else:
+                    s.heard, s.stale = now, False  # the silence clock starts at the resume
+            self.paused = paused
+
+    def _judge(self, stream: Stream, now: float) -> bool:
+        """Is the open `stream` stale at `now`? Counts it when it has just gone stale (lock held)."""
+        stale = not self.paused and now - stream.heard > self.stale_after
+        if stale and not stream.stale:
+            self.lost_total += 1
+        stream.stale = stale
+        return stale
+
+
+class Marks:
+    """Per (run, rank): the (seq, step) of the last frame applied, and of the last one that a
+    committed checkpoint holds (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.applied: dict[tuple[str, int], tuple[int, int]] = {}
+        self.durable: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def admit(self, stream: Stream, step: int) -> bool:
+        """Mark the stream's frame numbered `stream.last_seq` (0: unnumbered) at `step` applied;
+        False: a duplicate of a frame already applied (not marked, not to apply)."""
+        key, seq = (stream.run_id, stream.rank), stream.last_seq
+        if seq == 1 and self.applied.get(key, (1, step)) != (1, step):
+            del self.applied[key]  # a new agent process of the same run: its numbering starts over
+            self.durable.pop(key, None)
+        last_seq, last_step = self.applied.get(key, (0, -1))
+        if seq and seq <= last_seq and step <= last_step:
+            return False
+        if seq:
+            self.applied[key] = (seq, step)
+        return True
+
+    def durable_seq(self, stream: Stream) -> int:
+        """The highest seq of this rank's agent process that a committed checkpoint holds."""
+        return self.durable.get((stream.run_id, stream.rank), (0, 0))[0]
+
+
+class Job:
+    """Everything the collector knows about one training job.
+
+    Lives on the collector's event loop; `liveness`, `reading` and `phases` may be read from
+    any thread (the metrics thread does)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        window: int,
+        *,
+        run_id: str = "",
+        on_reading: Callable[[str, Reading], None] | None = None,
+        history_due: Callable[[str, Reading], bool] | None = None,
+        stale_after: float = DEFAULTS.stale_after,
+        paused: bool = False,
+    ) -> None:
+        """`run_id`: the run of the agent that opened the job (it resumes only its own run's
+        state: checkpoint.py); `on_reading`: told (job_id, reading) at each merged step;
+        `history_due`: with a store, which readings its history keeps (None: nothing persists);
+        `stale_after`: seconds of silence after which an open stream's rank is stale; `paused`:
+        the collector asked the job's agents to stop sampling."""
+        self.job_id = job_id
+        self.run_id = run_id
+        self.ranks = Ranks(stale_after, paused)
+        self.marks = Marks()
+        self.pipeline = Pipeline(job_id, window, on_reading=on_reading, history_due=history_due)
+        self.frames_received = 0
+        self.frames_late = 0
+        self.frames_duplicate = 0  # replayed frames already applied: acknowledged, not applied again
+        self.dirty = False  # changed since its last checkpoint
+        self.tables_dirty = False  # its layer or site tables changed since its last checkpoint
+
+    # -- what the collector reads -------------------------------------------------------------------
+
+    @property
+    def reading(self) -> Reading | None:
+        """The reading of the last merged step (None: none yet); replaced whole at each step."""
+        return self.pipeline.reading
+
+    @property
+    def merged_step(self) -> int:
+        """The last step merged (-1: none yet)."""
+        return self.pipeline.merged_step
+
+    @property
+    def layers(self) -> Mapping[str, LayerInfo]:
+        """The job's layers by name, as first declared."""
+        return self.pipeline.declared.layers
+
+    @property
+    def sites(self) -> Mapping[str, SiteInfo]:
+        """The job's activation sites by name, as first declared."""
+        return self.pipeline.declared.sites
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.pipeline.declared.layers)
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.pipeline.declared.sites)
+
+    def phases(self) -> Phases | None:
+        """The job's and its layers' phases and transitions (None: no step merged yet)."""
+        return self.pipeline.phases()
+
+    def liveness(self, now: float | None = None) -> Liveness:
+        """The job's ranks now (see `Ranks.liveness`)."""
+        return self.ranks.liveness(now)
+
+    def durable(self, stream: Stream) -> int:
+        """The highest seq of this rank's agent process that a committed checkpoint holds."""
+        return self.marks.durable_seq(stream)
+
+    # -- what its streams do ------------------------------------------------------------------------
+
+    def open(self, stream: Stream) -> None:
+        """Add an agent; its histogram edges must match what other ranks declared (WireError)."""
+        self.pipeline.declared.declare(stream.rank, stream.layers, stream.sites, stream.bins)
+        self.ranks.open(stream)
+        self.dirty = self.tables_dirty = True
+
+    def close(self, stream: Stream, clean: bool = True) -> None:
+        """The stream ended: cleanly (the rank finished) or not (the rank is stale until it
+        returns); the steps it held back merge."""
+        self.ranks.close(stream, clean)
+        self.pipeline.merge_ready(self.ranks.streams)
+        self.dirty = True
+
+    def set_paused(self, paused: bool, now: float | None = None) -> None:
+        """Pause or resume the job's agents: paused ranks are not stale for their silence."""
+        self.ranks.set_paused(paused, now)
+
+    def accept(self, stream: Stream, sample: Sample) -> bool:
+        """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered); merge every step
+        that became complete. False: a duplicate of a frame already applied (not applied again).
+        The job's next checkpoint makes it durable."""
+        self.ranks.heard(stream, time.monotonic())
+        if not self.marks.admit(stream, sample.step):
+            self.frames_duplicate += 1
+            return False
+        self.frames_received += 1
+        stream.frames += 1
+        stream.last_step = max(stream.last_step, sample.step)
+        if not self.pipeline.take(stream.rank, sample, self.ranks.streams):
+            self.frames_late += 1
+        self.dirty = True
+        return True

@@ -1,0 +1,196 @@
+"""A job's way from its ranks' samples to readings and phases: which steps merge when, then
+`merge_step` -> `science.derive.Thermometer` -> `detect.PhaseDetector`, and the history rows and
+events that wait in memory for the next checkpoint.
+
+Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
+job waits for has sent it: the connected ranks, and the ranks of its `world_size` that have not
+connected yet (agents that find their collector by discovery connect up to an interval apart);
+or, once all ranks have connected, when every connected rank has moved past it (a rank that
+skipped it, or left). Waiting is bounded: beyond MAX_PENDING_STEPS steps the oldest is merged
+with the ranks it has. A frame arriving for a step that was already merged is late and not
+applied (the job counts it). So a rank that comes back (a worker restarted from a checkpoint,
+its step counter replaying steps already merged) counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
+from thermoscope.wire.codec import WireError
+
+from .detect import PhaseDetector
+from .merge import MergePlans, Tables, merge_step
+from .store import Event
+
+if TYPE_CHECKING:
+    from .job import Stream
+
+#: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
+MAX_PENDING_STEPS = 32
+
+
+class Declared:
+    """What a job's ranks declared in their hellos: each rank's layer and site tables, the job's
+    layers and sites by name (as first declared: a layer held by several ranks is one), and the
+    histogram bins every rank uses."""
+
+    def __init__(self) -> None:
+        self.by_rank: Tables = {}
+        self.layers: dict[str, LayerInfo] = {}
+        self.sites: dict[str, SiteInfo] = {}
+        self.bins = 0
+
+    def declare(self, rank: int, layers: list[LayerInfo], sites: list[SiteInfo], bins: int) -> None:
+        """Take a rank's tables; its histogram edges must match what other ranks declared
+        (WireError, and nothing taken)."""
+        if self.bins and bins != self.bins:
+            raise WireError("edges_mismatch", f"histogram_bins {bins}; this job's ranks use {self.bins}")
+        for layer in layers:
+            known = self.layers.get(layer.name)
+            if known is not None and (known.hist_lo, known.hist_hi) != (layer.hist_lo, layer.hist_hi):
+                raise WireError(
+                    "edges_mismatch",
+                    f"layer {layer.name!r}: histogram edges [{layer.hist_lo}, {layer.hist_hi}) differ from "
+                    f"[{known.hist_lo}, {known.hist_hi}) declared by another rank",
+                )
+        self.bins = bins
+        self.by_rank[rank] = (layers, sites)
+        for layer in layers:
+            self.layers.setdefault(layer.name, layer)
+        for site in sites:
+            self.sites.setdefault(site.name, site)
+
+
+@dataclass(frozen=True)
+class Phases:
+    """A job's phases at one moment, as /metrics and the demo show them."""
+
+    job: str  # the job's phase
+    layers: list[str]  # each layer's, in the detector's layer order
+    transitions: dict[tuple[str, str], int]  # job-scope (from, to) -> times
+    last_transition_time: float | None  # when the job's phase last changed (Unix s)
+
+
+@dataclass
+class Unsaved:
+    """What a job's merged steps produced since its last checkpoint, for the next one to write."""
+
+    history: list[Reading] = field(default_factory=list)  # the readings its history keeps
+    events: list[Event] = field(default_factory=list)
+
+
+class Pipeline:
+    """A job's pending steps, merged in order into readings and phases (see the module docstring)."""
+
+    def __init__(
+        self,
+        job_id: str,
+        window: int,
+        *,
+        on_reading: Callable[[str, Reading], None] | None = None,
+        history_due: Callable[[str, Reading], bool] | None = None,
+    ) -> None:
+        """`window`: samples per temperature window; `on_reading`: told (job_id, reading) at each
+        merged step; `history_due`: with a store, whether a reading goes into the job's history
+        (`EventStore.due`); None: nothing persists, so nothing waits in `unsaved`."""
+        self.job_id = job_id
+        self.window = window
+        self.on_reading = on_reading
+        self.history_due = history_due
+        self.declared = Declared()
+        self.pending: dict[int, dict[int, Sample]] = {}  # step -> rank -> sample
+        self.merged_step = -1
+        self.thermometer: Thermometer | None = None
+        self.reading: Reading | None = None
+        self.detector: PhaseDetector | None = None
+        self.transitions: Counter[tuple[str, str]] = Counter()  # job-scope (from, to)
+        self.last_transition_time: float | None = None
+        self.unsaved = Unsaved()
+        self._plans = MergePlans()  # a cache, not state
+
+    def phases(self) -> Phases | None:
+        """The phases now (None: no step merged yet)."""
+        detector = self.detector
+        if detector is None:
+            return None
+        return Phases(
+            detector.job_phase, detector.layer_phases(), dict(self.transitions), self.last_transition_time
+        )
+
+    def take(self, rank: int, sample: Sample, streams: Mapping[int, Stream]) -> bool:
+        """Hold a rank's sample for its step and merge every step now complete, given the job's
+        open `streams`. False: its step was merged already (late, not applied)."""
+        if sample.step <= self.merged_step:
+            return False
+        self.pending.setdefault(sample.step, {})[rank] = sample
+        self.merge_ready(streams)
+        return True
+
+    def merge_ready(self, streams: Mapping[int, Stream]) -> None:
+        """Merge, in step order, each pending step that no open stream (nor an announced rank
+        never connected) still owes, or that waited beyond MAX_PENDING_STEPS."""
+        declared = self.declared.by_rank
+        world = max((s.world_size for s in streams.values()), default=0)
+        unseen = sum(rank < world for rank in declared) < world  # an announced rank never connected
+        horizon = min((s.last_step for s in streams.values()), default=math.inf)
+        for step in sorted(self.pending):
+            parts = self.pending[step]
+            complete = not unseen and (streams.keys() <= parts.keys() or step < horizon)
+            if not (complete or len(self.pending) > MAX_PENDING_STEPS):
+                break
+            del self.pending[step]
+            layer_names, site_names = list(self.declared.layers), list(self.declared.sites)
+            self._apply(merge_step(step, parts, declared, layer_names, site_names, self._plans))
+
+    def _apply(self, sample: Sample) -> None:
+        layers, sites = self.declared.layers, self.declared.sites
+        th = self.thermometer
+        if th is None or th.layer_names != tuple(layers) or th.site_names != tuple(sites):
+            th = self.thermometer = Thermometer(
+                list(layers.values()), list(sites.values()), window=self.window
+            )
+        self.reading = th.update(sample)
+        self.merged_step = sample.step
+        if self.on_reading is not None:
+            self.on_reading(self.job_id, self.reading)
+        if self.history_due is not None and self.history_due(self.job_id, self.reading):
+            self.unsaved.history.append(self.reading)
+        self._detect(sample)
+
+    def _detect(self, sample: Sample) -> None:
+        """Update the phases from the new reading; keep and count what changed."""
+        reading = self.reading
+        if self.detector is None or len(self.detector.layers) != len(reading.layer_names):
+            before, self.detector = self.detector, PhaseDetector(len(reading.layer_names))
+            if before is not None:  # a rank brought layers: the job's phase goes on, its layers start over
+                self.detector.job = before.job
+        per_value = reading.layer_entropy / np.maximum(sample.layers.count, 1)
+        changes = self.detector.update(sample.step, reading.energy, per_value)
+        events = [
+            Event(
+                job=self.job_id,
+                scope="job" if c.series < 0 else "layer",
+                layer="" if c.series < 0 else reading.layer_names[c.series],
+                step=c.step,
+                time=sample.wall_time,
+                from_=c.before,
+                to=c.after,
+                statistic=c.statistic,
+                confidence=c.confidence,
+            )
+            for c in changes
+        ]
+        for e in events:
+            if e.scope == "job":
+                self.transitions[(e.from_, e.to)] += 1
+                self.last_transition_time = e.time
+        if self.history_due is not None:
+            self.unsaved.events.extend(events)
