@@ -1,7 +1,7 @@
 """`thermoscope attach`, `thermoscope detach` and `thermoscope collector --ray`: the collector
 actor of a Ray cluster, driven from any machine that can join the cluster.
 
-`attach` takes the security flags of `thermoscope collector` (`auth.add_arguments`), and both
+`attach` takes the security flags of `thermoscope collector` (`security.add_arguments`), and both
 commands that may start the actor read those files here, on the machine the command runs on,
 and ship their contents to it (`actor.PackedSecurity`): a file that cannot be read or used, or a
 node address that would be exposed unprotected, is refused before anything starts (the CLI
@@ -18,7 +18,10 @@ import sys
 import time
 from typing import Any
 
-from thermoscope.collector import auth
+from thermoscope.collector.security import Security
+from thermoscope.collector.settings import DEFAULTS
+
+from . import security as security_cli
 
 
 def _actor():
@@ -40,7 +43,7 @@ def _connect(actor, address: str | None):
     return actor
 
 
-def _start(security: auth.Security, address: str | None, **options: Any) -> tuple[Any, dict[str, str], bool]:
+def _start(security: Security, address: str | None, **options: Any) -> tuple[Any, dict[str, str], bool]:
     """Start or find the collector actor: (handle, targets, whether it was started here).
 
     The security files are read and checked before Ray is joined (AuthConfigError), the
@@ -54,13 +57,13 @@ def _start(security: auth.Security, address: str | None, **options: Any) -> tupl
 
     running = actor.find()
     if running is not None:
-        if security != auth.Security():
+        if security != Security():
             print(
                 "thermoscope: the collector actor is already running and keeps the security settings it "
                 "was started with (`thermoscope detach --stop`, then start it again, to change them)",
                 file=sys.stderr,
             )
-        return running, ray.get(running.targets.remote(), timeout=60), False
+        return running, ray.get(running.targets.remote(), timeout=DEFAULTS.actor_timeout), False
     try:
         handle, targets = actor.start(security=packed, **options)
     except ray.exceptions.RayActorError as exc:
@@ -86,7 +89,7 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     return 0
 
 
-def attach(args: argparse.Namespace, security: auth.Security) -> int:
+def attach(args: argparse.Namespace, security: Security) -> int:
     """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
     handle, targets, fresh = _start(
         security,
@@ -149,9 +152,7 @@ def detach(args: argparse.Namespace) -> int:
 
 def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentParser) -> None:
     """The Ray options of `collector`, and the `attach` and `detach` commands."""
-    from thermoscope.collector.store import STATE_HOME
-
-    sd_default = STATE_HOME / "thermoscope" / "file_sd.json"
+    sd_default = DEFAULTS.sd_file
     collector.add_argument(
         "--ray",
         action="store_true",
@@ -173,9 +174,16 @@ def add_arguments(sub: argparse._SubParsersAction, collector: argparse.ArgumentP
         "--wait", type=float, default=0.0, help="seconds to wait until every rank streams, printing progress"
     )
     a.add_argument("--sd-file", default=str(sd_default), help="Prometheus file-SD JSON if a collector starts")
-    a.add_argument("--grpc-port", type=int, default=50051, help="if a collector starts (0: any free port)")
-    a.add_argument("--metrics-port", type=int, default=9108, help="if a collector starts (0: any free port)")
-    auth.add_arguments(a)  # if a collector starts: read here, shipped to the actor
+    a.add_argument(
+        "--grpc-port", type=int, default=DEFAULTS.grpc_port, help="if a collector starts (0: any free port)"
+    )
+    a.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULTS.metrics_port,
+        help="if a collector starts (0: any free port)",
+    )
+    security_cli.add_arguments(a)  # if a collector starts: read here, shipped to the actor
     d = sub.add_parser("detach", help="stop monitoring a Ray job (the job keeps running, untouched)")
     d.add_argument("--address", help=address_help)
     d.add_argument("--job", help="Ray job id (default: every job)")

@@ -116,7 +116,7 @@ def run(
             frames=job.frames_received,
             dropped=dropped,
             events=[e for e in collector.store.query(job=JOB) if e.scope == "job"],
-            layer_phases=dict(zip(reading.layer_names, job.detector.layer_phases(), strict=True)),
+            layer_phases=dict(zip(reading.layer_names, job.phases().layers, strict=True)),
         )
         show(result, console)
         if figure:

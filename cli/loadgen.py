@@ -327,7 +327,7 @@ async def _drive(
     for c in collectors:
         n = max(1, math.ceil(jobs * world_size / len(collectors) / STREAMS_PER_CHANNEL))
         per_collector.append([grpc.aio.insecure_channel(c.grpc_target) for _ in range(n)])
-    # each job to its collector as agents given every address pick it (`discovery.shard`)
+    # each job to its collector as agents given every address pick it (`contract.shard`)
     targets = ",".join(c.grpc_target for c in collectors)
     index = {c.grpc_target: i for i, c in enumerate(collectors)}
     home = {f"loadgen-{j}": index[shard(targets, f"loadgen-{j}")] for j in range(jobs)}

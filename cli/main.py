@@ -10,14 +10,16 @@ import math
 import sqlite3
 import sys
 
-from thermoscope.collector import auth
+from thermoscope.collector.credentials import AuthConfigError
+from thermoscope.collector.security import InsecureError
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import DEFAULT_DB
+from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.theory import INITS, LOSSES, ProblemError
-from thermoscope.wire.contract import DEFAULT_GRPC, DEFAULT_METRICS, split_address
+from thermoscope.wire.contract import split_address
 
 from . import attach as attach_cli
 from . import events as events_cli
+from . import security as security_cli
 
 
 def _at_least(low: int):
@@ -70,78 +72,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("collector", help="run the collector (gRPC ingest + Prometheus /metrics)")
-    c.add_argument(
-        "--grpc", type=_address, default=DEFAULT_GRPC, help=f"gRPC listen address (default {DEFAULT_GRPC})"
-    )
-    c.add_argument(
-        "--metrics", default=DEFAULT_METRICS, help=f"/metrics listen address (default {DEFAULT_METRICS})"
-    )
-    c.add_argument(
-        "--window", type=_at_least(2), default=10, help="samples per temperature window (default 10)"
-    )
-    c.add_argument(
-        "--every", type=_at_least(0), default=0, help="sampling interval to ask agents for (0: theirs)"
-    )
-    c.add_argument("--max-message-bytes", type=_positive, default=16 << 20, help="largest accepted message")
-    c.add_argument(
-        "--max-layers", type=_positive, default=10_000, help="layers (and sites) per job (default 10000)"
-    )
-    c.add_argument(
-        "--max-name-length", type=_positive, default=256, help="characters in a hello's names (default 256)"
-    )
-    c.add_argument("--max-jobs", type=_positive, default=1_000, help="jobs kept, more refused (default 1000)")
-    c.add_argument(
-        "--max-series-per-job",
-        type=_at_least(2),
-        default=2_000,
-        help="layer (site) series per job and metric; the rest fold into one __other__ series (default 2000)",
-    )
-    c.add_argument(
-        "--max-frame-rate",
-        type=_positive_number,
-        default=1_000.0,
-        metavar="HZ",
-        help="frames per second one agent may send; beyond, its stream is refused (default 1000)",
-    )
-
-    c.add_argument(
-        "--db", default=str(DEFAULT_DB), help=f"SQLite file of phase events (default {DEFAULT_DB})"
-    )
-    c.add_argument(
-        "--phase-layers",
-        type=_at_least(0),
-        default=50,
-        help="layers per job with a phase state-set (default 50)",
-    )
-    c.add_argument(
-        "--stale-after",
-        type=_positive_number,
-        default=60.0,
-        metavar="S",
-        help="seconds an agent may send nothing (its job not paused) before its rank is stale (default 60)",
-    )
-    c.add_argument(
-        "--history-interval",
-        type=_seconds,
-        default=1.0,
-        metavar="S",
-        help="least seconds between two rows of a job's history in --db, what `plot` draws (default 1; "
-        "0: every merged sample)",
-    )
-    c.add_argument(
-        "--checkpoint-interval",
-        type=_positive_number,
-        default=5.0,
-        metavar="S",
-        help="seconds between two checkpoints of the jobs' state to --db (default 5): a collector killed "
-        "and restarted resumes from its last one and agents replay the frames after it from their spools; "
-        "events and history reach --db at each checkpoint",
-    )
-    auth.add_arguments(c)
+    _collector_arguments(c)
+    security_cli.add_arguments(c)
     attach_cli.add_arguments(sub, c)
 
+    db = DEFAULTS.db
     g = sub.add_parser("plot", help="draw a job's run from the collector's database: its phase diagram")
-    g.add_argument("--db", default=str(DEFAULT_DB), help=f"the collector's database (default {DEFAULT_DB})")
+    g.add_argument("--db", default=str(db), help=f"the collector's database (default {db})")
     g.add_argument("--job", help="the job id (default: the job with the newest history)")
     g.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure (PNG or SVG)")
 
@@ -151,9 +88,7 @@ def parser() -> argparse.ArgumentParser:
         description="A running collector writes them at each checkpoint (--checkpoint-interval), "
         "so the newest show up within that interval.",
     )
-    e.add_argument(
-        "--db", default=str(DEFAULT_DB), help=f"the collector's event database (default {DEFAULT_DB})"
-    )
+    e.add_argument("--db", default=str(db), help=f"the collector's event database (default {db})")
     e.add_argument("--job", help="only this job id")
     e.add_argument(
         "--since", type=events_cli.since, help="only events at or after this time (Unix s or ISO 8601)"
@@ -181,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "theory",
-        help="predicted T_{I->II} of a linear model (THEORY section 7); --simulate measures it",
+        help="predicted T_{I->II} of a linear model (docs/science.md section 7); --simulate measures it",
     )
     t.add_argument("--loss", choices=LOSSES, default="mse", help="training loss (default mse)")
     t.add_argument("--init", choices=INITS, default="normal", help="init distribution (default normal)")
@@ -204,7 +139,94 @@ def parser() -> argparse.ArgumentParser:
     from . import loadgen  # its own module: the load generator and its flags
 
     loadgen.add_arguments(sub)
+    security_cli.add_password_command(sub)
     return p
+
+
+def _collector_arguments(c: argparse.ArgumentParser) -> None:
+    """The `thermoscope collector` flags of `Collector`'s settings, their defaults from `DEFAULTS`."""
+    d, limits = DEFAULTS, DEFAULTS.limits
+    c.add_argument("--grpc", type=_address, default=d.grpc, help=f"gRPC listen address (default {d.grpc})")
+    c.add_argument("--metrics", default=d.metrics, help=f"/metrics listen address (default {d.metrics})")
+    c.add_argument(
+        "--window",
+        type=_at_least(2),
+        default=d.window,
+        help=f"samples per temperature window (default {d.window})",
+    )
+    c.add_argument(
+        "--every", type=_at_least(0), default=d.every, help="sampling interval to ask agents for (0: theirs)"
+    )
+    c.add_argument(
+        "--max-message-bytes", type=_positive, default=d.max_message_bytes, help="largest accepted message"
+    )
+    c.add_argument(
+        "--max-layers",
+        type=_positive,
+        default=limits.max_layers,
+        help=f"layers (and sites) per job (default {limits.max_layers})",
+    )
+    c.add_argument(
+        "--max-name-length",
+        type=_positive,
+        default=limits.max_name_length,
+        help=f"characters in a hello's names (default {limits.max_name_length})",
+    )
+    c.add_argument(
+        "--max-jobs",
+        type=_positive,
+        default=limits.max_jobs,
+        help=f"jobs kept, more refused (default {limits.max_jobs})",
+    )
+    c.add_argument(
+        "--max-series-per-job",
+        type=_at_least(2),
+        default=d.max_series_per_job,
+        help="layer (site) series per job and metric; the rest fold into one __other__ series "
+        f"(default {d.max_series_per_job})",
+    )
+    c.add_argument(
+        "--max-frame-rate",
+        type=_positive_number,
+        default=limits.max_frame_rate,
+        metavar="HZ",
+        help=f"frames per second one agent may send; beyond, its stream is refused "
+        f"(default {limits.max_frame_rate:g})",
+    )
+
+    c.add_argument("--db", default=str(d.db), help=f"SQLite file of phase events (default {d.db})")
+    c.add_argument(
+        "--phase-layers",
+        type=_at_least(0),
+        default=d.phase_layers,
+        help=f"layers per job with a phase state-set (default {d.phase_layers})",
+    )
+    c.add_argument(
+        "--stale-after",
+        type=_positive_number,
+        default=d.stale_after,
+        metavar="S",
+        help="seconds an agent may send nothing (its job not paused) before its rank is stale "
+        f"(default {d.stale_after:g})",
+    )
+    c.add_argument(
+        "--history-interval",
+        type=_seconds,
+        default=d.history_interval,
+        metavar="S",
+        help="least seconds between two rows of a job's history in --db, what `plot` draws "
+        f"(default {d.history_interval:g}; 0: every merged sample)",
+    )
+    c.add_argument(
+        "--checkpoint-interval",
+        type=_positive_number,
+        default=d.checkpoint_interval,
+        metavar="S",
+        help="seconds between two checkpoints of the jobs' state to --db "
+        f"(default {d.checkpoint_interval:g}): a collector killed and restarted resumes from its last one "
+        "and agents replay the frames after it from their spools; events and history reach --db at each "
+        "checkpoint",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
             "checkpoint_interval": args.checkpoint_interval,
-            "security": auth.from_args(args, p),
+            "security": security_cli.from_args(args, p),
             "max_layers": args.max_layers,
             "max_name_length": args.max_name_length,
             "max_jobs": args.max_jobs,
@@ -231,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray:
             try:
                 return attach_cli.start(args, settings)
-            except (auth.AuthConfigError, auth.InsecureError) as exc:
+            except (AuthConfigError, InsecureError) as exc:
                 p.error(f"collector --ray: {exc}")
         try:
             collector = Collector(args.grpc, args.metrics, **settings)
-        except (auth.AuthConfigError, auth.InsecureError) as exc:
+        except (AuthConfigError, InsecureError) as exc:
             p.error(f"collector: {exc}")
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(collector.serve())
@@ -257,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "attach":
         try:
-            return attach_cli.attach(args, auth.from_args(args, p))
-        except (auth.AuthConfigError, auth.InsecureError) as exc:
+            return attach_cli.attach(args, security_cli.from_args(args, p))
+        except (AuthConfigError, InsecureError) as exc:
             p.error(f"attach: {exc}")
     if args.command == "detach":
         return attach_cli.detach(args)
+    if args.command == "hash-password":
+        return security_cli.hash_password_line(args)
     if args.command == "plot":
         from .plot import plot_job  # matplotlib is imported only by the commands that draw
 

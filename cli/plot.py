@@ -19,7 +19,7 @@ import numpy as np
 from thermoscope.collector.store import Event, EventStore, History
 from thermoscope.science.derive import Reading
 
-#: Colors of the job's phases (THEORY section 6), shared by the bands and the markers.
+#: Colors of the job's phases (docs/science.md section 6), shared by the bands and the markers.
 PHASE_COLORS = {
     "type_i": "#9e9e9e",
     "transition": "#1f77b4",

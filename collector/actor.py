@@ -1,7 +1,7 @@
 """The collector as a Ray actor: one per cluster, found by name, outliving the driver that started it.
 
-`start` creates it as a detached actor named `discovery.ACTOR_NAME` in namespace
-`discovery.NAMESPACE` (or returns the one already running), so that agents find it with no
+`start` creates it as a detached actor named `contract.ACTOR_NAME` in namespace
+`contract.NAMESPACE` (or returns the one already running), so that agents find it with no
 address in user code. It asks for no CPU (a training job's workers can fill the cluster),
 and prefers the node of the process that starts it, where `thermoscope attach` was run
 and where its Prometheus file-service-discovery file (`sd_file`) is written: a JSON list
@@ -10,8 +10,8 @@ when it stops, so Prometheus follows it (`file_sd_configs` in deploy/prometheus)
 
 gRPC and `/metrics` listen on the address Ray knows the actor's node by (`node_address`:
 loopback on a one-machine cluster whose node registered as 127.0.0.1). Off loopback the
-collector refuses to start without a token or TLS (`auth.check_exposure`), so on a real
-multi-node cluster `start` needs `security=auth.Security(...)` (the CLI: `--tokens`, `--tls-*`,
+collector refuses to start without a token or TLS (`security.check_exposure`), so on a real
+multi-node cluster `start` needs `security=Security(...)` (the CLI: `--tokens`, `--tls-*`,
 `--metrics-*`, or `--insecure`).
 
 The security files are read where `start` runs, not on the actor's node: `PackedSecurity.pack`
@@ -41,16 +41,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
 
-from .auth import AuthConfigError, BasicAuthUsers, Security, TokenTable, check_exposure, read_file
+from .credentials import AuthConfigError, read_file
+from .grpc_auth import TokenTable
+from .metrics_http import BasicAuthUsers
+from .security import Security, check_exposure
 from .service import Collector
-from .store import STATE_HOME
+from .settings import DEFAULTS
 
-DEFAULT_SD_FILE = STATE_HOME / "thermoscope" / "file_sd.json"
 #: Times Ray restarts the actor after its process or node died (its ports must be free again).
 MAX_RESTARTS = 3
 
 
-#: What each file of `auth.Security` is, for the errors that name it.
+#: What each file of `security.Security` is, for the errors that name it.
 _FILES = {
     "tokens": "tokens file",
     "tls_cert": "TLS certificate",
@@ -64,7 +66,7 @@ _FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class PackedSecurity:
-    """An `auth.Security` carrying its files' contents instead of their paths: what travels to the actor.
+    """A `security.Security` carrying its files' contents instead of their paths: what travels to the actor.
 
     `contents` maps a `Security` field (`tokens`, `tls_cert`, ...) to the bytes of its file; it is
     left out of `repr`, so that no log line or error message ever shows a token or a key.
@@ -227,11 +229,11 @@ def find() -> ray.actor.ActorHandle | None:
 
 def start(
     *,
-    grpc_port: int = 50051,
-    metrics_port: int = 9108,
-    sd_file: str | Path = DEFAULT_SD_FILE,
+    grpc_port: int = DEFAULTS.grpc_port,
+    metrics_port: int = DEFAULTS.metrics_port,
+    sd_file: str | Path = DEFAULTS.sd_file,
     active: bool = True,
-    timeout: float = 60.0,
+    timeout: float = DEFAULTS.actor_timeout,
     security: Security | PackedSecurity | None = None,
     **settings: Any,
 ) -> tuple[ray.actor.ActorHandle, dict[str, str]]:

@@ -1,4 +1,4 @@
-"""Online phase detection (THEORY section 6) on a job's merged series, one update per sample.
+"""Online phase detection (docs/science.md section 6) on a job's merged series, one update per sample.
 
 States: `type_i` (as initialized), `transition` (learning: a significant, sustained change),
 `type_ii` (ordered: no significant drift), `refresh` (a type_ii system whose energy jumps, e.g.

@@ -33,7 +33,7 @@ values (floats' reprs; NaN, +Inf and -Inf as Prometheus spells them): the reprs 
 what is left. The samples are those prometheus_client wrote: the same names, label sets (labels
 sorted by name), HELP, TYPE, family order and values; only the spelling of positive values
 >= 1e6 differs (its `floatToGoString` writes 1.5e+06, here 1500000.0: the same float). `name[]`
-renders the named families alone. The cost: tests/bench/bench_scrape.py, tests/bench/RESULTS.md.
+renders the named families alone. The cost: tests/bench/bench_scrape.py, docs/benchmarks.md.
 
 The HTTP thread reads state the event loop mutates: it copies the job table once per scrape and
 reads each job's `reading` (replaced whole per merged step, never mutated) once per job.
@@ -55,7 +55,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from thermoscope.science.derive import Reading
 
 from .detect import PHASES, TRANSITIONS
-from .merge import Job, Liveness
+from .job import Job, Liveness
+from .pipeline import Phases
+from .settings import DEFAULTS
 
 #: The series the layers (sites) of a job beyond `max_series` are folded into.
 OTHER = "__other__"
@@ -276,6 +278,11 @@ class _View:
         """Each job's liveness, taken once (under its lock) for the four liveness families."""
         return [(job, job.liveness(), labels) for job, _, labels in self.jobs]
 
+    @functools.cached_property
+    def phases(self) -> list[tuple[Phases, _JobLabels]]:
+        """The phases of each job that merged a step, taken once for the three phase families."""
+        return [(phases, labels) for job, _, labels in self.jobs if (phases := job.phases()) is not None]
+
 
 _Samples = Callable[[bytes, _View], bytes]
 
@@ -288,9 +295,9 @@ class MetricsExporter:
         jobs: Mapping[str, Job],
         rejected: Mapping[str, int],
         version: str,
-        phase_layers: int = 50,
+        phase_layers: int = DEFAULTS.phase_layers,
         *,
-        max_series: int = 2_000,
+        max_series: int = DEFAULTS.max_series_per_job,
         nonfinite: Mapping[tuple[str, str], int] | None = None,
         extra: CollectorRegistry | None = None,
     ) -> None:
@@ -332,7 +339,7 @@ class MetricsExporter:
                 "thermoscope_job_paused",
                 "gauge",
                 "1 if the collector asked the job's agents to stop sampling (detached), else 0.",
-                partial(_per_live, lambda job, live: job.paused),
+                partial(_per_live, lambda job, live: live.paused),
             ),
             (
                 "thermoscope_frames_received_total",
@@ -469,13 +476,11 @@ class MetricsExporter:
     def _phase(self, name: bytes, view: _View) -> bytes:
         """State-sets of the job's and its first `phase_layers` layers' phases."""
         out = []
-        for job, _, labels in view.jobs:
-            detector = job.detector
-            if detector is not None:
-                phases = [detector.job_phase, *detector.layer_phases()[: self._phase_layers]]
-                n = min(len(phases), len(labels.phases))  # the layers both the detector and reading have
-                values = list(itertools.chain.from_iterable(map(_ONE_HOT.__getitem__, phases[:n])))
-                out.append(_fill(name, b"".join(labels.phases[:n]), values))
+        for job_phases, labels in view.phases:
+            phases = [job_phases.job, *job_phases.layers[: self._phase_layers]]
+            n = min(len(phases), len(labels.phases))  # the layers both the detector and reading have
+            values = list(itertools.chain.from_iterable(map(_ONE_HOT.__getitem__, phases[:n])))
+            out.append(_fill(name, b"".join(labels.phases[:n]), values))
         return b"".join(out)
 
 
@@ -537,22 +542,16 @@ def _network_engine(name: bytes, view: _View) -> bytes:
 
 
 def _transitions(name: bytes, view: _View) -> bytes:
-    out = []
-    for job, _, labels in view.jobs:
-        if job.detector is not None:
-            counts = dict(job.transitions)
-            out.append(_fill(name, labels.transitions, _values([counts.get(t, 0) for t in TRANSITIONS])))
-    return b"".join(out)
+    return b"".join(
+        _fill(name, labels.transitions, _values([phases.transitions.get(t, 0) for t in TRANSITIONS]))
+        for phases, labels in view.phases
+    )
 
 
 def _last_transition(name: bytes, view: _View) -> bytes:
     return _rows(
         name,
-        [
-            (labels.job, t)
-            for job, _, labels in view.jobs
-            if job.detector is not None and (t := job.last_transition_time) is not None
-        ],
+        [(labels.job, t) for phases, labels in view.phases if (t := phases.last_transition_time) is not None],
     )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +28,10 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 
-from .merge import Job, Stream
+from .checkpoint import Checkpointer
+from .job import Job, Stream
+from .refusal import BadBytes
+from .settings import DEFAULTS, Limits
 from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
@@ -37,7 +39,7 @@ log = logging.getLogger("thermoscope.collector")
 
 _STATUS = {
     "unknown_stream": grpc.StatusCode.FAILED_PRECONDITION,
-    "forbidden_job": grpc.StatusCode.PERMISSION_DENIED,  # a token bound to other jobs (auth.py)
+    "forbidden_job": grpc.StatusCode.PERMISSION_DENIED,  # a token bound to other jobs (grpc_auth.py)
     "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
@@ -50,16 +52,6 @@ _STATUS = {
 
 #: Requests a stream reads ahead of the ones it has handled (then gRPC's flow control holds the agent).
 READ_AHEAD = 8
-#: Seconds a stream that ends waits for others to end before the checkpoint they share.
-CHECKPOINT_BATCH = 0.05
-
-
-@dataclass(frozen=True)
-class BadBytes:
-    """A request the deserializer refused; the handler turns it into a status."""
-
-    reason: str
-    message: str
 
 
 def deserializer(max_bytes: int):
@@ -74,30 +66,6 @@ def deserializer(max_bytes: int):
             return BadBytes("undecodable", f"message is not a thermoscope.v1.AgentMessage: {exc}")
 
     return decode
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what agents may make the collector hold; each refusal has its reason.
-
-    `max_layers`: layers (and, separately, sites) a job may declare over all its ranks
-    (RESOURCE_EXHAUSTED `too_many_layers`); `max_name_length`: characters in any name a hello
-    carries (INVALID_ARGUMENT `name_too_long`); `max_jobs`: jobs the collector keeps (a hello of
-    a new job beyond it: RESOURCE_EXHAUSTED `too_many_jobs`); `max_frame_rate`: frames per
-    second one stream may send, a token bucket holding one second of frames (beyond it the
-    stream ends with RESOURCE_EXHAUSTED `rate_limited`; the agent backs off, reconnects and
-    resends what was not acked, so nothing is lost and the collector's work stays bounded).
-    """
-
-    max_layers: int = 10_000
-    max_name_length: int = 256
-    max_jobs: int = 1_000
-    max_frame_rate: float = 1_000.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_layers", "max_name_length", "max_jobs", "max_frame_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 class _Bucket:
@@ -150,7 +118,7 @@ class _Session:
 
 class Telemetry:
     """The servicer: hello, then frames; acks each accepted frame (with a store, also saying how
-    far the stream's frames are durable: `checkpoint`); pushes admission changes.
+    far the stream's frames are durable: `checkpoint.Checkpointer`); pushes admission changes.
 
     All its state lives on the server's event loop; other threads go through
     `Collector.attach` / `detach` / `snapshot`, which hop onto the loop.
@@ -160,10 +128,10 @@ class Telemetry:
         self,
         jobs: dict[str, Job],
         *,
-        window: int = 10,
-        every: int = 0,
+        window: int = DEFAULTS.window,
+        every: int = DEFAULTS.every,
         store: EventStore | None = None,
-        stale_after: float = 60.0,
+        stale_after: float = DEFAULTS.stale_after,
         active: bool = True,
         limits: Limits | None = None,
         on_reading: Callable[[str, Reading], None] | None = None,
@@ -187,9 +155,7 @@ class Telemetry:
         self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
-        self._checkpoint_failing = False  # the last checkpoint could not commit (logged once)
-        self._checkpoint_lock = asyncio.Lock()  # one checkpoint at a time (it binds to the loop at first use)
-        self._soon: asyncio.Task | None = None  # the checkpoint `checkpoint_soon` callers share
+        self.checkpointer = Checkpointer(jobs, store)  # makes the jobs durable in `store`
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -206,63 +172,6 @@ class Telemetry:
                 session.inbox.put_nowait(_END)
 
     # -- durability -------------------------------------------------------------------------------
-
-    async def checkpoint(self) -> None:
-        """Return once a checkpoint that began after the call has committed: every job changed
-        since the last one saves its history rows, events, marks and state (`Job.checkpoint`),
-        and one commit makes them durable. Each stream's next ack says how far its frames are
-        durable (no message of its own: an agent learns it with its next frame, or at its
-        stream's end; on a new stream, with its first frame, replayed or not: `Job.durable`).
-
-        Streams go on between two jobs' saves (each job's save is of one moment), so a
-        checkpoint of many jobs does not hold every stream at once; checkpoints run one at a
-        time (`checkpoint_soon` lets many callers share one). A commit that fails (a full disk)
-        is rolled back and logged once until one succeeds; no stream's durable mark moves, and
-        agents keep holding the frames."""
-        if self.store is None:
-            return
-        async with self._checkpoint_lock:
-            await self._checkpoint()
-
-    async def checkpoint_soon(self) -> None:
-        """`checkpoint`, shared by every caller of the next `CHECKPOINT_BATCH` seconds: when a
-        job's ranks all finish at once, their streams' ends make one checkpoint, not one each."""
-        if self._soon is None:
-            self._soon = asyncio.create_task(self._checkpoint_after(CHECKPOINT_BATCH))
-        await asyncio.shield(self._soon)
-
-    async def _checkpoint_after(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._soon = None  # a caller from now on may have applied frames this checkpoint misses
-        await self.checkpoint()
-
-    async def _checkpoint(self) -> None:
-        store, saved = self.store, []
-        try:
-            for job in list(self.jobs.values()):
-                if job.checkpoint():
-                    saved.append(job)
-                    await asyncio.sleep(0)
-            store.commit()  # type: ignore[union-attr]
-        except BaseException as exc:  # a database error, or cancelled midway (the collector stops)
-            store.rollback()  # type: ignore[union-attr]
-            for job in saved:  # all of it again, next time
-                job.uncommitted()
-            if not isinstance(exc, sqlite3.Error):
-                raise
-            if not self._checkpoint_failing:
-                log.error("checkpoint to %s failed, agents keep their frames: %s", store.path, exc)  # type: ignore[union-attr]
-            self._checkpoint_failing = True
-            return
-        self._checkpoint_failing = False
-        for job in saved:
-            job.committed()
-
-    async def checkpoints(self, interval: float) -> None:
-        """Checkpoint every `interval` seconds, until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.checkpoint()
 
     def _ack(self, stream: Stream, seq: int) -> pb.CollectorMessage:
         if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
@@ -345,7 +254,7 @@ class Telemetry:
                         yield self._config(session.stream.job_id)
                 elif item is _END:
                     if session.stream is not None:
-                        await self.checkpoint_soon()  # the agent may be leaving: its frames go durable
+                        await self.checkpointer.soon()  # the agent may be leaving: its frames go durable
                         yield self._ack(session.stream, session.stream.last_seq)
                     session.clean = True
                     return
@@ -463,12 +372,13 @@ class Telemetry:
             job = self.jobs[hello.job_id] = Job(
                 hello.job_id,
                 window=self.window,
-                store=self.store,
                 run_id=hello.run_id,
                 on_reading=self.on_reading,
+                history_due=None if self.store is None else self.store.due,
                 stale_after=self.stale_after,
                 paused=not self.active(hello.job_id),
             )
+            self.checkpointer.resume(job)
         stream = Stream(
             job_id=hello.job_id,
             run_id=hello.run_id,

@@ -27,13 +27,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from thermoscope.science.derive import Reading
-from thermoscope.wire.contract import DEFAULT_GRPC, DEFAULT_METRICS, SERVICE, split_address
+from thermoscope.wire.contract import SERVICE, split_address
 
-from .auth import Security
 from .export import MetricsExporter, metrics_app
-from .merge import Job, Stream
-from .server import Limits, Telemetry
-from .store import DEFAULT_DB, EventStore
+from .job import Job, Stream
+from .security import Security
+from .server import Telemetry
+from .settings import DEFAULTS, Limits
+from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
@@ -52,24 +53,24 @@ class Collector:
 
     def __init__(
         self,
-        grpc_address: str = DEFAULT_GRPC,
-        metrics_address: str = DEFAULT_METRICS,
+        grpc_address: str = DEFAULTS.grpc,
+        metrics_address: str = DEFAULTS.metrics,
         *,
-        window: int = 10,
-        every: int = 0,
-        max_message_bytes: int = 16 << 20,
-        db: str | Path | None = DEFAULT_DB,
-        phase_layers: int = 50,
-        stale_after: float = 60.0,
+        window: int = DEFAULTS.window,
+        every: int = DEFAULTS.every,
+        max_message_bytes: int = DEFAULTS.max_message_bytes,
+        db: str | Path | None = DEFAULTS.db,
+        phase_layers: int = DEFAULTS.phase_layers,
+        stale_after: float = DEFAULTS.stale_after,
         active: bool = True,
         security: Security | None = None,
-        history_interval: float = 1.0,
-        checkpoint_interval: float = 5.0,
-        max_layers: int = 10_000,
-        max_name_length: int = 256,
-        max_jobs: int = 1_000,
-        max_series_per_job: int = 2_000,
-        max_frame_rate: float = 1_000.0,
+        history_interval: float = DEFAULTS.history_interval,
+        checkpoint_interval: float = DEFAULTS.checkpoint_interval,
+        max_layers: int = DEFAULTS.limits.max_layers,
+        max_name_length: int = DEFAULTS.limits.max_name_length,
+        max_jobs: int = DEFAULTS.limits.max_jobs,
+        max_series_per_job: int = DEFAULTS.max_series_per_job,
+        max_frame_rate: float = DEFAULTS.limits.max_frame_rate,
         on_reading: Callable[[str, Reading], None] | None = None,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
@@ -79,13 +80,13 @@ class Collector:
         ones to watch); `history_interval`: the least seconds between two rows of a job's
         history in `db` (what `thermoscope plot` draws; 0: every merged sample);
         `checkpoint_interval`: seconds between two checkpoints of the jobs' state to `db` (see
-        `Telemetry.checkpoint`): with agents' spools, a kill -9 of the collector loses and
+        `checkpoint.Checkpointer`): with agents' spools, a kill -9 of the collector loses and
         double-counts nothing; events and history rows commit at each checkpoint.
 
         Limits on input (each refusal ends the stream with its gRPC status and is counted in
         `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
         `max_name_length` characters per name, `max_jobs` jobs, `max_frame_rate` frames per
-        second per agent (see `server.Limits`); `max_series_per_job`: layer (and site) series
+        second per agent (see `settings.Limits`); `max_series_per_job`: layer (and site) series
         per job and metric in /metrics, the excess folded into one `__other__` series and
         counted in `thermoscope_layers_folded{job_id}` (see `export`). `on_reading`: told
         (job_id, reading) at each merged step, on the collector's event loop."""
@@ -94,7 +95,7 @@ class Collector:
         self.checkpoint_interval = checkpoint_interval
         self.grpc_address = grpc_address
         self.metrics_address = metrics_address
-        # tokens, TLS, basic auth (`auth.Security`): exposure checked and files read here, first
+        # tokens, TLS, basic auth (`security.Security`): exposure checked and files read here, first
         self.security = security or Security()
         self._guard = self.security.load(split_address(grpc_address)[0], split_address(metrics_address)[0])
         self.max_message_bytes = max_message_bytes
@@ -162,7 +163,8 @@ class Collector:
         await server.start()
         self._server = server
         if self.store is not None:
-            self._checkpoints = asyncio.create_task(self.telemetry.checkpoints(self.checkpoint_interval))
+            checkpoints = self.telemetry.checkpointer.every(self.checkpoint_interval)
+            self._checkpoints = asyncio.create_task(checkpoints)
         for name in ("", SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
@@ -189,7 +191,7 @@ class Collector:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
         if self.store is not None:
-            await self.telemetry.checkpoint()
+            await self.telemetry.checkpointer.checkpoint()
             self.store.close()
 
     async def serve(self, grace: float = 5.0, hold: float = 0.5) -> None:
@@ -226,7 +228,8 @@ class Collector:
         `checkpoint_interval` (e.g. before reading the database from the same process)."""
         loop = self._loop
         if loop is not None and loop.is_running():
-            asyncio.run_coroutine_threadsafe(self.telemetry.checkpoint(), loop).result(LOOP_TIMEOUT)
+            done = asyncio.run_coroutine_threadsafe(self.telemetry.checkpointer.checkpoint(), loop)
+            done.result(LOOP_TIMEOUT)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Every known job's state, JSON-able: the collector's view for a CLI or an actor.
@@ -245,7 +248,7 @@ class Collector:
         for job_id, job in self.jobs.items():
             live = job.liveness()
             ranks = [(rank, (s, stale, False)) for rank, (s, stale) in live.ranks.items()]
-            ranks += [(rank, (s, False, True)) for rank, s in list(job.finished.items())]
+            ranks += [(rank, (s, False, True)) for rank, s in live.finished.items()]
             ranks.sort(key=lambda item: item[0])
             reading = job.reading
             entropy = (

@@ -2,7 +2,7 @@
 
 WAL lets `thermoscope events` and `thermoscope plot` read while the collector writes, and
 survives a crash of the writer with every committed row intact. The collector writes at its
-checkpoints only (every `--checkpoint-interval` seconds, `server.Telemetry.checkpoint`): each
+checkpoints only (every `--checkpoint-interval` seconds, `checkpoint.Checkpointer`): each
 job that changed writes its new history rows and events with its state, and one `commit`
 makes them all durable, so what is committed is always consistent with the states saved.
 The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
@@ -12,7 +12,7 @@ row per job every `history_interval` seconds, so its size follows wall time, not
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_job` / `load_job`): per (job, run, rank) the
 sequence number and step of the last frame applied (`marks`), and per job the state its merge and phase
-detector resume from (`job_state`, a pickle written by this collector only). The marks, the
+detector resume from (`job_state`, a pickle that checkpoint.py writes and reads). The marks, the
 states, and the history rows and events the same frames produced commit together, so a
 restarted collector resumes from a state whose events are exactly those in the database.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ import numpy as np
 
 from thermoscope.science.derive import Reading
 
-STATE_HOME = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-DEFAULT_DB = STATE_HOME / "thermoscope" / "events.db"
+from .settings import DEFAULTS
+
 #: The columns of an event, in the contract's names (`thermoscope events --json`).
 FIELDS = ("job", "scope", "layer", "step", "time", "from", "to", "statistic", "confidence")
 
@@ -113,7 +112,9 @@ class Event:
 class EventStore:
     """Append and query events; one connection, used from one thread at a time."""
 
-    def __init__(self, path: str | Path, *, create: bool = True, history_interval: float = 1.0) -> None:
+    def __init__(
+        self, path: str | Path, *, create: bool = True, history_interval: float = DEFAULTS.history_interval
+    ) -> None:
         path = Path(path)
         self.history_interval = history_interval
         self._last_history: dict[str, float] = {}  # job -> time of its last history row

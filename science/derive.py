@@ -1,4 +1,4 @@
-"""From a series of samples to the thermodynamic readings (THEORY.md sections 2-5).
+"""From a series of samples to the thermodynamic readings (docs/science.md sections 2-5).
 
 `Thermometer` keeps a sliding window of the last `window` samples of one job and derives,
 at every sample:
@@ -11,7 +11,7 @@ at every sample:
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
   the window. Where the training loop gave no loss (zero-code instrumentation), the energy
   is the cumulative work sum_l sum_{s<t} w_{l,s} since the first sample (E_0 = 0): to first
-  order it is E_t - E_0 (THEORY section 2), so slopes and temperatures keep their meaning;
+  order it is E_t - E_0 (docs/science.md section 2), so slopes and temperatures keep their meaning;
   `Reading.energy_from_work` says which it is. The slope of the noisy minibatch energy is the
   "smoothed" energy change, and its standard error is the noise floor under which T is undefined;
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
@@ -34,6 +34,8 @@ import numpy as np
 from . import physics
 from .stats import LayerInfo, Sample, SiteInfo
 
+#: Samples per temperature window, the agent's and the collector's default alike.
+WINDOW = 10
 #: Standard errors the job's energy slope must exceed for the temperature to be defined.
 ENERGY_SLOPE_SIGMAS = 2.0
 
@@ -67,7 +69,7 @@ class Reading:
 class Thermometer:
     """Windowed derivation for one job; feed it samples in step order."""
 
-    def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = 10) -> None:
+    def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = WINDOW) -> None:
         if window < 2:
             raise ValueError(f"window must be at least 2 samples, got {window}")
         self.layer_names = tuple(layer.name for layer in layers)

@@ -1,4 +1,4 @@
-"""The formulas of THEORY.md, pure and vectorized over layers (numpy in, numpy out).
+"""The formulas of docs/science.md, pure and vectorized over layers (numpy in, numpy out).
 
 Everything here works on *sufficient statistics* (count, mean, M2, dot products), never on
 raw tensors, so the same code serves one rank in-process and the collector after it has

@@ -1,4 +1,4 @@
-"""Reference tables: the closed forms of THEORY.md section 7 for a linear model.
+"""Reference tables: the closed forms of docs/science.md section 7 for a linear model.
 
 A linear model f(x) = w.x (no bias) is the one network whose Type I -> Type II transition can
 be predicted on paper, so it is the yardstick for the whole measurement chain: train it with a
@@ -27,7 +27,7 @@ What is exact and what is not (`Prediction.basis` says so per quantity):
   deviations) alike, and E_II = 0. CE: the logistic maximum-likelihood estimate, by Newton's
   method in float64 (converged to a Newton decrement below 1e-20).
 * Entropies are totals over the d weights in nats, with the estimator the Monitor uses (the
-  gaussian one, THEORY section 3): S_I = d 1/2 ln(2 pi e s^2) for *every* init of variance s^2,
+  gaussian one, docs/science.md section 3): S_I = d 1/2 ln(2 pi e s^2) for *every* init of variance s^2,
   S_II = d 1/2 ln(2 pi e var(w*)) with var the population variance of w*'s entries. The init's
   exact differential entropy d h(p0), which a histogram estimator converges to, is reported
   beside it as `entropy_type_i_exact` (mixed init: numerical integration, error < 1e-9 nats per
@@ -36,7 +36,7 @@ What is exact and what is not (`Prediction.basis` says so per quantity):
   so T < 0 when the init is narrower than the trained weights.
 
 These are the *expected* values over initializations; one run sees one init draw and scatters
-around them by O(1/sqrt(d)) (THEORY section 7), which is why the tests use large d.
+around them by O(1/sqrt(d)) (docs/science.md section 7), which is why the tests use large d.
 
 numpy only: the collector side imports this without torch.
 """
@@ -263,7 +263,7 @@ def _half_line_rule(nodes: int = 200) -> tuple[np.ndarray, np.ndarray]:
 def expected_softplus(sigma: np.ndarray) -> np.ndarray:
     """E[softplus(sigma Z)], Z ~ N(0, 1), to ~1e-12 relative for any sigma >= 0.
 
-    THEORY asks for Gauss-Hermite quadrature. Applied to softplus(sigma z) directly it is exact
+    Gauss-Hermite quadrature is the usual choice. Applied to softplus(sigma z) directly it is exact
     to 1e-13 for sigma <= 1 but loses accuracy once the kink of width 1/sigma is narrower than its
     node spacing (150 nodes: 2e-5 relative at sigma = 10, 3e-3 at sigma = 100), and sigma is
     s ||x|| ~ s sqrt(d) here. So the part that makes the kink is integrated exactly:
@@ -349,7 +349,7 @@ def gaussian_total_entropy(w: np.ndarray) -> float:
 
 
 def asymptotic_mse_temperature(scale: float, target_scale: float) -> float:
-    """T -> 2 (b^2 + s^2) / ln(s^2 / b^2) for MSE at large N and d (THEORY section 7).
+    """T -> 2 (b^2 + s^2) / ln(s^2 / b^2) for MSE at large N and d (docs/science.md section 7).
 
     Delta E -> d (b^2 + s^2) (||X beta||^2 / N -> ||beta||^2 -> d b^2, tr(X^T X)/N -> d) and
     Delta S -> d/2 ln(s^2 / b^2). It needs N and d large, not N >> d: with noiseless targets
