@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -12,26 +11,10 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.science import physics
 
-from conftest import free_port, train_steps
-
-
-def entropy64(t: torch.Tensor) -> float:
-    """n/2 ln(2 pi e var), var floored as physics documents (a 1-value bias has var 0)."""
-    v = t.detach().double().reshape(-1)
-    var = max(
-        float(v.var(unbiased=False)), physics.VAR_FLOOR_REL * float(v.mean()) ** 2, physics.VAR_FLOOR_ABS
-    )
-    return v.numel() * 0.5 * math.log(2 * math.pi * math.e * var)
-
-
-def work64(grads: list[torch.Tensor], after: list[torch.Tensor], before: list[torch.Tensor]) -> list[float]:
-    """<g, theta_after - theta_before> per tensor, in float64 from copies: the truth for the work."""
-    return [
-        float(torch.dot(g.double().flatten(), (a.detach().double() - b.double()).flatten()))
-        for g, a, b in zip(grads, after, before, strict=True)
-    ]
+from helpers.processes import free_port
+from helpers.reference import efficiency64, entropy64, work64
+from helpers.training import train_steps
 
 
 def checked_step(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor):
@@ -44,10 +27,6 @@ def checked_step(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer,
     reading = monitor.latest()
     monitor.close()
     return reading, [entropy64(b) for b in before], work64(grads, list(model.parameters()), before)
-
-
-def efficiency64(z: torch.Tensor, a: torch.Tensor) -> float:
-    return 1.0 - float(a.double().var(unbiased=False)) / float(z.double().var(unbiased=False))
 
 
 def mlp(inplace: bool = False) -> nn.Sequential:
@@ -204,6 +183,7 @@ def test_many_small_tensors_are_measured_exactly() -> None:
     assert r.layer_work == pytest.approx(work, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
     model = mlp()
     opt = torch.optim.Adam(model.parameters())

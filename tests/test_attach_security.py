@@ -14,11 +14,12 @@ import grpc
 import pytest
 
 from thermoscope.agent import Monitor
-from thermoscope.collector import auth
+from thermoscope.collector.security import InsecureError, Security
 from thermoscope.collector.service import Collector
 
-from conftest import thermoscope, train_steps
-from test_auth import TOKEN_ANY, Pki, monitor_delivers, small_model
+from helpers.processes import thermoscope
+from helpers.security import TOKEN_ANY, monitor_delivers
+from helpers.training import small_model, train_steps
 
 ray = pytest.importorskip("ray")
 from thermoscope.collector.actor import PackedSecurity  # noqa: E402
@@ -27,13 +28,8 @@ from thermoscope.collector.actor import PackedSecurity  # noqa: E402
 NO_CLUSTER = "127.0.0.1:1"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
-def files(tmp_path: Path, pki: Pki) -> dict[str, Path]:
+def files(tmp_path: Path, pki) -> dict[str, Path]:
     """Good and bad security files."""
     paths = {
         "tokens": tmp_path / "tokens",
@@ -48,6 +44,7 @@ def files(tmp_path: Path, pki: Pki) -> dict[str, Path]:
     return paths | {"cert": pki.server_cert, "key": pki.server_key, "ca": pki.ca}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "flags", "message"),
     [
@@ -81,7 +78,7 @@ def test_packed_security_carries_contents_not_paths_and_unpacks_for_the_collecto
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     cert.write_bytes(files["cert"].read_bytes())
     key.write_bytes(files["key"].read_bytes())
-    packed = PackedSecurity.pack(auth.Security(tokens=files["tokens"], tls_cert=cert, tls_key=key))
+    packed = PackedSecurity.pack(Security(tokens=files["tokens"], tls_cert=cert, tls_key=key))
     assert TOKEN_ANY not in repr(packed) and "PRIVATE KEY" not in repr(packed)
     for path in (files["tokens"], cert, key):  # the actor's node need not have the driver's files
         path.unlink()
@@ -97,7 +94,7 @@ def test_packed_security_carries_contents_not_paths_and_unpacks_for_the_collecto
         assert not unpacked.exists()  # the files lived only while the collector loaded them
         assert monitor_delivers(collector.grpc_target, "tls", token=TOKEN_ANY, tls_root_cert=files["ca"]) == 5
 
-    with pytest.raises(auth.InsecureError, match=r"10\.0\.0\.5, which is not loopback"):
+    with pytest.raises(InsecureError, match=r"10\.0\.0\.5, which is not loopback"):
         PackedSecurity().check_exposure("10.0.0.5")
     PackedSecurity(insecure=True).check_exposure("10.0.0.5")
 
@@ -105,7 +102,7 @@ def test_packed_security_carries_contents_not_paths_and_unpacks_for_the_collecto
 def test_an_agent_without_the_token_says_once_how_to_give_it_and_keeps_retrying(
     files: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    security = auth.Security(tokens=files["tokens"])
+    security = Security(tokens=files["tokens"])
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=None, security=security).running() as c:
         model, opt = small_model()
         caplog.set_level(logging.WARNING, logger="thermoscope.agent")

@@ -7,8 +7,7 @@ Real collectors on 127.0.0.1, real channels; throwaway certificates made here (`
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
+import getpass
 import re
 import socket
 import ssl
@@ -21,85 +20,24 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.collector import auth
+from thermoscope.cli.main import main
+from thermoscope.collector import grpc_auth
+from thermoscope.collector.credentials import AuthConfigError
+from thermoscope.collector.metrics_http import BasicAuthUsers, hash_password
+from thermoscope.collector.security import InsecureError, Security
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 from thermoscope.wire.contract import is_loopback
 
-from conftest import frame, free_port, hello, stop_process, thermoscope, train_steps, wait_serving
+from helpers.processes import free_port, stop_process, thermoscope, wait_serving
+from helpers.protocol import frame, hello
+from helpers.security import TOKEN_A, TOKEN_ANY, monitor_delivers
+from helpers.training import small_model, train_steps
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-TOKEN_ANY = "any-job-token-0123456789"
-TOKEN_A = "team-a-token-0123456789"
-
-
-# -- throwaway PKI ------------------------------------------------------------------------------------
-
-
-def _cert(name: str, key, issuer_name, issuer_key, *, ca: bool = False, server: bool = False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-class Pki:
-    def __init__(self, root: Path) -> None:
-        def write(name: str, key, cert) -> tuple[Path, Path]:
-            kp, cp = root / f"{name}.key", root / f"{name}.pem"
-            kp.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-            cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            return cp, kp
-
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "thermoscope test CA")])
-        ca = _cert("thermoscope test CA", ca_key, ca_name, ca_key, ca=True)
-        self.ca, _ = write("ca", ca_key, ca)
-        server_key, client_key = (
-            ec.generate_private_key(ec.SECP256R1()),
-            ec.generate_private_key(ec.SECP256R1()),
-        )
-        self.server_cert, self.server_key = write(
-            "server", server_key, _cert("localhost", server_key, ca_name, ca_key, server=True)
-        )
-        self.client_cert, self.client_key = write(
-            "client", client_key, _cert("agent", client_key, ca_name, ca_key)
-        )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
+pytest.importorskip("cryptography", reason="the throwaway PKI (conftest's pki fixture) needs it")
 
 
 @pytest.fixture
@@ -132,28 +70,11 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def small_model() -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    return model, torch.optim.SGD(model.parameters(), lr=1e-2)
-
-
-def monitor_delivers(target: str, job: str, **security) -> int:
-    model, opt = small_model()
-    monitor = Monitor(model, opt, collector=target, job=job, every=1, **security)
-    try:
-        train_steps(monitor, model, opt, 5)
-        assert monitor.flush(15), "the collector did not acknowledge every frame"
-        return monitor.delivered
-    finally:
-        monitor.close()
-
-
 # -- tokens -------------------------------------------------------------------------------------------
 
 
 def test_a_stream_without_a_valid_token_is_unauthenticated_and_counted(tmp_path, tokens_file) -> None:
-    security = auth.Security(tokens=tokens_file)
+    security = Security(tokens=tokens_file)
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=None, security=security).running() as c:
         wait_serving(c.grpc_target)  # the health service needs no token
         for metadata in (None, bearer("not-a-known-token-at-all"), (("authorization", TOKEN_ANY),)):
@@ -173,7 +94,7 @@ def test_a_stream_without_a_valid_token_is_unauthenticated_and_counted(tmp_path,
 
 def test_a_monitor_with_the_token_streams_and_one_without_delivers_nothing(tokens_file, monkeypatch) -> None:
     with Collector(
-        "127.0.0.1:0", "127.0.0.1:0", db=None, security=auth.Security(tokens=tokens_file)
+        "127.0.0.1:0", "127.0.0.1:0", db=None, security=Security(tokens=tokens_file)
     ).running() as c:
         assert monitor_delivers(c.grpc_target, "tok", token=TOKEN_ANY) == 5
         monkeypatch.setenv("THERMOSCOPE_TOKEN", TOKEN_ANY)
@@ -193,7 +114,7 @@ def test_a_monitor_with_the_token_streams_and_one_without_delivers_nothing(token
 
 def test_a_token_bound_to_a_prefix_writes_only_its_teams_jobs(tokens_file) -> None:
     with Collector(
-        "127.0.0.1:0", "127.0.0.1:0", db=None, security=auth.Security(tokens=tokens_file)
+        "127.0.0.1:0", "127.0.0.1:0", db=None, security=Security(tokens=tokens_file)
     ).running() as c:
         replies, error = call(c.grpc_target, [hello("teamA-x"), frame(1, 0)], metadata=bearer(TOKEN_A))
         assert error is None and [r.WhichOneof("body") for r in replies][:2] == ["config", "ack"]
@@ -211,11 +132,11 @@ def test_a_token_bound_to_a_prefix_writes_only_its_teams_jobs(tokens_file) -> No
 
 
 def test_token_table_matches_every_entry_and_reports_bad_files(tmp_path) -> None:
-    table = auth.TokenTable([(TOKEN_ANY, ""), (TOKEN_A, "teamA-")])
-    assert table.match(TOKEN_A) == auth.Principal(2, "teamA-")
+    table = grpc_auth.TokenTable([(TOKEN_ANY, ""), (TOKEN_A, "teamA-")])
+    assert table.match(TOKEN_A) == grpc_auth.Principal(2, "teamA-")
     assert table.match(TOKEN_A[:-1]) is None and table.match("") is None
-    assert auth.bearer([("Authorization", "bearer  abc ")]) == "abc"
-    assert auth.bearer([("authorization", "Basic abc")]) is None
+    assert grpc_auth.bearer([("Authorization", "bearer  abc ")]) == "abc"
+    assert grpc_auth.bearer([("authorization", "Basic abc")]) is None
     for text, why in [
         ("", "no tokens"),
         ("short\n", "line 1: a token has at least 16"),
@@ -224,17 +145,17 @@ def test_token_table_matches_every_entry_and_reports_bad_files(tmp_path) -> None
     ]:
         path = tmp_path / "t"
         path.write_text(text)
-        with pytest.raises(auth.AuthConfigError, match=re.escape(why)):
-            auth.TokenTable.load(path)
-    with pytest.raises(auth.AuthConfigError, match="cannot read the tokens file"):
-        auth.TokenTable.load(tmp_path / "missing")
+        with pytest.raises(AuthConfigError, match=re.escape(why)):
+            grpc_auth.TokenTable.load(path)
+    with pytest.raises(AuthConfigError, match="cannot read the tokens file"):
+        grpc_auth.TokenTable.load(tmp_path / "missing")
 
 
 # -- TLS ----------------------------------------------------------------------------------------------
 
 
 def test_tls_streams_with_the_ca_and_refuses_plaintext(pki, tokens_file) -> None:
-    security = auth.Security(tokens=tokens_file, tls_cert=pki.server_cert, tls_key=pki.server_key)
+    security = Security(tokens=tokens_file, tls_cert=pki.server_cert, tls_key=pki.server_key)
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=None, security=security).running() as c:
         assert monitor_delivers(c.grpc_target, "tls", token=TOKEN_ANY, tls_root_cert=pki.ca) == 5
         credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes())
@@ -246,7 +167,7 @@ def test_tls_streams_with_the_ca_and_refuses_plaintext(pki, tokens_file) -> None
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(pki) -> None:
-    security = auth.Security(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    security = Security(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=None, security=security).running() as c:
         ca = pki.ca.read_bytes()
         _, error = call(c.grpc_target, [hello("anon")], credentials=grpc.ssl_channel_credentials(ca))
@@ -262,10 +183,36 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(pki) -> None:
         assert set(c.snapshot()) == {"mtls"}
 
 
+def test_hash_password_prints_a_basic_auth_line_the_collector_accepts(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: "s3cret")  # what the user types, unechoed
+    assert main(["hash-password", "prometheus"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("prometheus:pbkdf2_sha256$")
+    users = tmp_path / "users"
+    users.write_text(line + "\n")
+    loaded = BasicAuthUsers.load(users)
+    assert loaded.check("prometheus", "s3cret")
+    assert not loaded.check("prometheus", "wrong")
+
+
+def test_the_security_side_imports_nothing_of_the_servicer() -> None:
+    """gRPC auth, /metrics auth and the `Security` bundle sit below the servicer, never beside it."""
+    code = (
+        "import sys\n"
+        "import thermoscope.collector.security\n"
+        "servicer = {'server', 'service', 'merge', 'job', 'pipeline', 'checkpoint', 'export', 'store'}\n"
+        "print(sorted(m for m in sys.modules if m.startswith('thermoscope.collector.')\n"
+        "             and m.rsplit('.', 1)[1] in servicer))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_metrics_over_tls_with_basic_auth(pki, tmp_path) -> None:
     users = tmp_path / "users"
-    users.write_text(f"# scrapers\nprometheus:{auth.hash_password('s3cret', iterations=1000)}\n")
-    security = auth.Security(
+    users.write_text(f"# scrapers\nprometheus:{hash_password('s3cret', iterations=1000)}\n")
+    security = Security(
         metrics_tls_cert=pki.server_cert, metrics_tls_key=pki.server_key, metrics_basic_auth=users
     )
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=None, security=security).running() as c:
@@ -299,20 +246,21 @@ def test_metrics_over_tls_with_basic_auth(pki, tmp_path) -> None:
 
 
 def test_collector_refuses_a_non_loopback_address_unprotected(pki, tokens_file, tmp_path) -> None:
-    with pytest.raises(auth.InsecureError, match="--tokens FILE"):
+    with pytest.raises(InsecureError, match="--tokens FILE"):
         Collector("0.0.0.0:0", "127.0.0.1:0", db=None)
-    with pytest.raises(auth.InsecureError, match="--metrics-basic-auth"):
-        Collector("127.0.0.1:0", "[::]:0", db=None, security=auth.Security(tokens=tokens_file))
+    with pytest.raises(InsecureError, match="--metrics-basic-auth"):
+        Collector("127.0.0.1:0", "[::]:0", db=None, security=Security(tokens=tokens_file))
     for host in ("127.0.0.2", "::1", "localhost"):
         assert is_loopback(host)
     for host in ("0.0.0.0", "::", "10.0.0.1", "example.org"):
         assert not is_loopback(host)
-    Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=auth.Security(tokens=tokens_file))
-    Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=auth.Security(insecure=True))
-    with pytest.raises(auth.AuthConfigError, match="go together"):
-        auth.Security(tls_cert=pki.server_cert)
+    Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=Security(tokens=tokens_file))
+    Collector("0.0.0.0:0", "127.0.0.1:0", db=None, security=Security(insecure=True))
+    with pytest.raises(AuthConfigError, match="go together"):
+        Security(tls_cert=pki.server_cert)
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_listen_exposed_and_says_why_unless_insecure(tmp_path, tokens_file) -> None:
     port = free_port()
     args = ["collector", "--grpc", f"0.0.0.0:{port}", "--metrics", f"127.0.0.1:{free_port()}"]

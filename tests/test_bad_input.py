@@ -10,7 +10,8 @@ import pytest
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2 as pb
 
-from conftest import OpenStream, frame, hello, scrape, stream, value
+from helpers.metrics import scrape, value
+from helpers.protocol import OpenStream, frame, hello, stream
 
 
 def nan_column() -> pb.AgentMessage:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
-from conftest import thermoscope
+from thermoscope.cli.main import parser
+from thermoscope.collector.service import Collector
+from thermoscope.collector.settings import DEFAULTS
+
+from helpers.processes import thermoscope
 
 
+@pytest.mark.slow
 def test_the_default_demo_trains_streams_detects_the_shift_and_shows_it_all() -> None:
     result = thermoscope("demo")  # the README's command: 1200 steps, every 5, data shift at 600
     assert result.returncode == 0, result.stderr
@@ -22,6 +29,7 @@ def test_the_default_demo_trains_streams_detects_the_shift_and_shows_it_all() ->
     assert "240 frames merged, 0 dropped" in out
 
 
+@pytest.mark.slow
 def test_demo_draws_its_run_when_asked(tmp_path) -> None:
     figure = tmp_path / "run.png"
     result = thermoscope("demo", "--steps", "40", "--every", "2", "--shift-at", "0", "--figure", str(figure))
@@ -46,6 +54,7 @@ def test_bad_arguments_get_a_clear_error(args: list[str], message: str) -> None:
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_as_a_two_worker_ray_train_job_and_merges_both_ranks() -> None:
     pytest.importorskip("ray")
     result = thermoscope("demo", "--workers", "2", "--steps", "400", "--every", "5", timeout=300)
@@ -54,3 +63,32 @@ def test_demo_runs_as_a_two_worker_ray_train_job_and_merges_both_ranks() -> None
     assert "job 'demo' at step 395" in out
     assert "160 frames merged, 0 dropped" in out  # 80 samples from each of the 2 ranks
     assert "type_ii -> refresh" in out  # the data shift at step 200 is seen in the merged job
+
+
+def test_every_collector_default_is_the_settings_objects() -> None:
+    """`thermoscope collector`, `thermoscope attach` and `Collector` all read `DEFAULTS`."""
+    limits = DEFAULTS.limits
+    expected = {
+        "window": DEFAULTS.window,
+        "every": DEFAULTS.every,
+        "max_message_bytes": DEFAULTS.max_message_bytes,
+        "stale_after": DEFAULTS.stale_after,
+        "phase_layers": DEFAULTS.phase_layers,
+        "history_interval": DEFAULTS.history_interval,
+        "checkpoint_interval": DEFAULTS.checkpoint_interval,
+        "max_series_per_job": DEFAULTS.max_series_per_job,
+        "max_layers": limits.max_layers,
+        "max_name_length": limits.max_name_length,
+        "max_jobs": limits.max_jobs,
+        "max_frame_rate": limits.max_frame_rate,
+    }
+    flags = vars(parser().parse_args(["collector"]))
+    assert {name: flags[name] for name in expected} == expected
+    assert (flags["grpc"], flags["metrics"]) == (DEFAULTS.grpc, DEFAULTS.metrics)
+    assert flags["db"] == str(DEFAULTS.db)
+    keywords = inspect.signature(Collector).parameters
+    assert {name: keywords[name].default for name in expected} == expected
+    assert keywords["db"].default == DEFAULTS.db
+    attach = vars(parser().parse_args(["attach"]))
+    assert (attach["grpc_port"], attach["metrics_port"]) == (DEFAULTS.grpc_port, DEFAULTS.metrics_port)
+    assert attach["sd_file"] == flags["sd_file"] == str(DEFAULTS.sd_file)

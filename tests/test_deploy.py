@@ -33,7 +33,8 @@ from thermoscope.cli.main import parser
 from thermoscope.collector.server import SERVICE
 from thermoscope.wire.contract import ACTOR_NAME, DEFAULT_GRPC, DEFAULT_METRICS, NAMESPACE, split_address
 
-from conftest import free_port, scrape, stop_process, wait_serving
+from helpers.metrics import scrape
+from helpers.processes import free_port, stop_process, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -152,6 +153,7 @@ def test_the_collector_image_installs_the_package_with_its_declared_dependencies
     assert folders <= copied
 
 
+@pytest.mark.slow
 def test_the_collector_runs_without_torch(tmp_path: Path) -> None:
     """What the image relies on: `thermoscope collector` never imports torch (nor ray)."""
     grpc_port, metrics_port = free_port(), free_port()
@@ -328,7 +330,8 @@ def test_kubernetes_rayjob_is_zero_code_and_streams_to_the_collector_service() -
     module, _, attr = hook.rpartition(".")
     assert callable(getattr(importlib.import_module(module), attr)), f"{hook} is not a callable"
     assert hook == "thermoscope.agent.raytrain.setup"
-    assert any(p.split()[0] == "thermoscope" for p in env["pip"]["packages"])
+    # the training side asks for the agent's extra: torch is not a dependency of the collector
+    assert any(p.split()[0] == "thermoscope[agent]" for p in env["pip"]["packages"])
 
     service = objects[("Service", "thermoscope-collector")]
     (grpc,) = [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]

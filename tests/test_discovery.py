@@ -5,21 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from torch import nn
 
 from thermoscope.agent import Monitor, discovery
 from thermoscope.collector.service import Collector
 
-from conftest import train_steps
+from helpers.training import small_model, train_steps
 
 INTERVAL = 0.2
-
-
-def model_and_optimizer() -> tuple[nn.Sequential, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-    return model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +22,7 @@ def fast_discovery(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_monitor_without_a_collector_to_find_is_dormant_and_arms_no_hook() -> None:
-    model, opt = model_and_optimizer()
+    model, opt = small_model(8, 16, nn.ReLU, lr=0.01)
     monitor = Monitor(model, opt, collector=lambda: None, every=1)
     train_steps(monitor, model, opt, 20)
     assert monitor.dormant
@@ -42,7 +35,7 @@ def test_a_dormant_monitor_streams_within_two_intervals_of_the_collector_appeari
     collector: Collector,
 ) -> None:
     found: list[str] = []
-    model, opt = model_and_optimizer()
+    model, opt = small_model(8, 16, nn.ReLU, lr=0.01)
     monitor = Monitor(model, opt, collector=lambda: found[0] if found else None, job="late", every=1)
     train_steps(monitor, model, opt, 5)
     assert monitor.dormant and "late" not in collector.jobs
@@ -65,7 +58,7 @@ def test_a_failing_lookup_keeps_the_agent_dormant_and_the_training_running() -> 
     def broken() -> str:
         raise RuntimeError("the cluster is unreachable")
 
-    model, opt = model_and_optimizer()
+    model, opt = small_model(8, 16, nn.ReLU, lr=0.01)
     monitor = Monitor(model, opt, collector=broken, every=1)
     time.sleep(3 * INTERVAL)  # several failed lookups
     train_steps(monitor, model, opt, 5)

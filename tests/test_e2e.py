@@ -18,33 +18,14 @@ from thermoscope.science import physics
 from thermoscope.science.stats import LayerStats, Sample
 from thermoscope.wire.codec import encode
 
-from conftest import (
-    BINS,
-    OpenStream,
-    frame,
-    free_port,
-    hello,
-    histogram,
-    layer_table,
-    scrape,
-    site_stats,
-    stream,
-    train_steps,
-    value,
-)
-from test_agent import efficiency64, entropy64, work64
+from helpers.metrics import scrape, value, wait_for_value
+from helpers.processes import free_port
+from helpers.protocol import BINS, OpenStream, frame, hello, histogram, layer_table, site_stats, stream
+from helpers.reference import efficiency64, entropy64, work64
+from helpers.training import train_steps
 
 
-def wait_for(metrics_url: str, name: str, expected: float, **labels: str) -> dict:
-    deadline = time.monotonic() + 15
-    while True:
-        metrics = scrape(metrics_url)
-        if metrics.get((name, frozenset(labels.items()))) == expected:
-            return metrics
-        assert time.monotonic() < deadline, f"{name}{labels} never became {expected}"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_metrics_match_a_direct_computation_from_the_models_parameters(collector_process) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 200), nn.ReLU(), nn.Linear(200, 1))
@@ -70,7 +51,7 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     assert monitor.close(timeout=10)
     assert monitor.dropped == 0
 
-    m = wait_for(collector_process.metrics_url, "thermoscope_last_step", last, job_id="e2e")
+    m = wait_for_value(collector_process.metrics_url, "thermoscope_last_step", last, job_id="e2e")
     names = [layer.name for layer in monitor.layers]
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
     entropies = [entropy64(b) for b in before]
@@ -94,7 +75,7 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     assert value(m, "thermoscope_frames_received_total", job_id="e2e") == steps // 2
     assert value(m, "thermoscope_engine_info", job_id="e2e", site="1", engine="A") == 1  # ReLU
     assert value(m, "thermoscope_network_engine_info", job_id="e2e", engine="A") == 1
-    wait_for(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
+    wait_for_value(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
     # no series carries a label Prometheus owns, and only liveness has a rank (none per layer)
     labels = {label for (_, ls) in m for label, _ in ls}
     assert not labels & {"job", "instance"}
@@ -120,7 +101,7 @@ def test_replicas_count_once_and_energy_is_the_mean_over_ranks(collector) -> Non
     ranks = [OpenStream(collector.grpc_target, first) for first, _ in msgs]  # both connected
     for agent, (_, msg) in zip(ranks, msgs, strict=True):
         assert agent.ack(msg) == 1
-    metrics = wait_for(collector.metrics_url, "thermoscope_last_step", 5, job_id="dp")
+    metrics = wait_for_value(collector.metrics_url, "thermoscope_last_step", 5, job_id="dp")
     assert value(metrics, "thermoscope_energy", job_id="dp") == pytest.approx(2.0)
     expected = physics.layer_entropy(np.array([100]), np.array([0.1]), np.array([2.0]))[0]
     assert value(metrics, "thermoscope_layer_entropy_nats", job_id="dp", layer="layer0") == pytest.approx(
@@ -176,7 +157,7 @@ def test_shards_of_one_tensor_merge_to_the_whole_tensors_entropy(collector) -> N
             site_stats(np.array([10]), *(np.ones(1) for _ in range(4))),
         )
         assert agent.ack(encode(s, 1)) == 1
-    metrics = wait_for(collector.metrics_url, "thermoscope_last_step", 7, job_id="fsdp")
+    metrics = wait_for_value(collector.metrics_url, "thermoscope_last_step", 7, job_id="fsdp")
     for i in range(2):
         v = whole[i]
         expected = v.size * physics.gaussian_entropy(v.var())
@@ -205,11 +186,11 @@ def test_a_step_waits_for_every_connected_rank(collector) -> None:
     assert rank1.ack(frame(1, 0)) == 1
     assert rank0.ack(frame(1, 0)) == 1
     assert rank0.ack(frame(2, 1)) == 2
-    wait_for(collector.metrics_url, "thermoscope_last_step", 0, job_id="sync")
+    wait_for_value(collector.metrics_url, "thermoscope_last_step", 0, job_id="sync")
     time.sleep(0.2)
     assert value(scrape(collector.metrics_url), "thermoscope_last_step", job_id="sync") == 0
     assert rank1.ack(frame(2, 1)) == 2
-    wait_for(collector.metrics_url, "thermoscope_last_step", 1, job_id="sync")
+    wait_for_value(collector.metrics_url, "thermoscope_last_step", 1, job_id="sync")
     rank0.close()
     rank1.close()
 
@@ -225,7 +206,7 @@ def test_a_step_waits_for_the_ranks_of_the_world_that_have_not_connected_yet(col
     rank1 = OpenStream(collector.grpc_target, hello("joining", rank=1, world_size=2))
     for seq, step in enumerate((0, 1, 2), start=1):
         assert rank1.ack(frame(seq, step, energy=3.0)) == seq
-    wait_for(collector.metrics_url, "thermoscope_last_step", 2, job_id="joining")
+    wait_for_value(collector.metrics_url, "thermoscope_last_step", 2, job_id="joining")
     assert value(scrape(collector.metrics_url), "thermoscope_energy", job_id="joining") == 2.0
     assert collector.jobs["joining"].frames_late == 0
     rank0.close()
@@ -237,7 +218,7 @@ def test_a_step_waits_for_the_ranks_of_the_world_that_have_not_connected_yet(col
 )
 def test_metrics_pass_promtool_check_metrics(collector) -> None:
     assert stream(collector.grpc_target, [hello("lint"), frame(1, 0), frame(2, 1)])[1] is None
-    wait_for(collector.metrics_url, "thermoscope_last_step", 1, job_id="lint")
+    wait_for_value(collector.metrics_url, "thermoscope_last_step", 1, job_id="lint")
     with urllib.request.urlopen(collector.metrics_url, timeout=5) as resp:
         text = resp.read()
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)

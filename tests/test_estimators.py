@@ -1,4 +1,4 @@
-"""Histogram entropy on fixed edges over a fixed subset, and the engine-type scale probe (THEORY 3, 5)."""
+"""Histogram entropy on fixed edges over a fixed subset, and the engine-type probe (docs/science.md 3, 5)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from thermoscope.collector.detect import PHASES, TRANSITIONS
 from thermoscope.collector.store import FIELDS, Event, EventStore
 from thermoscope.wire.codec import encode
 
-from conftest import OpenStream, hello, sample, scrape, start_collector_process, thermoscope, value
+from helpers.metrics import scrape, value
+from helpers.processes import start_collector_process, thermoscope
+from helpers.protocol import OpenStream, hello, sample
 
 RNG = np.random.default_rng(0)
 
@@ -77,6 +79,7 @@ def test_a_learning_run_is_exported_as_a_state_set_with_counted_transitions(coll
     assert value(metrics, "thermoscope_last_transition_timestamp_seconds", job_id="learn") == stored[-1].time
 
 
+@pytest.mark.slow
 def test_events_survive_a_killed_collector_and_the_phase_resumes(tmp_path: Path) -> None:
     db = tmp_path / "events.db"
     first = start_collector_process(db)

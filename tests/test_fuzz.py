@@ -5,13 +5,16 @@ tests/bench/fuzz_long.py runs the same strategies for longer."""
 
 from __future__ import annotations
 
-import fuzzing
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 
 from thermoscope.collector.service import Collector
+
+from helpers import fuzzing
+
+pytestmark = pytest.mark.slow  # the last test checks what the two fuzz runs left
 
 RAW_CASES = 4_000
 HOSTILE_CASES = 6_000

@@ -28,7 +28,9 @@ pytest.importorskip("grafana_foundation_sdk")  # the test extra pins it (Python 
 
 from thermoscope.agent import Monitor
 
-from conftest import frame, scrape, stream, train_steps
+from helpers.metrics import scrape
+from helpers.protocol import frame, stream
+from helpers.training import train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -209,6 +211,7 @@ def test_phase_panels_map_every_phase_of_the_detector() -> None:
             assert f'phase="{result["text"]}"' in p["targets"][0]["expr"].split(f"{code} * sum by")[1]
 
 
+@pytest.mark.slow
 def test_every_query_names_only_series_the_collector_exports(collector) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))

@@ -23,7 +23,10 @@ from torch import nn
 from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
 
-from conftest import OpenStream, frame, hello, scrape, start_collector_process, stream, train_steps
+from helpers.metrics import scrape
+from helpers.processes import start_collector_process
+from helpers.protocol import OpenStream, frame, hello, stream
+from helpers.training import train_steps
 
 
 def metric(c: Collector, name: str, **labels: str) -> float | None:
@@ -89,6 +92,7 @@ def test_a_rank_that_finishes_cleanly_is_neither_stale_nor_lost(collector) -> No
     }
 
 
+@pytest.mark.slow
 def test_cancels_and_half_closes_are_told_apart_every_time(collector) -> None:
     """grpc.aio can show a cancel as an end of requests; the collector still tells them apart."""
     rounds = 50
@@ -171,6 +175,7 @@ def test_a_rank_that_reconnects_is_live_again_and_its_replayed_steps_count_once(
     r1.close()
 
 
+@pytest.mark.slow
 def test_the_collector_command_takes_stale_after(tmp_path) -> None:
     process = start_collector_process(tmp_path / "events.db", None, "--stale-after", "0.3")
     try:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import math
 
+import pytest
+
 from thermoscope.cli import loadgen
 
-from conftest import thermoscope
+from helpers.processes import thermoscope
 
 
+@pytest.mark.slow
 def test_a_small_load_is_held_and_measured() -> None:
     out = io.StringIO()
     agents, layers, rate, duration = 20, 10, 5.0, 3.0
@@ -28,6 +31,7 @@ def test_a_small_load_is_held_and_measured() -> None:
     assert 10 < f["collector_rss_peak_mib"] < 2048
 
 
+@pytest.mark.slow
 def test_loadgen_refuses_what_it_must_not_drive() -> None:
     remote = thermoscope(
         "loadgen", "--target", "10.1.2.3:50051", "--target-metrics", "http://10.1.2.3:9108/metrics"
@@ -44,6 +48,7 @@ def test_loadgen_refuses_what_it_must_not_drive() -> None:
     assert math.isfinite(loadgen.MAX_DURATION)
 
 
+@pytest.mark.slow
 def test_collectors_share_the_jobs_as_agents_would() -> None:
     """--collectors 2: jobs go to the collector `discovery.shard` picks, each merged whole."""
     out = io.StringIO()

@@ -16,7 +16,9 @@ from torch import nn
 
 from thermoscope.agent.monitor import Monitor
 
-from conftest import free_port, stalled_collector, train_steps
+from helpers.processes import free_port
+from helpers.protocol import stalled_collector
+from helpers.training import train_steps
 
 MAX_QUEUE = 8
 STEPS = 400
@@ -48,9 +50,11 @@ def train_against(target: str, caplog: pytest.LogCaptureFixture) -> None:
     assert len(drops) == 1, [r.getMessage() for r in drops]
 
 
+@pytest.mark.slow
 def test_a_collector_that_never_reads_does_not_block_training(stalling_server, caplog) -> None:
     train_against(stalling_server, caplog)
 
 
+@pytest.mark.slow
 def test_a_collector_that_is_down_does_not_block_training(caplog) -> None:
     train_against(f"127.0.0.1:{free_port()}", caplog)

@@ -19,17 +19,10 @@ from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
 from thermoscope.wire import codec
 
-from conftest import (
-    OpenStream,
-    frame,
-    free_port,
-    hello,
-    scrape,
-    start_collector_process,
-    stop_process,
-    train_steps,
-    value,
-)
+from helpers.metrics import scrape, value
+from helpers.processes import free_port, start_collector_process, stop_process
+from helpers.protocol import OpenStream, frame, hello
+from helpers.training import train_steps
 
 JOB = "no-loss"
 
@@ -41,6 +34,7 @@ def _frames(metrics_url: str) -> tuple[float, float]:
     )
 
 
+@pytest.mark.slow
 def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path: Path) -> None:
     """A real collector process is SIGKILLed while a real training loop streams to it with a
     spool, after one checkpoint and with frames applied since; training goes on, a new
@@ -193,6 +187,7 @@ def test_spool_keeps_frames_in_seq_order_whoever_appends_first(tmp_path: Path) -
     spool.close()
 
 
+@pytest.mark.slow
 def test_an_outage_longer_than_the_queue_is_spooled_and_replayed_below_the_rate_limit(tmp_path: Path) -> None:
     """With the collector down, the sender spills what the queue (16 frames here) cannot hold into
     the spool; once a collector limited to 20 frames/s comes up, the 60 frames are replayed
@@ -243,6 +238,7 @@ def test_a_job_id_back_for_another_run_does_not_inherit_the_old_runs_state(tmp_p
         assert c.snapshot()[JOB]["frames_received"] == 2  # its own run's state resumed
 
 
+@pytest.mark.slow
 def test_a_checkpoint_the_database_refuses_is_rolled_back_and_retried(tmp_path: Path, caplog) -> None:
     """A database that refuses writes (as a full disk would) moves no durable mark and is logged
     once; once it takes writes again, the next checkpoint saves everything since."""
@@ -282,16 +278,16 @@ def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_n
             telemetry.jobs[job].accept(s, codec.decode(msg, len(s.layers), len(s.sites), s.bins))
 
     async def stop_midway_then_checkpoint() -> None:
-        first = asyncio.create_task(telemetry.checkpoint())
-        while not any(job._saving for job in telemetry.jobs.values()):
+        first = asyncio.create_task(telemetry.checkpointer.checkpoint())
+        while not telemetry.checkpointer.written:
             await asyncio.sleep(0)  # until the first job is saved, the second not yet committed
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        await telemetry.checkpoint()
+        await telemetry.checkpointer.checkpoint()
 
     asyncio.run(stop_midway_then_checkpoint())
     for job in ("a", "b"):
         assert store.history(job).step.tolist() == [0, 1, 2]  # once each: the first save rolled back
-        assert telemetry.jobs[job].durable(telemetry.jobs[job].streams[0]) == 3
+        assert telemetry.jobs[job].durable(telemetry.jobs[job].ranks.streams[0]) == 3
     store.close()

@@ -1,6 +1,6 @@
 """The phase detector (`collector/detect.py`): each state reached in its scenario, and its rules.
 
-The scenarios are real monitored trainings with known ground truth (`scenarios.py`); the rules
+The scenarios are real monitored trainings with known ground truth (`helpers/scenarios.py`); the rules
 (cooldown, escalation, odd energies) are checked on synthetic series built to isolate them.
 """
 
@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 import pytest
-import scenarios
 
 from thermoscope.collector.detect import PHASES, TRANSITIONS, Change, PhaseDetector, Settings
+
+from helpers import scenarios
 
 ALARMS = ("refresh", "unstable")
 
@@ -36,6 +37,7 @@ def job_path(changes: list[Change], trace: scenarios.Trace) -> list[tuple[int, s
     return [(index[c.step], c.after) for c in changes if c.series == -1]
 
 
+@pytest.mark.slow
 def test_convergence_goes_through_transition_to_type_ii() -> None:
     trace = scenarios.generate("convergence", 0, samples=200)
     detector, changes = replay(trace)
@@ -47,6 +49,7 @@ def test_convergence_goes_through_transition_to_type_ii() -> None:
             assert detector.layer_phases()[j] == "type_ii", name
 
 
+@pytest.mark.slow
 def test_a_data_shift_is_a_refresh_within_two_samples() -> None:
     trace = scenarios.generate("shift", 100)  # the whole distribution changes at sample 200
     detector, changes = replay(trace)
@@ -60,6 +63,7 @@ def test_a_data_shift_is_a_refresh_within_two_samples() -> None:
     assert any(c.after == "refresh" for c in changes if c.series >= 0)  # layers moved again too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [200, 201], ids=["converged", "learning"])
 def test_a_learning_rate_spike_that_diverges_is_unstable(seed: int) -> None:
     trace = scenarios.generate("divergence", seed)
@@ -73,6 +77,7 @@ def test_a_learning_rate_spike_that_diverges_is_unstable(seed: int) -> None:
     assert detector.job_phase == "unstable"
 
 
+@pytest.mark.slow
 def test_a_frozen_layer_stays_type_i_while_the_others_learn() -> None:
     trace = scenarios.generate("frozen", 300)  # the first Linear is frozen
     assert trace.frozen == (0, 1)
@@ -88,6 +93,7 @@ def test_a_frozen_layer_stays_type_i_while_the_others_learn() -> None:
         assert phases[j] == "type_ii", phases
 
 
+@pytest.mark.slow
 def test_a_long_stationary_run_raises_no_alarm() -> None:
     trace = scenarios.generate("stationary", 400, samples=600)
     detector, changes = replay(trace)
@@ -153,7 +159,7 @@ def test_a_divergence_without_a_jump_is_unstable(rate: float) -> None:
     path = run_job(energy)
     assert not [p for p in path if p[0] < 150 and p[1] in ALARMS]
     unstable = [i for i, after, _ in path if after == "unstable"]
-    assert unstable and unstable[0] - 150 <= (80 if rate < 0.05 else 30), path  # see RESULTS.md
+    assert unstable and unstable[0] - 150 <= (80 if rate < 0.05 else 30), path  # see docs/benchmarks.md
 
 
 def test_odd_energies() -> None:

@@ -1,4 +1,4 @@
-"""THEORY.md's formulas against their reference values."""
+"""The formulas of docs/science.md against their reference values."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
 from thermoscope.science.derive import Reading
 
-from conftest import thermoscope, train_steps
+from helpers.processes import thermoscope
+from helpers.training import train_steps
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -62,6 +63,7 @@ def test_the_history_keeps_one_row_per_interval(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.slow
 def test_plot_draws_a_demo_run_with_its_transitions(tmp_path: Path) -> None:
     db, figure = tmp_path / "demo.db", tmp_path / "run.png"
     assert thermoscope("demo", "--steps", "400", "--db", str(db)).returncode == 0
@@ -72,6 +74,7 @@ def test_plot_draws_a_demo_run_with_its_transitions(tmp_path: Path) -> None:
     assert width > 1000 and height > 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -22,7 +22,8 @@ from torch import nn
 from thermoscope.agent import Monitor
 from thermoscope.cli.demo import student, teacher_student
 
-from conftest import CollectorProcess, free_port, scrape, stop_process
+from helpers.metrics import scrape
+from helpers.processes import CollectorProcess, free_port, stop_process
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 SHIPPED_TARGET = "127.0.0.1:9108"
@@ -34,10 +35,13 @@ MIN_SHIFT_STEP = 200  # the demo's run reaches type_ii at step 170
 MAX_STEPS = 6000  # the run stops here whatever happens (over a minute at this pace)
 DEADLINE = 50.0  # seconds from Prometheus' start for the alert to fire
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None,
-    reason="prometheus not found on PATH (Debian's prometheus package; .ci/run installs it)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROMETHEUS is None,
+        reason="prometheus not found on PATH (Debian's prometheus package; .ci/run installs it)",
+    ),
+]
 
 
 class Prometheus:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import OpenStream, frame, hello, scrape, stream
+from helpers.metrics import scrape
+from helpers.protocol import OpenStream, frame, hello, stream
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "prometheus"

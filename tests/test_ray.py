@@ -1,7 +1,7 @@
 """Thermoscope on a real local Ray cluster: the collector actor, 2-worker Ray Train jobs, attach.
 
 One cluster for the module (127.0.0.1, 2 CPUs, its own temp dir, no token written to
-~/.ray); each job is a separate driver process (tests/ray_job.py), as users submit them.
+~/.ray); each job is a separate driver process (tests/helpers/ray_job.py), as users submit them.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ ray = pytest.importorskip("ray")
 from thermoscope.collector import actor  # noqa: E402
 from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE  # noqa: E402
 
-from conftest import frame, hello, scrape, stream, thermoscope, value  # noqa: E402
+from helpers.metrics import scrape, value  # noqa: E402
+from helpers.processes import thermoscope  # noqa: E402
+from helpers.protocol import frame, hello, stream  # noqa: E402
 
-JOB = Path(__file__).with_name("ray_job.py")
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).parent / "helpers" / "ray_job.py"
 DEPLOY = Path(__file__).parents[1] / "deploy" / "prometheus"
 KUBE = Path(__file__).parents[1] / "deploy" / "kubernetes"
 INTERVAL = 2.0  # discovery interval of the jobs' agents, seconds
@@ -86,7 +90,7 @@ def collector_actor(cluster: str, tmp_path: Path) -> Iterator[tuple[object, dict
 
 
 def submit(cluster: str, out: Path, *args: str) -> subprocess.Popen:
-    """Start tests/ray_job.py as its own Ray job (driver process)."""
+    """Start tests/helpers/ray_job.py as its own Ray job (driver process)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_ADDRESS": cluster}
     return subprocess.Popen(

@@ -12,7 +12,7 @@ from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
 from thermoscope.wire.contract import shard
 
-from conftest import train_steps
+from helpers.training import train_steps
 
 
 def test_a_job_maps_to_the_same_collector_in_every_process_and_jobs_spread() -> None:

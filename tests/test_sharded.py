@@ -27,8 +27,8 @@ from thermoscope.agent import Monitor
 from thermoscope.agent.sampler import SHAPE_EVERY, _shard_position
 from thermoscope.science import physics
 
-from conftest import free_port
-from test_agent import entropy64, work64
+from helpers.processes import free_port
+from helpers.reference import entropy64, work64
 
 WORLD = 2
 STEPS = SHAPE_EVERY + 1  # the last step takes histograms (as the first did)
@@ -119,6 +119,7 @@ def run_ranks(collector: str, job: str, out: Path, timeout: float = 60.0) -> lis
     return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_fsdp_shards_merge_in_the_collector_to_the_full_parameters_entropy_and_work(
     collector, tmp_path: Path
 ) -> None:

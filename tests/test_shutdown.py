@@ -17,34 +17,19 @@ from torch import nn
 from thermoscope.agent.monitor import Monitor
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
+from thermoscope.wire.contract import SERVICE
 
-from conftest import (
-    OpenStream,
-    frame,
-    free_port,
-    hello,
-    scrape,
-    start_collector_process,
-    stop_process,
-    thermoscope,
-    train_steps,
-    value,
-)
+from helpers.metrics import scrape, value, wait_until
+from helpers.processes import free_port, start_collector_process, stop_process, thermoscope
+from helpers.protocol import OpenStream, frame, hello
+from helpers.training import train_steps
 
 JOB = "shutdown"
 
 
-def collector_process(db: Path, grpc_port: int, metrics_port: int) -> subprocess.Popen:
+def collector_on(db: Path, grpc_port: int, metrics_port: int) -> subprocess.Popen:
     """A collector on fixed ports (its successor takes the same), keeping every merged reading."""
     return start_collector_process(db, grpc_port, "--history-interval", "0", metrics_port=metrics_port).proc
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 class HealthWatch(threading.Thread):
@@ -61,9 +46,7 @@ class HealthWatch(threading.Thread):
             stub = health_pb2_grpc.HealthStub(channel)
             while not self.done.is_set():
                 try:
-                    status = stub.Check(
-                        health_pb2.HealthCheckRequest(service="thermoscope.v1.Telemetry"), timeout=0.5
-                    ).status
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=0.5).status
                     if not self.seen or self.seen[-1] != status:
                         self.seen.append(status)
                 except grpc.RpcError:
@@ -71,11 +54,12 @@ class HealthWatch(threading.Thread):
                 time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path: Path) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
     first_db, second_db = tmp_path / "first.db", tmp_path / "second.db"
-    first = collector_process(first_db, grpc_port, metrics_port)
+    first = collector_on(first_db, grpc_port, metrics_port)
     second = None
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -93,7 +77,7 @@ def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path
     trainer.start()
     watch = HealthWatch(target)
     try:
-        wait_for(lambda: monitor.delivered >= 30, 30, "the first collector got no frames")
+        wait_until(lambda: monitor.delivered >= 30, 30, "the first collector got no frames")
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert value(metrics, "thermoscope_rank_lost_total", job_id=JOB) == 0
         watch.start()
@@ -119,8 +103,8 @@ def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path
         assert listed.returncode == 0, listed.stderr
 
         # a successor on the same ports: the same agent, still training, streams to it
-        second = collector_process(second_db, grpc_port, metrics_port)
-        wait_for(
+        second = collector_on(second_db, grpc_port, metrics_port)
+        wait_until(
             lambda: monitor.delivered > delivered_at_stop + 10,
             30,
             f"the agent did not reconnect (last error: {monitor._sender.last_error})",
@@ -151,5 +135,5 @@ def test_stop_ends_open_streams_cleanly_not_as_lost_ranks(tmp_path: Path) -> Non
         agent.reply()
     agent.close()
     job = c.jobs[JOB]
-    assert job.ranks_lost == 0
-    assert 0 in job.finished and not job.lost
+    assert job.ranks.lost_total == 0
+    assert 0 in job.ranks.finished and not job.ranks.lost

@@ -1,13 +1,13 @@
-"""THEORY section 7's reference tables, and the product measured against them.
+"""The reference tables of docs/science.md section 7, and the product measured against them.
 
 The temperature proofs train the linear model with a real `Monitor` through
 `theory_cli.simulate`, the code path of `thermoscope theory --simulate`, and compare what the
 Monitor read with the prediction. The prediction is an expectation over init draws and one run
-sees one draw, so its measured T scatters by O(1/sqrt(d)) (THEORY section 7): the sizes below are
+sees one draw, so its measured T scatters by O(1/sqrt(d)) (docs/science.md section 7): the sizes below are
 chosen to keep that scatter well inside the tolerance. Over seeds 0-5 (or 0-7), the
 spread (standard deviation) of the relative error at these sizes was 1.1-1.7 % for MSE (d = 2000,
 N = 20000), 0.9-2 % for MAE and 1.4-2.1 % for cross-entropy (d = 1000, N = 10000), none beyond
-2.9 %, 4 % and 4.7 % respectively. At d = 200-500 single runs scatter by 5-10 % (THEORY).
+2.9 %, 4 % and 4.7 % respectively. At d = 200-500 single runs scatter by 5-10 %.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from thermoscope.cli import theory as theory_cli
 from thermoscope.science import physics, theory
 
-from conftest import thermoscope
+from helpers.processes import thermoscope
 
 REQUIRED = ("energy_type_i", "delta_energy", "entropy_type_i", "entropy_type_ii", "temperature")
 
@@ -96,7 +96,7 @@ def test_closed_form_type_i_energy_matches_a_monte_carlo_average_over_inits(loss
 
 
 def test_mse_delta_energy_is_theorys_closed_form() -> None:
-    """Delta E = ||X w*||^2 / N + s^2 tr(X^T X) / N (THEORY section 7)."""
+    """Delta E = ||X w*||^2 / N + s^2 tr(X^T X) / N (docs/science.md section 7)."""
     problem = theory.Problem(loss="mse", scale=0.5, target_scale=1.0, dim=50, samples=400)
     data = theory.make_data(problem)
     p = theory.predict(problem, data)
@@ -153,6 +153,7 @@ GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("loss", "init", "scale", "target", "dim", "samples", "tolerance"), GRID)
 def test_monitored_training_reproduces_the_predicted_transition_temperature(
     loss: str, init: str, scale: float, target: float, dim: int, samples: int, tolerance: float
@@ -193,6 +194,7 @@ def test_theory_json_prints_the_predicted_quantities() -> None:
     assert out["measured"] is None and out["relative_error"] is None
 
 
+@pytest.mark.slow
 def test_theory_simulate_json_prints_predicted_measured_and_relative_error() -> None:
     result = thermoscope(
         "theory", "--loss", "ce", "--init", "uniform", "--scale", "0.2", "--target-scale", "0.1",
@@ -208,6 +210,7 @@ def test_theory_simulate_json_prints_predicted_measured_and_relative_error() -> 
     assert out["simulation"]["converged"]
 
 
+@pytest.mark.slow
 def test_theory_table_shows_predicted_beside_measured() -> None:
     result = thermoscope("theory", "--dim", "100", "--samples", "1000", "--simulate")
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from thermoscope.wire import codec
 
-from conftest import BINS, sample
+from helpers.protocol import BINS, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

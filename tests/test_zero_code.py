@@ -12,6 +12,8 @@ from torch import nn
 from thermoscope.agent import raytrain
 from thermoscope.collector.service import Collector
 
+from helpers.training import small_model
+
 
 @pytest.fixture
 def auto(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> Iterator[raytrain._AutoWatch]:
@@ -22,12 +24,6 @@ def auto(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> Iterator[rayt
         yield agent
     finally:
         agent.close()
-
-
-def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
-    return model, torch.optim.SGD(model.parameters(), lr=0.05)
 
 
 def untouched_training(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
@@ -44,7 +40,7 @@ def untouched_training(model: nn.Module, opt: torch.optim.Optimizer, steps: int)
 def test_the_setup_hook_finds_the_model_of_the_first_optimizer_step_and_streams_it(
     auto: raytrain._AutoWatch, collector: Collector
 ) -> None:
-    model, opt = model_and_optimizer()
+    model, opt = small_model(8, 32, nn.Tanh, lr=0.05)
     untouched_training(model, opt, 1)
     monitor = auto.monitor
     assert monitor is not None and monitor.layers[0].name == "0.weight"
@@ -64,7 +60,7 @@ def test_the_setup_hook_finds_the_model_of_the_first_optimizer_step_and_streams_
 
 
 def test_the_global_forward_hooks_are_gone_after_the_first_step(auto: raytrain._AutoWatch) -> None:
-    untouched_training(*model_and_optimizer(), 1)
+    untouched_training(*small_model(8, 32, nn.Tanh, lr=0.05), 1)
     assert not nn.modules.module._global_forward_pre_hooks
     assert not nn.modules.module._global_forward_hooks
 

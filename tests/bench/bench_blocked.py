@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))  # for bench_overhead
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for helpers
 from bench_overhead import Shape, make_model, make_pool
 
 from thermoscope.agent.monitor import Monitor
 
-from conftest import free_port, stalled_collector, start_collector_process
+from helpers.processes import free_port, start_collector_process
+from helpers.protocol import stalled_collector
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ Run it as a script (pytest does not collect it):
     python tests/bench/bench_detection.py --quick    # 2 runs per kind, shorter stationary runs
 
 Each run is a real, seeded torch training of a small MLP with a real in-process `Monitor`
-(`tests/scenarios.py` says what each kind trains and why); every sampled reading goes, as the
+(`tests/helpers/scenarios.py` says what each kind trains and why); every sampled reading goes, as the
 collector will feed it, into a fresh `PhaseDetector`: job energy = `reading.energy`, each
 layer's entropy per value. Progress goes to stderr, a line per run; the table to stdout.
 
@@ -50,11 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for scenarios
-
-import scenarios
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
 from thermoscope.collector.detect import TYPE_II, PhaseDetector
+
+from helpers import scenarios
 
 HORIZON = 20  # samples after the event within which a detection counts (100 optimizer steps)
 #: Runs per kind, and each kind's seeds start at its own offset so no two kinds share a run.

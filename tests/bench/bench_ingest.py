@@ -41,15 +41,17 @@ import numpy as np
 
 from thermoscope.cli import loadgen
 from thermoscope.collector.detect import PhaseDetector
-from thermoscope.collector.merge import Job, MergePlans, Stream, merge_step
+from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.merge import MergePlans, merge_step
 from thermoscope.collector.server import Telemetry
+from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
 BINS = loadgen.BINS
-WINDOW = 10  # the collector's default thermometer window
+WINDOW = DEFAULTS.window  # the collector's default thermometer window
 
 
 def tables(ranks: int, layers: int, sites: int, layout: str) -> list[pb.Hello]:
@@ -160,14 +162,14 @@ def main() -> int:
 
     # the per-step parts alone, as the job hands them to merge_step (with its plans, kept across steps)
     job, _ = new_job(hellos)
-    names, site_names = job.layer_names, job.site_names
+    names, site_names, declared = job.layer_names, job.site_names, job.pipeline.declared.by_rank
     parts = [dict(enumerate(srow)) for srow in samples]
     plans = MergePlans()
-    merged = [merge_step(i + 1, ps, job._tables, names, site_names, plans) for i, ps in enumerate(parts)]
+    merged = [merge_step(i + 1, ps, declared, names, site_names, plans) for i, ps in enumerate(parts)]
 
     def merge() -> None:
         for i, ps in enumerate(parts):
-            merge_step(i + 1, ps, job._tables, job.layer_names, job.site_names, plans)
+            merge_step(i + 1, ps, declared, job.layer_names, job.site_names, plans)
 
     def thermometer() -> None:
         th = Thermometer(list(job.layers.values()), list(job.sites.values()), window=WINDOW)

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for helpers
 from thermoscope.agent import Monitor
 from thermoscope.collector.store import EventStore
 
-from conftest import free_port, scrape, start_collector_process, stop_process, value
+from helpers.metrics import scrape, value
+from helpers.processes import free_port, start_collector_process, stop_process
 
 JOB = "bench-no-loss"
 

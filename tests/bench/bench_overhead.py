@@ -61,7 +61,6 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,14 +68,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
-import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
 from thermoscope.agent import Monitor
+
+from helpers.processes import start_collector_process
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,6 @@ class Shape:
 POOL = 16  # distinct batches, cycled
 LR = 1e-3
 JOB = "bench"
-HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0  # seconds for the collector process to start serving
 DRAIN_TIMEOUT = 60.0  # seconds to wait for a monitor's backlog between segments
 
@@ -142,41 +143,10 @@ class Row:
 # -- the collector process --------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (the sockets are held together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 def _log_tail(log: IO[bytes], limit: int = 4000) -> str:
     log.flush()
     log.seek(0)
     return log.read().decode(errors="replace")[-limit:]
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], target: str, log: IO[bytes]) -> None:
-    """Until the collector's health service answers SERVING; raise if it exits or never does."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    request = health_pb2.HealthCheckRequest(service="")
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"collector exited with status {proc.returncode} before serving:\n{_log_tail(log)}"
-                )
-            try:
-                reply = stub.Check(request, timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"collector not serving at {target} after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.1)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -198,26 +168,21 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def collector_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A `thermoscope collector` process on free loopback ports: yields its gRPC target and itself."""
-    grpc_port, metrics_port = free_ports(2)
-    target = f"{HOST}:{grpc_port}"
-    command = [
-        sys.executable,
-        "-m",
-        "thermoscope.cli",
-        "--log-level",
-        "WARNING",
-        "collector",
-        "--grpc",
-        target,
-        "--metrics",
-        f"{HOST}:{metrics_port}",
-    ]
     with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory() as state:
-        command += ["--db", os.path.join(state, "events.db")]
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(proc, target, log)
-            yield target, proc
+            collector = start_collector_process(
+                Path(state) / "events.db",
+                global_options=("--log-level", "WARNING"),
+                ready_timeout=READY_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}:\n{_log_tail(log)}") from exc
+        proc = collector.proc
+        try:
+            yield collector.grpc_target, proc
         finally:
             alive = proc.poll() is None
             _stop(proc)

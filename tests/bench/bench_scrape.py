@@ -41,8 +41,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from thermoscope.collector.export import MetricsExporter
-from thermoscope.collector.merge import Job, Stream
+from thermoscope.collector.job import Job, Stream
 from thermoscope.collector.service import VERSION
+from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 BINS = 8
@@ -58,7 +59,7 @@ def build_jobs(n_jobs: int, layers: int, sites: int, ranks: int, steps: int) -> 
     hist[:, [0, -1]] = 0
     jobs = {}
     for j in range(n_jobs):
-        job = Job(f"job{j}", window=10)
+        job = Job(f"job{j}", window=DEFAULTS.window)
         streams = [
             Stream(
                 job_id=job.job_id,
@@ -108,15 +109,31 @@ def baseline_exporter(rev: str, jobs: dict[str, Job]) -> CollectorRegistry:
     """A registry with collector/export.py's `MetricsExporter` as of git commit `rev`."""
     source = subprocess.run(
         ["git", "show", f"{rev}:collector/export.py"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    ).stdout.replace("from .merge import Job", "from .job import Job")  # where `Job` lives now
     spec = importlib.util.spec_from_loader("thermoscope.collector._export_baseline", loader=None)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     module.__package__ = "thermoscope.collector"  # its relative imports resolve to today's modules
     exec(compile(source, f"{rev}:collector/export.py", "exec"), module.__dict__)
     registry = CollectorRegistry()
-    registry.register(module.MetricsExporter(jobs, Counter(), VERSION, 50, nonfinite={}))
+    as_before = {job_id: _JobAsBefore(job) for job_id, job in jobs.items()}
+    registry.register(module.MetricsExporter(as_before, Counter(), VERSION, 50, nonfinite={}))
     ProcessCollector(registry=registry)
     return registry
+
+
+class _JobAsBefore:
+    """A job as the baseline exporter reads it: with the attributes `Job` had before its ranks
+    and pipeline were split out of it."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self.paused = job.ranks.paused
+        self.detector = job.pipeline.detector
+        self.transitions = job.pipeline.transitions
+        self.last_transition_time = job.pipeline.last_transition_time
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._job, name)
 
 
 def timed(rounds: int, run: Callable[[], object]) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
     python tests/bench/fuzz_long.py [--cases 200000] [--seed 0] 2>fuzz.log  # the collector logs each refusal
 
-Half the cases are raw bytes, half hostile messages (tests/fuzzing.py), sent over one real
+Half the cases are raw bytes, half hostile messages (tests/helpers/fuzzing.py), sent over one real
 channel to a collector started as a user would (its limits set by flags). Every call must end
 with a defined status, the collector must still be serving at the end, and its resident
 memory (/proc/<pid>/status) is sampled every 1,000 cases. Prints one table.
@@ -18,11 +18,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest and fuzzing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-import fuzzing
-
-from conftest import start_collector_process, wait_serving
+from helpers import fuzzing
+from helpers.processes import start_collector_process, wait_serving
 
 FLAGS = {
     "max_layers": "--max-layers",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmarks that need a GPU or more cores than this project's 2-core machine, as one run on
-# a lent machine (16 cores, one GPU, no network; see tests/bench/RESULTS.md for what it gave):
+# a lent machine (16 cores, one GPU, no network; see docs/benchmarks.md for what it gave):
 #
 #   agent overhead and a stalled/absent collector on a CUDA model, then `thermoscope loadgen`
 #   with each collector pinned to a core of its own: the 1,000 x 200 x 1 Hz target, the peak

@@ -1,4 +1,4 @@
-"""Scenarios with known ground truth for the phase detector (THEORY.md section 6).
+"""Scenarios with known ground truth for the phase detector (docs/science.md section 6).
 
 Each scenario is a real, seeded torch training run of a small MLP student learning a random
 tanh teacher (`collector.demo.teacher_student`), plain SGD, watched by a real in-process agent

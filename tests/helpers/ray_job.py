@@ -1,6 +1,6 @@
 """A Ray Train job as a user would submit it: 2 CPU workers, DDP over gloo, random regression data.
 
-    RAY_ADDRESS=<gcs> python tests/ray_job.py --out DIR --mode watch|zero-code [--steps N]
+    RAY_ADDRESS=<gcs> python tests/helpers/ray_job.py --out DIR --mode watch|zero-code [--steps N]
         [--until FILE] [--kill-rank R --kill-at STEP] [--every N]
 
 `--mode watch` has one Thermoscope line in the loop (`watch`; the job is short, so it

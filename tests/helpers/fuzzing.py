@@ -125,7 +125,9 @@ LAYER_F64 = ("mean", "m2", "grad_dot_before", "grad_dot_after")
 SITE_F64 = ("in_mean", "in_m2", "out_mean", "out_m2", "probe_spread")
 
 
-def frame(rng: np.random.Generator, n_layers: int, n_sites: int, bins: int, seq: int) -> pb.AgentMessage:
+def hostile_frame(
+    rng: np.random.Generator, n_layers: int, n_sites: int, bins: int, seq: int
+) -> pb.AgentMessage:
     """A frame for a hello's tables: right-sized columns with hostile values, or a broken one.
 
     Drawn from `rng` (seeded by hypothesis), not by hypothesis itself: a frame holds many
@@ -173,7 +175,7 @@ def hostile_streams(draw) -> list[bytes]:
     hello, n_layers, n_sites, bins, rng = draw(hellos())
     out = [hello.SerializeToString()]
     for seq in range(1, draw(st.integers(0, 4)) + 1):
-        out.append(frame(rng, n_layers, n_sites, bins, seq).SerializeToString())
+        out.append(hostile_frame(rng, n_layers, n_sites, bins, seq).SerializeToString())
     if draw(st.integers(0, 9)) == 0:
         out.insert(
             draw(st.integers(0, len(out))),

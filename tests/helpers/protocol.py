@@ -1,0 +1,191 @@
+"""Agents written against the wire contract, without the Monitor: hellos, samples and frames
+built by hand, one-shot streams, streams held open, and a server that never reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire import codec
+from thermoscope.wire.contract import SERVICE
+
+BINS = 8  # histogram bins the raw-protocol agents declare
+
+
+def histogram(n_layers: int, per_bin: int = 10) -> np.ndarray:
+    """A flat histogram: `per_bin` values in every bin, none outside the edges."""
+    hist = np.full((n_layers, BINS + 2), per_bin, dtype=np.int64)
+    hist[:, [0, -1]] = 0
+    return hist
+
+
+def site_stats(count: np.ndarray, *moments: np.ndarray) -> SiteStats:
+    """Site columns with the probe marked as not run (-1)."""
+    return SiteStats(count, *moments, probe_spread=np.full(len(count), -1.0))
+
+
+def layer_table(n: int, shard: tuple[int, int] = (0, 1), numel: int = 100) -> list[LayerInfo]:
+    """`n` layers named layer0, layer1, ..., each `numel` values, all the same shard of their tensor."""
+    return [LayerInfo(f"layer{i}", (numel,), numel, "float32", *shard) for i in range(n)]
+
+
+def hello(
+    job: str,
+    n_layers: int = 2,
+    n_sites: int = 1,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    layers: list[LayerInfo] | None = None,
+    run: str = "r1",
+) -> pb.AgentMessage:
+    """The hello of a raw agent: `n_layers` layers (or `layers`), `n_sites` ReLU sites, BINS bins."""
+    return codec.hello(
+        job_id=job,
+        run_id=run,
+        rank=rank,
+        world_size=world_size,
+        host="test",
+        agent_version="test",
+        every=1,
+        layers=layers or layer_table(n_layers),
+        sites=[SiteInfo(f"site{i}", "ReLU") for i in range(n_sites)],
+        bins=BINS,
+    )
+
+
+def sample(step: int, n_layers: int = 2, n_sites: int = 1, energy: float = 1.0, numel: int = 100) -> Sample:
+    """A plausible sample for `hello`'s tables: the same statistics at every step, stamped now."""
+    ones = np.ones(n_layers)
+    return Sample(
+        step=step,
+        wall_time=time.time(),
+        energy=energy,
+        layers=LayerStats(
+            np.full(n_layers, numel, dtype=np.int64),
+            0.1 * ones,
+            2.0 * ones,
+            0.5 * ones,
+            0.4 * ones,
+            histogram(n_layers),
+        ),
+        sites=site_stats(np.full(n_sites, 64, dtype=np.int64), *(np.ones(n_sites) for _ in range(4))),
+    )
+
+
+def frame(seq: int, step: int, n_layers: int = 2, n_sites: int = 1, **kw) -> pb.AgentMessage:
+    """`sample(step, ...)` encoded as frame `seq`."""
+    return codec.encode(sample(step, n_layers, n_sites, **kw), seq)
+
+
+def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcError | None]:
+    """Send `messages` on one Telemetry stream; return the replies and the error, if any."""
+    with grpc.insecure_channel(target) as channel:
+        call = pb_grpc.TelemetryStub(channel).Stream(iter(messages), timeout=15)
+        replies: list[pb.CollectorMessage] = []
+        try:
+            replies.extend(call)
+        except grpc.RpcError as exc:
+            return replies, exc
+        return replies, None
+
+
+class OpenStream:
+    """An agent's stream held open: send messages one at a time and read the replies.
+
+    `config` is the Config that answered the hello. Replies are read by a thread, so that
+    `reply` can wait a bounded time; `cancel` breaks the call as a crashed agent would.
+    """
+
+    _END = object()
+
+    def __init__(self, target: str, first: pb.AgentMessage) -> None:
+        self._outbox: queue.Queue = queue.Queue()
+        self._outbox.put(first)
+        self._inbox: queue.Queue = queue.Queue()
+        self._channel = grpc.insecure_channel(target)
+        self._call = pb_grpc.TelemetryStub(self._channel).Stream(iter(self._outbox.get, None), timeout=30)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        first_reply = self.reply()
+        assert first_reply.HasField("config")
+        self.config = first_reply.config
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._inbox.put(reply)
+        except grpc.RpcError:
+            pass
+        finally:
+            self._inbox.put(self._END)
+
+    def send(self, msg: pb.AgentMessage) -> None:
+        self._outbox.put(msg)
+
+    def reply(self, timeout: float = 15.0) -> pb.CollectorMessage:
+        """The next reply (queue.Empty if none came within `timeout` s)."""
+        item = self._inbox.get(timeout=timeout)
+        if item is self._END:
+            self._inbox.put(item)
+            raise EOFError("the call has ended")
+        return item
+
+    def ack(self, msg: pb.AgentMessage) -> int:
+        """Send a frame and return the sequence number the collector acknowledged."""
+        self.send(msg)
+        return self.reply().ack.seq
+
+    def close(self) -> None:
+        """Half-close the requests (the agent finished) and read the call to its end."""
+        self._outbox.put(None)
+        self._reader.join(timeout=15)
+        self._channel.close()
+
+    def cancel(self) -> None:
+        """Break the call (an agent that crashed or lost its connection)."""
+        self._call.cancel()
+        self._reader.join(timeout=15)
+        self._channel.close()
+
+
+@contextlib.contextmanager
+def stalled_collector() -> Iterator[str]:
+    """A gRPC server that accepts the Telemetry stream and never reads it (flow control stalls)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def stall(requests, context):
+        await asyncio.Event().wait()  # never reads a request, never replies
+        yield b""
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(stall)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
