@@ -18,8 +18,10 @@ in-process, read with `latest()`.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,17 +34,23 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
 from . import discovery
-from .sampler import BINS, SUBSET, Pending, Sampler, find_sites
+from .energy import LossCapture
+from .sampler import BINS, SUBSET, Pending, Sampler, find_sites, plain_name
 from .security import Pem, channel_security
 from .sender import Sender
 
 AGENT_VERSION = "0.1.0"
 
+log = logging.getLogger("thermoscope.agent")
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP/DataParallel, so layer names carry no `module.` prefix."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
+    """The user's model inside DDP/DataParallel and torch.compile's OptimizedModule, so that layer
+    and site names carry no `module.` or `_orig_mod.` prefix (the parameters are the same)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything is compiled
+    compiled = () if eval_frame is None else (eval_frame.OptimizedModule,)
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, *compiled)):
+        model = model._orig_mod if isinstance(model, compiled) else model.module
     return model
 
 
@@ -93,7 +101,9 @@ class Monitor:
                 passes its step, so that the collector recognizes replayed steps).
             every: sample one optimizer step in this many.
             window: samples over which temperatures are taken (in-process mode).
-            sites: extra modules to watch as activation sites.
+            sites: extra modules to watch as activation sites (activation modules, library
+                activation classes and activation functions called in a forward are found
+                without it: `sampler.find_sites`, `sampler.FUNCTIONS`).
             max_queue: sampled steps held for the sender before the oldest is dropped.
             bins: histogram bins between each layer's fixed edges.
             subset: the most values of a layer its histogram counts (a fixed, seeded subset).
@@ -115,21 +125,29 @@ class Monitor:
         self.every = every
         self.enabled = True
         self._sampler = Sampler(
-            [(name, p) for name, p in model.named_parameters() if p.numel() > 0],
+            [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
             find_sites(model, sites),
             None if optimizer is None else list(optimizer),
+            # a collector looked up may be found (and sent the site table) before any sample: its
+            # table is the module sites; otherwise the first sampled step adds functional ones
+            model=None if callable(collector) else model,
             bins=bins,
             subset=subset,
         )
+        self._model_name = type(model).__name__
+        self._window = window
         self._step = step
+        self._losses = LossCapture()
+        self._loss_given = False  # once the loop hands a loss to `step`, nothing is captured
         self._sender: Sender | None = None
         self._local: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
+        self._announced = self._hello()  # completed in place once the site table is settled
         if collector is not None:
             credentials, metadata = channel_security(token, tls_root_cert, tls_client_cert, tls_client_key)
             self._sender = Sender(
                 collector,
-                self._hello(),
+                self._announced,
                 max_queue=max_queue,
                 on_config=self._configure,
                 credentials=credentials,
@@ -138,8 +156,11 @@ class Monitor:
                 spool=spool,
                 spool_bytes=spool_bytes,
             )
+        self._declared = False
+        if self._sampler.settled:
+            self._declare()
         if self._step % every == 0 and not self.dormant:
-            self._sampler.arm()
+            self._arm()
 
     @property
     def layers(self):
@@ -171,18 +192,27 @@ class Monitor:
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
 
-        Call after `optimizer.step()`. On unsampled steps this only counts.
+        Call after `optimizer.step()`. On unsampled steps this only counts. Without a loss, a
+        sampled step's energy is the mean of the scalars `backward()` was called on since the
+        previous step (`energy.LossCapture`); a loss given here always wins.
         """
+        if loss is not None:
+            self._loss_given = True
         if self._sampler.armed:
-            pending = self._sampler.collect(self._step, loss)
+            pending = self._sampler.collect(self._step, self._losses.take() if loss is None else loss)
+            if not self._declared:
+                self._declare()
+            self._losses.disarm()
             self._sampler.disarm()
             if self._sender is not None:
                 self._sender.submit(pending)
             else:
                 self._local.append(pending)
+        elif self._sampler.following:  # the step after a sample gave its gradient to that sample's work
+            self._sampler.unfollow()
         self._step += 1
         if self.enabled and self._step % self.every == 0 and not self.dormant:
-            self._sampler.arm()
+            self._arm()
 
     def latest(self) -> Reading | None:
         """The newest derived reading (in-process mode; None before the first sample)."""
@@ -197,14 +227,38 @@ class Monitor:
     def close(self, timeout: float = 5.0) -> bool:
         """Remove the hooks, flush and stop streaming. True if nothing was left unsent."""
         self._sampler.disarm()
+        self._sampler.unfollow()
+        self._losses.disarm()
         self.enabled = False
         return self._sender.shutdown(timeout) if self._sender is not None else True
+
+    def _arm(self) -> None:
+        """Arm the sampler for the coming step, and the loss capture while no loss is handed over."""
+        self._sampler.arm()
+        if not self._loss_given:
+            self._losses.arm()
 
     def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _declare(self) -> None:
+        """Once the site table is settled (the first sampled step found the functional sites):
+        the hello and the in-process thermometer take it, and a model with no site says so once.
+        The hello is completed in place before the first `submit` starts the sender's thread (a
+        looked-up collector's table is settled at construction)."""
+        self._declared = True
+        if len(self._sampler.sites) != len(self._thermometer.site_names):
+            self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=self._window)
+            self._announced.CopyFrom(self._hello())
+        if not self._sampler.sites:
+            log.warning(
+                "thermoscope: no activation site found in %s: no efficiency or engine type "
+                "(mark modules with Monitor(sites=...))",
+                self._model_name,
+            )
 
     def _configure(self, config: pb.Config) -> None:
         """Apply the collector's settings (called on the sender thread; plain assignments)."""

@@ -6,11 +6,20 @@ sampled step:
 
 * forward pre-hooks / hooks on activation sites add the power sums (n, sum z, sum z^2) of the
   pre-activations z and of the activations a (pre-hooks see z before an in-place activation
-  overwrites it; several calls of one module in a step add up);
-* the optimizer's step pre-hook reads, per parameter tensor theta with gradient g, sum theta,
-  sum theta^2 and <g, theta> (the step's state theta_t, paired with its loss E_t); the post-hook
-  reads <g, theta_{t+1}>. Work w = <g, theta_{t+1}> - <g, theta_t> needs no parameter copy;
-  the two dots cancel to a small difference, so they accumulate in float64 (docs/science.md section 2);
+  overwrites it; several calls of one module in a step add up); activation functions a forward
+  calls (`FUNCTIONS`) are caught by a torch function mode entered inside the model's forward,
+  named by the running module (`_FunctionalSites`), and add theirs the same way. Compiled code
+  runs eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile;
+* the optimizer's step pre-hook reads, per parameter tensor theta, sum theta and sum theta^2
+  (the step's state theta_t, paired with its loss E_t), and keeps theta_t on this step's work
+  coordinates: all of a layer of at most `subset` values, else `subset` of them (the layer's
+  fixed subset shifted by a fresh random offset). `collect` turns them into the update
+  d_t = theta_{t+1} - theta_t on those coordinates and arms a one-shot optimizer pre-hook for the
+  NEXT step (`following`): there the next minibatch's gradient g_{t+1} gives the work
+  w+_t = <g_{t+1}, d_t> (n/k times the subset's dot: unbiased), which the next sample carries as
+  <g_{t+1}, theta_{t+1}> - <g_{t+1}, theta_t>, accumulated in float64. The same-batch work
+  <g_t, d_t> is biased by the minibatch noise; w+ is not, since g_{t+1} is independent of d_t
+  (docs/science.md section 2);
 * the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
   first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
   is counted on fixed edges over a fixed, seeded subset of at most `subset` values (the same
@@ -33,20 +42,28 @@ every rank of their device mesh must make (`_full_moments`).
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 
 from thermoscope.science import physics
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+
+from .clip import ClipWatch
+
+log = logging.getLogger("thermoscope.agent")
 
 #: Module classes that are activation sites by default.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -62,6 +79,35 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Sigmoid,
     nn.Softplus,
 )
+
+#: Functions that are activation sites where a forward calls them (caught on sampled steps by a
+#: torch function mode: `torch.tanh(x)`, `F.gelu(x)`, `x.relu()`, ...), by the name that ends
+#: the site's name. In-place variants share their function's name.
+FUNCTIONS: dict[Callable, str] = {
+    func: name
+    for name, funcs in {
+        "relu": (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_),
+        "relu6": (F.relu6,),
+        "leaky_relu": (F.leaky_relu,),
+        "elu": (F.elu,),
+        "selu": (F.selu, torch.selu),
+        "celu": (F.celu,),
+        "gelu": (F.gelu,),
+        "silu": (F.silu,),
+        "mish": (F.mish,),
+        "hardtanh": (F.hardtanh,),
+        "hardswish": (F.hardswish,),
+        "hardsigmoid": (F.hardsigmoid,),
+        "softplus": (F.softplus,),
+        "softsign": (F.softsign,),
+        "logsigmoid": (F.logsigmoid,),
+        "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_),
+        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_),
+    }.items()
+    for func in funcs
+}
+#: The input `acts_as_activation` tries a module on.
+PROBE_SHAPE = (2, 4, 8)
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
@@ -85,6 +131,9 @@ SHAPE_EVERY = 10
 
 #: Every layer's (sum, sum of squares, histogram counts or None) at theta_t.
 _State = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+#: Values at a step's work coordinates: (coordinates per layer, None for all; large layers one by
+#: one; the small ones end to end in float64).
+_Picked = tuple[list[torch.Tensor | None], dict[int, torch.Tensor], torch.Tensor | None]
 
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
 _SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
@@ -93,9 +142,13 @@ _SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts st
 def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
     """Activation modules of `model`, plus user-marked ones, in module order.
 
-    `nn.Identity` counts when it stands as an activation: inside an `nn.Sequential`, or
-    under an attribute named like one (`act`, `activation`, ...). Its efficiency is 0 and
-    it leaves the network's efficiency unchanged, as a linear map should.
+    A module is one when it is a `torch.nn` activation (ACTIVATIONS), or when it behaves as one
+    (`acts_as_activation`: a library's own class, e.g. transformers' NewGELUActivation). Names are
+    the module paths with torch.compile's `_orig_mod` left out (`plain_name`).
+
+    `nn.Identity` counts when it stands as an activation: inside an `nn.Sequential`, or under an
+    attribute named like one (`act`, `activation`, ...). Its efficiency is 0 and it leaves the
+    network's efficiency unchanged, as a linear map should.
     """
     marked = {id(m) for m in extra}
     parents = {id(child) for m in model.modules() if isinstance(m, nn.Sequential) for child in m.children()}
@@ -105,15 +158,76 @@ def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[
         is_identity_activation = isinstance(module, nn.Identity) and (
             id(module) in parents or leaf.startswith("act")
         )
-        if isinstance(module, ACTIVATIONS) or is_identity_activation or id(module) in marked:
-            sites.append((name, module))
+        if (
+            isinstance(module, ACTIVATIONS)
+            or is_identity_activation
+            or id(module) in marked
+            or acts_as_activation(module)
+        ):
+            sites.append((plain_name(name), module))
     return sites
+
+
+def plain_name(name: str) -> str:
+    """A module or parameter path without torch.compile's wrapper (`_orig_mod`) in it."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def acts_as_activation(module: nn.Module) -> bool:
+    """Whether a module behaves as an elementwise nonlinearity, judged on a small probe.
+
+    Recognized by behaviour, not by class name, so that any library's activation class counts: a
+    leaf module with no parameters and no buffers whose output on a probe tensor keeps its shape,
+    is the same on a second call (Dropout in training mode is not), moves only where its input
+    moved and is the same function at every position (Softmax and normalizations are not), and
+    is not affine (Identity, Dropout in eval mode and scalings are not). Its own `forward` is
+    called, so no user hook runs, and the random state is restored afterwards.
+    """
+    if any(True for _ in module.children()) or any(True for _ in module.parameters()):
+        return False
+    if any(True for _ in module.buffers()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_SHAPE, generator=gen) * 2
+    perm = torch.randperm(x.numel(), generator=gen)
+    bumped = x.clone()
+    bumped.view(-1)[0] += 1.0
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y = module.forward(x.clone())
+            if not (isinstance(y, torch.Tensor) and y.shape == x.shape and y.is_floating_point()):
+                return False
+            again = module.forward(x.clone())
+            shuffled = module.forward(x.reshape(-1)[perm].reshape(x.shape))
+            moved = module.forward(bumped) != y
+    except Exception:  # a module that does not take one tensor is not an activation
+        return False
+    if not (torch.isfinite(y).all() and torch.equal(again, y)):
+        return False
+    if moved.view(-1)[1:].any() or not torch.allclose(shuffled.reshape(-1), y.reshape(-1)[perm]):
+        return False
+    return _nonaffine(x.reshape(-1).double(), y.reshape(-1).double())
+
+
+def _nonaffine(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True when y is not alpha x + beta (a constant is affine too)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    spread = float(yc.square().sum())
+    if spread == 0.0:
+        return False
+    residual = yc - xc * (xc @ yc) / (xc @ xc)
+    return float(residual.square().sum()) > 1e-6 * spread
 
 
 def _sumsq(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.float32, torch.float64):
         return torch.dot(t, t)
     return torch.linalg.vector_norm(t, dtype=torch.float32).square()
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulate a float64 tensor's sum in float64 (its own precision), any other in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -199,10 +313,14 @@ class Sampler:
         sites: Sequence[tuple[str, nn.Module]],
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
         *,
+        model: nn.Module | None = None,
         bins: int = BINS,
         subset: int = SUBSET,
         seed: int = 0,
     ) -> None:
+        """`model`: whose forwards the first sampled step watches for activation functions
+        (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
+        table is settled by that step's `collect` (`settled`). None: only the module `sites`."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1 or subset < 1:
@@ -224,12 +342,23 @@ class Sampler:
         self._site_modules = [m for _, m in sites]
         # the probe calls forward() again: only on stateless modules (no running statistics)
         self._probed = [next(m.buffers(), None) is None for m in self._site_modules]
+        self._model = model
+        self._functions: dict[str, int] = {}  # a functional site's name -> its site index
+        self._running: list[str | None] = []  # the modules whose forward runs (None: a module site)
+        self._mode = _FunctionalSites(self)
+        self._eager: object | None = None  # torch.compile's force_eager stance while armed
+        self._unlisted_logged = False
         self._optimizers = list(optimizers) if optimizers is not None else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([v.numel() for v in values], dtype=np.int64)
         self._device = values[0].device
         self._handles: list = []
+        self._clip = ClipWatch(self.params, self._device)  # gradient clipping, undone in the work
         self._samples = 0
+        self._rng = random.Random(seed)  # the work coordinates' offsets, drawn on the host
+        self._follow_handles: list = []
+        self._delta: _Picked | None = None  # the sampled update d_t, until the next step's gradient
+        self._follow_dots: dict[int, torch.Tensor] = {}  # (<g_{t+1}, theta_t>, <g_{t+1}, theta_{t+1}>)
         self._small = [i for i, v in enumerate(values) if v.numel() < SMALL_NUMEL]
         self._small_pos = {i: k for k, i in enumerate(self._small)}
         # Built once, here: a host-to-device copy during a step would make CUDA wait.
@@ -259,28 +388,79 @@ class Sampler:
         self._reset()
         for i, module in enumerate(self._site_modules):
             self._handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
-            self._handles.append(module.register_forward_hook(self._site_out_hook(i)))
+            self._handles.append(module.register_forward_hook(self._site_out_hook(i), always_call=True))
+        if self._model is not None and (not self.settled or self._functions):
+            self._track(self._model)
+        self._eager = _force_eager()
+        self._handles.extend(self._step_pre_hooks(self._before_step))
+
+    def _step_pre_hooks(self, hook) -> list:
         if self._optimizers is None:
-            self._handles.append(register_optimizer_step_pre_hook(self._before_step))
-            self._handles.append(register_optimizer_step_post_hook(self._after_step))
-        else:
-            for o in self._optimizers:
-                self._handles.append(o.register_step_pre_hook(self._before_step))
-                self._handles.append(o.register_step_post_hook(self._after_step))
+            return [register_optimizer_step_pre_hook(hook)]
+        return [o.register_step_pre_hook(hook) for o in self._optimizers]
+
+    @property
+    def following(self) -> bool:
+        """True while the step after a sample has its work hook (one optimizer pre-hook)."""
+        return bool(self._follow_handles)
+
+    def unfollow(self) -> None:
+        """Remove the next step's work hook (call after that step); its dots wait for `collect`."""
+        for handle in self._follow_handles:
+            handle.remove()
+        self._follow_handles.clear()
+        self._clip.stop()
+        self._delta = None
 
     def disarm(self) -> None:
         """Remove every hook: an unsampled step costs nothing."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._running.clear()
+        if self._eager is not None:
+            self._eager.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._eager = None
+
+    @property
+    def settled(self) -> bool:
+        """True once the site table can grow no more (after the first sampled step's `collect`)."""
+        return self._model is None or self._samples > 0
+
+    def _track(self, model: nn.Module) -> None:
+        """Hooks that keep the stack of running modules, for `_FunctionalSites` to name the module
+        that calls an activation function; the model's own enter and leave the mode (always_call:
+        also when its forward raises), so that nothing outside the model's forward is caught."""
+        sites = {id(m) for m in self._site_modules}
+        for name, module in model.named_modules():
+            if id(module) in sites:
+                continue
+            root = module is model
+            self._handles.append(module.register_forward_pre_hook(self._enter(plain_name(name), root)))
+            self._handles.append(module.register_forward_hook(self._leave(root), always_call=True))
+
+    def _enter(self, name: str, root: bool):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if root and not self._running:
+                self._mode.__enter__()
+            self._running.append(name)
+
+        return hook
+
+    def _leave(self, root: bool):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if self._running:
+                self._running.pop()
+            if root and not self._running:
+                self._mode.__exit__(None, None, None)
+
+        return hook
 
     def _reset(self) -> None:
-        n_sites = len(self._site_modules)
+        n_sites = len(self.sites)
         self._values: list[torch.Tensor] | None = None
         self._state: _State | None = None
-        self._dot_before: dict[int, torch.Tensor] = {}
-        self._dot_after: dict[int, torch.Tensor] = {}
-        self._grads: dict[int, torch.Tensor] = {}
+        self._theta: _Picked | None = None  # theta_t at the work coordinates
         self._site_in: list[torch.Tensor | None] = [None] * n_sites  # z sums of the call
         self._site_sums: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]  # one row per call
         self._site_count = np.zeros(n_sites, dtype=np.int64)
@@ -290,17 +470,20 @@ class Sampler:
 
     def _site_in_hook(self, i: int):
         def hook(module: nn.Module, args: tuple) -> None:
+            self._running.append(None)  # the functions it calls are its own, not sites
             if args and isinstance(args[0], torch.Tensor):
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = _power_sums(z)
                     if self._probe[i] is None and self._probed[i] and self._shape_sample:
-                        self._probe[i] = _scale_probe(module, z)
+                        self._probe[i] = _scale_probe(module.forward, z)
 
         return hook
 
     def _site_out_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if self._running:
+                self._running.pop()
             z_sums, self._site_in[i] = self._site_in[i], None
             if isinstance(output, torch.Tensor) and z_sums is not None:
                 with torch.no_grad():
@@ -310,6 +493,41 @@ class Sampler:
                     self._site_count[i] += a.numel()
 
         return hook
+
+    def _functional(self, owner: str, name: str, func: Callable, args: tuple, kwargs: dict) -> object:
+        """Call an activation function for the module `owner`, adding the power sums of its input
+        and output to the site `owner:name` (made on the first sampled step; after it, a site
+        not in the table is left unmeasured and said once)."""
+        site = f"{owner}:{name}"
+        i = self._functions.get(site)
+        if i is None and self.settled:
+            if not self._unlisted_logged:
+                self._unlisted_logged = True
+                log.warning(
+                    "thermoscope: %s first ran after the site table was declared; it is not measured",
+                    site,
+                )
+            return func(*args, **kwargs)
+        if i is None:
+            i = self._functions[site] = len(self.sites)
+            self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
+            self._probed.append(True)
+            self._site_in.append(None)
+            self._site_sums.append([])
+            self._site_count = np.append(self._site_count, 0)
+            self._probe.append(None)
+        with torch.no_grad():
+            z = args[0].detach()
+            z_sums = _power_sums(z)  # before the call: an in-place function overwrites z
+            if self._probe[i] is None and self._shape_sample:
+                rest = {k: v for k, v in kwargs.items() if k != "out"}
+                self._probe[i] = _scale_probe(lambda t: func(t, *args[1:], **rest), z)
+        output = func(*args, **kwargs)
+        if isinstance(output, torch.Tensor):
+            with torch.no_grad():
+                self._site_sums[i].append(torch.cat([z_sums, _power_sums(output.detach())]))
+                self._site_count[i] += output.numel()
+        return output
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -342,17 +560,7 @@ class Sampler:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
             self._state = self._measure_state()
-        idx = self._owned(optimizer)
-        grads = {i: g for i in idx if (g := self.params[i].grad) is not None}
-        for i in self._sharded:  # a DTensor's gradient is one too
-            if i in grads:
-                grads[i] = grads[i].to_local()
-        self._grads.update(grads)
-        self._dot_before.update(self._dots(idx))
-
-    @torch.no_grad()
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._dot_after.update(self._dots(self._owned(optimizer)))
+            self._theta = self._pick(self._draw())
 
     @property
     def _shape_sample(self) -> bool:
@@ -373,7 +581,7 @@ class Sampler:
                 sums.append(small_sums[self._small_pos[i]])
                 sumsqs.append(small_sumsqs[self._small_pos[i]])
             else:
-                sums.append(p.sum(dtype=torch.float32))
+                sums.append(p.sum(dtype=_sum_dtype(p)))
                 sumsqs.append(_sumsq(p))
         # stack and cat promote the float32 sums of large tensors to float64
         return torch.stack(sums), torch.stack(sumsqs), self._histogram(flats) if self._shape_sample else None
@@ -387,25 +595,82 @@ class Sampler:
         bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
         # bin k of layer l counts at l * (bins + 2) + k + 1
         slot = bins.long().add_(self._hist_offset)
+        # float32 counts whatever the layers' dtype (index_add_ wants one dtype; a subset of at
+        # most 2^24 values counts exactly), so that no model's dtype can raise into its training
         counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)
-        return counts.index_add_(0, slot, torch.ones_like(values))
+        return counts.index_add_(0, slot, torch.ones(slot.shape, device=values.device))
 
-    def _dots(self, idx: list[int]) -> dict[int, torch.Tensor]:
-        """<g, theta> in float64 of the layers in idx with a saved gradient (current theta)."""
-        idx = [i for i in idx if i in self._grads]
+    # -- work: the next minibatch's gradient on the sampled update ------------------------------
+
+    def _draw(self) -> list[torch.Tensor | None]:
+        """This step's work coordinates: None (the whole layer) or the layer's fixed subset shifted
+        by a fresh random offset (drawn on the host: no generator on the device, one add), so that
+        every coordinate is drawn with probability k/n and the scaled dot is unbiased."""
+        return [
+            None if base is None else torch.remainder(base.long() + self._rng.randrange(n), n)
+            for base, n in zip(self._subsets, self._layer_count.tolist(), strict=True)
+        ]
+
+    def _pick(self, idx: list[torch.Tensor | None]) -> _Picked:
+        """Copies of the current values at the coordinates idx (large layers in their dtype)."""
         values = self._held()
-        dots = {
-            i: _dot64(self._grads[i].reshape(-1), values[i].detach().reshape(-1))
-            for i in idx
+        large = {
+            i: _at(values[i], idx[i]).clone() if idx[i] is None else _at(values[i], idx[i])
+            for i in range(len(values))
             if i not in self._small_pos
         }
-        small = [i for i in idx if i in self._small_pos]
+        return idx, large, _flat64([values[i] for i in self._small]) if self._small else None
+
+    def _start_following(self) -> None:
+        """After a sampled step: keep its update d_t at the work coordinates and hook the next step."""
+        self.unfollow()
+        self._follow_dots = {}
+        if self._theta is None:  # no optimizer step was seen: no update to attribute
+            return
+        idx, before, small_before = self._theta
+        _, after, small_after = self._pick(idx)
+        large = {i: after[i].double() - before[i].double() for i in before}
+        small = None if small_before is None else small_after - small_before
+        self._delta = (idx, large, small)
+        self._follow_handles.extend(self._step_pre_hooks(self._follow))
+        self._clip.start()  # the clips of the step whose gradient the work takes
+
+    @torch.no_grad()
+    def _follow(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """The step after a sample: per layer this optimizer steps, <g_{t+1}, theta_{t+1}> and
+        <g_{t+1}, theta_t> = <g_{t+1}, theta_{t+1}> - w+_t, with w+_t = <g_{t+1}, d_t> from the
+        work coordinates (scaled by n/k)."""
+        if self._delta is None:
+            return
+        idx, delta, small_delta = self._delta
+        values = self._held()
+        grads = {}
+        for i in self._owned(optimizer):
+            if i not in self._follow_dots and (g := self.params[i].grad) is not None:
+                grads[i] = g.to_local() if i in self._sharded else g  # a DTensor's gradient is one too
+        for i, g in grads.items():
+            if i in self._small_pos:
+                continue
+            flat = g.detach().reshape(-1)
+            scale = flat.numel() / (flat.numel() if idx[i] is None else idx[i].numel())
+            plus = torch.dot(_at(flat, idx[i]).double(), delta[i]) * scale
+            now = _dot64(flat, values[i].detach().reshape(-1))
+            self._follow_dots[i] = torch.stack([now - plus, now])
+        small = [i for i in grads if i in self._small_pos]
         if small:
-            grads = [self._grads.get(i, torch.zeros_like(values[i])) for i in self._small]
-            flat = _flat64([values[i] for i in self._small])
-            products = _segment_sum(_flat64(grads) * flat, self._seg, len(self._small))
-            dots.update({i: products[self._small_pos[i]] for i in small})
-        return dots
+            flat_g = _flat64([grads.get(i, torch.zeros_like(values[i])) for i in self._small])
+            n = len(self._small)
+            plus = _segment_sum(flat_g * small_delta, self._seg, n)
+            now = _segment_sum(flat_g * _flat64([values[i] for i in self._small]), self._seg, n)
+            for i in small:
+                k = self._small_pos[i]
+                self._follow_dots[i] = torch.stack([now[k] - plus[k], now[k]])
+
+    def _unclip(self, dots: torch.Tensor) -> torch.Tensor:
+        """Work dots (rows x layers) with the loss's gradient: a clipped gradient g_c = f g read
+        as g by dividing each layer's dots by the clip factor f of the step whose gradient they
+        took (`clip.ClipWatch`; 1 where nothing was clipped)."""
+        return dots / self._clip.factors()
 
     # -- collecting ----------------------------------------------------------------------------
 
@@ -413,11 +678,12 @@ class Sampler:
     def collect(self, step: int, loss: torch.Tensor | float | None) -> Pending:
         """Pack this step's statistics and start their copy to the host; reset for the next step."""
         sums, sumsqs, hist = self._state if self._state is not None else self._measure_state()
-        zero = torch.zeros((), dtype=torch.float64, device=self._device)
-        before = [self._dot_before.get(i, zero) for i in range(len(self.params))]
-        after = [self._dot_after.get(i, zero) for i in range(len(self.params))]
-        columns = [sums, sumsqs, torch.stack(before), torch.stack(after)]
-        if self._site_modules:
+        # the work of the PREVIOUS sampled update, w+ (its gradient came on the step after it)
+        zero = torch.zeros(2, dtype=torch.float64, device=self._device)
+        dots = self._unclip(torch.stack([self._follow_dots.get(i, zero) for i in range(len(self.params))]).T)
+        self._start_following()
+        columns = [sums, sumsqs, dots[0], dots[1]]
+        if self.sites:
             empty = torch.zeros(_SITE_COLUMNS - 1, dtype=torch.float64, device=self._device)
             unprobed = torch.full((), -1.0, dtype=torch.float64, device=self._device)
             rows = [
@@ -548,10 +814,10 @@ def _segments(sizes: list[int], device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)).to(device)
 
 
-def _scale_probe(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+def _scale_probe(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch.Tensor:
     """max over c of |eta(c z) - eta(z)| on a strided subsample of z, with the site's own
-    activation (docs/science.md section 5); -1 where it cannot be measured (no spread, or the module
-    does not take a single tensor)."""
+    activation phi (its module's forward, or the function a forward called: docs/science.md
+    section 5); -1 where it cannot be measured (no spread, or phi does not take a single tensor)."""
     flat = z.reshape(-1)
     sub = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]
     try:
@@ -559,17 +825,53 @@ def _scale_probe(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
         for c in (1.0, *PROBE_SCALES):
             zc = sub * c
             var_in = zc.double().var(correction=0)
-            etas.append(1 - module.forward(zc).double().var(correction=0) / var_in)
-    except (TypeError, RuntimeError):
+            etas.append(1 - phi(zc).double().var(correction=0) / var_in)  # type: ignore[union-attr]
+    except (TypeError, RuntimeError, AttributeError):
         return torch.full((), -1.0, dtype=torch.float64, device=z.device)
     eta = torch.stack(etas)
     return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
+
+
+class _FunctionalSites(TorchFunctionMode):
+    """Hands the activation functions (`FUNCTIONS`) a model's forward calls to the sampler, named
+    by the innermost running module; entered only inside the model's forward on a sampled step.
+    (torch leaves the mode while `__torch_function__` runs: the sampler's own ops are not caught.)"""
+
+    def __init__(self, sampler: Sampler) -> None:
+        super().__init__()
+        self._sampler = sampler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        running = self._sampler._running
+        name = FUNCTIONS.get(func)
+        if name is None or not running or running[-1] is None or not args:
+            return func(*args, **kwargs)
+        if not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        return self._sampler._functional(running[-1], name, func, args, kwargs)
+
+
+def _force_eager() -> object | None:
+    """Make compiled code run eagerly until the returned stance is exited, so that a compiled
+    model's sampled step runs the site hooks without dynamo guarding on them: no recompile, and
+    no hook a compiled graph would skip. None where dynamo was never imported (nothing is
+    compiled; importing it would cost a second)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    return torch.compiler.set_stance("force_eager")
 
 
 def _power_sums(t: torch.Tensor) -> torch.Tensor:
     """(sum t, sum t^2) of an activation in float32 (cascade sum and BLAS dot: no float64 copy on CPU)."""
     flat = _wide(t.reshape(-1))
     return torch.stack([flat.sum(), _sumsq(flat)])
+
+
+def _at(flat: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """A tensor's values at idx (None: all of them, a view)."""
+    flat = flat.detach().reshape(-1)
+    return flat if idx is None else flat.index_select(0, idx)
 
 
 def _flat64(tensors: list[torch.Tensor]) -> torch.Tensor:

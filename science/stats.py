@@ -42,13 +42,15 @@ class LayerStats:
     count: np.ndarray  # int64
     mean: np.ndarray  # float64
     m2: np.ndarray  # float64, sum of squared deviations
-    dot_before: np.ndarray  # float64, <g, theta_t>
-    dot_after: np.ndarray  # float64, <g, theta_{t+1}>
+    # the previous sampled update t (0 at the first sample), with the next step's gradient g_{t+1}:
+    dot_before: np.ndarray  # float64, <g_{t+1}, theta_t> (theta_t estimated on k of n coordinates)
+    dot_after: np.ndarray  # float64, <g_{t+1}, theta_{t+1}>
     histogram: np.ndarray | None  # int64 (layers, bins + 2): below lo, the bins, at/above hi; None: not taken
 
     @property
     def work(self) -> np.ndarray:
-        """w_{l,t} = <g, theta_{t+1} - theta_t>: the energy change caused by updating layer l."""
+        """w+_{l,t} = <g_{t+1}, theta_{t+1} - theta_t>: the expected energy change caused by the
+        previous sampled update of layer l (unbiased by the minibatch noise: docs/science.md section 2)."""
         return self.dot_after - self.dot_before
 
     def __len__(self) -> int:

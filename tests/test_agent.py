@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,16 +18,23 @@ from helpers.reference import efficiency64, entropy64, work64
 from helpers.training import train_steps
 
 
-def checked_step(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor):
-    """One sampled step; returns the reading and float64 truths (entropy and work per tensor)."""
-    loss.backward()
+def checked_step(monitor: Monitor, model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable):
+    """Two sampled steps; returns the second reading and float64 truths: the entropy per tensor at
+    the second step, and the work of the first update with the second step's gradient (w+)."""
+    loss_of().backward()
     before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    opt.zero_grad()
+    monitor.step()
+    loss = loss_of()
+    loss.backward()
+    at = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
     monitor.step(loss)
     reading = monitor.latest()
     monitor.close()
-    return reading, [entropy64(b) for b in before], work64(grads, list(model.parameters()), before)
+    return reading, [entropy64(a) for a in at], work64(grads, at, before)
 
 
 def mlp(inplace: bool = False) -> nn.Sequential:
@@ -36,16 +44,24 @@ def mlp(inplace: bool = False) -> nn.Sequential:
     )
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps: int, record_at: int):
-    """Train on a fixed task; return float64 truths of step `record_at`."""
+def train(
+    model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps: int, record_at: int, work_at: int
+):
+    """Train on a fixed task; return float64 truths of step `record_at`, and the work w+ of the
+    update at step `work_at` (with step work_at + 1's gradient)."""
     gen = torch.Generator().manual_seed(1)
-    truth = {}
+    truth, saved = {}, {}
     for step in range(steps):
         x = torch.randn(64, 16, generator=gen)
         y = x[:, :1] * 2
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
+        if step == work_at:
+            saved["before"] = [p.detach().clone() for p in model.parameters()]
+        if step == work_at + 1:
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            truth["work"] = work64(grads, saved["after"], saved["before"])
         if step == record_at:
             before = [p.detach().clone() for p in model.parameters()]
             grads = [p.grad.detach().clone() for p in model.parameters()]
@@ -53,15 +69,15 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps:
                 z = model[0](x)
                 a = model[1](z.clone())
             opt.step()
-            work = work64(grads, list(model.parameters()), before)
-            truth = {
+            truth |= {
                 "entropy": [entropy64(b) for b in before],
-                "work": work,
                 "loss": loss.item(),
                 "relu_eta": efficiency64(z, a),
             }
         else:
             opt.step()
+        if step == work_at:
+            saved["after"] = [p.detach().clone() for p in model.parameters()]
         monitor.step(loss)
     return truth
 
@@ -70,8 +86,10 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: Monitor, steps:
 def test_in_process_readings_match_a_direct_float64_computation(inplace: bool) -> None:
     model = mlp(inplace)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    monitor = Monitor(model, opt, every=5)
-    truth = train(model, opt, monitor, steps=26, record_at=25)
+    # a subset above the 300 x 300 layer's size: every layer's work is exact (not subsampled)
+    monitor = Monitor(model, opt, every=5, subset=1 << 17)
+    # the sample at step 25 carries the work of the sampled update at step 20
+    truth = train(model, opt, monitor, steps=26, record_at=25, work_at=20)
     r = monitor.latest()
     assert r is not None and r.step == 25
     assert r.energy == pytest.approx(truth["loss"], rel=1e-6)
@@ -108,15 +126,18 @@ def test_unsampled_steps_run_without_any_hook() -> None:
     opt = torch.optim.Adam(model.parameters())
     monitor = Monitor(model, opt, every=4)
     relu = model[1]
-    hooked = []
+    hooked, following = [], []
     for _ in range(8):
-        hooked.append(bool(relu._forward_pre_hooks) or bool(opt._optimizer_step_pre_hooks))
+        hooked.append(bool(relu._forward_pre_hooks))
+        following.append(bool(opt._optimizer_step_pre_hooks))
         loss = model(torch.randn(8, 16)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         monitor.step(loss)
     assert hooked == [True, False, False, False, True, False, False, False]
+    # the step after a sample has one optimizer pre-hook: its gradient measures that sample's work
+    assert following == [True, True, False, False, True, True, False, False]
     monitor.close()
     assert not relu._forward_pre_hooks and not opt._optimizer_step_pre_hooks
 
@@ -178,7 +199,7 @@ def test_many_small_tensors_are_measured_exactly() -> None:
     model = nn.Sequential(*[nn.Linear(10, 10) for _ in range(30)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, opt, every=1)
-    r, entropy, work = checked_step(monitor, model, opt, model(torch.randn(4, 10)).square().mean())
+    r, entropy, work = checked_step(monitor, model, opt, lambda: model(torch.randn(4, 10)).square().mean())
     assert r.layer_entropy == pytest.approx(entropy, rel=1e-9)
     assert r.layer_work == pytest.approx(work, rel=1e-5)
 
@@ -225,15 +246,17 @@ def test_float_loss_and_no_loss_are_accepted() -> None:
     assert np.isfinite(r.layer_entropy).all()
 
 
-def test_without_a_loss_the_energy_is_the_cumulative_work_since_the_first_sample() -> None:
+def test_without_a_visible_loss_the_energy_is_the_cumulative_work_since_the_first_sample() -> None:
+    """No loss handed over and none backpropagated (a backward on a non-scalar: the fallback)."""
     torch.manual_seed(0)
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)  # small steps: w+ reads first order
     monitor = Monitor(model, opt, every=3)
     readings = []
+    x = torch.randn(32, 16)  # one batch: the work's sign is the descent's, not minibatch noise
     for step in range(12):
-        x = torch.randn(32, 16)
-        model(x).pow(2).mean().backward()
+        out = model(x)
+        out.backward(2 * out.detach() / out.numel())  # the gradient of out.pow(2).mean(), by hand
         opt.step()
         opt.zero_grad()
         monitor.step()
@@ -241,9 +264,9 @@ def test_without_a_loss_the_energy_is_the_cumulative_work_since_the_first_sample
             readings.append(monitor.latest())
     monitor.close()
     assert all(r.energy_from_work for r in readings)
-    assert readings[0].energy == 0.0
-    # each sampled work stands for the steps until the next sample (every = 3)
-    expected = np.cumsum([3 * r.layer_work.sum() for r in readings[:-1]])
+    assert readings[0].energy == 0.0 and (readings[0].layer_work == 0).all()  # no update before it
+    # each sample carries the previous sampled update's work, which stands for the 3 steps between them
+    expected = np.cumsum([3 * r.layer_work.sum() for r in readings[1:]])
     assert np.allclose([r.energy for r in readings[1:]], expected, rtol=1e-12, atol=0)
     assert readings[-1].energy < 0  # gradient descent does negative work: the energy falls
 
@@ -254,7 +277,7 @@ def test_bfloat16_models_are_measured_in_float32_or_wider() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     monitor = Monitor(model, opt, every=1)
     x = torch.randn(64, 256, dtype=torch.bfloat16)
-    r, entropy, work = checked_step(monitor, model, opt, model(x).float().square().mean())
+    r, entropy, work = checked_step(monitor, model, opt, lambda: model(x).float().square().mean())
     assert r.layer_entropy == pytest.approx(entropy, rel=1e-5)
     assert r.layer_work == pytest.approx(work, rel=1e-3)
     assert list(r.site_engine) == ["B"]

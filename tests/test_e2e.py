@@ -32,21 +32,25 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     monitor = Monitor(model, opt, collector=collector_process.grpc_target, job="e2e", every=2)
     steps, last = 20, 18
+    saved = {}  # the sample at step 18 carries the work of the sampled update at step 16, w+
     for step in range(steps):
         x = torch.randn(32, 8)
         loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
         opt.zero_grad()
         loss.backward()
+        if step == last - 2:
+            saved["before"] = [p.detach().clone() for p in model.parameters()]
+        if step == last - 1:
+            grads = [p.grad.clone() for p in model.parameters()]  # the next step's gradient
         if step == last:
             before = [p.detach().clone() for p in model.parameters()]
-            grads = [p.grad.clone() for p in model.parameters()]
             with torch.no_grad():
                 z = model[0](x)
                 relu_eta = efficiency64(z, torch.relu(z))
             truth_loss = loss.item()
         opt.step()
-        if step == last:
-            after = [p.detach().clone() for p in model.parameters()]
+        if step == last - 2:
+            saved["after"] = [p.detach().clone() for p in model.parameters()]
         monitor.step(loss)
     assert monitor.close(timeout=10)
     assert monitor.dropped == 0
@@ -55,7 +59,7 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     names = [layer.name for layer in monitor.layers]
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
     entropies = [entropy64(b) for b in before]
-    works = work64(grads, after, before)
+    works = work64(grads, saved["after"], saved["before"])
     for name, s, w in zip(names, entropies, works, strict=True):
         assert value(m, "thermoscope_layer_entropy_nats", job_id="e2e", layer=name) == pytest.approx(
             s, rel=1e-6

@@ -74,6 +74,8 @@ def train_rank(rank: int, port: int, collector: str, job: str, out: Path) -> Non
             loss = model(torch.randn(16, 8, generator=gen)).square().mean()
             opt.zero_grad()
             loss.backward()
+            if step == STEPS - 2:  # the last sample carries the work of this update, w+
+                work_before = [p.full_tensor().detach() for p in model.parameters()]
             if step == STEPS - 1:
                 before = [p.full_tensor().detach() for p in model.parameters()]
                 grads = [p.grad.full_tensor() for p in model.parameters()]
@@ -82,12 +84,11 @@ def train_rank(rank: int, port: int, collector: str, job: str, out: Path) -> Non
             if step == 0:
                 wait_connected(monitor)
                 dist.barrier()
-        after = [p.full_tensor() for p in model.parameters()]
         result = {"layers": monitor.layers, "delivered": monitor.close(timeout=10)}
         if rank == 0:
             result["initial"], result["before"] = initial, before
             result["entropy"] = [entropy64(b) for b in before]
-            result["work"] = work64(grads, after, before)
+            result["work"] = work64(grads, before, work_before)  # the next step's gradient
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
         dist.destroy_process_group()

@@ -26,15 +26,18 @@ def auto(collector: Collector, monkeypatch: pytest.MonkeyPatch) -> Iterator[rayt
         agent.close()
 
 
-def untouched_training(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
-    """A training loop with no Thermoscope line in it."""
+def untouched_training(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """A training loop with no Thermoscope line in it; the loss of each step."""
     loss_fn = nn.MSELoss()  # a module called at the top level too: not the model
+    losses = []
     for _ in range(steps):
         x = torch.randn(16, 8)
         loss = loss_fn(model(x), x.sum(1, keepdim=True))
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 def test_the_setup_hook_finds_the_model_of_the_first_optimizer_step_and_streams_it(
@@ -49,13 +52,14 @@ def test_the_setup_hook_finds_the_model_of_the_first_optimizer_step_and_streams_
     while monitor.dormant:  # it looks the collector up on its own thread
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    untouched_training(model, opt, 30)
+    losses = untouched_training(model, opt, 30)  # steps 1 to 30
     assert monitor.flush(5)
     job = collector.jobs["zero-code"]
     assert job.frames_received == 3  # steps 10, 20, 30: counted from the optimizer's own steps
     assert job.reading.step == 30
-    # no loss is visible to a hook: the energy is the cumulative work, which descent makes negative
-    assert job.reading.energy_from_work and job.reading.energy < 0
+    # the energy is the loss the loop called backward() on, captured with no code change
+    assert not job.reading.energy_from_work
+    assert job.reading.energy == pytest.approx(losses[29], rel=1e-6)
     assert sum(p.numel() for p in model.parameters()) == sum(layer.numel for layer in monitor.layers)
 
 

@@ -44,7 +44,8 @@ def main() -> int:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3000, 3000), nn.ReLU(), nn.Linear(3000, 10)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    monitor = Monitor(model, opt, every=1)
+    # a subset above the 9 M-value layer: its work is exact (not subsampled), comparable with float64
+    monitor = Monitor(model, opt, every=1, subset=1 << 24)
     x, y = torch.randn(256, 3000, device=dev), torch.randn(256, 10, device=dev)
     failures = []
 
@@ -52,6 +53,7 @@ def main() -> int:
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
+        previous = [p.detach().clone() for p in model.parameters()]  # the last warm-up's update ...
         opt.step()
         monitor.step(loss)
 
@@ -67,9 +69,10 @@ def main() -> int:
     opt.step()
     monitor.step(loss)
     truth_loss = loss.item()
+    # ... is the work the checked sample carries, w+, with this step's gradient
     work = [
-        float(torch.dot(g.double().flatten(), (p.detach().double() - b.double()).flatten()))
-        for g, p, b in zip(grads, model.parameters(), before, strict=True)
+        float(torch.dot(g.double().flatten(), (b.double() - p.double()).flatten()))
+        for g, p, b in zip(grads, previous, before, strict=True)
     ]
     r = monitor.latest()
     checks = [("energy", r.energy, truth_loss, 1e-6)]
