@@ -276,6 +276,11 @@ def _fmt(value: float, spec: str = ".4g") -> str:
     return "undefined" if math.isnan(value) else format(value, spec)
 
 
+def _temperature(value: float, stderr: float) -> str:
+    """T +- its standard error, or "undefined" (not significant over the window)."""
+    return "undefined" if math.isnan(value) else f"{value:.4g} ± {stderr:.2g}"
+
+
 def _count(phases) -> str:
     counts: dict[str, int] = {}
     for phase in phases:
@@ -290,24 +295,32 @@ def _engine(engine: str) -> str:
 def show(result: DemoResult, console: Console) -> None:
     r = result.reading
     job = Table(title=f"job {JOB!r} at step {r.step}")
-    for col in ("energy (loss)", "entropy (nats)", "temperature (loss/nat)", "efficiency", "engine"):
+    # the loss, or where no loss was seen (docs/science.md section 2) the cumulative work
+    energy = "energy: cumulative work (loss)" if r.energy_from_work else "energy (loss)"
+    for col in (energy, "entropy (nats)", "temperature ± s.e. (loss/nat)", "efficiency", "engine"):
         job.add_column(col, justify="right")
     job.add_row(
         _fmt(r.energy),
         _fmt(r.entropy, ".6g"),
-        _fmt(r.temperature),
+        _temperature(r.temperature, r.temperature_stderr),
         _fmt(r.efficiency, ".3f"),
         r.engine or "?",
     )
     layers = Table(title="layers")
     layers.add_column("layer")
-    for col in ("entropy (nats)", "temperature (loss/nat)", "work (loss)", "negentropy (nats/value)"):
+    for col in ("entropy (nats)", "temperature ± s.e. (loss/nat)", "work (loss)", "negentropy (nats/value)"):
         layers.add_column(col, justify="right")
     rows = zip(
-        r.layer_names, r.layer_entropy, r.layer_temperature, r.layer_work, r.layer_negentropy, strict=True
+        r.layer_names,
+        r.layer_entropy,
+        r.layer_temperature,
+        r.layer_temperature_stderr,
+        r.layer_work,
+        r.layer_negentropy,
+        strict=True,
     )
-    for name, s, t, w, j in rows:
-        layers.add_row(name, _fmt(s, ".6g"), _fmt(t), _fmt(w, ".3e"), _fmt(j, ".3f"))
+    for name, s, t, t_err, w, j in rows:
+        layers.add_row(name, _fmt(s, ".6g"), _temperature(t, t_err), _fmt(w, ".3e"), _fmt(j, ".3f"))
     sites = Table(title="activation sites")
     sites.add_column("site")
     sites.add_column("activation")

@@ -2,10 +2,11 @@
 
 `phase_figure` draws a live run from its readings (`thermoscope demo --figure`): the phase
 diagram (energy against entropy, whose slope is the temperature), each layer's temperature
-over the steps, and each activation site's efficiency with its engine type.
-`history_figure` draws a run from the collector's database (`thermoscope plot`): the phase
-diagram, the energy over the steps shaded by the job's phase, and each layer's temperature,
-with the job's transitions marked on all three.
+over the steps with its +-1 standard error band, and each activation site's efficiency with
+its engine type. `history_figure` draws a run from the collector's database (`thermoscope
+plot`): the phase diagram, the energy over the steps shaded by the job's phase, and each
+layer's temperature (the history keeps no standard errors: no band), with the job's
+transitions marked on all three. An undefined temperature is a gap in its line.
 """
 
 from __future__ import annotations
@@ -48,13 +49,24 @@ def _phase_diagram(ax, fig, steps: np.ndarray, entropy: np.ndarray, energy: np.n
     ax.tick_params(axis="x", labelrotation=30)
 
 
-def _layer_temperatures(ax, steps: np.ndarray, names: Sequence[str], layer_t: np.ndarray) -> None:
+def _layer_temperatures(
+    ax, steps: np.ndarray, names: Sequence[str], layer_t: np.ndarray, layer_err: np.ndarray | None = None
+) -> None:
+    """Each layer's T over the steps: an undefined T (NaN) is a gap in its line; with standard
+    errors, a +-1 standard error band where it is defined."""
     for j, name in enumerate(names):
-        if np.isfinite(layer_t[:, j]).any():
-            ax.plot(steps, layer_t[:, j], lw=1, label=name)
+        t = layer_t[:, j]
+        if not np.isfinite(t).any():
+            continue
+        (line,) = ax.plot(steps, t, lw=1, label=name)
+        if layer_err is not None:
+            err = layer_err[:, j]
+            band = np.isfinite(t) & np.isfinite(err)
+            ax.fill_between(steps, t - err, t + err, where=band, color=line.get_color(), alpha=0.2, lw=0)
     ax.axhline(0, color="0.5", lw=0.6)
     ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set(xlabel="step", ylabel="T_l (loss per nat)", title="layer temperatures (gaps: undefined)")
+    title = "layer temperatures " + ("+- 1 s.e. " if layer_err is not None else "") + "(gaps: undefined)"
+    ax.set(xlabel="step", ylabel="T_l (loss per nat)", title=title)
     if len(names) <= 20:
         ax.legend(fontsize=7, loc="best")
 
@@ -78,7 +90,11 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
     energy = np.array([r.energy for r in readings])
     _phase_diagram(phase, fig, steps, np.array([r.entropy for r in readings]), energy, "energy E (loss)")
     _layer_temperatures(
-        temps, steps, readings[-1].layer_names, np.array([r.layer_temperature for r in readings])
+        temps,
+        steps,
+        readings[-1].layer_names,
+        np.array([r.layer_temperature for r in readings]),
+        np.array([r.layer_temperature_stderr for r in readings]),
     )
 
     eta = np.array([r.site_efficiency for r in readings])

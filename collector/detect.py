@@ -1,9 +1,9 @@
 """Online phase detection (docs/science.md section 6) on a job's merged series, one update per sample.
 
 States: `type_i` (as initialized), `transition` (learning: a significant, sustained change),
-`type_ii` (ordered: no significant drift), `refresh` (a type_ii system whose energy jumps, e.g.
-after a data shift, and starts learning again), `unstable` (energy rising significantly with no
-shift to absorb: divergence, loss spikes).
+`type_ii` (ordered: no significant drift), `refresh` (a system whose energy jumps, e.g. after a
+data shift, and starts learning again: from type_ii, or already while it was learning),
+`unstable` (energy rising significantly with no shift to absorb: divergence, loss spikes).
 
 What is detected on what. The job's states come from its energy E_t (the minibatch loss); each
 layer's from its entropy per value h_t = S_l / n_l. The inverse temperature beta = dS/dE is a
@@ -35,17 +35,22 @@ jumps (a data shift, a divergence) on top of the trend:
   to `lag` samples back): Page's test assumes the pre-change mean known, and a window that
   absorbed the excursion would chase it and hide a moderate shift. The test starts once the
   window holds `min_ref` samples (a noise scale from fewer is unreliable).
-* An alarm is a `refresh` if the job was in type_ii, else `unstable` (a jump while learning,
-  or a second jump after a refresh). The window then restarts at the jump (the old regime
-  would bias every fit). A data shift is a step, after which the loss stops rising and
-  descends (re-learning); a divergence keeps climbing: a refresh whose energy climbs `escalate`
+* An alarm is a `refresh` if the job was in type_i, transition or type_ii, else `unstable` (a
+  second jump after a refresh, or a jump while unstable). The window then restarts at the jump
+  (the old regime would bias every fit). A data shift is a step, after which the loss stops
+  rising and descends (re-learning), whatever phase it came in: data that change while a model
+  still learns are a shift too (a jump there used to be called `unstable`, a critical alert for
+  what was a shift). A divergence keeps climbing: a refresh whose energy climbs `escalate`
   sigmas (the pre-jump sigma: in logs the noise scale carries over a jump) above everything
-  since the jump escalates to `unstable`, typically one sample later. Measuring against the
-  post-jump peak rather than its mean keeps a shift whose new data are noisier from escalating.
+  since the jump escalates to `unstable`, typically one sample later. So a jump is a refresh
+  until it proves to be a divergence. Measuring against the post-jump peak rather than its mean
+  keeps a shift whose new data are noisier from escalating.
 * The cooldown: after every change, `cooldown` samples during which no other change is called
   (a jump that arrives then is called when it ends), so that one event is not reported as
-  several. Jumps to `unstable` (a refresh still climbing, or a jump while not in type_ii) are
-  exempt: those samples are exactly when a jump turns out to be a divergence.
+  several. Jumps to `unstable` (a refresh still climbing, or a second jump) are exempt: those
+  samples are exactly when a jump turns out to be a divergence; so are jumps out of type_i or
+  transition (the change they follow was a trend's, another event, and a divergence must be
+  called `refresh` at once to escalate in time).
 * Trends: a descent with t < -t_sig for `confirm` samples in a row is a `transition`; an ascent
   with t > t_rise for `confirm_rise` samples is `unstable` (a divergence without a jump); a
   slope that is insignificant (|t| < t_quiet) and under `quiet_rate` of the steepest
@@ -110,8 +115,8 @@ TYPE_I, TRANSITION, TYPE_II, REFRESH, UNSTABLE = range(5)
 TRANSITIONS = tuple(
     (PHASES[a], PHASES[b])
     for a, b in (
-        (TYPE_I, TRANSITION), (TYPE_I, TYPE_II), (TYPE_I, UNSTABLE),
-        (TRANSITION, TYPE_II), (TRANSITION, UNSTABLE),
+        (TYPE_I, TRANSITION), (TYPE_I, TYPE_II), (TYPE_I, REFRESH), (TYPE_I, UNSTABLE),
+        (TRANSITION, TYPE_II), (TRANSITION, REFRESH), (TRANSITION, UNSTABLE),
         (TYPE_II, REFRESH), (TYPE_II, TRANSITION), (TYPE_II, UNSTABLE),
         (REFRESH, TRANSITION), (REFRESH, TYPE_II), (REFRESH, UNSTABLE),
         (UNSTABLE, TRANSITION), (UNSTABLE, TYPE_II),
@@ -280,8 +285,10 @@ class PhaseDetector:
             self._restart(keep_last=True)
             return changes
         if self._cusum > s.cusum_h:
-            jumped = REFRESH if self.job == TYPE_II else UNSTABLE
-            if jumped == UNSTABLE or self._cool == 0:  # an escalation skips the cooldown
+            jumped = UNSTABLE if self.job in (REFRESH, UNSTABLE) else REFRESH  # a shift until it climbs
+            # an escalation skips the cooldown, and so does a jump out of a learning phase: what
+            # came within the cooldown there was a trend's change, not this jump
+            if jumped == UNSTABLE or self._cool == 0 or self.job in (TYPE_I, TRANSITION):
                 if jumped != self.job:
                     move(jumped, "cusum_energy_jump", _confidence(self._cusum / s.cusum_h))
                 self._since_jump = 0

@@ -4,7 +4,8 @@ Metric names and labels are a contract (dashboards and alert rules depend on the
 base units, `_total` counters, the job label is `job_id` (Prometheus owns `job` and
 `instance`), and no per-layer series carries a `rank` label: ranks are merged first, so a
 job's series count is layers + sites, whatever its world size. NaN means undefined (a
-temperature whose changes are below their noise floor).
+temperature whose entropy or energy change is not significant over the window; its standard
+error is NaN there too).
 
 Liveness is the one place ranks appear: `thermoscope_rank_stale{job_id,rank}` (one series
 per rank that streams or is stale; a rank that finished has none), beside
@@ -53,6 +54,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.physics import CONFIDENCE
 
 from .detect import PHASES, TRANSITIONS
 from .job import Job, Liveness
@@ -75,7 +77,14 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
     (
         "thermoscope_temperature",
         "temperature",
-        "Job temperature dE/dS over the window (loss units per nat); NaN: undefined.",
+        "Job temperature dE/dS over the window (loss units per nat); NaN: undefined, the entropy's "
+        f"or the energy's slope not significant at {CONFIDENCE:.0%} (t-test on the window's scatter).",
+    ),
+    (
+        "thermoscope_temperature_stderr",
+        "temperature_stderr",
+        "Standard error of the job temperature from the window's scatter, delta method "
+        "(loss units per nat); NaN where the temperature is undefined.",
     ),
     (
         "thermoscope_inverse_temperature",
@@ -94,7 +103,8 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
     (
         "thermoscope_layer_temperature",
         "layer_temperature",
-        "Layer temperature dE/dS over the window (loss units per nat); NaN: undefined.",
+        "Layer temperature dE/dS over the window (loss units per nat); NaN: undefined, the layer's "
+        f"entropy or work change not significant at {CONFIDENCE:.0%} (t-test on the window's increments).",
     ),
     (
         "thermoscope_layer_inverse_temperature",
@@ -120,6 +130,12 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
         "thermoscope_layer_work",
         "layer_work",
         "Work <g, theta_after - theta_before> of the last sampled update on the layer (loss units).",
+    ),
+    (
+        "thermoscope_layer_temperature_stderr",
+        "layer_temperature_stderr",
+        "Standard error of the layer temperature from the scatter of the window's increments, "
+        "delta method (loss units per nat); NaN where the temperature is undefined.",
     ),
 )
 

@@ -3,17 +3,21 @@
 `Thermometer` keeps a sliding window of the last `window` samples of one job and derives,
 at every sample:
 
-* per layer: entropy S_l = n_l h_l (gaussian estimator), the work of the last sampled
+* per layer: entropy S_l = n_l h_l (gaussian estimator), the work of the previous sampled
   update, and beta_l = Delta S_l / Delta E_l over the window, where Delta E_l is the layer's
-  work summed over the window. Work is only measured on sampled steps, so each sampled
-  w_{l,t} stands for the `gap` steps until the next sample (an unbiased estimate of the
-  work done over them);
+  work summed over the window. A sample carries the work w+ of the previous sampled update
+  (measured with the gradient of the step after it: docs/science.md section 2), and that w+
+  stands for the `gap` steps between the two samples (an unbiased estimate of the
+  work done over them). T_l = 1/beta_l carries a standard error from the scatter of the
+  window's per-sample increments of S_l and of the work, and is NaN unless both sums are
+  significant (a t-test at `physics.CONFIDENCE`): in a stationary run it is mostly undefined;
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
   the window. Where the training loop gave no loss (zero-code instrumentation), the energy
   is the cumulative work sum_l sum_{s<t} w_{l,s} since the first sample (E_0 = 0): to first
   order it is E_t - E_0 (docs/science.md section 2), so slopes and temperatures keep their meaning;
   `Reading.energy_from_work` says which it is. The slope of the noisy minibatch energy is the
-  "smoothed" energy change, and its standard error is the noise floor under which T is undefined;
+  "smoothed" energy change; T is defined where both slopes pass the same t-test, with its
+  standard error from the slopes' residual scatter;
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;
@@ -36,8 +40,6 @@ from .stats import LayerInfo, Sample, SiteInfo
 
 #: Samples per temperature window, the agent's and the collector's default alike.
 WINDOW = 10
-#: Standard errors the job's energy slope must exceed for the temperature to be defined.
-ENERGY_SLOPE_SIGMAS = 2.0
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,14 @@ class Reading:
     entropy: float
     beta: float
     temperature: float
+    temperature_stderr: float  # T's standard error (delta method); NaN where T is undefined
     efficiency: float
     layer_names: tuple[str, ...]
     layer_entropy: np.ndarray
     layer_work: np.ndarray
     layer_beta: np.ndarray
     layer_temperature: np.ndarray
+    layer_temperature_stderr: np.ndarray  # NaN where the layer's T is undefined
     layer_histogram_entropy: np.ndarray  # n * h_hist (nats), comparable with layer_entropy
     layer_negentropy: np.ndarray  # h_gauss - h_hist, nats per value
     layer_outside: np.ndarray  # share of the histogram subset outside the edges
@@ -64,6 +68,13 @@ class Reading:
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
     engine: str  # the network's engine type
     energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, giving a reading an older collector saved the standard errors it did not
+        have: unknown (NaN)."""
+        state.setdefault("temperature_stderr", math.nan)
+        state.setdefault("layer_temperature_stderr", np.full(len(state["layer_names"]), np.nan))
+        self.__dict__.update(state)
 
 
 class Thermometer:
@@ -110,7 +121,7 @@ class Thermometer:
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
-            cumulative = self._work[-1] + prev.layers.work * (sample.step - prev.step)
+            cumulative = self._work[-1] + layers.work * (sample.step - prev.step)
         energy = sample.energy if sample.has_energy else float(cumulative.sum())
         self._steps.append(sample.step)
         self._energy.append(energy)
@@ -119,13 +130,8 @@ class Thermometer:
         self._work.append(cumulative)
         self._last = sample
 
-        layer_beta, layer_t = physics.temperature(
-            entropy - self._entropy[0],
-            cumulative - self._work[0],
-            entropy_floor=physics.ENTROPY_RESOLUTION * layers.count,
-            energy_floor=physics.WORK_RESOLUTION,
-        )
-        beta, temp = self._job_temperature()
+        layer_beta, layer_t, layer_t_err = self._layer_temperature(layers.count)
+        beta, temp, temp_err = self._job_temperature()
         sites = sample.sites
         eta = physics.site_efficiency(
             physics.variance(sites.count, sites.in_mean, sites.in_m2),
@@ -146,12 +152,14 @@ class Thermometer:
             entropy=float(total),
             beta=beta,
             temperature=temp,
+            temperature_stderr=temp_err,
             efficiency=physics.network_efficiency(eta),
             layer_names=self.layer_names,
             layer_entropy=entropy,
             layer_work=layers.work,
             layer_beta=layer_beta,
             layer_temperature=layer_t,
+            layer_temperature_stderr=layer_t_err,
             layer_histogram_entropy=layers.count * h_hist,
             layer_negentropy=negentropy,
             layer_outside=outside,
@@ -163,25 +171,58 @@ class Thermometer:
         )
         return self.latest
 
-    def _job_temperature(self) -> tuple[float, float]:
-        """Job beta and T from the slopes of S and E against step over the window."""
+    def _layer_temperature(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each layer's beta, T and T's standard error over the window, from the per-sample
+        increments of its entropy and of its (gap-weighted) work: T is defined only where both
+        sums differ from 0 by more than the t-quantile of their scatter (n - 1 degrees of
+        freedom for n increments) times their standard error, and than float resolution."""
+        steps = np.asarray(self._steps)
+        ds, de, var_s, var_e, cov = physics.window_changes(
+            np.stack(self._entropy), np.stack(self._work), steps
+        )
+        crit = physics.t_quantile(len(steps) - 2)
+        beta, temp = physics.temperature(
+            ds,
+            de,
+            entropy_floor=np.maximum(crit * np.sqrt(var_s), physics.ENTROPY_RESOLUTION * count),
+            energy_floor=np.maximum(crit * np.sqrt(var_e), physics.WORK_RESOLUTION),
+        )
+        err = np.full(len(temp), np.nan)
+        if (defined := np.flatnonzero(~np.isnan(temp))).size:
+            err[defined] = physics.temperature_stderr(
+                ds[defined], de[defined], var_s[defined], var_e[defined], cov[defined]
+            )
+        return beta, temp, err
+
+    def _job_temperature(self) -> tuple[float, float, float]:
+        """Job beta, T and T's standard error from the slopes of S and E against step over the
+        window; T is defined only where both slopes differ from 0 by more than the t-quantile
+        (n - 2 degrees of freedom) times their standard error (the entropy's also by more than
+        float resolution)."""
         steps = np.asarray(self._steps, dtype=np.float64)
         energy = np.asarray(self._energy, dtype=np.float64)
         known = np.isfinite(energy)
         if np.count_nonzero(known) < 3:
-            return math.nan, math.nan
-        steps = steps[known]
-        ds, _ = physics.slope(steps, np.asarray(self._total)[known])
-        de, de_err = physics.slope(steps, energy[known])
-        count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
+            return math.nan, math.nan, math.nan
+        steps, total, energy = steps[known], np.asarray(self._total)[known], energy[known]
+        ds, ds_err = physics.slope(steps, total)
+        de, de_err = physics.slope(steps, energy)
         span = float(steps[-1] - steps[0])
+        crit = physics.t_quantile(len(steps) - 2)
+        count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
         beta, temp = physics.temperature(
             ds * span,
             de * span,
-            entropy_floor=physics.ENTROPY_RESOLUTION * count,
-            energy_floor=ENERGY_SLOPE_SIGMAS * de_err * span,
+            entropy_floor=max(crit * ds_err * span, physics.ENTROPY_RESOLUTION * count),
+            energy_floor=crit * de_err * span,
         )
-        return float(beta), float(temp)
+        if math.isnan(temp):
+            return float(beta), math.nan, math.nan
+        cov = physics.slope_covariance(steps, total, energy) * span * span
+        err = physics.temperature_stderr(
+            ds * span, de * span, (ds_err * span) ** 2, (de_err * span) ** 2, cov
+        )
+        return float(beta), float(temp), float(err)
 
 
 def _engines(probe: np.ndarray) -> tuple[np.ndarray, str]:

@@ -168,6 +168,13 @@ def ts(ids: Ids, title: str, description: str, *targets: prometheus.Dataquery, u
     return panel.unit(unit) if unit else panel
 
 
+#: How a temperature's +- standard error bounds are drawn beside it.
+DASHED = [
+    dashboard_models.DynamicConfigValue("custom.lineStyle", {"fill": "dash", "dash": [4, 4]}),
+    dashboard_models.DynamicConfigValue("custom.lineWidth", 1),
+]
+
+
 def big(ids: Ids, title: str, description: str, target: prometheus.Dataquery) -> stat.Panel:
     return (
         ids(stat.Panel(), title)
@@ -320,10 +327,21 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             ts(
                 ids,
                 "Temperature",
-                "dE/dS over the window (loss units per nat); gaps: undefined (the loss slope is in "
-                "its noise). Negative: the entropy grows while the energy falls",
+                "dE/dS over the window (loss units per nat), dashed: +- 1 standard error; gaps: "
+                "undefined (the loss's or the entropy's slope is not significant). Negative: the "
+                "entropy grows while the energy falls",
                 query(f"thermoscope_temperature{{{JOB}}}", "{{job_id}}"),
+                *(
+                    query(
+                        f"thermoscope_temperature{{{JOB}}} {sign} thermoscope_temperature_stderr{{{JOB}}}",
+                        f"{{{{job_id}}}} T {sign} s.e.",
+                        ref,
+                    )
+                    for sign, ref in (("-", "B"), ("+", "C"))
+                ),
             )
+            .override_by_query("B", DASHED)
+            .override_by_query("C", DASHED)
         )
         .with_panel(
             ts(
@@ -343,12 +361,14 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
         d.with_panel(
             ids(heatmap.Panel(), "Layer temperature")
             .description(
-                "Temperature dE/dS of each layer (one row per layer) over time; blank: undefined. "
+                "Temperature dE/dS of each layer (one row per layer) over time; blank: undefined (its "
+                "entropy or work change is not significant; the query drops NaN). "
                 "|T| falling to 0: the layer is freezing; negative: its weights spread while the "
                 "loss falls"
             )
             .datasource(DATASOURCE)
-            .with_target(query(f"thermoscope_layer_temperature{{{JOB}}}", "{{layer}}"))
+            # `> -Inf` drops undefined (NaN) values: only defined temperatures are drawn
+            .with_target(query(f"thermoscope_layer_temperature{{{JOB}}} > -Inf", "{{layer}}"))
             .calculate(False)
             .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.UNKNOWN).value("T"))
             .filter_values(heatmap.FilterValueRange())  # keep every value: temperatures can be negative

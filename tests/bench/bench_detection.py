@@ -12,7 +12,8 @@ layer's entropy per value. Progress goes to stderr, a line per run; the table to
 
 What the columns count, per scenario kind:
 
-* `recall`: runs whose event was detected. For `shift` a detection is the job's first `refresh`
+* `recall`: runs whose event was detected. For `shift` and `shift_learning` (the data change
+  while the job is still in transition) a detection is the job's first `refresh`
   event at or after the first sample that can show the shift, for `divergence` its first
   `unstable` event (a `refresh` first does not count, and does not stop the run from counting);
   a miss if none comes within `HORIZON` samples (divergence runs end earlier, when the loss
@@ -29,9 +30,9 @@ What the columns count, per scenario kind:
   samples until the job's `transition` (learning starts at sample 0).
 * `false alarms /1k`: job `refresh` or `unstable` events per 1,000 samples where none is due:
   every sample of `convergence`, `frozen` and `stationary` runs, and the samples before the
-  event in `shift` and `divergence` runs (after it the job is legitimately in a new regime, so
-  those samples are not counted). `layer alarms /1k`: the same for layer `refresh` events (any
-  layer), per 1,000 samples.
+  event in `shift`, `shift_learning` and `divergence` runs (after it the job is legitimately in
+  a new regime, so those samples are not counted). `layer alarms /1k`: the same for layer
+  `refresh` events (any layer), per 1,000 samples.
 
 The cost line times `PhaseDetector.update` at 1,000 layers on synthetic series (a noisy
 log-energy and 1,000 random-walk entropies), per layer-sample, and the job part alone.
@@ -58,10 +59,17 @@ from helpers import scenarios
 
 HORIZON = 20  # samples after the event within which a detection counts (100 optimizer steps)
 #: Runs per kind, and each kind's seeds start at its own offset so no two kinds share a run.
-FULL = {"convergence": 8, "shift": 12, "divergence": 12, "frozen": 8, "stationary": 20}
-QUICK = {"convergence": 2, "shift": 2, "divergence": 2, "frozen": 2, "stationary": 2}
+FULL = {"convergence": 8, "shift": 12, "shift_learning": 12, "divergence": 12, "frozen": 8, "stationary": 20}
+QUICK = {"convergence": 2, "shift": 2, "shift_learning": 2, "divergence": 2, "frozen": 2, "stationary": 2}
 QUICK_STATIONARY_SAMPLES = 400
-SEED_OFFSET = {"convergence": 0, "shift": 100, "divergence": 200, "frozen": 300, "stationary": 400}
+SEED_OFFSET = {
+    "convergence": 0,
+    "shift": 100,
+    "shift_learning": 500,
+    "divergence": 200,
+    "frozen": 300,
+    "stationary": 400,
+}
 
 
 @dataclass
@@ -99,7 +107,7 @@ def evaluate(trace: scenarios.Trace) -> Outcome:
     layer_alarms = sum(1 for i in layer_refresh if i < quiet_end)
     detected: bool | None = None
     delay: int | None = None
-    if trace.kind in ("shift", "divergence"):
+    if trace.kind in ("shift", "shift_learning", "divergence"):
         assert event is not None, f"{trace.kind} run {trace.seed} ended before its event"
         hits = [i - event for i, after in job if after == trace.expected and i >= event]
         detected = bool(hits) and hits[0] <= HORIZON

@@ -29,9 +29,11 @@ def reading(layer_names, site_names, *, step=7, engine="A", **arrays) -> Reading
     columns = {
         attr: rng.normal(size=n) * 10.0 ** rng.integers(-6, 8, size=n)
         for _, attr, _ in LAYER_GAUGES
-        if attr not in arrays
+        if attr not in arrays and attr != "layer_temperature_stderr"
     }
     columns.update(arrays)
+    # a tenth of the temperature: no draw of its own, so the other columns keep their values
+    columns.setdefault("layer_temperature_stderr", 0.1 * np.abs(columns["layer_temperature"]))
     return Reading(
         step=step,
         wall_time=1.7e9,
@@ -39,6 +41,7 @@ def reading(layer_names, site_names, *, step=7, engine="A", **arrays) -> Reading
         entropy=-1234.5678,
         beta=math.inf,
         temperature=math.nan,
+        temperature_stderr=math.nan,
         efficiency=0.5,
         layer_names=tuple(layer_names),
         site_names=tuple(site_names),

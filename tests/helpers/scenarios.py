@@ -16,6 +16,11 @@ Kinds and their ground truth:
 * `shift`: the student converges, then from `event_step` on the minibatches come from another
   teacher on other inputs: all of them, or a half, a quarter or a tenth (the rest still the
   old data), by seed; the loss jumps between about x2.5 and x30. Expected `refresh`.
+* `shift_learning`: the same shift, but at sample `LEARNING_SHIFT`, while the student is still
+  learning (the job in `transition`): data that change before a model has converged are a shift
+  too. Expected `refresh` (a jump followed by renewed descent, whatever phase it came in). These
+  runs learn at the slower `LEARNING_LR`, so that the learning phase lasts (at `LR` it is over by
+  sample 20-45, and a shift at sample 15 lands on a curve too steep for its jump to stand out).
 * `divergence`: at sample 200 (converged: type_ii) or 15 (still learning: transition), by
   seed, the learning rate is multiplied by 4, 6 or 10, past SGD's stability edge: the loss
   grows by orders of magnitude within a few samples until it overflows, where the run stops
@@ -31,13 +36,16 @@ Kinds and their ground truth:
   it keep training at a small constant learning rate for a long time: nothing happens, so any
   refresh or unstable event is a false alarm.
 
-Loss values are finite in every kept sample: a run stops at its first non-finite loss, before
-that step's update, because a job whose loss is NaN is over and because the agent's sampler
-cannot take a histogram of NaN parameters (its step raises IndexError).
+A run stops at its first non-finite loss, before that step's update (a job whose loss is
+non-finite is over). A divergence run's trace then ends with the sample the collector would get
+next: that loss as the energy (+inf when it overflowed: the collector's detector reads +inf as a
+divergence), at the next sampled step, with the last entropies. Without it the detector would see
+a divergence that overflows within a sample of its jump as one jump, which a data shift also is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +55,7 @@ from torch import nn
 from thermoscope.agent import Monitor
 from thermoscope.cli.demo import student, teacher_student
 
-KINDS = ("convergence", "shift", "divergence", "frozen", "stationary")
+KINDS = ("convergence", "shift", "shift_learning", "divergence", "frozen", "stationary")
 EVERY = 5  # optimizer steps per sample
 LR = 0.1  # SGD rate of the learning runs (converges in ~20 samples, stable)
 STATIONARY_LR = 0.02  # the small constant rate of the stationary runs
@@ -57,6 +65,8 @@ CONVERGE_SAMPLES = 200  # samples before a shift or a divergence
 SPIKES = (4.0, 6.0, 10.0)  # learning-rate multipliers of the divergence runs, by seed % 3
 ONSETS = (CONVERGE_SAMPLES, 15)  # sample of the divergence: converged, or still learning, by seed // 3
 SHIFT_MIX = (1.0, 0.5, 0.25, 0.1)  # share of the minibatches drawn from the new data, by seed % 4
+LEARNING_SHIFT = 40  # sample of a `shift_learning` run's shift: the job is in transition there
+LEARNING_LR = 0.01  # the slower SGD rate of `shift_learning` runs: a learning phase that lasts
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ def default_samples(kind: str) -> int:
     return {
         "convergence": 300,
         "shift": CONVERGE_SAMPLES + 150,
+        "shift_learning": LEARNING_SHIFT + 150,
         "divergence": CONVERGE_SAMPLES + 100,  # it stops a few samples after the onset
         "frozen": 300,
         "stationary": 1000,
@@ -124,7 +135,7 @@ def _generate(kind: str, seed: int, samples: int | None) -> Trace:
         frozen_module = (0, 2)[seed % 2]  # the first or the middle Linear of the Sequential
         model[frozen_module].requires_grad_(False)
     gen = torch.Generator().manual_seed(seed + 1)
-    lr = LR
+    lr = LEARNING_LR if kind == "shift_learning" else LR
     if kind == "stationary":  # converge unmonitored, then watch a long steady stretch
         optimizer = torch.optim.SGD(model.parameters(), lr=LR)
         for _ in range(CONVERGE_SAMPLES * EVERY):
@@ -142,8 +153,9 @@ def _generate(kind: str, seed: int, samples: int | None) -> Trace:
 
     event_step = expected = None
     info: dict[str, float] = {}
-    if kind == "shift":
-        event_step, expected = CONVERGE_SAMPLES * EVERY, "refresh"
+    if kind in ("shift", "shift_learning"):
+        event_step = (CONVERGE_SAMPLES if kind == "shift" else LEARNING_SHIFT) * EVERY
+        expected = "refresh"
         info["mix"] = SHIFT_MIX[seed % len(SHIFT_MIX)]
     elif kind == "divergence":
         onset = ONSETS[seed // len(SPIKES) % len(ONSETS)]
@@ -154,7 +166,7 @@ def _generate(kind: str, seed: int, samples: int | None) -> Trace:
     steps, energy, entropy = [], [], []
     overflow = False
     for step in range(samples * EVERY):
-        if kind == "shift" and step == event_step:
+        if kind in ("shift", "shift_learning") and step == event_step:
             x2, y2 = teacher_student(seed + 10_000, dim=DIM)
             keep = round(len(x) * (1 - info["mix"]))  # the share of the old data still drawn
             x, y = torch.cat([x[:keep], x2[keep:]]), torch.cat([y[:keep], y2[keep:]])
@@ -163,8 +175,12 @@ def _generate(kind: str, seed: int, samples: int | None) -> Trace:
                 group["lr"] = lr * info["spike"]
         with np.errstate(invalid="ignore", over="ignore"):  # inf activations as the loss overflows
             loss = _sgd_step(model, optimizer, x, y, gen, monitor)
-        if loss is None:
+        if not math.isfinite(loss):
             overflow = True
+            if kind == "divergence" and steps:  # what the collector sees next: the loss, non-finite
+                steps.append(steps[-1] + EVERY)
+                energy.append(loss)
+                entropy.append(entropy[-1])
             break
         if step % EVERY == 0:
             reading = monitor.latest()
@@ -196,12 +212,12 @@ def _sgd_step(
     y: torch.Tensor,
     gen: torch.Generator,
     monitor: Monitor | None = None,
-) -> float | None:
-    """One minibatch step; None (and no step) once the loss is no longer finite."""
+) -> float:
+    """One minibatch step and its loss; no step once the loss is no longer finite."""
     idx = torch.randint(0, x.shape[0], (BATCH,), generator=gen)
     loss = nn.functional.mse_loss(model(x[idx]), y[idx])
     if not torch.isfinite(loss):
-        return None
+        return float(loss.detach())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,0 +1,124 @@
+"""Real architectures as users train them, built from transformers configs with random weights.
+
+No download: every model is made from a config (2 layers, width 32-64, short sequences, tiny
+images), so a training step takes milliseconds on a CPU. Dropout is off so that a training run
+is deterministic: a monitored run can be compared with the same run unmonitored, bit for bit.
+Each `Arch` gives the model and a seeded batch per step (the same batch for the same step, so a
+test can re-evaluate a step's loss on its own minibatch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+NAMES = ("gpt2", "bert", "llama", "vit", "resnet", "convnext")
+VOCAB = 64
+SEQ = 8
+BATCH = 2
+IMAGE = 32
+LABELS = 4
+
+
+@dataclass
+class Arch:
+    """A model and its data: `loss(step)` runs the forward pass on that step's batch."""
+
+    name: str
+    model: nn.Module
+    batch: Callable[[int], dict[str, torch.Tensor]]
+
+    def loss(self, step: int) -> torch.Tensor:
+        return self.model(**self.batch(step)).loss
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Arch:
+    """The tiny `name` model (one of NAMES) in `dtype`, seeded, in training mode."""
+    torch.manual_seed(seed)
+    config, model_class, batch = _SPECS[name]()
+    model = model_class(config).to(dtype)
+    model.train()
+    return Arch(name, model, lambda step: batch(step, dtype))
+
+
+def _tokens(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _images(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    pixels = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen).to(dtype)
+    return {"pixel_values": pixels, "labels": torch.randint(0, LABELS, (BATCH,), generator=gen)}
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return config, transformers.GPT2LMHeadModel, _tokens
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return config, transformers.BertForMaskedLM, _tokens
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return config, transformers.LlamaForCausalLM, _tokens
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        image_size=IMAGE, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=LABELS,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return config, transformers.ViTForImageClassification, _images
+
+
+def _resnet():
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=16,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=LABELS,
+    )
+    return config, transformers.ResNetForImageClassification, _images
+
+
+def _convnext():
+    config = transformers.ConvNextConfig(
+        num_channels=3,
+        num_stages=2,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        num_labels=LABELS,
+        drop_path_rate=0.0,
+    )
+    return config, transformers.ConvNextForImageClassification, _images
+
+
+_SPECS = {
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "llama": _llama,
+    "vit": _vit,
+    "resnet": _resnet,
+    "convnext": _convnext,
+}
