@@ -70,8 +70,15 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
     (
         "thermoscope_energy",
         "energy",
-        "Training loss at the last merged step, mean over ranks (loss units); where agents see no "
-        "loss (zero-code), the cumulative work since the job's first sample.",
+        "Training loss at the last merged step, mean over ranks (loss units): handed to the agent, or "
+        "captured from backward(); where no loss is seen, the cumulative work since the job's first "
+        "sample (thermoscope_energy_from_work says which).",
+    ),
+    (
+        "thermoscope_energy_from_work",
+        "energy_from_work",
+        "1 where the job's energy is the cumulative work since its first sample (no loss was handed "
+        "over nor captured from backward()), 0 where it is the training loss.",
     ),
     ("thermoscope_entropy_nats", "entropy", "Parameter entropy of the job, sum over layers (nats)."),
     (

@@ -5,12 +5,14 @@ c6482c8, rendered by `prometheus_client.generate_latest`), recorded in tests/gol
 (tests/golden/record.py says how): the body is parsed and compared family by family (order,
 HELP, TYPE) and sample by sample (names, label sets, values with NaN and +-Inf), over jobs built
 to hit escaping, folding, engines, phases, liveness and jobs without a reading
-(helpers/exporter_jobs.py). The families added since (the temperatures' standard errors) and the
-temperatures' HELP texts were recorded from this exporter, the rest left as they were.
+(helpers/exporter_jobs.py). The families added since (the temperatures' standard errors, whether
+the energy is cumulative work) and the energy's and temperatures' HELP texts were recorded from
+this exporter, the rest left as they were.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -40,11 +42,20 @@ def test_the_body_has_the_recorded_families_and_samples_of_the_previous_exporter
     body = b"".join(exporter.render())
     # as JSON holds it: tuples as lists
     assert json.loads(json.dumps(parsed(body))) == golden.load_json("metrics")[str(max_series)]
-    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 32  # one per family
+    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 33  # one per family
     # the escaped label values, written once per label set and not read as %-format directives
     assert b'thermoscope_layer_work{job_id="we\\"ird\\\\job\\nwith %s and \xc3\xa9",layer="l\\"%d1"} ' in body
     assert b"+Inf\n" in body and b"-Inf\n" in body and b"NaN\n" in body
     assert b'\nthermoscope_phase{job_id="short",layer="",phase="type_i",scope="job"} 1.0\n' in body  # sorted
+
+
+def test_a_job_whose_energy_is_cumulative_work_says_so() -> None:
+    jobs = {"loss": Job("loss", window=10), "work": Job("work", window=10)}
+    jobs["loss"].pipeline.reading = reading(["a"], [])
+    jobs["work"].pipeline.reading = dataclasses.replace(reading(["a"], []), energy_from_work=True)
+    body = b"".join(MetricsExporter(jobs, {}, "0.1.0").render())
+    assert b'\nthermoscope_energy_from_work{job_id="loss"} 0.0\n' in body
+    assert b'\nthermoscope_energy_from_work{job_id="work"} 1.0\n' in body
 
 
 def test_the_label_cache_follows_a_jobs_layer_names() -> None:

@@ -310,7 +310,8 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             ts(
                 ids,
                 "Energy",
-                "Training loss (mean over ranks); zero-code agents see no loss: the cumulative work",
+                "Training loss (mean over ranks), handed over or captured from backward(); "
+                "where none is seen, the cumulative work (thermoscope_energy_from_work = 1)",
                 query(f"thermoscope_energy{{{JOB}}}", "{{job_id}}"),
             )
         )
