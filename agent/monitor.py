@@ -35,9 +35,10 @@ from thermoscope.wire import codec
 
 from . import discovery
 from .energy import LossCapture
-from .sampler import BINS, SUBSET, Pending, Sampler, find_sites, plain_name
+from .sampler import BINS, SUBSET, Pending, Sampler
 from .security import Pem, channel_security
 from .sender import Sender
+from .sites import find_sites, plain_name
 
 AGENT_VERSION = "0.1.0"
 
@@ -103,7 +104,7 @@ class Monitor:
             window: samples over which temperatures are taken (in-process mode).
             sites: extra modules to watch as activation sites (activation modules, library
                 activation classes and activation functions called in a forward are found
-                without it: `sampler.find_sites`, `sampler.FUNCTIONS`).
+                without it: `sites.find_sites`, `sites.FUNCTIONS`).
             max_queue: sampled steps held for the sender before the oldest is dropped.
             bins: histogram bins between each layer's fixed edges.
             subset: the most values of a layer its histogram counts (a fixed, seeded subset).

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from tests.helpers.architectures import build
 from tests.helpers.reference import efficiency64
 from thermoscope.agent.monitor import Monitor
-from thermoscope.agent.sampler import acts_as_activation, find_sites
+from thermoscope.agent.sites import acts_as_activation, find_sites
 
 # the activations each tiny config applies: one per block's MLP (BERT's masked-LM head adds one)
 EXPECTED = {

@@ -1,0 +1,162 @@
+"""Where a model applies its nonlinearities: its activation sites, and the probe that types them.
+
+A site is a module that is a `torch.nn` activation, or behaves as one (`acts_as_activation`:
+judged on a probe tensor, so that any library's own class counts), or a function from
+`FUNCTIONS` that a forward calls (`F.gelu(x)`, `torch.tanh(x)`, `x.relu()`: the sampler catches
+those on sampled steps). The engine-type probe (`scale_probe`) applies a site's own function to
+scaled copies of its input (docs/science.md section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Module classes that are activation sites by default.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+)
+
+#: Functions that are activation sites where a forward calls them (caught on sampled steps by a
+#: torch function mode: `torch.tanh(x)`, `F.gelu(x)`, `x.relu()`, ...), by the name that ends
+#: the site's name. In-place variants share their function's name.
+FUNCTIONS: dict[Callable, str] = {
+    func: name
+    for name, funcs in {
+        "relu": (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_),
+        "relu6": (F.relu6,),
+        "leaky_relu": (F.leaky_relu,),
+        "elu": (F.elu,),
+        "selu": (F.selu, torch.selu),
+        "celu": (F.celu,),
+        "gelu": (F.gelu,),
+        "silu": (F.silu,),
+        "mish": (F.mish,),
+        "hardtanh": (F.hardtanh,),
+        "hardswish": (F.hardswish,),
+        "hardsigmoid": (F.hardsigmoid,),
+        "softplus": (F.softplus,),
+        "softsign": (F.softsign,),
+        "logsigmoid": (F.logsigmoid,),
+        "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_),
+        "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_),
+    }.items()
+    for func in funcs
+}
+#: The input `acts_as_activation` tries a module on.
+PROBE_SHAPE = (2, 4, 8)
+
+#: The engine-type probe: values of z it uses, the scales it applies.
+PROBE_VALUES = 4096
+PROBE_SCALES = (0.5, 2.0)
+
+
+def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
+    """Activation modules of `model`, plus user-marked ones, in module order.
+
+    A module is one when it is a `torch.nn` activation (ACTIVATIONS), or when it behaves as one
+    (`acts_as_activation`: a library's own class, e.g. transformers' NewGELUActivation). Names are
+    the module paths with torch.compile's `_orig_mod` left out (`plain_name`).
+
+    `nn.Identity` counts when it stands as an activation: inside an `nn.Sequential`, or under an
+    attribute named like one (`act`, `activation`, ...). Its efficiency is 0 and it leaves the
+    network's efficiency unchanged, as a linear map should.
+    """
+    marked = {id(m) for m in extra}
+    parents = {id(child) for m in model.modules() if isinstance(m, nn.Sequential) for child in m.children()}
+    sites = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        is_identity_activation = isinstance(module, nn.Identity) and (
+            id(module) in parents or leaf.startswith("act")
+        )
+        if (
+            isinstance(module, ACTIVATIONS)
+            or is_identity_activation
+            or id(module) in marked
+            or acts_as_activation(module)
+        ):
+            sites.append((plain_name(name), module))
+    return sites
+
+
+def plain_name(name: str) -> str:
+    """A module or parameter path without torch.compile's wrapper (`_orig_mod`) in it."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def acts_as_activation(module: nn.Module) -> bool:
+    """Whether a module behaves as an elementwise nonlinearity, judged on a small probe.
+
+    Recognized by behaviour, not by class name, so that any library's activation class counts: a
+    leaf module with no parameters and no buffers whose output on a probe tensor keeps its shape,
+    is the same on a second call (Dropout in training mode is not), moves only where its input
+    moved and is the same function at every position (Softmax and normalizations are not), and
+    is not affine (Identity, Dropout in eval mode and scalings are not). Its own `forward` is
+    called, so no user hook runs, and the random state is restored afterwards.
+    """
+    if any(True for _ in module.children()) or any(True for _ in module.parameters()):
+        return False
+    if any(True for _ in module.buffers()):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_SHAPE, generator=gen) * 2
+    perm = torch.randperm(x.numel(), generator=gen)
+    bumped = x.clone()
+    bumped.view(-1)[0] += 1.0
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y = module.forward(x.clone())
+            if not (isinstance(y, torch.Tensor) and y.shape == x.shape and y.is_floating_point()):
+                return False
+            again = module.forward(x.clone())
+            shuffled = module.forward(x.reshape(-1)[perm].reshape(x.shape))
+            moved = module.forward(bumped) != y
+    except Exception:  # a module that does not take one tensor is not an activation
+        return False
+    if not (torch.isfinite(y).all() and torch.equal(again, y)):
+        return False
+    if moved.view(-1)[1:].any() or not torch.allclose(shuffled.reshape(-1), y.reshape(-1)[perm]):
+        return False
+    return _nonaffine(x.reshape(-1).double(), y.reshape(-1).double())
+
+
+def _nonaffine(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """True when y is not alpha x + beta (a constant is affine too)."""
+    xc, yc = x - x.mean(), y - y.mean()
+    spread = float(yc.square().sum())
+    if spread == 0.0:
+        return False
+    residual = yc - xc * (xc @ yc) / (xc @ xc)
+    return float(residual.square().sum()) > 1e-6 * spread
+
+
+def scale_probe(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch.Tensor:
+    """max over c of |eta(c z) - eta(z)| on a strided subsample of z, with the site's own
+    activation phi (its module's forward, or the function a forward called: docs/science.md
+    section 5); -1 where it cannot be measured (no spread, or phi does not take a single tensor)."""
+    flat = z.reshape(-1)
+    sub = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]
+    try:
+        etas = []
+        for c in (1.0, *PROBE_SCALES):
+            zc = sub * c
+            var_in = zc.double().var(correction=0)
+            etas.append(1 - phi(zc).double().var(correction=0) / var_in)  # type: ignore[union-attr]
+    except (TypeError, RuntimeError, AttributeError):
+        return torch.full((), -1.0, dtype=torch.float64, device=z.device)
+    eta = torch.stack(etas)
+    return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
