@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -129,9 +130,7 @@ class Monitor:
             [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
             find_sites(model, sites),
             None if optimizer is None else list(optimizer),
-            # a collector looked up may be found (and sent the site table) before any sample: its
-            # table is the module sites; otherwise the first sampled step adds functional ones
-            model=None if callable(collector) else model,
+            model=model,  # its first sampled step adds the functional sites to the table
             bins=bins,
             subset=subset,
         )
@@ -144,6 +143,7 @@ class Monitor:
         self._local: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
         self._announced = self._hello()  # completed in place once the site table is settled
+        self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
         if collector is not None:
             credentials, metadata = channel_security(token, tls_root_cert, tls_client_cert, tls_client_key)
             self._sender = Sender(
@@ -156,6 +156,7 @@ class Monitor:
                 interval=discovery.interval(),
                 spool=spool,
                 spool_bytes=spool_bytes,
+                ready=self._settled,
             )
         self._declared = False
         if self._sampler.settled:
@@ -248,12 +249,14 @@ class Monitor:
     def _declare(self) -> None:
         """Once the site table is settled (the first sampled step found the functional sites):
         the hello and the in-process thermometer take it, and a model with no site says so once.
-        The hello is completed in place before the first `submit` starts the sender's thread (a
-        looked-up collector's table is settled at construction)."""
+        The hello is completed in place before the sender opens a stream with it: before the first
+        `submit` starts the sender's thread, or, for a looked-up collector, before `_settled`
+        lets the waiting thread go on."""
         self._declared = True
         if len(self._sampler.sites) != len(self._thermometer.site_names):
             self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=self._window)
             self._announced.CopyFrom(self._hello())
+        self._settled.set()
         if not self._sampler.sites:
             log.warning(
                 "thermoscope: no activation site found in %s: no efficiency or engine type "

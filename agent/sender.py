@@ -67,6 +67,7 @@ class Sender:
         interval: float = 5.0,
         spool: str | os.PathLike | None = None,
         spool_bytes: int = 64 << 20,
+        ready: threading.Event | None = None,
     ) -> None:
         """`credentials`, `metadata`: from `security.channel_security` (TLS, or None: plaintext;
         per-call metadata: a token); `connect_timeout`: seconds to wait for a collector to answer
@@ -74,7 +75,8 @@ class Sender:
         stream (and between grpc's reconnects); `interval`: seconds between lookups while `target`
         (a function) finds no collector; `spool`: a directory for this process's spool of frames
         not durable yet (None: none, frames in flight when a stream breaks are lost);
-        `spool_bytes`: its bound."""
+        `spool_bytes`: its bound; `ready`: set once `hello` is final (the monitor's first sampled
+        step completes its site table): a collector found before waits for it (None: final now)."""
         if spool_bytes < 1:
             raise ValueError(f"spool_bytes must be positive, got {spool_bytes}")
         self._spool_dir = spool
@@ -83,6 +85,7 @@ class Sender:
         # a list of collectors is sharded by job: every rank of the job picks the same one
         self.target: str | None = None if callable(target) else shard(target, hello.hello.job_id)
         self._hello = hello
+        self._ready = ready
         self._interval = interval
         self._max_queue = max_queue
         self._on_config = on_config
@@ -111,6 +114,7 @@ class Sender:
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
         # invariant once flushed: submitted == delivered + dropped
         self.connected = False
+        self.found = False  # a looked-up collector answered; its stream waits for the final hello
         self.last_error: str | None = None
         self._drop_logged = False
         # made by the first frame kept, per process (a forked child never writes its parent's file)
@@ -125,7 +129,7 @@ class Sender:
     @property
     def discovering(self) -> bool:
         """True while the target is looked up and no stream is open (the agent is dormant)."""
-        return self._find is not None and not self.connected
+        return self._find is not None and not (self.connected or self.found)
 
     # -- training thread ------------------------------------------------------------------------
 
@@ -206,6 +210,8 @@ class Sender:
                     # look up again, and wait again: the channel paces its reconnects itself
                     self._note_error(f"no collector answering at {link.target}")
                     continue
+                if not self._hello_final():
+                    continue
                 started = time.monotonic()
                 error = link.stream(
                     self._hello,
@@ -225,6 +231,16 @@ class Sender:
         finally:
             if self._link is not None:
                 self._link.close()
+
+    def _hello_final(self) -> bool:
+        """Wait until the hello is final, the agent sampling meanwhile (a found collector ends its
+        dormancy): the stream then opens with the site table the first sampled step completed
+        (functional sites included). False if the sender stops first."""
+        self.found = True
+        while self._ready is not None and not self._ready.wait(0.1):
+            if self._stopping.is_set():
+                return False
+        return True
 
     def _link_to(self, target: str) -> Link:
         """The link to `target`: kept while the collector stays there, replaced when it moved."""
@@ -287,7 +303,7 @@ class Sender:
     def _end_stream(self) -> None:
         """Retire the stream's frames generator and count the frames that died with it."""
         with self._cond:
-            self.connected = False
+            self.connected = self.found = False
             self._generation += 1
             lost = self.seq - self.acked
             if lost > 0 and self._spool_dir is None:

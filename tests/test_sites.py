@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tests.helpers.architectures import build
-from tests.helpers.reference import efficiency64
 from thermoscope.agent.monitor import Monitor
 from thermoscope.agent.sites import acts_as_activation, find_sites
+from thermoscope.collector.service import Collector
+
+from helpers.architectures import build
+from helpers.reference import efficiency64
 
 # the activations each tiny config applies: one per block's MLP (BERT's masked-LM head adds one)
 EXPECTED = {
@@ -124,6 +127,27 @@ def test_functional_calls_are_sites_named_by_their_module_and_match_a_float64_re
         assert sites.count[k] == z.numel()
         eta = 1 - sites.out_m2[k] / sites.in_m2[k]
         assert eta == pytest.approx(efficiency64(z, phi(z)), abs=1e-5)
+
+
+def test_a_looked_up_collector_is_sent_the_functional_sites_too(collector: Collector) -> None:
+    """A monitor that finds its collector (as `watch` and the zero-code hook do) opens its stream
+    once its first sampled step has completed the site table: the functional calls are sites there."""
+    torch.manual_seed(0)
+    model = Functional()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, opt, collector=lambda: collector.grpc_target, job="found", every=2)
+    deadline = time.monotonic() + 60
+    while monitor.delivered < 3:
+        assert time.monotonic() < deadline, f"nothing delivered: {monitor._sender.last_error}"
+        loss = model(torch.randn(32, 8)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        time.sleep(0.005)
+    assert monitor.flush(5)
+    monitor.close()
+    assert list(collector.jobs["found"].site_names) == ["block:gelu", ":tanh"]
 
 
 def test_tanh_of_a_standard_normal_reads_its_reference_efficiency() -> None:
