@@ -127,10 +127,10 @@ class Monitor:
         self.every = every
         self.enabled = True
         self._sampler = Sampler(
+            model,  # its first sampled step adds the functional sites to the table
             [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
             find_sites(model, sites),
             None if optimizer is None else list(optimizer),
-            model=model,  # its first sampled step adds the functional sites to the table
             bins=bins,
             subset=subset,
         )
@@ -158,9 +158,6 @@ class Monitor:
                 spool_bytes=spool_bytes,
                 ready=self._settled,
             )
-        self._declared = False
-        if self._sampler.settled:
-            self._declare()
         if self._step % every == 0 and not self.dormant:
             self._arm()
 
@@ -202,7 +199,7 @@ class Monitor:
             self._loss_given = True
         if self._sampler.armed:
             pending = self._sampler.collect(self._step, self._losses.take() if loss is None else loss)
-            if not self._declared:
+            if not self._settled.is_set():
                 self._declare()
             self._losses.disarm()
             self._sampler.disarm()
@@ -252,7 +249,6 @@ class Monitor:
         The hello is completed in place before the sender opens a stream with it: before the first
         `submit` starts the sender's thread, or, for a looked-up collector, before `_settled`
         lets the waiting thread go on."""
-        self._declared = True
         if len(self._sampler.sites) != len(self._thermometer.site_names):
             self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=self._window)
             self._announced.CopyFrom(self._hello())

@@ -182,18 +182,18 @@ class Sampler:
 
     def __init__(
         self,
+        model: nn.Module,
         layers: Sequence[tuple[str, torch.Tensor]],
         sites: Sequence[tuple[str, nn.Module]],
         optimizers: Sequence[torch.optim.Optimizer] | None = None,
         *,
-        model: nn.Module | None = None,
         bins: int = BINS,
         subset: int = SUBSET,
         seed: int = 0,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
-        table is settled by that step's `collect` (`settled`). None: only the module `sites`."""
+        table is settled by that step's `collect` (`settled`)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1 or subset < 1:
@@ -262,7 +262,7 @@ class Sampler:
         for i, module in enumerate(self._site_modules):
             self._handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
             self._handles.append(module.register_forward_hook(self._site_out_hook(i), always_call=True))
-        if self._model is not None and (not self.settled or self._functions):
+        if not self.settled or self._functions:
             self._track(self._model)
         self._eager = _force_eager()
         self._handles.extend(self._step_pre_hooks(self._before_step))
@@ -298,7 +298,7 @@ class Sampler:
     @property
     def settled(self) -> bool:
         """True once the site table can grow no more (after the first sampled step's `collect`)."""
-        return self._model is None or self._samples > 0
+        return self._samples > 0
 
     def _track(self, model: nn.Module) -> None:
         """Hooks that keep the stack of running modules, for `_FunctionalSites` to name the module
@@ -358,12 +358,8 @@ class Sampler:
             if self._running:
                 self._running.pop()
             z_sums, self._site_in[i] = self._site_in[i], None
-            if isinstance(output, torch.Tensor) and z_sums is not None:
-                with torch.no_grad():
-                    a = output.detach()
-                    a_sums = _power_sums(a)
-                    self._site_sums[i].append(torch.cat([z_sums, a_sums]))
-                    self._site_count[i] += a.numel()
+            if z_sums is not None:
+                self._add_call(i, z_sums, output)
 
         return hook
 
@@ -396,11 +392,15 @@ class Sampler:
                 rest = {k: v for k, v in kwargs.items() if k != "out"}
                 self._probe[i] = scale_probe(lambda t: func(t, *args[1:], **rest), z)
         output = func(*args, **kwargs)
-        if isinstance(output, torch.Tensor):
-            with torch.no_grad():
-                self._site_sums[i].append(torch.cat([z_sums, _power_sums(output.detach())]))
-                self._site_count[i] += output.numel()
+        self._add_call(i, z_sums, output)
         return output
+
+    @torch.no_grad()
+    def _add_call(self, i: int, z_sums: torch.Tensor, output: object) -> None:
+        """One call of site i: its input's power sums and its output's, and the values it made."""
+        if isinstance(output, torch.Tensor):
+            self._site_sums[i].append(torch.cat([z_sums, _power_sums(output.detach())]))
+            self._site_count[i] += output.numel()
 
     # -- parameters ---------------------------------------------------------------------------
 
