@@ -128,8 +128,9 @@ class Sender:
 
     @property
     def discovering(self) -> bool:
-        """True while the target is looked up and no stream is open (the agent is dormant)."""
-        return self._find is not None and not (self.connected or self.found)
+        """True while the target is looked up and no collector has answered (the agent is
+        dormant); `found` holds from a collector answering until its stream ends."""
+        return self._find is not None and not self.found
 
     # -- training thread ------------------------------------------------------------------------
 

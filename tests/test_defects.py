@@ -130,12 +130,7 @@ def test_constant_initialized_tensors_stay_inside_their_edges_as_they_train(name
     assert constant  # unit gains and zero biases of the norms
     opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-2)  # moves each value up to 0.01 a step
     monitor = Monitor(arch.model, opt, every=1)
-    for step in range(41):  # sample 40 counts histograms (every 10th sample does)
-        loss = arch.loss(step)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        monitor.step(loss)
+    arch.train(opt, monitor, 41)  # sample 40 counts histograms (every 10th sample does)
     reading = monitor.latest()
     monitor.close()
     params = dict(arch.model.named_parameters())

@@ -37,12 +37,7 @@ def test_transformers_activation_classes_are_sites_by_default(name: str) -> None
     opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-3)
     monitor = Monitor(arch.model, opt, every=1)
     assert [s.name for s in monitor.sites] == EXPECTED[name]
-    for step in range(2):
-        loss = arch.loss(step)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        monitor.step(loss)
+    arch.train(opt, monitor, 2)
     reading = monitor.latest()
     monitor.close()
     assert [s.name for s in monitor.sites] == EXPECTED[name]  # no functional call outside them

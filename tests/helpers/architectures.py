@@ -35,6 +35,15 @@ class Arch:
     def loss(self, step: int) -> torch.Tensor:
         return self.model(**self.batch(step)).loss
 
+    def train(self, opt: torch.optim.Optimizer, monitor, steps: int) -> None:
+        """`steps` plain monitored training steps, one batch each."""
+        for step in range(steps):
+            loss = self.loss(step)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step(loss)
+
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Arch:
     """The tiny `name` model (one of NAMES) in `dtype`, seeded, in training mode."""
