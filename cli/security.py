@@ -44,8 +44,8 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--metrics-basic-auth",
         metavar="FILE",
-        help="/metrics asks for basic auth; lines `USER:pbkdf2_sha256$ITERATIONS$SALT$HEX` "
-        "(thermoscope hash-password USER prints one)",
+        help="/metrics asks for basic auth; lines `USER:BCRYPT_HASH` (thermoscope hash-password USER "
+        "or htpasswd -nB USER prints one; `USER:pbkdf2_sha256$...` lines of earlier versions still work)",
     )
     g.add_argument(
         "--insecure",
@@ -77,13 +77,18 @@ def add_password_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "hash-password",
         help="ask for a password and print a line of a --metrics-basic-auth file",
-        description="Prints `USER:pbkdf2_sha256$ITERATIONS$SALT$HEX`; the password is read from the "
-        "terminal without echo (from stdin when there is none).",
+        description="Prints `USER:$2b$10$...` (bcrypt, as Prometheus' web config and htpasswd -B use); "
+        "the password, at most 72 bytes, is read from the terminal without echo (from stdin when there "
+        "is none).",
     )
     p.add_argument("user", help="the user name Prometheus (or any scraper) logs in with")
 
 
 def hash_password_line(args: argparse.Namespace) -> int:
     """`thermoscope hash-password USER`: print the user's line of a basic-auth file."""
-    print(f"{args.user}:{hash_password(getpass.getpass(f'password for {args.user}: '))}")
+    try:
+        hashed = hash_password(getpass.getpass(f"password for {args.user}: "))
+    except ValueError as exc:  # longer than bcrypt reads
+        raise SystemExit(f"thermoscope hash-password: {exc}") from None
+    print(f"{args.user}:{hashed}")
     return 0

@@ -10,7 +10,13 @@ error is NaN there too).
 Liveness is the one place ranks appear: `thermoscope_rank_stale{job_id,rank}` (one series
 per rank that streams or is stale; a rank that finished has none), beside
 `thermoscope_agents_connected{job_id}`, `thermoscope_rank_lost_total{job_id}` and
-`thermoscope_job_paused{job_id}`.
+`thermoscope_job_paused{job_id}`. Its series are bounded by `max_series` too, since a rank is
+whatever an agent's hello claims (2,000 were seen): a job with more ranks exports
+`max_series - 1` of them, its stale ranks first (they are what the alerts read), then those
+that stream, in rank order, and one `__other__` series that is 1 if any rank folded into it is
+stale. A maximum rather than the sum, so that the 0/1 gauge stays one (the shipped
+`ThermoscopeAgentsDisappeared` alert asks `max by (job_id) (...) == 1`); `sum by (job_id)`
+counts the stale ranks exactly while fewer than `max_series` are.
 
 Cardinality is bounded per job: a job with more layers (or sites) than `max_series` exports
 its first `max_series - 1` and folds the rest into one `__other__` series per metric, counted
@@ -350,7 +356,7 @@ class MetricsExporter:
                 "1 if the rank is stale: its stream ended abnormally, or sent nothing for the collector's "
                 "stale_after seconds while the job was not paused; 0 if it streams. A rank that "
                 "finished (closed its stream cleanly) has no series.",
-                _rank_stale,
+                self._rank_stale,
             ),
             (
                 "thermoscope_rank_lost_total",
@@ -496,6 +502,16 @@ class MetricsExporter:
             ],
         )
 
+    def _rank_stale(self, name: bytes, view: _View) -> bytes:
+        return _rows(
+            name,
+            [
+                (_label_set(("job_id", job.job_id), ("rank", rank)), float(is_stale))
+                for job, live, _ in view.liveness
+                for rank, is_stale in _stale_ranks(live, self._max_series)
+            ],
+        )
+
     def _phase(self, name: bytes, view: _View) -> bytes:
         """State-sets of the job's and its first `phase_layers` layers' phases."""
         out = []
@@ -515,15 +531,15 @@ def _per_live(value: Callable[[Job, Liveness], float], name: bytes, view: _View)
     return _rows(name, [(labels.job, value(job, live)) for job, live, labels in view.liveness])
 
 
-def _rank_stale(name: bytes, view: _View) -> bytes:
-    return _rows(
-        name,
-        [
-            (_label_set(("job_id", job.job_id), ("rank", str(rank))), is_stale)
-            for job, live, _ in view.liveness
-            for rank, (_, is_stale) in live.ranks.items()
-        ],
-    )
+def _stale_ranks(live: Liveness, max_series: int) -> list[tuple[str, bool]]:
+    """(rank label, stale) of a job's `thermoscope_rank_stale` series: every rank, or beyond
+    `max_series` the stale ones first, then those streaming, and `OTHER` for the rest."""
+    stale = {rank: is_stale for rank, (_, is_stale) in live.ranks.items()}
+    if len(stale) <= max_series:
+        return [(str(rank), is_stale) for rank, is_stale in stale.items()]
+    ranked = sorted(stale, key=lambda rank: (not stale[rank], rank))
+    kept, folded = sorted(ranked[: max_series - 1]), ranked[max_series - 1 :]
+    return [(str(rank), stale[rank]) for rank in kept] + [(OTHER, any(stale[rank] for rank in folded))]
 
 
 def _job_gauge(attr: str, name: bytes, view: _View) -> bytes:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from thermoscope.wire.contract import is_loopback
 
 from .credentials import AuthConfigError
 from .grpc_auth import TokenInterceptor, TokenTable, server_credentials
-from .metrics_http import BasicAuthUsers, start_metrics_server
+from .metrics_http import BasicAuthUsers, PasswordCheck, start_metrics_server
 
 
 class InsecureError(ValueError):
@@ -107,7 +108,9 @@ class Security:
             None
             if self.tls_cert is None
             else server_credentials(self.tls_cert, self.tls_key, self.tls_client_ca),  # type: ignore[arg-type]
-            None if self.metrics_basic_auth is None else BasicAuthUsers.load(self.metrics_basic_auth),
+            None
+            if self.metrics_basic_auth is None
+            else PasswordCheck(BasicAuthUsers.load(self.metrics_basic_auth)),
         )
 
 
@@ -118,7 +121,7 @@ class Guard:
     security: Security
     tokens: TokenTable | None
     credentials: grpc.ServerCredentials | None
-    users: BasicAuthUsers | None
+    auth: PasswordCheck | None
 
     @property
     def metrics_scheme(self) -> str:
@@ -140,5 +143,10 @@ class Guard:
             app,
             certfile=self.security.metrics_tls_cert,
             keyfile=self.security.metrics_tls_key,
-            users=self.users,
+            auth=self.auth,
         )
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add what basic auth refused and hashed to `registry` (rendered at /metrics), if it guards it."""
+        if self.auth is not None:
+            registry.register(self.auth)

@@ -37,8 +37,6 @@ from helpers.protocol import frame, hello
 from helpers.security import TOKEN_A, TOKEN_ANY, monitor_delivers
 from helpers.training import small_model, train_steps
 
-pytest.importorskip("cryptography", reason="the throwaway PKI (conftest's pki fixture) needs it")
-
 
 @pytest.fixture
 def tokens_file(tmp_path: Path) -> Path:
@@ -187,7 +185,7 @@ def test_hash_password_prints_a_basic_auth_line_the_collector_accepts(monkeypatc
     monkeypatch.setattr(getpass, "getpass", lambda prompt: "s3cret")  # what the user types, unechoed
     assert main(["hash-password", "prometheus"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("prometheus:pbkdf2_sha256$")
+    assert line.startswith("prometheus:$2b$")  # bcrypt
     users = tmp_path / "users"
     users.write_text(line + "\n")
     loaded = BasicAuthUsers.load(users)
@@ -211,7 +209,7 @@ def test_the_security_side_imports_nothing_of_the_servicer() -> None:
 
 def test_metrics_over_tls_with_basic_auth(pki, tmp_path) -> None:
     users = tmp_path / "users"
-    users.write_text(f"# scrapers\nprometheus:{hash_password('s3cret', iterations=1000)}\n")
+    users.write_text(f"# scrapers\nprometheus:{hash_password('s3cret', rounds=4)}\n")
     security = Security(
         metrics_tls_cert=pki.server_cert, metrics_tls_key=pki.server_key, metrics_basic_auth=users
     )
