@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     for name in FIELDS:
         table.add_column(name, justify="right" if name in ("step", "confidence") else "left")
     for e in events:
-        stamp = datetime.fromtimestamp(e.time, tz=timezone.utc).isoformat(timespec="seconds")
+        stamp = _stamp(e.time)
         table.add_row(
             e.job, e.scope, e.layer, str(e.step), stamp, e.from_, e.to, e.statistic, f"{e.confidence:.3f}"
         )
@@ -55,3 +55,13 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=200)
     console.print(table)
     return 0
+
+
+def _stamp(seconds: float) -> str:
+    """The UTC date-time of `seconds`, or the number itself where no calendar date is (a database
+    an older collector filled from an agent with a broken clock may hold 1e300: it is listed, not
+    a crash for every reader)."""
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:g} s (no date)"

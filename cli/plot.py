@@ -12,6 +12,7 @@ transitions marked on all three. An undefined temperature is a gap in its line.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from thermoscope.collector.store import Event, EventStore, History
 from thermoscope.science.derive import Reading
+from thermoscope.wire.codec import WALL_TIME_AHEAD
 
 #: Colors of the job's phases (docs/science.md section 6), shared by the bands and the markers.
 PHASE_COLORS = {
@@ -145,10 +147,16 @@ def history_figure(history: History, events: Sequence[Event], path: str | Path) 
 
 
 def plot_job(db: str | Path, job: str | None, out: str | Path) -> Path:
-    """`thermoscope plot`: draw `job` (default: the newest) from the database at `db`."""
+    """`thermoscope plot`: draw `job` (default: the newest) from the database at `db`.
+
+    The newest job is the one with the newest history row stamped no later than the collector
+    would accept now (`codec.WALL_TIME_AHEAD`): an older collector stored agents' wall times as
+    sent, and a job stamped 1e300 by a broken clock is not the newest unless it is the only one
+    (`--job` draws it anyway).
+    """
     store = EventStore(db, create=False)
     try:
-        job = job or store.latest_job()
+        job = job or store.latest_job(before=time.time() + WALL_TIME_AHEAD) or store.latest_job()
         if job is None:
             raise ValueError(f"{db} holds no job history yet")
         return history_figure(store.history(job), store.query(job=job), out)

@@ -1,10 +1,15 @@
 """Who may stream to the collector: bearer tokens bound to job prefixes, and gRPC's TLS.
 
-Bearer tokens (`--tokens FILE`). Each line of the file is `TOKEN [JOB_PREFIX]`; `#` starts a
-comment; blank lines are skipped. A token with a prefix may only stream jobs whose `job_id`
-starts with it, so one team's agents cannot write into another team's jobs; a token without
-one may stream any job. Tokens are at least `MIN_TOKEN_CHARS` characters and unique; a file
-that breaks these rules stops the collector at startup with the line that is wrong.
+Bearer tokens (`--tokens FILE`). Each line of the file is `TOKEN [JOB_PREFIX]`; a `#` at the
+start of a line or of a field (after whitespace) starts a comment, a `#` inside a field is part
+of it (a generated token may hold one; cutting it there would silently accept a shorter token);
+blank lines are skipped. A token with a prefix may only stream jobs named by the prefix at a name
+boundary (`Principal.may_stream`): the prefix itself, or the prefix followed by one of
+`SEPARATORS` (`-`, `_`, `.`, `/`, `:`); a prefix that ends in one of them (`teamA-`) needs no
+other. So `teamA` streams `teamA` and `teamA-train` but never `teamAx-train`: one team's token
+cannot squat another team's names that merely start alike. A token without a prefix may
+stream any job. Tokens are at least `MIN_TOKEN_CHARS` characters and unique; a file that breaks
+these rules stops the collector at startup with the line that is wrong.
 
 `TokenInterceptor` (a `grpc.aio.ServerInterceptor`) guards `thermoscope.v1.Telemetry/Stream`
 only: the health service stays open (load balancers and `wait_serving` probe it without a
@@ -22,14 +27,19 @@ principal has to travel between the interceptor and the servicer (no contextvar:
 not promise the interceptor and the handler share a context).
 
 `server_credentials`: TLS on the gRPC port (`--tls-cert/--tls-key`), mutual TLS with a client CA
-(`--tls-client-ca`).
+(`--tls-client-ca`). gRPC takes any bytes and fails only when it binds ("Failed to bind"), so
+the files are checked first, with the standard library (`check_certificate_and_key`,
+`check_client_ca`): a missing, garbled or mismatched file stops the collector at startup with
+an `AuthConfigError` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,6 +56,8 @@ from .refusal import BadBytes
 log = logging.getLogger("thermoscope.collector")
 
 MIN_TOKEN_CHARS = 16
+#: What ends a name's part in a job id: a job prefix matches only up to one of these.
+SEPARATORS = "-_./:"
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,13 @@ class Principal:
     job_prefix: str  # "" : any job
 
     def may_stream(self, job_id: str) -> bool:
-        return job_id.startswith(self.job_prefix)
+        """Whether `job_id` is the prefix, or starts with it at a name boundary (module docstring)."""
+        prefix = self.job_prefix
+        if not prefix or job_id == prefix:
+            return True
+        if not job_id.startswith(prefix):
+            return False
+        return prefix[-1] in SEPARATORS or job_id[len(prefix)] in SEPARATORS
 
 
 def _digest(token: str | bytes) -> bytes:
@@ -89,7 +107,7 @@ class TokenTable:
         text = read_file(path, "tokens file").decode()
         entries, lines = [], []
         for number, raw in enumerate(text.splitlines(), 1):
-            fields = raw.split("#", 1)[0].split()
+            fields = list(itertools.takewhile(lambda field: not field.startswith("#"), raw.split()))
             if not fields:
                 continue
             if len(fields) > 2:
@@ -181,8 +199,9 @@ def _bound(decode: Callable[[bytes], object], principal: Principal) -> Callable[
             if not principal.may_stream(job_id):
                 return BadBytes(
                     "forbidden_job",
-                    f"the token (tokens file line {principal.line}) may stream only jobs starting "
-                    f"with {principal.job_prefix!r}, not {job_id!r}",
+                    f"the token (tokens file line {principal.line}) may stream only the jobs of "
+                    f"prefix {principal.job_prefix!r} (the prefix, or it and then one of "
+                    f"{' '.join(SEPARATORS)}), not {job_id!r}",
                 )
         return msg
 
@@ -190,9 +209,47 @@ def _bound(decode: Callable[[bytes], object], principal: Principal) -> Callable[
 
 
 def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None):
-    """gRPC server credentials; with `client_ca`, clients must present a certificate it signed."""
+    """gRPC server credentials; with `client_ca`, clients must present a certificate it signed.
+
+    AuthConfigError, naming the file, for one that cannot be read or used (checked here, before
+    gRPC binds the port).
+    """
+    cert_pem, key_pem = check_certificate_and_key(cert, key)
     return grpc.ssl_server_credentials(
-        [(read_file(key, "TLS key"), read_file(cert, "TLS certificate"))],
-        root_certificates=None if client_ca is None else read_file(client_ca, "client CA"),
+        [(key_pem, cert_pem)],
+        root_certificates=None if client_ca is None else check_client_ca(client_ca),
         require_client_auth=client_ca is not None,
     )
+
+
+def check_certificate_and_key(cert: str | Path, key: str | Path) -> tuple[bytes, bytes]:
+    """The PEM bytes of a certificate (chain) and its private key, checked to load together."""
+    cert_pem, key_pem = read_file(cert, "TLS certificate"), read_file(key, "TLS key")
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise AuthConfigError(
+            f"the TLS certificate {cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise AuthConfigError(f"the TLS key {key} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)")
+    try:  # the empty password: an encrypted key fails here instead of prompting on the terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+    except (OSError, ssl.SSLError) as exc:
+        raise AuthConfigError(
+            f"the TLS certificate {cert} does not load with the key {key} (PEM, the key unencrypted "
+            f"and matching the certificate): {exc}"
+        ) from None
+    return cert_pem, key_pem
+
+
+def check_client_ca(client_ca: str | Path) -> bytes:
+    """The PEM bytes of the CA that signs client certificates, checked to hold one."""
+    pem = read_file(client_ca, "client CA")
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise AuthConfigError(
+            f"the client CA {client_ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError) as exc:
+        raise AuthConfigError(f"the client CA {client_ca} holds no PEM certificate: {exc}") from None
+    return pem

@@ -14,15 +14,13 @@ import grpc
 import pytest
 
 from thermoscope.agent import Monitor
+from thermoscope.collector.actor import PackedSecurity
 from thermoscope.collector.security import InsecureError, Security
 from thermoscope.collector.service import Collector
 
 from helpers.processes import thermoscope
 from helpers.security import TOKEN_ANY, monitor_delivers
 from helpers.training import small_model, train_steps
-
-ray = pytest.importorskip("ray")
-from thermoscope.collector.actor import PackedSecurity  # noqa: E402
 
 #: No Ray cluster listens here: a command that got past its checks would fail to connect (exit 1).
 NO_CLUSTER = "127.0.0.1:1"

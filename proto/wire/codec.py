@@ -45,6 +45,12 @@ MAX_BINS = 4096
 MAX_COUNT = 1 << 40
 #: Largest frame sequence number (a uint64 on the wire): what a signed 64-bit column holds.
 MAX_SEQ = (1 << 63) - 1
+#: A frame's wall time is plausible from 2000-01-01T00:00:00Z (before any run this could watch;
+#: a clock reset to 1970 or to 0 falls below it) up to `WALL_TIME_AHEAD` seconds past the
+#: collector's clock (a day: clocks a time zone off still pass; milliseconds sent as seconds
+#: do not). Any other wall time reads as the time of decoding (see `decode`).
+EARLIEST_WALL_TIME = 946684800.0
+WALL_TIME_AHEAD = 86400.0
 
 
 class WireError(ValueError):
@@ -176,10 +182,13 @@ def decode(
     NaN and Inf are not refused (a diverging run legitimately produces them, and refusing its
     stream would lose the rest): a layer or site with a non-finite value in any of its float
     columns is NaN in all of them (so no merge sums it; the merged layer is NaN at that step),
-    a probe that is not finite reads "not probed", a non-finite wall time is replaced by
-    the time of decoding, and an energy of -inf reads "no loss" (+inf is a divergence the
-    phase detector sees, NaN already means "no loss"). Each is counted into `nonfinite`
-    by what carried it: "energy", "wall_time", "layer", "site" (values, not rows).
+    a probe that is not finite reads "not probed", and an energy of -inf reads "no loss" (+inf
+    is a divergence the phase detector sees, NaN already means "no loss"). A wall time that is
+    not a plausible Unix time (NaN, Inf, before `EARLIEST_WALL_TIME` or more than
+    `WALL_TIME_AHEAD` past now: an agent's broken clock or a bug) is replaced by the time of
+    decoding, not refused: refusing would lose the whole run of an agent whose clock is wrong,
+    while the time only places the sample in the history and its events. Each is counted into
+    `nonfinite` by what carried it: "energy", "wall_time", "layer", "site" (values, not rows).
 
     Cost: a collector decodes every frame, so the columns are read as one buffer and the
     common case (all finite, nothing negative or too large) is settled with three checks
@@ -209,10 +218,10 @@ def decode(
         counts["energy"] = counts.get("energy", 0) + 1
         if energy < 0:
             energy = math.nan
-    wall_time = frame.wall_time
-    if not math.isfinite(wall_time):
+    wall_time, now = frame.wall_time, time.time()
+    if not EARLIEST_WALL_TIME <= wall_time <= now + WALL_TIME_AHEAD:  # NaN fails it too
         counts["wall_time"] = counts.get("wall_time", 0) + 1
-        wall_time = time.time()
+        wall_time = now
 
     # One buffer, its columns in an order that makes each check one reduction over a contiguous
     # slice: [0, m2_end) the m2 columns, [m2_end, floats_end) the other floats, then the counts.

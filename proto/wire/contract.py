@@ -26,10 +26,13 @@ NAMESPACE = "thermoscope"
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """("host", port) of "host:port" (an IPv6 host may be bracketed); ValueError otherwise."""
+    """("host", port) of "host:port" (an IPv6 host may be bracketed; port 0..65535, 0: any free
+    one); ValueError otherwise, before anything tries to bind or dial it."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"address must be HOST:PORT, got {address!r}")
+    if int(port) > 65535:
+        raise ValueError(f"port {int(port)} is not in 0..65535, in {address!r}")
     return host.strip("[]"), int(port)
 
 
