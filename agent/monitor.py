@@ -14,6 +14,12 @@ and removed right after it, so the other steps run with no hook at all, and `ste
 on them is a counter increment (no device-to-host sync). With a collector, sampled steps
 stream from a background thread; without one (`collector=None`) they are derived
 in-process, read with `latest()`.
+
+After construction nothing the monitor does raises into the training loop: a collector that is
+down, slow or refusing, and a spool that cannot be written, are logged once and counted
+(`dropped`, `undurable`, `spool_error`). In a process forked from a streaming monitor's (a
+DataLoader worker), the monitor is inert: its hooks are removed, `step` only counts, `close`
+returns True, and it never touches gRPC (the parent's channel and threads are unusable there).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import socket
 import sys
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -54,6 +61,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, *compiled)):
         model = model._orig_mod if isinstance(model, compiled) else model.module
     return model
+
+
+#: Launchers' ids of one run of a job, which every rank of it sees, in order of preference.
+RUN_ENV = ("THERMOSCOPE_RUN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+
+
+def default_run(world_size: int) -> str:
+    """The run id ranks of one job share without being told: $THERMOSCOPE_RUN, else the
+    launcher's (torchrun's rendezvous id, Slurm's job id), else, for a single process, a fresh
+    id of its own; else "" (the job's ranks then make one run; give `run=` to tell two
+    trainings under one job id apart)."""
+    for name in RUN_ENV:
+        if value := os.environ.get(name):
+            return value
+    return uuid.uuid4().hex[:12] if world_size == 1 else ""
 
 
 class Monitor:
@@ -97,6 +119,8 @@ class Monitor:
                 each defaults to $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE),
                 $THERMOSCOPE_TLS_CA, $THERMOSCOPE_TLS_CERT, $THERMOSCOPE_TLS_KEY (`security`).
             job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
+            run: one training run of the job, shared by all its ranks: the collector keeps each
+                run's state apart, so two runs of one job id never mix (`default_run`).
             local_rank, node: this process's rank on its node, and the node's id in the cluster
                 (both informational: they say where a rank runs).
             step: the optimizer step training starts at (a run resumed from a checkpoint
@@ -121,7 +145,7 @@ class Monitor:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = [optimizer]
         self.job = job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
-        self.run = run or uuid.uuid4().hex[:12]
+        self.run = default_run(world_size) if run is None else run
         self.rank, self.world_size = rank, world_size
         self.local_rank, self.node = local_rank, node
         self.every = every
@@ -158,6 +182,8 @@ class Monitor:
                 spool_bytes=spool_bytes,
                 ready=self._settled,
             )
+            ref = weakref.WeakMethod(self._after_fork_in_child)
+            os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
         if self._step % every == 0 and not self.dormant:
             self._arm()
 
@@ -178,6 +204,17 @@ class Monitor:
     def delivered(self) -> int:
         """Sampled steps the collector has accepted (once flushed: sampled = delivered + dropped)."""
         return self._sender.delivered if self._sender is not None else 0
+
+    @property
+    def undurable(self) -> int:
+        """Delivered steps the collector has not said are durable (its database holds them): lost
+        if it stops now. After `close`, those it never made durable (its commits failed)."""
+        return self._sender.undurable if self._sender is not None else 0
+
+    @property
+    def spool_error(self) -> str | None:
+        """Why the spool was given up (it could not be made or written), or None."""
+        return self._sender.spool_error if self._sender is not None else None
 
     @property
     def connected(self) -> bool:
@@ -220,16 +257,26 @@ class Monitor:
         return self._thermometer.latest
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait (bounded) until the collector has acknowledged every sampled step."""
+        """Wait (bounded) until the collector has accepted every sampled step (accepted: applied;
+        whether it is durable yet, the collector says with its acks, and `close` waits for)."""
         return self._sender.flush(timeout) if self._sender is not None else True
 
     def close(self, timeout: float = 5.0) -> bool:
-        """Remove the hooks, flush and stop streaming. True if nothing was left unsent."""
+        """Remove the hooks, flush and stop streaming. True if every sampled step reached the
+        collector and was made durable there (applied, for a collector without a database);
+        otherwise `dropped` and `undurable` say what was not. Never raises."""
         self._sampler.disarm()
         self._sampler.unfollow()
         self._losses.disarm()
         self.enabled = False
         return self._sender.shutdown(timeout) if self._sender is not None else True
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (its sender is inert: `Sender._after_fork_in_child`): measure nothing."""
+        self._sampler.disarm()
+        self._sampler.unfollow()
+        self._losses.disarm()
+        self.enabled = False
 
     def _arm(self) -> None:
         """Arm the sampler for the coming step, and the loss capture while no loss is handed over."""

@@ -7,8 +7,10 @@ flight" and "acknowledged" always read consistently). The sender thread drives t
 it finds the collector, connects, and streams to it through a `Link` (`agent/link.py`: one gRPC
 channel per collector address, kept, reconnected by grpc itself), retries a stream that failed
 with jittered exponential backoff, and counts what was delivered and what was dropped. After
-`fork` (DataLoader workers) the child gets a fresh, empty sender whose thread starts only if the
-child ever submits. `flush` and `shutdown` wait a bounded time.
+`fork` (DataLoader workers) the child's sender is empty and inert: it never starts a thread nor
+touches gRPC (the parent's gRPC threads are not in the child; with grpc's fork support off, a
+child that makes a channel may crash or hang), and `submit` ignores what it is given. `flush` and
+`shutdown` wait a bounded time.
 
 The target is an address, or a function that finds one (`discovery.find_collector`): then
 the thread starts at once and, while no collector is found, looks again every `interval`
@@ -16,14 +18,24 @@ seconds (the agent is dormant meanwhile); a stream that ended, or a collector th
 answer, is followed by a new lookup, so an agent follows a collector that moved. `shutdown`
 half-closes the stream, so that the collector sees a rank that finished, not one that was lost.
 
+Accepted is not durable. `Ack.seq` says the collector applied the frames up to it (`delivered`);
+`Ack.durable` says how far its checkpoints have committed them (absent: a collector without a
+database, where applied is all there is). Frames the collector applied and never made durable
+are lost if it dies: `undurable` counts them (applied, above the durable mark), and `shutdown`
+reports success only when it is zero, so a collector whose commits fail (a full disk) does not
+pass for one that took everything.
+
 Without a spool, frames in flight when a stream breaks are counted as dropped. With one
 (`spool=DIR`), every frame put on a stream is also appended to a bounded on-disk spool
-(`agent/spool.py`) until the collector says it is durable (`Ack.durable`: its periodic
-checkpoint holds the frame; `Ack.seq` only says it was accepted); the next stream replays the frames
-still held, in sequence order, before any new one, and nothing is counted as dropped unless
-the spool overflowed (`spool_bytes`: the oldest are evicted) or `shutdown` gave up on it.
-Sequence numbers keep increasing across streams, and the collector de-duplicates on (job,
-run, rank, seq), so a replayed frame it had already applied is acknowledged, not re-applied.
+(`agent/spool.py`) and held until the collector says it is durable; the next stream replays the
+frames still held, in sequence order, before any new one, and nothing is counted as dropped
+unless a frame the spool evicted (`spool_bytes`) was in flight when its stream broke, or
+`shutdown` gave up on it. An evicted frame the collector then accepts is delivered, not dropped
+(it reached the collector; only its replay is gone). Sequence numbers keep increasing across
+streams, and the collector de-duplicates on (job, run, rank, seq), so a replayed frame it had
+already applied is acknowledged, not re-applied. A spool that fails (a directory that cannot
+be made, a full disk) is given up, logged once (`spool_error`), and streaming goes on without it:
+nothing the spool does raises into training.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 import grpc
 
@@ -109,22 +122,37 @@ class Sender:
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
         self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
+        self._lost: list[tuple[int, int]] = []  # (after, upto]: seq ranges counted dropped, above `durable`
         self.submitted = 0  # sampled steps handed to the sender
-        self.delivered = 0  # frames the collector accepted
+        self.delivered = 0  # frames the collector accepted (applied)
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
         # invariant once flushed: submitted == delivered + dropped
         self.connected = False
         self.found = False  # a looked-up collector answered; its stream waits for the final hello
         self.last_error: str | None = None
+        self.spool_error: str | None = None  # why the spool was given up (None: it works, or none)
         self._drop_logged = False
+        self._forked = False  # True in a forked child: inert
         # made by the first frame kept, per process (a forked child never writes its parent's file)
         self._spool: Spool | None = None
 
     def _after_fork_in_child(self) -> None:
-        """A forked child starts empty and idle; its parent's link is abandoned, never touched."""
+        """A forked child's sender is empty and inert: its parent's link is abandoned, never
+        touched, and no thread or channel is ever made here (see the module's docstring)."""
         if self._link is not None:
             self._link.abandon()
         self._init_state()
+        self._forked = True
+
+    @property
+    def undurable(self) -> int:
+        """Frames the collector accepted (applied) and has not said are durable: lost if it dies
+        now. After `shutdown`, those it never made durable."""
+        with self._cond:
+            above = self.acked - self.durable
+            for after, upto in self._lost:  # frames counted dropped were never accepted
+                above -= max(0, min(upto, self.acked) - max(after, self.durable))
+            return max(0, above)
 
     @property
     def discovering(self) -> bool:
@@ -135,7 +163,10 @@ class Sender:
     # -- training thread ------------------------------------------------------------------------
 
     def submit(self, item: Pending) -> None:
-        """Queue one sampled step; never blocks. Drops (and counts) the oldest when full."""
+        """Queue one sampled step; never blocks. Drops (and counts) the oldest when full. Ignored
+        in a forked child (inert: it never streams)."""
+        if self._forked:
+            return
         with self._cond:
             if len(self._queue) == self._max_queue:
                 self._count_drop(1, "the send queue is full")
@@ -150,7 +181,10 @@ class Sender:
         self._thread.start()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued frame is acknowledged; False if `timeout` passed first."""
+        """Wait until the collector accepted every queued frame; False if `timeout` passed first.
+
+        Accepted, not durable: a collector says how far it is durable only with its acks, so an
+        open stream learns it with its next frame; `shutdown` learns it at the stream's end."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queue or self.acked < self.seq:
@@ -161,10 +195,13 @@ class Sender:
         return True
 
     def shutdown(self, timeout: float = 5.0) -> bool:
-        """Flush (bounded), close the stream and stop the thread. True if nothing was left.
+        """Flush (bounded), close the stream and stop the thread. True if every frame reached
+        the collector and was made durable there (or applied, by a collector without a database).
 
         The request stream ends first (a half-close: the collector ends the call and knows
-        this rank finished); the call is cancelled only if that takes more than a second.
+        this rank finished, makes its frames durable and says so in a last ack); the call is
+        cancelled only if that takes more than a second. Frames not accepted by then are
+        counted dropped; frames accepted and not durable are counted in `undurable` and logged.
         """
         flushed = self.flush(timeout) if self._thread is not None else not self._queue
         with self._cond:
@@ -180,14 +217,48 @@ class Sender:
             if self._queue:
                 self._count_drop(len(self._queue), "the collector could not take them before shutdown")
                 self._queue.clear()
+            self._lose_upto(self.seq, "the collector had not acknowledged them at shutdown")
             if self._spool is not None:
-                lost = self._spool.clear()
-                if lost:
-                    self._count_drop(lost, "the collector had not acknowledged them at shutdown")
-                self.acked = self.seq
-                self._spool.close()
+                with self._spooling():
+                    self._spool.clear()
+                    self._spool.close()
                 self._spool = None
-        return flushed
+        undurable = self.undurable
+        if undurable:
+            log.warning(
+                "thermoscope: %d frames were applied by the collector at %s but not made durable "
+                "(its checkpoints failed or had not run): they are lost if it stops",
+                undurable,
+                self.target,
+            )
+        return flushed and not undurable
+
+    def _lose_upto(self, seq: int, why: str) -> None:
+        """Frames numbered up to `seq` that the collector has not accepted will never be: count
+        them dropped (call under the lock)."""
+        if seq > self.acked:
+            self._count_drop(seq - self.acked, why)
+            self._lost.append((self.acked, seq))
+            self.acked = seq
+
+    @contextmanager
+    def _spooling(self) -> Iterator[None]:
+        """Around every use of the spool (under the lock): a spool that fails is given up, once,
+        and streaming goes on without it; nothing it raises may reach the training loop."""
+        try:
+            yield
+        except OSError as exc:
+            self.spool_error = f"{exc!r} in {self._spool_dir}"
+            log.error(
+                "thermoscope: the spool failed (%s); streaming goes on without it: frames in flight "
+                "when a stream breaks are now dropped and counted",
+                self.spool_error,
+            )
+            self._spool_dir = None
+            spool, self._spool = self._spool, None
+            if spool is not None:
+                with suppress(OSError):  # (its file is closed all the same)
+                    spool.close()
 
     def _count_drop(self, n: int, why: str) -> None:
         self.dropped += n
@@ -267,20 +338,20 @@ class Sender:
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            self._keep(seq, codec.encode(item.to_sample(), seq).SerializeToString())
+            if not self._keep(seq, codec.encode(item.to_sample(), seq).SerializeToString()):
+                with self._cond:  # no stream is open: what the spool held can never be sent
+                    self._lose_upto(self.seq, "the spool failed with frames waiting for a stream")
 
-    def _keep(self, seq: int, data: bytes) -> None:
-        """Append a frame to the spool (made here, by this process's first frame kept)."""
+    def _keep(self, seq: int, data: bytes) -> bool:
+        """Append a frame to the spool (made here, by this process's first frame kept); False if
+        the spool is given up (it failed now, or before)."""
         with self._cond:
-            if self._spool is None:
-                self._spool = Spool.of_process(
-                    self._spool_dir,  # type: ignore[arg-type] (only a sender with a spool keeps frames)
-                    self._hello.hello,
-                    self._spool_bytes,
-                )
-            evicted = self._spool.append(seq, data)
-            if evicted:
-                self._count_drop(evicted, "the spool of frames not yet durable is full")
+            with self._spooling():
+                if self._spool is None and self._spool_dir is not None:
+                    self._spool = Spool.of_process(self._spool_dir, self._hello.hello, self._spool_bytes)
+                if self._spool is not None:
+                    self._spool.append(seq, data)
+            return self._spool is not None
 
     def _look_up(self) -> bool:
         """Find the collector; False (dormant for another interval) if there is none."""
@@ -302,14 +373,15 @@ class Sender:
         log.info("thermoscope: streaming to %s", self.target)
 
     def _end_stream(self) -> None:
-        """Retire the stream's frames generator and count the frames that died with it."""
+        """Retire the stream's frames generator and count the frames that died with it: those the
+        spool cannot replay (all of them without one, those it evicted with one)."""
         with self._cond:
             self.connected = self.found = False
             self._generation += 1
-            lost = self.seq - self.acked
-            if lost > 0 and self._spool_dir is None:
-                self.acked = self.seq
-                self._count_drop(lost, "a stream broke with frames in flight")
+            if self._spool_dir is None:
+                self._lose_upto(self.seq, "a stream broke with frames in flight")
+            elif self._spool is not None:
+                self._lose_upto(self._spool.evicted, "evicted from the spool while in flight")
             self._cond.notify_all()
 
     def _note_error(self, error: str) -> None:
@@ -322,15 +394,14 @@ class Sender:
         """Count what the collector accepted; free the spool up to what it persisted."""
         with self._cond:
             if accepted > self.acked:
-                if self._spool is not None:  # frames evicted meanwhile are counted dropped
-                    self.delivered += self._spool.settle(accepted)
-                else:
-                    self.delivered += accepted - self.acked
+                self.delivered += accepted - self.acked  # (frames counted dropped are below `acked`)
                 self.acked = accepted
             if durable > self.durable:
                 if self._spool is not None:
-                    self._spool.ack(durable)
+                    with self._spooling():
+                        self._spool.ack(durable)
                 self.durable = durable
+                self._lost = [(after, upto) for after, upto in self._lost if upto > durable]
             self._cond.notify_all()
 
     def _frames(self, generation: int) -> Iterator[pb.AgentMessage]:
@@ -340,8 +411,13 @@ class Sender:
         Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
         stream was retired (it must not take a frame that no stream would carry).
         """
+        replay: list[tuple[int, bytes]] = []
         with self._cond:
-            replay = [] if self._spool is None else self._spool.frames(self.durable)
+            with self._spooling():
+                if self._spool is not None:
+                    replay = self._spool.frames(self.durable)
+            if self._spool_dir is None:  # nothing to replay: frames not accepted yet never will be
+                self._lose_upto(self.seq, "a stream broke with frames in flight")
         for _, data in replay:
             if generation != self._generation:
                 return
@@ -357,5 +433,5 @@ class Sender:
                 seq = self.seq
             msg = codec.encode(item.to_sample(), seq)
             if self._spool_dir is not None:  # (no ack for `seq` can come before it is sent)
-                self._keep(seq, msg.SerializeToString())
+                self._keep(seq, msg.SerializeToString())  # a spool that fails is given up: `msg` goes on
             yield msg

@@ -5,7 +5,7 @@ A `Sender` given a spool directory keeps every frame it sends until the collecto
 held, in sequence order, on the next stream (a collector that was killed, restarted or
 moved). The collector de-duplicates on (job, run, rank, seq), so a replayed frame it had
 already applied is acknowledged and not counted twice. A frame the collector accepted
-(`Ack.seq`) but has not checkpointed yet is *settled* (delivered) and still held.
+(`Ack.seq`) but has not checkpointed yet is still held: accepted is not durable.
 
 On disk: one append-only file per agent process (`Spool.of_process`), a log of records
 `<seq: u64 little-endian> <length: u32> <length bytes: a serialized AgentMessage>`; the
@@ -15,8 +15,13 @@ process's run is replayed). Memory holds only `(seq, offset, length)` per frame,
 outage costs disk, not RAM. The file is truncated once every frame is durable, and
 rewritten with only the frames still held when its dead records outgrow the bound.
 
-The bound is `max_bytes` of frames held: beyond it the oldest frames are evicted (the
-sender counts the unsettled ones dropped), but the newest frame is always kept, however large.
+The bound is `max_bytes` of frames held: beyond it the oldest frames are evicted, but the newest
+frame is always kept, however large. The spool only says how far it evicted (`evicted`): an evicted
+frame was sent, so whether it is lost is the sender's to say (lost if its stream breaks before the
+collector accepts it, undurable if the collector accepted it and never made it durable).
+
+Every file operation may raise `OSError` (a directory that cannot be made, a full disk); the sender
+gives the spool up then, it never lets that reach the training loop.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Spool:
         self._file = open(self.path, "w+b")  # noqa: SIM115 (held open for the spool's life)
         self._index: deque[tuple[int, int, int]] = deque()  # (seq, offset, length), seq order
         self.bytes = 0  # frame bytes held
-        self.settled = 0  # frames up to this seq were accepted by the collector
+        self.evicted = 0  # the highest seq evicted by the bound (0: none): it cannot be replayed
 
     @classmethod
     def of_process(cls, directory: str | os.PathLike, hello: pb.Hello, max_bytes: int) -> Spool:
@@ -57,9 +62,8 @@ class Spool:
     def __len__(self) -> int:
         return len(self._index)
 
-    def append(self, seq: int, data: bytes) -> int:
-        """Keep the frame `seq`; returns how many unsettled frames were evicted for it (the oldest go
-        first; evicting a settled frame loses nothing the collector has not applied).
+    def append(self, seq: int, data: bytes) -> None:
+        """Keep the frame `seq`, evicting the oldest beyond the bound (`evicted` says how far).
 
         Frames may come slightly out of order (a stream's request thread and the sender thread
         between streams each number and append their own): the index stays in seq order."""
@@ -75,21 +79,11 @@ class Spool:
         self._file.flush()  # in the OS's hands: survives this process's collector, and this process
         self._index.insert(position, (seq, offset, len(data)))
         self.bytes += len(data)
-        evicted = 0
         while self.bytes > self.max_bytes and len(self._index) > 1:
             old, _, length = self._index.popleft()
             self.bytes -= length
-            evicted += old > self.settled
+            self.evicted = max(self.evicted, old)
         self._compact()
-        return evicted
-
-    def settle(self, seq: int) -> int:
-        """The collector accepted every frame up to `seq`: returns how many held frames that settles."""
-        if seq <= self.settled:
-            return 0
-        n = sum(self.settled < held <= seq for held, _, _ in self._index)
-        self.settled = seq
-        return n
 
     def ack(self, seq: int) -> None:
         """Every frame up to `seq` is durable at the collector: forget them."""
@@ -109,13 +103,11 @@ class Spool:
                 out.append((seq, self._file.read(length)))
         return out
 
-    def clear(self) -> int:
-        """Forget every frame held (returns how many were not settled)."""
-        n = sum(held > self.settled for held, _, _ in self._index)
+    def clear(self) -> None:
+        """Forget every frame held."""
         self._index.clear()
         self.bytes = 0
         self._compact()
-        return n
 
     def close(self, remove: bool = True) -> None:
         self._file.close()

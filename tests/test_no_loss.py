@@ -88,20 +88,20 @@ def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path:
     assert not list((tmp_path / "spool").iterdir())  # a closed monitor leaves no spool behind
 
 
-def test_spool_bound_evicts_the_oldest_and_counts_them(tmp_path: Path) -> None:
+def test_spool_bound_evicts_the_oldest_and_says_how_far(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.spool", max_bytes=250)
-    evicted = [spool.append(seq, bytes([seq]) * 100) for seq in range(1, 6)]
-    assert evicted == [0, 0, 1, 1, 1]  # 250 bytes hold two 100-byte frames
+    evicted = []
+    for seq in range(1, 6):
+        spool.append(seq, bytes([seq]) * 100)
+        evicted.append(spool.evicted)
+    assert evicted == [0, 0, 1, 2, 3]  # 250 bytes hold two 100-byte frames
     assert [seq for seq, _ in spool.frames()] == [4, 5]
     assert spool.frames(4) == [(5, bytes([5]) * 100)]
-    assert spool.settle(4) == 1 and len(spool) == 2  # accepted, not durable yet: still held
     spool.ack(4)
     assert len(spool) == 1
-    assert spool.append(6, b"x" * 1000) == 1  # the newest is kept, however large
-    assert spool.frames() == [(6, b"x" * 1000)]
-    assert spool.settle(6) == 1  # 5 was evicted unsettled (counted as dropped then), 6 settles
-    assert spool.append(7, b"y" * 1000) == 0  # evicting the settled 6 loses nothing
-    assert spool.clear() == 1  # 7 was never settled
+    spool.append(6, b"x" * 1000)  # the newest is kept, however large
+    assert spool.frames() == [(6, b"x" * 1000)] and spool.evicted == 5
+    spool.clear()
     assert spool.path.stat().st_size == 0  # nothing held: the file is emptied
     spool.close()
     assert not spool.path.exists()
@@ -182,7 +182,8 @@ def test_spool_keeps_frames_in_seq_order_whoever_appends_first(tmp_path: Path) -
     of order; replays still come in seq order."""
     spool = Spool(tmp_path / "s.spool", max_bytes=1 << 20)
     for seq in (1, 3, 2, 4):
-        assert spool.append(seq, bytes([seq])) == 0
+        spool.append(seq, bytes([seq]))
+    assert spool.evicted == 0
     assert spool.frames() == [(seq, bytes([seq])) for seq in (1, 2, 3, 4)]
     spool.close()
 
@@ -271,11 +272,11 @@ def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_n
     store = EventStore(tmp_path / "e.db", history_interval=0)
     telemetry = Telemetry({}, store=store)
     for job in ("a", "b"):
-        s = telemetry._open(hello(job).hello)
+        run, s = telemetry._open(hello(job).hello, tenant="")
         for seq in (1, 2, 3):
             s.last_seq = seq
             msg = frame(seq, seq - 1).frame
-            telemetry.jobs[job].accept(s, codec.decode(msg, len(s.layers), len(s.sites), s.bins))
+            run.accept(s, codec.decode(msg, len(s.layers), len(s.sites), s.bins))
 
     async def stop_midway_then_checkpoint() -> None:
         first = asyncio.create_task(telemetry.checkpointer.checkpoint())
