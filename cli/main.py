@@ -12,8 +12,9 @@ import sys
 
 from thermoscope.collector.credentials import AuthConfigError
 from thermoscope.collector.security import InsecureError
-from thermoscope.collector.service import Collector
+from thermoscope.collector.service import Collector, ListenError
 from thermoscope.collector.settings import DEFAULTS
+from thermoscope.collector.store import StoreError
 from thermoscope.science.theory import INITS, LOSSES, ProblemError
 from thermoscope.wire.contract import split_address
 
@@ -36,11 +37,14 @@ def _at_least(low: int):
 
 
 def _address(text: str) -> str:
+    """A listen address: HOST:PORT, or a bare PORT on 127.0.0.1 (listening beyond loopback takes
+    naming the host, so a port alone never exposes the collector)."""
+    address = f"127.0.0.1:{text}" if text.isdigit() else text
     try:
-        split_address(text)
+        split_address(address)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+        raise argparse.ArgumentTypeError(f"{exc}; a bare PORT means 127.0.0.1:PORT") from None
+    return address
 
 
 _positive = _at_least(1)
@@ -146,8 +150,18 @@ def parser() -> argparse.ArgumentParser:
 def _collector_arguments(c: argparse.ArgumentParser) -> None:
     """The `thermoscope collector` flags of `Collector`'s settings, their defaults from `DEFAULTS`."""
     d, limits = DEFAULTS, DEFAULTS.limits
-    c.add_argument("--grpc", type=_address, default=d.grpc, help=f"gRPC listen address (default {d.grpc})")
-    c.add_argument("--metrics", default=d.metrics, help=f"/metrics listen address (default {d.metrics})")
+    c.add_argument(
+        "--grpc",
+        type=_address,
+        default=d.grpc,
+        help=f"gRPC listen HOST:PORT, or PORT on 127.0.0.1 (default {d.grpc})",
+    )
+    c.add_argument(
+        "--metrics",
+        type=_address,
+        default=d.metrics,
+        help=f"/metrics listen HOST:PORT, or PORT on 127.0.0.1 (default {d.metrics})",
+    )
     c.add_argument(
         "--window",
         type=_at_least(2),
@@ -176,7 +190,20 @@ def _collector_arguments(c: argparse.ArgumentParser) -> None:
         "--max-jobs",
         type=_positive,
         default=limits.max_jobs,
-        help=f"jobs kept, more refused (default {limits.max_jobs})",
+        help="runs of jobs held in memory; the longest ended is let go for a new one, which is "
+        f"refused when every held run streams (default {limits.max_jobs})",
+    )
+    c.add_argument(
+        "--max-jobs-per-token",
+        type=_positive,
+        default=limits.max_jobs_per_token,
+        help=f"the same bound per bearer token or client certificate (default {limits.max_jobs_per_token})",
+    )
+    c.add_argument(
+        "--max-ranks",
+        type=_positive,
+        default=limits.max_ranks,
+        help=f"world size a hello may claim (default {limits.max_ranks})",
     )
     c.add_argument(
         "--max-series-per-job",
@@ -247,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_layers": args.max_layers,
             "max_name_length": args.max_name_length,
             "max_jobs": args.max_jobs,
+            "max_jobs_per_token": args.max_jobs_per_token,
+            "max_ranks": args.max_ranks,
             "max_series_per_job": args.max_series_per_job,
             "max_frame_rate": args.max_frame_rate,
         }
@@ -259,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             collector = Collector(args.grpc, args.metrics, **settings)
         except (AuthConfigError, InsecureError) as exc:
             p.error(f"collector: {exc}")
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(collector.serve())
+        except StoreError as exc:  # a database it must not run on: the reason, one line
+            raise SystemExit(f"thermoscope collector: {exc}") from None
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(collector.serve())
+        except (ListenError, AuthConfigError) as exc:  # at start: a port, the /metrics TLS files
+            p.error(f"collector: {exc}")
         return 0
     if args.command == "demo":
         from . import demo  # torch is imported only by the commands that train

@@ -1,34 +1,41 @@
-"""Durability: checkpoints of every job into the store, and a restarted collector's resume.
+"""Durability: checkpoints of every run into the store, and a restarted collector's resume.
 
 With a store, the collector checkpoints (`Checkpointer.checkpoint`, every
-`--checkpoint-interval` seconds): each job that changed writes the history rows and events its
+`--checkpoint-interval` seconds): each run that changed writes the history rows and events its
 frames produced since its last checkpoint (kept in memory until then: `pipeline.Unsaved`), its
-marks and its state (`STATE`: pending steps, last merged step, thermometer, phase detector,
-counters; `TABLES` when a hello changed them, pickled) into the store's open transaction, which
-then commits. Only then does the servicer tell each stream how far it is durable (`Ack.durable`,
-from `job.Marks`); its agent keeps the frames above that in its spool. So a collector killed at
-any point and restarted on the same database, which restores a job when its first agent says
-hello (`Checkpointer.resume`), resumes from its last checkpoint, and the agents' replays bring
-exactly the frames after it: none lost, none applied twice (a replayed frame the checkpoint
-already holds is a duplicate).
+marks and its state (`schema.STATE`: pending steps, last merged step, thermometer, phase
+detector, counters; `schema.TABLES` when a frame bound new tables) in the explicit format of
+schema.py, into the store's open transaction, which then commits. Only then does the servicer
+tell each stream how far it is durable (`Ack.durable`, from `job.Marks`); its agent keeps the
+frames above that in its spool. So a collector killed at any point and restarted on the same
+database, which restores a run when its first agent says hello (`Checkpointer.resume`),
+resumes from its last checkpoint, and the agents' replays bring exactly the frames after it:
+none lost, none applied twice (a replayed frame the checkpoint already holds is a duplicate).
 
-The pickles name classes by module path, so a database outlives a move of its classes only
-through `MOVED`: `loads` finds each class where it lives now.
+A frame is durable only when a commit that holds every row of its checkpoint succeeded: any
+error while writing one (a full disk: SQLite may even roll the transaction back by itself, after
+which later statements would commit on their own) rolls the whole checkpoint back, keeps its
+rows in memory for the next one, and moves no durable mark; while checkpoints fail,
+`failing` is set and `on_failing` told (the collector's health says NOT_SERVING), and told
+again when one succeeds.
+
+A run's stored state that cannot be read (of a newer format, or damaged) is never replaced by a
+fresh start, which would drop what it held: `resume` refuses the run's agents (WireError
+`state_unreadable`, logged) until the database is fixed or the collector upgraded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import io
 import logging
-import pickle
 import sqlite3
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from thermoscope.wire.codec import WireError
+
+from . import schema
 from .job import Job
 from .store import EventStore
 
@@ -36,46 +43,10 @@ log = logging.getLogger("thermoscope.collector")
 
 #: Seconds a stream that ends waits for others to end before the checkpoint they share.
 CHECKPOINT_BATCH = 0.05
-#: The job state each checkpoint writes, by its names in the database (a file format: these
-#: names are what databases hold, not attribute names) ...
-STATE = (
-    "reading",
-    "detector",
-    "transitions",
-    "last_transition_time",
-    "frames_received",
-    "frames_late",
-    "frames_duplicate",
-    "_pending",
-    "_merged_step",
-    "_thermometer",
-)
-#: ... and what it writes when an agent's hello changed them.
-TABLES = ("layers", "sites", "bins", "_tables")
-#: Modules whose pickled classes moved, as databases of earlier releases name them -> now.
-MOVED = {
-    "thermoscope.agent.derive": "thermoscope.science.derive",
-    "thermoscope.agent.physics": "thermoscope.science.physics",
-    "thermoscope.agent.stats": "thermoscope.science.stats",
-}
-
-_dumps = functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-class _Unpickler(pickle.Unpickler):
-    """Finds each class where it lives now (`MOVED`)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(MOVED.get(module, module), name)
-
-
-def loads(data: bytes) -> Any:
-    """Unpickle what a checkpoint of this release or an earlier one wrote."""
-    return _Unpickler(io.BytesIO(data)).load()
 
 
 def _holders(job: Job) -> dict[str, tuple[object, str]]:
-    """Each name of `STATE` and `TABLES` -> the object and attribute that hold it in `job`."""
+    """Each name of `schema.STATE` and `schema.TABLES` -> the object and attribute that hold it."""
     p, d = job.pipeline, job.pipeline.declared
     return {
         "reading": (p, "reading"),
@@ -85,14 +56,21 @@ def _holders(job: Job) -> dict[str, tuple[object, str]]:
         "frames_received": (job, "frames_received"),
         "frames_late": (job, "frames_late"),
         "frames_duplicate": (job, "frames_duplicate"),
-        "_pending": (p, "pending"),
-        "_merged_step": (p, "merged_step"),
-        "_thermometer": (p, "thermometer"),
+        "first": (job.marks, "first"),
+        "pending": (p, "pending"),
+        "merged_step": (p, "merged_step"),
+        "thermometer": (p, "thermometer"),
         "layers": (d, "layers"),
         "sites": (d, "sites"),
         "bins": (d, "bins"),
-        "_tables": (d, "by_rank"),
+        "by_rank": (d, "by_rank"),
     }
+
+
+def values_of(job: Job, names: tuple[str, ...]) -> dict[str, Any]:
+    """The run's live values of `names` (of `schema.STATE` or `schema.TABLES`)."""
+    holders = _holders(job)
+    return {name: getattr(*holders[name]) for name in names}
 
 
 @dataclass(frozen=True)
@@ -110,40 +88,38 @@ class Checkpointer:
     """Checkpoints of the collector's jobs into its store (none without a store): one at a time,
     each of one commit, rolled back whole if it fails (see the module docstring)."""
 
-    def __init__(self, jobs: Mapping[str, Job], store: EventStore | None) -> None:
+    def __init__(self, jobs: Mapping[Any, Job], store: EventStore | None) -> None:
+        """`jobs`: every run held in memory (its keys are not read: each `Job` names its run)."""
         self.jobs = jobs
         self.store = store
-        self.written: list[Saved] = []  # jobs the running checkpoint wrote, not committed yet
-        self._failing = False  # the last checkpoint could not commit (logged once)
-        self._history_errors: Counter[str] = Counter()  # by job: history rows refused (logged once)
+        self.written: list[Saved] = []  # runs the running checkpoint wrote, not committed yet
+        self.failing = False  # the last checkpoint could not commit (logged once until one does)
+        self.on_failing: Callable[[bool], Awaitable[None]] | None = None  # told when `failing` changes
         self._lock = asyncio.Lock()  # one checkpoint at a time (it binds to the loop at first use)
         self._soon: asyncio.Task | None = None  # the checkpoint `soon` callers share
 
     def resume(self, job: Job) -> None:
-        """Carry a new `job` on from the marks and state the store kept for it (a restarted
-        collector), if they are of the run whose agent said hello first: a job id can come back
-        for another run (Ray numbers jobs per cluster, so a new cluster's first job is
-        `01000000` again), and that run must not inherit the old one's phases and counters."""
+        """Carry a new run on from the marks and state the store kept for its (job, run): a
+        restarted collector's, or one that let the run go from memory. Another run of the same
+        job id (Ray numbers jobs per cluster) has its own. A state that cannot be read refuses
+        the run (WireError `state_unreadable`): starting it afresh would lose what it held."""
         store = self.store
         if store is None:
             return
         try:
-            marks, state, tables = store.load_job(job.job_id)
-            if marks and job.run_id not in {run for run, _ in marks}:
-                log.info("job %s: its saved state is of another run, starting afresh", job.job_id)
-                return
-            restored = {} if state is None or tables is None else {**loads(tables), **loads(state)}
-        except (sqlite3.Error, pickle.UnpicklingError, AttributeError, ImportError, EOFError) as exc:
-            log.error(
-                "job %s: cannot resume its state from %s, starting afresh: %s", job.job_id, store.path, exc
-            )
-            return
+            marks, state, tables = store.load_run(job.job_id, job.run_id)
+            restored = {} if state is None else schema.decode_state(state)
+            if tables is not None:
+                restored |= schema.decode_tables(tables)
+        except (sqlite3.Error, schema.StateError) as exc:
+            reason = f"job {job.job_id} run {job.run_id!r}: its state in {store.path} cannot be read: {exc}"
+            log.error("%s; its agents are refused (they keep their frames) until it can be", reason)
+            raise WireError("state_unreadable", reason) from None
         job.marks.applied.update(marks)
         job.marks.durable.update(marks)
         holders = _holders(job)
-        for name in (*TABLES, *STATE):
-            if name in restored:
-                setattr(*holders[name], restored[name])
+        for name, value in restored.items():
+            setattr(*holders[name], value)
         if restored:
             log.info("job %s: resumed after step %d from %s", job.job_id, job.merged_step, store.path)
 
@@ -197,35 +173,37 @@ class Checkpointer:
             self.written.clear()
             if not isinstance(exc, sqlite3.Error):
                 raise
-            if not self._failing:
+            if not self.failing:
                 log.error("checkpoint to %s failed, agents keep their frames: %s", store.path, exc)
-            self._failing = True
+                await self._set_failing(True)
             return
-        self._failing = False
         for saved in self.written:
             unsaved = saved.job.pipeline.unsaved
             del unsaved.history[: saved.history], unsaved.events[: saved.events]
             saved.job.marks.durable = saved.marks
         self.written.clear()
+        if self.failing:
+            log.warning("checkpoint to %s succeeded again: frames are durable again", store.path)
+            await self._set_failing(False)
+
+    async def _set_failing(self, failing: bool) -> None:
+        self.failing = failing
+        if self.on_failing is not None:
+            await self.on_failing(failing)
 
     def _write(self, job: Job, store: EventStore) -> Saved | None:
-        """If the job changed since its last checkpoint, write into the store's open transaction
+        """If the run changed since its last checkpoint, write into the store's open transaction
         its new history rows and events, its marks and its state: all of one moment, so other
-        jobs' frames may come in before the commit."""
+        runs' frames may come in before the commit. Any error goes up: the checkpoint is rolled
+        back whole (a history row lost would break the record the durable marks promise)."""
         if not job.dirty:
             return None
         unsaved = job.pipeline.unsaved
         for reading in unsaved.history:
-            try:
-                store.add_reading(job.job_id, reading)
-            except sqlite3.Error as exc:  # the history is a record: losing a row must not stop ingest
-                self._history_errors[job.job_id] += 1
-                if self._history_errors[job.job_id] == 1:
-                    log.error("job %s: cannot keep its history in %s: %s", job.job_id, store.path, exc)
+            store.add_reading(job.job_id, reading)
         store.add(unsaved.events)
-        holders = _holders(job)
-        state = _dumps({name: getattr(*holders[name]) for name in STATE})
-        tables = _dumps({name: getattr(*holders[name]) for name in TABLES}) if job.tables_dirty else None
-        store.save_job(job.job_id, job.marks.applied, state, tables)
+        state = schema.encode_state(values_of(job, schema.STATE))
+        tables = schema.encode_tables(values_of(job, schema.TABLES)) if job.tables_dirty else None
+        store.save_run(job.job_id, job.run_id, job.marks.applied, state, tables)
         job.dirty = job.tables_dirty = False
         return Saved(job, len(unsaved.history), len(unsaved.events), dict(job.marks.applied))

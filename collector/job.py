@@ -152,14 +152,22 @@ class Marks:
     def __init__(self) -> None:
         self.applied: dict[tuple[str, int], tuple[int, int]] = {}
         self.durable: dict[tuple[str, int], tuple[int, int]] = {}
+        self.first: dict[tuple[str, int], int] = {}  # the step of frame 1 of the agent process marked
 
     def admit(self, stream: Stream, step: int) -> bool:
         """Mark the stream's frame numbered `stream.last_seq` (0: unnumbered) at `step` applied;
-        False: a duplicate of a frame already applied (not marked, not to apply)."""
+        False: a duplicate of a frame already applied (not marked, not to apply).
+
+        A frame 1 at the step of the marked process's frame 1 (`first`), or the very frame of
+        the mark, is that process replaying from its start (it reconnected before it learned that a
+        checkpoint held its frames); at another step it is a new process of the same run."""
         key, seq = (stream.run_id, stream.rank), stream.last_seq
-        if seq == 1 and self.applied.get(key, (1, step)) != (1, step):
+        replay = self.first.get(key) == step or self.applied.get(key) == (1, step)
+        if seq == 1 and key in self.applied and not replay:
             del self.applied[key]  # a new agent process of the same run: its numbering starts over
             self.durable.pop(key, None)
+        if seq == 1:
+            self.first[key] = step
         last_seq, last_step = self.applied.get(key, (0, -1))
         if seq and seq <= last_seq and step <= last_step:
             return False
@@ -204,6 +212,7 @@ class Job:
         self.frames_duplicate = 0  # replayed frames already applied: acknowledged, not applied again
         self.dirty = False  # changed since its last checkpoint
         self.tables_dirty = False  # its layer or site tables changed since its last checkpoint
+        self.ended_at: float | None = time.monotonic()  # when its last stream ended (None: one is open)
 
     # -- what the collector reads -------------------------------------------------------------------
 
@@ -250,17 +259,35 @@ class Job:
     # -- what its streams do ------------------------------------------------------------------------
 
     def open(self, stream: Stream) -> None:
-        """Add an agent; its histogram edges must match what other ranks declared (WireError)."""
-        self.pipeline.declared.declare(stream.rank, stream.layers, stream.sites, stream.bins)
+        """Add an agent. Its tables must agree with those the job's streaming ranks bound
+        (WireError); they bind with its first frame (`accept`)."""
+        self.pipeline.declared.check(stream.layers, stream.bins)
         self.ranks.open(stream)
-        self.dirty = self.tables_dirty = True
+        self.ended_at = None
 
     def close(self, stream: Stream, clean: bool = True) -> None:
         """The stream ended: cleanly (the rank finished) or not (the rank is stale until it
-        returns); the steps it held back merge."""
+        returns); the steps it held back merge. Once no stream is open and nothing waits, the
+        ranks' tables are let go (a rank that comes back binds its own again)."""
         self.ranks.close(stream, clean)
+        stream.layers, stream.sites = [], []  # the ended stream's copy: `Declared` keeps what is bound
+        merged = self.pipeline.merged_step
         self.pipeline.merge_ready(self.ranks.streams)
-        self.dirty = True
+        self.dirty |= self.pipeline.merged_step != merged
+        if not self.ranks.streams:
+            self.ended_at = time.monotonic()
+            if not self.pipeline.pending:
+                self.pipeline.release()
+
+    def streaming(self, now: float | None = None) -> bool:
+        """Whether a rank of the job streams: an open stream has sent a frame and is not stale."""
+        live = self.liveness(now)
+        return any(s.frames and not stale for s, stale in live.ranks.values())
+
+    @property
+    def open_streams(self) -> int:
+        """Streams of the job that are open now (sent a hello, not ended)."""
+        return len(self.ranks.streams)
 
     def set_paused(self, paused: bool, now: float | None = None) -> None:
         """Pause or resume the job's agents: paused ranks are not stale for their silence."""
@@ -270,6 +297,11 @@ class Job:
         """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered); merge every step
         that became complete. False: a duplicate of a frame already applied (not applied again).
         The job's next checkpoint makes it durable."""
+        if not stream.frames:  # its first: the stream's tables bind (WireError if others bound first)
+            declared = self.pipeline.declared
+            if declared.declare(stream.rank, stream.layers, stream.sites, stream.bins):
+                self.dirty = self.tables_dirty = True
+            stream.layers, stream.sites = declared.by_rank[stream.rank]
         self.ranks.heard(stream, time.monotonic())
         if not self.marks.admit(stream, sample.step):
             self.frames_duplicate += 1

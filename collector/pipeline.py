@@ -38,35 +38,69 @@ MAX_PENDING_STEPS = 32
 
 
 class Declared:
-    """What a job's ranks declared in their hellos: each rank's layer and site tables, the job's
-    layers and sites by name (as first declared: a layer held by several ranks is one), and the
-    histogram bins every rank uses."""
+    """What a job's ranks declared in their hellos and bound with their first frame: each rank's
+    layer and site tables, the job's layers and sites by name (as first bound: a layer held by
+    several ranks is one), and the histogram bins every rank uses.
+
+    A hello only *proposes* its tables (`check`: they must agree with what is bound); they bind
+    (`declare`) when its stream sends its first frame. So a stream that says hello and sends
+    nothing (a squatter, or an agent that died at once) fixes nothing for the job's real ranks,
+    and a job's settings belong to the ranks that stream. Ranks of a data-parallel job declare
+    equal tables: they are kept once (`_interned`), not once per rank.
+    """
 
     def __init__(self) -> None:
         self.by_rank: Tables = {}
         self.layers: dict[str, LayerInfo] = {}
         self.sites: dict[str, SiteInfo] = {}
         self.bins = 0
+        self._interned: dict[int, list] = {}  # hash of a table -> the one list every equal table shares
 
-    def declare(self, rank: int, layers: list[LayerInfo], sites: list[SiteInfo], bins: int) -> None:
-        """Take a rank's tables; its histogram edges must match what other ranks declared
-        (WireError, and nothing taken)."""
+    def check(self, layers: list[LayerInfo], bins: int) -> None:
+        """Whether tables agree with what the job's ranks bound: the histogram bins, and the
+        edges of every layer bound already (WireError `edges_mismatch` otherwise)."""
         if self.bins and bins != self.bins:
             raise WireError("edges_mismatch", f"histogram_bins {bins}; this job's ranks use {self.bins}")
+        known = self.layers
         for layer in layers:
-            known = self.layers.get(layer.name)
-            if known is not None and (known.hist_lo, known.hist_hi) != (layer.hist_lo, layer.hist_hi):
+            bound = known.get(layer.name)
+            if bound is not None and (bound.hist_lo, bound.hist_hi) != (layer.hist_lo, layer.hist_hi):
                 raise WireError(
                     "edges_mismatch",
                     f"layer {layer.name!r}: histogram edges [{layer.hist_lo}, {layer.hist_hi}) differ from "
-                    f"[{known.hist_lo}, {known.hist_hi}) declared by another rank",
+                    f"[{bound.hist_lo}, {bound.hist_hi}) bound by another rank",
                 )
+
+    def _intern(self, table: list) -> list:
+        """`table`, or an equal table some rank bound already (one list shared, not a copy each)."""
+        key = hash(tuple(table))
+        known = self._interned.get(key)
+        if known is not None and known == table:
+            return known
+        self._interned[key] = table
+        return table
+
+    def declare(self, rank: int, layers: list[LayerInfo], sites: list[SiteInfo], bins: int) -> bool:
+        """Bind a rank's tables (its stream's first frame); they must agree with what is bound
+        (`check`: WireError, and nothing bound). True: the job's tables changed."""
+        if self.by_rank.get(rank) == (layers, sites) and bins == self.bins:
+            return False
+        self.check(layers, bins)
         self.bins = bins
-        self.by_rank[rank] = (layers, sites)
+        self.by_rank[rank] = (self._intern(layers), self._intern(sites))
+        if len(self._interned) > 2 * len(self.by_rank) + 4:  # tables no rank holds any more
+            self._interned = {hash(tuple(t)): t for tables in self.by_rank.values() for t in tables}
         for layer in layers:
             self.layers.setdefault(layer.name, layer)
         for site in sites:
             self.sites.setdefault(site.name, site)
+        return True
+
+    def release(self) -> None:
+        """Forget the ranks' tables (every stream of the job ended and its steps merged): a rank
+        that streams again binds its tables anew; the job's layers and sites by name stay."""
+        self.by_rank = {}
+        self._interned.clear()
 
 
 @dataclass(frozen=True)
@@ -115,6 +149,12 @@ class Pipeline:
         self.last_transition_time: float | None = None
         self.unsaved = Unsaved()
         self._plans = MergePlans()  # a cache, not state
+
+    def release(self) -> None:
+        """Every stream of the job ended and its steps merged: let go of the ranks' tables and the
+        merge plans made of them (a rank that streams again binds its tables anew)."""
+        self.declared.release()
+        self._plans = MergePlans()
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""

@@ -14,6 +14,7 @@ gets the job's state in the `Config` that answers its hello.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -43,9 +44,11 @@ _STATUS = {
     "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "state_unreadable": grpc.StatusCode.FAILED_PRECONDITION,  # its run's stored state (checkpoint.py)
     "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "too_many_jobs": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "too_many_layers": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "too_many_ranks": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
@@ -105,6 +108,7 @@ class _Session:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # requests, _PUSH, then _END
     credit: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(READ_AHEAD))
     stream: Stream | None = None  # after a valid hello
+    job: Job | None = None  # the run its hello joined
     bucket: _Bucket | None = None  # frames it may send (Limits.max_frame_rate), after the hello
     pushing: bool = False  # a _PUSH is queued
     clean: bool = False  # the agent half-closed, and our last reply reached it
@@ -142,20 +146,25 @@ class Telemetry:
         (job_id, reading) at each merged step, on the event loop (keep it short)."""
         if not stale_after > 0:
             raise ValueError(f"stale_after must be positive, got {stale_after}")
-        self.jobs = jobs
+        self.jobs = jobs  # job id -> its current run: what /metrics and snapshots show
+        self.runs: dict[tuple[str, str], Job] = {}  # (job id, run id) -> every run held in memory
+        self.tenants: dict[tuple[str, str], str] = {}  # run -> who opened it (`_tenant`)
         self.store = store
         self.window = window
         self.every = every
         self.stale_after = stale_after
         self.default_active = active
         self.overrides: dict[str, bool] = {}  # per-job admission, over the default
+        if store is not None:  # what a collector before on this database was told (store.py)
+            default, self.overrides = store.load_admission()
+            self.default_active = active if default is None else default
         self.limits = limits or Limits()
         self.on_reading = on_reading
         self.rejected: Counter[str] = Counter()
-        self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): NaN/Inf values received
+        self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): unusable values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
-        self.checkpointer = Checkpointer(jobs, store)  # makes the jobs durable in `store`
+        self.checkpointer = Checkpointer(self.runs, store)  # makes the runs durable in `store`
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -173,10 +182,10 @@ class Telemetry:
 
     # -- durability -------------------------------------------------------------------------------
 
-    def _ack(self, stream: Stream, seq: int) -> pb.CollectorMessage:
+    def _ack(self, session: _Session, seq: int) -> pb.CollectorMessage:
         if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
             return pb.CollectorMessage(ack=pb.Ack(seq=seq))
-        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=self.jobs[stream.job_id].durable(stream)))
+        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=session.job.durable(session.stream)))
 
     @property
     def open_streams(self) -> int:
@@ -200,12 +209,15 @@ class Telemetry:
             self.overrides.clear()
         else:
             self.overrides[job_id] = active
+        if self.store is not None:  # kept for a restarted collector, from the next checkpoint
+            self.store.save_admission(active if job_id is None else None, self.overrides)
         now = time.monotonic()
         for j in watched:
             if self.active(j) == before[j]:
                 continue
-            if j in self.jobs:
-                self.jobs[j].set_paused(not self.active(j), now)
+            for (run_job, _), run in self.runs.items():
+                if run_job == j:
+                    run.set_paused(not self.active(j), now)
             for session in self._sessions.get(j, ()):
                 session.push()
         log.info("%s %s", "attached" if active else "detached", f"job {job_id}" if job_id else "every job")
@@ -255,7 +267,7 @@ class Telemetry:
                 elif item is _END:
                     if session.stream is not None:
                         await self.checkpointer.soon()  # the agent may be leaving: its frames go durable
-                        yield self._ack(session.stream, session.stream.last_seq)
+                        yield self._ack(session, session.stream.last_seq)
                     session.clean = True
                     return
                 elif isinstance(item, _ReadFailed):
@@ -291,9 +303,10 @@ class Telemetry:
             if self.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is shutting down")
             try:
-                stream = session.stream = self._open(msg.hello)
+                session.job, stream = self._open(msg.hello, _tenant(context))
             except codec.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
+            session.stream = stream
             session.bucket = _Bucket(self.limits.max_frame_rate)
             self._sessions.setdefault(stream.job_id, set()).add(session)
             return self._config(stream.job_id)
@@ -318,9 +331,15 @@ class Telemetry:
                     context, "sequence", f"frame seq {msg.frame.seq} after seq {stream.last_seq}"
                 )
             stream.last_seq = msg.frame.seq
+            job = session.job
+            try:
+                job.accept(stream, sample)
+            except codec.WireError as exc:  # its tables no longer agree with what the job's ranks bound
+                await self._reject(context, exc.reason, str(exc))
             self._count_nonfinite(stream, msg.frame, nonfinite)
-            self.jobs[stream.job_id].accept(stream, sample)
-            return self._ack(stream, msg.frame.seq)
+            if self.jobs.get(stream.job_id) is not job:
+                self._follow(job)
+            return self._ack(session, msg.frame.seq)
         await self._reject(context, "empty", "message carries neither hello nor frame")
         raise AssertionError("unreachable: _reject raises")
 
@@ -338,7 +357,8 @@ class Telemetry:
             if not sessions:
                 del self._sessions[stream.job_id]
         clean = session.clean or self.draining
-        self.jobs[stream.job_id].close(stream, clean=clean)
+        session.job.close(stream, clean=clean)
+        self._forget_ended(stream.job_id)
         if not clean:
             log.warning(
                 "agent lost: job %s rank %d on %s (its stream ended abnormally)",
@@ -347,29 +367,38 @@ class Telemetry:
                 stream.host,
             )
 
-    def _open(self, hello: pb.Hello) -> Stream:
-        """Register the agent of a valid hello with its job (raises WireError otherwise)."""
+    def _open(self, hello: pb.Hello, tenant: str) -> tuple[Job, Stream]:
+        """Register the agent of a valid hello with its job's run (raises WireError otherwise).
+
+        The cheap bounds come first (counts, ranks, names), so an absurd hello is refused
+        before anything walks its tables."""
+        limits = self.limits
+        for table, n in (("layers", len(hello.layers)), ("sites", len(hello.sites))):
+            if n > limits.max_layers:
+                raise codec.WireError(
+                    "too_many_layers", f"a hello of {n} {table}; the limit is {limits.max_layers}"
+                )
+        if hello.world_size > limits.max_ranks:
+            raise codec.WireError(
+                "too_many_ranks", f"a world of {hello.world_size} ranks; the limit is {limits.max_ranks}"
+            )
         self._check_names(hello)
         layers, sites = codec.decode_hello(hello)
-        job = self.jobs.get(hello.job_id)
-        limit = self.limits.max_layers
+        key = (hello.job_id, hello.run_id)
+        job = self.runs.get(key)
         for table, names, known in (
             ("layers", {layer.name for layer in layers}, job.layers if job else {}),
             ("sites", {site.name for site in sites}, job.sites if job else {}),
         ):
-            total = len(names | known.keys()) if len(names) <= limit else len(names)
-            if total > limit:
+            total = len(names | known.keys())
+            if total > limits.max_layers:
                 raise codec.WireError(
                     "too_many_layers",
-                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limit}",
+                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limits.max_layers}",
                 )
-        if job is None and len(self.jobs) >= self.limits.max_jobs:
-            raise codec.WireError(
-                "too_many_jobs",
-                f"the collector keeps {len(self.jobs)} jobs, its limit; job {hello.job_id!r} is refused",
-            )
         if job is None:
-            job = self.jobs[hello.job_id] = Job(
+            self._make_room(hello.job_id, tenant)
+            job = Job(
                 hello.job_id,
                 window=self.window,
                 run_id=hello.run_id,
@@ -379,6 +408,8 @@ class Telemetry:
                 paused=not self.active(hello.job_id),
             )
             self.checkpointer.resume(job)
+            self.runs[key], self.tenants[key] = job, tenant
+            self.jobs.setdefault(hello.job_id, job)
         stream = Stream(
             job_id=hello.job_id,
             run_id=hello.run_id,
@@ -394,9 +425,75 @@ class Telemetry:
         )
         job.open(stream)
         log.info(
-            "agent joined: job %s rank %d/%d on %s", hello.job_id, hello.rank, hello.world_size, hello.host
+            "agent joined: job %s run %s rank %d/%d on %s",
+            hello.job_id,
+            hello.run_id,
+            hello.rank,
+            hello.world_size,
+            hello.host,
         )
-        return stream
+        return job, stream
+
+    # -- which runs are held --------------------------------------------------------------------
+
+    def _follow(self, job: Job) -> None:
+        """A run that is not its job's current one sent a frame: it becomes current unless the
+        current run still streams (two live runs of one job: the first keeps /metrics, the other
+        is merged and checkpointed all the same)."""
+        current = self.jobs.get(job.job_id)
+        if current is None or not current.streaming():
+            self.jobs[job.job_id] = job
+            log.info("job %s: run %r streams now", job.job_id, job.run_id)
+            self._forget_ended(job.job_id)
+
+    def _evictable(self, job: Job) -> bool:
+        """Whether a run may leave memory: no stream is open, and its state is in the store
+        (or there is none)."""
+        return not job.open_streams and (self.store is None or not job.dirty)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        """Let a run go; its job shows another held run, or leaves /metrics with its last one."""
+        job = self.runs.pop(key)
+        self.tenants.pop(key, None)
+        if self.jobs.get(job.job_id) is job:
+            others = [run for (j, _), run in self.runs.items() if j == job.job_id]
+            if others:
+                self.jobs[job.job_id] = max(others, key=lambda run: run.merged_step)
+            else:  # the job leaves /metrics, with its counts of non-finite values
+                del self.jobs[job.job_id]
+                for counted in [k for k in self.nonfinite if k[0] == job.job_id]:
+                    del self.nonfinite[counted]
+
+    def _forget_ended(self, job_id: str) -> None:
+        """Let go of the job's ended runs that are not current (a checkpoint holds them: one
+        that comes back resumes from the store)."""
+        current = self.jobs.get(job_id)
+        for key, run in list(self.runs.items()):
+            if key[0] == job_id and run is not current and self._evictable(run):
+                self._forget(key)
+
+    def _make_room(self, job_id: str, tenant: str) -> None:
+        """Before a new run is held: within the collector's `max_jobs` runs and, for a tenant
+        that authenticated, its `max_jobs_per_token`, letting go of the runs that ended longest
+        ago first; refused (WireError `too_many_jobs`) when every held run still streams."""
+        limits = self.limits
+        bounds = [(None, limits.max_jobs, "the collector keeps")]
+        if tenant:
+            bounds.append((tenant, limits.max_jobs_per_token, "its token holds"))
+        for owner, limit, holder in bounds:
+            held = [key for key in self.runs if owner is None or self.tenants[key] == owner]
+            excess = len(held) - limit + 1
+            if excess <= 0:
+                continue
+            ended = sorted((self.runs[key].ended_at, key) for key in held if self._evictable(self.runs[key]))
+            if len(ended) < excess:
+                raise codec.WireError(
+                    "too_many_jobs",
+                    f"{holder} {len(held)} runs, its limit, too few of them ended; job {job_id!r} is refused",
+                )
+            for _, key in ended[:excess]:
+                log.info("job %s run %r: ended long ago, let go to hold job %s", *key, job_id)
+                self._forget(key)
 
     def _check_names(self, hello: pb.Hello) -> None:
         """Every name a hello carries is at most `max_name_length` characters (WireError)."""
@@ -418,12 +515,14 @@ class Telemetry:
                 )
 
     def _count_nonfinite(self, stream: Stream, frame: pb.Frame, counts: dict[str, int]) -> None:
-        """Count the NaN/Inf values of an accepted frame; log the first of each kind per job."""
+        """Count the unusable values of an accepted frame (NaN/Inf; a wall time no clock could
+        read: `codec.decode`); log the first of each kind per job."""
         for what, n in counts.items():
             key = (stream.job_id, what)
             if key not in self.nonfinite:
                 log.warning(
-                    "job %s rank %d: %d NaN/Inf %s value(s) at step %d (counted, not merged; logged once)",
+                    "job %s rank %d: %d unusable (NaN/Inf or implausible) %s value(s) at step %d"
+                    " (counted, not merged; logged once)",
                     stream.job_id,
                     stream.rank,
                     n,
@@ -448,3 +547,13 @@ class Telemetry:
                 )
             },
         )
+
+
+def _tenant(context: grpc.aio.ServicerContext) -> str:
+    """Who opened a call, for quotas: a digest of its bearer token, else its client certificate's
+    subject (mutual TLS), else "" (anonymous: only the collector's own bounds apply)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return "token:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    names = context.auth_context().get("x509_common_name")
+    return "cert:" + names[0].decode(errors="replace") if names else ""

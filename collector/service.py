@@ -39,13 +39,18 @@ from .store import EventStore
 log = logging.getLogger("thermoscope.collector")
 
 VERSION = "0.1.0"
-#: gRPC's own hard limit; the contract limit (`max_message_bytes`) is checked below it so that
-#: messages between the two are refused with our status and counted.
-HARD_MESSAGE_LIMIT = 256 << 20
+#: gRPC's own limit, as a multiple of the contract limit (`max_message_bytes`): gRPC refuses a
+#: larger message from its length prefix, before buffering it; one between the two is read and
+#: refused with our status, and counted.
+GRPC_LIMIT_FACTOR = 2
 #: How long `attach`, `detach` and `snapshot` wait for the collector's event loop.
 LOOP_TIMEOUT = 30.0
 
 T = TypeVar("T")
+
+
+class ListenError(OSError):
+    """The collector cannot listen on an address it was given (taken, or not this machine's)."""
 
 
 class Collector:
@@ -71,6 +76,8 @@ class Collector:
         max_jobs: int = DEFAULTS.limits.max_jobs,
         max_series_per_job: int = DEFAULTS.max_series_per_job,
         max_frame_rate: float = DEFAULTS.limits.max_frame_rate,
+        max_ranks: int = DEFAULTS.limits.max_ranks,
+        max_jobs_per_token: int = DEFAULTS.limits.max_jobs_per_token,
         on_reading: Callable[[str, Reading], None] | None = None,
     ) -> None:
         """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
@@ -85,8 +92,9 @@ class Collector:
 
         Limits on input (each refusal ends the stream with its gRPC status and is counted in
         `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
-        `max_name_length` characters per name, `max_jobs` jobs, `max_frame_rate` frames per
-        second per agent (see `settings.Limits`); `max_series_per_job`: layer (and site) series
+        `max_name_length` characters per name, `max_jobs` runs held (and `max_jobs_per_token`
+        per token), `max_frame_rate` frames per second per agent, `max_ranks` ranks per job
+        (see `settings.Limits`); `max_series_per_job`: layer (and site) series
         per job and metric in /metrics, the excess folded into one `__other__` series and
         counted in `thermoscope_layers_folded{job_id}` (see `export`). `on_reading`: told
         (job_id, reading) at each merged step, on the collector's event loop."""
@@ -108,13 +116,16 @@ class Collector:
             store=self.store,
             stale_after=stale_after,
             active=active,
-            limits=Limits(max_layers, max_name_length, max_jobs, max_frame_rate),
+            limits=Limits(
+                max_layers, max_name_length, max_jobs, max_frame_rate, max_ranks, max_jobs_per_token
+            ),
             on_reading=on_reading,
         )
         # process_* metrics (CPU, memory, fds), rendered by prometheus_client; described at
         # registration so that `name[]` collects them only when it names one
         process = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=process)
+        self._guard.register_metrics(process)  # basic auth's refusals and hashes, if it guards /metrics
         self.exporter = MetricsExporter(
             self.jobs,
             self.telemetry.rejected,
@@ -147,27 +158,46 @@ class Collector:
         server = grpc.aio.server(
             interceptors=self._guard.interceptors(self.telemetry.rejected),
             options=[
-                ("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT),
+                ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
         server.add_generic_rpc_handlers((self.telemetry.handler(self.max_message_bytes),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.grpc_port = self._guard.add_port(server, self.grpc_address)
+        try:
+            self.grpc_port = self._guard.add_port(server, self.grpc_address)
+        except RuntimeError:  # all gRPC says is "Failed to bind" (the TLS files were checked before)
+            self.grpc_port = 0
         if not self.grpc_port:
-            raise OSError(f"cannot listen for gRPC on {self.grpc_address}")
+            raise ListenError(
+                f"cannot listen for gRPC on {self.grpc_address}: the port is taken, or the host is "
+                "not an address of this machine"
+            )
         host, port = split_address(self.metrics_address)
-        self._http, _ = self._guard.start_metrics(host, port, metrics_app(self.exporter))
+        try:
+            self._http, _ = self._guard.start_metrics(host, port, metrics_app(self.exporter))
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen for /metrics on {self.metrics_address}: {exc.strerror or exc}"
+            ) from None
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
         if self.store is not None:
+            self.telemetry.checkpointer.on_failing = self._set_serving_by_checkpoints
             checkpoints = self.telemetry.checkpointer.every(self.checkpoint_interval)
             self._checkpoints = asyncio.create_task(checkpoints)
-        for name in ("", SERVICE):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving_by_checkpoints(False)
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
+
+    async def _set_serving_by_checkpoints(self, failing: bool) -> None:
+        """Health says NOT_SERVING while checkpoints fail (a full disk): frames are then acked but
+        not durable, and a load balancer or orchestrator should send agents elsewhere; SERVING
+        again once one commits (until the collector shuts down, which keeps NOT_SERVING)."""
+        status = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE):
+            await self._health.set(name, status.NOT_SERVING if failing else status.SERVING)
 
     async def stop(self, grace: float = 2.0, hold: float = 0.0) -> None:
         """Shut down gracefully: health says NOT_SERVING, open streams are drained (each ends

@@ -29,20 +29,35 @@ class Limits:
 
     `max_layers`: layers (and, separately, sites) a job may declare over all its ranks
     (RESOURCE_EXHAUSTED `too_many_layers`); `max_name_length`: characters in any name a hello
-    carries (INVALID_ARGUMENT `name_too_long`); `max_jobs`: jobs the collector keeps (a hello of
-    a new job beyond it: RESOURCE_EXHAUSTED `too_many_jobs`); `max_frame_rate`: frames per
-    second one stream may send, a token bucket holding one second of frames (beyond it the
+    carries (INVALID_ARGUMENT `name_too_long`); `max_jobs`: runs of jobs the collector holds in
+    memory (each run of a job counts; a run whose streams all ended, once checkpointed, is let
+    go to make room, longest ended first; a hello of a new run when every held run streams:
+    RESOURCE_EXHAUSTED `too_many_jobs`); `max_jobs_per_token`: the same bound per bearer token
+    (or client certificate), so one tenant cannot fill the collector; `max_frame_rate`: frames
+    per second one stream may send, a token bucket holding one second of frames (beyond it the
     stream ends with RESOURCE_EXHAUSTED `rate_limited`; the agent backs off, reconnects and
-    resends what was not acked, so nothing is lost and the collector's work stays bounded).
+    resends what was not acked, so nothing is lost and the collector's work stays bounded);
+    `max_ranks`: the world size a hello may claim (RESOURCE_EXHAUSTED `too_many_ranks`), which
+    bounds every per-rank table of a job.
     """
 
     max_layers: int = 10_000
     max_name_length: int = 256
     max_jobs: int = 1_000
     max_frame_rate: float = 1_000.0
+    max_ranks: int = 16_384
+    max_jobs_per_token: int = 250
 
     def __post_init__(self) -> None:
-        for name in ("max_layers", "max_name_length", "max_jobs", "max_frame_rate"):
+        names = (
+            "max_layers",
+            "max_name_length",
+            "max_jobs",
+            "max_frame_rate",
+            "max_ranks",
+            "max_jobs_per_token",
+        )
+        for name in names:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

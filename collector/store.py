@@ -10,11 +10,20 @@ layer's temperature (one float64 blob, in the order of the job's layer names) â€
 row per job every `history_interval` seconds, so its size follows wall time, not step rate.
 
 It also keeps what a collector killed and restarted on the same database needs in order to
-lose no frame and count none twice (`save_job` / `load_job`): per (job, run, rank) the
-sequence number and step of the last frame applied (`marks`), and per job the state its merge and phase
-detector resume from (`job_state`, a pickle that checkpoint.py writes and reads). The marks, the
-states, and the history rows and events the same frames produced commit together, so a
-restarted collector resumes from a state whose events are exactly those in the database.
+lose no frame and count none twice (`save_run` / `load_run`): per (job, run, rank) the
+sequence number and step of the last frame applied (`marks`), and per (job, run) the state its
+merge and phase detector resume from (`run_state`, in the explicit format of schema.py, which
+checkpoint.py encodes and decodes). The marks, the states, and the history rows and events the
+same frames produced commit together, so a restarted collector resumes from a state whose
+events are exactly those in the database. It keeps which jobs the collector was told to pause
+(`admission`: attach/detach), so a restarted collector still pauses them.
+
+Opening checks the file before anything runs on it (`StoreError`, one line naming the file): an
+existing file of zero bytes (a database that was truncated, or a path that is not ours) or a
+corrupt one (`PRAGMA quick_check`), one written by a newer release (`PRAGMA user_version` above
+`schema.FORMAT`), or one that lacks the tables its version has. A database of the releases that
+pickled the state (version 0) is converted once (legacy.py) in the same transaction that stamps
+its new version.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import numpy as np
 
 from thermoscope.science.derive import Reading
 
+from . import legacy, schema
 from .settings import DEFAULTS
 
 #: The columns of an event, in the contract's names (`thermoscope events --json`).
@@ -68,9 +78,25 @@ CREATE TABLE IF NOT EXISTS marks (
     step INTEGER NOT NULL,
     PRIMARY KEY (job, run, rank)
 );
-CREATE TABLE IF NOT EXISTS job_state (job TEXT PRIMARY KEY, state BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS job_tables (job TEXT PRIMARY KEY, tables BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS run_state (
+    job TEXT NOT NULL,
+    run TEXT NOT NULL,
+    state BLOB NOT NULL,  -- schema.encode_state
+    tables BLOB,  -- schema.encode_tables (NULL: no frame bound them yet)
+    PRIMARY KEY (job, run)
+);
+CREATE TABLE IF NOT EXISTS admission (
+    job TEXT PRIMARY KEY,  -- NULL never: '' with is_default = 1 holds the default
+    is_default INTEGER NOT NULL,
+    active INTEGER NOT NULL
+);
 """
+#: The tables of a database of format `schema.FORMAT`.
+TABLES = ("events", "history", "layer_names", "marks", "run_state", "admission")
+
+
+class StoreError(sqlite3.DatabaseError):
+    """A database the collector must not run on; the message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -115,50 +141,127 @@ class EventStore:
     def __init__(
         self, path: str | Path, *, create: bool = True, history_interval: float = DEFAULTS.history_interval
     ) -> None:
+        """Open (and with `create`, create) the database at `path`, checked (StoreError)."""
         path = Path(path)
         self.history_interval = history_interval
         self._last_history: dict[str, float] = {}  # job -> time of its last history row
         self._names: dict[str, tuple[str, ...]] = {}
+        self._admission: tuple[bool | None, dict[str, bool]] | None = None  # to write at the next commit
         if not create and not path.exists():
             raise FileNotFoundError(f"no event database at {path}")
+        if path.exists() and path.stat().st_size == 0 and not Path(f"{path}-wal").exists():
+            raise StoreError(
+                f"{path}: an empty file (0 bytes), not a Thermoscope database; remove it to start"
+            )
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint
-        self._db.executescript(_SCHEMA)
+        try:
+            self._open()
+        except (sqlite3.DatabaseError, schema.StateError) as exc:
+            self._db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"{path}: not a usable Thermoscope database ({exc})") from None
+
+    def _open(self) -> None:
+        """Check the file, then create, convert or verify its tables (see the module docstring)."""
+        db = self._db
+        problems = [row for (row,) in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise StoreError(f"{self.path}: corrupt ({'; '.join(problems[:3])})")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > schema.FORMAT:
+            raise StoreError(
+                f"{self.path}: written by a newer release (format {version}; "
+                f"this one reads up to {schema.FORMAT})"
+            )
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == schema.FORMAT and not set(TABLES) <= tables:
+            missing = ", ".join(sorted(set(TABLES) - tables))
+            raise StoreError(f"{self.path}: a database of format {version} without its tables ({missing})")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint
+        if version < schema.FORMAT:
+            try:
+                db.executescript(_SCHEMA)  # (commits: the tables are created before the conversion)
+                legacy.migrate(db)
+                db.execute(f"PRAGMA user_version = {schema.FORMAT}")
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
 
     def commit(self) -> None:
-        """Make everything written since the last commit durable, at once."""
+        """Make everything written since the last commit durable, at once (with the admission
+        `save_admission` was given since the last commit that succeeded)."""
+        if self._admission is not None:
+            default, overrides = self._admission
+            self._db.execute("DELETE FROM admission WHERE is_default = 0")
+            if default is not None:
+                self._db.execute("INSERT OR REPLACE INTO admission VALUES ('', 1, ?)", (default,))
+            self._db.executemany(
+                "INSERT INTO admission VALUES (?, 0, ?)", [(job, active) for job, active in overrides.items()]
+            )
         self._db.commit()
+        self._admission = None
 
     def rollback(self) -> None:
-        """Forget everything written since the last commit."""
+        """Forget everything written since the last commit (an admission not yet written stays)."""
         self._db.rollback()
         self._names.clear()  # the layer names written meanwhile are gone too: write them again
 
-    def save_job(
-        self, job: str, marks: dict[tuple[str, int], tuple[int, int]], state: bytes, tables: bytes | None
+    def save_admission(self, default: bool | None, overrides: dict[str, bool]) -> None:
+        """The jobs attached or detached (`default`: for every job, None: as stored; `overrides`:
+        per job), written with the next commit (a checkpoint's)."""
+        if default is None and self._admission is not None:
+            default = self._admission[0]
+        self._admission = (default, dict(overrides))
+
+    def load_admission(self) -> tuple[bool | None, dict[str, bool]]:
+        """The admission the last commit held: (the default or None, the per-job choices)."""
+        default, overrides = None, {}
+        for job, is_default, active in self._db.execute("SELECT job, is_default, active FROM admission"):
+            if is_default:
+                default = bool(active)
+            else:
+                overrides[job] = bool(active)
+        return default, overrides
+
+    def save_run(
+        self,
+        job: str,
+        run: str,
+        marks: dict[tuple[str, int], tuple[int, int]],
+        state: bytes,
+        tables: bytes | None,
     ) -> None:
-        """Record the (run, rank) -> (seq, step) marks, the job's resumable state and, when they
+        """Record the run's (run, rank) -> (seq, step) marks, its resumable state and, when they
         changed (None: they did not), its layer and site tables: kept apart because they change
-        only when an agent says hello and cost more to pickle than the rest."""
+        only when an agent's first frame binds them and cost more to encode than the rest."""
         self._db.executemany(
             "INSERT OR REPLACE INTO marks (job, run, rank, seq, step) VALUES (?, ?, ?, ?, ?)",
-            [(job, run, rank, seq, step) for (run, rank), (seq, step) in marks.items()],
+            [(job, mark_run, rank, seq, step) for (mark_run, rank), (seq, step) in marks.items()],
         )
-        self._db.execute("INSERT OR REPLACE INTO job_state (job, state) VALUES (?, ?)", (job, state))
+        self._db.execute(
+            "INSERT INTO run_state (job, run, state) VALUES (?, ?, ?)"
+            " ON CONFLICT (job, run) DO UPDATE SET state = excluded.state",
+            (job, run, state),
+        )
         if tables is not None:
-            self._db.execute("INSERT OR REPLACE INTO job_tables (job, tables) VALUES (?, ?)", (job, tables))
+            self._db.execute("UPDATE run_state SET tables = ? WHERE job = ? AND run = ?", (tables, job, run))
 
-    def load_job(self, job: str) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None, bytes | None]:
-        """The job's marks, state and tables as `save_job` left them (empty, None, None: never saved)."""
-        rows = self._db.execute("SELECT run, rank, seq, step FROM marks WHERE job = ?", (job,))
-        marks = {(run, rank): (seq, step) for run, rank, seq, step in rows}
-        state = self._db.execute("SELECT state FROM job_state WHERE job = ?", (job,)).fetchone()
-        tables = self._db.execute("SELECT tables FROM job_tables WHERE job = ?", (job,)).fetchone()
-        return marks, None if state is None else state[0], None if tables is None else tables[0]
+    def load_run(
+        self, job: str, run: str
+    ) -> tuple[dict[tuple[str, int], tuple[int, int]], bytes | None, bytes | None]:
+        """The run's marks, state and tables as `save_run` left them (empty, None, None: never saved)."""
+        rows = self._db.execute("SELECT rank, seq, step FROM marks WHERE job = ? AND run = ?", (job, run))
+        marks = {(run, rank): (seq, step) for rank, seq, step in rows}
+        row = self._db.execute(
+            "SELECT state, tables FROM run_state WHERE job = ? AND run = ?", (job, run)
+        ).fetchone()
+        return marks, *((None, None) if row is None else row)
 
     def add(self, events: list[Event]) -> None:
         if not events:
@@ -232,9 +335,11 @@ class EventStore:
             layer_temperature=layer_t,
         )
 
-    def latest_job(self) -> str | None:
-        """The job with the newest history row."""
-        row = self._db.execute("SELECT job FROM history ORDER BY time DESC LIMIT 1").fetchone()
+    def latest_job(self, before: float = math.inf) -> str | None:
+        """The job with the newest history row stamped at or before `before` (epoch seconds)."""
+        row = self._db.execute(
+            "SELECT job FROM history WHERE time <= ? ORDER BY time DESC LIMIT 1", (before,)
+        ).fetchone()
         return None if row is None else row[0]
 
     def query(self, job: str | None = None, since: float | None = None) -> list[Event]:

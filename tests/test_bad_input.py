@@ -59,7 +59,7 @@ CASES = {
         "hello",
     ),
     "oversized message": (
-        [hello("bad", n_layers=20_000)],
+        [hello("bad", n_layers=10_000)],  # between the limit and twice it, where gRPC lets us judge
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "oversized",
         "exceeds the limit",
@@ -135,7 +135,7 @@ def test_nan_and_inf_are_counted_not_merged_and_the_stream_goes_on(collector) ->
     assert not any(name == "thermoscope_frames_rejected_total" and v for (name, _), v in metrics.items())
 
 
-def test_limits_on_jobs_rate_and_series(tmp_path) -> None:
+def test_limits_on_layers_rate_and_series(tmp_path) -> None:
     with Collector(
         "127.0.0.1:0",
         "127.0.0.1:0",
@@ -149,14 +149,12 @@ def test_limits_on_jobs_rate_and_series(tmp_path) -> None:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 6" in error.details()
         assert stream(c.grpc_target, [hello("a", n_layers=5, n_sites=4), frame(1, 0, 5, 4)])[1] is None
         assert stream(c.grpc_target, [hello("b")])[1] is None
-        _, error = stream(c.grpc_target, [hello("c")])
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "jobs" in error.details()
         assert stream(c.grpc_target, [hello("a", n_layers=5, n_sites=4)])[1] is None  # a known job: fine
         replies, error = stream(c.grpc_target, [hello("b"), *(frame(i, i) for i in range(1, 20))])
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per second" in error.details()
         assert len([r for r in replies if r.HasField("ack")]) == 5  # the bucket holds one second
         metrics = scrape(c.metrics_url)
-        for reason in ("too_many_layers", "too_many_jobs", "rate_limited"):
+        for reason in ("too_many_layers", "rate_limited"):  # too_many_jobs: test_job_bounds.py
             assert value(metrics, "thermoscope_frames_rejected_total", reason=reason) == 1
         layers = {dict(k[1])["layer"]: v for k, v in metrics.items() if k[0] == "thermoscope_layer_work"}
         assert set(layers) == {"layer0", "layer1", "__other__"}

@@ -81,6 +81,8 @@ def test_every_collector_default_is_the_settings_objects() -> None:
         "max_name_length": limits.max_name_length,
         "max_jobs": limits.max_jobs,
         "max_frame_rate": limits.max_frame_rate,
+        "max_jobs_per_token": limits.max_jobs_per_token,
+        "max_ranks": limits.max_ranks,
     }
     flags = vars(parser().parse_args(["collector"]))
     assert {name: flags[name] for name in expected} == expected

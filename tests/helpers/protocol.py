@@ -104,18 +104,21 @@ def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcEr
 class OpenStream:
     """An agent's stream held open: send messages one at a time and read the replies.
 
-    `config` is the Config that answered the hello. Replies are read by a thread, so that
-    `reply` can wait a bounded time; `cancel` breaks the call as a crashed agent would.
+    `config` is the Config that answered the hello; `metadata`: the call's (a bearer token).
+    Replies are read by a thread, so that `reply` can wait a bounded time; `cancel` breaks the
+    call as a crashed agent would.
     """
 
     _END = object()
 
-    def __init__(self, target: str, first: pb.AgentMessage) -> None:
+    def __init__(self, target: str, first: pb.AgentMessage, metadata=None) -> None:
         self._outbox: queue.Queue = queue.Queue()
         self._outbox.put(first)
         self._inbox: queue.Queue = queue.Queue()
         self._channel = grpc.insecure_channel(target)
-        self._call = pb_grpc.TelemetryStub(self._channel).Stream(iter(self._outbox.get, None), timeout=30)
+        self._call = pb_grpc.TelemetryStub(self._channel).Stream(
+            iter(self._outbox.get, None), metadata=metadata, timeout=30
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         first_reply = self.reply()

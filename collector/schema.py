@@ -1,0 +1,416 @@
+"""The job state a checkpoint writes, as an explicit, versioned file format (format `FORMAT`).
+
+A restarted collector resumes each run from what its last checkpoint wrote (checkpoint.py), so
+this state is a file format that must outlive the classes that hold it: the pickles of earlier
+releases named private attributes of live classes, and a rename made a database "start
+afresh", dropping the no-loss guarantee across an upgrade. Here every value is written by name,
+as plain data (numbers, strings, numpy arrays of numbers or strings), by the functions below,
+one pair per kind of object; the names are the format's, not attribute names, and renaming an
+attribute changes the functions, not the format. A state is a flat `.npz` archive (numpy's zip
+of `.npy` arrays, read with `allow_pickle=False`: nothing in it can run code), one array per
+dotted name ("thermometer.energy", "pending.180.2.layers.m2"), holding `format` too. Values are
+bit-exact, NaN payloads included, so a resumed run reads exactly what it would have read.
+
+Reading: `FORMAT` directly; a state of a newer format, or one that cannot be decoded, raises
+`StateError` (never "start afresh": the caller refuses the run, see checkpoint.py). The pickle
+format of the releases before format 1 is converted once, when a database of theirs is opened
+(legacy.py). A new field: write it here, read it with a default when absent (an older state
+of this format); a change of meaning: a new `FORMAT`, and a migration from the one before.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from thermoscope.science.derive import Reading, Thermometer, _engines
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+
+from .detect import PhaseDetector, Settings
+
+#: The version of the state this release writes, and the newest it reads.
+FORMAT = 1
+#: The names of a run's state (`Pipeline`, `Job`), written at every checkpoint ...
+STATE = (
+    "reading",
+    "detector",
+    "transitions",
+    "last_transition_time",
+    "frames_received",
+    "frames_late",
+    "frames_duplicate",
+    "pending",
+    "merged_step",
+    "thermometer",
+    "first",
+)
+#: ... and of its tables (`Declared`), written when an agent's first frame changed them.
+TABLES = ("layers", "sites", "bins", "by_rank")
+
+Plain = dict[str, np.ndarray]
+
+
+class StateError(ValueError):
+    """A stored state this collector cannot read: of a newer format, or damaged."""
+
+
+# -- the archive ----------------------------------------------------------------------------------
+
+
+def pack(values: Mapping[str, Any]) -> bytes:
+    """One archive of `values` (nested dicts of plain data, None for absent) and `format`."""
+    flat: Plain = {"format": np.asarray(FORMAT)}
+    _flatten("", values, flat)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **flat)  # (the many small arrays' headers compress well)
+    return buffer.getvalue()
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    """The nested values of an archive of format `FORMAT` (StateError otherwise)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            flat = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StateError(f"not a state archive ({exc})") from None
+    version = int(flat.pop("format", -1))
+    if version > FORMAT:
+        raise StateError(f"written by a newer release (format {version}; this one reads up to {FORMAT})")
+    if version < 1:
+        raise StateError(f"no format version this release knows ({version})")
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _flatten(prefix: str, values: Mapping[str, Any], out: Plain) -> None:
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            _flatten(key + ".", value, out)
+        else:
+            out[key] = np.asarray(value)
+
+
+def _strings(values: Any) -> np.ndarray:
+    return np.array(list(values), dtype=np.str_)
+
+
+# -- the run's state ------------------------------------------------------------------------------
+
+
+def encode_state(values: Mapping[str, Any]) -> bytes:
+    """The archive of a run's `STATE` (the live values, by name)."""
+    transitions: Counter[tuple[str, str]] = values["transitions"]
+    pending: dict[int, dict[int, Sample]] = values["pending"]
+    return pack(
+        {
+            "reading": _reading(values["reading"]),
+            "detector": _detector(values["detector"]),
+            "transitions": {
+                "from": _strings(a for a, _ in transitions),
+                "to": _strings(b for _, b in transitions),
+                "count": np.array(list(transitions.values()), dtype=np.int64),
+            },
+            "last_transition_time": values["last_transition_time"],
+            "frames_received": values["frames_received"],
+            "frames_late": values["frames_late"],
+            "frames_duplicate": values["frames_duplicate"],
+            "pending": {
+                str(step): {str(rank): _sample(s) for rank, s in parts.items()}
+                for step, parts in pending.items()
+            },
+            "merged_step": values["merged_step"],
+            "thermometer": _thermometer(values["thermometer"]),
+            "first": {
+                "run": _strings(run for run, _ in values["first"]),
+                "rank": np.array([rank for _, rank in values["first"]], dtype=np.int64),
+                "step": np.array(list(values["first"].values()), dtype=np.int64),
+            },
+        }
+    )
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """The live values of `STATE` from an archive (StateError if it cannot be read)."""
+    v = unpack(data)
+    try:
+        t = v.get("transitions", {})
+        transitions = Counter(
+            {
+                (str(a), str(b)): int(n)
+                for a, b, n in zip(t.get("from", ()), t.get("to", ()), t.get("count", ()), strict=True)
+            }
+        )
+        last = v.get("last_transition_time")
+        f = v.get("first", {})  # (absent from the states of format 1 written before it was added)
+        return {
+            "reading": None if "reading" not in v else _from_reading(v["reading"]),
+            "detector": None if "detector" not in v else _from_detector(v["detector"]),
+            "transitions": transitions,
+            "last_transition_time": None if last is None else float(last),
+            "frames_received": int(v["frames_received"]),
+            "frames_late": int(v["frames_late"]),
+            "frames_duplicate": int(v["frames_duplicate"]),
+            "pending": {
+                int(step): {int(rank): _from_sample(s) for rank, s in parts.items()}
+                for step, parts in sorted(v.get("pending", {}).items(), key=lambda item: int(item[0]))
+            },
+            "merged_step": int(v["merged_step"]),
+            "thermometer": None if "thermometer" not in v else _from_thermometer(v["thermometer"]),
+            "first": {
+                (str(run), int(rank)): int(step)
+                for run, rank, step in zip(
+                    f.get("run", ()), f.get("rank", ()), f.get("step", ()), strict=True
+                )
+            },
+        }
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise StateError(f"a damaged state ({type(exc).__name__}: {exc})") from None
+
+
+def encode_tables(values: Mapping[str, Any]) -> bytes:
+    """The archive of a run's `TABLES` (`Declared`: by name, and each rank's)."""
+    return pack(
+        {
+            "layers": _layers(values["layers"].values()),
+            "sites": _sites(values["sites"].values()),
+            "bins": values["bins"],
+            "by_rank": {
+                str(rank): {"layers": _layers(layers), "sites": _sites(sites)}
+                for rank, (layers, sites) in values["by_rank"].items()
+            },
+        }
+    )
+
+
+def decode_tables(data: bytes) -> dict[str, Any]:
+    """The live values of `TABLES` from an archive (StateError if it cannot be read)."""
+    v = unpack(data)
+    try:
+        layers, sites = _from_layers(v.get("layers", {})), _from_sites(v.get("sites", {}))
+        by_rank = {
+            int(rank): (_from_layers(t.get("layers", {})), _from_sites(t.get("sites", {})))
+            for rank, t in sorted(v.get("by_rank", {}).items(), key=lambda item: int(item[0]))
+        }
+        return {
+            "layers": {layer.name: layer for layer in layers},
+            "sites": {site.name: site for site in sites},
+            "bins": int(v["bins"]),
+            "by_rank": by_rank,
+        }
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise StateError(f"damaged tables ({type(exc).__name__}: {exc})") from None
+
+
+# -- one function pair per kind of object ----------------------------------------------------------
+
+
+def _layers(layers: Any) -> dict[str, np.ndarray]:
+    layers = list(layers)
+    return {
+        "name": _strings(x.name for x in layers),
+        "ndim": np.array([len(x.shape) for x in layers], dtype=np.int64),
+        "dims": np.array([d for x in layers for d in x.shape], dtype=np.int64),
+        "numel": np.array([x.numel for x in layers], dtype=np.int64),
+        "dtype": _strings(x.dtype for x in layers),
+        "shard_index": np.array([x.shard_index for x in layers], dtype=np.int64),
+        "shard_count": np.array([x.shard_count for x in layers], dtype=np.int64),
+        "hist_lo": np.array([x.hist_lo for x in layers], dtype=np.float64),
+        "hist_hi": np.array([x.hist_hi for x in layers], dtype=np.float64),
+    }
+
+
+def _from_layers(v: Mapping[str, np.ndarray]) -> list[LayerInfo]:
+    if "name" not in v:
+        return []
+    ends = np.cumsum(v["ndim"]).tolist()
+    dims = v["dims"].tolist()
+    shapes = [tuple(dims[end - n : end]) for n, end in zip(v["ndim"].tolist(), ends, strict=True)]
+    return [
+        LayerInfo(str(name), shape, int(numel), str(dtype), int(index), int(count), float(lo), float(hi))
+        for name, shape, numel, dtype, index, count, lo, hi in zip(
+            v["name"], shapes, v["numel"], v["dtype"], v["shard_index"], v["shard_count"],
+            v["hist_lo"], v["hist_hi"], strict=True,
+        )
+    ]  # fmt: skip
+
+
+def _sites(sites: Any) -> dict[str, np.ndarray]:
+    sites = list(sites)
+    return {"name": _strings(x.name for x in sites), "kind": _strings(x.kind for x in sites)}
+
+
+def _from_sites(v: Mapping[str, np.ndarray]) -> list[SiteInfo]:
+    if "name" not in v:
+        return []
+    return [SiteInfo(str(name), str(kind)) for name, kind in zip(v["name"], v["kind"], strict=True)]
+
+
+def _sample(s: Sample) -> dict[str, Any]:
+    layers, sites = s.layers, s.sites
+    return {
+        "step": s.step,
+        "wall_time": s.wall_time,
+        "energy": s.energy,
+        "layers": {f.name: getattr(layers, f.name) for f in fields(LayerStats)},
+        "sites": {f.name: getattr(sites, f.name) for f in fields(SiteStats)},
+    }
+
+
+def _from_sample(v: Mapping[str, Any]) -> Sample:
+    layers, sites = v["layers"], v["sites"]
+    return Sample(
+        step=int(v["step"]),
+        wall_time=float(v["wall_time"]),
+        energy=float(v["energy"]),
+        layers=LayerStats(
+            layers["count"], layers["mean"], layers["m2"], layers["dot_before"], layers["dot_after"],
+            layers.get("histogram"),
+        ),
+        sites=SiteStats(
+            sites["count"], sites["in_mean"], sites["in_m2"], sites["out_mean"], sites["out_m2"],
+            sites["probe_spread"],
+        ),
+    )  # fmt: skip
+
+
+def _reading(r: Reading | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    values = {f.name: getattr(r, f.name) for f in fields(Reading)}
+    values["layer_names"], values["site_names"] = _strings(r.layer_names), _strings(r.site_names)
+    return values
+
+
+def _from_reading(v: Mapping[str, np.ndarray]) -> Reading:
+    kinds = {"step": int, "engine": str, "energy_from_work": bool}
+    tuples = ("layer_names", "site_names")
+    values: dict[str, Any] = {}
+    for f in fields(Reading):
+        if f.name not in v:  # a field this state's writer did not have: undefined (NaN), as for pickles
+            n = len(v["layer_names"])
+            values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
+        elif f.name in tuples:
+            values[f.name] = tuple(str(x) for x in v[f.name])
+        elif v[f.name].ndim:
+            values[f.name] = v[f.name]
+        else:
+            values[f.name] = kinds.get(f.name, float)(v[f.name])
+    return Reading(**values)
+
+
+def _thermometer(t: Thermometer | None) -> dict[str, Any] | None:
+    if t is None:
+        return None
+    n = len(t.layer_names)
+    h_hist, negentropy, outside = t._shape
+    return {
+        "window": t._steps.maxlen,
+        "layer_names": _strings(t.layer_names),
+        "site_names": _strings(t.site_names),
+        "hist_lo": t._lo,
+        "hist_hi": t._hi,
+        "probe": t._probe,
+        "histogram_entropy": h_hist,
+        "negentropy": negentropy,
+        "outside": outside,
+        "steps": np.array(t._steps, dtype=np.int64),
+        "energy": np.array(t._energy, dtype=np.float64),
+        "entropy": np.array(t._entropy, dtype=np.float64).reshape(-1, n),
+        "entropy_total": np.array(t._total, dtype=np.float64),
+        "work": np.array(t._work, dtype=np.float64).reshape(-1, n),
+        "last": None if t._last is None else _sample(t._last),
+        "latest": _reading(t.latest),
+    }
+
+
+def _from_thermometer(v: Mapping[str, Any]) -> Thermometer:
+    window = int(v["window"])
+    t = Thermometer.__new__(Thermometer)
+    t.layer_names = tuple(str(x) for x in v["layer_names"])
+    t.site_names = tuple(str(x) for x in v["site_names"])
+    t._lo, t._hi, t._probe = v["hist_lo"], v["hist_hi"], v["probe"]
+    t._shape = (v["histogram_entropy"], v["negentropy"], v["outside"])
+    t._steps = deque(v["steps"].tolist(), maxlen=window)
+    t._energy = deque(v["energy"].tolist(), maxlen=window)
+    t._entropy = deque(list(v["entropy"]), maxlen=window)
+    t._total = deque(list(v["entropy_total"]), maxlen=window)
+    t._work = deque(list(v["work"]), maxlen=window)
+    t._last = None if "last" not in v else _from_sample(v["last"])
+    t.latest = None if "latest" not in v else _from_reading(v["latest"])
+    t._engines = (t._probe.copy(), *_engines(t._probe))  # a cache of the probe's types
+    return t
+
+
+#: The detector's scalars: state name -> (attribute, type).
+_DETECTOR_SCALARS = {
+    "job": ("job", int),
+    "log_energy": ("_log", bool),
+    "sigma": ("_sigma", float),
+    "cusum": ("_cusum", float),
+    "excursion": ("_excursion", int),
+    "peak_descent": ("_peak_descent", float),
+    "down": ("_down", int),
+    "up": ("_up", int),
+    "quiet": ("_quiet", int),
+    "cooldown": ("_cool", int),
+    "since_jump": ("_since_jump", float),  # inf until the first jump, then a count
+    "level": ("_level", float),
+    "level_sigma": ("_level_sigma", float),
+    "drift": ("_drift", float),
+    "layer_count": ("_count", int),
+}
+#: Its arrays: state name -> attribute (None where the detector has no value yet).
+_DETECTOR_ARRAYS = {
+    "layers": "layers",
+    "ring": "_ring",
+    "layer_last": "_last",
+    "layer_initial": "_initial",
+    "layer_hi": "_hi",
+    "layer_lo": "_lo",
+    "layer_peak": "_peak",
+    "layer_baseline": "_baseline",
+    "layer_cooldown": "_layer_cool",
+}
+
+
+def _detector(d: PhaseDetector | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    values: dict[str, Any] = {name: getattr(d, attr) for name, (attr, _) in _DETECTOR_SCALARS.items()}
+    values |= {name: getattr(d, attr) for name, attr in _DETECTOR_ARRAYS.items()}
+    values["steps"] = np.array(d._steps, dtype=np.float64)
+    values["x"] = np.array(d._x, dtype=np.float64)
+    values["settings"] = {f.name: getattr(d.s, f.name) for f in fields(Settings)}
+    return values
+
+
+def _from_detector(v: Mapping[str, Any]) -> PhaseDetector:
+    kinds = {f.name: int if f.type == "int" else float for f in fields(Settings)}
+    settings = Settings(**{k: kinds[k](x) for k, x in v["settings"].items() if k in kinds})
+    d = PhaseDetector(len(v["layers"]), settings)
+    for name, (attr, kind) in _DETECTOR_SCALARS.items():
+        value = kind(v[name])
+        if name == "since_jump" and math.isfinite(value):
+            value = int(value)
+        setattr(d, attr, value)
+    for name, attr in _DETECTOR_ARRAYS.items():
+        setattr(d, attr, v.get(name))
+    d._steps.extend(v["steps"].tolist())
+    d._x.extend(v["x"].tolist())
+    return d
