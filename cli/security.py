@@ -12,7 +12,7 @@ import getpass
 
 from thermoscope.collector.credentials import AuthConfigError
 from thermoscope.collector.grpc_auth import MIN_TOKEN_CHARS
-from thermoscope.collector.metrics_http import hash_password
+from thermoscope.collector.passwords import hash_password
 from thermoscope.collector.security import Security
 
 

@@ -43,7 +43,7 @@ from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
 
 from .credentials import AuthConfigError, read_file
 from .grpc_auth import TokenTable
-from .metrics_http import BasicAuthUsers
+from .passwords import BasicAuthUsers
 from .security import Security, check_exposure
 from .service import Collector
 from .settings import DEFAULTS

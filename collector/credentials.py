@@ -2,7 +2,7 @@
 and the one error for a file, or a combination of them, that cannot be used.
 
 Both sides of the collector's security read through it (`grpc_auth`: tokens and TLS,
-`metrics_http`: basic-auth users) and so does the Ray actor's packing (`actor.PackedSecurity`),
+`passwords`: basic-auth users) and so does the Ray actor's packing (`actor.PackedSecurity`),
 so every such failure names the file and why, the same way.
 """
 

@@ -18,7 +18,8 @@ from thermoscope.wire.contract import is_loopback
 
 from .credentials import AuthConfigError
 from .grpc_auth import TokenInterceptor, TokenTable, server_credentials
-from .metrics_http import BasicAuthUsers, PasswordCheck, start_metrics_server
+from .metrics_http import start_metrics_server
+from .passwords import BasicAuthUsers, PasswordCheck
 
 
 class InsecureError(ValueError):
