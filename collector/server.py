@@ -32,6 +32,7 @@ from thermoscope.wire.contract import SERVICE
 from .checkpoint import Checkpointer
 from .job import Job, Stream
 from .refusal import BadBytes
+from .runs import Runs
 from .settings import DEFAULTS, Limits
 from .store import EventStore
 
@@ -147,8 +148,6 @@ class Telemetry:
         if not stale_after > 0:
             raise ValueError(f"stale_after must be positive, got {stale_after}")
         self.jobs = jobs  # job id -> its current run: what /metrics and snapshots show
-        self.runs: dict[tuple[str, str], Job] = {}  # (job id, run id) -> every run held in memory
-        self.tenants: dict[tuple[str, str], str] = {}  # run -> who opened it (`_tenant`)
         self.store = store
         self.window = window
         self.every = every
@@ -159,12 +158,13 @@ class Telemetry:
             default, self.overrides = store.load_admission()
             self.default_active = active if default is None else default
         self.limits = limits or Limits()
+        self.runs = Runs(jobs, self.limits, durable=store is not None)  # every run held
         self.on_reading = on_reading
         self.rejected: Counter[str] = Counter()
         self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): unusable values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
-        self.checkpointer = Checkpointer(self.runs, store)  # makes the runs durable in `store`
+        self.checkpointer = Checkpointer(self.runs.held, store)  # makes the runs durable in `store`
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -215,9 +215,8 @@ class Telemetry:
         for j in watched:
             if self.active(j) == before[j]:
                 continue
-            for (run_job, _), run in self.runs.items():
-                if run_job == j:
-                    run.set_paused(not self.active(j), now)
+            for run in self.runs.of(j):
+                run.set_paused(not self.active(j), now)
             for session in self._sessions.get(j, ()):
                 session.push()
         log.info("%s %s", "attached" if active else "detached", f"job {job_id}" if job_id else "every job")
@@ -338,7 +337,7 @@ class Telemetry:
                 await self._reject(context, exc.reason, str(exc))
             self._count_nonfinite(stream, msg.frame, nonfinite)
             if self.jobs.get(stream.job_id) is not job:
-                self._follow(job)
+                self._gone(self.runs.follow(job))
             return self._ack(session, msg.frame.seq)
         await self._reject(context, "empty", "message carries neither hello nor frame")
         raise AssertionError("unreachable: _reject raises")
@@ -358,7 +357,7 @@ class Telemetry:
                 del self._sessions[stream.job_id]
         clean = session.clean or self.draining
         session.job.close(stream, clean=clean)
-        self._forget_ended(stream.job_id)
+        self._gone(self.runs.forget_ended(stream.job_id))
         if not clean:
             log.warning(
                 "agent lost: job %s rank %d on %s (its stream ended abnormally)",
@@ -384,8 +383,7 @@ class Telemetry:
             )
         self._check_names(hello)
         layers, sites = codec.decode_hello(hello)
-        key = (hello.job_id, hello.run_id)
-        job = self.runs.get(key)
+        job = self.runs.get((hello.job_id, hello.run_id))
         for table, names, known in (
             ("layers", {layer.name for layer in layers}, job.layers if job else {}),
             ("sites", {site.name for site in sites}, job.sites if job else {}),
@@ -397,7 +395,7 @@ class Telemetry:
                     f"job {hello.job_id!r} would have {total} {table}; the limit is {limits.max_layers}",
                 )
         if job is None:
-            self._make_room(hello.job_id, tenant)
+            self.runs.check_room(hello.job_id, tenant)
             job = Job(
                 hello.job_id,
                 window=self.window,
@@ -408,8 +406,7 @@ class Telemetry:
                 paused=not self.active(hello.job_id),
             )
             self.checkpointer.resume(job)
-            self.runs[key], self.tenants[key] = job, tenant
-            self.jobs.setdefault(hello.job_id, job)
+            self._gone(self.runs.hold(job, tenant))
         stream = Stream(
             job_id=hello.job_id,
             run_id=hello.run_id,
@@ -434,66 +431,11 @@ class Telemetry:
         )
         return job, stream
 
-    # -- which runs are held --------------------------------------------------------------------
-
-    def _follow(self, job: Job) -> None:
-        """A run that is not its job's current one sent a frame: it becomes current unless the
-        current run still streams (two live runs of one job: the first keeps /metrics, the other
-        is merged and checkpointed all the same)."""
-        current = self.jobs.get(job.job_id)
-        if current is None or not current.streaming():
-            self.jobs[job.job_id] = job
-            log.info("job %s: run %r streams now", job.job_id, job.run_id)
-            self._forget_ended(job.job_id)
-
-    def _evictable(self, job: Job) -> bool:
-        """Whether a run may leave memory: no stream is open, and its state is in the store
-        (or there is none)."""
-        return not job.open_streams and (self.store is None or not job.dirty)
-
-    def _forget(self, key: tuple[str, str]) -> None:
-        """Let a run go; its job shows another held run, or leaves /metrics with its last one."""
-        job = self.runs.pop(key)
-        self.tenants.pop(key, None)
-        if self.jobs.get(job.job_id) is job:
-            others = [run for (j, _), run in self.runs.items() if j == job.job_id]
-            if others:
-                self.jobs[job.job_id] = max(others, key=lambda run: run.merged_step)
-            else:  # the job leaves /metrics, with its counts of non-finite values
-                del self.jobs[job.job_id]
-                for counted in [k for k in self.nonfinite if k[0] == job.job_id]:
-                    del self.nonfinite[counted]
-
-    def _forget_ended(self, job_id: str) -> None:
-        """Let go of the job's ended runs that are not current (a checkpoint holds them: one
-        that comes back resumes from the store)."""
-        current = self.jobs.get(job_id)
-        for key, run in list(self.runs.items()):
-            if key[0] == job_id and run is not current and self._evictable(run):
-                self._forget(key)
-
-    def _make_room(self, job_id: str, tenant: str) -> None:
-        """Before a new run is held: within the collector's `max_jobs` runs and, for a tenant
-        that authenticated, its `max_jobs_per_token`, letting go of the runs that ended longest
-        ago first; refused (WireError `too_many_jobs`) when every held run still streams."""
-        limits = self.limits
-        bounds = [(None, limits.max_jobs, "the collector keeps")]
-        if tenant:
-            bounds.append((tenant, limits.max_jobs_per_token, "its token holds"))
-        for owner, limit, holder in bounds:
-            held = [key for key in self.runs if owner is None or self.tenants[key] == owner]
-            excess = len(held) - limit + 1
-            if excess <= 0:
-                continue
-            ended = sorted((self.runs[key].ended_at, key) for key in held if self._evictable(self.runs[key]))
-            if len(ended) < excess:
-                raise codec.WireError(
-                    "too_many_jobs",
-                    f"{holder} {len(held)} runs, its limit, too few of them ended; job {job_id!r} is refused",
-                )
-            for _, key in ended[:excess]:
-                log.info("job %s run %r: ended long ago, let go to hold job %s", *key, job_id)
-                self._forget(key)
+    def _gone(self, job_ids: list[str]) -> None:
+        """Jobs whose last held run was let go leave with their counts of non-finite values."""
+        for job_id in job_ids:
+            for counted in [k for k in self.nonfinite if k[0] == job_id]:
+                del self.nonfinite[counted]
 
     def _check_names(self, hello: pb.Hello) -> None:
         """Every name a hello carries is at most `max_name_length` characters (WireError)."""

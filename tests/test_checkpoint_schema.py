@@ -72,7 +72,7 @@ def _live_run(tmp_path: Path):
     store = EventStore(tmp_path / "e.db", history_interval=0)
     telemetry = Telemetry({}, store=store)
     streams = [telemetry._open(checkpoint_cases.hello(rank).hello, "")[1] for rank in range(3)]
-    job = telemetry.runs[(checkpoint_cases.JOB, checkpoint_cases.RUN)]
+    job = telemetry.runs.held[(checkpoint_cases.JOB, checkpoint_cases.RUN)]
     for step in range(130):
         for s in streams[: 2 if step >= 120 else 3]:
             s.last_seq = step + 1
