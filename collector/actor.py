@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +40,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
 
-from .credentials import AuthConfigError, read_file
-from .grpc_auth import TokenTable
+from .credentials import read_file
+from .grpc_auth import TokenTable, check_certificate_and_key, check_client_ca
 from .passwords import BasicAuthUsers
 from .security import Security, check_exposure
 from .service import Collector
@@ -123,27 +122,14 @@ def _check(security: Security) -> None:
         TokenTable.load(security.tokens)
     if security.metrics_basic_auth is not None:
         BasicAuthUsers.load(security.metrics_basic_auth)
-    pairs = (
-        (security.tls_cert, security.tls_key, "TLS"),
-        (security.metrics_tls_cert, security.metrics_tls_key, "/metrics TLS"),
-    )
-    for cert, key, what in pairs:
-        if cert is None:
-            continue
-        try:  # the empty password: an encrypted key fails here instead of prompting on the terminal
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
-        except (OSError, ssl.SSLError) as exc:
-            raise AuthConfigError(
-                f"the {what} certificate {cert} does not load with the key {key} "
-                f"(PEM, the key unencrypted): {exc}"
-            ) from None
+    for cert, key in (
+        (security.tls_cert, security.tls_key),
+        (security.metrics_tls_cert, security.metrics_tls_key),
+    ):
+        if cert is not None:
+            check_certificate_and_key(cert, key)
     if security.tls_client_ca is not None:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=security.tls_client_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise AuthConfigError(
-                f"the client CA {security.tls_client_ca} holds no PEM certificate: {exc}"
-            ) from None
+        check_client_ca(security.tls_client_ca)
 
 
 class CollectorActor:

@@ -49,8 +49,8 @@ def files(tmp_path: Path, pki) -> dict[str, Path]:
         ("attach", ["--tokens", "{tmp}/missing"], "attach: cannot read the tokens file"),
         ("attach", ["--tokens", "{short}"], "line 1: a token has at least 16 characters"),
         ("attach", ["--tls-cert", "{cert}"], "--tls-cert and --tls-key go together"),
-        ("attach", ["--tls-cert", "{garbage}", "--tls-key", "{key}"], "does not load with the key"),
-        ("attach", ["--tls-cert", "{cert}", "--tls-key", "{garbage}"], "does not load with the key"),
+        ("attach", ["--tls-cert", "{garbage}", "--tls-key", "{key}"], "{garbage} holds no PEM certificate"),
+        ("attach", ["--tls-cert", "{cert}", "--tls-key", "{garbage}"], "{garbage} holds no PEM private key"),
         (
             "attach",
             ["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca", "{garbage}"],

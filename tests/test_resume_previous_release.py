@@ -19,28 +19,18 @@ import pytest
 
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import LayerStats, Sample, SiteStats
 from thermoscope.wire import codec
 
+from helpers.checkpoint_cases import PREVIOUS_BINS as BINS
+from helpers.checkpoint_cases import PREVIOUS_JOB as JOB
+from helpers.checkpoint_cases import PREVIOUS_LAYERS as LAYERS
+from helpers.checkpoint_cases import PREVIOUS_SITES as SITES
+from helpers.checkpoint_cases import previous_hello
 from helpers.golden import GOLDEN
 from helpers.metrics import scrape, value
 from helpers.protocol import OpenStream
 
-JOB, RUN = "demo", "67a111b962c6"
-#: The demo's model, as its agent declared it: (name, shape, histogram edges).
-LAYERS = [
-    LayerInfo(name, shape, int(np.prod(shape)), "float32", hist_lo=lo, hist_hi=hi)
-    for name, shape, lo, hi in [
-        ("0.weight", (128, 32), -0.875, 0.8125),
-        ("0.bias", (128,), -0.8125, 0.8125),
-        ("2.weight", (128, 128), -0.4375, 0.4375),
-        ("2.bias", (128,), -0.4375, 0.4375),
-        ("4.weight", (1, 128), -0.4375, 0.4375),
-        ("4.bias", (1,), -0.04296875, 0.05859375),
-    ]
-]
-SITES = [SiteInfo("1", "ReLU"), SiteInfo("3", "Tanh")]
-BINS = 512
 #: The job as the previous release recorded it.
 LAST_STEP, FRAMES, LAST_SEQ = 595, 120, 120
 PHASE = "type_ii"
@@ -53,22 +43,6 @@ TRANSITIONS = {
 }
 LAST_TRANSITION_TIME = 1796210882.248259
 EVENTS = 23
-
-
-def agent_hello():
-    """The hello of the demo's agent (the same run, so the job's saved state is its own)."""
-    return codec.hello(
-        job_id=JOB,
-        run_id=RUN,
-        rank=0,
-        world_size=1,
-        host="test",
-        agent_version="test",
-        every=5,
-        layers=LAYERS,
-        sites=SITES,
-        bins=BINS,
-    )
 
 
 def next_frame(seq: int, step: int):
@@ -107,7 +81,7 @@ def test_a_job_of_the_previous_release_resumes_at_its_step_phases_and_counters(
 ) -> None:
     caplog.set_level(logging.INFO, logger="thermoscope.collector")
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=previous_db).running() as c:
-        agent = OpenStream(c.grpc_target, agent_hello())
+        agent = OpenStream(c.grpc_target, previous_hello())
         job = c.snapshot()[JOB]
         metrics = scrape(c.metrics_url)
         phases = c.jobs[JOB].phases()
@@ -127,7 +101,7 @@ def test_a_job_of_the_previous_release_resumes_at_its_step_phases_and_counters(
 
 def test_the_resumed_job_knows_the_frames_it_holds_and_goes_on_from_them(previous_db: Path) -> None:
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=previous_db).running() as c:
-        agent = OpenStream(c.grpc_target, agent_hello())
+        agent = OpenStream(c.grpc_target, previous_hello())
         agent.send(next_frame(LAST_SEQ, LAST_STEP))  # a replay of the last frame the old checkpoint holds
         ack = agent.reply().ack
         assert (ack.seq, ack.durable) == (LAST_SEQ, LAST_SEQ)
@@ -139,7 +113,7 @@ def test_the_resumed_job_knows_the_frames_it_holds_and_goes_on_from_them(previou
     assert value(metrics, "thermoscope_frames_duplicate_total", job_id=JOB) == 1
     # its state, checkpointed by this release as the collector stopped, resumes in turn
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=previous_db).running() as c:
-        agent = OpenStream(c.grpc_target, agent_hello())
+        agent = OpenStream(c.grpc_target, previous_hello())
         job = c.snapshot()[JOB]
         agent.close()
     assert (job["last_step"], job["frames_received"]) == (LAST_STEP + 5, FRAMES + 1)

@@ -8,8 +8,8 @@ Run it as a script (pytest does not collect it):
 Each rank says hello through the servicer's own `Telemetry._open` (as a gRPC stream would) and
 sends one frame through `Job.accept` (its tables bind then); then every stream ends. The Python
 heap the collector holds (`tracemalloc`, after a garbage collection) is measured before the
-hellos, while all ranks stream, and once all have ended: `replicas` is data parallel (every rank
-declares the same table), `shards` is FSDP-like (every rank holds its own shard of each layer,
+hellos, while all ranks stream, and once all have ended: `replica` is data parallel (every rank
+declares the same table), `shard` is FSDP-like (every rank holds its own shard of each layer,
 so no two tables are equal).
 """
 
@@ -20,28 +20,10 @@ import gc
 import tracemalloc
 
 import numpy as np
+from bench_ingest import tables
 
 from thermoscope.collector.server import Telemetry
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.wire import codec
-
-BINS = 8
-
-
-def hello(rank: int, ranks: int, layers: int, layout: str):
-    shard = (rank, ranks) if layout == "shards" else (0, 1)
-    return codec.hello(
-        job_id="wide",
-        run_id="bench",
-        rank=rank,
-        world_size=ranks,
-        host="bench",
-        agent_version="bench",
-        every=1,
-        layers=[LayerInfo(f"layer{i}", (1000,), 1000, "float32", *shard) for i in range(layers)],
-        sites=[SiteInfo("site0", "ReLU")],
-        bins=BINS,
-    ).hello
+from thermoscope.science.stats import LayerStats, Sample, SiteStats
 
 
 def sample(layers: int) -> Sample:
@@ -63,7 +45,7 @@ def held() -> float:
 def measure(ranks: int, layers: int, layout: str) -> tuple[float, float]:
     """MiB held while every rank streams, and after every stream ended (over the baseline)."""
     telemetry = Telemetry({})
-    hellos = [hello(r, ranks, layers, layout) for r in range(ranks)]
+    hellos = tables(ranks, layers, 1, layout)  # bench_ingest's: loadgen's hellos
     frame = sample(layers)
     base = held()
     streams = []
@@ -88,7 +70,7 @@ def main() -> None:
     print(f"one job of {args.ranks} ranks x {args.layers} layers: collector heap over its baseline (MiB)\n")
     print("| layout | while streaming | after every stream ended |")
     print("|---|---:|---:|")
-    for layout in ("replicas", "shards"):
+    for layout in ("replica", "shard"):
         print(f"| {layout} | ", end="", flush=True)
         streaming, ended = measure(args.ranks, args.layers, layout)
         print(f"{streaming:.1f} | {ended:.1f} |", flush=True)

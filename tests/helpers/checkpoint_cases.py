@@ -142,9 +142,10 @@ PREVIOUS_SITES = [SiteInfo("1", "ReLU"), SiteInfo("3", "Tanh")]
 PREVIOUS_LAST_SEQ, PREVIOUS_LAST_STEP = 120, 595
 
 
-def carry_on_previous_release(db: Path) -> dict:
-    """`carry_on` for tests/golden/previous_release.sqlite3: its demo's agent sends MORE frames."""
-    h = codec.hello(
+def previous_hello() -> pb.AgentMessage:
+    """The hello of the demo's agent in tests/golden/previous_release.sqlite3 (its run, so the
+    job's saved state is its own)."""
+    return codec.hello(
         job_id=PREVIOUS_JOB,
         run_id=PREVIOUS_RUN,
         rank=0,
@@ -156,6 +157,10 @@ def carry_on_previous_release(db: Path) -> dict:
         sites=PREVIOUS_SITES,
         bins=PREVIOUS_BINS,
     )
+
+
+def carry_on_previous_release(db: Path) -> dict:
+    """`carry_on` for tests/golden/previous_release.sqlite3: its demo's agent sends MORE frames."""
     count = np.array([layer.numel for layer in PREVIOUS_LAYERS], dtype=np.int64)
     frames = []
     for i in range(1, MORE + 1):
@@ -180,7 +185,7 @@ def carry_on_previous_release(db: Path) -> dict:
             ),
         )
         frames.append(codec.encode(s, PREVIOUS_LAST_SEQ + i))
-    return _carry_on(db, PREVIOUS_JOB, {0: h}, {0: frames})
+    return _carry_on(db, PREVIOUS_JOB, {0: previous_hello()}, {0: frames})
 
 
 def _carry_on(db: Path, job: str, hellos: dict[int, pb.AgentMessage], frames: dict[int, list]) -> dict:
