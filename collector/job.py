@@ -152,22 +152,23 @@ class Marks:
     def __init__(self) -> None:
         self.applied: dict[tuple[str, int], tuple[int, int]] = {}
         self.durable: dict[tuple[str, int], tuple[int, int]] = {}
-        self.first: dict[tuple[str, int], int] = {}  # the step of frame 1 of the agent process marked
+        self.first: dict[tuple[str, int], tuple[int, float]] = {}  # (step, wall time) of the process' frame 1
 
-    def admit(self, stream: Stream, step: int) -> bool:
+    def admit(self, stream: Stream, step: int, wall_time: float) -> bool:
         """Mark the stream's frame numbered `stream.last_seq` (0: unnumbered) at `step` applied;
         False: a duplicate of a frame already applied (not marked, not to apply).
 
-        A frame 1 at the step of the marked process's frame 1 (`first`), or the very frame of
-        the mark, is that process replaying from its start (it reconnected before it learned that a
-        checkpoint held its frames); at another step it is a new process of the same run."""
+        A frame 1 stamped as the marked process's frame 1 (`first`: its step and wall time), or
+        the very frame of the mark, is that process replaying from its start (it reconnected
+        before it learned that a checkpoint held its frames); any other frame 1 starts a new
+        process of the same run (a restarted worker, even at the same step)."""
         key, seq = (stream.run_id, stream.rank), stream.last_seq
-        replay = self.first.get(key) == step or self.applied.get(key) == (1, step)
+        replay = self.first.get(key) == (step, wall_time) or self.applied.get(key) == (1, step)
         if seq == 1 and key in self.applied and not replay:
             del self.applied[key]  # a new agent process of the same run: its numbering starts over
             self.durable.pop(key, None)
         if seq == 1:
-            self.first[key] = step
+            self.first[key] = (step, wall_time)
         last_seq, last_step = self.applied.get(key, (0, -1))
         if seq and seq <= last_seq and step <= last_step:
             return False
@@ -303,7 +304,7 @@ class Job:
                 self.dirty = self.tables_dirty = True
             stream.layers, stream.sites = declared.by_rank[stream.rank]
         self.ranks.heard(stream, time.monotonic())
-        if not self.marks.admit(stream, sample.step):
+        if not self.marks.admit(stream, sample.step, sample.wall_time):
             self.frames_duplicate += 1
             return False
         self.frames_received += 1

@@ -54,6 +54,9 @@ STATE = (
 #: ... and of its tables (`Declared`), written when an agent's first frame changed them.
 TABLES = ("layers", "sites", "bins", "by_rank")
 
+#: What `first` holds of each agent process (`job.Marks.first`): its frame 1.
+FIRST = ("run", "rank", "step", "wall_time")
+
 Plain = dict[str, np.ndarray]
 
 
@@ -139,7 +142,8 @@ def encode_state(values: Mapping[str, Any]) -> bytes:
             "first": {
                 "run": _strings(run for run, _ in values["first"]),
                 "rank": np.array([rank for _, rank in values["first"]], dtype=np.int64),
-                "step": np.array(list(values["first"].values()), dtype=np.int64),
+                "step": np.array([step for step, _ in values["first"].values()], dtype=np.int64),
+                "wall_time": np.array([t for _, t in values["first"].values()], dtype=np.float64),
             },
         }
     )
@@ -173,10 +177,8 @@ def decode_state(data: bytes) -> dict[str, Any]:
             "merged_step": int(v["merged_step"]),
             "thermometer": None if "thermometer" not in v else _from_thermometer(v["thermometer"]),
             "first": {
-                (str(run), int(rank)): int(step)
-                for run, rank, step in zip(
-                    f.get("run", ()), f.get("rank", ()), f.get("step", ()), strict=True
-                )
+                (str(run), int(rank)): (int(step), float(t))
+                for run, rank, step, t in zip(*(f.get(k, ()) for k in FIRST), strict=True)
             },
         }
     except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -101,7 +101,7 @@ def test_a_round_trip_of_the_state_format_is_exact(tmp_path: Path) -> None:
 #: The names the format gives what it holds (schema.py): the file format, fixed here.
 STATE_NAMES = {
     "frames_duplicate", "frames_late", "frames_received", "last_transition_time", "merged_step",
-    "first.run", "first.rank", "first.step",
+    "first.run", "first.rank", "first.step", "first.wall_time",
     "transitions.count", "transitions.from", "transitions.to",
     "detector.cooldown", "detector.cusum", "detector.down", "detector.drift", "detector.excursion",
     "detector.job", "detector.layer_baseline", "detector.layer_cooldown", "detector.layer_count",

@@ -77,7 +77,8 @@ def test_a_second_run_after_a_restart_leaves_the_first_runs_restored_state_alone
     """A second run of the job says hello (and streams) first after a restart; the first run
     then replays what its spool holds and goes on: each frame counts once, none is lost."""
     db = tmp_path / "events.db"
-    first = [hello("shared", run="real"), *(frame(seq, seq - 1) for seq in range(1, 21))]
+    frames = [frame(seq, seq - 1) for seq in range(1, 41)]  # a replay resends the very frames
+    first = [hello("shared", run="real"), *frames[:20]]
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, checkpoint_interval=0.1).running() as c:
         assert stream(c.grpc_target, first)[1] is None  # its end checkpoints it
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=db, checkpoint_interval=0.1).running() as c:
@@ -85,7 +86,7 @@ def test_a_second_run_after_a_restart_leaves_the_first_runs_restored_state_alone
         assert stream(c.grpc_target, other)[1] is None
         second = c.telemetry.runs.held[("shared", "other")]
         assert (second.frames_received, second.merged_step) == (5, 4)
-        replay = [hello("shared", run="real"), *(frame(seq, seq - 1) for seq in range(1, 41))]
+        replay = [hello("shared", run="real"), *frames]
         replies, error = stream(c.grpc_target, replay)
         assert error is None and acks(replies) == list(range(1, 41))
         real = c.telemetry.runs.held[("shared", "real")]
@@ -203,16 +204,18 @@ def test_an_agent_replaying_from_its_first_frame_after_a_reconnect_counts_nothin
     tmp_path: Path,
 ) -> None:
     """Before any checkpoint holds its frames (durable 0), an agent that reconnects replays
-    from frame 1: the collector tells that replay from a new process of the same run."""
+    from frame 1: the collector tells that replay (the very frames, their wall times too) from
+    a new process of the same run (a restarted worker: new frames, even from the same step)."""
+    frames = [frame(seq, seq + 99) for seq in range(1, 16)]
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", checkpoint_interval=60).running() as c:
         first = OpenStream(c.grpc_target, hello("replay"))
-        assert [first.ack(frame(seq, seq + 99)) for seq in range(1, 11)] == list(range(1, 11))
+        assert [first.ack(f) for f in frames[:10]] == list(range(1, 11))
         first.cancel()  # the connection broke: no checkpoint made these durable
-        replay = [hello("replay"), *(frame(seq, seq + 99) for seq in range(1, 16))]
+        replay = [hello("replay"), *frames]
         assert stream(c.grpc_target, replay)[1] is None
         job = c.snapshot()["replay"]
         assert (job["frames_received"], job["frames_late"], job["last_step"]) == (15, 0, 114)
-        restarted = [hello("replay"), frame(1, 0), frame(2, 1)]  # a new process: it starts over
+        restarted = [hello("replay"), frame(1, 99), frame(2, 100)]  # a new process: it starts over
         assert stream(c.grpc_target, restarted)[1] is None
         job = c.snapshot()["replay"]
         assert (job["frames_received"], job["frames_late"]) == (17, 2)
