@@ -1,8 +1,10 @@
 """Where the collector is, for agents that were given no address.
 
 In order: `$THERMOSCOPE_COLLECTOR` ("host:port"), then — in a process that is part of a
-Ray cluster — the detached actor named `ACTOR_NAME` in namespace `NAMESPACE`, which
-`thermoscope attach` (or `thermoscope collector --ray`) starts. Ray is never imported
+Ray cluster — its node's aggregator actor (`aggregator_name(node id)`, which pre-merges the
+node's ranks for a large job: collector/node_actor.py), else the detached actor named
+`ACTOR_NAME` in namespace `NAMESPACE`, which `thermoscope attach` (or `thermoscope collector
+--ray`) starts. Ray is never imported
 here: a process that has not imported it is not in a Ray cluster.
 
 An address may list several collectors ("host:port,host:port,..."): one Python process
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
+from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE, aggregator_name
 
 #: Seconds between lookups while no collector is found; `$THERMOSCOPE_DISCOVERY_INTERVAL`.
 DEFAULT_INTERVAL = 5.0
@@ -41,6 +43,13 @@ def find_collector() -> str | None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
+    node = ray.get_runtime_context().get_node_id()
+    try:  # this node's aggregator first: it forwards to the collector
+        aggregator = ray.get_actor(aggregator_name(node), namespace=NAMESPACE)
+    except ValueError:  # none on this node: stream to the collector itself
+        aggregator = None
+    if aggregator is not None:
+        return ray.get(aggregator.address.remote(), timeout=10)
     try:
         actor = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
     except ValueError:  # no such actor: nobody attached Thermoscope yet

@@ -29,7 +29,6 @@ import os
 import socket
 import sys
 import threading
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -43,6 +42,7 @@ from thermoscope.wire import codec
 
 from . import discovery
 from .energy import LossCapture
+from .identity import launcher_run
 from .sampler import BINS, SUBSET, Pending, Sampler
 from .security import Pem, channel_security
 from .sender import Sender
@@ -61,21 +61,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, *compiled)):
         model = model._orig_mod if isinstance(model, compiled) else model.module
     return model
-
-
-#: Launchers' ids of one run of a job, which every rank of it sees, in order of preference.
-RUN_ENV = ("THERMOSCOPE_RUN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
-
-
-def default_run(world_size: int) -> str:
-    """The run id ranks of one job share without being told: $THERMOSCOPE_RUN, else the
-    launcher's (torchrun's rendezvous id, Slurm's job id), else, for a single process, a fresh
-    id of its own; else "" (the job's ranks then make one run; give `run=` to tell two
-    trainings under one job id apart)."""
-    for name in RUN_ENV:
-        if value := os.environ.get(name):
-            return value
-    return uuid.uuid4().hex[:12] if world_size == 1 else ""
 
 
 class Monitor:
@@ -120,7 +105,8 @@ class Monitor:
                 $THERMOSCOPE_TLS_CA, $THERMOSCOPE_TLS_CERT, $THERMOSCOPE_TLS_KEY (`security`).
             job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
             run: one training run of the job, shared by all its ranks: the collector keeps each
-                run's state apart, so two runs of one job id never mix (`default_run`).
+                run's state apart, so two runs of one job id never mix (default: the launcher's,
+                `identity.launcher_run`, without the collective `watch` may make).
             local_rank, node: this process's rank on its node, and the node's id in the cluster
                 (both informational: they say where a rank runs).
             step: the optimizer step training starts at (a run resumed from a checkpoint
@@ -145,7 +131,7 @@ class Monitor:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = [optimizer]
         self.job = job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
-        self.run = default_run(world_size) if run is None else run
+        self.run = launcher_run(world_size, initialized=False) if run is None else run
         self.rank, self.world_size = rank, world_size
         self.local_rank, self.node = local_rank, node
         self.every = every
@@ -221,6 +207,12 @@ class Monitor:
         return self._sender is not None and self._sender.connected
 
     @property
+    def sampling(self) -> bool:
+        """True while the coming optimizer step is sampled (armed at the end of the step before):
+        a trainer integration that sums the loss over micro-batches does so only then."""
+        return self._sampler.armed
+
+    @property
     def dormant(self) -> bool:
         """True while a monitor that looks for its collector has none: it samples nothing."""
         return self._sender is not None and self._sender.discovering
@@ -280,7 +272,7 @@ class Monitor:
 
     def _arm(self) -> None:
         """Arm the sampler for the coming step, and the loss capture while no loss is handed over."""
-        self._sampler.arm()
+        self._sampler.arm(self._step // self.every)  # the run's sample number: the same on every rank
         if not self._loss_given:
             self._losses.arm()
 

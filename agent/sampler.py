@@ -29,7 +29,9 @@ sampled step:
   (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
 
 Small tensors (biases, norms) are measured together from one flat copy with segment sums,
-since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them.
+since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them; on CUDA
+the large ones of a dtype together too (`reduce.Buckets`), so that a sample's launches do not
+grow with the number of tensors.
 
 Sharded parameters (DTensors, as FSDP2's `fully_shard` makes them) are measured on the shard
 this rank holds, their gradients likewise (a histogram counts a subset of each shard): the
@@ -61,6 +63,7 @@ from thermoscope.science import physics
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 from .clip import ClipWatch
+from .reduce import BUCKET, Buckets
 from .sites import FUNCTIONS, plain_name, scale_probe
 
 log = logging.getLogger("thermoscope.agent")
@@ -190,10 +193,12 @@ class Sampler:
         bins: int = BINS,
         subset: int = SUBSET,
         seed: int = 0,
+        fused: bool | None = None,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
-        table is settled by that step's `collect` (`settled`)."""
+        table is settled by that step's `collect` (`settled`). `fused`: the large layers' sums in
+        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1 or subset < 1:
@@ -236,17 +241,48 @@ class Sampler:
         self._small_pos = {i: k for k, i in enumerate(self._small)}
         # Built once, here: a host-to-device copy during a step would make CUDA wait.
         self._seg = _segments([values[i].numel() for i in self._small], self._device)
+        if fused is None:
+            fused = self._device.type == "cuda"
+        # the large layers a bucket holds (larger ones are read one by one: a few launches per
+        # BUCKET values read, and no copy of them)
+        self._bucketed = [i for i, v in enumerate(values) if fused and SMALL_NUMEL <= v.numel() <= BUCKET]
+        self._alone = [
+            i for i, v in enumerate(values) if v.numel() >= SMALL_NUMEL and i not in self._bucketed
+        ]
+        # the layers' places in the groups' results laid end to end (small, bucketed, alone)
+        self._state_order = (
+            torch.tensor(self._small + self._bucketed + self._alone, dtype=torch.long)
+            .argsort()
+            .to(self._device)
+        )
+        self._buckets = (
+            Buckets(
+                [values[i].numel() for i in self._bucketed],
+                [values[i].dtype for i in self._bucketed],
+                self._device,
+            )
+            if self._bucketed
+            else None
+        )
         self._subsets = [
             _subset(layer.name, v.numel(), subset, seed, self._device)
             for layer, v in zip(self.layers, values, strict=True)
         ]
-        self._hist_seg = _segments([min(v.numel(), subset) for v in values], self._device)
-        self._hist_offset = self._hist_seg * (bins + 2) + 1
-        self._hist_lo = torch.tensor([layer.hist_lo for layer in self.layers], device=self._device)
-        self._hist_scale = torch.tensor(
-            [bins / (layer.hist_hi - layer.hist_lo) for layer in self.layers], device=self._device
-        )
+        # each sample counts the histograms of one share of the layers (`shares`), so that no
+        # sample costs much more than another; the shares' device tensors are built here, once
+        self._counted = [min(v.numel(), subset) for v in values]
+        self._shares = [
+            self._histogram_share(share)
+            for share in shares([min(math.prod(layer.shape), subset) for layer in self.layers], SHAPE_EVERY)
+        ]
+        self._first: _HistogramShare | None = None  # the first sample's (`_first_share`)
+        self._number = 0  # the coming sample's number in the run (`arm`)
         self._reset()
+
+    def _histogram_share(self, layers: list[int]) -> _HistogramShare:
+        return _HistogramShare(
+            layers, [self._counted[i] for i in layers], self.layers, self.bins, self._device
+        )
 
     # -- arming ---------------------------------------------------------------------------
 
@@ -254,10 +290,14 @@ class Sampler:
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self) -> None:
-        """Register the hooks for the coming step."""
+    def arm(self, number: int = 0) -> None:
+        """Register the hooks for the coming step, the run's sample `number` (its optimizer step
+        // every, which every rank agrees on: it chooses the share of histograms and probes)."""
         if self._handles:
             return
+        self._number = number
+        if not self.settled:
+            self._first = self._first_share()
         self._reset()
         for i, module in enumerate(self._site_modules):
             self._handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
@@ -348,7 +388,7 @@ class Sampler:
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = _power_sums(z)
-                    if self._probe[i] is None and self._probed[i] and self._shape_sample:
+                    if self._probe[i] is None and self._probed[i] and self._probe_due(i):
                         self._probe[i] = scale_probe(module.forward, z)
 
         return hook
@@ -388,7 +428,7 @@ class Sampler:
         with torch.no_grad():
             z = args[0].detach()
             z_sums = _power_sums(z)  # before the call: an in-place function overwrites z
-            if self._probe[i] is None and self._shape_sample:
+            if self._probe[i] is None and self._probe_due(i):
                 rest = {k: v for k, v in kwargs.items() if k != "out"}
                 self._probe[i] = scale_probe(lambda t: func(t, *args[1:], **rest), z)
         output = func(*args, **kwargs)
@@ -435,39 +475,78 @@ class Sampler:
             self._state = self._measure_state()
             self._theta = self._pick(self._draw())
 
+    def held_bytes(self) -> int:
+        """Bytes of tensors the sampler keeps between steps: the subsets' and shares' indices, the
+        segment numbers, and the sampled update d_t on its work coordinates until the next step."""
+        kept = [t for t in self._subsets if t is not None] + [self._seg]
+        if self._delta is not None:
+            idx, large, small = self._delta
+            kept += (
+                [t for t in idx if t is not None] + list(large.values()) + ([] if small is None else [small])
+            )
+        return sum(t.numel() * t.element_size() for t in kept) + sum(s.nbytes() for s in self._shares)
+
     @property
-    def _shape_sample(self) -> bool:
-        return self._samples % SHAPE_EVERY == 0
+    def _share(self) -> _HistogramShare:
+        """The layers this sample counts histograms of: share number % SHAPE_EVERY of `_shares`,
+        chosen by the run's sample number, not this process's count, so that a worker restarted
+        mid-run counts the same layers as the other ranks at each step; more on its first sample
+        (`_first_share`)."""
+        if not self.settled and self._first is not None:
+            return self._first
+        return self._shares[self._number % SHAPE_EVERY]
+
+    def _first_share(self) -> _HistogramShare:
+        """The first sample's layers: every layer held whole, so that the first reading has their
+        shapes (a rank counting a whole layer the others do not count adds a whole histogram or
+        none: the collector takes one rank's row of it), but a sharded layer only on its own share,
+        since a shard's histogram alone, merged, would read as the layer's."""
+        share = set(self._shares[self._number % SHAPE_EVERY].layers)
+        sharded = set(self._sharded)
+        return self._histogram_share([i for i in range(len(self.layers)) if i not in sharded or i in share])
+
+    @property
+    def shape_sample(self) -> bool:
+        """Whether this sample counts any histogram (its share of the layers is not empty)."""
+        return bool(self._share.layers)
+
+    def _probe_due(self, site: int) -> bool:
+        """Site i is probed on one sample in SHAPE_EVERY by the sample's number, spread as the
+        layers (a site's probe is this rank's own reading: on its first sample, all of them)."""
+        return not self.settled or site % SHAPE_EVERY == self._number % SHAPE_EVERY
 
     def _measure_state(self) -> _State:
-        """(sum, sum of squares, histogram or None) of every layer: large tensors one at a time,
-        small ones together from one flat copy, histograms all together from the layers' subsets."""
-        sums: list[torch.Tensor] = []
-        sumsqs: list[torch.Tensor] = []
+        """(sum, sum of squares, histogram or None) of every layer: small tensors together from
+        one flat copy, large ones together in buckets where fused (`reduce.Buckets`), else one at
+        a time; histograms all together from the layers' subsets."""
         flats = [v.detach().reshape(-1) for v in self._held()]
+        sums: list[torch.Tensor] = []  # the groups' results end to end, in `_state_order`'s order
+        sumsqs: list[torch.Tensor] = []
         if self._small:
             flat = _flat64([flats[i] for i in self._small])
-            small_sums = _segment_sum(flat, self._seg, len(self._small))
-            small_sumsqs = _segment_sum(flat * flat, self._seg, len(self._small))
-        for i, p in enumerate(flats):
-            if i in self._small_pos:
-                sums.append(small_sums[self._small_pos[i]])
-                sumsqs.append(small_sumsqs[self._small_pos[i]])
-            else:
-                sums.append(p.sum(dtype=_sum_dtype(p)))
-                sumsqs.append(_sumsq(p))
-        # stack and cat promote the float32 sums of large tensors to float64
-        return torch.stack(sums), torch.stack(sumsqs), self._histogram(flats) if self._shape_sample else None
+            sums.append(_segment_sum(flat, self._seg, len(self._small)))
+            sumsqs.append(_segment_sum(flat * flat, self._seg, len(self._small)))
+        if self._buckets is not None:
+            s, q = self._buckets.moments([flats[i] for i in self._bucketed])
+            sums.append(s)
+            sumsqs.append(q)
+        if self._alone:  # stack and cat promote their float32 sums to float64
+            sums.append(torch.stack([flats[i].sum(dtype=_sum_dtype(flats[i])) for i in self._alone]))
+            sumsqs.append(torch.stack([_sumsq(flats[i]) for i in self._alone]))
+        order = self._state_order
+        share = self._share
+        hist = self._histogram(flats, share) if share.layers else None
+        return torch.cat(sums).double()[order], torch.cat(sumsqs).double()[order], hist
 
-    def _histogram(self, flats: list[torch.Tensor]) -> torch.Tensor:
-        """Counts (layers x (bins + 2)) of every layer's subset: below lo, the bins, at or above hi."""
-        subsets = zip(flats, self._subsets, strict=True)
-        values = _wide(torch.cat([p if idx is None else p.index_select(0, idx) for p, idx in subsets]))
-        seg = self._hist_seg
-        bins = ((values - self._hist_lo[seg]) * self._hist_scale[seg]).floor_()
+    def _histogram(self, flats: list[torch.Tensor], share: _HistogramShare) -> torch.Tensor:
+        """Counts (layers x (bins + 2)) of the subsets of the share's layers: below lo, the bins,
+        at or above hi; the other layers' rows stay 0 ("not taken in this frame")."""
+        values = _wide(torch.cat([_at(flats[i], self._subsets[i]) for i in share.layers]))
+        seg = share.seg
+        bins = ((values - share.lo.index_select(0, seg)) * share.scale.index_select(0, seg)).floor_()
         bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
         # bin k of layer l counts at l * (bins + 2) + k + 1
-        slot = bins.long().add_(self._hist_offset)
+        slot = bins.long().add_(share.offset.index_select(0, seg))
         # float32 counts whatever the layers' dtype (index_add_ wants one dtype; a subset of at
         # most 2^24 values counts exactly), so that no model's dtype can raise into its training
         counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)
@@ -480,7 +559,7 @@ class Sampler:
         by a fresh random offset (drawn on the host: no generator on the device, one add), so that
         every coordinate is drawn with probability k/n and the scaled dot is unbiased."""
         return [
-            None if base is None else torch.remainder(base.long() + self._rng.randrange(n), n)
+            None if base is None else _shifted(base, self._rng.randrange(n), n)
             for base, n in zip(self._subsets, self._layer_count.tolist(), strict=True)
         ]
 
@@ -580,6 +659,7 @@ class Sampler:
         site_count, has_histogram = self._site_count, hist is not None
         self._reset()
         self._samples += 1
+        self._first = None
         ready = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -682,6 +762,51 @@ def _subset(name: str, numel: int, size: int, seed: int, device: torch.device) -
     return torch.randperm(numel, generator=gen)[:size].sort().values.to(device=device, dtype=torch.int32)
 
 
+def shares(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """The layers (indices into sizes) split into `count` shares of about equal total size
+    (largest first, each to the lightest share so far), each share in layer order.
+
+    A deterministic function of the layer table (full sizes, not a rank's shard), so that every
+    rank of a job counts the same layers' histograms on the same sample, and the collector adds
+    whole histograms."""
+    load = [0] * count
+    members: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = min(range(count), key=lambda k: (load[k], k))
+        load[k] += sizes[i]
+        members[k].append(i)
+    return [sorted(m) for m in members]
+
+
+class _HistogramShare:
+    """One share of the layers and what counting their histograms needs on the device: each
+    counted value's layer within the share (int32), and per layer its slot offset (its row in the
+    full histogram), lo and bins per unit (made once: a host-to-device copy during a step would
+    make CUDA wait)."""
+
+    def __init__(
+        self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
+    ) -> None:
+        self.layers = layers
+        self.seg = _segments(counted, device).to(torch.int32)
+        self.offset = torch.tensor(layers, dtype=torch.long).to(device) * (bins + 2) + 1
+        self.lo = torch.tensor([table[i].hist_lo for i in layers], device=device)
+        self.scale = torch.tensor(
+            [bins / (table[i].hist_hi - table[i].hist_lo) for i in layers], device=device
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.seg, self.offset, self.lo, self.scale))
+
+
+def _shifted(base: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """(base + offset) mod n of int32 indices below n: two ops in int32 where the sum cannot
+    overflow it (n < 2^30), the dispatches a sample pays per large layer."""
+    if n < 1 << 30:
+        return torch.remainder(base + offset, n)
+    return torch.remainder(base.long() + offset, n).int()
+
+
 def _segments(sizes: list[int], device: torch.device) -> torch.Tensor:
     """Segment number of each value when tensors of these sizes are laid end to end."""
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)).to(device)
@@ -718,9 +843,21 @@ def _force_eager() -> object | None:
 
 
 def _power_sums(t: torch.Tensor) -> torch.Tensor:
-    """(sum t, sum t^2) of an activation in float32 (cascade sum and BLAS dot: no float64 copy on CPU)."""
-    flat = _wide(t.reshape(-1))
-    return torch.stack([flat.sum(), _sumsq(flat)])
+    """(sum t, sum t^2) of an activation in float32 (float64 for float64), read where it lies: no
+    contiguous copy of it (a BLAS dot where it is contiguous, else a norm over its strides), and no
+    float32 copy of a narrower one on an accelerator, whose reductions widen as they load. A CPU
+    reduction given dtype= copies a narrower input to it first (torch 2.13), so there it is
+    widened once, explicitly, rather than once per reduction."""
+    if t.dtype not in (torch.float32, torch.float64):
+        if t.device.type == "cpu":
+            t = t.float()
+        else:
+            square = torch.linalg.vector_norm(t, dtype=torch.float32).square()
+            return torch.stack([t.sum(dtype=torch.float32), square])
+    if t.is_contiguous():
+        flat = t.view(-1)
+        return torch.stack([flat.sum(), torch.dot(flat, flat)])
+    return torch.stack([t.sum(), torch.linalg.vector_norm(t).square()])
 
 
 def _at(flat: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,9 @@ as users would scale out.
 Latency is from the send of a step's last rank to that step appearing as
 `thermoscope_last_step{job_id}` at `/metrics`, measured on a sample of jobs (`--latency-jobs`)
 by polling `/metrics?name[]=thermoscope_last_step` back to back (the family alone, so the
-poll measures when a value becomes visible, not how long a full body takes to render). Beside
+poll measures when a value becomes visible, not how long a full body takes to render; with
+`--rate 0`, the peak mode whose latencies are queueing delays, twice a second, so that the
+polls leave the collector's core to the frames). Beside
 it, a full scrape every `--scrape-interval` seconds stands for Prometheus: its cost is in the
 collector's CPU and its durations are printed. Collector CPU (cores used over the whole run,
 connecting and draining included) and peak RSS come from `/proc/<pid>` of the collectors the
@@ -51,6 +53,13 @@ MAX_DURATION = 600.0
 MAX_LAYERS = 5000
 STREAMS_PER_CHANNEL = 100
 BINS = 8
+#: Frames an agent keeps unacknowledged (`--rate 0` sends as fast as this allows).
+WINDOW = 64
+#: Seconds between two latency polls: back to back for a service figure (`--rate` > 0); in the
+#: peak mode (`--rate 0`) latencies are queueing delays, and ~100 polls a second took ~10 % of
+#: the collector's core (py-spy), so it is looked at twice a second there.
+POLL_INTERVAL = 0.01
+PEAK_POLL_INTERVAL = 0.5
 
 
 class LoadgenError(ValueError):
@@ -218,22 +227,29 @@ async def _agent(
     totals: Totals,
     sampled: bool,
     phase: float,
+    hello: bytes | None = None,
 ) -> None:
+    """One stream: a rank's hello (or `hello`: a node's, `loadgen_nodes.py`), then `template` frames."""
     call = channel.stream_stream(METHOD, response_deserializer=pb.CollectorMessage.FromString)()
-    window = asyncio.Semaphore(64)
+    window = asyncio.Semaphore(WINDOW)
 
     async def read() -> None:
         last = 0
-        async for reply in call:
-            if reply.HasField("ack") and reply.ack.seq > last:  # (the call's last ack repeats one)
-                totals.acked += reply.ack.seq - last
-                totals.last_ack = time.monotonic()
-                for _ in range(reply.ack.seq - last):
-                    window.release()
-                last = reply.ack.seq
+        try:
+            async for reply in call:
+                if reply.HasField("ack") and reply.ack.seq > last:  # (the call's last ack repeats one)
+                    totals.acked += reply.ack.seq - last
+                    totals.last_ack = time.monotonic()
+                    for _ in range(reply.ack.seq - last):
+                        window.release()
+                    last = reply.ack.seq
+        finally:  # the call ended (refused: its error is raised below): no ack will free the writer
+            for _ in range(WINDOW):
+                window.release()
 
+    reader: asyncio.Task | None = None
     try:
-        await call.write(_hello(job, rank, world_size, layers))
+        await call.write(hello or _hello(job, rank, world_size, layers))
         reader = asyncio.create_task(read())
         seq = 0
         nxt = start + phase / rate if rate else start  # agents spread over the period
@@ -246,21 +262,31 @@ async def _agent(
             if time.monotonic() >= end:
                 break
             await window.acquire()
+            if reader.done():
+                break
             seq += 1
             now = time.time()
-            await call.write(template + _stamp(seq, seq, now))
+            try:
+                await call.write(template + _stamp(seq, seq, now))
+            except asyncio.InvalidStateError:  # the call ended under the write: the reader has its error
+                break
             totals.sent += 1
             if sampled:
                 totals.sends[(job, seq)] = time.monotonic()
-        await call.done_writing()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(reader, 10)
+        with contextlib.suppress(asyncio.InvalidStateError):  # (the call ended already)
+            await call.done_writing()
+        done, _ = await asyncio.wait({reader}, timeout=10)  # its last acks (not cancelled: see below)
+        if done:
+            reader.result()  # a refused stream's error
     except grpc.aio.AioRpcError as exc:
         totals.errors += 1
         if len(totals.error_text) < 5:
             totals.error_text.append(f"{exc.code().name}: {exc.details()}")
     finally:
-        call.cancel()
+        call.cancel()  # (a reader still waiting for acks ends with CANCELLED: not an error of the run)
+        if reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader  # retrieved: an error counts once, from the write or from the reader
 
 
 def _scrape_full(urls: set[str], totals: Totals, stop: threading.Event) -> None:
@@ -277,8 +303,8 @@ def _scrape_full(urls: set[str], totals: Totals, stop: threading.Event) -> None:
                     totals.scrape_error = repr(exc)
 
 
-def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -> None:
-    """Poll back to back; a sampled job's step counts once `thermoscope_last_step` reaches it."""
+def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event, interval: float) -> None:
+    """Poll every `interval` s; a sampled job's step counts once `thermoscope_last_step` reaches it."""
     jobs_by_url: dict[str, set[str]] = {}
     for job, url in urls.items():
         jobs_by_url.setdefault(url, set()).add(job)
@@ -306,7 +332,7 @@ def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event) -
                         early = sent < totals.warmup_until
                         (totals.warmup_latencies if early else totals.latencies).append(now - sent)
                 seen[job] = max(seen.get(job, 0), step)
-        stop.wait(0.01)
+        stop.wait(interval)
 
 
 async def _drive(
@@ -334,7 +360,10 @@ async def _drive(
     sampled = {f"loadgen-{j}" for j in range(0, jobs, max(1, jobs // max(1, latency_jobs)))}
     urls = {job: collectors[i].metrics_url for job, i in home.items()}
     stop = threading.Event()
-    pollers = [threading.Thread(target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop))]
+    poll = POLL_INTERVAL if rate else PEAK_POLL_INTERVAL
+    pollers = [
+        threading.Thread(target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop, poll))
+    ]
     if totals.scrape_interval > 0:
         full = {c.metrics_url for c in collectors}
         pollers.append(threading.Thread(target=_scrape_full, args=(full, totals, stop)))
@@ -595,6 +624,14 @@ def add_arguments(sub) -> None:
     )
     lg.add_argument("--profile", action="store_true", help="run the collectors under cProfile and print it")
     lg.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="one job of NODES x --node-ranks ranks, flat and through simulated node aggregators: "
+        "collector CPU per merged step and p99 of each (loadgen_nodes.py; 0: the usual run)",
+    )
+    lg.add_argument("--node-ranks", type=int, default=8, help="ranks per node with --nodes (default 8)")
+    lg.add_argument(
         "--pin",
         action="store_true",
         help="pin collector i to CPU i alone and the loadgen to the CPUs left (Linux): per-core figures",
@@ -602,6 +639,22 @@ def add_arguments(sub) -> None:
 
 
 def main(args, p) -> int:
+    if args.nodes:
+        from . import loadgen_nodes
+
+        try:
+            figures = loadgen_nodes.run(
+                nodes=args.nodes,
+                node_ranks=args.node_ranks,
+                layers=args.layers,
+                rate=args.rate,
+                duration=args.duration,
+                warmup=args.warmup,
+                out=sys.stdout,
+            )
+        except LoadgenError as exc:
+            p.error(f"loadgen: {exc}")
+        return 1 if any(f["errors"] for f in figures.values()) else 0
     try:
         if args.collectors < 1:
             raise LoadgenError(f"--collectors must be at least 1, got {args.collectors}")

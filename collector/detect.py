@@ -319,7 +319,7 @@ class PhaseDetector:
         slope, intercept, _, sigma = fit
         sigma = self._sigma = max(sigma, self._sigma_floor())  # kept for after a restart
         n, mean_step = len(xs), float(_mean(steps))
-        sxx = float(((steps - mean_step) ** 2).sum())
+        sxx = float(np.add.reduce((steps - mean_step) ** 2))
         forecast_sigma = sigma * math.sqrt(1 + 1 / n + (step - mean_step) ** 2 / sxx)
         reference = max(intercept + slope * step, float(_mean(xs)))
         return (x - reference) / forecast_sigma
@@ -361,8 +361,8 @@ class PhaseDetector:
         n = min(self._count, s.window)
         ring = self._ring[:n]
         speed = np.abs(ring)
-        net = ring.sum(axis=0)
-        path = speed.sum(axis=0)
+        net = np.add.reduce(ring, axis=0)  # (ndarray.sum's value, without its Python wrapper)
+        path = np.add.reduce(speed, axis=0)
         er = np.divide(np.abs(net), path, out=np.zeros_like(path), where=path > 0)
         rate = np.abs(net) / n
         # |np.nan_to_num(last - initial)| without its cost: fmax reads NaN as 0, minimum inf as the
@@ -379,7 +379,7 @@ class PhaseDetector:
         quiet = (er < s.er_lo) | (rate <= s.quiet_rate * self._peak)
         self._lo = np.where(quiet, self._lo + 1, 0)
         calm = state == TYPE_II
-        if calm.any():  # the medians are most of an update's cost: only for the layers that use them
+        if np.logical_or.reduce(calm):  # the medians are most of an update's cost: only where read
             typical = _median(speed[:, calm])
             baseline = self._baseline[calm]
             self._baseline[calm] = np.where(
@@ -432,7 +432,7 @@ def _median(a: np.ndarray) -> np.ndarray:
     s = np.sort(a, axis=0)
     middle = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
     nan = np.isnan(s[-1])
-    return np.where(nan, np.nan, middle) if nan.any() else middle
+    return np.where(nan, np.nan, middle) if np.logical_or.reduce(nan) else middle
 
 
 def _last_rows(count: int, window: int, k: int) -> np.ndarray:

@@ -56,6 +56,12 @@ class Stream:
     frames: int = 0
     heard: float = field(default_factory=time.monotonic)  # when it last sent (or was unpaused)
     stale: bool = False  # stale at the last look: its silence was counted in `lost_total`
+    # A node aggregator's stream (docs/ray.md): the ranks it speaks for (empty: one rank's), its
+    # table's runs of shards, and when each rank was last named in its frames, stale at the last look.
+    ranks: tuple[int, ...] = ()
+    spans: tuple[int, ...] = ()
+    rank_heard: dict[int, float] = field(default_factory=dict)
+    stale_ranks: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,11 @@ class Liveness:
 
 class Ranks:
     """A job's ranks by their streams: open, lost (ended abnormally) and finished (ended cleanly),
-    and whether each is stale (see the module docstring)."""
+    and whether each is stale (see the module docstring).
+
+    A node aggregator's stream is kept under its lowest rank and speaks for each of its ranks:
+    a rank its frames stop naming goes stale on its own (its last frame named it more than
+    `stale_after` ago), and the stream's end counts for every one of them."""
 
     def __init__(self, stale_after: float, paused: bool) -> None:
         self.stale_after = stale_after  # seconds of silence after which an open stream's rank is stale
@@ -88,6 +98,7 @@ class Ranks:
             self.streams[stream.rank] = stream
             self.lost.pop(stream.rank, None)
             self.finished.pop(stream.rank, None)
+            stream.rank_heard = dict.fromkeys(stream.ranks, stream.heard)
 
     def close(self, stream: Stream, clean: bool) -> None:
         """The stream ended: cleanly (the rank finished) or not (the rank is stale until it returns).
@@ -96,18 +107,36 @@ class Ranks:
             if self.streams.get(stream.rank) is not stream:
                 return
             del self.streams[stream.rank]
+            if stream.ranks:
+                stale = self._judge_ranks(stream, time.monotonic())
+                if not clean:
+                    self.lost_total += sum(not s for s in stale.values())
+                    stream.stale_ranks = set(stream.ranks)
             if clean:
                 stream.stale = False
+                stream.stale_ranks = set()
                 self.finished[stream.rank] = stream
+            elif stream.ranks:
+                stream.stale = True
+                self.lost[stream.rank] = stream
             else:
                 if not self._judge(stream, time.monotonic()):  # not already stale by silence
                     self.lost_total += 1
                 stream.stale = True
                 self.lost[stream.rank] = stream
 
-    def heard(self, stream: Stream, now: float) -> None:
-        """The stream sent a frame at `now`: a silence no one looked at before still counts."""
+    def heard(self, stream: Stream, now: float, ranks: tuple[int, ...] = ()) -> None:
+        """The stream sent a frame at `now` (a node's: merging `ranks`): a silence no one looked
+        at before still counts."""
         with self.lock:
+            if stream.ranks:
+                if self.streams.get(stream.rank) is stream:
+                    self._judge_ranks(stream, now)
+                for rank in ranks:
+                    stream.rank_heard[rank] = now
+                    stream.stale_ranks.discard(rank)
+                stream.heard = now
+                return
             if self.streams.get(stream.rank) is stream:
                 self._judge(stream, now)
             stream.heard, stream.stale = now, False
@@ -116,12 +145,14 @@ class Ranks:
         """The staleness of every rank not finished, now (counting ranks that have just gone stale)."""
         now = time.monotonic() if now is None else now
         with self.lock:
-            ranks = {rank: (s, self._judge(s, now)) for rank, s in self.streams.items()}
+            ranks = {rank: (s, self._judge(s, now)) for rank, s in self.streams.items() if not s.ranks}
+            for s in self.streams.values():
+                if s.ranks:
+                    ranks.update((rank, (s, stale)) for rank, stale in self._judge_ranks(s, now).items())
             connected = sum(not stale for _, stale in ranks.values())
-            ranks.update((rank, (s, True)) for rank, s in self.lost.items())
-            return Liveness(
-                dict(sorted(ranks.items())), connected, self.lost_total, dict(self.finished), self.paused
-            )
+            ranks.update((rank, (s, True)) for key, s in self.lost.items() for rank in s.ranks or (key,))
+            finished = {rank: s for key, s in self.finished.items() for rank in s.ranks or (key,)}
+            return Liveness(dict(sorted(ranks.items())), connected, self.lost_total, finished, self.paused)
 
     def set_paused(self, paused: bool, now: float | None = None) -> None:
         """Pause or resume the job's agents: paused ranks are not stale for their silence."""
@@ -130,11 +161,27 @@ class Ranks:
             if paused == self.paused:
                 return
             for s in self.streams.values():
-                if paused:
+                if paused and s.ranks:
+                    self._judge_ranks(s, now)
+                elif paused:
                     self._judge(s, now)  # a silence that had already gone on too long still counts
                 else:
                     s.heard, s.stale = now, False  # the silence clock starts at the resume
+                    s.rank_heard = dict.fromkeys(s.ranks, now)
             self.paused = paused
+
+    def _judge_ranks(self, stream: Stream, now: float) -> dict[int, bool]:
+        """Is each rank of the open node `stream` stale at `now`? Counts each that has just gone
+        stale (lock held)."""
+        stale = {}
+        for rank, heard in stream.rank_heard.items():
+            stale[rank] = not self.paused and now - heard > self.stale_after
+            if stale[rank] and rank not in stream.stale_ranks:
+                self.lost_total += 1
+                stream.stale_ranks.add(rank)
+            elif not stale[rank]:
+                stream.stale_ranks.discard(rank)
+        return stale
 
     def _judge(self, stream: Stream, now: float) -> bool:
         """Is the open `stream` stale at `now`? Counts it when it has just gone stale (lock held)."""
@@ -294,23 +341,31 @@ class Job:
         """Pause or resume the job's agents: paused ranks are not stale for their silence."""
         self.ranks.set_paused(paused, now)
 
-    def accept(self, stream: Stream, sample: Sample) -> bool:
-        """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered); merge every step
-        that became complete. False: a duplicate of a frame already applied (not applied again).
-        The job's next checkpoint makes it durable."""
+    def accept(
+        self,
+        stream: Stream,
+        sample: Sample,
+        energy_ranks: int | None = None,
+        ranks: tuple[int, ...] = (),
+    ) -> bool:
+        """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered), or a node's (its
+        energy averaging `energy_ranks` ranks, merging `ranks`); merge every step that became
+        complete. False: a duplicate of a frame already applied (not applied again). The job's
+        next checkpoint makes it durable."""
         if not stream.frames:  # its first: the stream's tables bind (WireError if others bound first)
             declared = self.pipeline.declared
-            if declared.declare(stream.rank, stream.layers, stream.sites, stream.bins):
+            node = (stream.ranks, stream.spans) if stream.ranks else None
+            if declared.declare(stream.rank, stream.layers, stream.sites, stream.bins, node):
                 self.dirty = self.tables_dirty = True
             stream.layers, stream.sites = declared.by_rank[stream.rank]
-        self.ranks.heard(stream, time.monotonic())
+        self.ranks.heard(stream, time.monotonic(), ranks)
         if not self.marks.admit(stream, sample.step, sample.wall_time):
             self.frames_duplicate += 1
             return False
         self.frames_received += 1
         stream.frames += 1
         stream.last_step = max(stream.last_step, sample.step)
-        if not self.pipeline.take(stream.rank, sample, self.ranks.streams):
+        if not self.pipeline.take(stream.rank, sample, self.ranks.streams, energy_ranks):
             self.frames_late += 1
         self.dirty = True
         return True

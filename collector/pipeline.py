@@ -26,6 +26,7 @@ from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
+from .aggregate import JobMerge
 from .detect import PhaseDetector
 from .merge import MergePlans, Tables, merge_step
 from .store import Event
@@ -47,10 +48,14 @@ class Declared:
     nothing (a squatter, or an agent that died at once) fixes nothing for the job's real ranks,
     and a job's settings belong to the ranks that stream. Ranks of a data-parallel job declare
     equal tables: they are kept once (`_interned`), not once per rank.
+
+    A node aggregator's stream binds under its lowest rank, with the ranks it speaks for and its
+    table's runs of shards (`nodes`); a job with any node merges with `aggregate.JobMerge`.
     """
 
     def __init__(self) -> None:
         self.by_rank: Tables = {}
+        self.nodes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # key -> (its ranks, spans)
         self.layers: dict[str, LayerInfo] = {}
         self.sites: dict[str, SiteInfo] = {}
         self.bins = 0
@@ -80,14 +85,26 @@ class Declared:
         self._interned[key] = table
         return table
 
-    def declare(self, rank: int, layers: list[LayerInfo], sites: list[SiteInfo], bins: int) -> bool:
-        """Bind a rank's tables (its stream's first frame); they must agree with what is bound
-        (`check`: WireError, and nothing bound). True: the job's tables changed."""
-        if self.by_rank.get(rank) == (layers, sites) and bins == self.bins:
+    def declare(
+        self,
+        rank: int,
+        layers: list[LayerInfo],
+        sites: list[SiteInfo],
+        bins: int,
+        node: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> bool:
+        """Bind a rank's tables (its stream's first frame), or a node's under its lowest rank
+        (`node`: its ranks and its table's spans); they must agree with what is bound (`check`:
+        WireError, and nothing bound). True: the job's tables changed."""
+        if self.by_rank.get(rank) == (layers, sites) and bins == self.bins and self.nodes.get(rank) == node:
             return False
         self.check(layers, bins)
         self.bins = bins
         self.by_rank[rank] = (self._intern(layers), self._intern(sites))
+        if node is None:
+            self.nodes.pop(rank, None)
+        else:
+            self.nodes[rank] = node
         if len(self._interned) > 2 * len(self.by_rank) + 4:  # tables no rank holds any more
             self._interned = {hash(tuple(t)): t for tables in self.by_rank.values() for t in tables}
         for layer in layers:
@@ -100,6 +117,7 @@ class Declared:
         """Forget the ranks' tables (every stream of the job ended and its steps merged): a rank
         that streams again binds its tables anew; the job's layers and sites by name stay."""
         self.by_rank = {}
+        self.nodes = {}
         self._interned.clear()
 
 
@@ -141,6 +159,7 @@ class Pipeline:
         self.history_due = history_due
         self.declared = Declared()
         self.pending: dict[int, dict[int, Sample]] = {}  # step -> rank -> sample
+        self.energy_ranks: dict[int, dict[int, int]] = {}  # step -> node -> ranks its energy averages
         self.merged_step = -1
         self.thermometer: Thermometer | None = None
         self.reading: Reading | None = None
@@ -149,12 +168,14 @@ class Pipeline:
         self.last_transition_time: float | None = None
         self.unsaved = Unsaved()
         self._plans = MergePlans()  # a cache, not state
+        self._nodes = JobMerge()  # a cache, not state: the merge of a job with node streams
 
     def release(self) -> None:
         """Every stream of the job ended and its steps merged: let go of the ranks' tables and the
         merge plans made of them (a rank that streams again binds its tables anew)."""
         self.declared.release()
         self._plans = MergePlans()
+        self._nodes = JobMerge()
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""
@@ -165,21 +186,30 @@ class Pipeline:
             detector.job_phase, detector.layer_phases(), dict(self.transitions), self.last_transition_time
         )
 
-    def take(self, rank: int, sample: Sample, streams: Mapping[int, Stream]) -> bool:
-        """Hold a rank's sample for its step and merge every step now complete, given the job's
+    def take(
+        self, rank: int, sample: Sample, streams: Mapping[int, Stream], energy_ranks: int | None = None
+    ) -> bool:
+        """Hold a rank's sample (or a node's, by its lowest rank, whose energy averages
+        `energy_ranks` ranks) for its step and merge every step now complete, given the job's
         open `streams`. False: its step was merged already (late, not applied)."""
         if sample.step <= self.merged_step:
             return False
         self.pending.setdefault(sample.step, {})[rank] = sample
+        if energy_ranks is not None:
+            self.energy_ranks.setdefault(sample.step, {})[rank] = energy_ranks
         self.merge_ready(streams)
         return True
 
     def merge_ready(self, streams: Mapping[int, Stream]) -> None:
         """Merge, in step order, each pending step that no open stream (nor an announced rank
         never connected) still owes, or that waited beyond MAX_PENDING_STEPS."""
-        declared = self.declared.by_rank
+        declared, nodes = self.declared.by_rank, self.declared.nodes
         world = max((s.world_size for s in streams.values()), default=0)
-        unseen = sum(rank < world for rank in declared) < world  # an announced rank never connected
+        if nodes:  # a node's stream binds the ranks it speaks for
+            seen = sum(len(nodes[rank][0]) if rank in nodes else 1 for rank in declared if rank < world)
+        else:
+            seen = sum(rank < world for rank in declared)
+        unseen = seen < world  # an announced rank never connected
         horizon = min((s.last_step for s in streams.values()), default=math.inf)
         for step in sorted(self.pending):
             parts = self.pending[step]
@@ -187,6 +217,11 @@ class Pipeline:
             if not (complete or len(self.pending) > MAX_PENDING_STEPS):
                 break
             del self.pending[step]
+            weights = self.energy_ranks.pop(step, {})
+            if nodes:
+                layers, sites = self.declared.layers, self.declared.sites
+                self._apply(self._nodes.merge(step, parts, declared, nodes, layers, sites, weights))
+                continue
             layer_names, site_names = list(self.declared.layers), list(self.declared.sites)
             self._apply(merge_step(step, parts, declared, layer_names, site_names, self._plans))
 

@@ -8,7 +8,7 @@ as plain data (numbers, strings, numpy arrays of numbers or strings), by the fun
 one pair per kind of object; the names are the format's, not attribute names, and renaming an
 attribute changes the functions, not the format. A state is a flat `.npz` archive (numpy's zip
 of `.npy` arrays, read with `allow_pickle=False`: nothing in it can run code), one array per
-dotted name ("thermometer.energy", "pending.180.2.layers.m2"), holding `format` too. Values are
+dotted name ("thermometer.energy", "pending.layers.m2"), holding `format` too. Values are
 bit-exact, NaN payloads included, so a resumed run reads exactly what it would have read.
 
 Reading: `FORMAT` directly; a state of a newer format, or one that cannot be decoded, raises
@@ -133,10 +133,7 @@ def encode_state(values: Mapping[str, Any]) -> bytes:
             "frames_received": values["frames_received"],
             "frames_late": values["frames_late"],
             "frames_duplicate": values["frames_duplicate"],
-            "pending": {
-                str(step): {str(rank): _sample(s) for rank, s in parts.items()}
-                for step, parts in pending.items()
-            },
+            "pending": _pending(pending),
             "merged_step": values["merged_step"],
             "thermometer": _thermometer(values["thermometer"]),
             "first": {
@@ -170,10 +167,7 @@ def decode_state(data: bytes) -> dict[str, Any]:
             "frames_received": int(v["frames_received"]),
             "frames_late": int(v["frames_late"]),
             "frames_duplicate": int(v["frames_duplicate"]),
-            "pending": {
-                int(step): {int(rank): _from_sample(s) for rank, s in parts.items()}
-                for step, parts in sorted(v.get("pending", {}).items(), key=lambda item: int(item[0]))
-            },
+            "pending": _from_pending(v.get("pending", {})),
             "merged_step": int(v["merged_step"]),
             "thermometer": None if "thermometer" not in v else _from_thermometer(v["thermometer"]),
             "first": {
@@ -289,6 +283,61 @@ def _from_sample(v: Mapping[str, Any]) -> Sample:
             sites["probe_spread"],
         ),
     )  # fmt: skip
+
+
+#: The per-row columns of a sample, by the part of it that holds them.
+_COLUMNS = {
+    "layers": [f.name for f in fields(LayerStats) if f.name != "histogram"],
+    "sites": [f.name for f in fields(SiteStats)],
+}
+
+
+def _pending(pending: Mapping[int, Mapping[int, Sample]]) -> dict[str, Any]:
+    """Every pending sample, stacked: one array per column for all of them, with each sample's
+    step, rank and row counts. (One archive member per field, not per sample: a checkpoint with
+    30 steps pending would otherwise write ~600 members, and zip's per-member cost dominated the
+    collector's CPU at peak ingest.)"""
+    samples = [(step, rank, s) for step, parts in pending.items() for rank, s in parts.items()]
+    taken = [s for _, _, s in samples if s.layers.histogram is not None]
+    out: dict[str, Any] = {
+        "step": np.array([step for step, _, _ in samples], dtype=np.int64),
+        "rank": np.array([rank for _, rank, _ in samples], dtype=np.int64),
+        "wall_time": np.array([s.wall_time for _, _, s in samples], dtype=np.float64),
+        "energy": np.array([s.energy for _, _, s in samples], dtype=np.float64),
+        "layer_rows": np.array([len(s.layers.count) for _, _, s in samples], dtype=np.int64),
+        "site_rows": np.array([len(s.sites.count) for _, _, s in samples], dtype=np.int64),
+        "histogram_taken": np.array([s.layers.histogram is not None for _, _, s in samples], dtype=bool),
+    }
+    for part, columns in _COLUMNS.items():
+        for column in columns:
+            values = [getattr(getattr(s, part), column) for _, _, s in samples]
+            out[f"{part}.{column}"] = np.concatenate(values) if values else np.zeros(0)
+    if taken:
+        out["layers.histogram"] = np.concatenate([s.layers.histogram for s in taken])
+    return out
+
+
+def _from_pending(v: Mapping[str, Any]) -> dict[int, dict[int, Sample]]:
+    """The pending samples `_pending` stacked (views into its arrays: a sample is never written to)."""
+    pending: dict[int, dict[int, Sample]] = {}
+    if "step" not in v:
+        return pending
+    layer_ends, site_ends = np.cumsum(v["layer_rows"]), np.cumsum(v["site_rows"])
+    hist_rows = np.cumsum(np.where(v["histogram_taken"], v["layer_rows"], 0))
+    for i, (step, rank) in enumerate(zip(v["step"], v["rank"], strict=True)):
+        layers = slice(layer_ends[i] - v["layer_rows"][i], layer_ends[i])
+        sites = slice(site_ends[i] - v["site_rows"][i], site_ends[i])
+        hist = slice(hist_rows[i] - v["layer_rows"][i], hist_rows[i])
+        layer_columns = [v["layers"][c][layers] for c in _COLUMNS["layers"]]
+        histogram = v["layers"]["histogram"][hist] if v["histogram_taken"][i] else None
+        pending.setdefault(int(step), {})[int(rank)] = Sample(
+            step=int(step),
+            wall_time=float(v["wall_time"][i]),
+            energy=float(v["energy"][i]),
+            layers=LayerStats(*layer_columns, histogram),
+            sites=SiteStats(*(v["sites"][c][sites] for c in _COLUMNS["sites"])),
+        )
+    return dict(sorted(pending.items()))
 
 
 def _reading(r: Reading | None) -> dict[str, Any] | None:

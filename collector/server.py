@@ -29,6 +29,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 
+from . import aggregate
 from .checkpoint import Checkpointer
 from .job import Job, Stream
 from .refusal import BadBytes
@@ -319,10 +320,17 @@ class Telemetry:
                     f"more than {self.limits.max_frame_rate:g} frames per second on this stream",
                 )
             nonfinite: dict[str, int] = {}
+            energy_ranks, ranks = None, ()
             try:
-                sample = codec.decode(
-                    msg.frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite
-                )
+                if stream.ranks:  # a node aggregator's frame
+                    table = aggregate.Table(stream.layers, stream.spans, stream.sites)
+                    sample, energy_ranks, ranks = aggregate.decode_node(
+                        msg.frame, stream.ranks, table, stream.bins, nonfinite
+                    )
+                else:
+                    sample = codec.decode(
+                        msg.frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite
+                    )
             except codec.WireError as exc:
                 await self._reject(context, exc.reason, str(exc))
             if msg.frame.seq <= stream.last_seq:
@@ -332,7 +340,7 @@ class Telemetry:
             stream.last_seq = msg.frame.seq
             job = session.job
             try:
-                job.accept(stream, sample)
+                job.accept(stream, sample, energy_ranks, ranks)
             except codec.WireError as exc:  # its tables no longer agree with what the job's ranks bound
                 await self._reject(context, exc.reason, str(exc))
             self._count_nonfinite(stream, msg.frame, nonfinite)
@@ -382,7 +390,12 @@ class Telemetry:
                 "too_many_ranks", f"a world of {hello.world_size} ranks; the limit is {limits.max_ranks}"
             )
         self._check_names(hello)
-        layers, sites = codec.decode_hello(hello)
+        node_ranks, spans = (), ()
+        if hello.ranks:  # a node aggregator's stream: its ranks and its table's runs of shards
+            node_ranks, table = aggregate.decode_node_hello(hello)
+            layers, sites, spans = list(table.layers), list(table.sites), table.spans
+        else:
+            layers, sites = codec.decode_hello(hello)
         job = self.runs.get((hello.job_id, hello.run_id))
         for table, names, known in (
             ("layers", {layer.name for layer in layers}, job.layers if job else {}),
@@ -419,6 +432,8 @@ class Telemetry:
             layers=layers,
             sites=sites,
             bins=hello.histogram_bins,
+            ranks=node_ranks,
+            spans=spans,
         )
         job.open(stream)
         log.info(

@@ -160,6 +160,10 @@ class Collector:
             options=[
                 ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # agents ping every 30 s (agent/link.py) to keep an idle stream, e.g. a paused job's, open;
+                # grpc's default (no more than one ping per 5 min without data) ends such a stream
+                # with GOAWAY too_many_pings
+                ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
             ],
         )
         server.add_generic_rpc_handlers((self.telemetry.handler(self.max_message_bytes),))

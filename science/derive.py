@@ -117,12 +117,12 @@ class Thermometer:
         # physics.layer_entropy, keeping h_gauss for the histogram's negentropy
         h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
         entropy = np.asarray(layers.count, dtype=np.float64) * h_gauss
-        total = entropy.sum()
+        total = np.add.reduce(entropy)  # entropy.sum() without the method's Python wrapper
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
             cumulative = self._work[-1] + layers.work * (sample.step - prev.step)
-        energy = sample.energy if sample.has_energy else float(cumulative.sum())
+        energy = sample.energy if sample.has_energy else float(np.add.reduce(cumulative))
         self._steps.append(sample.step)
         self._energy.append(energy)
         self._entropy.append(entropy)
@@ -141,9 +141,12 @@ class Thermometer:
         if not np.array_equal(self._probe, self._engines[0]):  # probes are rare: their types are kept
             self._engines = (self._probe.copy(), *_engines(self._probe))
         _, site_engine, engine = self._engines
-        if layers.histogram is not None:
+        if layers.histogram is not None:  # a row of zeros: that layer's histogram was not taken
+            taken = layers.histogram.any(axis=1)
             h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
-            self._shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
+            shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
+            pairs = zip(shape, self._shape, strict=True)
+            self._shape = tuple(np.where(taken, new, old) for new, old in pairs)
         h_hist, negentropy, outside = self._shape
         self.latest = Reading(
             step=sample.step,
@@ -177,9 +180,7 @@ class Thermometer:
         sums differ from 0 by more than the t-quantile of their scatter (n - 1 degrees of
         freedom for n increments) times their standard error, and than float resolution."""
         steps = np.asarray(self._steps)
-        ds, de, var_s, var_e, cov = physics.window_changes(
-            np.stack(self._entropy), np.stack(self._work), steps
-        )
+        ds, de, var_s, var_e, cov = physics.window_changes(_rows(self._entropy), _rows(self._work), steps)
         crit = physics.t_quantile(len(steps) - 2)
         beta, temp = physics.temperature(
             ds,
@@ -209,7 +210,7 @@ class Thermometer:
         de, de_err = physics.slope(steps, energy)
         span = float(steps[-1] - steps[0])
         crit = physics.t_quantile(len(steps) - 2)
-        count = float(self._last.layers.count.sum()) if self._last is not None else 0.0
+        count = float(np.add.reduce(self._last.layers.count)) if self._last is not None else 0.0
         beta, temp = physics.temperature(
             ds * span,
             de * span,
@@ -229,3 +230,10 @@ def _engines(probe: np.ndarray) -> tuple[np.ndarray, str]:
     """Each site's engine type and the network's, from the last probe spreads."""
     site_engine = physics.engine_type(probe)
     return site_engine, physics.network_engine_type(site_engine)
+
+
+def _rows(window: deque[np.ndarray]) -> np.ndarray:
+    """np.stack of the window's equal-length rows, the same array at half its cost (np.stack's
+    Python checks are most of it for ten rows of a few hundred values; a thermometer stacks two
+    windows at every merged step)."""
+    return np.concatenate(window).reshape(len(window), -1)

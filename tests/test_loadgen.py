@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 
 import pytest
 
 from thermoscope.cli import loadgen
 
-from helpers.processes import thermoscope
+from helpers.processes import start_collector_process, thermoscope
 
 
 @pytest.mark.slow
@@ -55,3 +56,34 @@ def test_collectors_share_the_jobs_as_agents_would() -> None:
     f = loadgen.run(agents=16, layers=4, rate=5.0, duration=2.0, collectors=2, scrape_interval=0, out=out)
     assert f["errors"] == 0 and f["frames_acked"] == f["frames_sent"] > 0, out.getvalue()
     assert f["latency_samples"] > 0 and f["collector_rss_total_mib"] > f["collector_rss_peak_mib"]
+
+
+@pytest.mark.slow
+def test_agents_whose_streams_the_collector_refuses_end_and_count_as_errors(tmp_path) -> None:
+    """A collector that refuses the streams mid-run (here: above its frame rate) must not leave
+    the loadgen waiting forever for acks of a stream that ended: each agent ends with an error."""
+    collector = start_collector_process(tmp_path / "c.db", None, "--max-frame-rate", "5")
+    result: dict[str, float] = {}
+    try:
+        runner = threading.Thread(
+            target=lambda: result.update(
+                loadgen.run(
+                    agents=4,
+                    layers=10,
+                    rate=0,
+                    duration=2.0,
+                    target=collector.grpc_target,
+                    target_metrics=collector.metrics_url,
+                    scrape_interval=0,
+                    out=io.StringIO(),
+                )
+            ),
+            daemon=True,
+        )
+        runner.start()
+        runner.join(timeout=120)  # not a speed bound: without the fix it never returns
+        assert not runner.is_alive(), "loadgen still waits for acks of refused streams"
+    finally:
+        collector.stop()
+    assert result["errors"] == 4
+    assert result["frames_acked"] < result["frames_sent"]

@@ -24,14 +24,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard
 
 from thermoscope.agent import Monitor
-from thermoscope.agent.sampler import SHAPE_EVERY, _shard_position
+from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET, _shard_position, shares
 from thermoscope.science import physics
 
 from helpers.processes import free_port
 from helpers.reference import entropy64, work64
 
 WORLD = 2
-STEPS = SHAPE_EVERY + 1  # the last step takes histograms (as the first did)
+STEPS = SHAPE_EVERY + 1  # every layer's histogram taken at least once after the first step
 BINS = 8  # few bins, so that the larger layers have a histogram entropy (4 values per bin)
 
 
@@ -70,14 +70,15 @@ def train_rank(rank: int, port: int, collector: str, job: str, out: Path) -> Non
         )
         initial = [p.full_tensor().detach() for p in model.parameters()]
         gen = torch.Generator().manual_seed(rank)  # each rank its own data, as in data parallel training
+        history = []  # the full parameters at each step, before its update
         for step in range(STEPS):
             loss = model(torch.randn(16, 8, generator=gen)).square().mean()
             opt.zero_grad()
             loss.backward()
             if step == STEPS - 2:  # the last sample carries the work of this update, w+
                 work_before = [p.full_tensor().detach() for p in model.parameters()]
+            history.append([p.full_tensor().detach() for p in model.parameters()])
             if step == STEPS - 1:
-                before = [p.full_tensor().detach() for p in model.parameters()]
                 grads = [p.grad.full_tensor() for p in model.parameters()]
             opt.step()
             monitor.step(loss)
@@ -86,7 +87,8 @@ def train_rank(rank: int, port: int, collector: str, job: str, out: Path) -> Non
                 dist.barrier()
         result = {"layers": monitor.layers, "delivered": monitor.close(timeout=10)}
         if rank == 0:
-            result["initial"], result["before"] = initial, before
+            before = history[-1]
+            result["initial"], result["history"] = initial, history
             result["entropy"] = [entropy64(b) for b in before]
             result["work"] = work64(grads, before, work_before)  # the next step's gradient
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -148,10 +150,14 @@ def test_fsdp_shards_merge_in_the_collector_to_the_full_parameters_entropy_and_w
     assert reading.layer_work == pytest.approx(truth["work"], rel=1e-6, abs=1e-12)
 
     # the edges were sized from the full initial tensors, and the shards' histograms add up
-    # to the full tensors' histograms
-    for layer, p0, p, h_hist in zip(
-        tables[0], truth["initial"], truth["before"], reading.layer_histogram_entropy, strict=True
+    # to the full tensors' histograms at the step each layer's was last counted (one share of
+    # the layers per step, by step number: `sampler.shares`)
+    parts = shares([min(n, SUBSET) for n in full], SHAPE_EVERY)
+    for i, (layer, p0, h_hist) in enumerate(
+        zip(tables[0], truth["initial"], reading.layer_histogram_entropy, strict=True)
     ):
+        counted = max(s for s in range(STEPS) if i in parts[s % SHAPE_EVERY])
+        p = truth["history"][counted][i]
         v = p0.double()
         assert (layer.hist_lo, layer.hist_hi) == physics.histogram_edges(
             float(v.mean()), float(v.std(correction=0))

@@ -25,6 +25,11 @@ ACTOR_NAME = "thermoscope-collector"
 NAMESPACE = "thermoscope"
 
 
+def aggregator_name(node_id: str) -> str:
+    """The Ray actor name of the node aggregator on node `node_id` (one per node, same namespace)."""
+    return f"thermoscope-aggregator-{node_id}"
+
+
 def split_address(address: str) -> tuple[str, int]:
     """("host", port) of "host:port" (an IPv6 host may be bracketed; port 0..65535, 0: any free
     one); ValueError otherwise, before anything tries to bind or dial it."""

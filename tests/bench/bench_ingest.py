@@ -22,7 +22,9 @@ shared, the minimum is the least disturbed figure):
 * `Job.accept`: one frame into a `Job` (store=None, as the collector runs without `--db`),
   which on each step's last rank merges the step, runs the thermometer and the detector;
 * per merged step, apart: `merge_step` (as the job calls it), `Thermometer.update` and
-  `PhaseDetector.update` on the merged samples.
+  `PhaseDetector.update` on the merged samples;
+* below the table, what a checkpoint's encoding of the job's state costs (`schema.encode_state`,
+  each changed job at every `--checkpoint-interval`), with no step pending and with 30.
 
 The table gives microseconds per frame or per merged step, and what one core could take if
 it did nothing but that stage: frames/s and layer-samples/s (frames x layers per frame).
@@ -40,6 +42,8 @@ from collections.abc import Callable
 import numpy as np
 
 from thermoscope.cli import loadgen
+from thermoscope.collector import schema
+from thermoscope.collector.checkpoint import values_of
 from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.job import Job, Stream
 from thermoscope.collector.merge import MergePlans, merge_step
@@ -120,6 +124,12 @@ def new_job(hellos: list[pb.Hello]) -> tuple[Job, list[Stream]]:
     return telemetry.jobs["bench"], streams
 
 
+def state_seconds(job: Job, repeat: int) -> float:
+    """What encoding the job's state for a checkpoint costs (the best of `repeat` runs)."""
+    values = values_of(job, schema.STATE)
+    return best(repeat, lambda: schema.encode_state(values))
+
+
 def best(repeat: int, run: Callable[[], None]) -> float:
     """The least wall-clock seconds of `repeat` runs."""
     times = []
@@ -152,16 +162,18 @@ def main() -> int:
     ]
     samples = decode()
 
-    def accept() -> None:
+    def accept() -> Job:
         job, streams = new_job(hellos)
         for row, srow in zip(msgs, samples, strict=True):
             for s, m, sample in zip(streams, row, srow, strict=True):
                 s.last_seq = m.frame.seq
                 job.accept(s, sample)
         assert job.merged_step == args.steps, job.merged_step
+        return job
 
-    # the per-step parts alone, as the job hands them to merge_step (with its plans, kept across steps)
-    job, _ = new_job(hellos)
+    # the per-step parts alone, as the job hands them to merge_step (with its plans, kept across steps);
+    # the ranks' tables bind with their first frame, so the job is one that took a run's frames
+    job = accept()
     names, site_names, declared = job.layer_names, job.site_names, job.pipeline.declared.by_rank
     parts = [dict(enumerate(srow)) for srow in samples]
     plans = MergePlans()
@@ -213,6 +225,19 @@ def main() -> int:
     print(
         f"| codec.decode + Job.accept | frame | {decode_accept * 1e6:,.1f} | {1 / decode_accept:,.0f} "
         f"| {args.layers / decode_accept:,.0f} |"
+    )
+
+    # A checkpoint writes each changed job's state (`Checkpointer._write`) every interval, pending
+    # samples included: with no step pending, and with one rank ahead of the others (as the ranks
+    # of `loadgen --rate 0` drift apart, each up to 64 frames ahead of its acks).
+    ahead, streams = new_job(hellos)
+    for row, srow in zip(msgs[: min(30, args.steps)], samples, strict=False):
+        streams[0].last_seq = row[0].frame.seq
+        ahead.accept(streams[0], srow[0])
+    idle, behind = state_seconds(job, args.repeat), state_seconds(ahead, args.repeat)
+    print(
+        f"\ncheckpoint of the job's state (schema.encode_state): {idle * 1e3:.1f} ms with no step "
+        f"pending, {behind * 1e3:.1f} ms with {len(ahead.pipeline.pending)} steps pending (one rank ahead)"
     )
 
     if args.profile:

@@ -69,16 +69,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from thermoscope.agent import Monitor
-
-from helpers.processes import start_collector_process
+if TYPE_CHECKING:
+    from thermoscope.agent import Monitor
 
 
 @dataclass(frozen=True)
@@ -168,6 +167,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def collector_process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A `thermoscope collector` process on free loopback ports: yields its gRPC target and itself."""
+    # Imported here, as `Monitor` in `make_arm`: bench_families.py builds the reference model from
+    # this module in processes whose peak memory must not include gRPC or the agent.
+    from helpers.processes import start_collector_process
+
     with tempfile.TemporaryFile() as log, tempfile.TemporaryDirectory() as state:
         try:
             collector = start_collector_process(
@@ -219,6 +222,8 @@ def make_pool(shape: Shape, seed: int, device: torch.device) -> list[tuple[torch
 
 
 def make_arm(config: Config, shape: Shape, target: str | None, seed: int, device: torch.device) -> Arm:
+    from thermoscope.agent import Monitor
+
     model = make_model(shape, seed, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     monitor = None

@@ -2,7 +2,8 @@
 # The benchmarks that need a GPU or more cores than this project's 2-core machine, as one run on
 # a lent machine (16 cores, one GPU, no network; see docs/benchmarks.md for what it gave):
 #
-#   agent overhead and a stalled/absent collector on a CUDA model, then `thermoscope loadgen`
+#   agent overhead (the reference MLP, then every model family beside wandb and TensorBoard)
+#   and a stalled/absent collector on a CUDA model, then `thermoscope loadgen`
 #   with each collector pinned to a core of its own: the 1,000 x 200 x 1 Hz target, the peak
 #   on one core, and the peak of 4 and 8 collectors sharded by job.
 #
@@ -18,9 +19,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 shim=$(mktemp -d)/thermoscope-path
 mkdir -p "$shim/thermoscope"
-ln -s "$PWD/agent" "$shim/thermoscope/agent"
-ln -s "$PWD/collector" "$shim/thermoscope/collector"
-ln -s "$PWD/proto/thermoscope/v1" "$shim/thermoscope/v1"
+for pair in agent:agent collector:collector cli:cli science:science wire:proto/wire v1:proto/thermoscope/v1; do
+    ln -s "$PWD/${pair#*:}" "$shim/thermoscope/${pair%%:*}"  # the map of pyproject's package-dir
+done
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 nproc | tee -a "$out/device.txt"
@@ -35,6 +36,9 @@ run() {  # name, command...
     grep -E '^\|' "$out/$name.txt" | tail -6
 }
 run overhead_cuda python3 tests/bench/bench_overhead.py "${big[@]}"
+# every family beside wandb and TensorBoard (arms whose package is missing are skipped, and
+# the transformers workloads need transformers): one table per workload
+run families_cuda python3 tests/bench/bench_families.py --device cuda --workload all
 run blocked_cuda_every10 python3 tests/bench/bench_blocked.py "${big[@]}" --every 10
 run blocked_cuda_every1 python3 tests/bench/bench_blocked.py "${big[@]}" --every 1
 loadgen=(python3 -m thermoscope.cli loadgen --pin)

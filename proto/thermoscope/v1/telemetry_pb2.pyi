@@ -23,7 +23,7 @@ class CollectorMessage(_message.Message):
     def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins", "local_rank", "node")
+    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins", "local_rank", "node", "ranks")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Hello(_message.Message):
     HISTOGRAM_BINS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     run_id: str
     rank: int
@@ -50,7 +51,8 @@ class Hello(_message.Message):
     histogram_bins: int
     local_rank: int
     node: str
-    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., local_rank: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., local_rank: _Optional[int] = ..., node: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "shape", "numel", "dtype", "shard", "histogram_lo", "histogram_hi")
@@ -71,12 +73,14 @@ class Layer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., shard: _Optional[_Union[Shard, _Mapping]] = ..., histogram_lo: _Optional[float] = ..., histogram_hi: _Optional[float] = ...) -> None: ...
 
 class Shard(_message.Message):
-    __slots__ = ("index", "count")
+    __slots__ = ("index", "count", "span")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
     index: int
     count: int
-    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    span: int
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., span: _Optional[int] = ...) -> None: ...
 
 class Site(_message.Message):
     __slots__ = ("name", "kind")
@@ -87,20 +91,24 @@ class Site(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("seq", "step", "wall_time", "energy", "layers", "sites")
+    __slots__ = ("seq", "step", "wall_time", "energy", "layers", "sites", "energy_ranks", "ranks")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     ENERGY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_RANKS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     step: int
     wall_time: float
     energy: float
     layers: LayerColumns
     sites: SiteColumns
-    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., energy: _Optional[float] = ..., layers: _Optional[_Union[LayerColumns, _Mapping]] = ..., sites: _Optional[_Union[SiteColumns, _Mapping]] = ...) -> None: ...
+    energy_ranks: int
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., energy: _Optional[float] = ..., layers: _Optional[_Union[LayerColumns, _Mapping]] = ..., sites: _Optional[_Union[SiteColumns, _Mapping]] = ..., energy_ranks: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerColumns(_message.Message):
     __slots__ = ("count", "mean", "m2", "grad_dot_before", "grad_dot_after", "histogram")

@@ -1,0 +1,248 @@
+"""`thermoscope loadgen --nodes N --node-ranks R`: one job of N x R ranks against a collector,
+streamed flat (every rank its own stream) and through simulated node aggregators (N streams
+of pre-merged node frames, as `collector/aggregator.py` sends them), one arm after the other,
+each against a fresh collector process.
+
+Printed per arm: the collector's CPU seconds per merged step (its CPU from the end of the
+warm-up, when every stream has said hello, to the end of the run, less what the latency
+poller alone costs it, measured idle after the run, over the steps merged meanwhile) and the
+end-to-end p50/p99 from the send of a step's last frame to the step at `/metrics`
+(`loadgen._poll_latency`). The node arm's frames are built once per node (the exact
+merge of its R ranks' frames); the aggregator's own merge (~0.2 ms per node per step,
+tests/bench/bench_aggregate.py) and its loopback hop are not in its latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from thermoscope.collector import aggregate
+from thermoscope.collector.aggregate import Table
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire import codec
+
+from .loadgen import (
+    BINS,
+    MAX_AGENTS,
+    POLL_INTERVAL,
+    STREAMS_PER_CHANNEL,
+    LoadgenError,
+    Totals,
+    _agent,
+    _cpu_seconds,
+    _pct,
+    _poll_latency,
+    start_collectors,
+)
+
+JOB = "loadgen-nodes"
+#: Seconds the collector is watched idle (the latency poller only) after the run, to subtract its cost.
+IDLE = 3.0
+#: Seconds over which the ranks of one step send (a synchronous job's ranks finish a step together).
+SPREAD = 0.05
+
+
+def _tables(layers: int) -> tuple[list[LayerInfo], list[SiteInfo]]:
+    return [LayerInfo(f"layer{i}", (1000,), 1000, "float32", 0, 1) for i in range(layers)], [
+        SiteInfo("site0", "ReLU")
+    ]
+
+
+def _rank_sample(layers: int) -> Sample:
+    ones = np.ones(layers)
+    hist = np.full((layers, BINS + 2), 10, dtype=np.int64)
+    hist[:, [0, -1]] = 0
+    return Sample(
+        step=0,
+        wall_time=0.0,
+        energy=1.0,
+        layers=LayerStats(
+            np.full(layers, 1000, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones, hist
+        ),
+        sites=SiteStats(
+            np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
+        ),
+    )
+
+
+def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[bytes, bytes]]:
+    """Each stream's (hello, frame template) for `arm` ("flat": a rank's; "node": a node's)."""
+    world = nodes * node_ranks
+    layer_table, sites = _tables(layers)
+    sample = _rank_sample(layers)
+    rank_frame = codec.encode(sample, 1).SerializeToString()
+    out = []
+    if arm == "flat":
+        for rank in range(world):
+            hello = codec.hello(
+                job_id=JOB,
+                run_id="loadgen",
+                rank=rank,
+                world_size=world,
+                host="loadgen",
+                agent_version="loadgen",
+                every=1,
+                layers=layer_table,
+                sites=sites,
+                bins=BINS,
+            )
+            out.append((hello.SerializeToString(), rank_frame))
+        return out
+    tables = {r: Table.of_rank(layer_table, sites) for r in range(node_ranks)}
+    table = aggregate.node_table(tables)
+    merged, energy_ranks = aggregate.Merger(table).merge(0, dict.fromkeys(range(node_ranks), sample), tables)
+    body = codec.encode(merged, 1).SerializeToString()
+    for first in range(0, world, node_ranks):
+        ranks = list(range(first, first + node_ranks))
+        hello = aggregate.node_hello(
+            job_id=JOB,
+            run_id="loadgen",
+            ranks=ranks,
+            world_size=world,
+            host="loadgen",
+            agent_version="loadgen",
+            node=f"node{first // node_ranks}",
+            every=1,
+            table=table,
+            bins=BINS,
+        )
+        tail = pb.AgentMessage(frame=pb.Frame(energy_ranks=energy_ranks, ranks=ranks)).SerializeToString()
+        out.append((hello.SerializeToString(), body + tail))  # concatenated encodings merge
+    return out
+
+
+def _last_step(url: str) -> int:
+    with urllib.request.urlopen(f"{url}?name[]=thermoscope_last_step", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("thermoscope_last_step{") and f'job_id="{JOB}"' in line:
+                return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, warmup, totals) -> dict:
+    channels = [
+        grpc.aio.insecure_channel(target) for _ in range(math.ceil(len(arm_streams) / STREAMS_PER_CHANNEL))
+    ]
+    stop = threading.Event()
+    poller = threading.Thread(
+        target=_poll_latency, args=({JOB: url}, totals, stop, POLL_INTERVAL), daemon=True
+    )
+    poller.start()
+    start = time.monotonic() + 0.5
+    end = start + duration
+    totals.warmup_until = start + warmup
+    mark: dict[str, float] = {}
+
+    async def at_warmup() -> None:
+        await asyncio.sleep(totals.warmup_until - time.monotonic())
+        mark["cpu"], mark["step"] = _cpu_seconds(pid), await asyncio.to_thread(_last_step, url)
+        mark["t"] = time.monotonic()
+
+    marker = asyncio.create_task(at_warmup())
+    tasks = [
+        asyncio.create_task(
+            _agent(
+                channels[i % len(channels)],
+                JOB,
+                i,
+                len(arm_streams),
+                0,
+                frame,
+                rate,
+                start,
+                end,
+                totals,
+                True,
+                ((i * 0.6180339887) % 1.0) * SPREAD * rate,
+                hello=hello,
+            )
+        )
+        for i, (hello, frame) in enumerate(arm_streams)
+    ]
+    await asyncio.gather(*tasks)
+    await marker
+    await asyncio.sleep(1.5)  # the last steps reach /metrics
+    cpu, step, t_end = _cpu_seconds(pid), await asyncio.to_thread(_last_step, url), time.monotonic()
+    await asyncio.sleep(IDLE)  # the latency poller's own cost, no frames: subtracted
+    idle_rate = (_cpu_seconds(pid) - cpu) / IDLE
+    stop.set()
+    poller.join(timeout=65)
+    for ch in channels:
+        await ch.close()
+    steps = step - mark["step"]
+    return {
+        "streams": len(arm_streams),
+        "steps": steps,
+        "cpu_per_step_s": (cpu - mark["cpu"] - idle_rate * (t_end - mark["t"])) / steps
+        if steps
+        else math.nan,
+        "poller_cores": idle_rate,
+        "p50_s": _pct(totals.latencies, 50),
+        "p99_s": _pct(totals.latencies, 99),
+        "latency_n": len(totals.latencies),
+        "errors": totals.errors,
+    }
+
+
+def run(
+    *, nodes: int, node_ranks: int, layers: int, rate: float, duration: float, warmup: float, out
+) -> dict[str, dict]:
+    """Both arms, one after the other; prints their table and returns their figures."""
+    if nodes < 1 or node_ranks < 1 or nodes * node_ranks > MAX_AGENTS:
+        raise LoadgenError(
+            f"--nodes x --node-ranks must be 1..{MAX_AGENTS} ranks, got {nodes} x {node_ranks}"
+        )
+    if not (rate > 0 and 0 < warmup < duration):
+        raise LoadgenError("--nodes needs --rate > 0 and 0 < --warmup < --duration")
+    figures = {}
+    for arm in ("flat", "node"):
+        arm_streams = streams(arm, nodes, node_ranks, layers)
+        with tempfile.TemporaryDirectory(prefix="thermoscope-loadgen-") as tmp:
+            [collector] = start_collectors(1, Path(tmp))
+            try:
+                totals = Totals(scrape_interval=0)
+                figures[arm] = asyncio.run(
+                    _drive(
+                        arm_streams,
+                        collector.grpc_target,
+                        collector.metrics_url,
+                        collector.proc.pid,
+                        rate,
+                        duration,
+                        warmup,
+                        totals,
+                    )
+                )
+            finally:
+                collector.proc.terminate()
+                collector.proc.wait(timeout=30)
+        print(f"{arm}: {figures[arm]}", file=out, flush=True)
+        for text in totals.error_text:
+            print(f"{arm}: error: {text}", file=out)
+    print(
+        f"\none job of {nodes} nodes x {node_ranks} ranks x {layers} layers, {rate:g} steps/s, "
+        f"{duration:g} s ({warmup:g} s warm-up left out)",
+        file=out,
+    )
+    print(
+        "| arm | streams | steps merged | collector CPU per merged step ms | p50 ms | p99 ms | errors |",
+        file=out,
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", file=out)
+    for arm, f in figures.items():
+        print(
+            f"| {arm} | {f['streams']} | {f['steps']} | {f['cpu_per_step_s'] * 1e3:.0f} "
+            f"| {f['p50_s'] * 1e3:.0f} | {f['p99_s'] * 1e3:.0f} | {f['errors']} |",
+            file=out,
+        )
+    return figures

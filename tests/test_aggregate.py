@@ -1,0 +1,225 @@
+"""A node aggregator's pre-merge is exact: merging each node's ranks into one node frame, sending
+it through the wire form, and merging the nodes gives what the flat merge of every rank gives
+(`merge_step`), to 1e-9, for data parallel, sharded-within-node, sharded-across-nodes and
+unevenly sharded jobs, and so do the readings derived from it. No Ray needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from thermoscope.collector import aggregate
+from thermoscope.collector.aggregate import Table
+from thermoscope.collector.merge import merge_step
+from thermoscope.science.derive import Thermometer
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.wire.codec import WireError
+
+BINS = 6
+N_LAYERS = 5
+SITES = [SiteInfo(f"act{j}", "ReLU") for j in range(3)]
+STEPS = 4
+
+
+def layout(world: int, shards: int) -> dict[int, list[LayerInfo]]:
+    """Each rank's layer table: layers 0-1 replicas, layers 2.. sharded `shards` ways, rank r
+    holding shard r % shards (shards == world: FSDP over the world; < node size: HSDP)."""
+    tables = {}
+    for r in range(world):
+        layers = [LayerInfo(f"rep{j}", (4, 4), 16, "float32", 0, 1, -2.0, 2.0) for j in range(2)]
+        layers += [
+            LayerInfo(f"sh{j}", (shards, 3), 3, "float32", r % shards, shards, -2.0, 2.0)
+            for j in range(N_LAYERS - 2)
+        ]
+        tables[r] = layers
+    return tables
+
+
+def rank_sample(rng: np.random.Generator, step: int, n_layers: int, hist: bool, energy: bool) -> Sample:
+    """A rank's sample with random statistics (replicas differ too, so the copy read matters)."""
+    count = rng.integers(1, 50, n_layers)
+    layers = LayerStats(
+        count=count,
+        mean=rng.normal(size=n_layers),
+        m2=rng.uniform(0.1, 5.0, n_layers),
+        dot_before=rng.normal(size=n_layers),
+        dot_after=rng.normal(size=n_layers),
+        histogram=rng.integers(0, 9, (n_layers, BINS + 2)) if hist else None,
+    )
+    n = len(SITES)
+    sites = SiteStats(
+        rng.integers(1, 100, n),
+        rng.normal(size=n),
+        rng.uniform(0.1, 3.0, n),
+        rng.normal(size=n),
+        rng.uniform(0.1, 3.0, n),
+        np.where(rng.uniform(size=n) < 0.5, -1.0, rng.uniform(size=n)),
+    )
+    e = float(rng.normal(2.0)) if energy else math.nan
+    return Sample(step, 1.7e9 + step + rng.uniform(), e, layers, sites)
+
+
+def through_nodes(step, parts, tables, node_size, world):
+    """Each node's ranks pre-merged, sent and decoded as node frames, then the nodes merged."""
+    node_tables, node_parts, weights = {}, {}, {}
+    for first in range(0, world, node_size):
+        ranks = [r for r in range(first, min(first + node_size, world))]
+        rank_tables = {r: Table.of_rank(tables[r], SITES) for r in ranks}
+        nt = aggregate.node_table(rank_tables)
+        merged, energy_ranks = aggregate.Merger(nt).merge(
+            step, {r: parts[r] for r in ranks if r in parts}, rank_tables
+        )
+        hello = aggregate.node_hello(
+            job_id="j",
+            run_id="r",
+            ranks=ranks,
+            world_size=world,
+            host="h",
+            agent_version="t",
+            node=f"n{first}",
+            every=1,
+            table=nt,
+            bins=BINS,
+        ).hello
+        hello_ranks, decoded_table = aggregate.decode_node_hello(hello)
+        assert decoded_table == nt
+        frame = aggregate.encode_node(merged, step + 1, energy_ranks, [r for r in ranks if r in parts]).frame
+        sample, weight, _ = aggregate.decode_node(frame, hello_ranks, decoded_table, BINS)
+        node_tables[first], node_parts[first], weights[first] = decoded_table, sample, weight
+    merged, _ = aggregate.job_merger(node_tables).merge(step, node_parts, node_tables, weights)
+    return merged, aggregate.job_table(node_tables)
+
+
+def flat(step, parts, tables):
+    layer_names = list(dict.fromkeys(layer.name for r in sorted(tables) for layer in tables[r]))
+    site_names = [s.name for s in SITES]
+    return merge_step(step, parts, {r: (t, SITES) for r, t in tables.items()}, layer_names, site_names)
+
+
+def assert_same(a: Sample, b: Sample) -> None:
+    for field in ("count", "mean", "m2", "dot_before", "dot_after"):
+        np.testing.assert_allclose(getattr(a.layers, field), getattr(b.layers, field), rtol=1e-9, atol=1e-12)
+    if a.layers.histogram is None:
+        assert b.layers.histogram is None
+    else:
+        np.testing.assert_array_equal(a.layers.histogram, b.layers.histogram)
+    for field in ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread"):
+        np.testing.assert_allclose(getattr(a.sites, field), getattr(b.sites, field), rtol=1e-9, atol=1e-12)
+    assert a.energy == pytest.approx(b.energy, rel=1e-12, nan_ok=True)
+    assert a.wall_time == b.wall_time
+
+
+@pytest.mark.parametrize(
+    ("world", "node_size", "shards"),
+    [
+        (32, 8, 1),  # data parallel: every layer a replica on every rank
+        (32, 8, 8),  # HSDP: each node holds every shard, nodes replicate
+        (32, 8, 16),  # shards span two nodes, pairs of nodes replicate
+        (32, 8, 32),  # FSDP over the whole world: every node holds a run of shards
+        (20, 8, 12),  # uneven: a node holds two runs, the last node fewer ranks
+        (24, 8, 6),  # a shard group does not divide a node
+    ],
+)
+def test_node_merge_equals_the_flat_merge_of_every_rank(world, node_size, shards):
+    rng = np.random.default_rng(world * 100 + shards)
+    tables = layout(world, shards)
+    flat_th = node_th = None
+    for step in range(STEPS):
+        parts = {r: rank_sample(rng, step, N_LAYERS, hist=step % 2 == 0, energy=r % 3 != 1) for r in tables}
+        expected = flat(step, parts, tables)
+        got, (job_layers, job_sites) = through_nodes(step, parts, tables, node_size, world)
+        assert [layer.name for layer in job_layers] == list(dict.fromkeys(la.name for la in tables[0]))
+        assert np.isfinite(got.layers.mean).all()  # every layer's shards are covered
+        assert_same(got, expected)
+        if flat_th is None:
+            flat_th, node_th = (
+                Thermometer(job_layers, job_sites, window=3),
+                Thermometer(job_layers, job_sites, window=3),
+            )
+        want, have = flat_th.update(expected), node_th.update(got)
+        for field in ("energy", "entropy", "beta", "temperature", "efficiency"):
+            assert getattr(have, field) == pytest.approx(
+                getattr(want, field), rel=1e-9, abs=1e-12, nan_ok=True
+            )
+        for field in (
+            "layer_entropy",
+            "layer_work",
+            "layer_temperature",
+            "layer_histogram_entropy",
+            "site_efficiency",
+        ):
+            np.testing.assert_allclose(getattr(have, field), getattr(want, field), rtol=1e-9, atol=1e-12)
+
+
+def test_energy_stays_the_mean_over_ranks_when_nodes_differ_in_size():
+    """A node of 8 ranks and one of 2: averaging node means would weigh each rank of the small
+    node four times; weighing nodes by their ranks gives the ranks' mean."""
+    rng = np.random.default_rng(3)
+    tables = layout(10, 1)
+    parts = {r: rank_sample(rng, 0, N_LAYERS, hist=False, energy=True) for r in tables}
+    got, _ = through_nodes(0, parts, tables, 8, 10)
+    assert got.energy == pytest.approx(np.mean([p.energy for p in parts.values()]), rel=1e-12)
+
+
+def test_a_rank_missing_at_a_step_leaves_its_shards_nan_as_in_the_flat_merge():
+    rng = np.random.default_rng(4)
+    tables = layout(16, 16)
+    parts = {r: rank_sample(rng, 0, N_LAYERS, hist=True, energy=True) for r in tables if r != 5}
+    expected = flat(0, parts, {r: tables[r] for r in parts})
+    got, _ = through_nodes(0, parts, tables, 8, 16)
+    assert np.isnan(got.layers.mean[2:]).all() and np.isfinite(got.layers.mean[:2]).all()
+    assert_same(got, expected)
+
+
+def test_a_node_hello_with_overlapping_runs_is_refused():
+    tables = {r: Table.of_rank(layout(8, 8)[r], SITES) for r in range(8)}
+    nt = aggregate.node_table(tables)
+    hello = aggregate.node_hello(
+        job_id="j",
+        run_id="r",
+        ranks=list(range(8)),
+        world_size=8,
+        host="h",
+        agent_version="t",
+        node="n",
+        every=1,
+        table=nt,
+        bins=BINS,
+    ).hello
+    hello.layers.append(hello.layers[2])  # shards 0..7 of sh0 a second time
+    with pytest.raises(WireError, match="overlap"):
+        aggregate.decode_node_hello(hello)
+
+
+def test_a_node_hello_whose_ranks_do_not_start_at_its_rank_is_refused():
+    tables = {r: Table.of_rank(layout(8, 1)[r], SITES) for r in range(8)}
+    hello = aggregate.node_hello(
+        job_id="j",
+        run_id="r",
+        ranks=list(range(8)),
+        world_size=8,
+        host="h",
+        agent_version="t",
+        node="n",
+        every=1,
+        table=aggregate.node_table(tables),
+        bins=BINS,
+    ).hello
+    hello.rank = 3
+    with pytest.raises(WireError, match="increasing from rank 3"):
+        aggregate.decode_node_hello(hello)
+
+
+def test_a_node_frame_naming_a_rank_outside_its_hello_is_refused():
+    rng = np.random.default_rng(5)
+    tables = {r: Table.of_rank(layout(8, 1)[r], SITES) for r in range(8)}
+    nt = aggregate.node_table(tables)
+    merged, n = aggregate.Merger(nt).merge(
+        0, {r: rank_sample(rng, 0, N_LAYERS, False, True) for r in range(8)}, tables
+    )
+    frame = aggregate.encode_node(merged, 1, n, [0, 9]).frame
+    with pytest.raises(WireError, match="not the hello's"):
+        aggregate.decode_node(frame, tuple(range(8)), nt, BINS)
