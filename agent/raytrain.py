@@ -53,6 +53,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 from . import discovery
+from .identity import launcher_identity
 from .monitor import Monitor
 
 log = logging.getLogger("thermoscope.agent")
@@ -61,16 +62,16 @@ log = logging.getLogger("thermoscope.agent")
 def ray_identity() -> dict[str, Any]:
     """job, run, rank and world size of this process, from Ray Train where it runs in one.
 
-    Outside a Ray worker (torchrun, tests) rank and world size come from torch.distributed,
-    if initialized, and the job from `Monitor`'s defaults.
+    Outside a Ray worker (torchrun, `accelerate launch`, a plain process) they come from the
+    launcher's environment and torch.distributed (`identity.launcher_identity`).
     """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return launcher_identity()
     identity: dict[str, Any] = {}
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         identity |= {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return identity
     context = ray.get_runtime_context()
     identity |= {"job": context.get_job_id(), "node": context.get_node_id()}
     try:

@@ -143,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     from . import loadgen  # its own module: the load generator and its flags
 
     loadgen.add_arguments(sub)
+    from . import top  # its own module: the live view and its flags
+
+    top.add_arguments(sub)
     from . import aggregator  # its own module: a node's aggregator and its flags
 
     aggregator.add_arguments(sub)
@@ -348,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import aggregator
 
         return aggregator.main(args, p)
+    if args.command == "top":
+        from . import top
+
+        return top.main(args, p)
     if args.command == "theory":
         from . import theory as theory_cli  # torch is imported only with --simulate
 
