@@ -84,11 +84,12 @@ def check_bounds(agents: int, layers: int, rate: float, duration: float, world_s
         raise LoadgenError(f"--agents ({agents}) must be a multiple of --world-size ({world_size})")
 
 
-def _template(layers: int) -> bytes:
+def template_sample(layers: int) -> Sample:
+    """The statistics every simulated rank sends: `layers` layers of 1,000 values, one ReLU site."""
     ones = np.ones(layers)
     hist = np.full((layers, BINS + 2), 10, dtype=np.int64)
     hist[:, [0, -1]] = 0
-    sample = Sample(
+    return Sample(
         step=0,
         wall_time=0.0,
         energy=1.0,
@@ -99,7 +100,10 @@ def _template(layers: int) -> bytes:
             np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
         ),
     )
-    return codec.encode(sample, 1).SerializeToString()
+
+
+def _template(layers: int) -> bytes:
+    return codec.encode(template_sample(layers), 1).SerializeToString()
 
 
 def _hello(job: str, rank: int, world_size: int, layers: int) -> bytes:

@@ -23,11 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from thermoscope.collector import aggregate
 from thermoscope.collector.aggregate import Table
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import LayerInfo, SiteInfo
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
@@ -43,6 +42,7 @@ from .loadgen import (
     _pct,
     _poll_latency,
     start_collectors,
+    template_sample,
 )
 
 JOB = "loadgen-nodes"
@@ -58,28 +58,11 @@ def _tables(layers: int) -> tuple[list[LayerInfo], list[SiteInfo]]:
     ]
 
 
-def _rank_sample(layers: int) -> Sample:
-    ones = np.ones(layers)
-    hist = np.full((layers, BINS + 2), 10, dtype=np.int64)
-    hist[:, [0, -1]] = 0
-    return Sample(
-        step=0,
-        wall_time=0.0,
-        energy=1.0,
-        layers=LayerStats(
-            np.full(layers, 1000, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones, hist
-        ),
-        sites=SiteStats(
-            np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
-        ),
-    )
-
-
 def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[bytes, bytes]]:
     """Each stream's (hello, frame template) for `arm` ("flat": a rank's; "node": a node's)."""
     world = nodes * node_ranks
     layer_table, sites = _tables(layers)
-    sample = _rank_sample(layers)
+    sample = template_sample(layers)
     rank_frame = codec.encode(sample, 1).SerializeToString()
     out = []
     if arm == "flat":

@@ -18,6 +18,8 @@ from thermoscope.science.derive import Thermometer
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.wire.codec import WireError
 
+from helpers.nodes import assert_readings_equal
+
 BINS = 6
 N_LAYERS = 5
 SITES = [SiteInfo(f"act{j}", "ReLU") for j in range(3)]
@@ -139,19 +141,7 @@ def test_node_merge_equals_the_flat_merge_of_every_rank(world, node_size, shards
                 Thermometer(job_layers, job_sites, window=3),
                 Thermometer(job_layers, job_sites, window=3),
             )
-        want, have = flat_th.update(expected), node_th.update(got)
-        for field in ("energy", "entropy", "beta", "temperature", "efficiency"):
-            assert getattr(have, field) == pytest.approx(
-                getattr(want, field), rel=1e-9, abs=1e-12, nan_ok=True
-            )
-        for field in (
-            "layer_entropy",
-            "layer_work",
-            "layer_temperature",
-            "layer_histogram_entropy",
-            "site_efficiency",
-        ):
-            np.testing.assert_allclose(getattr(have, field), getattr(want, field), rtol=1e-9, atol=1e-12)
+        assert_readings_equal(node_th.update(got), flat_th.update(expected))
 
 
 def test_energy_stays_the_mean_over_ranks_when_nodes_differ_in_size():
