@@ -90,7 +90,8 @@ def test_agents_on_a_node_stream_through_its_aggregator_actor_which_ray_restarts
             except Exception:  # restarting: the agents' lookup retries
                 assert time.monotonic() < deadline, "the aggregator actor did not come back"
                 time.sleep(1)
-        assert again != first  # a new process, on a new free port
+        # the killed process cannot answer: steps that merge now went through its successor (which
+        # may have been given the same free port by the OS)
         stream_steps(again, "j", range(3, 5))
         assert job.merged_step == 4
     finally:
