@@ -41,11 +41,13 @@ class Buckets:
             by_dtype.setdefault(dtype, []).append(k)
         for dtype, members in by_dtype.items():
             bucket: list[int] = []
+            filled = 0  # padded values of the tensors in `bucket`
             for k in members:
-                if bucket and sum(_padded(sizes[j]) for j in bucket) + _padded(sizes[k]) > BUCKET:
+                if bucket and filled + _padded(sizes[k]) > BUCKET:
                     self._buckets.append(_Bucket(bucket, sizes, dtype, device))
-                    bucket = []
+                    bucket, filled = [], 0
                 bucket.append(k)
+                filled += _padded(sizes[k])
             self._buckets.append(_Bucket(bucket, sizes, dtype, device))
         placed = [k for b in self._buckets for k in b.members]  # the buckets' results end to end
         self._order = torch.tensor(placed, dtype=torch.long).argsort().to(device)
