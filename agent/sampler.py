@@ -12,23 +12,24 @@ sampled step:
   runs eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile;
 * the optimizer's step pre-hook reads, per parameter tensor theta, sum theta and sum theta^2
   (the step's state theta_t, paired with its loss E_t), and keeps theta_t on this step's work
-  coordinates: all of a layer of at most `subset` values, else `subset` of them (the layer's
-  fixed subset shifted by a fresh random offset). `collect` turns them into the update
-  d_t = theta_{t+1} - theta_t on those coordinates and arms a one-shot optimizer pre-hook for the
-  NEXT step (`following`): there the next minibatch's gradient g_{t+1} gives the work
-  w+_t = <g_{t+1}, d_t> (n/k times the subset's dot: unbiased), which the next sample carries as
-  <g_{t+1}, theta_{t+1}> - <g_{t+1}, theta_t>, accumulated in float64. The same-batch work
-  <g_t, d_t> is biased by the minibatch noise; w+ is not, since g_{t+1} is independent of d_t
-  (docs/science.md section 2);
+  coordinates: all of a layer of at most `subset` values, else `subset` of them in blocks of
+  neighbouring values (`coords.Coordinates`: the layer's fixed blocks shifted by a fresh random
+  number of blocks). `collect` turns them into the update d_t = theta_{t+1} - theta_t on those
+  coordinates and arms a one-shot optimizer pre-hook for the NEXT step (`following`): there the
+  next minibatch's gradient g_{t+1} gives the work w+_t = <g_{t+1}, d_t> (its blocks weighted by
+  n/k: unbiased), which the next sample carries as <g_{t+1}, theta_{t+1}> - <g_{t+1}, theta_t>,
+  both estimated on the same coordinates (their difference, the work, is what they are read
+  for). The same-batch work <g_t, d_t> is biased by the minibatch noise; w+ is not, since
+  g_{t+1} is independent of d_t (docs/science.md section 2);
 * the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
   first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
-  is counted on fixed edges over a fixed, seeded subset of at most `subset` values (the same
-  indices every time, so changes are paired, not resampled noise), and each activation site
+  is counted on fixed edges over its fixed, seeded blocks of at most `subset` values (the same
+  values every time, so changes are paired, not resampled noise), and each activation site
   runs its engine-type scale probe;
 * `collect` packs everything into one float64 tensor and starts its copy to the host
   (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
 
-Small tensors (biases, norms) are measured together from one flat copy with segment sums,
+Small tensors (biases, norms) are measured together from one float64 copy with segment sums,
 since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them; on CUDA
 the large ones of a dtype together too (`reduce.Buckets`), so that a sample's launches do not
 grow with the number of tensors.
@@ -46,10 +47,8 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +62,7 @@ from thermoscope.science import physics
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 from .clip import ClipWatch
+from .coords import Coordinates
 from .reduce import BUCKET, Buckets
 from .sites import FUNCTIONS, plain_name, scale_probe
 
@@ -70,14 +70,6 @@ log = logging.getLogger("thermoscope.agent")
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
-#: The work dots are BLAS float32 dots over blocks of this many values, added up in float64.
-#: A float64 reduction of the products would be more exact but costs a float32 product
-#: temporary and, on CPU, a float64 copy too (measured: 0.28 ms per 1M values, 63 ms at 16M,
-#: against 0.08 ms blocked; on an H200, 0.16 ms against 0.05 ms at 16M). Measured relative
-#: error of the work against exact float64 when the update is 1e-4 of the weights: 7e-5 on
-#: CPU (2e-3 at 1e-6), 3e-7 on CUDA, whose dot reduces as a tree.
-DOT_BLOCK = {"cpu": 1 << 18, "cuda": 1 << 24}
-
 #: Histogram settings: bins between the fixed edges, and the most values of a layer counted.
 BINS = 512
 SUBSET = 1 << 16
@@ -87,8 +79,8 @@ SHAPE_EVERY = 10
 
 #: Every layer's (sum, sum of squares, histogram counts or None) at theta_t.
 _State = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-#: Values at a step's work coordinates: (coordinates per layer, None for all; large layers one by
-#: one; the small ones end to end in float64).
+#: Values at a step's work coordinates: (blocks per layer, None for all; large layers one by one;
+#: the small ones end to end in float64).
 _Picked = tuple[list[torch.Tensor | None], dict[int, torch.Tensor], torch.Tensor | None]
 
 _LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
@@ -109,15 +101,6 @@ def _sum_dtype(t: torch.Tensor) -> torch.dtype:
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """t itself in float32/float64, else a float32 copy (bf16 products would round away the work)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _dot64(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """<g, p> of two flat tensors: float32 dots over blocks, float64 across them (DOT_BLOCK)."""
-    block = DOT_BLOCK.get(p.device.type, DOT_BLOCK["cpu"])
-    if p.numel() <= block:
-        return torch.dot(_wide(g), _wide(p)).double()
-    parts = [torch.dot(_wide(gc), _wide(pc)) for gc, pc in zip(g.split(block), p.split(block), strict=True)]
-    return torch.stack(parts).sum(dtype=torch.float64)
 
 
 @dataclass
@@ -201,8 +184,8 @@ class Sampler:
         a bounded number of device ops (`reduce.Buckets`; None: on CUDA only)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
-        if bins < 1 or subset < 1:
-            raise ValueError(f"bins and subset must be positive, got {bins} and {subset}")
+        if bins < 1:
+            raise ValueError(f"bins must be positive, got {bins}")
         self.params = [p for _, p in layers]  # the Parameter objects: optimizers know them by id
         dtensor = _dtensor_type()
         self._sharded = (
@@ -233,14 +216,15 @@ class Sampler:
         self._handles: list = []
         self._clip = ClipWatch(self.params, self._device)  # gradient clipping, undone in the work
         self._samples = 0
-        self._rng = random.Random(seed)  # the work coordinates' offsets, drawn on the host
         self._follow_handles: list = []
-        self._delta: _Picked | None = None  # the sampled update d_t, until the next step's gradient
-        self._follow_dots: dict[int, torch.Tensor] = {}  # (<g_{t+1}, theta_t>, <g_{t+1}, theta_{t+1}>)
+        self._before: _Picked | None = None  # theta_t on the work coordinates, until the next step
+        # per layer, <g_{t+1}, d_t> and <g_{t+1}, theta_{t+1}> (the work and the dot after it)
+        self._follow_dots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._small = [i for i, v in enumerate(values) if v.numel() < SMALL_NUMEL]
         self._small_pos = {i: k for k, i in enumerate(self._small)}
         # Built once, here: a host-to-device copy during a step would make CUDA wait.
-        self._seg = _segments([values[i].numel() for i in self._small], self._device)
+        small_sizes = [values[i].numel() for i in self._small]
+        self._lengths = torch.tensor(small_sizes, dtype=torch.long).to(self._device)
         if fused is None:
             fused = self._device.type == "cuda"
         # the large layers a bucket holds (larger ones are read one by one: a few launches per
@@ -264,13 +248,18 @@ class Sampler:
             if self._bucketed
             else None
         )
-        self._subsets = [
-            _subset(layer.name, v.numel(), subset, seed, self._device)
-            for layer, v in zip(self.layers, values, strict=True)
-        ]
+        # where a sample reads each layer: its histogram's values and its work's
+        self._coords = Coordinates(
+            [layer.name for layer in self.layers], [v.numel() for v in values], subset, seed, self._device
+        )
+        # what a layer's work dots are multiplied by: n/k on blocks without a tail (`Coordinates`)
+        self._scales = torch.tensor(
+            [1.0 if i in self._small_pos else self._coords.scale(i) for i in range(len(values))],
+            dtype=torch.float64,
+        ).to(self._device)
         # each sample counts the histograms of one share of the layers (`shares`), so that no
         # sample costs much more than another; the shares' device tensors are built here, once
-        self._counted = [min(v.numel(), subset) for v in values]
+        self._counted = [self._coords.counted(i) for i in range(len(values))]
         self._shares = [
             self._histogram_share(share)
             for share in shares([min(math.prod(layer.shape), subset) for layer in self.layers], SHAPE_EVERY)
@@ -323,7 +312,7 @@ class Sampler:
             handle.remove()
         self._follow_handles.clear()
         self._clip.stop()
-        self._delta = None
+        self._before = None
 
     def disarm(self) -> None:
         """Remove every hook: an unsampled step costs nothing."""
@@ -454,11 +443,12 @@ class Sampler:
         return values
 
     def _held(self) -> list[torch.Tensor]:
-        """`_read_values`, once per sampled step (`to_local` is an autograd call per tensor; the
-        optimizer updates the shards in place). Read at the step, not kept from construction:
-        FSDP2 may replace a shard's local tensor on the model's first forward (its lazy init)."""
+        """`_read_values` as flat, detached views, once per sampled step and once on the step after
+        it (`to_local` is an autograd call per tensor; the optimizer updates the values in place).
+        Read at the step, not kept from construction: FSDP2 may replace a shard's local tensor on
+        the model's first forward (its lazy init)."""
         if self._values is None:
-            self._values = self._read_values()
+            self._values = [v.detach().reshape(-1) for v in self._read_values()]
         return self._values
 
     def _owned(self, optimizer: torch.optim.Optimizer) -> list[int]:
@@ -473,18 +463,19 @@ class Sampler:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
             self._state = self._measure_state()
-            self._theta = self._pick(self._draw())
+            self._theta = self._pick(self._coords.draw())
 
     def held_bytes(self) -> int:
-        """Bytes of tensors the sampler keeps between steps: the subsets' and shares' indices, the
-        segment numbers, and the sampled update d_t on its work coordinates until the next step."""
-        kept = [t for t in self._subsets if t is not None] + [self._seg]
-        if self._delta is not None:
-            idx, large, small = self._delta
+        """Bytes of tensors the sampler keeps between steps: the blocks and the shares' indices, the
+        small layers' sizes, and theta_t on a sample's work coordinates until the next step."""
+        kept = [self._lengths, self._scales]
+        if self._before is not None:
+            rows, large, small = self._before
             kept += (
-                [t for t in idx if t is not None] + list(large.values()) + ([] if small is None else [small])
+                [t for t in rows if t is not None] + list(large.values()) + ([] if small is None else [small])
             )
-        return sum(t.numel() * t.element_size() for t in kept) + sum(s.nbytes() for s in self._shares)
+        held = sum(t.numel() * t.element_size() for t in kept) + self._coords.nbytes()
+        return held + sum(s.nbytes() for s in self._shares)
 
     @property
     def _share(self) -> _HistogramShare:
@@ -519,13 +510,13 @@ class Sampler:
         """(sum, sum of squares, histogram or None) of every layer: small tensors together from
         one flat copy, large ones together in buckets where fused (`reduce.Buckets`), else one at
         a time; histograms all together from the layers' subsets."""
-        flats = [v.detach().reshape(-1) for v in self._held()]
+        flats = self._held()
         sums: list[torch.Tensor] = []  # the groups' results end to end, in `_state_order`'s order
         sumsqs: list[torch.Tensor] = []
         if self._small:
             flat = _flat64([flats[i] for i in self._small])
-            sums.append(_segment_sum(flat, self._seg, len(self._small)))
-            sumsqs.append(_segment_sum(flat * flat, self._seg, len(self._small)))
+            sums.append(_segment_sum(flat, self._lengths))
+            sumsqs.append(_segment_sum(flat * flat, self._lengths))
         if self._buckets is not None:
             s, q = self._buckets.moments([flats[i] for i in self._bucketed])
             sums.append(s)
@@ -541,12 +532,12 @@ class Sampler:
     def _histogram(self, flats: list[torch.Tensor], share: _HistogramShare) -> torch.Tensor:
         """Counts (layers x (bins + 2)) of the subsets of the share's layers: below lo, the bins,
         at or above hi; the other layers' rows stay 0 ("not taken in this frame")."""
-        values = _wide(torch.cat([_at(flats[i], self._subsets[i]) for i in share.layers]))
-        seg = share.seg
-        bins = ((values - share.lo.index_select(0, seg)) * share.scale.index_select(0, seg)).floor_()
+        values = _wide(torch.cat([self._coords.fixed(flats[i], i) for i in share.layers]))
+        lo, scale, offset = share.per_value()
+        bins = ((values - lo) * scale).floor_()
         bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
         # bin k of layer l counts at l * (bins + 2) + k + 1
-        slot = bins.long().add_(share.offset.index_select(0, seg))
+        slot = bins.long().add_(offset)
         # float32 counts whatever the layers' dtype (index_add_ wants one dtype; a subset of at
         # most 2^24 values counts exactly), so that no model's dtype can raise into its training
         counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)
@@ -554,47 +545,37 @@ class Sampler:
 
     # -- work: the next minibatch's gradient on the sampled update ------------------------------
 
-    def _draw(self) -> list[torch.Tensor | None]:
-        """This step's work coordinates: None (the whole layer) or the layer's fixed subset shifted
-        by a fresh random offset (drawn on the host: no generator on the device, one add), so that
-        every coordinate is drawn with probability k/n and the scaled dot is unbiased."""
-        return [
-            None if base is None else _shifted(base, self._rng.randrange(n), n)
-            for base, n in zip(self._subsets, self._layer_count.tolist(), strict=True)
-        ]
-
-    def _pick(self, idx: list[torch.Tensor | None]) -> _Picked:
-        """Copies of the current values at the coordinates idx (large layers in their dtype)."""
+    def _pick(self, rows: list[torch.Tensor | None]) -> _Picked:
+        """Copies of theta_t at the work coordinates `rows` (`Coordinates.draw`), the large layers'
+        in their dtype: d_t = theta_{t+1} - theta_t is formed on the next step, whose optimizer
+        pre-hook still sees theta_{t+1} (so that no other copy of the layer is made or kept)."""
         values = self._held()
-        large = {
-            i: _at(values[i], idx[i]).clone() if idx[i] is None else _at(values[i], idx[i])
-            for i in range(len(values))
-            if i not in self._small_pos
-        }
-        return idx, large, _flat64([values[i] for i in self._small]) if self._small else None
+        large = {}
+        for i, v in enumerate(values):
+            if i not in self._small_pos:
+                taken = self._coords.take(v, i, rows[i])
+                large[i] = taken.clone() if rows[i] is None else taken
+        return rows, large, _flat64([values[i] for i in self._small]) if self._small else None
 
     def _start_following(self) -> None:
-        """After a sampled step: keep its update d_t at the work coordinates and hook the next step."""
+        """After a sampled step: keep theta_t at its work coordinates and hook the next step."""
         self.unfollow()
         self._follow_dots = {}
         if self._theta is None:  # no optimizer step was seen: no update to attribute
             return
-        idx, before, small_before = self._theta
-        _, after, small_after = self._pick(idx)
-        large = {i: after[i].double() - before[i].double() for i in before}
-        small = None if small_before is None else small_after - small_before
-        self._delta = (idx, large, small)
+        self._before, self._theta = self._theta, None
         self._follow_handles.extend(self._step_pre_hooks(self._follow))
         self._clip.start()  # the clips of the step whose gradient the work takes
 
     @torch.no_grad()
     def _follow(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        """The step after a sample: per layer this optimizer steps, <g_{t+1}, theta_{t+1}> and
-        <g_{t+1}, theta_t> = <g_{t+1}, theta_{t+1}> - w+_t, with w+_t = <g_{t+1}, d_t> from the
-        work coordinates (scaled by n/k)."""
-        if self._delta is None:
+        """The step after a sample: per layer this optimizer steps, w+_t = <g_{t+1}, d_t> and
+        <g_{t+1}, theta_{t+1}>, both on the work coordinates (scaled to the layer at `collect`).
+        d_t is formed in float32 (float64 for a float64 layer): the difference of two float32
+        values within a factor 2 of each other is exact in float32, as an update's ends are."""
+        if self._before is None:
             return
-        idx, delta, small_delta = self._delta
+        rows, before, small_before = self._before
         values = self._held()
         grads = {}
         for i in self._owned(optimizer):
@@ -603,20 +584,21 @@ class Sampler:
         for i, g in grads.items():
             if i in self._small_pos:
                 continue
-            flat = g.detach().reshape(-1)
-            scale = flat.numel() / (flat.numel() if idx[i] is None else idx[i].numel())
-            plus = torch.dot(_at(flat, idx[i]).double(), delta[i]) * scale
-            now = _dot64(flat, values[i].detach().reshape(-1))
-            self._follow_dots[i] = torch.stack([now - plus, now])
+            taken = _wide(self._coords.take(g.detach().reshape(-1), i, rows[i]))
+            weight = self._coords.weight(i)
+            if weight is not None:
+                taken = taken * weight
+            theta = _wide(self._coords.take(values[i], i, rows[i]))
+            self._follow_dots[i] = (torch.dot(taken, theta - _wide(before[i])), torch.dot(taken, theta))
         small = [i for i in grads if i in self._small_pos]
         if small:
-            flat_g = _flat64([grads.get(i, torch.zeros_like(values[i])) for i in self._small])
-            n = len(self._small)
-            plus = _segment_sum(flat_g * small_delta, self._seg, n)
-            now = _segment_sum(flat_g * _flat64([values[i] for i in self._small]), self._seg, n)
+            flat_g = _flat64([grads[i] if i in grads else torch.zeros_like(values[i]) for i in self._small])
+            theta = _flat64([values[i] for i in self._small])
+            plus = _segment_sum(flat_g * (theta - small_before), self._lengths)
+            now = _segment_sum(flat_g * theta, self._lengths)
             for i in small:
                 k = self._small_pos[i]
-                self._follow_dots[i] = torch.stack([now[k] - plus[k], now[k]])
+                self._follow_dots[i] = (plus[k], now[k])
 
     def _unclip(self, dots: torch.Tensor) -> torch.Tensor:
         """Work dots (rows x layers) with the loss's gradient: a clipped gradient g_c = f g read
@@ -631,8 +613,11 @@ class Sampler:
         """Pack this step's statistics and start their copy to the host; reset for the next step."""
         sums, sumsqs, hist = self._state if self._state is not None else self._measure_state()
         # the work of the PREVIOUS sampled update, w+ (its gradient came on the step after it)
-        zero = torch.zeros(2, dtype=torch.float64, device=self._device)
-        dots = self._unclip(torch.stack([self._follow_dots.get(i, zero) for i in range(len(self.params))]).T)
+        zero = torch.zeros((), dtype=torch.float64, device=self._device)
+        taken = [self._follow_dots.get(i, (zero, zero)) for i in range(len(self.params))]
+        plus = torch.stack([work for work, _ in taken]) * self._scales  # stack promotes to float64
+        after = torch.stack([dot for _, dot in taken]) * self._scales
+        dots = self._unclip(torch.stack([after - plus, after]))
         self._start_following()
         columns = [sums, sumsqs, dots[0], dots[1]]
         if self.sites:
@@ -751,17 +736,6 @@ def _describe_shard(name: str, p: torch.Tensor, local: torch.Tensor, mean: float
     return LayerInfo(name, tuple(p.shape), local.numel(), dtype, index, count, lo, hi)
 
 
-def _subset(name: str, numel: int, size: int, seed: int, device: torch.device) -> torch.Tensor | None:
-    """The fixed, seeded indices of a layer's histogram subset (None: the whole layer).
-
-    Seeded by the layer's name, so that every replica of the layer counts the same values.
-    """
-    if numel <= size:
-        return None
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randperm(numel, generator=gen)[:size].sort().values.to(device=device, dtype=torch.int32)
-
-
 def shares(sizes: Sequence[int], count: int) -> list[list[int]]:
     """The layers (indices into sizes) split into `count` shares of about equal total size
     (largest first, each to the lightest share so far), each share in layer order.
@@ -779,37 +753,33 @@ def shares(sizes: Sequence[int], count: int) -> list[list[int]]:
 
 
 class _HistogramShare:
-    """One share of the layers and what counting their histograms needs on the device: each
-    counted value's layer within the share (int32), and per layer its slot offset (its row in the
-    full histogram), lo and bins per unit (made once: a host-to-device copy during a step would
-    make CUDA wait)."""
+    """One share of the layers and what counting their histograms needs on the device, per layer:
+    how many values it counts, its slot offset (its row in the full histogram), lo and bins per
+    unit (made once: a host-to-device copy during a step would make CUDA wait)."""
 
     def __init__(
         self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
     ) -> None:
         self.layers = layers
-        self.seg = _segments(counted, device).to(torch.int32)
+        self.total = sum(counted)
+        self.counted = torch.tensor(counted, dtype=torch.long).to(device)
         self.offset = torch.tensor(layers, dtype=torch.long).to(device) * (bins + 2) + 1
         self.lo = torch.tensor([table[i].hist_lo for i in layers], device=device)
         self.scale = torch.tensor(
             [bins / (table[i].hist_hi - table[i].hist_lo) for i in layers], device=device
         )
 
+    def per_value(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lo, bins per unit, slot offset) of each counted value, the share's layers end to end:
+        made at each count rather than held (they would hold 16 bytes per counted value)."""
+        lo, scale, offset = (
+            t.repeat_interleave(self.counted, output_size=self.total)
+            for t in (self.lo, self.scale, self.offset)
+        )
+        return lo, scale, offset
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.seg, self.offset, self.lo, self.scale))
-
-
-def _shifted(base: torch.Tensor, offset: int, n: int) -> torch.Tensor:
-    """(base + offset) mod n of int32 indices below n: two ops in int32 where the sum cannot
-    overflow it (n < 2^30), the dispatches a sample pays per large layer."""
-    if n < 1 << 30:
-        return torch.remainder(base + offset, n)
-    return torch.remainder(base.long() + offset, n).int()
-
-
-def _segments(sizes: list[int], device: torch.device) -> torch.Tensor:
-    """Segment number of each value when tensors of these sizes are laid end to end."""
-    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long)).to(device)
+        return sum(t.numel() * t.element_size() for t in (self.counted, self.offset, self.lo, self.scale))
 
 
 class _FunctionalSites(TorchFunctionMode):
@@ -860,16 +830,11 @@ def _power_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.sum(), torch.linalg.vector_norm(t).square()])
 
 
-def _at(flat: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """A tensor's values at idx (None: all of them, a view)."""
-    flat = flat.detach().reshape(-1)
-    return flat if idx is None else flat.index_select(0, idx)
-
-
 def _flat64(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One float64 copy of many small tensors, end to end (one cat and one cast)."""
     return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
 
 
-def _segment_sum(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, seg, values)
+def _segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive segments of these lengths (0 for an empty one)."""
+    return torch.segment_reduce(values, "sum", lengths=lengths)

@@ -17,8 +17,10 @@ all samples (the ratio is what issue 15 item 3 bounds by 2).
 
 The read pass is one `torch._foreach_norm` per dtype over the parameters, their gradients and the
 inputs and outputs of every activation site of one forward (kept by hooks for this measure only):
-the least a sample must read (issue 15 item 2 bounds a sample by 3 of them). `held KiB` is what
-the sampler keeps between samples (`Sampler.held_bytes`), against the parameters' own bytes.
+the least a sample must read (issue 15 item 2 bounds a sample by 3 of them). `held KiB` is the most
+the sampler kept from one step to the next (`Sampler.held_bytes`, read after every step: its peak is
+after a sample, which keeps theta_t on the work coordinates until the next step's gradient), against
+the parameters' own bytes.
 
 Timings on a shared machine are noisy: read the table for direction, and run it alone for figures.
 """
@@ -147,6 +149,7 @@ def measure(work: Workload, device: torch.device, steps: int) -> dict[str, float
     monitor = Monitor(work.model, opt, every=3)
     kinds: dict[str, list[float]] = {"following": [], "plain": []}
     phases: dict[int, list[float]] = {}  # sampled steps by sample number modulo SHAPE_EVERY
+    held = 0  # the most the sampler held after a step (after a sample: its theta_t for the work)
     for step in range(steps + 6):
         phase = (step // 3) % SHAPE_EVERY
         _sync(device)
@@ -158,6 +161,7 @@ def measure(work: Workload, device: torch.device, steps: int) -> dict[str, float
         monitor.step(loss)
         _sync(device)
         elapsed = (time.perf_counter() - start) * 1e3
+        held = max(held, monitor._sampler.held_bytes())
         monitor._local.clear()  # kept samples are not this measure's business
         if step < 6:  # warm-up: the first sample settles the site table and takes every shape
             continue
@@ -166,7 +170,6 @@ def measure(work: Workload, device: torch.device, steps: int) -> dict[str, float
         else:
             kinds["following" if step % 3 == 1 else "plain"].append(elapsed)
     read = read_pass_ms(work, monitor, device)
-    held = monitor._sampler.held_bytes() if hasattr(monitor._sampler, "held_bytes") else float("nan")
     monitor.close()
     plain = statistics.median(kinds["plain"])
     following = statistics.median(kinds["following"]) - plain
