@@ -269,9 +269,7 @@ class Sampler:
         self._reset()
 
     def _histogram_share(self, layers: list[int]) -> _HistogramShare:
-        return _HistogramShare(
-            layers, [self._counted[i] for i in layers], self.layers, self.bins, self._device
-        )
+        return _HistogramShare(layers, self._counted, self.layers, self.bins, self._device)
 
     # -- arming ---------------------------------------------------------------------------
 
@@ -531,17 +529,22 @@ class Sampler:
 
     def _histogram(self, flats: list[torch.Tensor], share: _HistogramShare) -> torch.Tensor:
         """Counts (layers x (bins + 2)) of the subsets of the share's layers: below lo, the bins,
-        at or above hi; the other layers' rows stay 0 ("not taken in this frame")."""
-        values = _wide(torch.cat([self._coords.fixed(flats[i], i) for i in share.layers]))
-        lo, scale, offset = share.per_value()
-        bins = ((values - lo) * scale).floor_()
-        bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
-        # bin k of layer l counts at l * (bins + 2) + k + 1
-        slot = bins.long().add_(offset)
+        at or above hi; the other layers' rows stay 0 ("not taken in this frame"). Counted a
+        group of layers at a time (`_HistogramShare`), so that the per-value temporaries (~30
+        bytes a value) stay small when a share, as the first sample's, holds every layer."""
         # float32 counts whatever the layers' dtype (index_add_ wants one dtype; a subset of at
         # most 2^24 values counts exactly), so that no model's dtype can raise into its training
-        counts = torch.zeros(len(flats) * (self.bins + 2), device=values.device)
-        return counts.index_add_(0, slot, torch.ones(slot.shape, device=values.device))
+        counts = torch.zeros(len(flats) * (self.bins + 2), device=self._device)
+        one = torch.ones((), device=self._device)
+        for group in share.groups:
+            values = _wide(torch.cat([self._coords.fixed(flats[i], i) for i in group.layers]))
+            lo, scale, offset = group.per_value()
+            bins = ((values - lo) * scale).floor_()
+            bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
+            # bin k of layer l counts at l * (bins + 2) + k + 1
+            slot = bins.long().add_(offset)
+            counts.index_add_(0, slot, one.expand(slot.shape))
+        return counts
 
     # -- work: the next minibatch's gradient on the sampled update ------------------------------
 
@@ -752,17 +755,43 @@ def shares(sizes: Sequence[int], count: int) -> list[list[int]]:
     return [sorted(m) for m in members]
 
 
+#: The most values a histogram counts in one go (`Sampler._histogram`).
+HISTOGRAM_GROUP = 1 << 18
+
+
 class _HistogramShare:
-    """One share of the layers and what counting their histograms needs on the device, per layer:
-    how many values it counts, its slot offset (its row in the full histogram), lo and bins per
-    unit (made once: a host-to-device copy during a step would make CUDA wait)."""
+    """One share of the layers, in groups of layers counted together (at most HISTOGRAM_GROUP
+    values each, or one layer), and what counting them needs on the device, made once: a
+    host-to-device copy during a step would make CUDA wait. `counted`: per layer of the table."""
 
     def __init__(
         self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
     ) -> None:
         self.layers = layers
-        self.total = sum(counted)
-        self.counted = torch.tensor(counted, dtype=torch.long).to(device)
+        self.groups: list[_HistogramGroup] = []
+        members: list[int] = []
+        for i in layers:
+            if members and sum(counted[j] for j in members) + counted[i] > HISTOGRAM_GROUP:
+                self.groups.append(_HistogramGroup(members, counted, table, bins, device))
+                members = []
+            members.append(i)
+        if members:
+            self.groups.append(_HistogramGroup(members, counted, table, bins, device))
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups)
+
+
+class _HistogramGroup:
+    """Layers counted together, per layer: how many values it counts, its slot offset (its row in
+    the full histogram), lo and bins per unit."""
+
+    def __init__(
+        self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
+    ) -> None:
+        self.layers = layers
+        self.total = sum(counted[i] for i in layers)
+        self.counted = torch.tensor([counted[i] for i in layers], dtype=torch.long).to(device)
         self.offset = torch.tensor(layers, dtype=torch.long).to(device) * (bins + 2) + 1
         self.lo = torch.tensor([table[i].hist_lo for i in layers], device=device)
         self.scale = torch.tensor(
@@ -770,8 +799,8 @@ class _HistogramShare:
         )
 
     def per_value(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(lo, bins per unit, slot offset) of each counted value, the share's layers end to end:
-        made at each count rather than held (they would hold 16 bytes per counted value)."""
+        """(lo, bins per unit, slot offset) of each counted value, the layers end to end: made at
+        each count rather than held (they would hold 16 bytes per counted value)."""
         lo, scale, offset = (
             t.repeat_interleave(self.counted, output_size=self.total)
             for t in (self.lo, self.scale, self.offset)
