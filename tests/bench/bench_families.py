@@ -51,11 +51,12 @@ How to read a table (one per workload; times per step, ratios against `no monito
   mean: what sampling adds to throughput, read within the arm's own blocks, with the heavier
   one-in-ten shape samples included. The figure to hold against the 1 % target.
 * `host peak +`, `device peak +`: what the arm adds to the training process's peak memory, from
-  fresh processes, one per arm (`--memory-steps` steps each, the first sample and the first
-  shape sample among them): the peak resident set (VmHWM: the arm's imports, threads,
-  buffers and what it holds) and, on CUDA, `torch.cuda.max_memory_allocated`, each minus the
-  `no monitor` process's and as a share of it. wandb's service and our collector run as
-  processes of their own and are not counted.
+  fresh processes, `--memory-repeats` per arm, the arms taking turns, the median of each arm's
+  (`--memory-steps` steps each, the first sample and the first shape sample among them; one
+  process's peak moves by up to ~20 MiB from run to run): the peak resident set (VmHWM: the
+  arm's imports, threads, buffers and what it holds) and, on CUDA,
+  `torch.cuda.max_memory_allocated`, each minus the `no monitor` process's and as a share of it.
+  wandb's service and our collector run as processes of their own and are not counted.
 """
 
 from __future__ import annotations
@@ -405,20 +406,27 @@ def peak_memory(work: Workload, key: str, collector: str | None, steps: int, blo
 
 
 def measure_memory(args: argparse.Namespace, keys: list[str], collector: str) -> dict[str, dict[str, int]]:
-    """Each arm's peaks from a process of its own (this script with --memory-child)."""
-    found: dict[str, dict[str, int]] = {}
-    for key in ["base", *[k for k in keys if k != "base"]]:
-        command = [
-            sys.executable, __file__, "--workload", args.workload, "--device", args.device,
-            "--threads", str(args.threads), "--seed", str(args.seed), "--block", str(args.block),
-            "--memory-steps", str(args.memory_steps), "--memory-child", key, "--collector", collector,
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(f"warning: the memory process of {key} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        found[key] = json.loads(done.stdout.strip().splitlines()[-1])
-    return found
+    """Each arm's peaks from processes of its own (this script with --memory-child), the median of
+    `--memory-repeats` of them, the arms taking turns: one process's peak moves by up to ~20 MiB
+    from run to run (the allocators' arenas), more than what an agent adds."""
+    runs: dict[str, list[dict[str, int]]] = {}
+    for repeat in range(args.memory_repeats):
+        for key in ["base", *[k for k in keys if k != "base"]]:
+            print(f"memory {repeat + 1}/{args.memory_repeats}: {key}", file=sys.stderr, flush=True)
+            command = [
+                sys.executable, __file__, "--workload", args.workload, "--device", args.device,
+                "--threads", str(args.threads), "--seed", str(args.seed), "--block", str(args.block),
+                "--memory-steps", str(args.memory_steps), "--memory-child", key, "--collector", collector,
+            ]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"warning: the memory process of {key} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs.setdefault(key, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {
+        key: {kind: int(statistics.median(p[kind] for p in peaks)) for kind in peaks[0]}
+        for key, peaks in runs.items()
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -495,8 +503,8 @@ def machine_info(work: Workload, args: argparse.Namespace) -> str:
             f"- CPU: {cpu}; {os.cpu_count()} CPUs; torch threads: {args.threads}; device: {device}",
             f"- workload `{work.name}`: {work.summary}, {work.parameters / 1e6:.1f} M parameters",
             f"- timing: {args.rounds} rounds x {args.steps} steps per arm in blocks of {args.block}, "
-            f"after {args.warmup} warm-up steps per arm; memory: {args.memory_steps} steps per arm, "
-            "one process each",
+            f"after {args.warmup} warm-up steps per arm; memory: {args.memory_steps} steps per process, "
+            f"the median of {args.memory_repeats} processes per arm",
         ]
     )
 
@@ -515,6 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=20, help="steps per block, a multiple of 10 (20)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps per arm first (20)")
     p.add_argument("--memory-steps", type=int, default=100, help="steps per memory process (100; 0: none)")
+    p.add_argument("--memory-repeats", type=int, default=3, help="memory processes per arm, median (3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="FILE", help="also write the tables here (markdown)")
     p.add_argument("--memory-child", choices=ARMS, help=argparse.SUPPRESS)
@@ -547,7 +556,8 @@ def run_all(args: argparse.Namespace) -> int:
                 sys.executable, __file__, "--workload", name, "--arms", ",".join(args.keys),
                 "--device", args.device, "--threads", str(args.threads), "--steps", str(args.steps),
                 "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
-                "--memory-steps", str(args.memory_steps), "--seed", str(args.seed), "--out", str(out),
+                "--memory-steps", str(args.memory_steps), "--memory-repeats", str(args.memory_repeats),
+                "--seed", str(args.seed), "--out", str(out),
             ]  # fmt: skip
             status = max(status, subprocess.run(command, check=False).returncode)
             if out.exists():
