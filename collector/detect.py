@@ -363,8 +363,9 @@ class PhaseDetector:
         speed = np.abs(ring)
         net = np.add.reduce(ring, axis=0)  # (ndarray.sum's value, without its Python wrapper)
         path = np.add.reduce(speed, axis=0)
-        er = np.divide(np.abs(net), path, out=np.zeros_like(path), where=path > 0)
-        rate = np.abs(net) / n
+        drift = np.abs(net)
+        er = np.divide(drift, path, out=np.zeros_like(path), where=path > 0)
+        rate = drift / n
         # |np.nan_to_num(last - initial)| without its cost: fmax reads NaN as 0, minimum inf as the
         # largest float
         moved = np.minimum(np.fmax(np.abs(self._last - self._initial), 0.0), _FLOAT_MAX) > s.tol
@@ -391,8 +392,9 @@ class PhaseDetector:
         new[leaving & (self._hi >= s.confirm)] = TRANSITION
         new[leaving & (self._lo >= s.settle)] = TYPE_II
         new[(state == TRANSITION) & ready & (self._lo >= s.settle)] = TYPE_II
-        recent = np.full(len(state), np.nan)  # the median of the newest three speeds, where it is read
+        recent = None  # the median of the newest three speeds, where it is read
         if self._since_jump <= s.window:  # the energy jumped: layers that start moving again
+            recent = np.full(len(state), np.nan)
             candidates = calm & ready & (self._baseline > 0)
             recent[candidates] = _median(speed[_last_rows(self._count, s.window, 3)][:, candidates])
             new[candidates & (recent > s.burst * self._baseline)] = REFRESH

@@ -45,6 +45,9 @@ class MergePlan:
     dest: np.ndarray  # the kept rows' job layers, in the order of `rows`
     nan_if_missing: np.ndarray  # NaN where a layer misses a shard, else 1
     site_dest: np.ndarray  # every rank's site rows' job sites, in rank order
+    #: where each moment `merge_step` merges goes, in one group array: the kept layer rows to
+    #: their layers, then every rank's sites' inputs and outputs to theirs (offset past the layers)
+    moment_dest: np.ndarray
 
     @classmethod
     def build(
@@ -79,7 +82,8 @@ class MergePlan:
         expected = np.zeros(n_layers, dtype=np.int64)
         expected[d] = shards_a[keep]
         missing = np.bincount(d, minlength=n_layers) != expected
-        site_dest = [site_pos[s.name] for r in ranks for s in tables[r][1]]
+        site_dest = np.asarray([site_pos[s.name] for r in ranks for s in tables[r][1]], dtype=np.int64)
+        n_sites = len(site_names)
         return cls(
             ranks=ranks,
             tables=tuple(tables[r] for r in ranks),
@@ -88,7 +92,8 @@ class MergePlan:
             rows=tuple(rows),
             dest=d,
             nan_if_missing=np.where(missing, np.nan, 1.0),
-            site_dest=np.asarray(site_dest, dtype=np.int64),
+            site_dest=site_dest,
+            moment_dest=np.concatenate((d, n_layers + site_dest, n_layers + n_sites + site_dest)),
         )
 
     def fits(self, tables: Tables, layer_names: list[str], site_names: list[str]) -> bool:
@@ -140,14 +145,42 @@ def merge_step(
     )
     n_layers, d = len(layer_names), plan.dest
 
-    def kept(field: str) -> np.ndarray:
-        cols = [
+    def kept(field: str) -> list[np.ndarray]:
+        return [
             getattr(parts[r].layers, field) if rows is None else getattr(parts[r].layers, field)[rows]
             for r, rows, _ in plan.rows
         ]
+
+    def column(field: str) -> np.ndarray:
+        cols = kept(field)
         return cols[0] if len(cols) == 1 else np.concatenate(cols)
 
-    n, mean, m2 = physics.merge_moments_grouped(d, kept("count"), kept("mean"), kept("m2"), n_layers)
+    # Sites: every rank's batch is a disjoint part of the job's batch. Their moments merge with
+    # the layers' in one call: each group takes the same parts in the same order as merging
+    # them apart would, so the sums are the same, in one round of numpy calls instead of three.
+    # (Without a site row, apart: numpy's bincount of nothing is of integers.)
+    sites = [parts[r].sites for r in ranks]
+    n_sites = len(site_names)
+    if len(plan.site_dest):
+        counts = [s.count for s in sites]
+        total, merged_mean, merged_m2 = physics.merge_moments_grouped(
+            plan.moment_dest,
+            np.concatenate((*kept("count"), *counts, *counts)),
+            np.concatenate((*kept("mean"), *(s.in_mean for s in sites), *(s.out_mean for s in sites))),
+            np.concatenate((*kept("m2"), *(s.in_m2 for s in sites), *(s.out_m2 for s in sites))),
+            n_layers + 2 * n_sites,
+        )
+        n, mean, m2 = total[:n_layers], merged_mean[:n_layers], merged_m2[:n_layers]
+        cut, out = slice(n_layers, n_layers + n_sites), slice(n_layers + n_sites, None)
+        sn, in_mean, in_m2 = total[cut], merged_mean[cut], merged_m2[cut]
+        out_mean, out_m2 = merged_mean[out], merged_m2[out]
+    else:
+        n, mean, m2 = physics.merge_moments_grouped(
+            d, column("count"), column("mean"), column("m2"), n_layers
+        )
+        none = np.zeros(0, dtype=np.int64)
+        sn, in_mean, in_m2 = physics.merge_moments_grouped(none, none, none, none, n_sites)
+        _, out_mean, out_m2 = physics.merge_moments_grouped(none, none, none, none, n_sites)
     nan_if_missing = plan.nan_if_missing
     merged_hist = None  # ranks sample in step, so they take their histograms on the same steps
     if all(parts[r].layers.histogram is not None for r in ranks):
@@ -166,26 +199,13 @@ def merge_step(
         count=n.astype(np.int64),
         mean=mean * nan_if_missing,
         m2=m2 * nan_if_missing,
-        dot_before=np.bincount(d, kept("dot_before"), n_layers) * nan_if_missing,
-        dot_after=np.bincount(d, kept("dot_after"), n_layers) * nan_if_missing,
+        dot_before=np.bincount(d, column("dot_before"), n_layers) * nan_if_missing,
+        dot_after=np.bincount(d, column("dot_after"), n_layers) * nan_if_missing,
         histogram=merged_hist,
     )
 
-    # Sites: every rank's batch is a disjoint part of the job's batch.
-    site_dest = plan.site_dest
-    scat = {
-        f: np.concatenate([getattr(parts[r].sites, f) for r in ranks])
-        for f in ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread")
-    }
-    n_sites = len(site_names)
-    sn, in_mean, in_m2 = physics.merge_moments_grouped(
-        site_dest, scat["count"], scat["in_mean"], scat["in_m2"], n_sites
-    )
     probe = np.full(n_sites, -1.0)  # any rank whose probe moved makes the site temperature-dependent
-    np.maximum.at(probe, site_dest, scat["probe_spread"])
-    _, out_mean, out_m2 = physics.merge_moments_grouped(
-        site_dest, scat["count"], scat["out_mean"], scat["out_m2"], n_sites
-    )
+    np.maximum.at(probe, plan.site_dest, np.concatenate([s.probe_spread for s in sites]))
 
     energies = [parts[r].energy for r in ranks if parts[r].has_energy]
     return Sample(

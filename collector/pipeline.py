@@ -232,7 +232,7 @@ class Pipeline:
             th = self.thermometer = Thermometer(
                 list(layers.values()), list(sites.values()), window=self.window
             )
-        self.reading = th.update(sample)
+        self.reading = th.add(sample)  # its temperatures are derived when first read
         self.merged_step = sample.step
         if self.on_reading is not None:
             self.on_reading(self.job_id, self.reading)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class Thermometer:
         self._hi = np.array([layer.hist_hi for layer in layers])
         self._probe = np.full(len(sites), -1.0)  # last probe spread per site
         nan = np.full(len(layers), np.nan)
-        self._shape = (nan, nan, nan)  # h_hist, negentropy, outside share, from the last histogram
+        self._shapes = _Shapes((nan, nan, nan))  # h_hist, negentropy, outside share, from the last histogram
         self._steps: deque[int] = deque(maxlen=window)
         self._energy: deque[float] = deque(maxlen=window)
         self._entropy: deque[np.ndarray] = deque(maxlen=window)
@@ -102,6 +102,8 @@ class Thermometer:
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a thermometer saved by an older collector (a job's state) the caches
         it did not keep."""
+        if "_shape" in state:  # the shape itself, as a thermometer before `_Shapes` kept it
+            state["_shapes"] = _Shapes(state.pop("_shape"))
         self.__dict__.update(state)
         if "_total" not in state:
             self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
@@ -110,10 +112,21 @@ class Thermometer:
 
     def update(self, sample: Sample) -> Reading:
         """Add one sample (a step after the previous one) and return the new reading."""
+        self.latest = self.add(sample).complete()
+        return self.latest
+
+    def add(self, sample: Sample) -> Reading:
+        """`update`, for a caller that reads few of its readings (the collector: a scrape, a
+        checkpoint or its history reads a job's reading about once a second, while its steps
+        merge many times a second): what the window's next samples and the phase detector need
+        (energy, entropies, cumulative work, probe types; the last histograms' rows) is
+        worked out now, the rest of the reading (temperatures, efficiencies, the histograms'
+        entropies and shares: most of the cost) when first read (`_Deferred`)."""
         prev = self._last
         if prev is not None and sample.step <= prev.step:
             raise ValueError(f"sample for step {sample.step} after step {prev.step}")
         layers = sample.layers
+        work = layers.work
         # physics.layer_entropy, keeping h_gauss for the histogram's negentropy
         h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
         entropy = np.asarray(layers.count, dtype=np.float64) * h_gauss
@@ -121,7 +134,7 @@ class Thermometer:
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
-            cumulative = self._work[-1] + layers.work * (sample.step - prev.step)
+            cumulative = self._work[-1] + work * (sample.step - prev.step)
         energy = sample.energy if sample.has_energy else float(np.add.reduce(cumulative))
         self._steps.append(sample.step)
         self._energy.append(energy)
@@ -130,57 +143,140 @@ class Thermometer:
         self._work.append(cumulative)
         self._last = sample
 
-        layer_beta, layer_t, layer_t_err = self._layer_temperature(layers.count)
-        beta, temp, temp_err = self._job_temperature()
-        sites = sample.sites
-        eta = physics.site_efficiency(
-            physics.variance(sites.count, sites.in_mean, sites.in_m2),
-            physics.variance(sites.count, sites.out_mean, sites.out_m2),
-        )
-        self._probe = np.where(sites.probe_spread >= 0, sites.probe_spread, self._probe)
+        probe = sample.sites.probe_spread
+        self._probe = np.where(probe >= 0, probe, self._probe)
         if not np.array_equal(self._probe, self._engines[0]):  # probes are rare: their types are kept
             self._engines = (self._probe.copy(), *_engines(self._probe))
         _, site_engine, engine = self._engines
         if layers.histogram is not None:  # a row of zeros: that layer's histogram was not taken
-            taken = layers.histogram.any(axis=1)
-            h_hist = physics.histogram_entropy(layers.histogram, self._lo, self._hi)
-            shape = (h_hist, h_gauss - h_hist, physics.outside_fraction(layers.histogram))
-            pairs = zip(shape, self._shape, strict=True)
-            self._shape = tuple(np.where(taken, new, old) for new, old in pairs)
-        h_hist, negentropy, outside = self._shape
-        self.latest = Reading(
+            self._shapes = self._shapes.taking(layers.histogram, h_gauss, self._lo, self._hi)
+        window = _Window(
+            tuple(self._steps), tuple(self._energy), tuple(self._entropy), tuple(self._total),
+            tuple(self._work), sample, self._shapes, self._lo, self._hi,
+        )  # fmt: skip
+        self.latest = _Deferred.of(
+            window,
             step=sample.step,
             wall_time=sample.wall_time,
             energy=energy,
             entropy=float(total),
-            beta=beta,
-            temperature=temp,
-            temperature_stderr=temp_err,
-            efficiency=physics.network_efficiency(eta),
             layer_names=self.layer_names,
             layer_entropy=entropy,
-            layer_work=layers.work,
-            layer_beta=layer_beta,
-            layer_temperature=layer_t,
-            layer_temperature_stderr=layer_t_err,
-            layer_histogram_entropy=layers.count * h_hist,
-            layer_negentropy=negentropy,
-            layer_outside=outside,
+            layer_work=work,
             site_names=self.site_names,
-            site_efficiency=eta,
             site_engine=site_engine,
             engine=engine,
             energy_from_work=not sample.has_energy,
         )
         return self.latest
 
+    @property
+    def _shape(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each layer's histogram entropy, negentropy and outside share, from the last
+        histogram that took it (NaN: none did). Worked out when read (`_Shapes`)."""
+        shape = self._shapes.values(self._lo, self._hi)
+        self._shapes = _Shapes(shape)
+        return shape
+
+    @_shape.setter
+    def _shape(self, shape: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        self._shapes = _Shapes(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class _Shapes:
+    """The layers' histogram shape (`Thermometer._shape`) as the histograms since it was last
+    worked out left it: `known`, and for the layers a later histogram took, that histogram's
+    row and the layer's Gaussian entropy per value at its step (the negentropy's other term).
+
+    A histogram's entropy, negentropy and outside share are per row, so those of the rows
+    kept here are, to the bit, the values each histogram's step would have computed; keeping
+    the rows costs three `np.where` a histogram, working them out most of a reading's cost."""
+
+    known: tuple[np.ndarray, np.ndarray, np.ndarray]
+    rows: np.ndarray | None = None  # (layers, bins + 2): the last histogram row of each layer taken
+    h_gauss: np.ndarray | None = None  # each such layer's h_gauss at that histogram's step
+    taken: np.ndarray | None = None  # the layers a histogram took since `known`
+
+    def taking(self, histogram: np.ndarray, h_gauss: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> _Shapes:
+        """With one more histogram (a row of zeros: that layer's was not taken)."""
+        taken = histogram.any(axis=1)
+        if self.rows is None:
+            return _Shapes(self.known, histogram, h_gauss, taken)
+        if self.rows.shape != histogram.shape:  # other bins (a job whose ranks all left, then others)
+            return _Shapes(self.values(lo, hi), histogram, h_gauss, taken)
+        return _Shapes(
+            self.known,
+            np.where(taken[:, None], histogram, self.rows),
+            np.where(taken, h_gauss, self.h_gauss),
+            taken | self.taken,
+        )
+
+    def values(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(histogram entropy, negentropy, outside share) of every layer; worked out once (a
+        reading and a checkpoint may share them), on any thread."""
+        if self.rows is None:
+            return self.known
+        done = self.__dict__.get("_values")
+        if done is None:
+            h_hist = physics.histogram_entropy(self.rows, lo, hi)
+            shape = (h_hist, self.h_gauss - h_hist, physics.outside_fraction(self.rows))
+            pairs = zip(shape, self.known, strict=True)
+            done = tuple(np.where(self.taken, new, old) for new, old in pairs)
+            self.__dict__["_values"] = done
+        return done
+
+
+@dataclass(frozen=True, eq=False)
+class _Window:
+    """What a thermometer held at one sample that its reading's deferred values need: the window's
+    steps, energies, entropies (per layer and their sums), cumulative work, the sample itself,
+    and the histogram shape (with the layers' histogram edges). Tuples and arrays that no
+    later sample changes, so a reading can be derived from them on any thread, at any time
+    after."""
+
+    steps: tuple[int, ...]
+    energy: tuple[float, ...]
+    entropy: tuple[np.ndarray, ...]
+    total: tuple[np.float64, ...]
+    work: tuple[np.ndarray, ...]
+    sample: Sample
+    shapes: _Shapes
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def derive(self) -> dict[str, object]:
+        """The deferred values of the reading (`_DEFERRED_FIELDS`)."""
+        count = self.sample.layers.count
+        layer_beta, layer_t, layer_t_err = self._layer_temperature(count)
+        beta, temp, temp_err = self._job_temperature()
+        sites = self.sample.sites
+        eta = physics.site_efficiency(
+            physics.variance(sites.count, sites.in_mean, sites.in_m2),
+            physics.variance(sites.count, sites.out_mean, sites.out_m2),
+        )
+        h_hist, negentropy, outside = self.shapes.values(self.lo, self.hi)
+        return {
+            "beta": beta,
+            "temperature": temp,
+            "temperature_stderr": temp_err,
+            "efficiency": physics.network_efficiency(eta),
+            "layer_beta": layer_beta,
+            "layer_temperature": layer_t,
+            "layer_temperature_stderr": layer_t_err,
+            "layer_histogram_entropy": count * h_hist,
+            "layer_negentropy": negentropy,
+            "layer_outside": outside,
+            "site_efficiency": eta,
+        }
+
     def _layer_temperature(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each layer's beta, T and T's standard error over the window, from the per-sample
         increments of its entropy and of its (gap-weighted) work: T is defined only where both
         sums differ from 0 by more than the t-quantile of their scatter (n - 1 degrees of
         freedom for n increments) times their standard error, and than float resolution."""
-        steps = np.asarray(self._steps)
-        ds, de, var_s, var_e, cov = physics.window_changes(_rows(self._entropy), _rows(self._work), steps)
+        steps = np.asarray(self.steps)
+        ds, de, var_s, var_e, cov = physics.window_changes(_rows(self.entropy), _rows(self.work), steps)
         crit = physics.t_quantile(len(steps) - 2)
         beta, temp = physics.temperature(
             ds,
@@ -200,17 +296,17 @@ class Thermometer:
         window; T is defined only where both slopes differ from 0 by more than the t-quantile
         (n - 2 degrees of freedom) times their standard error (the entropy's also by more than
         float resolution)."""
-        steps = np.asarray(self._steps, dtype=np.float64)
-        energy = np.asarray(self._energy, dtype=np.float64)
+        steps = np.asarray(self.steps, dtype=np.float64)
+        energy = np.asarray(self.energy, dtype=np.float64)
         known = np.isfinite(energy)
         if np.count_nonzero(known) < 3:
             return math.nan, math.nan, math.nan
-        steps, total, energy = steps[known], np.asarray(self._total)[known], energy[known]
+        steps, total, energy = steps[known], np.asarray(self.total)[known], energy[known]
         ds, ds_err = physics.slope(steps, total)
         de, de_err = physics.slope(steps, energy)
         span = float(steps[-1] - steps[0])
         crit = physics.t_quantile(len(steps) - 2)
-        count = float(np.add.reduce(self._last.layers.count)) if self._last is not None else 0.0
+        count = float(np.add.reduce(self.sample.layers.count))
         beta, temp = physics.temperature(
             ds * span,
             de * span,
@@ -224,6 +320,60 @@ class Thermometer:
             ds * span, de * span, (ds_err * span) ** 2, (de_err * span) ** 2, cov
         )
         return float(beta), float(temp), float(err)
+
+
+#: The fields of a `Reading` derived only when one of them is first read (`_Deferred`).
+_DEFERRED_FIELDS = frozenset(
+    (
+        "beta",
+        "temperature",
+        "temperature_stderr",
+        "efficiency",
+        "layer_beta",
+        "layer_temperature",
+        "layer_temperature_stderr",
+        "layer_histogram_entropy",
+        "layer_negentropy",
+        "layer_outside",
+        "site_efficiency",
+    )
+)
+
+
+class _Deferred(Reading):
+    """A `Reading` whose temperatures, efficiencies and histogram entropies are derived when one
+    of them is first read, from the `_Window` of its sample.
+
+    A collector merges a job's step many times a second but reads its reading at a scrape, at
+    a checkpoint or into its history (about once a second); what the detector reads of every
+    step (the energy and entropies) is set at once. The derivation is what `update` computed
+    before, from the same arrays, so the values are the same to the bit, whenever and on
+    whichever thread they are read (the metrics thread reads readings): the window holds
+    nothing a later sample changes, and the values go into the reading whole. Pickled or
+    copied, it is a plain `Reading`.
+    """
+
+    @classmethod
+    def of(cls, window: _Window, **values: object) -> _Deferred:
+        reading = object.__new__(cls)
+        reading.__dict__.update(values, _window=window)
+        return reading
+
+    def __getattr__(self, name: str) -> object:  # only for what is not set: the deferred fields
+        if name not in _DEFERRED_FIELDS:
+            raise AttributeError(name)
+        window = self.__dict__.get("_window")
+        if window is not None:
+            self.__dict__.update(window.derive())
+            self.__dict__.pop("_window", None)
+        return self.__dict__[name]
+
+    def complete(self) -> Reading:
+        """The plain `Reading` of the same values, every one derived."""
+        return Reading(*(getattr(self, f.name) for f in fields(Reading)))
+
+    def __reduce__(self) -> tuple[type[Reading], tuple[object, ...]]:
+        return Reading, tuple(getattr(self, f.name) for f in fields(Reading))
 
 
 def _engines(probe: np.ndarray) -> tuple[np.ndarray, str]:

@@ -32,8 +32,8 @@ def edges(lo: float, hi: float, n: int = 2) -> list:
 
 
 def acks(replies: list[pb.CollectorMessage]) -> list[int]:
-    """The frames acknowledged (the last ack, at the stream's end, repeats the highest)."""
-    return sorted({r.ack.seq for r in replies if r.HasField("ack")})
+    """The frames acknowledged: acks are cumulative (an ack of seq covers every frame up to it)."""
+    return list(range(1, max((r.ack.seq for r in replies if r.HasField("ack")), default=0) + 1))
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
