@@ -2,10 +2,11 @@
 # The benchmarks that need a GPU or more cores than this project's 2-core machine, as one run on
 # a lent machine (16 cores, one GPU, no network; see docs/benchmarks.md for what it gave):
 #
-#   agent overhead (the reference MLP, then every model family beside wandb and TensorBoard)
-#   and a stalled/absent collector on a CUDA model, then `thermoscope loadgen`
-#   with each collector pinned to a core of its own: the 1,000 x 200 x 1 Hz target, the peak
-#   on one core, and the peak of 4 and 8 collectors sharded by job.
+#   agent overhead (the reference MLP, then every model family beside wandb and TensorBoard),
+#   one sample against one read pass, and a stalled/absent collector on a CUDA model, then
+#   `thermoscope loadgen` with each collector pinned to a core of its own: the 1,000 x 200 x 1 Hz
+#   target, the peak on one core, the peak of 4 and 8 collectors sharded by job, and one job of
+#   512 x 8 ranks flat and through node aggregators.
 #
 # Run from the repository root. Wheels in .whl/ (grpcio, protobuf, grpcio-health-checking for
 # the machine's Python) are installed first when present; the package itself is put on the
@@ -39,6 +40,8 @@ run overhead_cuda python3 tests/bench/bench_overhead.py "${big[@]}"
 # every family beside wandb and TensorBoard (arms whose package is missing are skipped, and
 # the transformers workloads need transformers): one table per workload
 run families_cuda python3 tests/bench/bench_families.py --device cuda --workload all
+# one sample against one read pass on the GPU (issue 15 item 2: host time per sample, launches)
+run sample_pass_cuda python3 tests/bench/bench_sample_pass.py --device cuda --steps 300
 run blocked_cuda_every10 python3 tests/bench/bench_blocked.py "${big[@]}" --every 10
 run blocked_cuda_every1 python3 tests/bench/bench_blocked.py "${big[@]}" --every 1
 loadgen=(python3 -m thermoscope.cli loadgen --pin)
@@ -46,3 +49,5 @@ run load_target "${loadgen[@]}" --agents 1000 --layers 200 --rate 1 --duration 3
 run load_peak_1 "${loadgen[@]}" --agents 40 --layers 1000 --rate 0 --duration 20
 run load_peak_4 "${loadgen[@]}" --agents 160 --layers 1000 --rate 0 --duration 20 --collectors 4
 run load_peak_8 "${loadgen[@]}" --agents 320 --layers 1000 --rate 0 --duration 20 --collectors 8
+# one job of 512 nodes x 8 ranks, flat against a merge per node (issue 15 item 5)
+run nodes_512 "${loadgen[@]}" --nodes 512 --node-ranks 8 --layers 300 --rate 0.2 --duration 60 --warmup 15
