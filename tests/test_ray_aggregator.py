@@ -5,8 +5,10 @@ collector, and restarted by Ray when its process is killed (the agents look it u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -68,6 +70,15 @@ def stream_steps(target: str, job: str, steps: range) -> None:
         s.close()
 
 
+def _pid(actor: object) -> int:
+    """The process an actor runs in (`ActorHandle.__ray_call__` calls it there)."""
+    return os.getpid()
+
+
+# Ray's workers cannot import this test module: its functions travel by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 def test_agents_on_a_node_stream_through_its_aggregator_actor_which_ray_restarts(
     cluster: str, collector: Collector
 ):
@@ -81,15 +92,16 @@ def test_agents_on_a_node_stream_through_its_aggregator_actor_which_ray_restarts
         assert job.merged_step == 2 and job.frames_received == 3  # one node frame per step
         assert sorted(job.liveness().finished) == [0, 1]  # both ranks, heard and finished
 
+        killed = ray.get(handle.__ray_call__.remote(_pid))
         ray.kill(handle, no_restart=False)  # its process dies: Ray starts it again on its node
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                again = discovery.find_collector()
-                break
-            except Exception:  # restarting: the agents' lookup retries
-                assert time.monotonic() < deadline, "the aggregator actor did not come back"
-                time.sleep(1)
+        while True:  # ray.kill returns before the process is gone: wait for its successor's answer
+            with contextlib.suppress(Exception):  # restarting
+                if ray.get(handle.__ray_call__.remote(_pid), timeout=10) != killed:
+                    break
+            assert time.monotonic() < deadline, "the aggregator actor did not come back"
+            time.sleep(0.5)
+        again = discovery.find_collector()
         # the killed process cannot answer: steps that merge now went through its successor (which
         # may have been given the same free port by the OS)
         stream_steps(again, "j", range(3, 5))
