@@ -103,7 +103,7 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
         "0",
         "--checkpoint-interval",
         "0.2",
-        preexec_fn=lambda: _disk_full_at(db.stat().st_size + (256 << 10)),
+        preexec_fn=lambda: _disk_full_at(db.stat().st_size + (64 << 10)),
         stdout=log,
         stderr=log,
     )
