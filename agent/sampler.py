@@ -460,8 +460,9 @@ class Sampler:
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
-            self._state = self._measure_state()
-            self._theta = self._pick(self._coords.draw())
+            small = _flat64([self._held()[i] for i in self._small]) if self._small else None
+            self._state = self._measure_state(small)
+            self._theta = self._pick(self._coords.draw(), small)
 
     def held_bytes(self) -> int:
         """Bytes of tensors the sampler keeps between steps: the blocks and the shares' indices, the
@@ -504,15 +505,15 @@ class Sampler:
         layers (a site's probe is this rank's own reading: on its first sample, all of them)."""
         return not self.settled or site % SHAPE_EVERY == self._number % SHAPE_EVERY
 
-    def _measure_state(self) -> _State:
+    def _measure_state(self, small: torch.Tensor | None = None) -> _State:
         """(sum, sum of squares, histogram or None) of every layer: small tensors together from
-        one flat copy, large ones together in buckets where fused (`reduce.Buckets`), else one at
-        a time; histograms all together from the layers' subsets."""
+        one flat copy (`small`, when the caller made it already), large ones together in buckets
+        where fused (`reduce.Buckets`), else one at a time; histograms from the layers' subsets."""
         flats = self._held()
         sums: list[torch.Tensor] = []  # the groups' results end to end, in `_state_order`'s order
         sumsqs: list[torch.Tensor] = []
         if self._small:
-            flat = _flat64([flats[i] for i in self._small])
+            flat = _flat64([flats[i] for i in self._small]) if small is None else small
             sums.append(_segment_sum(flat, self._lengths))
             sumsqs.append(_segment_sum(flat * flat, self._lengths))
         if self._buckets is not None:
@@ -548,17 +549,18 @@ class Sampler:
 
     # -- work: the next minibatch's gradient on the sampled update ------------------------------
 
-    def _pick(self, rows: list[torch.Tensor | None]) -> _Picked:
+    def _pick(self, rows: list[torch.Tensor | None], small: torch.Tensor | None) -> _Picked:
         """Copies of theta_t at the work coordinates `rows` (`Coordinates.draw`), the large layers'
         in their dtype: d_t = theta_{t+1} - theta_t is formed on the next step, whose optimizer
-        pre-hook still sees theta_{t+1} (so that no other copy of the layer is made or kept)."""
+        pre-hook still sees theta_{t+1} (so that no other copy of the layer is made or kept);
+        `small`: the small layers' float64 copy, made once for this and `_measure_state`."""
         values = self._held()
         large = {}
         for i, v in enumerate(values):
             if i not in self._small_pos:
                 taken = self._coords.take(v, i, rows[i])
                 large[i] = taken.clone() if rows[i] is None else taken
-        return rows, large, _flat64([values[i] for i in self._small]) if self._small else None
+        return rows, large, small
 
     def _start_following(self) -> None:
         """After a sampled step: keep theta_t at its work coordinates and hook the next step."""
