@@ -7,9 +7,10 @@ stream stays open, so steps wait unmerged. Once a checkpoint holds the last fram
 is killed (-9): the database is left as that release's checkpoint wrote it.
 
 `carry_on` resumes such a database in a collector of the code under test and feeds every rank
-the same next frames; what it returns (counters, phases, the fingerprint of every reading,
-the events) is what tests/golden/pickle_format.json recorded with the code that wrote the
-database. Every frame is stamped with a fixed wall time, so the readings are bit-exact.
+the same next frames; what it returns (counters, phases, every reading, the events) is what
+tests/golden/pickle_format.json recorded with the code that wrote the database. Every frame is
+stamped with a fixed wall time, so the readings are reproducible (to the bit on one OpenBLAS
+kernel; helpers/golden.py says why not across kernels).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import numpy as np
 
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
+from thermoscope.science.derive import Reading
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
-from .golden import fingerprint
 from .processes import start_collector_process
 from .protocol import OpenStream
 
@@ -190,14 +191,14 @@ def carry_on_previous_release(db: Path) -> dict:
 
 def _carry_on(db: Path, job: str, hellos: dict[int, pb.AgentMessage], frames: dict[int, list]) -> dict:
     """Open every rank's stream, then send each rank's frames (in the order of `frames`)."""
-    readings: list[str] = []
+    readings: list[Reading] = []  # immutable: a reading's deferred values never change
     collector = Collector(
         "127.0.0.1:0",
         "127.0.0.1:0",
         db=db,
         history_interval=0,
         checkpoint_interval=600,
-        on_reading=lambda _, reading: readings.append(fingerprint(reading).hex()),
+        on_reading=lambda _, reading: readings.append(reading),
     )
     with collector.running() as c:
         streams = {rank: OpenStream(c.grpc_target, h) for rank, h in hellos.items()}
