@@ -1,4 +1,7 @@
-"""The agent's link to one collector address: one gRPC channel, kept, and one stream at a time.
+"""The relay's link to one collector address: one gRPC channel, kept, and one stream at a time.
+
+It runs in the relay process (`agent/relay.py`), never in the training process, and forwards the
+frames as the bytes the training process serialized (no parse, no re-encode).
 
 The channel is made once per address and kept across streams. grpc connects it, and reconnects
 it after the collector went away, by itself, with its own jittered exponential backoff (bounded
@@ -9,13 +12,15 @@ paced below the collector's `max_frame_rate` (its `Config` says it), handing eac
 back to the sender. A refusal the agent's side must fix (UNAUTHENTICATED) is described with the
 hint from `security`, which the sender logs once.
 
-grpc's fork support is off, so a forked child must never touch its parent's channel, not even
-by letting it be garbage-collected (that closes it): `abandon` keeps it referenced, unused, for
-the child's whole life.
+A collector's `Config` that asks for a frame rate no agent could keep (negative, not a number,
+or below `MIN_FRAME_RATE`; 0 means no limit) is a protocol violation: logged once, and paced at
+the floor.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,9 +28,11 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire.contract import STREAM_METHOD, is_loopback
 
-from . import security
+from .security import Security
+
+log = logging.getLogger("thermoscope.agent")
 
 #: Seconds grpc's channel connectivity poller takes to stop after its last watcher leaves:
 #: closing the channel before that makes the poller print a traceback (grpc/grpc#29848).
@@ -35,34 +42,45 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_send_message_length", 64 << 20),
 ]
-
-_abandoned: list[Link] = []  # a forked child's inherited links: kept, so that they are never closed
+#: The slowest pace a collector may ask for (frames per second): a slower one is a broken
+#: collector, and pacing at it would hold a frame back for ever.
+MIN_FRAME_RATE = 0.1
+_warned: set[str] = set()  # what was logged once: plaintext targets, protocol violations
 
 
 class Link:
     """The channel to one collector address, the stream of the current attempt and its pacing."""
 
-    def __init__(
-        self,
-        target: str,
-        credentials: grpc.ChannelCredentials | None,
-        metadata: tuple[tuple[str, str], ...],
-        backoff: tuple[float, float],
-    ) -> None:
-        """`credentials`: TLS (None: plaintext), `metadata`: per-call metadata (a token), both from
-        `security.channel_security`; `backoff`: the first and the longest wait between reconnects."""
+    def __init__(self, target: str, security: Security, backoff: tuple[float, float]) -> None:
+        """`security`: the agent's token and TLS settings; `backoff`: the first and the longest
+        wait between reconnects."""
         self.target = target
-        self._metadata = metadata
         options = [
             *CHANNEL_OPTIONS,
             ("grpc.initial_reconnect_backoff_ms", round(backoff[0] * 1000)),
             ("grpc.max_reconnect_backoff_ms", round(backoff[1] * 1000)),
         ]
-        if credentials is None:
-            security.warn_plaintext(target, metadata)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if not security.tls:
+            if security.token is not None:
+                self._metadata = (("authorization", f"Bearer {security.token}"),)
+                _warn_plaintext(target)
             self._channel = grpc.insecure_channel(target, options=options)
         else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=security.root_cert,
+                private_key=security.client_key,
+                certificate_chain=security.client_cert,
+            )
+            if security.token is not None:
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(security.token)
+                )
             self._channel = grpc.secure_channel(target, credentials, options=options)
+        # frames travel as the bytes the training process serialized: no parse, no re-encode
+        self._stream = self._channel.stream_stream(
+            STREAM_METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString
+        )
         self._call: grpc.RpcContext | None = None
         self._watched_until = float("-inf")  # when a wait for READY last stopped watching the channel
         self._gap = 0.0  # least seconds between two frames: below the collector's max_frame_rate
@@ -87,8 +105,8 @@ class Link:
 
     def stream(
         self,
-        hello: pb.AgentMessage,
-        frames: Iterator[pb.AgentMessage],
+        hello: bytes,
+        frames: Iterator[bytes],
         *,
         on_open: Callable[[], None],
         on_ack: Callable[[int, int], None],
@@ -100,10 +118,8 @@ class Link:
         `on_open()` comes with the first reply, `on_ack(accepted, durable)` with each ack (`seq`:
         accepted up to there; `durable`: persisted up to there, `seq` from a collector without a
         database), `on_config(config)` with each config (after pacing adopted its frame rate);
-        all on this (the caller's) thread."""
-        call = pb_grpc.TelemetryStub(self._channel).Stream(
-            self._requests(hello, frames), metadata=self._metadata or None
-        )
+        all on this (the caller's) thread. `hello` and `frames` are serialized AgentMessages."""
+        call = self._stream(self._requests(hello, frames), metadata=self._metadata or None)
         self._call = call
         if stopping.is_set():  # `cancel` may have come before the call existed
             call.cancel()
@@ -117,12 +133,11 @@ class Link:
                     ack = reply.ack
                     on_ack(ack.seq, ack.durable if ack.HasField("durable") else ack.seq)
                 elif reply.HasField("config"):
-                    rate = reply.config.max_frame_rate
-                    self._gap = 1.0 / (0.9 * rate) if rate > 0 else 0.0
+                    self._gap = _gap(reply.config.max_frame_rate)
                     if on_config is not None:
                         on_config(reply.config)
         except grpc.RpcError as exc:
-            return f"{exc.code().name}: {exc.details()}{security.refusal_hint(exc.code())}"
+            return f"{exc.code().name}: {exc.details()}{refusal_hint(exc.code())}"
         finally:
             self._call = None
         return None
@@ -140,13 +155,7 @@ class Link:
             time.sleep(settle)
         self._channel.close()
 
-    def abandon(self) -> None:
-        """In a forked child: never use, close or free this (the parent's) channel."""
-        _abandoned.append(self)
-
-    def _requests(
-        self, hello: pb.AgentMessage, frames: Iterator[pb.AgentMessage]
-    ) -> Iterator[pb.AgentMessage]:
+    def _requests(self, hello: bytes, frames: Iterator[bytes]) -> Iterator[bytes]:
         """The request stream, on gRPC's request thread: the hello, then the frames, paced."""
         yield hello
         for frame in frames:
@@ -163,3 +172,47 @@ class Link:
             time.sleep(self._next_send - now)
             now = self._next_send
         self._next_send = now + self._gap
+
+
+def _gap(rate: float) -> float:
+    """Least seconds between two frames for a collector's `max_frame_rate` (0: unpaced; a
+    little under the rate, so that clock jitter never crosses it)."""
+    if rate == 0:
+        return 0.0
+    if not (math.isfinite(rate) and rate >= MIN_FRAME_RATE):
+        _once(
+            f"rate {rate!r}",
+            f"thermoscope: protocol violation: the collector asked for {rate!r} frames per second; "
+            f"pacing at {MIN_FRAME_RATE} instead",
+        )
+        rate = MIN_FRAME_RATE
+    return 1.0 / (0.9 * rate)
+
+
+def _warn_plaintext(target: str) -> None:
+    """Warn when a token would cross a non-loopback plaintext channel."""
+    if not is_loopback(target.rpartition(":")[0].strip("[]")):
+        _once(target, f"thermoscope: sending the bearer token to {target} without TLS")
+
+
+def _once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def refusal_hint(code: grpc.StatusCode) -> str:
+    """What to add to the agent's (once-only) log line about a refusal the agent's side must fix.
+
+    UNAUTHENTICATED: the collector wants a token this agent was not given (or not this one).
+    Typical for agents that discovered a Ray collector actor started with --tokens, whose
+    launcher set no token in the workers' environment; the stream is retried with backoff
+    meanwhile (the collector may be restarted with other tokens), so this line is all it says.
+    """
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            "; this collector requires a bearer token from its tokens file: give Monitor(token=...) or set "
+            "$THERMOSCOPE_TOKEN or $THERMOSCOPE_TOKEN_FILE (Ray workers: the job's runtime_env env_vars). "
+            "Until then nothing is delivered (training is unaffected)"
+        )
+    return ""

@@ -44,7 +44,7 @@ from . import discovery
 from .energy import LossCapture
 from .identity import launcher_run
 from .sampler import BINS, SUBSET, Pending, Sampler
-from .security import Pem, channel_security
+from .security import Pem, resolve
 from .sender import Sender
 from .sites import find_sites, plain_name
 
@@ -120,9 +120,11 @@ class Monitor:
             bins: histogram bins between each layer's fixed edges.
             subset: the most values of a layer its histogram counts (a fixed, seeded subset).
             spool: a directory where this process keeps the frames the collector has not
-                acknowledged (one file per process), replayed after a reconnect, so that a
-                collector killed and restarted loses none (None: no spool; frames in flight
-                when a stream breaks are dropped and counted).
+                made durable (one file per process), replayed after a reconnect, so that a
+                collector killed and restarted loses none; what it still holds at `close` stays
+                there for the next Monitor given this directory (or `thermoscope replay`),
+                which replays it first (None: no spool; frames in flight when a stream breaks
+                are dropped and counted).
             spool_bytes: the spool's bound; beyond it the oldest frames are dropped and counted.
         """
         if every < 1:
@@ -155,14 +157,12 @@ class Monitor:
         self._announced = self._hello()  # completed in place once the site table is settled
         self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
         if collector is not None:
-            credentials, metadata = channel_security(token, tls_root_cert, tls_client_cert, tls_client_key)
             self._sender = Sender(
                 collector,
                 self._announced,
                 max_queue=max_queue,
                 on_config=self._configure,
-                credentials=credentials,
-                metadata=metadata,
+                security=resolve(token, tls_root_cert, tls_client_cert, tls_client_key),
                 interval=discovery.interval(),
                 spool=spool,
                 spool_bytes=spool_bytes,
@@ -198,6 +198,18 @@ class Monitor:
         return self._sender.undurable if self._sender is not None else 0
 
     @property
+    def spooled(self) -> int:
+        """After `close`: sampled steps the collector did not take, kept in the spool for the next
+        Monitor with the same spool (or `thermoscope replay`) to deliver."""
+        return self._sender.spooled if self._sender is not None else 0
+
+    @property
+    def replayed(self) -> int:
+        """Frames of dead processes' spools (found in this monitor's spool directory) that this
+        monitor replayed and the collector made durable."""
+        return self._sender.replayed if self._sender is not None else 0
+
+    @property
     def spool_error(self) -> str | None:
         """Why the spool was given up (it could not be made or written), or None."""
         return self._sender.spool_error if self._sender is not None else None
@@ -214,8 +226,10 @@ class Monitor:
 
     @property
     def dormant(self) -> bool:
-        """True while a monitor that looks for its collector has none: it samples nothing."""
-        return self._sender is not None and self._sender.discovering
+        """True while a monitor that looks for its collector was told there is none: it samples
+        nothing. Until its first lookup answers, and from the moment one finds a collector, it
+        samples, and what it samples waits (bounded) for the link."""
+        return self._sender is not None and self._sender.dormant
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
@@ -256,7 +270,7 @@ class Monitor:
     def close(self, timeout: float = 5.0) -> bool:
         """Remove the hooks, flush and stop streaming. True if every sampled step reached the
         collector and was made durable there (applied, for a collector without a database);
-        otherwise `dropped` and `undurable` say what was not. Never raises."""
+        otherwise `dropped`, `undurable` and `spooled` say what was not. Never raises."""
         self._sampler.disarm()
         self._sampler.unfollow()
         self._losses.disarm()

@@ -1,7 +1,8 @@
 """How an agent proves itself to a collector: a bearer token, TLS, a client certificate.
 
-`channel_security` resolves the agent's settings, each from its `Monitor` argument or else
-from the environment (so that a launcher configures every rank without code changes):
+`resolve` reads the agent's settings, each from its `Monitor` argument or else from the
+environment (so that a launcher configures every rank without code changes), in the training
+process, so that a bad path or a lone certificate is an error at `Monitor(...)`:
 
 - token: `token=` or `$THERMOSCOPE_TOKEN`, or the first line of `$THERMOSCOPE_TOKEN_FILE`;
 - TLS: on when a CA or a client certificate is given, or `$THERMOSCOPE_TLS=1` (system roots);
@@ -9,29 +10,24 @@ from the environment (so that a launcher configures every rank without code chan
   certificate), `tls_client_cert=` + `tls_client_key=` / `$THERMOSCOPE_TLS_CERT` +
   `$THERMOSCOPE_TLS_KEY` (mutual TLS). Each is a path, or the PEM itself as bytes.
 
-With TLS the token is a real gRPC call credential: `composite_channel_credentials(ssl,
-access_token_call_credentials(token))` adds `authorization: Bearer <token>` to every call.
-Without TLS gRPC refuses call credentials (they would travel in clear text); its
-`local_channel_credentials` would carry them, but only to a loopback peer. So on a plaintext
-channel the token is sent as the same `authorization` metadata of the call itself, which the
-collector checks alike; that is meant for loopback and for networks the operator trusts
-(`--insecure`), and the agent warns once when it does so towards a non-loopback target.
+The result, `Security`, is plain data: the training process never imports gRPC (its relay
+process does, `agent/relay.py`), and `Security.to_json` carries it there. The relay turns it
+into gRPC credentials (`agent/link.py`): with TLS the token is a real gRPC call credential
+(`authorization: Bearer <token>` on every call); without TLS gRPC refuses call credentials
+(they would travel in clear text), so on a plaintext channel the token is sent as the same
+`authorization` metadata of the call itself, which the collector checks alike; that is meant for
+loopback and for networks the operator trusts (`--insecure`), and the agent warns once when it
+does so towards a non-loopback target.
 """
 
 from __future__ import annotations
 
-import logging
+import base64
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from thermoscope.wire.contract import is_loopback
-
-log = logging.getLogger("thermoscope.agent")
-
 Pem = str | os.PathLike | bytes
-_warned: set[str] = set()  # targets warned about (once each)
 
 
 def _pem(value: Pem | None, what: str) -> bytes | None:
@@ -60,13 +56,41 @@ def _env_token() -> str | None:
     return token
 
 
-def channel_security(
+@dataclass(frozen=True)
+class Security:
+    """What an agent shows a collector: a token, and TLS with its CA and client certificate."""
+
+    token: str | None = None
+    tls: bool = False
+    root_cert: bytes | None = None  # None with TLS: the system's roots
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+
+    def to_json(self) -> dict:
+        """Plain JSON values, for the relay process (`from_json` reads them back)."""
+        pem = {k: None if v is None else base64.b64encode(v).decode() for k, v in self._pems().items()}
+        return {"token": self.token, "tls": self.tls, **pem}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Security:
+        pems = {k: None if data[k] is None else base64.b64decode(data[k]) for k in cls()._pems()}
+        return cls(token=data["token"], tls=data["tls"], **pems)
+
+    def _pems(self) -> dict[str, bytes | None]:
+        return {"root_cert": self.root_cert, "client_cert": self.client_cert, "client_key": self.client_key}
+
+    def __repr__(self) -> str:  # never the token or the key in a log line
+        return f"Security(token={'set' if self.token else None}, tls={self.tls})"
+
+
+def resolve(
     token: str | None = None,
     tls_root_cert: Pem | None = None,
     tls_client_cert: Pem | None = None,
     tls_client_key: Pem | None = None,
-) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
-    """(channel credentials, or None for a plaintext channel; metadata for each call)."""
+) -> Security:
+    """The agent's security settings, from the arguments or else the environment; ValueError
+    for a file that cannot be read or a certificate without its key."""
     env = os.environ
     token = token or _env_token()
     root = _pem(tls_root_cert if tls_root_cert is not None else env.get("THERMOSCOPE_TLS_CA"), "TLS CA")
@@ -80,40 +104,4 @@ def channel_security(
     if (cert is None) != (key is None):
         raise ValueError("thermoscope: a TLS client certificate and its key go together")
     tls = root is not None or cert is not None or env.get("THERMOSCOPE_TLS", "") not in ("", "0")
-    if not tls:
-        return None, () if token is None else (("authorization", f"Bearer {token}"),)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=root, private_key=key, certificate_chain=cert
-    )
-    if token is not None:
-        credentials = grpc.composite_channel_credentials(
-            credentials, grpc.access_token_call_credentials(token)
-        )
-    return credentials, ()
-
-
-def warn_plaintext(target: str, metadata: tuple[tuple[str, str], ...]) -> None:
-    """Warn when a token would cross a non-loopback plaintext channel."""
-    if not metadata or target in _warned:
-        return
-    host = target.rpartition(":")[0].strip("[]")
-    if not is_loopback(host):
-        _warned.add(target)
-        log.warning("thermoscope: sending the bearer token to %s without TLS", target)
-
-
-def refusal_hint(code: grpc.StatusCode) -> str:
-    """What to add to the agent's (once-only) log line about a refusal the agent's side must fix.
-
-    UNAUTHENTICATED: the collector wants a token this agent was not given (or not this one).
-    Typical for agents that discovered a Ray collector actor started with --tokens, whose
-    launcher set no token in the workers' environment; the stream is retried with backoff
-    meanwhile (the collector may be restarted with other tokens), so this line is all it says.
-    """
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return (
-            "; this collector requires a bearer token from its tokens file: give Monitor(token=...) or set "
-            "$THERMOSCOPE_TOKEN or $THERMOSCOPE_TOKEN_FILE (Ray workers: the job's runtime_env env_vars). "
-            "Until then nothing is delivered (training is unaffected)"
-        )
-    return ""
+    return Security(token=token, tls=tls, root_cert=root, client_cert=cert, client_key=key)

@@ -14,16 +14,19 @@ child that makes a channel may crash or hang), and `submit` ignores what it is g
 
 The target is an address, or a function that finds one (`discovery.find_collector`): then
 the thread starts at once and, while no collector is found, looks again every `interval`
-seconds (the agent is dormant meanwhile); a stream that ended, or a collector that does not
-answer, is followed by a new lookup, so an agent follows a collector that moved. `shutdown`
+seconds; a stream that ended, or a collector that does not answer, is followed by a new lookup,
+so an agent follows a collector that moved. The agent samples from its first step and queues
+what it samples until the link is up; only once a lookup has answered that there is no
+collector is it `dormant` (its monitor samples nothing), until one is found. `shutdown`
 half-closes the stream, so that the collector sees a rank that finished, not one that was lost.
 
 Accepted is not durable. `Ack.seq` says the collector applied the frames up to it (`delivered`);
 `Ack.durable` says how far its checkpoints have committed them (absent: a collector without a
 database, where applied is all there is). Frames the collector applied and never made durable
 are lost if it dies: `undurable` counts them (applied, above the durable mark), and `shutdown`
-reports success only when it is zero, so a collector whose commits fail (a full disk) does not
-pass for one that took everything.
+reports success only when it is zero and nothing was dropped, so a collector whose commits fail
+(a full disk) does not pass for one that took everything. An ack for a frame that was never sent
+is a protocol violation: logged once, and believed only up to the last frame sent.
 
 Without a spool, frames in flight when a stream breaks are counted as dropped. With one
 (`spool=DIR`), every frame put on a stream is also appended to a bounded on-disk spool
@@ -36,6 +39,12 @@ streams, and the collector de-duplicates on (job, run, rank, seq), so a replayed
 already applied is acknowledged, not re-applied. A spool that fails (a directory that cannot
 be made, a full disk) is given up, logged once (`spool_error`), and streaming goes on without it:
 nothing the spool does raises into training.
+
+A spool outlives its process: what it holds at `shutdown` (frames not durable at the collector,
+and the queued ones, which it takes too) stays on disk and is counted in `spooled`, not dropped.
+The first stream of a sender given the same directory replays, before its own frames, every
+spool a dead process left there (`agent/replay.py`; `replayed` counts what became durable), and
+`thermoscope replay` does the same from the command line.
 """
 
 from __future__ import annotations
@@ -50,14 +59,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-import grpc
-
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
-from .link import Link
+from .relay import Relay
+from .replay import WINDOW, replay
 from .sampler import Pending
+from .security import Security
 from .spool import Spool
 
 log = logging.getLogger("thermoscope.agent")
@@ -73,8 +82,7 @@ class Sender:
         *,
         max_queue: int = 1024,
         on_config: Callable[[pb.Config], None] | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: tuple[tuple[str, str], ...] = (),
+        security: Security | None = None,
         connect_timeout: float = 5.0,
         backoff: tuple[float, float] = (0.2, 10.0),
         interval: float = 5.0,
@@ -82,9 +90,9 @@ class Sender:
         spool_bytes: int = 64 << 20,
         ready: threading.Event | None = None,
     ) -> None:
-        """`credentials`, `metadata`: from `security.channel_security` (TLS, or None: plaintext;
-        per-call metadata: a token); `connect_timeout`: seconds to wait for a collector to answer
-        before looking it up again; `backoff`: the first and the longest wait after a failed
+        """`security`: the token and TLS settings (`security.resolve`; None: plaintext, no
+        token); `connect_timeout`: seconds to wait for a collector to answer before looking it
+        up again; `backoff`: the first and the longest wait after a failed
         stream (and between grpc's reconnects); `interval`: seconds between lookups while `target`
         (a function) finds no collector; `spool`: a directory for this process's spool of frames
         not durable yet (None: none, frames in flight when a stream breaks are lost);
@@ -103,7 +111,7 @@ class Sender:
         self._max_queue = max_queue
         self._on_config = on_config
         self._connect_timeout = connect_timeout
-        self._credentials, self._metadata = credentials, tuple(metadata)
+        self._security = security or Security()
         self._backoff = backoff
         self._init_state()
         ref = weakref.WeakMethod(self._after_fork_in_child)
@@ -118,7 +126,7 @@ class Sender:
         self._generation = 0  # bumped when a stream ends: its frames generator must stop
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._link: Link | None = None  # to the current target; made and closed by the sender thread
+        self._relay: Relay | None = None  # made and closed by the sender thread
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
         self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
@@ -126,21 +134,25 @@ class Sender:
         self.submitted = 0  # sampled steps handed to the sender
         self.delivered = 0  # frames the collector accepted (applied)
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
-        # invariant once flushed: submitted == delivered + dropped
+        self.spooled = 0  # frames left in the spool at shutdown, for a later replay
+        # invariant once shut down: submitted == delivered + dropped + spooled
+        self.replayed = 0  # frames of dead processes' spools that the collector made durable
         self.connected = False
-        self.found = False  # a looked-up collector answered; its stream waits for the final hello
+        self.dormant = False  # a lookup found no collector, and none has been found since
         self.last_error: str | None = None
         self.spool_error: str | None = None  # why the spool was given up (None: it works, or none)
         self._drop_logged = False
+        self._violation_logged = False
+        self._leftovers_tried = False  # the spools dead processes left: replayed once per sender
         self._forked = False  # True in a forked child: inert
         # made by the first frame kept, per process (a forked child never writes its parent's file)
         self._spool: Spool | None = None
 
     def _after_fork_in_child(self) -> None:
-        """A forked child's sender is empty and inert: its parent's link is abandoned, never
-        touched, and no thread or channel is ever made here (see the module's docstring)."""
-        if self._link is not None:
-            self._link.abandon()
+        """A forked child's sender is empty and inert: its parent's relay is abandoned, never
+        touched, and no thread or relay is ever made here (see the module's docstring)."""
+        if self._relay is not None:
+            self._relay.abandon()
         self._init_state()
         self._forked = True
 
@@ -153,12 +165,6 @@ class Sender:
             for after, upto in self._lost:  # frames counted dropped were never accepted
                 above -= max(0, min(upto, self.acked) - max(after, self.durable))
             return max(0, above)
-
-    @property
-    def discovering(self) -> bool:
-        """True while the target is looked up and no collector has answered (the agent is
-        dormant); `found` holds from a collector answering until its stream ends."""
-        return self._find is not None and not self.found
 
     # -- training thread ------------------------------------------------------------------------
 
@@ -209,29 +215,53 @@ class Sender:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(min(timeout, 1.0))
-            link = self._link
-            if self._thread.is_alive() and link is not None:
-                link.cancel()
+            relay = self._relay
+            if self._thread.is_alive() and relay is not None:
+                relay.cancel()
             self._thread.join(timeout)
+        kept = 0
         with self._cond:
+            if self._spool is not None:
+                kept = self._keep_in_spool()
             if self._queue:
                 self._count_drop(len(self._queue), "the collector could not take them before shutdown")
                 self._queue.clear()
             self._lose_upto(self.seq, "the collector had not acknowledged them at shutdown")
-            if self._spool is not None:
-                with self._spooling():
-                    self._spool.clear()
-                    self._spool.close()
-                self._spool = None
         undurable = self.undurable
-        if undurable:
+        if undurable and not kept:
             log.warning(
                 "thermoscope: %d frames were applied by the collector at %s but not made durable "
                 "(its checkpoints failed or had not run): they are lost if it stops",
                 undurable,
                 self.target,
             )
-        return flushed and not undurable
+        return flushed and not (undurable or self.dropped or self.spooled)
+
+    def _keep_in_spool(self) -> int:
+        """At shutdown (under the lock): the queued frames join the spool, and the spool stays on
+        disk with every frame the collector has not made durable, for a later replay; those the
+        collector has not accepted count as `spooled`, not dropped. Returns how many it keeps."""
+        held = 0
+        with self._spooling():
+            while self._queue:
+                self.seq += 1
+                self._spool.append(self.seq, self._encode(self._queue.popleft(), self.seq))
+            self._lose_upto(self._spool.evicted, "evicted from the spool before the collector took them")
+            held = len(self._spool)
+            self.spooled = self._spool.count(after=self.acked)
+            self.acked = self.seq  # settled: accepted, lost, or kept for a replay
+            self._spool.close(keep=True)
+            if held:
+                log.warning(
+                    "thermoscope: %d frames the collector at %s did not make durable are kept in the spool "
+                    "%s: the next Monitor with this spool, or `thermoscope replay --spool %s`, delivers them",
+                    held,
+                    self.target,
+                    self._spool.path,
+                    self._spool_dir,
+                )
+        self._spool = None
+        return held
 
     def _lose_upto(self, seq: int, why: str) -> None:
         """Frames numbered up to `seq` that the collector has not accepted will never be: count
@@ -272,26 +302,26 @@ class Sender:
 
     def _run(self) -> None:
         delay = self._backoff[0]
+        relay = self._relay = Relay(self._security, self._backoff)
         try:
             while not self._stopping.is_set():
                 if self._find is not None and not self._look_up():
                     self._stopping.wait(self._interval)
                     continue
-                link = self._link_to(self.target)  # type: ignore[arg-type]
-                if not link.connect(self._connect_timeout, self._idle, self._stopping):
+                if not relay.connect(self.target, self._connect_timeout, self._idle, self._stopping):  # type: ignore[arg-type]
                     # look up again, and wait again: the channel paces its reconnects itself
-                    self._note_error(f"no collector answering at {link.target}")
+                    self._note_error(f"no collector answering at {self.target}")
                     continue
                 if not self._hello_final():
                     continue
                 started = time.monotonic()
-                error = link.stream(
-                    self._hello,
+                self._replay_leftovers(relay)
+                error = relay.stream(
+                    self._hello.SerializeToString(),
                     self._frames(self._generation),
                     on_open=self._opened,
                     on_ack=self._take_ack,
                     on_config=self._on_config,
-                    stopping=self._stopping,
                 )
                 self._end_stream()
                 if error is not None:
@@ -301,26 +331,38 @@ class Sender:
                 self._idle(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, self._backoff[1])
         finally:
-            if self._link is not None:
-                self._link.close()
+            relay.close()
 
     def _hello_final(self) -> bool:
-        """Wait until the hello is final, the agent sampling meanwhile (a found collector ends its
-        dormancy): the stream then opens with the site table the first sampled step completed
-        (functional sites included). False if the sender stops first."""
-        self.found = True
+        """Wait until the hello is final: the stream opens with the site table the first sampled
+        step completed (functional sites included). False if the sender stops first."""
         while self._ready is not None and not self._ready.wait(0.1):
             if self._stopping.is_set():
                 return False
         return True
 
-    def _link_to(self, target: str) -> Link:
-        """The link to `target`: kept while the collector stays there, replaced when it moved."""
-        if self._link is None or self._link.target != target:
-            if self._link is not None:
-                self._link.close()
-            self._link = Link(target, self._credentials, self._metadata, self._backoff)
-        return self._link
+    def _replay_leftovers(self, relay: Relay) -> None:
+        """Before the first stream of this sender: replay the spools dead processes left in its
+        directory (once; what fails to become durable stays on disk for the next try)."""
+        if self._spool_dir is None or self._leftovers_tried:
+            return
+        self._leftovers_tried = True
+        try:
+            leftovers = Spool.leftovers(self._spool_dir)
+        except OSError:  # no directory yet: nothing was left
+            return
+        for path in leftovers:
+            if self._stopping.is_set():
+                return
+            done = replay(relay, path, self._stopping)
+            self.replayed += done.durable
+            log.log(
+                logging.INFO if done.complete else logging.WARNING,
+                "thermoscope: replayed %s to %s: %s",
+                path,
+                self.target,
+                done,
+            )
 
     def _idle(self, seconds: float) -> None:
         """Wait while no stream is open (until `seconds` pass or shutdown). With a spool, spill the
@@ -338,7 +380,7 @@ class Sender:
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            if not self._keep(seq, codec.encode(item.to_sample(), seq).SerializeToString()):
+            if not self._keep(seq, self._encode(item, seq)):
                 with self._cond:  # no stream is open: what the spool held can never be sent
                     self._lose_upto(self.seq, "the spool failed with frames waiting for a stream")
 
@@ -348,7 +390,7 @@ class Sender:
         with self._cond:
             with self._spooling():
                 if self._spool is None and self._spool_dir is not None:
-                    self._spool = Spool.of_process(self._spool_dir, self._hello.hello, self._spool_bytes)
+                    self._spool = Spool.create(self._spool_dir, self._hello, self._spool_bytes)
                 if self._spool is not None:
                     self._spool.append(seq, data)
             return self._spool is not None
@@ -361,10 +403,12 @@ class Sender:
                 target = shard(target, self._hello.hello.job_id)
         except Exception as exc:  # a lookup that fails is retried; it must never kill the thread
             self._note_error(f"looking up the collector failed: {exc!r}")
+            self.dormant = True
             return False
-        if target != self.target:
+        if target != self.target and target is not None:
             log.info("thermoscope: collector found at %s", target)
         self.target = target
+        self.dormant = target is None
         return target is not None
 
     def _opened(self) -> None:
@@ -376,7 +420,7 @@ class Sender:
         """Retire the stream's frames generator and count the frames that died with it: those the
         spool cannot replay (all of them without one, those it evicted with one)."""
         with self._cond:
-            self.connected = self.found = False
+            self.connected = False
             self._generation += 1
             if self._spool_dir is None:
                 self._lose_upto(self.seq, "a stream broke with frames in flight")
@@ -391,8 +435,22 @@ class Sender:
         self.last_error = error
 
     def _take_ack(self, accepted: int, durable: int) -> None:
-        """Count what the collector accepted; free the spool up to what it persisted."""
+        """Count what the collector accepted; free the spool up to what it persisted. Neither can
+        be beyond the last frame sent: a collector that says so breaks the protocol."""
         with self._cond:
+            if max(accepted, durable) > self.seq:
+                if not self._violation_logged:
+                    self._violation_logged = True
+                    log.error(
+                        "thermoscope: protocol violation: the collector at %s acknowledged frame %d "
+                        "(durable %d) when %d were sent; believed up to %d",
+                        self.target,
+                        accepted,
+                        durable,
+                        self.seq,
+                        self.seq,
+                    )
+                accepted, durable = min(accepted, self.seq), min(durable, self.seq)
             if accepted > self.acked:
                 self.delivered += accepted - self.acked  # (frames counted dropped are below `acked`)
                 self.acked = accepted
@@ -404,11 +462,12 @@ class Sender:
                 self._lost = [(after, upto) for after, upto in self._lost if upto > durable]
             self._cond.notify_all()
 
-    def _frames(self, generation: int) -> Iterator[pb.AgentMessage]:
-        """The frames of one stream: those the spool holds (sent, not durable at the collector)
-        first, in seq order, then one per queued sample.
+    def _frames(self, generation: int) -> Iterator[bytes]:
+        """The serialized frames of one stream: those the spool holds (sent, not durable at the
+        collector) first, in seq order, then one per queued sample; at most `WINDOW` ahead of
+        the collector's acks.
 
-        Runs on gRPC's request thread. It ends when stopping with nothing left, or when its
+        Runs on the relay's writer thread. It ends when stopping with nothing left, or when its
         stream was retired (it must not take a frame that no stream would carry).
         """
         replay: list[tuple[int, bytes]] = []
@@ -418,20 +477,30 @@ class Sender:
                     replay = self._spool.frames(self.durable)
             if self._spool_dir is None:  # nothing to replay: frames not accepted yet never will be
                 self._lose_upto(self.seq, "a stream broke with frames in flight")
-        for _, data in replay:
-            if generation != self._generation:
-                return
-            yield pb.AgentMessage.FromString(data)
+        for seq, data in replay:
+            with self._cond:
+                while generation == self._generation and seq - self.acked > WINDOW:
+                    self._cond.wait()
+                if generation != self._generation:
+                    return
+            yield data
         while True:
             with self._cond:
-                while not self._queue and not self._stopping.is_set() and generation == self._generation:
+                while generation == self._generation and (
+                    (not self._queue and not self._stopping.is_set())
+                    or (self._queue and self.seq - self.acked >= WINDOW)
+                ):
                     self._cond.wait()
                 if generation != self._generation or not self._queue:
                     return
                 item = self._queue.popleft()
                 self.seq += 1
                 seq = self.seq
-            msg = codec.encode(item.to_sample(), seq)
+            data = self._encode(item, seq)
             if self._spool_dir is not None:  # (no ack for `seq` can come before it is sent)
-                self._keep(seq, msg.SerializeToString())  # a spool that fails is given up: `msg` goes on
-            yield msg
+                self._keep(seq, data)  # a spool that fails is given up: the frame goes on
+            yield data
+
+    @staticmethod
+    def _encode(item: Pending, seq: int) -> bytes:
+        return codec.encode(item.to_sample(), seq).SerializeToString()

@@ -149,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     from . import aggregator  # its own module: a node's aggregator and its flags
 
     aggregator.add_arguments(sub)
+    from . import replay  # its own module: delivering what dead agents left in a spool
+
+    replay.add_arguments(sub)
     security_cli.add_password_command(sub)
     return p
 
@@ -351,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import aggregator
 
         return aggregator.main(args, p)
+    if args.command == "replay":
+        from . import replay
+
+        return replay.main(args, p)
     if args.command == "top":
         from . import top
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +24,7 @@ from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
 
 from helpers.metrics import scrape, value
-from helpers.processes import start_collector_process
+from helpers.processes import disk_full_at, start_collector_process
 from helpers.training import small_model, train_steps
 
 JOB = "reliability"
@@ -77,13 +75,6 @@ def test_a_full_disk_under_the_spool_never_raises_out_of_step_or_close(
     assert collector.snapshot()[JOB]["frames_received"] == 30
 
 
-def _disk_full_at(limit: int) -> None:
-    """In the collector's process, before it runs: files may not grow past `limit` bytes (EFBIG,
-    a full disk to sqlite), and the signal the kernel sends with it is ignored."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-
 @pytest.mark.slow
 def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_not_durable(
     tmp_path: Path,
@@ -103,7 +94,7 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
         "0",
         "--checkpoint-interval",
         "0.2",
-        preexec_fn=lambda: _disk_full_at(db.stat().st_size + (64 << 10)),
+        preexec_fn=lambda: disk_full_at(db.stat().st_size + (64 << 10)),
         stdout=log,
         stderr=log,
     )

@@ -118,13 +118,40 @@ def test_torchrun_ranks_stream_one_job_and_each_launch_is_a_run_of_its_own(colle
         assert collector.snapshot().keys() == {job_id}
         ranks = state["ranks"]
         assert set(ranks) == {0, 1} and all(r["finished"] and r["world_size"] == 2 for r in ranks.values())
-        # `watch` looks the collector up on its own thread: the steps sampled once it found it
-        assert all(r["frames"] >= 1 for r in ranks.values())
+        # `watch` looks the collector up on its own thread; what it sampled meanwhile waits for it
+        assert [r["frames"] for r in ranks.values()] == [20, 20]  # steps 0, 10, ..., 190 of each rank
         (run,) = {r["run_id"] for r in ranks.values()}
         runs.append(run)
         assert state["last_step"] == 190  # the last sampled step, merged from both ranks
     assert runs[0] != runs[1] and "" not in runs and "none" not in runs
     assert state["frames_late"] == 0  # the second launch's steps were not taken for replays
+
+
+# -- each example, run as its docstring says ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_trainer", "lightning_trainer"])
+def test_each_trainer_example_run_as_its_docstring_says_delivers_every_sampled_step(
+    collector: Collector, launcher_env: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """`THERMOSCOPE_COLLECTOR=host:port python docs/examples/<name>.py`, verbatim: its 20 steps
+    are sampled at 0, 5, 10 and 15, and each of them reaches the collector (before, the Lightning
+    example's never did and the HF example's 2 of 4: the agent skipped steps until its link was
+    up, and its `close()` said nothing)."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py")],
+        cwd=tmp_path,  # (the HF Trainer writes its output directory here)
+        env={**os.environ, "THERMOSCOPE_COLLECTOR": collector.grpc_target},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (state,) = collector.snapshot().values()
+    (rank,) = state["ranks"].values()
+    assert rank["finished"] and rank["frames"] == 4
+    assert state["frames_received"] == 4 and state["last_step"] == 15
 
 
 # -- the Hugging Face Trainer -------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.agent.spool import Spool
+from thermoscope.agent.spool import MAGIC, Spool
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
@@ -102,7 +102,7 @@ def test_spool_bound_evicts_the_oldest_and_says_how_far(tmp_path: Path) -> None:
     spool.append(6, b"x" * 1000)  # the newest is kept, however large
     assert spool.frames() == [(6, b"x" * 1000)] and spool.evicted == 5
     spool.clear()
-    assert spool.path.stat().st_size == 0  # nothing held: the file is emptied
+    assert spool.path.read_bytes() == MAGIC + bytes(12)  # nothing held: cut back to its (empty) hello
     spool.close()
     assert not spool.path.exists()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def disk_full_at(limit: int) -> None:
+    """In a child process, before it runs (`preexec_fn`): files may not grow past `limit` bytes
+    (EFBIG, a full disk to sqlite), and the signal the kernel sends with it is ignored."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
