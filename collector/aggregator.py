@@ -10,11 +10,18 @@ merges.
 
 No frame is acknowledged before the collector acknowledged it: each rank's frame is kept in
 flight until the node frame that holds it is acknowledged (`seq`) and until that node frame is
-durable (`durable`); the ack a rank gets is cumulative, up to the lowest of its frames not yet
-so. The aggregator keeps nothing itself: when its stream to the collector breaks it ends every
-rank's stream (UNAVAILABLE), and the agents reconnect and replay what their spools hold (what
-the collector had not made durable); the collector's marks count what it had merged already as
-late, not twice.
+durable (`durable`); a frame for a step already forwarded (late: its node frame went without
+it) waits likewise for the last node frame sent, which the collector takes after that step's.
+Each rank's frames are tied to its call, not to its rank number, so a call that replaced an
+earlier one of the same rank (a restarted process numbers its frames from 1 again) is never
+acknowledged for the earlier call's frames. The ack a rank gets is cumulative, up to the lowest
+of its frames not yet so, and speaks for nothing below its call's first frame until the
+collector confirmed one of the call's own: the frames before it went on earlier calls, which
+the collector may never have taken. The aggregator keeps nothing itself: when its stream to the
+collector breaks (or the collector refuses it) it ends every rank's stream (UNAVAILABLE) and
+takes no further frame from them (nor from a call a newer one of its rank replaced), and the
+agents reconnect and replay what their spools hold (what the collector had not made durable);
+the collector's marks count what it had merged already as late, not twice.
 
 The node's ranks are fixed by the hellos of its first `ranks` streams; a hello from another rank
 is refused (FAILED_PRECONDITION). It listens on loopback only: its agents are on its node.
@@ -61,6 +68,7 @@ class _Rank:
     rank: int = -1
     table: Table | None = None
     hello: pb.Hello | None = None
+    first_seq: int = 0  # its first frame's: its acks speak for nothing below (earlier calls' frames)
     last_seq: int = 0
     last_step: int = -1
     unacked: set[int] = field(default_factory=set)  # its seqs the collector has not acknowledged
@@ -77,14 +85,14 @@ class Aggregator:
         self.expected = ranks
         self.max_message_bytes = max_message_bytes
         self.sessions: dict[int, _Rank] = {}  # by rank: the open or last call of each
-        self.pending: dict[int, dict[int, tuple[Sample, int]]] = {}  # step -> rank -> (sample, seq)
+        self.pending: dict[int, dict[int, _Part]] = {}  # step -> rank -> its frame
         self.forwarded_step = -1
         self.node_seq = 0  # node frames sent, numbered 1, 2, 3... for this process
-        self.in_flight: dict[int, dict[int, int]] = {}  # node seq -> rank -> its seq
+        self.in_flight: dict[int, list[tuple[_Rank, int]]] = {}  # node seq -> (call, seq) it settles
         self.config = pb.Config()  # the collector's last word, relayed to every rank
         self.frames_in = 0
         self.frames_out = 0
-        self.frames_late = 0  # for a step already forwarded: acknowledged, not merged
+        self.frames_late = 0  # for a step already forwarded: not merged, settled with the last node frame
         self._upstream: asyncio.Queue | None = None  # node messages to send; None when not open
         self._upstream_task: asyncio.Task | None = None
         self._merger: aggregate.Merger | None = None
@@ -171,13 +179,15 @@ class Aggregator:
             return
         session.open = False  # the rank half-closed: its steps merge, then its last ack
         self._merge_ready()
-        if self._upstream is not None and not any(s.open for s in self.sessions.values()):
-            self._upstream.put_nowait(None)  # the node is done: the collector makes it durable, acks
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FLUSH_WAIT):
-                while (session.unacked or session.undurable) and self._upstream is not None:
-                    self._changed.clear()
-                    await self._changed.wait()
+        upstream = self._upstream  # the node stream its frames went on: only its acks settle them
+        if upstream is not None:
+            if not any(s.open for s in self.sessions.values()):
+                upstream.put_nowait(None)  # the node is done: the collector makes it durable, acks
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_WAIT):
+                    while (session.unacked or session.undurable) and self._upstream is upstream:
+                        self._changed.clear()
+                        await self._changed.wait()
         session.outbox.put_nowait(self._ack(session))
         session.outbox.put_nowait(None)
 
@@ -196,6 +206,8 @@ class Aggregator:
         if kind == "frame":
             if session.hello is None:
                 return grpc.StatusCode.FAILED_PRECONDITION, "frame on a stream that sent no hello"
+            if self.sessions.get(session.rank) is not session:  # the node started over, or a newer call
+                return grpc.StatusCode.UNAVAILABLE, "this call no longer belongs to the node: reconnect"
             try:
                 sample = codec.decode(
                     msg.frame,
@@ -210,17 +222,18 @@ class Aggregator:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"frame seq {msg.frame.seq} after seq {session.last_seq}",
                 )
-            session.last_seq = msg.frame.seq
+            seq = msg.frame.seq
+            session.first_seq = session.first_seq or seq
+            session.last_seq = seq
             session.last_step = max(session.last_step, sample.step)
             self.frames_in += 1
             if sample.step <= self.forwarded_step:  # late: its node frame went without it
                 self.frames_late += 1
-                if not session.unacked:  # settled, as the collector settles a late frame
-                    session.outbox.put_nowait(self._ack(session))
+                self._settle_late(session, seq)
                 return None
-            session.unacked.add(msg.frame.seq)
-            session.undurable.add(msg.frame.seq)
-            self.pending.setdefault(sample.step, {})[session.rank] = (sample, msg.frame.seq)
+            session.unacked.add(seq)
+            session.undurable.add(seq)
+            self.pending.setdefault(sample.step, {})[session.rank] = _Part(sample, session, seq)
             if self._upstream is None and len(self.pending) > MAX_PENDING_STEPS:
                 self._open_upstream()  # a rank that never said hello holds the node back no longer
             self._merge_ready()
@@ -274,10 +287,10 @@ class Aggregator:
             self._forward(step, parts)
             self.forwarded_step = max(self.forwarded_step, step)
 
-    def _forward(self, step: int, parts: dict[int, tuple[Sample, int]]) -> None:
-        merged, energy_ranks = self._merger.merge(step, {r: p[0] for r, p in parts.items()}, self._tables)
+    def _forward(self, step: int, parts: dict[int, _Part]) -> None:
+        merged, energy_ranks = self._merger.merge(step, {r: p.sample for r, p in parts.items()}, self._tables)
         self.node_seq += 1
-        self.in_flight[self.node_seq] = {r: p[1] for r, p in parts.items()}
+        self.in_flight[self.node_seq] = [(p.session, p.seq) for p in parts.values()]
         self._upstream.put_nowait(aggregate.encode_node(merged, self.node_seq, energy_ranks, sorted(parts)))
         self.frames_out += 1
 
@@ -330,17 +343,26 @@ class Aggregator:
         if self._upstream is outbox:
             self._lost_upstream(why)
 
+    def _settle_late(self, session: _Rank, seq: int) -> None:
+        """A frame for a step already forwarded is not merged: it is settled as the collector
+        settles a late frame, but only once the collector took its step, that is with the last
+        node frame sent (it follows the step's); at once only if that one is durable already."""
+        last = self.in_flight.get(self.node_seq)
+        if last is None:  # every node frame sent is durable (the step's among them)
+            session.outbox.put_nowait(self._ack(session))
+            return
+        session.unacked.add(seq)
+        session.undurable.add(seq)
+        last.append((session, seq))
+
     def _acked(self, seq: int, durable: int) -> None:
         """The collector acknowledged node frames up to `seq`, durable up to `durable`: tell
-        each rank how far its own frames are."""
+        each call how far its own frames are (a node frame counts as durable only once
+        acknowledged, and the frames it holds settle only the calls that sent them)."""
         touched = set()
-        for node_seq in [n for n in self.in_flight if n <= max(seq, durable)]:
-            for rank, rank_seq in self.in_flight[node_seq].items():
-                s = self.sessions.get(rank)
-                if s is None:
-                    continue
-                if node_seq <= seq:
-                    s.unacked.discard(rank_seq)
+        for node_seq in [n for n in self.in_flight if n <= seq]:
+            for s, rank_seq in self.in_flight[node_seq]:
+                s.unacked.discard(rank_seq)
                 if node_seq <= durable:
                     s.undurable.discard(rank_seq)
                 touched.add(s)
@@ -353,9 +375,13 @@ class Aggregator:
 
     @staticmethod
     def _ack(s: _Rank) -> pb.CollectorMessage:
+        """The call's cumulative ack; 0 until the collector confirmed one of the call's own frames
+        (an ack is cumulative, and the frames below the call's first are not the call's)."""
         seq = min(s.unacked) - 1 if s.unacked else s.last_seq
-        durable = min(s.undurable) - 1 if s.undurable else s.last_seq
-        return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=min(durable, seq)))
+        durable = min(min(s.undurable) - 1 if s.undurable else s.last_seq, seq)
+        return pb.CollectorMessage(
+            ack=pb.Ack(seq=seq if seq >= s.first_seq else 0, durable=durable if durable >= s.first_seq else 0)
+        )
 
     def _start_over(self) -> None:
         """Forget the node's ranks and end its stream (half-closed: the collector makes what it
@@ -384,6 +410,15 @@ class Aggregator:
         self._upstream = None
         self._ranks = ()
         self._changed.set()
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One rank's frame of a pending step: its sample, the call that sent it and its seq there."""
+
+    sample: Sample
+    session: _Rank
+    seq: int
 
 
 @dataclass(frozen=True)
