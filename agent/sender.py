@@ -130,7 +130,8 @@ class Sender:
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
         self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
-        self._lost: list[tuple[int, int]] = []  # (after, upto]: seq ranges counted dropped, above `durable`
+        # (after, upto]: seq ranges never accepted (counted dropped, or kept in the spool at shutdown)
+        self._unaccepted: list[tuple[int, int]] = []
         self.submitted = 0  # sampled steps handed to the sender
         self.delivered = 0  # frames the collector accepted (applied)
         self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
@@ -162,7 +163,7 @@ class Sender:
         now. After `shutdown`, those it never made durable."""
         with self._cond:
             above = self.acked - self.durable
-            for after, upto in self._lost:  # frames counted dropped were never accepted
+            for after, upto in self._unaccepted:
                 above -= max(0, min(upto, self.acked) - max(after, self.durable))
             return max(0, above)
 
@@ -249,7 +250,9 @@ class Sender:
             self._lose_upto(self._spool.evicted, "evicted from the spool before the collector took them")
             held = len(self._spool)
             self.spooled = self._spool.count(after=self.acked)
-            self.acked = self.seq  # settled: accepted, lost, or kept for a replay
+            if self.seq > self.acked:  # settled: kept for a replay, never accepted (not undurable)
+                self._unaccepted.append((self.acked, self.seq))
+                self.acked = self.seq
             self._spool.close(keep=True)
             if held:
                 log.warning(
@@ -268,7 +271,7 @@ class Sender:
         them dropped (call under the lock)."""
         if seq > self.acked:
             self._count_drop(seq - self.acked, why)
-            self._lost.append((self.acked, seq))
+            self._unaccepted.append((self.acked, seq))
             self.acked = seq
 
     @contextmanager
@@ -459,7 +462,7 @@ class Sender:
                     with self._spooling():
                         self._spool.ack(durable)
                 self.durable = durable
-                self._lost = [(after, upto) for after, upto in self._lost if upto > durable]
+                self._unaccepted = [(after, upto) for after, upto in self._unaccepted if upto > durable]
             self._cond.notify_all()
 
     def _frames(self, generation: int) -> Iterator[bytes]:
