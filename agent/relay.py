@@ -61,14 +61,15 @@ class Relay:
         self._writer: threading.Thread | None = None
         self._fresh = False  # the relay was just started: its first connect may take longer
         self.target: str | None = None
+        self.error: str | None = None  # why the last connect failed
 
     def connect(
         self, target: str, timeout: float, wait: Callable[[float], None], stopping: threading.Event
     ) -> bool:
         """Wait until the channel to `target` is READY (the relay's grpc connects and
         reconnects meanwhile); False if `timeout` passed, `stopping` was set or the relay could
-        not be started. `wait(seconds)` passes the time meanwhile (the sender spills its queue
-        into the spool)."""
+        not be started (`error` says which). `wait(seconds)` passes the time meanwhile (the
+        sender spills its queue into the spool)."""
         self.target = target
         deadline = time.monotonic() + timeout
         try:
@@ -80,15 +81,17 @@ class Relay:
                     kind, payload = message
                     if kind == Kind.CONNECTED:
                         self._fresh = False
-                        return payload == b"1"
+                        self.error = None if payload == b"1" else f"no collector answering at {target}"
+                        return self.error is None
                     self._other(kind, payload)
                 if time.monotonic() > deadline:  # a relay that does not answer is broken
+                    self.error = "the relay process did not answer; starting another"
                     self._stop(kill=True)
                     return False
                 wait(0.05)
             return False
         except (OSError, PipeClosed) as exc:
-            log.warning("thermoscope: the relay process failed (%s); starting another", self._why(exc))
+            self.error = f"the relay process failed ({self._why(exc)}); starting another"
             self._stop(kill=True)
             while (left := deadline - time.monotonic()) > 0 and not stopping.is_set():
                 wait(min(left, 0.05))  # no faster than a connect that timed out

@@ -313,7 +313,7 @@ class Sender:
                     continue
                 if not relay.connect(self.target, self._connect_timeout, self._idle, self._stopping):  # type: ignore[arg-type]
                     # look up again, and wait again: the channel paces its reconnects itself
-                    self._note_error(f"no collector answering at {self.target}")
+                    self._note_error(relay.error or f"no collector answering at {self.target}")
                     continue
                 if not self._hello_final():
                     continue
