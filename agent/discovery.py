@@ -2,7 +2,7 @@
 
 In order: `$THERMOSCOPE_COLLECTOR` ("host:port"), then — in a process that is part of a
 Ray cluster — its node's aggregator actor (`aggregator_name(node id)`, which pre-merges the
-node's ranks for a large job: collector/node_actor.py), else the detached actor named
+node's ranks for a large job: collector/node/actor.py), else the detached actor named
 `ACTOR_NAME` in namespace `NAMESPACE`, which `thermoscope attach` (or `thermoscope collector
 --ray`) starts. Ray is never imported
 here: a process that has not imported it is not in a Ray cluster.

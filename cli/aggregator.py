@@ -1,4 +1,4 @@
-"""`thermoscope aggregator`: a node's aggregator (collector/aggregator.py) as its own process.
+"""`thermoscope aggregator`: a node's aggregator (collector/node/aggregator.py) as its own process.
 
 Its node's agents point at it (`THERMOSCOPE_COLLECTOR=127.0.0.1:PORT`) instead of the job's
 collector; it forwards one merged frame per step to `--collector`.
@@ -25,7 +25,7 @@ def add_arguments(sub) -> None:
 
 
 def main(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
-    from thermoscope.collector.aggregator import Aggregator  # grpc only when this verb runs
+    from thermoscope.collector.node.aggregator import Aggregator  # grpc only when this verb runs
 
     if args.ranks < 1:
         p.error(f"aggregator: --ranks must be at least 1, got {args.ranks}")

@@ -1,6 +1,6 @@
 """`thermoscope loadgen --nodes N --node-ranks R`: one job of N x R ranks against a collector,
 streamed flat (every rank its own stream) and through simulated node aggregators (N streams
-of pre-merged node frames, as `collector/aggregator.py` sends them), one arm after the other,
+of pre-merged node frames, as `collector/node/aggregator.py` sends them), one arm after the other,
 each against a fresh collector process.
 
 Printed per arm: the collector's CPU seconds per merged step (its CPU from the end of the

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from thermoscope.agent import Monitor
-from thermoscope.collector.aggregator import Aggregator
+from thermoscope.collector.node.aggregator import Aggregator
 from thermoscope.collector.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector

@@ -19,7 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from thermoscope.agent import discovery  # noqa: E402
-from thermoscope.collector import node_actor  # noqa: E402
+from thermoscope.collector.node import actor as node_actor  # noqa: E402
 from thermoscope.collector.service import Collector  # noqa: E402
 from thermoscope.wire.contract import NAMESPACE, aggregator_name  # noqa: E402
 

@@ -38,17 +38,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from thermoscope.collector import aggregate
+from thermoscope.collector.aggregate import Table
+from thermoscope.collector.pipeline import MAX_PENDING_STEPS
+from thermoscope.collector.refusal import BadBytes
+from thermoscope.collector.server import deserializer
 from thermoscope.science.stats import Sample
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE, is_loopback, split_address
-
-from . import aggregate
-from .aggregate import Table
-from .pipeline import MAX_PENDING_STEPS
-from .refusal import BadBytes
-from .server import deserializer
 
 log = logging.getLogger("thermoscope.aggregator")
 

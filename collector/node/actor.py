@@ -1,4 +1,4 @@
-"""A node's aggregator (collector/aggregator.py) as a Ray actor: one per node, pinned to it
+"""A node's aggregator (node/aggregator.py) as a Ray actor: one per node, pinned to it
 (`NodeAffinitySchedulingStrategy(node, soft=False)`), restarted by Ray whenever it dies
 (`max_restarts=-1`), found by its per-node name (`contract.aggregator_name`), which agents on
 that node look up before the collector's (`agent/discovery.py`).
