@@ -25,10 +25,10 @@ from pathlib import Path
 import grpc
 
 from thermoscope.collector import aggregate
-from thermoscope.collector.aggregate import Table
-from thermoscope.science.stats import LayerInfo, SiteInfo
+from thermoscope.science.stats import LayerInfo, SiteInfo, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
+from thermoscope.wire.node import node_hello
 
 from .loadgen import (
     BINS,
@@ -82,12 +82,12 @@ def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[by
             out.append((hello.SerializeToString(), rank_frame))
         return out
     tables = {r: Table.of_rank(layer_table, sites) for r in range(node_ranks)}
-    table = aggregate.node_table(tables)
+    table = Table.of_node(tables)
     merged, energy_ranks = aggregate.Merger(table).merge(0, dict.fromkeys(range(node_ranks), sample), tables)
     body = codec.encode(merged, 1).SerializeToString()
     for first in range(0, world, node_ranks):
         ranks = list(range(first, first + node_ranks))
-        hello = aggregate.node_hello(
+        hello = node_hello(
             job_id=JOB,
             run_id="loadgen",
             ranks=ranks,

@@ -1,5 +1,6 @@
 """The exact node-level merge of one large job: a node's ranks -> one node frame per step, and
-the job's nodes -> one job-wide sample (docs/ray.md, "One job of thousands of ranks").
+the job's nodes -> one job-wide sample (docs/ray.md, "One job of thousands of ranks"). The node
+frame's wire form is proto/wire/node.py; a node's table, `Table.of_node` (science/stats.py).
 
 A node aggregator pre-merges the frames of the ranks on its node, so the job's collector merges
 one frame per node per step instead of one per rank. The result is the flat merge's
@@ -30,72 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from thermoscope.science import physics
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.wire import codec
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.wire.codec import WireError
 
 #: Plans kept per merger (one per set of parts that sent a step; usually one).
 MAX_PLANS = 8
 
 
-@dataclass(frozen=True)
-class Table:
-    """A part's layer and site tables: a rank's (every span 1) or a node's (runs of shards).
-
-    `layers[i]` covers shards `layers[i].shard_index .. + spans[i] - 1` of its layer's
-    `shard_count`; its `numel` is the values it covers."""
-
-    layers: tuple[LayerInfo, ...]
-    spans: tuple[int, ...]
-    sites: tuple[SiteInfo, ...]
-
-    @classmethod
-    def of_rank(cls, layers: list[LayerInfo], sites: list[SiteInfo]) -> Table:
-        return cls(tuple(layers), (1,) * len(layers), tuple(sites))
-
-    def keys(self) -> list[tuple[str, int, int]]:
-        """(name, first shard, span) of each entry."""
-        return [(lay.name, lay.shard_index, s) for lay, s in zip(self.layers, self.spans, strict=True)]
-
-
-def node_table(tables: dict[int, Table]) -> Table:
-    """The table a node forwards for its ranks' `tables`: each layer's shards held on the node,
-    one entry per run of consecutive shard indices (a replica: one entry), in the order the ranks
-    name them (lowest rank first); each site once."""
-    held: dict[str, dict[int, LayerInfo]] = {}
-    sites: dict[str, SiteInfo] = {}
-    for rank in sorted(tables):
-        for layer in tables[rank].layers:
-            held.setdefault(layer.name, {}).setdefault(layer.shard_index, layer)
-        for site in tables[rank].sites:
-            sites.setdefault(site.name, site)
-    layers, spans = [], []
-    for shards in held.values():
-        indices = sorted(shards)
-        runs: list[list[int]] = []
-        for i in indices:
-            if runs and runs[-1][-1] == i - 1:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        for run in runs:
-            first = shards[run[0]]
-            numel = sum(shards[i].numel for i in run)
-            layers.append(
-                LayerInfo(
-                    first.name,
-                    first.shape,
-                    numel,
-                    first.dtype,
-                    run[0],
-                    first.shard_count,
-                    first.hist_lo,
-                    first.hist_hi,
-                )
-            )
-            spans.append(len(run))
-    return Table(tuple(layers), tuple(spans), tuple(sites.values()))
+def _keys(table: Table) -> list[tuple[str, int, int]]:
+    """(name, first shard, span) of each entry."""
+    return [(lay.name, lay.shard_index, s) for lay, s in zip(table.layers, table.spans, strict=True)]
 
 
 def job_table(tables: dict[int, Table]) -> tuple[list[LayerInfo], list[SiteInfo]]:
@@ -142,13 +87,13 @@ class Plan:
         cls, keys: tuple[int, ...], tables: dict[int, Table], out: Table, site_names: list[str]
     ) -> Plan:
         by_name: dict[str, list[tuple[int, int, int]]] = {}  # name -> (first shard, span, output row)
-        for row, (name, first, span) in enumerate(out.keys()):
+        for row, (name, first, span) in enumerate(_keys(out)):
             by_name.setdefault(name, []).append((first, span, row))
         covered = [np.zeros(span, dtype=bool) for span in out.spans]
         rows, dest = [], []
         for key in keys:
             kept = []
-            for i, (name, first, span) in enumerate(tables[key].keys()):
+            for i, (name, first, span) in enumerate(_keys(tables[key])):
                 for o_first, o_span, o_row in by_name[name]:
                     if o_first <= first and first + span <= o_first + o_span:
                         shards = covered[o_row][first - o_first : first - o_first + span]
@@ -301,113 +246,3 @@ def job_merger(tables: dict[int, Table]) -> Merger:
     layers, sites = job_table(tables)
     shards = {layer.name: layer.shard_count for t in tables.values() for layer in t.layers}
     return Merger(Table(tuple(layers), tuple(shards[layer.name] for layer in layers), tuple(sites)))
-
-
-# -- the wire form of a node's stream ----------------------------------------------------------------
-
-
-def node_hello(
-    *,
-    job_id: str,
-    run_id: str,
-    ranks: list[int],
-    world_size: int,
-    host: str,
-    agent_version: str,
-    node: str,
-    every: int,
-    table: Table,
-    bins: int,
-) -> pb.AgentMessage:
-    """A node aggregator's hello: its ranks, and its node table (runs as `Shard.span`)."""
-    msg = codec.hello(
-        job_id=job_id,
-        run_id=run_id,
-        rank=min(ranks),
-        world_size=world_size,
-        host=host,
-        agent_version=agent_version,
-        node=node,
-        every=every,
-        layers=list(table.layers),
-        sites=list(table.sites),
-        bins=bins,
-    )
-    msg.hello.ranks.extend(sorted(ranks))
-    for entry, layer, span in zip(msg.hello.layers, table.layers, table.spans, strict=True):
-        if layer.shard_count > 1:
-            entry.shard.CopyFrom(pb.Shard(index=layer.shard_index, count=layer.shard_count, span=span))
-    return msg
-
-
-def decode_node_hello(msg: pb.Hello) -> tuple[tuple[int, ...], Table]:
-    """Validate a node aggregator's hello: its ranks (the lowest is `rank`, all in the world, each
-    once) and its table (runs inside their layer, no two overlapping). WireError otherwise."""
-    ranks = tuple(msg.ranks)
-    if not ranks or list(ranks) != sorted(set(ranks)) or ranks[0] != msg.rank or ranks[-1] >= msg.world_size:
-        raise WireError(
-            "hello", f"node ranks {list(ranks)[:8]} must be increasing from rank {msg.rank}, in the world"
-        )
-    spans = tuple(max(layer.shard.span, 1) for layer in msg.layers)
-    named = pb.Hello()
-    named.CopyFrom(msg)
-    del named.ranks[:]
-    for i, layer in enumerate(named.layers):  # decode_hello sees one entry per name
-        layer.name = f"{i}:{layer.name}"
-        if layer.HasField("shard"):
-            layer.shard.span = 0
-    layers, sites = codec.decode_hello(named)
-    layers = [
-        LayerInfo(
-            src.name,
-            lay.shape,
-            lay.numel,
-            lay.dtype,
-            lay.shard_index,
-            lay.shard_count,
-            lay.hist_lo,
-            lay.hist_hi,
-        )
-        for src, lay in zip(msg.layers, layers, strict=True)
-    ]
-    covered: dict[str, set[int]] = {}
-    for layer, span in zip(layers, spans, strict=True):
-        shards = set(range(layer.shard_index, layer.shard_index + span))
-        if layer.shard_index + span > layer.shard_count or shards & covered.get(layer.name, set()):
-            raise WireError(
-                "hello", f"layer {layer.name!r}: shards {sorted(shards)[:4]}... overlap or exceed the layer"
-            )
-        covered.setdefault(layer.name, set()).update(shards)
-    return ranks, Table(tuple(layers), spans, tuple(sites))
-
-
-def encode_node(sample: Sample, seq: int, energy_ranks: int, ranks: list[int]) -> pb.AgentMessage:
-    """A node frame: the node's merged sample, how many ranks its energy averages, and its ranks."""
-    msg = codec.encode(sample, seq)
-    msg.frame.energy_ranks = energy_ranks
-    msg.frame.ranks.extend(ranks)
-    return msg
-
-
-def decode_node(
-    frame: pb.Frame,
-    hello_ranks: tuple[int, ...],
-    table: Table,
-    bins: int,
-    nonfinite: dict[str, int] | None = None,
-) -> tuple[Sample, int, tuple[int, ...]]:
-    """Validate a node frame against its hello: its sample (`codec.decode`, counting unusable
-    values into `nonfinite`), how many ranks its energy averages, and which of the hello's ranks
-    it merges. WireError otherwise."""
-    ranks = tuple(frame.ranks)
-    if not ranks or not set(ranks) <= set(hello_ranks) or len(set(ranks)) != len(ranks):
-        raise WireError("invalid_value", f"frame {frame.seq}: ranks {list(ranks)[:8]} are not the hello's")
-    if frame.energy_ranks > len(ranks):
-        raise WireError(
-            "invalid_value", f"frame {frame.seq}: energy of {frame.energy_ranks} ranks, {len(ranks)} merged"
-        )
-    sample = codec.decode(frame, len(table.layers), len(table.sites), bins, nonfinite)
-    weight = frame.energy_ranks if sample.has_energy else 0
-    if sample.has_energy and not weight:
-        raise WireError("invalid_value", f"frame {frame.seq}: an energy that averages no rank")
-    return sample, weight, ranks

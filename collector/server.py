@@ -25,11 +25,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.stats import Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
+from thermoscope.wire.node import decode_node, decode_node_hello
 
-from . import aggregate
 from .checkpoint import Checkpointer
 from .job import Job, Stream
 from .refusal import BadBytes
@@ -429,10 +430,8 @@ class Telemetry:
         energy_ranks, ranks = None, ()
         try:
             if stream.ranks:  # a node aggregator's frame
-                table = aggregate.Table(stream.layers, stream.spans, stream.sites)
-                sample, energy_ranks, ranks = aggregate.decode_node(
-                    frame, stream.ranks, table, stream.bins, nonfinite
-                )
+                table = Table(stream.layers, stream.spans, stream.sites)
+                sample, energy_ranks, ranks = decode_node(frame, stream.ranks, table, stream.bins, nonfinite)
             else:
                 sample = codec.decode(frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite)
         except codec.WireError as exc:
@@ -492,7 +491,7 @@ class Telemetry:
         self._check_names(hello)
         node_ranks, spans = (), ()
         if hello.ranks:  # a node aggregator's stream: its ranks and its table's runs of shards
-            node_ranks, table = aggregate.decode_node_hello(hello)
+            node_ranks, table = decode_node_hello(hello)
             layers, sites, spans = list(table.layers), list(table.sites), table.spans
         else:
             layers, sites = codec.decode_hello(hello)

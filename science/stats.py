@@ -8,7 +8,7 @@ mergeable, so the derivation downstream never needs the raw tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +33,49 @@ class SiteInfo:
 
     name: str
     kind: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """The layers and sites one part's samples report, row by row: a rank's, whose every entry
+    is one shard (`of_rank`), or a node aggregator's, whose entries are runs of the shards its
+    ranks hold: `layers[i]` covers shards `shard_index .. shard_index + spans[i] - 1` of its
+    layer's `shard_count`, and its `numel` counts the values of all of them."""
+
+    layers: tuple[LayerInfo, ...]
+    spans: tuple[int, ...]
+    sites: tuple[SiteInfo, ...]
+
+    @classmethod
+    def of_rank(cls, layers: list[LayerInfo], sites: list[SiteInfo]) -> Table:
+        return cls(tuple(layers), (1,) * len(layers), tuple(sites))
+
+    @classmethod
+    def of_node(cls, tables: dict[int, Table]) -> Table:
+        """The table a node aggregator forwards for its ranks' `tables`: each layer's shards held
+        on the node, one entry per run of consecutive shard indices (a replica: one entry), in
+        the order the ranks name them (lowest rank first); each site once."""
+        held: dict[str, dict[int, LayerInfo]] = {}
+        sites: dict[str, SiteInfo] = {}
+        for rank in sorted(tables):
+            for layer in tables[rank].layers:
+                held.setdefault(layer.name, {}).setdefault(layer.shard_index, layer)
+            for site in tables[rank].sites:
+                sites.setdefault(site.name, site)
+        layers, spans = [], []
+        for shards in held.values():
+            runs: list[list[int]] = []
+            for i in sorted(shards):
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            for run in runs:
+                first = shards[run[0]]
+                numel = sum(shards[i].numel for i in run)
+                layers.append(replace(first, numel=numel))
+                spans.append(len(run))
+        return cls(tuple(layers), tuple(spans), tuple(sites.values()))
 
 
 @dataclass(frozen=True)

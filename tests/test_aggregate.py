@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from thermoscope.collector import aggregate
-from thermoscope.collector.aggregate import Table
 from thermoscope.collector.merge import merge_step
 from thermoscope.science.derive import Thermometer
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.wire.codec import WireError
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
+from thermoscope.wire.node import decode_node, decode_node_hello, encode_node, node_hello
 
 from helpers.nodes import assert_readings_equal
 
@@ -70,11 +69,11 @@ def through_nodes(step, parts, tables, node_size, world):
     for first in range(0, world, node_size):
         ranks = [r for r in range(first, min(first + node_size, world))]
         rank_tables = {r: Table.of_rank(tables[r], SITES) for r in ranks}
-        nt = aggregate.node_table(rank_tables)
+        nt = Table.of_node(rank_tables)
         merged, energy_ranks = aggregate.Merger(nt).merge(
             step, {r: parts[r] for r in ranks if r in parts}, rank_tables
         )
-        hello = aggregate.node_hello(
+        hello = node_hello(
             job_id="j",
             run_id="r",
             ranks=ranks,
@@ -86,10 +85,10 @@ def through_nodes(step, parts, tables, node_size, world):
             table=nt,
             bins=BINS,
         ).hello
-        hello_ranks, decoded_table = aggregate.decode_node_hello(hello)
+        hello_ranks, decoded_table = decode_node_hello(hello)
         assert decoded_table == nt
-        frame = aggregate.encode_node(merged, step + 1, energy_ranks, [r for r in ranks if r in parts]).frame
-        sample, weight, _ = aggregate.decode_node(frame, hello_ranks, decoded_table, BINS)
+        frame = encode_node(merged, step + 1, energy_ranks, [r for r in ranks if r in parts]).frame
+        sample, weight, _ = decode_node(frame, hello_ranks, decoded_table, BINS)
         node_tables[first], node_parts[first], weights[first] = decoded_table, sample, weight
     merged, _ = aggregate.job_merger(node_tables).merge(step, node_parts, node_tables, weights)
     return merged, aggregate.job_table(node_tables)
@@ -162,54 +161,3 @@ def test_a_rank_missing_at_a_step_leaves_its_shards_nan_as_in_the_flat_merge():
     got, _ = through_nodes(0, parts, tables, 8, 16)
     assert np.isnan(got.layers.mean[2:]).all() and np.isfinite(got.layers.mean[:2]).all()
     assert_same(got, expected)
-
-
-def test_a_node_hello_with_overlapping_runs_is_refused():
-    tables = {r: Table.of_rank(layout(8, 8)[r], SITES) for r in range(8)}
-    nt = aggregate.node_table(tables)
-    hello = aggregate.node_hello(
-        job_id="j",
-        run_id="r",
-        ranks=list(range(8)),
-        world_size=8,
-        host="h",
-        agent_version="t",
-        node="n",
-        every=1,
-        table=nt,
-        bins=BINS,
-    ).hello
-    hello.layers.append(hello.layers[2])  # shards 0..7 of sh0 a second time
-    with pytest.raises(WireError, match="overlap"):
-        aggregate.decode_node_hello(hello)
-
-
-def test_a_node_hello_whose_ranks_do_not_start_at_its_rank_is_refused():
-    tables = {r: Table.of_rank(layout(8, 1)[r], SITES) for r in range(8)}
-    hello = aggregate.node_hello(
-        job_id="j",
-        run_id="r",
-        ranks=list(range(8)),
-        world_size=8,
-        host="h",
-        agent_version="t",
-        node="n",
-        every=1,
-        table=aggregate.node_table(tables),
-        bins=BINS,
-    ).hello
-    hello.rank = 3
-    with pytest.raises(WireError, match="increasing from rank 3"):
-        aggregate.decode_node_hello(hello)
-
-
-def test_a_node_frame_naming_a_rank_outside_its_hello_is_refused():
-    rng = np.random.default_rng(5)
-    tables = {r: Table.of_rank(layout(8, 1)[r], SITES) for r in range(8)}
-    nt = aggregate.node_table(tables)
-    merged, n = aggregate.Merger(nt).merge(
-        0, {r: rank_sample(rng, 0, N_LAYERS, False, True) for r in range(8)}, tables
-    )
-    frame = aggregate.encode_node(merged, 1, n, [0, 9]).frame
-    with pytest.raises(WireError, match="not the hello's"):
-        aggregate.decode_node(frame, tuple(range(8)), nt, BINS)

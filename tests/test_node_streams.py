@@ -4,7 +4,7 @@ one frame each read, to 1e-9; liveness stays per rank; the job waits for the ran
 that has not connected; a node frame that breaks its hello is refused and changes nothing.
 
 Real collector on loopback, raw-protocol streams (no Monitor, no aggregator process: the node
-frames are built with `collector/aggregate.py`, as the aggregator builds them).
+frames are built as `collector/node/aggregator.py` builds them: `helpers.nodes.Node`).
 """
 
 from __future__ import annotations

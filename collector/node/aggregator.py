@@ -3,7 +3,7 @@
 
 It serves the same `Telemetry/Stream` as the collector, so an agent needs nothing but its
 address. Once the `ranks` it expects have said hello, it opens one stream to the job's
-collector with the node's hello (`aggregate.node_hello`), holds each step until every open rank
+collector with the node's hello (`wire.node.node_hello`), holds each step until every open rank
 sent it (or a rank moved past it, or more than MAX_PENDING_STEPS wait, as the collector's
 pipeline does), merges it (`aggregate.Merger`) and forwards one node frame naming the ranks it
 merges.
@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from thermoscope.collector import aggregate
-from thermoscope.collector.aggregate import Table
 from thermoscope.collector.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.refusal import BadBytes
 from thermoscope.collector.server import deserializer
-from thermoscope.science.stats import Sample
+from thermoscope.science.stats import Sample, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE, is_loopback, split_address
+from thermoscope.wire.node import encode_node, node_hello
 
 log = logging.getLogger("thermoscope.aggregator")
 
@@ -290,7 +290,7 @@ class Aggregator:
         merged, energy_ranks = self._merger.merge(step, {r: p.sample for r, p in parts.items()}, self._tables)
         self.node_seq += 1
         self.in_flight[self.node_seq] = [(p.session, p.seq) for p in parts.values()]
-        self._upstream.put_nowait(aggregate.encode_node(merged, self.node_seq, energy_ranks, sorted(parts)))
+        self._upstream.put_nowait(encode_node(merged, self.node_seq, energy_ranks, sorted(parts)))
         self.frames_out += 1
 
     # -- the stream to the collector ---------------------------------------------------------------
@@ -298,10 +298,10 @@ class Aggregator:
     def _open_upstream(self) -> None:
         self._ranks = tuple(sorted(self.sessions))
         self._tables = {r: self.sessions[r].table for r in self._ranks}
-        table = aggregate.node_table(self._tables)
+        table = Table.of_node(self._tables)
         self._merger = aggregate.Merger(table)
         first = self.sessions[self._ranks[0]].hello
-        hello = aggregate.node_hello(
+        hello = node_hello(
             job_id=first.job_id,
             run_id=first.run_id,
             ranks=list(self._ranks),

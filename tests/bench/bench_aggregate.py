@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from thermoscope.collector import aggregate
-from thermoscope.collector.aggregate import Table
 from thermoscope.collector.merge import MergePlans, merge_step
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
+from thermoscope.wire.node import decode_node, encode_node
 
 BINS = 8
 SITES = [SiteInfo(f"blocks.{j}.act", "GELU") for j in range(24)]
@@ -68,7 +68,7 @@ def main() -> None:
     site_names = [s.name for s in SITES]
     flat_tables = {r: (t, SITES) for r, t in tables.items()}
     nodes = {n * a.ranks: list(range(n * a.ranks, (n + 1) * a.ranks)) for n in range(a.nodes)}
-    node_tables = {k: aggregate.node_table({r: rank_tables[r] for r in rs}) for k, rs in nodes.items()}
+    node_tables = {k: Table.of_node({r: rank_tables[r] for r in rs}) for k, rs in nodes.items()}
     node_mergers = {k: aggregate.Merger(node_tables[k]) for k in nodes}
     job = aggregate.job_merger(node_tables)
     plans = MergePlans()
@@ -80,7 +80,7 @@ def main() -> None:
         node_frames = {}
         for k, rs in nodes.items():
             merged, n = node_mergers[k].merge(step, {r: parts[r] for r in rs}, rank_tables)
-            node_frames[k] = aggregate.encode_node(merged, step + 1, n, rs).frame.SerializeToString()
+            node_frames[k] = encode_node(merged, step + 1, n, rs).frame.SerializeToString()
         costs["aggregator"].append((time.process_time() - t0) / a.nodes)
 
         def flat_arm(step: int = step, rank_bytes: list[bytes] = rank_bytes) -> None:
@@ -92,7 +92,7 @@ def main() -> None:
         def node_arm(step: int = step, node_frames: dict[int, bytes] = node_frames) -> None:
             decoded, weights = {}, {}
             for k, raw in node_frames.items():
-                decoded[k], weights[k], _ = aggregate.decode_node(
+                decoded[k], weights[k], _ = decode_node(
                     pb.Frame.FromString(raw), tuple(nodes[k]), node_tables[k], BINS
                 )
             job.merge(step, decoded, node_tables, weights)

@@ -1,6 +1,6 @@
 """A job of simulated nodes: each rank's tables and random samples, its raw hello, what a node
-aggregator sends for a node's ranks (built with `collector/aggregate.py`), and the comparison
-of two readings to 1e-9 (`test_node_streams.py`, `test_aggregator.py`).
+aggregator sends for a node's ranks (built as `collector/node/aggregator.py` builds it), and the
+comparison of two readings to 1e-9 (`test_node_streams.py`, `test_aggregator.py`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from thermoscope.collector import aggregate
-from thermoscope.collector.aggregate import Table
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
+from thermoscope.wire.node import encode_node, node_hello
 
 from .protocol import BINS
 
@@ -74,9 +74,9 @@ class Node:
     def __init__(self, job: str, ranks: list[int], shards: int) -> None:
         self.ranks = ranks
         self.tables = {r: Table.of_rank(rank_layers(r, shards), SITES) for r in ranks}
-        self.table = aggregate.node_table(self.tables)
+        self.table = Table.of_node(self.tables)
         self.merger = aggregate.Merger(self.table)
-        self.hello = aggregate.node_hello(
+        self.hello = node_hello(
             job_id=job,
             run_id="r1",
             ranks=ranks,
@@ -92,7 +92,7 @@ class Node:
     def frame(self, seq: int, step: int, parts: dict[int, Sample]) -> pb.AgentMessage:
         mine = {r: parts[r] for r in self.ranks if r in parts}
         merged, energy_ranks = self.merger.merge(step, mine, self.tables)
-        return aggregate.encode_node(merged, seq, energy_ranks, sorted(mine))
+        return encode_node(merged, seq, energy_ranks, sorted(mine))
 
 
 def nodes_of(job: str, shards: int) -> list[Node]:
