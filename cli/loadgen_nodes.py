@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from thermoscope.collector import aggregate
+from thermoscope.collector.merge import Merger, Target
 from thermoscope.science.stats import LayerInfo, SiteInfo, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
@@ -83,7 +83,9 @@ def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[by
         return out
     tables = {r: Table.of_rank(layer_table, sites) for r in range(node_ranks)}
     table = Table.of_node(tables)
-    merged, energy_ranks = aggregate.Merger(table).merge(0, dict.fromkeys(range(node_ranks), sample), tables)
+    merged, energy_ranks = Merger(Target.runs(table)).merge(
+        0, dict.fromkeys(range(node_ranks), sample), tables
+    )
     body = codec.encode(merged, 1).SerializeToString()
     for first in range(0, world, node_ranks):
         ranks = list(range(first, first + node_ranks))

@@ -1,5 +1,5 @@
 """A job's way from its ranks' samples to readings and phases: which steps merge when, then
-`merge_step` -> `science.derive.Thermometer` -> `detect.PhaseDetector`, and the history rows and
+`merge.JobMerge` -> `science.derive.Thermometer` -> `detect.PhaseDetector`, and the history rows and
 events that wait in memory for the next checkpoint.
 
 Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
@@ -26,9 +26,8 @@ from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
-from .aggregate import JobMerge
 from .detect import PhaseDetector
-from .merge import MergePlans, Tables, merge_step
+from .merge import JobMerge, Tables
 from .store import Event
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ class Declared:
     equal tables: they are kept once (`_interned`), not once per rank.
 
     A node aggregator's stream binds under its lowest rank, with the ranks it speaks for and its
-    table's runs of shards (`nodes`); a job with any node merges with `aggregate.JobMerge`.
+    table's runs of shards (`nodes`): the job's merge takes its entries as runs.
     """
 
     def __init__(self) -> None:
@@ -167,15 +166,13 @@ class Pipeline:
         self.transitions: Counter[tuple[str, str]] = Counter()  # job-scope (from, to)
         self.last_transition_time: float | None = None
         self.unsaved = Unsaved()
-        self._plans = MergePlans()  # a cache, not state
-        self._nodes = JobMerge()  # a cache, not state: the merge of a job with node streams
+        self._merge = JobMerge()  # a cache, not state
 
     def release(self) -> None:
         """Every stream of the job ended and its steps merged: let go of the ranks' tables and the
         merge plans made of them (a rank that streams again binds its tables anew)."""
         self.declared.release()
-        self._plans = MergePlans()
-        self._nodes = JobMerge()
+        self._merge = JobMerge()
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""
@@ -217,13 +214,9 @@ class Pipeline:
             if not (complete or len(self.pending) > MAX_PENDING_STEPS):
                 break
             del self.pending[step]
-            weights = self.energy_ranks.pop(step, {})
-            if nodes:
-                layers, sites = self.declared.layers, self.declared.sites
-                self._apply(self._nodes.merge(step, parts, declared, nodes, layers, sites, weights))
-                continue
-            layer_names, site_names = list(self.declared.layers), list(self.declared.sites)
-            self._apply(merge_step(step, parts, declared, layer_names, site_names, self._plans))
+            weights = self.energy_ranks.pop(step, None)
+            layers, sites = self.declared.layers, self.declared.sites
+            self._apply(self._merge.merge(step, parts, declared, layers, sites, nodes, weights))
 
     def _apply(self, sample: Sample) -> None:
         layers, sites = self.declared.layers, self.declared.sites

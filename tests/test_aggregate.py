@@ -1,7 +1,8 @@
 """A node aggregator's pre-merge is exact: merging each node's ranks into one node frame, sending
-it through the wire form, and merging the nodes gives what the flat merge of every rank gives
-(`merge_step`), to 1e-9, for data parallel, sharded-within-node, sharded-across-nodes and
-unevenly sharded jobs, and so do the readings derived from it. No Ray needed.
+it through the wire form, and merging the nodes as the collector does gives what the flat merge
+of every rank gives (`merge.JobMerge` over the ranks), to 1e-9, for data parallel,
+sharded-within-node, sharded-across-nodes and unevenly sharded jobs, and so do the readings
+derived from it. No Ray needed.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from thermoscope.collector import aggregate
-from thermoscope.collector.merge import merge_step
+from thermoscope.collector.merge import JobMerge, Merger, Target
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.wire.node import decode_node, decode_node_hello, encode_node, node_hello
@@ -64,15 +64,14 @@ def rank_sample(rng: np.random.Generator, step: int, n_layers: int, hist: bool, 
 
 
 def through_nodes(step, parts, tables, node_size, world):
-    """Each node's ranks pre-merged, sent and decoded as node frames, then the nodes merged."""
-    node_tables, node_parts, weights = {}, {}, {}
+    """Each node's ranks pre-merged, sent and decoded as node frames, then the nodes merged as the
+    collector merges them (every node bound, those without a rank in `parts` silent at the step);
+    and the job's layers and sites (as its first bound entries name them)."""
+    bound, nodes, node_parts, weights = {}, {}, {}, {}
     for first in range(0, world, node_size):
         ranks = [r for r in range(first, min(first + node_size, world))]
         rank_tables = {r: Table.of_rank(tables[r], SITES) for r in ranks}
         nt = Table.of_node(rank_tables)
-        merged, energy_ranks = aggregate.Merger(nt).merge(
-            step, {r: parts[r] for r in ranks if r in parts}, rank_tables
-        )
         hello = node_hello(
             job_id="j",
             run_id="r",
@@ -87,17 +86,26 @@ def through_nodes(step, parts, tables, node_size, world):
         ).hello
         hello_ranks, decoded_table = decode_node_hello(hello)
         assert decoded_table == nt
-        frame = encode_node(merged, step + 1, energy_ranks, [r for r in ranks if r in parts]).frame
-        sample, weight, _ = decode_node(frame, hello_ranks, decoded_table, BINS)
-        node_tables[first], node_parts[first], weights[first] = decoded_table, sample, weight
-    merged, _ = aggregate.job_merger(node_tables).merge(step, node_parts, node_tables, weights)
-    return merged, aggregate.job_table(node_tables)
+        bound[first] = (list(decoded_table.layers), list(decoded_table.sites))
+        nodes[first] = (hello_ranks, decoded_table.spans)
+        mine = {r: parts[r] for r in ranks if r in parts}
+        if not mine:
+            continue
+        merged, energy_ranks = Merger(Target.runs(nt)).merge(step, mine, rank_tables)
+        frame = encode_node(merged, step + 1, energy_ranks, sorted(mine)).frame
+        node_parts[first], weights[first], _ = decode_node(frame, hello_ranks, decoded_table, BINS)
+    layers: dict[str, LayerInfo] = {}
+    for node_layers, _ in bound.values():
+        for layer in node_layers:
+            layers.setdefault(layer.name, layer)
+    merged = JobMerge().merge(step, node_parts, bound, layers, [s.name for s in SITES], nodes, weights)
+    return merged, (list(layers.values()), SITES)
 
 
 def flat(step, parts, tables):
     layer_names = list(dict.fromkeys(layer.name for r in sorted(tables) for layer in tables[r]))
     site_names = [s.name for s in SITES]
-    return merge_step(step, parts, {r: (t, SITES) for r, t in tables.items()}, layer_names, site_names)
+    return JobMerge().merge(step, parts, {r: (t, SITES) for r, t in tables.items()}, layer_names, site_names)
 
 
 def assert_same(a: Sample, b: Sample) -> None:
@@ -161,3 +169,35 @@ def test_a_rank_missing_at_a_step_leaves_its_shards_nan_as_in_the_flat_merge():
     got, _ = through_nodes(0, parts, tables, 8, 16)
     assert np.isnan(got.layers.mean[2:]).all() and np.isfinite(got.layers.mean[:2]).all()
     assert_same(got, expected)
+
+
+def test_a_layer_only_a_silent_node_holds_reads_empty_as_in_the_flat_merge():
+    """A node that sent nothing at a step (its stream ended, or the step was forced out) leaves
+    a layer only it holds without values: count 0, as the flat merge of the ranks that sent
+    reads it, not NaN (no shard of it was expected at that step)."""
+    rng = np.random.default_rng(6)
+    tables = layout(16, 1)
+    tables[9] = [*tables[9], LayerInfo("only9", (2,), 2, "float32")]
+    parts = {r: rank_sample(rng, 0, N_LAYERS, hist=True, energy=True) for r in range(8)}
+    expected = flat(0, parts, tables)
+    got, _ = through_nodes(0, parts, tables, 8, 16)
+    assert got.layers.count[-1] == 0 and got.layers.mean[-1] == 0.0
+    assert np.isfinite(got.layers.mean).all()
+    assert_same(got, expected)
+
+
+def test_a_node_holding_a_layers_shards_apart_merges_each_run_as_the_flat_merge_does():
+    """Ranks 0-7 hold the even shards of a 16-way layer, ranks 8-15 the odd ones: each node
+    sends eight runs of one shard per layer, all kept, all into one row of the job's layer."""
+    rng = np.random.default_rng(7)
+    tables = {
+        r: [
+            LayerInfo(f"sh{j}", (16, 3), 3, "float32", 2 * r % 16 + 2 * r // 16, 16, -2.0, 2.0)
+            for j in range(2)
+        ]
+        for r in range(16)
+    }
+    parts = {r: rank_sample(rng, 0, 2, hist=True, energy=True) for r in tables}
+    got, _ = through_nodes(0, parts, tables, 8, 16)
+    assert np.isfinite(got.layers.mean).all()
+    assert_same(got, flat(0, parts, tables))

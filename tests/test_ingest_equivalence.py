@@ -1,7 +1,7 @@
 """The collector's fast ingest paths give what the straightforward code gave.
 
 Rewritten for speed (tests/bench/bench_ingest.py): `codec.decode` (one buffer, three vectorized
-checks), `merge_step` (a cached plan, histograms added per rank), the thermometer (entropy sums
+checks), the job's merge (`JobMerge`: a cached plan, histograms added per rank), the thermometer (entropy sums
 and engine types kept, cheaper slopes) and the phase detector (medians by a sort, and only for
 the layers that read them). What the code they replaced gave is recorded in tests/golden/
 (tests/golden/record.py says how). Random frames, rank tables (replicas, shards, missing and
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from thermoscope.collector.detect import PHASES, PhaseDetector, _mean, _median
-from thermoscope.collector.merge import MergePlans, merge_step
+from thermoscope.collector.merge import JobMerge
 from thermoscope.science import physics
 from thermoscope.science.derive import Thermometer
 from thermoscope.wire import codec
@@ -73,16 +73,16 @@ def test_decode_gives_the_recorded_sample_or_refusal_for_every_random_frame() ->
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the extreme values overflow
 @pytest.mark.parametrize("seed", ingest_cases.MERGE_SEEDS)
-def test_merge_step_with_or_without_cached_plans_gives_the_recorded_samples(seed: int) -> None:
+def test_the_job_merge_with_or_without_cached_plans_gives_the_recorded_samples(seed: int) -> None:
     cases = list(ingest_cases.merge_cases(seed))
     recorded = golden.load("merge")
     assert recorded_inputs(recorded["inputs"][seed], cases), INPUTS_CHANGED
-    plans = MergePlans()
+    job = JobMerge()
     for i, c in enumerate(cases):
         expected = bytes(recorded["merged"][seed, i])
-        cached = merge_step(c.step, c.parts, c.tables, c.layer_names, c.site_names, plans)
+        cached = job.merge(c.step, c.parts, c.tables, c.layer_names, c.site_names)
         assert fingerprint(cached) == expected, (i, "merged with the job's plans")
-        fresh = merge_step(c.step, c.parts, c.tables, list(c.layer_names), c.site_names)
+        fresh = JobMerge().merge(c.step, c.parts, c.tables, c.layer_names, c.site_names)
         assert fingerprint(fresh) == expected, (i, "merged from scratch")
 
 

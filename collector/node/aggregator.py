@@ -5,8 +5,8 @@ It serves the same `Telemetry/Stream` as the collector, so an agent needs nothin
 address. Once the `ranks` it expects have said hello, it opens one stream to the job's
 collector with the node's hello (`wire.node.node_hello`), holds each step until every open rank
 sent it (or a rank moved past it, or more than MAX_PENDING_STEPS wait, as the collector's
-pipeline does), merges it (`aggregate.Merger`) and forwards one node frame naming the ranks it
-merges.
+pipeline does), merges it (`merge.Merger`, into the node's runs of shards) and forwards one node
+frame naming the ranks it merges.
 
 No frame is acknowledged before the collector acknowledged it: each rank's frame is kept in
 flight until the node frame that holds it is acknowledged (`seq`) and until that node frame is
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from thermoscope.collector import aggregate
+from thermoscope.collector.merge import Merger, Target
 from thermoscope.collector.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.refusal import BadBytes
 from thermoscope.collector.server import deserializer
@@ -94,7 +94,7 @@ class Aggregator:
         self.frames_late = 0  # for a step already forwarded: not merged, settled with the last node frame
         self._upstream: asyncio.Queue | None = None  # node messages to send; None when not open
         self._upstream_task: asyncio.Task | None = None
-        self._merger: aggregate.Merger | None = None
+        self._merger: Merger | None = None
         self._tables: dict[int, Table] = {}
         self._ranks: tuple[int, ...] = ()
         self._channel: grpc.aio.Channel | None = None
@@ -299,7 +299,7 @@ class Aggregator:
         self._ranks = tuple(sorted(self.sessions))
         self._tables = {r: self.sessions[r].table for r in self._ranks}
         table = Table.of_node(self._tables)
-        self._merger = aggregate.Merger(table)
+        self._merger = Merger(Target.runs(table))
         first = self.sessions[self._ranks[0]].hello
         hello = node_hello(
             job_id=first.job_id,

@@ -1,9 +1,9 @@
 """One job of many ranks: the collector's CPU per merged step, flat (every rank's frame) against
 node aggregators (one pre-merged frame per node), in one process (docs/ray.md).
 
-Per merged step, the flat arm parses and decodes every rank's frame and merges them
-(`merge_step`); the node arm parses and decodes every node's frame and merges the nodes
-(`aggregate.job_merger`). Beside it, what one node's aggregator spends on its own ranks. The
+Per merged step, the flat arm parses and decodes every rank's frame and merges them; the node
+arm parses and decodes every node's frame and merges the nodes (both as the job does:
+`merge.JobMerge`). Beside it, what one node's aggregator spends on its own ranks. The
 gRPC and asyncio cost per frame comes on top and is per frame, so it shrinks by the node size
 as well. The arms run interleaved, in rotated order, on the same frames.
 
@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-from thermoscope.collector import aggregate
-from thermoscope.collector.merge import MergePlans, merge_step
+from thermoscope.collector.merge import JobMerge, Merger, Target
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
@@ -69,9 +68,10 @@ def main() -> None:
     flat_tables = {r: (t, SITES) for r, t in tables.items()}
     nodes = {n * a.ranks: list(range(n * a.ranks, (n + 1) * a.ranks)) for n in range(a.nodes)}
     node_tables = {k: Table.of_node({r: rank_tables[r] for r in rs}) for k, rs in nodes.items()}
-    node_mergers = {k: aggregate.Merger(node_tables[k]) for k in nodes}
-    job = aggregate.job_merger(node_tables)
-    plans = MergePlans()
+    node_mergers = {k: Merger(Target.runs(node_tables[k])) for k in nodes}
+    node_bound = {k: (list(t.layers), list(t.sites)) for k, t in node_tables.items()}
+    node_spans = {k: (tuple(nodes[k]), t.spans) for k, t in node_tables.items()}
+    flat_job, node_job = JobMerge(), JobMerge()
     costs: dict[str, list[float]] = {"flat": [], "node": [], "aggregator": []}
     for step in range(a.steps):
         parts = {r: sample(rng, step, a.layers) for r in range(world)}
@@ -87,7 +87,7 @@ def main() -> None:
             decoded = {}
             for r, raw in enumerate(rank_bytes):
                 decoded[r] = codec.decode(pb.Frame.FromString(raw), a.layers, len(SITES), BINS)
-            merge_step(step, decoded, flat_tables, names, site_names, plans)
+            flat_job.merge(step, decoded, flat_tables, names, site_names)
 
         def node_arm(step: int = step, node_frames: dict[int, bytes] = node_frames) -> None:
             decoded, weights = {}, {}
@@ -95,7 +95,7 @@ def main() -> None:
                 decoded[k], weights[k], _ = decode_node(
                     pb.Frame.FromString(raw), tuple(nodes[k]), node_tables[k], BINS
                 )
-            job.merge(step, decoded, node_tables, weights)
+            node_job.merge(step, decoded, node_bound, names, site_names, node_spans, weights)
 
         for name, arm in (("flat", flat_arm), ("node", node_arm))[:: 1 if step % 2 else -1]:
             t0 = time.process_time()

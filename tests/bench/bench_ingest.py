@@ -21,7 +21,7 @@ shared, the minimum is the least disturbed figure):
 * `codec.decode`: validation and columns of one frame;
 * `Job.accept`: one frame into a `Job` (store=None, as the collector runs without `--db`),
   which on each step's last rank merges the step, runs the thermometer and the detector;
-* per merged step, apart: `merge_step` (as the job calls it), `Thermometer.update` and
+* per merged step, apart: `JobMerge.merge` (as the job calls it), `Thermometer.update` and
   `PhaseDetector.update` on the merged samples;
 * below the table, what a checkpoint's encoding of the job's state costs (`schema.encode_state`,
   each changed job at every `--checkpoint-interval`), with no step pending and with 30.
@@ -46,7 +46,7 @@ from thermoscope.collector import schema
 from thermoscope.collector.checkpoint import values_of
 from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.job import Job, Stream
-from thermoscope.collector.merge import MergePlans, merge_step
+from thermoscope.collector.merge import JobMerge
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.derive import Thermometer
@@ -171,17 +171,24 @@ def main() -> int:
         assert job.merged_step == args.steps, job.merged_step
         return job
 
-    # the per-step parts alone, as the job hands them to merge_step (with its plans, kept across steps);
+    # the per-step parts alone, as the job hands them to its merge (with its plans, kept across steps);
     # the ranks' tables bind with their first frame, so the job is one that took a run's frames
     job = accept()
-    names, site_names, declared = job.layer_names, job.site_names, job.pipeline.declared.by_rank
+    declared = job.pipeline.declared
+    names = job.layer_names
     parts = [dict(enumerate(srow)) for srow in samples]
-    plans = MergePlans()
-    merged = [merge_step(i + 1, ps, declared, names, site_names, plans) for i, ps in enumerate(parts)]
+    job_merge = JobMerge()
+
+    def merge_one(step: int, ps: dict[int, Sample]) -> Sample:
+        return job_merge.merge(
+            step, ps, declared.by_rank, declared.layers, declared.sites, declared.nodes, None
+        )
+
+    merged = [merge_one(i + 1, ps) for i, ps in enumerate(parts)]
 
     def merge() -> None:
         for i, ps in enumerate(parts):
-            merge_step(i + 1, ps, declared, job.layer_names, job.site_names, plans)
+            merge_one(i + 1, ps)
 
     def thermometer() -> None:
         th = Thermometer(list(job.layers.values()), list(job.sites.values()), window=WINDOW)
@@ -207,7 +214,7 @@ def main() -> int:
         ),
         ("codec.decode", "frame", best(args.repeat, decode) / n_frames),
         ("Job.accept (merge + thermometer + detector)", "frame", best(args.repeat, accept) / n_frames),
-        ("merge_step", "merged step", best(args.repeat, merge) / n_steps),
+        ("JobMerge.merge", "merged step", best(args.repeat, merge) / n_steps),
         ("Thermometer.update", "merged step", best(args.repeat, thermometer) / n_steps),
         ("PhaseDetector.update", "merged step", best(args.repeat, detector) / n_steps),
     ]

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from thermoscope.collector.detect import PHASES, PhaseDetector
 from thermoscope.collector.export import MetricsExporter
-from thermoscope.collector.merge import merge_step
+from thermoscope.collector.merge import JobMerge
 from thermoscope.science import physics
 from thermoscope.science.derive import Thermometer
 from thermoscope.wire import codec
@@ -90,7 +90,10 @@ def record_decode(decode: Callable = codec.decode) -> dict[str, np.ndarray]:
     }
 
 
-def record_merge(merge: Callable = merge_step) -> dict[str, np.ndarray]:
+def record_merge(merge: Callable | None = None) -> dict[str, np.ndarray]:
+    """`merge(step, parts, tables, layer_names, site_names)`: one flat step's merge (default: the
+    job's, `JobMerge.merge`)."""
+    merge = merge or JobMerge().merge
     inputs, merged = [], []
     for seed in ingest_cases.MERGE_SEEDS:
         cases = list(ingest_cases.merge_cases(seed))

@@ -179,7 +179,7 @@ def random_part(rng: np.random.Generator, step: int, table, hist: bool, bins: in
 
 @dataclasses.dataclass(frozen=True)
 class MergeCase:
-    """The arguments of one `merge_step` call."""
+    """The arguments of one flat step's merge (`JobMerge.merge`)."""
 
     step: int
     parts: dict[int, Sample]

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from thermoscope.collector import aggregate
+from thermoscope.collector.merge import Merger, Target
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
@@ -75,7 +75,7 @@ class Node:
         self.ranks = ranks
         self.tables = {r: Table.of_rank(rank_layers(r, shards), SITES) for r in ranks}
         self.table = Table.of_node(self.tables)
-        self.merger = aggregate.Merger(self.table)
+        self.merger = Merger(Target.runs(self.table))
         self.hello = node_hello(
             job_id=job,
             run_id="r1",
