@@ -138,6 +138,7 @@ class Monitor:
         self.local_rank, self.node = local_rank, node
         self.every = every
         self.enabled = True
+        self._closed = False  # a config coming after `close` enables nothing
         self._sampler = Sampler(
             model,  # its first sampled step adds the functional sites to the table
             [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
@@ -274,7 +275,7 @@ class Monitor:
         self._sampler.disarm()
         self._sampler.unfollow()
         self._losses.disarm()
-        self.enabled = False
+        self.enabled, self._closed = False, True
         return self._sender.shutdown(timeout) if self._sender is not None else True
 
     def _after_fork_in_child(self) -> None:
@@ -317,7 +318,7 @@ class Monitor:
         """Apply the collector's settings (called on the sender thread; plain assignments)."""
         if config.every > 0:
             self.every = config.every
-        self.enabled = not config.paused
+        self.enabled = not config.paused and not self._closed
 
     def _hello(self) -> pb.AgentMessage:
         return codec.hello(

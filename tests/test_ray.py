@@ -136,8 +136,8 @@ def test_every_rank_of_a_ray_train_job_streams_to_the_collector_actor_and_merges
     job_id = (out / "job_id").read_text()
     job = snapshot(handle)[job_id]
     assert set(job["ranks"]) == {0, 1}
-    # steps 2, 4, ..., 38 from each rank (step 0 began before the agent found the collector)
-    assert all(r["frames"] == 19 and r["finished"] for r in job["ranks"].values())
+    # steps 0, 2, ..., 38 from each rank (step 0 waited for the lookup, and was delivered)
+    assert all(r["frames"] == 20 and r["finished"] for r in job["ranks"].values())
     assert job["last_step"] == 38
     # ranks merge: the job's energy is the mean of the ranks' losses at that step
     expected = (losses(out, 0)[38] + losses(out, 1)[38]) / 2
