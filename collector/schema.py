@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from thermoscope.science.derive import Reading, Thermometer, _engines
+from thermoscope.science.detect import PhaseDetector, Settings
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-
-from .detect import PhaseDetector, Settings
 
 #: The version of the state this release writes, and the newest it reads.
 FORMAT = 1
