@@ -1,5 +1,5 @@
 """A job's way from its ranks' samples to readings and phases: which steps merge when, then
-`merge_step` -> `science.derive.Thermometer` -> `detect.PhaseDetector`, and the history rows and
+`merge_step` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector`, and the history rows and
 events that wait in memory for the next checkpoint.
 
 Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
 from .aggregate import JobMerge
-from .detect import PhaseDetector
 from .merge import MergePlans, Tables, merge_step
 from .store import Event
 

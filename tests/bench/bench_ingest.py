@@ -44,12 +44,12 @@ import numpy as np
 from thermoscope.cli import loadgen
 from thermoscope.collector import schema
 from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.job import Job, Stream
 from thermoscope.collector.merge import MergePlans, merge_step
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.derive import Thermometer
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
