@@ -39,6 +39,7 @@ from torch import nn
 from thermoscope.science.derive import WINDOW, Reading, Thermometer
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
+from thermoscope.wire.contract import VERSION
 
 from . import discovery
 from .energy import LossCapture
@@ -47,8 +48,6 @@ from .sampler import BINS, SUBSET, Pending, Sampler
 from .security import Pem, resolve
 from .sender import Sender
 from .sites import find_sites, plain_name
-
-AGENT_VERSION = "0.1.0"
 
 log = logging.getLogger("thermoscope.agent")
 
@@ -329,7 +328,7 @@ class Monitor:
             local_rank=self.local_rank,
             node=self.node,
             host=socket.gethostname(),
-            agent_version=AGENT_VERSION,
+            agent_version=VERSION,
             every=self.every,
             layers=self._sampler.layers,
             sites=self._sampler.sites,
