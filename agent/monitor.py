@@ -43,7 +43,8 @@ from thermoscope.wire import codec
 from . import discovery
 from .energy import LossCapture
 from .identity import launcher_run
-from .sampler import BINS, SUBSET, Pending, Sampler
+from .pending import Pending
+from .sampler import BINS, SUBSET, Sampler
 from .security import Pem, resolve
 from .sender import Sender
 from .sites import find_sites, plain_name

@@ -63,9 +63,9 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
+from .pending import Pending
 from .relay import Relay
 from .replay import WINDOW, replay
-from .sampler import Pending
 from .security import Security
 from .spool import Spool
 
