@@ -4,12 +4,8 @@ The sampler owns the hooks. They are registered only for a sampled step (`arm`) 
 removed right after it (`disarm`), so an unsampled step runs with no hook at all. On a
 sampled step:
 
-* forward pre-hooks / hooks on activation sites add the power sums (n, sum z, sum z^2) of the
-  pre-activations z and of the activations a (pre-hooks see z before an in-place activation
-  overwrites it; several calls of one module in a step add up); activation functions a forward
-  calls (`FUNCTIONS`) are caught by a torch function mode entered inside the model's forward,
-  named by the running module (`_FunctionalSites`), and add theirs the same way. Compiled code
-  runs eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile;
+* the activation sites' hooks (`site_capture.SiteCapture`) add the power sums of each site's
+  pre-activations and activations, and catch the activation functions a forward calls;
 * the optimizer's step pre-hook reads, per parameter tensor theta, sum theta and sum theta^2
   (the step's state theta_t, paired with its loss E_t), and keeps theta_t on this step's work
   coordinates: all of a layer of at most `subset` values, else `subset` of them in blocks of
@@ -24,10 +20,10 @@ sampled step:
 * the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
   first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
   is counted on fixed edges over its fixed, seeded blocks of at most `subset` values (the same
-  values every time, so changes are paired, not resampled noise), and each activation site
-  runs its engine-type scale probe;
+  values every time, so changes are paired, not resampled noise; `histograms`), and each
+  activation site runs its engine-type scale probe;
 * `collect` packs everything into one float64 tensor and starts its copy to the host
-  (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
+  (non-blocking from pinned memory on CUDA): the host reads it later (`pending.Pending`).
 
 Small tensors (biases, norms) are measured together from one float64 copy with segment sums,
 since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them; on CUDA
@@ -40,7 +36,7 @@ statistics of the shards merge exactly in the collector (docs/science.md section
 sharded is found once, at construction, so that a model of plain tensors pays nothing for
 it. A sharded layer's histogram edges come from the full tensor, so that all its shards
 share them: constructing a `Sampler` over sharded parameters is then a collective, which
-every rank of their device mesh must make (`full_moments`).
+every rank of their device mesh must make (`layers.full_moments`).
 """
 
 from __future__ import annotations
