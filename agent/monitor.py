@@ -12,8 +12,8 @@
 Every `every`-th optimizer step is sampled: the sampler's hooks are armed just before it
 and removed right after it, so the other steps run with no hook at all, and `step(loss)`
 on them is a counter increment (no device-to-host sync). With a collector, sampled steps
-stream from a background thread; without one (`collector=None`) they are derived
-in-process, read with `latest()`.
+go to the monitor's sink: streamed from a background thread (`sender.Sender`), or, without a
+collector (`collector=None`), kept in-process and derived at `latest()` (`local.Local`).
 
 After construction nothing the monitor does raises into the training loop: a collector that is
 down, slow or refusing, and a spool that cannot be written, are logged once and counted
@@ -30,20 +30,19 @@ import socket
 import sys
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from thermoscope.science.derive import WINDOW, Reading, Thermometer
+from thermoscope.science.derive import WINDOW, Reading
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
 from . import discovery
 from .energy import LossCapture
 from .identity import launcher_run
-from .pending import Pending
+from .local import Local
 from .sampler import BINS, SUBSET, Sampler
 from .security import Pem, resolve
 from .sender import Sender
@@ -148,17 +147,14 @@ class Monitor:
             subset=subset,
         )
         self._model_name = type(model).__name__
-        self._window = window
         self._step = step
         self._losses = LossCapture()
         self._loss_given = False  # once the loop hands a loss to `step`, nothing is captured
-        self._sender: Sender | None = None
-        self._local: deque[Pending] = deque(maxlen=max_queue)
-        self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
         self._announced = self._hello()  # completed in place once the site table is settled
         self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
+        self._sink: Sender | Local = Local(self._sampler.layers, self._sampler.sites, window, max_queue)
         if collector is not None:
-            self._sender = Sender(
+            self._sink = Sender(
                 collector,
                 self._announced,
                 max_queue=max_queue,
@@ -185,39 +181,49 @@ class Monitor:
     @property
     def dropped(self) -> int:
         """Sampled steps that never reached the collector (queue overflow or a broken stream)."""
-        return self._sender.dropped if self._sender is not None else 0
+        return self._sink.dropped
 
     @property
     def delivered(self) -> int:
         """Sampled steps the collector has accepted (once flushed: sampled = delivered + dropped)."""
-        return self._sender.delivered if self._sender is not None else 0
+        return self._sink.delivered
 
     @property
     def undurable(self) -> int:
         """Delivered steps the collector has not said are durable (its database holds them): lost
         if it stops now. After `close`, those it never made durable (its commits failed)."""
-        return self._sender.undurable if self._sender is not None else 0
+        return self._sink.undurable
 
     @property
     def spooled(self) -> int:
         """After `close`: sampled steps the collector did not take, kept in the spool for the next
         Monitor with the same spool (or `thermoscope replay`) to deliver."""
-        return self._sender.spooled if self._sender is not None else 0
+        return self._sink.spooled
 
     @property
     def replayed(self) -> int:
         """Frames of dead processes' spools (found in this monitor's spool directory) that this
         monitor replayed and the collector made durable."""
-        return self._sender.replayed if self._sender is not None else 0
+        return self._sink.replayed
 
     @property
     def spool_error(self) -> str | None:
         """Why the spool was given up (it could not be made or written), or None."""
-        return self._sender.spool_error if self._sender is not None else None
+        return self._sink.spool_error
 
     @property
     def connected(self) -> bool:
-        return self._sender is not None and self._sender.connected
+        return self._sink.connected
+
+    @property
+    def sampled(self) -> int:
+        """Sampled steps taken so far (after `close`: sampled = delivered + dropped + spooled)."""
+        return self._sink.submitted
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt to reach the collector failed (None: streaming, or in-process)."""
+        return self._sink.last_error
 
     @property
     def sampling(self) -> bool:
@@ -230,7 +236,7 @@ class Monitor:
         """True while a monitor that looks for its collector was told there is none: it samples
         nothing. Until its first lookup answers, and from the moment one finds a collector, it
         samples, and what it samples waits (bounded) for the link."""
-        return self._sender is not None and self._sender.dormant
+        return self._sink.dormant
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
@@ -247,10 +253,7 @@ class Monitor:
                 self._declare()
             self._losses.disarm()
             self._sampler.disarm()
-            if self._sender is not None:
-                self._sender.submit(pending)
-            else:
-                self._local.append(pending)
+            self._sink.submit(pending)
         elif self._sampler.following:  # the step after a sample gave its gradient to that sample's work
             self._sampler.unfollow()
         self._step += 1
@@ -259,14 +262,12 @@ class Monitor:
 
     def latest(self) -> Reading | None:
         """The newest derived reading (in-process mode; None before the first sample)."""
-        while self._local:
-            self._thermometer.update(self._local.popleft().to_sample())
-        return self._thermometer.latest
+        return self._sink.latest()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (bounded) until the collector has accepted every sampled step (accepted: applied;
         whether it is durable yet, the collector says with its acks, and `close` waits for)."""
-        return self._sender.flush(timeout) if self._sender is not None else True
+        return self._sink.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Remove the hooks, flush and stop streaming. True if every sampled step reached the
@@ -276,7 +277,7 @@ class Monitor:
         self._sampler.unfollow()
         self._losses.disarm()
         self.enabled = False
-        return self._sender.shutdown(timeout) if self._sender is not None else True
+        return self._sink.shutdown(timeout)
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (its sender is inert: `Sender._after_fork_in_child`): measure nothing."""
@@ -303,8 +304,7 @@ class Monitor:
         The hello is completed in place before the sender opens a stream with it: before the first
         `submit` starts the sender's thread, or, for a looked-up collector, before `_settled`
         lets the waiting thread go on."""
-        if len(self._sampler.sites) != len(self._thermometer.site_names):
-            self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=self._window)
+        if len(self._sampler.sites) != len(self._announced.hello.sites):
             self._announced.CopyFrom(self._hello())
         self._settled.set()
         if not self._sampler.sites:

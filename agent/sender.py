@@ -169,6 +169,10 @@ class Sender:
 
     # -- training thread ------------------------------------------------------------------------
 
+    def latest(self) -> None:
+        """A streaming monitor derives nothing itself: its collector does."""
+        return None
+
     def submit(self, item: Pending) -> None:
         """Queue one sampled step; never blocks. Drops (and counts) the oldest when full. Ignored
         in a forked child (inert: it never streams)."""

@@ -116,7 +116,7 @@ def test_work_sums_to_the_first_order_energy_change() -> None:
         opt.step()
         monitor.step(loss)
     monitor.latest()
-    first = monitor._thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
+    first = monitor._sink.thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
     work0 = first._work[1] - first._work[0]  # cumulative work from sample 0 to sample 1
     assert work0.sum() == pytest.approx(losses[1] - losses[0], rel=2e-2)
 
@@ -223,7 +223,7 @@ def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:
     monitor.step(torch.tensor(1.0))  # the sender thread starts and holds one frame
     pid = os.fork()
     if pid == 0:  # child: like a DataLoader worker
-        sender = monitor._sender
+        sender = monitor._sink
         os._exit(0 if sender._thread is None and not sender._queue and sender.dropped == 0 else 1)
     _, status = os.waitpid(pid, 0)
     monitor.close(timeout=0.2)
@@ -307,7 +307,7 @@ def test_a_nan_weight_never_breaks_the_training_step() -> None:
     loss.backward()
     opt.step()  # the hooks run here
     monitor.step(loss)
-    sample = monitor._local[-1].to_sample()
+    sample = monitor._sink.pending[-1].to_sample()
     monitor.close()
     assert sample.layers.histogram[0, 0] >= 1  # the NaN is counted outside the edges
     assert np.isnan(sample.layers.mean[0])  # and the moments say so (the wire refuses such frames)

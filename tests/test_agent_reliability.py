@@ -100,7 +100,7 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
     )
     model, opt = small_model()
     monitor = Monitor(model, opt, collector=collector.grpc_target, job=JOB, every=1, spool=tmp_path / "spool")
-    sender = monitor._sender
+    sender = monitor._sink
     try:
         train_steps(monitor, model, opt, steps)
         assert monitor.flush(timeout=60)
