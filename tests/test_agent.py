@@ -311,3 +311,40 @@ def test_a_nan_weight_never_breaks_the_training_step() -> None:
     monitor.close()
     assert sample.layers.histogram[0, 0] >= 1  # the NaN is counted outside the edges
     assert np.isnan(sample.layers.mean[0])  # and the moments say so (the wire refuses such frames)
+
+
+def test_settings_grouped_by_purpose_and_the_flat_keywords_make_the_same_monitor(tmp_path) -> None:
+    from thermoscope.agent.settings import Delivery, Identity, Sampling
+
+    grouped = Monitor(
+        mlp(),
+        identity=Identity(job="j", run="r", rank=1, world_size=2, node="n0"),
+        sampling=Sampling(every=3, step=6, bins=64),
+        delivery=Delivery(max_queue=8, spool=tmp_path),
+    )
+    flat = Monitor(
+        mlp(), job="j", run="r", rank=1, world_size=2, node="n0", every=3, step=6, bins=64, max_queue=8
+    )
+    for monitor in (grouped, flat):
+        assert (monitor.job, monitor.run, monitor.rank, monitor.world_size, monitor.node) == (
+            "j",
+            "r",
+            1,
+            2,
+            "n0",
+        )
+        assert monitor.every == 3 and monitor.sampling  # step 6 is sampled: 6 % 3 == 0
+        assert monitor._announced.hello.histogram_bins == 64
+        monitor.close()
+
+
+def test_a_setting_given_twice_or_unknown_is_refused_by_name() -> None:
+    from thermoscope.agent.security import Security
+    from thermoscope.agent.settings import Identity
+
+    with pytest.raises(TypeError, match="'evry'"):
+        Monitor(mlp(), evry=3)
+    with pytest.raises(TypeError, match="job= and identity="):
+        Monitor(mlp(), identity=Identity(job="a"), job="b")
+    with pytest.raises(TypeError, match="token= and security="):
+        Monitor(mlp(), security=Security(), token="t")
