@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from thermoscope.collector.store import EventStore
 from thermoscope.wire.contract import SERVICE
 
 
@@ -39,6 +40,25 @@ def disk_full_at(limit: int) -> None:
     (EFBIG, a full disk to sqlite), and the signal the kernel sends with it is ignored."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def start_full_disk_collector(db: Path, log: Path, room: int = 64 << 10) -> CollectorProcess:
+    """A collector process (checkpoints every 0.2 s, no history thinning) whose database may
+    grow `room` bytes past its schema: then its commits fail as on a full disk. Its output goes
+    to `log` (a regular file obeys the limit too: keep it small)."""
+    EventStore(db).close()  # the schema, before the limit
+    with open(log, "w") as out:
+        return start_collector_process(
+            db,
+            None,
+            "--history-interval",
+            "0",
+            "--checkpoint-interval",
+            "0.2",
+            preexec_fn=lambda: disk_full_at(db.stat().st_size + room),
+            stdout=out,
+            stderr=out,
+        )
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
