@@ -12,8 +12,8 @@
 Every `every`-th optimizer step is sampled: the sampler's hooks are armed just before it
 and removed right after it, so the other steps run with no hook at all, and `step(loss)`
 on them is a counter increment (no device-to-host sync). With a collector, sampled steps
-stream from a background thread; without one (`collector=None`) they are derived
-in-process, read with `latest()`.
+go to the monitor's sink: streamed from a background thread (`sender.Sender`), or, without a
+collector (`collector=None`), kept in-process and derived at `latest()` (`local.Local`).
 
 After construction nothing the monitor does raises into the training loop: a collector that is
 down, slow or refusing, and a spool that cannot be written, are logged once and counted
@@ -30,25 +30,26 @@ import socket
 import sys
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from thermoscope.science.derive import WINDOW, Reading, Thermometer
+from thermoscope.science.derive import Reading
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
+from thermoscope.wire.contract import VERSION
 
 from . import discovery
 from .energy import LossCapture
 from .identity import launcher_run
-from .sampler import BINS, SUBSET, Pending, Sampler
-from .security import Pem, resolve
+from .local import Local
+from .sampler import Sampler
+from .security import Security
 from .sender import Sender
+from .settings import Delivery, Identity, Sampling, group
 from .sites import find_sites, plain_name
-
-AGENT_VERSION = "0.1.0"
 
 log = logging.getLogger("thermoscope.agent")
 
@@ -72,25 +73,11 @@ class Monitor:
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         *,
         collector: str | Callable[[], str | None] | None = None,
-        token: str | None = None,
-        tls_root_cert: Pem | None = None,
-        tls_client_cert: Pem | None = None,
-        tls_client_key: Pem | None = None,
-        job: str | None = None,
-        run: str | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        local_rank: int = 0,
-        node: str = "",
-        step: int = 0,
-        every: int = 10,
-        window: int = WINDOW,
-        sites: Iterable[nn.Module] = (),
-        max_queue: int = 1024,
-        bins: int = BINS,
-        subset: int = SUBSET,
-        spool: str | os.PathLike | None = None,
-        spool_bytes: int = 64 << 20,
+        identity: Identity | None = None,
+        sampling: Sampling | None = None,
+        delivery: Delivery | None = None,
+        security: Security | None = None,
+        **keywords: Any,
     ) -> None:
         """
         Args:
@@ -98,79 +85,70 @@ class Monitor:
                 this model's parameters (through torch's global optimizer hooks).
             collector: "host:port" of a collector (or several, comma-separated: the job's is
                 picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
-                that finds one (dormant until it does); None derives everything in-process.
-            token, tls_root_cert, tls_client_cert, tls_client_key: how to prove ourselves to the
-                collector (a bearer token; TLS with this CA; mutual TLS; PEM paths or bytes);
-                each defaults to $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE),
-                $THERMOSCOPE_TLS_CA, $THERMOSCOPE_TLS_CERT, $THERMOSCOPE_TLS_KEY (`security`).
-            job: job id shared by all ranks (default: $THERMOSCOPE_JOB, else host and pid).
-            run: one training run of the job, shared by all its ranks: the collector keeps each
-                run's state apart, so two runs of one job id never mix (default: the launcher's,
-                `identity.launcher_run`, without the collective `watch` may make).
-            local_rank, node: this process's rank on its node, and the node's id in the cluster
-                (both informational: they say where a rank runs).
-            step: the optimizer step training starts at (a run resumed from a checkpoint
-                passes its step, so that the collector recognizes replayed steps).
-            every: sample one optimizer step in this many.
-            window: samples over which temperatures are taken (in-process mode).
-            sites: extra modules to watch as activation sites (activation modules, library
-                activation classes and activation functions called in a forward are found
-                without it: `sites.find_sites`, `sites.FUNCTIONS`).
-            max_queue: sampled steps held for the sender before the oldest is dropped.
-            bins: histogram bins between each layer's fixed edges.
-            subset: the most values of a layer its histogram counts (a fixed, seeded subset).
-            spool: a directory where this process keeps the frames the collector has not
-                made durable (one file per process), replayed after a reconnect, so that a
-                collector killed and restarted loses none; what it still holds at `close` stays
-                there for the next Monitor given this directory (or `thermoscope replay`),
-                which replays it first (None: no spool; frames in flight when a stream breaks
-                are dropped and counted).
-            spool_bytes: the spool's bound; beyond it the oldest frames are dropped and counted.
+                that finds one (`discovery.find_collector`); None derives everything in-process.
+            identity: who this process is: job, run, rank, world size, local rank, node
+                (`settings.Identity`; default: one process, the job named by $THERMOSCOPE_JOB or
+                host and pid).
+            sampling: what is measured: every, step, window, sites, bins, subset
+                (`settings.Sampling`; default: one step in 10).
+            delivery: how samples travel: max_queue, spool, spool_bytes (`settings.Delivery`).
+                A spool is a directory where this process keeps the frames the collector has
+                not made durable, replayed after a reconnect, so that a collector killed and
+                restarted loses none; what it still holds at `close` stays there for the next
+                Monitor given this directory (or `thermoscope replay`), which replays it first.
+            security: how to prove ourselves to the collector (`security.Security`); default:
+                from $THERMOSCOPE_TOKEN (or $THERMOSCOPE_TOKEN_FILE), $THERMOSCOPE_TLS_CA,
+                $THERMOSCOPE_TLS_CERT, $THERMOSCOPE_TLS_KEY.
+            keywords: each field of the groups above by itself, as earlier releases took them
+                (`job=`, `every=`, `spool=`, ...), and `token=`, `tls_root_cert=`,
+                `tls_client_cert=`, `tls_client_key=` (PEM paths or bytes) for `security`.
         """
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
         model = _unwrap(model)
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = [optimizer]
-        self.job = job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
-        self.run = launcher_run(world_size, initialized=False) if run is None else run
-        self.rank, self.world_size = rank, world_size
-        self.local_rank, self.node = local_rank, node
-        self.every = every
+        self.job = (
+            identity.job or os.environ.get("THERMOSCOPE_JOB") or f"{socket.gethostname()}-{os.getpid()}"
+        )
+        world_size = identity.world_size
+        self.run = launcher_run(world_size, initialized=False) if identity.run is None else identity.run
+        self.rank, self.world_size = identity.rank, world_size
+        self.local_rank, self.node = identity.local_rank, identity.node
+        self.every = sampling.every
         self.enabled = True
+        self._closed = False  # a config coming after `close` enables nothing
         self._sampler = Sampler(
             model,  # its first sampled step adds the functional sites to the table
             [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
-            find_sites(model, sites),
+            find_sites(model, sampling.sites),
             None if optimizer is None else list(optimizer),
-            bins=bins,
-            subset=subset,
+            bins=sampling.bins,
+            subset=sampling.subset,
         )
         self._model_name = type(model).__name__
-        self._window = window
-        self._step = step
+        self._step = sampling.step
         self._losses = LossCapture()
         self._loss_given = False  # once the loop hands a loss to `step`, nothing is captured
-        self._sender: Sender | None = None
-        self._local: deque[Pending] = deque(maxlen=max_queue)
-        self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=window)
         self._announced = self._hello()  # completed in place once the site table is settled
         self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
+        self._sink: Sender | Local = Local(
+            self._sampler.layers, self._sampler.sites, sampling.window, delivery.max_queue
+        )
         if collector is not None:
-            self._sender = Sender(
+            self._sink = Sender(
                 collector,
                 self._announced,
-                max_queue=max_queue,
+                max_queue=delivery.max_queue,
                 on_config=self._configure,
-                security=resolve(token, tls_root_cert, tls_client_cert, tls_client_key),
+                security=security,
                 interval=discovery.interval(),
-                spool=spool,
-                spool_bytes=spool_bytes,
+                spool=delivery.spool,
+                spool_bytes=delivery.spool_bytes,
                 ready=self._settled,
             )
             ref = weakref.WeakMethod(self._after_fork_in_child)
             os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
-        if self._step % every == 0 and not self.dormant:
+        if self._step % self.every == 0 and not self.dormant:
             self._arm()
 
     @property
@@ -184,39 +162,49 @@ class Monitor:
     @property
     def dropped(self) -> int:
         """Sampled steps that never reached the collector (queue overflow or a broken stream)."""
-        return self._sender.dropped if self._sender is not None else 0
+        return self._sink.dropped
 
     @property
     def delivered(self) -> int:
         """Sampled steps the collector has accepted (once flushed: sampled = delivered + dropped)."""
-        return self._sender.delivered if self._sender is not None else 0
+        return self._sink.delivered
 
     @property
     def undurable(self) -> int:
         """Delivered steps the collector has not said are durable (its database holds them): lost
         if it stops now. After `close`, those it never made durable (its commits failed)."""
-        return self._sender.undurable if self._sender is not None else 0
+        return self._sink.undurable
 
     @property
     def spooled(self) -> int:
         """After `close`: sampled steps the collector did not take, kept in the spool for the next
         Monitor with the same spool (or `thermoscope replay`) to deliver."""
-        return self._sender.spooled if self._sender is not None else 0
+        return self._sink.spooled
 
     @property
     def replayed(self) -> int:
         """Frames of dead processes' spools (found in this monitor's spool directory) that this
         monitor replayed and the collector made durable."""
-        return self._sender.replayed if self._sender is not None else 0
+        return self._sink.replayed
 
     @property
     def spool_error(self) -> str | None:
         """Why the spool was given up (it could not be made or written), or None."""
-        return self._sender.spool_error if self._sender is not None else None
+        return self._sink.spool_error
 
     @property
     def connected(self) -> bool:
-        return self._sender is not None and self._sender.connected
+        return self._sink.connected
+
+    @property
+    def sampled(self) -> int:
+        """Sampled steps taken so far (after `close`: sampled = delivered + dropped + spooled)."""
+        return self._sink.submitted
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt to reach the collector failed (None: streaming, or in-process)."""
+        return self._sink.last_error
 
     @property
     def sampling(self) -> bool:
@@ -229,7 +217,7 @@ class Monitor:
         """True while a monitor that looks for its collector was told there is none: it samples
         nothing. Until its first lookup answers, and from the moment one finds a collector, it
         samples, and what it samples waits (bounded) for the link."""
-        return self._sender is not None and self._sender.dormant
+        return self._sink.dormant
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
@@ -246,10 +234,7 @@ class Monitor:
                 self._declare()
             self._losses.disarm()
             self._sampler.disarm()
-            if self._sender is not None:
-                self._sender.submit(pending)
-            else:
-                self._local.append(pending)
+            self._sink.submit(pending)
         elif self._sampler.following:  # the step after a sample gave its gradient to that sample's work
             self._sampler.unfollow()
         self._step += 1
@@ -258,14 +243,12 @@ class Monitor:
 
     def latest(self) -> Reading | None:
         """The newest derived reading (in-process mode; None before the first sample)."""
-        while self._local:
-            self._thermometer.update(self._local.popleft().to_sample())
-        return self._thermometer.latest
+        return self._sink.latest()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (bounded) until the collector has accepted every sampled step (accepted: applied;
         whether it is durable yet, the collector says with its acks, and `close` waits for)."""
-        return self._sender.flush(timeout) if self._sender is not None else True
+        return self._sink.flush(timeout)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Remove the hooks, flush and stop streaming. True if every sampled step reached the
@@ -274,8 +257,8 @@ class Monitor:
         self._sampler.disarm()
         self._sampler.unfollow()
         self._losses.disarm()
-        self.enabled = False
-        return self._sender.shutdown(timeout) if self._sender is not None else True
+        self.enabled, self._closed = False, True
+        return self._sink.shutdown(timeout)
 
     def _after_fork_in_child(self) -> None:
         """In a forked child (its sender is inert: `Sender._after_fork_in_child`): measure nothing."""
@@ -302,8 +285,7 @@ class Monitor:
         The hello is completed in place before the sender opens a stream with it: before the first
         `submit` starts the sender's thread, or, for a looked-up collector, before `_settled`
         lets the waiting thread go on."""
-        if len(self._sampler.sites) != len(self._thermometer.site_names):
-            self._thermometer = Thermometer(self._sampler.layers, self._sampler.sites, window=self._window)
+        if len(self._sampler.sites) != len(self._announced.hello.sites):
             self._announced.CopyFrom(self._hello())
         self._settled.set()
         if not self._sampler.sites:
@@ -317,7 +299,7 @@ class Monitor:
         """Apply the collector's settings (called on the sender thread; plain assignments)."""
         if config.every > 0:
             self.every = config.every
-        self.enabled = not config.paused
+        self.enabled = not config.paused and not self._closed
 
     def _hello(self) -> pb.AgentMessage:
         return codec.hello(
@@ -328,7 +310,7 @@ class Monitor:
             local_rank=self.local_rank,
             node=self.node,
             host=socket.gethostname(),
-            agent_version=AGENT_VERSION,
+            agent_version=VERSION,
             every=self.every,
             layers=self._sampler.layers,
             sites=self._sampler.sites,

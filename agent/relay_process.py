@@ -11,9 +11,9 @@ queue stays short.
 
 It imports neither torch nor the training process' modules, ignores SIGINT (a Ctrl-C meant for
 the training loop must not cut the stream its `close()` is about to flush), and exits at the
-end of the socket: after the training process closed it, or died. Before it exits it half-closes
-the stream under way and gives it `FLUSH_TIME` to end, so the collector still takes what was
-handed over.
+end of the socket: after the training process closed it, or died. A stream still open then
+belongs to a training process that died: the relay cancels it, so the collector sees the rank
+lost, as it would have seen the process itself die (what the spool holds is replayed later).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from .link import Link
 from .pipe import ACK, Kind, Pipe, PipeClosed
 from .security import Security
 
-#: Seconds the stream under way gets to end after the training process went away.
-FLUSH_TIME = 5.0
+#: Seconds the relay waits for a cancelled stream's thread before it exits.
+EXIT_TIME = 5.0
 
 
 class RelayServer:
@@ -81,15 +81,14 @@ class RelayServer:
                 self.link.cancel()
 
     def finish(self) -> None:
-        """The training process is gone: half-close the stream, bounded, and close the channel."""
-        if self.frames is not None:
-            self.frames.put(None)
+        """The socket ended. A training process that closes it has ended its stream first, so a
+        stream still open means it died: cancel the stream, as its own death would have broken
+        it (a half-close would tell the collector the rank finished), and close the channel."""
+        self.stopping.set()
+        if self.link is not None:
+            self.link.cancel()
         if self.worker is not None:
-            self.worker.join(FLUSH_TIME)
-            if self.worker.is_alive() and self.link is not None:
-                self.stopping.set()
-                self.link.cancel()
-                self.worker.join(FLUSH_TIME)
+            self.worker.join(EXIT_TIME)
         if self.link is not None:
             self.link.close()
 

@@ -4,12 +4,8 @@ The sampler owns the hooks. They are registered only for a sampled step (`arm`) 
 removed right after it (`disarm`), so an unsampled step runs with no hook at all. On a
 sampled step:
 
-* forward pre-hooks / hooks on activation sites add the power sums (n, sum z, sum z^2) of the
-  pre-activations z and of the activations a (pre-hooks see z before an in-place activation
-  overwrites it; several calls of one module in a step add up); activation functions a forward
-  calls (`FUNCTIONS`) are caught by a torch function mode entered inside the model's forward,
-  named by the running module (`_FunctionalSites`), and add theirs the same way. Compiled code
-  runs eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile;
+* the activation sites' hooks (`site_capture.SiteCapture`) add the power sums of each site's
+  pre-activations and activations, and catch the activation functions a forward calls;
 * the optimizer's step pre-hook reads, per parameter tensor theta, sum theta and sum theta^2
   (the step's state theta_t, paired with its loss E_t), and keeps theta_t on this step's work
   coordinates: all of a layer of at most `subset` values, else `subset` of them in blocks of
@@ -24,10 +20,10 @@ sampled step:
 * the shape measurements, which change slowly, run on every SHAPE_EVERY-th sample: at the
   first optimizer pre-hook of the step (or at `collect` when none ran) every layer's histogram
   is counted on fixed edges over its fixed, seeded blocks of at most `subset` values (the same
-  values every time, so changes are paired, not resampled noise), and each activation site
-  runs its engine-type scale probe;
+  values every time, so changes are paired, not resampled noise; `histograms`), and each
+  activation site runs its engine-type scale probe;
 * `collect` packs everything into one float64 tensor and starts its copy to the host
-  (non-blocking from pinned memory on CUDA): the host reads it later, on the sender thread.
+  (non-blocking from pinned memory on CUDA): the host reads it later (`pending.Pending`).
 
 Small tensors (biases, norms) are measured together from one float64 copy with segment sums,
 since per-op dispatch (~10 us) would otherwise dominate models with hundreds of them; on CUDA
@@ -40,33 +36,28 @@ statistics of the shards merge exactly in the collector (docs/science.md section
 sharded is found once, at construction, so that a model of plain tensors pays nothing for
 it. A sharded layer's histogram edges come from the full tensor, so that all its shards
 share them: constructing a `Sampler` over sharded parameters is then a collective, which
-every rank of their device mesh must make (`_full_moments`).
+every rank of their device mesh must make (`layers.full_moments`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.overrides import TorchFunctionMode
-
-from thermoscope.science import physics
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 from .clip import ClipWatch
 from .coords import Coordinates
+from .histograms import HistogramShare, shares
+from .layers import describe, describe_shard, dtensor_type, full_moments
+from .pending import Pending
 from .reduce import BUCKET, Buckets
-from .sites import FUNCTIONS, plain_name, scale_probe
-
-log = logging.getLogger("thermoscope.agent")
+from .site_capture import SiteCapture
+from .tensors import flat64, segment_sum, sum_dtype, sumsq, wide
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
@@ -82,85 +73,6 @@ _State = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 #: Values at a step's work coordinates: (blocks per layer, None for all; large layers one by one;
 #: the small ones end to end in float64).
 _Picked = tuple[list[torch.Tensor | None], dict[int, torch.Tensor], torch.Tensor | None]
-
-_LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
-_SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
-
-
-def _sumsq(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype in (torch.float32, torch.float64):
-        return torch.dot(t, t)
-    return torch.linalg.vector_norm(t, dtype=torch.float32).square()
-
-
-def _sum_dtype(t: torch.Tensor) -> torch.dtype:
-    """Accumulate a float64 tensor's sum in float64 (its own precision), any other in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """t itself in float32/float64, else a float32 copy (bf16 products would round away the work)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-@dataclass
-class Pending:
-    """A sampled step on its way to the host: read it with `to_sample` (may wait for the copy)."""
-
-    step: int
-    wall_time: float
-    packed: torch.Tensor
-    ready: torch.cuda.Event | None
-    layer_count: np.ndarray
-    site_count: np.ndarray
-    bins: int
-    has_histogram: bool
-    energy: float | None  # known on the host already, else the last packed value
-
-    def to_sample(self) -> Sample:
-        if self.ready is not None:
-            self.ready.synchronize()
-        values = self.packed.numpy()
-        n_layers, n_sites = len(self.layer_count), len(self.site_count)
-        hist_size = n_layers * (self.bins + 2) if self.has_histogram else 0
-        layer, site, hist = np.split(
-            values[: n_layers * _LAYER_COLUMNS + n_sites * _SITE_COLUMNS + hist_size],
-            [n_layers * _LAYER_COLUMNS, n_layers * _LAYER_COLUMNS + n_sites * _SITE_COLUMNS],
-        )
-        layer = layer.reshape(_LAYER_COLUMNS, n_layers)
-        site = site.reshape(_SITE_COLUMNS, n_sites)
-        count = self.layer_count.astype(np.float64)
-        mean = layer[0] / np.maximum(count, 1)
-        n_site = self.site_count.astype(np.float64)
-        with np.errstate(
-            divide="ignore", invalid="ignore"
-        ):  # a diverged run has inf here: the wire refuses it
-            in_mean = np.where(n_site > 0, site[0] / n_site, 0.0)
-            out_mean = np.where(n_site > 0, site[2] / n_site, 0.0)
-            in_m2 = np.maximum(site[1] - n_site * in_mean * in_mean, 0.0)
-            out_m2 = np.maximum(site[3] - n_site * out_mean * out_mean, 0.0)
-            m2 = np.maximum(layer[1] - count * mean * mean, 0.0)
-        return Sample(
-            step=self.step,
-            wall_time=self.wall_time,
-            energy=float(values[-1]) if self.energy is None else self.energy,
-            layers=LayerStats(
-                count=self.layer_count,
-                mean=mean,
-                m2=m2,
-                dot_before=layer[2].copy(),
-                dot_after=layer[3].copy(),
-                histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64) if hist_size else None,
-            ),
-            sites=SiteStats(
-                count=self.site_count,
-                in_mean=in_mean,
-                in_m2=in_m2,
-                out_mean=out_mean,
-                out_m2=out_m2,
-                probe_spread=site[4].copy(),
-            ),
-        )
 
 
 class Sampler:
@@ -187,35 +99,26 @@ class Sampler:
         if bins < 1:
             raise ValueError(f"bins must be positive, got {bins}")
         self.params = [p for _, p in layers]  # the Parameter objects: optimizers know them by id
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         self._sharded = (
             [] if dtensor is None else [i for i, p in enumerate(self.params) if isinstance(p, dtensor)]
         )
         values = self._read_values()
         self.bins = bins
-        moments = _full_moments([self.params[i] for i in self._sharded], [values[i] for i in self._sharded])
+        moments = full_moments([self.params[i] for i in self._sharded], [values[i] for i in self._sharded])
         full = dict(zip(self._sharded, moments, strict=True))
         self.layers = [
-            _describe_shard(name, p, values[i], *full[i]) if i in full else _describe(name, p)
+            describe_shard(name, p, values[i], *full[i]) if i in full else describe(name, p)
             for i, (name, p) in enumerate(layers)
         ]
-        self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
-        self._site_modules = [m for _, m in sites]
-        # the probe calls forward() again: only on stateless modules (no running statistics)
-        self._probed = [next(m.buffers(), None) is None for m in self._site_modules]
-        self._model = model
-        self._functions: dict[str, int] = {}  # a functional site's name -> its site index
-        self._running: list[str | None] = []  # the modules whose forward runs (None: a module site)
-        self._mode = _FunctionalSites(self)
-        self._eager: object | None = None  # torch.compile's force_eager stance while armed
-        self._unlisted_logged = False
+        self._capture = SiteCapture(model, sites, SHAPE_EVERY)
+        self.sites = self._capture.sites  # (the same list: the first sampled step may add to it)
         self._optimizers = list(optimizers) if optimizers is not None else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([v.numel() for v in values], dtype=np.int64)
         self._device = values[0].device
         self._handles: list = []
         self._clip = ClipWatch(self.params, self._device)  # gradient clipping, undone in the work
-        self._samples = 0
         self._follow_handles: list = []
         self._before: _Picked | None = None  # theta_t on the work coordinates, until the next step
         # per layer, <g_{t+1}, d_t> and <g_{t+1}, theta_{t+1}> (the work and the dot after it)
@@ -264,12 +167,12 @@ class Sampler:
             self._histogram_share(share)
             for share in shares([min(math.prod(layer.shape), subset) for layer in self.layers], SHAPE_EVERY)
         ]
-        self._first: _HistogramShare | None = None  # the first sample's (`_first_share`)
+        self._first: HistogramShare | None = None  # the first sample's (`_first_share`)
         self._number = 0  # the coming sample's number in the run (`arm`)
         self._reset()
 
-    def _histogram_share(self, layers: list[int]) -> _HistogramShare:
-        return _HistogramShare(layers, self._counted, self.layers, self.bins, self._device)
+    def _histogram_share(self, layers: list[int]) -> HistogramShare:
+        return HistogramShare(layers, self._counted, self.layers, self.bins, self._device)
 
     # -- arming ---------------------------------------------------------------------------
 
@@ -286,12 +189,7 @@ class Sampler:
         if not self.settled:
             self._first = self._first_share()
         self._reset()
-        for i, module in enumerate(self._site_modules):
-            self._handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
-            self._handles.append(module.register_forward_hook(self._site_out_hook(i), always_call=True))
-        if not self.settled or self._functions:
-            self._track(self._model)
-        self._eager = _force_eager()
+        self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
 
     def _step_pre_hooks(self, hook) -> list:
@@ -317,117 +215,18 @@ class Sampler:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._running.clear()
-        if self._eager is not None:
-            self._eager.__exit__(None, None, None)  # type: ignore[attr-defined]
-            self._eager = None
+        self._capture.disarm()
 
     @property
     def settled(self) -> bool:
         """True once the site table can grow no more (after the first sampled step's `collect`)."""
-        return self._samples > 0
-
-    def _track(self, model: nn.Module) -> None:
-        """Hooks that keep the stack of running modules, for `_FunctionalSites` to name the module
-        that calls an activation function; the model's own enter and leave the mode (always_call:
-        also when its forward raises), so that nothing outside the model's forward is caught."""
-        sites = {id(m) for m in self._site_modules}
-        for name, module in model.named_modules():
-            if id(module) in sites:
-                continue
-            root = module is model
-            self._handles.append(module.register_forward_pre_hook(self._enter(plain_name(name), root)))
-            self._handles.append(module.register_forward_hook(self._leave(root), always_call=True))
-
-    def _enter(self, name: str, root: bool):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if root and not self._running:
-                self._mode.__enter__()
-            self._running.append(name)
-
-        return hook
-
-    def _leave(self, root: bool):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self._running:
-                self._running.pop()
-            if root and not self._running:
-                self._mode.__exit__(None, None, None)
-
-        return hook
+        return self._capture.settled
 
     def _reset(self) -> None:
-        n_sites = len(self.sites)
         self._values: list[torch.Tensor] | None = None
         self._state: _State | None = None
         self._theta: _Picked | None = None  # theta_t at the work coordinates
-        self._site_in: list[torch.Tensor | None] = [None] * n_sites  # z sums of the call
-        self._site_sums: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]  # one row per call
-        self._site_count = np.zeros(n_sites, dtype=np.int64)
-        self._probe: list[torch.Tensor | None] = [None] * n_sites
-
-    # -- activation sites -------------------------------------------------------------------
-
-    def _site_in_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._running.append(None)  # the functions it calls are its own, not sites
-            if args and isinstance(args[0], torch.Tensor):
-                with torch.no_grad():
-                    z = args[0].detach()
-                    self._site_in[i] = _power_sums(z)
-                    if self._probe[i] is None and self._probed[i] and self._probe_due(i):
-                        self._probe[i] = scale_probe(module.forward, z)
-
-        return hook
-
-    def _site_out_hook(self, i: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self._running:
-                self._running.pop()
-            z_sums, self._site_in[i] = self._site_in[i], None
-            if z_sums is not None:
-                self._add_call(i, z_sums, output)
-
-        return hook
-
-    def _functional(self, owner: str, name: str, func: Callable, args: tuple, kwargs: dict) -> object:
-        """Call an activation function for the module `owner`, adding the power sums of its input
-        and output to the site `owner:name` (made on the first sampled step; after it, a site
-        not in the table is left unmeasured and said once)."""
-        site = f"{owner}:{name}"
-        i = self._functions.get(site)
-        if i is None and self.settled:
-            if not self._unlisted_logged:
-                self._unlisted_logged = True
-                log.warning(
-                    "thermoscope: %s first ran after the site table was declared; it is not measured",
-                    site,
-                )
-            return func(*args, **kwargs)
-        if i is None:
-            i = self._functions[site] = len(self.sites)
-            self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
-            self._probed.append(True)
-            self._site_in.append(None)
-            self._site_sums.append([])
-            self._site_count = np.append(self._site_count, 0)
-            self._probe.append(None)
-        with torch.no_grad():
-            z = args[0].detach()
-            z_sums = _power_sums(z)  # before the call: an in-place function overwrites z
-            if self._probe[i] is None and self._probe_due(i):
-                rest = {k: v for k, v in kwargs.items() if k != "out"}
-                self._probe[i] = scale_probe(lambda t: func(t, *args[1:], **rest), z)
-        output = func(*args, **kwargs)
-        self._add_call(i, z_sums, output)
-        return output
-
-    @torch.no_grad()
-    def _add_call(self, i: int, z_sums: torch.Tensor, output: object) -> None:
-        """One call of site i: its input's power sums and its output's, and the values it made."""
-        if isinstance(output, torch.Tensor):
-            self._site_sums[i].append(torch.cat([z_sums, _power_sums(output.detach())]))
-            self._site_count[i] += output.numel()
+        self._capture.reset()
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -460,7 +259,7 @@ class Sampler:
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
-            small = _flat64([self._held()[i] for i in self._small]) if self._small else None
+            small = flat64([self._held()[i] for i in self._small]) if self._small else None
             self._state = self._measure_state(small)
             self._theta = self._pick(self._coords.draw(), small)
 
@@ -477,7 +276,7 @@ class Sampler:
         return held + sum(s.nbytes() for s in self._shares)
 
     @property
-    def _share(self) -> _HistogramShare:
+    def _share(self) -> HistogramShare:
         """The layers this sample counts histograms of: share number % SHAPE_EVERY of `_shares`,
         chosen by the run's sample number, not this process's count, so that a worker restarted
         mid-run counts the same layers as the other ranks at each step; more on its first sample
@@ -486,7 +285,7 @@ class Sampler:
             return self._first
         return self._shares[self._number % SHAPE_EVERY]
 
-    def _first_share(self) -> _HistogramShare:
+    def _first_share(self) -> HistogramShare:
         """The first sample's layers: every layer held whole, so that the first reading has their
         shapes (a rank counting a whole layer the others do not count adds a whole histogram or
         none: the collector takes one rank's row of it), but a sharded layer only on its own share,
@@ -500,11 +299,6 @@ class Sampler:
         """Whether this sample counts any histogram (its share of the layers is not empty)."""
         return bool(self._share.layers)
 
-    def _probe_due(self, site: int) -> bool:
-        """Site i is probed on one sample in SHAPE_EVERY by the sample's number, spread as the
-        layers (a site's probe is this rank's own reading: on its first sample, all of them)."""
-        return not self.settled or site % SHAPE_EVERY == self._number % SHAPE_EVERY
-
     def _measure_state(self, small: torch.Tensor | None = None) -> _State:
         """(sum, sum of squares, histogram or None) of every layer: small tensors together from
         one flat copy (`small`, when the caller made it already), large ones together in buckets
@@ -513,32 +307,32 @@ class Sampler:
         sums: list[torch.Tensor] = []  # the groups' results end to end, in `_state_order`'s order
         sumsqs: list[torch.Tensor] = []
         if self._small:
-            flat = _flat64([flats[i] for i in self._small]) if small is None else small
-            sums.append(_segment_sum(flat, self._lengths))
-            sumsqs.append(_segment_sum(flat * flat, self._lengths))
+            flat = flat64([flats[i] for i in self._small]) if small is None else small
+            sums.append(segment_sum(flat, self._lengths))
+            sumsqs.append(segment_sum(flat * flat, self._lengths))
         if self._buckets is not None:
             s, q = self._buckets.moments([flats[i] for i in self._bucketed])
             sums.append(s)
             sumsqs.append(q)
         if self._alone:  # stack and cat promote their float32 sums to float64
-            sums.append(torch.stack([flats[i].sum(dtype=_sum_dtype(flats[i])) for i in self._alone]))
-            sumsqs.append(torch.stack([_sumsq(flats[i]) for i in self._alone]))
+            sums.append(torch.stack([flats[i].sum(dtype=sum_dtype(flats[i])) for i in self._alone]))
+            sumsqs.append(torch.stack([sumsq(flats[i]) for i in self._alone]))
         order = self._state_order
         share = self._share
         hist = self._histogram(flats, share) if share.layers else None
         return torch.cat(sums).double()[order], torch.cat(sumsqs).double()[order], hist
 
-    def _histogram(self, flats: list[torch.Tensor], share: _HistogramShare) -> torch.Tensor:
+    def _histogram(self, flats: list[torch.Tensor], share: HistogramShare) -> torch.Tensor:
         """Counts (layers x (bins + 2)) of the subsets of the share's layers: below lo, the bins,
         at or above hi; the other layers' rows stay 0 ("not taken in this frame"). Counted a
-        group of layers at a time (`_HistogramShare`), so that the per-value temporaries (~30
+        group of layers at a time (`HistogramShare`), so that the per-value temporaries (~30
         bytes a value) stay small when a share, as the first sample's, holds every layer."""
         # float32 counts whatever the layers' dtype (index_add_ wants one dtype; a subset of at
         # most 2^24 values counts exactly), so that no model's dtype can raise into its training
         counts = torch.zeros(len(flats) * (self.bins + 2), device=self._device)
         one = torch.ones((), device=self._device)
         for group in share.groups:
-            values = _wide(torch.cat([self._coords.fixed(flats[i], i) for i in group.layers]))
+            values = wide(torch.cat([self._coords.fixed(flats[i], i) for i in group.layers]))
             lo, scale, offset = group.per_value()
             bins = ((values - lo) * scale).floor_()
             bins = bins.nan_to_num_(nan=-1.0).clamp_(-1, self.bins)  # a NaN weight counts as outside
@@ -589,18 +383,18 @@ class Sampler:
         for i, g in grads.items():
             if i in self._small_pos:
                 continue
-            taken = _wide(self._coords.take(g.detach().reshape(-1), i, rows[i]))
+            taken = wide(self._coords.take(g.detach().reshape(-1), i, rows[i]))
             weight = self._coords.weight(i)
             if weight is not None:
                 taken = taken * weight
-            theta = _wide(self._coords.take(values[i], i, rows[i]))
-            self._follow_dots[i] = (torch.dot(taken, theta - _wide(before[i])), torch.dot(taken, theta))
+            theta = wide(self._coords.take(values[i], i, rows[i]))
+            self._follow_dots[i] = (torch.dot(taken, theta - wide(before[i])), torch.dot(taken, theta))
         small = [i for i in grads if i in self._small_pos]
         if small:
-            flat_g = _flat64([grads[i] if i in grads else torch.zeros_like(values[i]) for i in self._small])
-            theta = _flat64([values[i] for i in self._small])
-            plus = _segment_sum(flat_g * (theta - small_before), self._lengths)
-            now = _segment_sum(flat_g * theta, self._lengths)
+            flat_g = flat64([grads[i] if i in grads else torch.zeros_like(values[i]) for i in self._small])
+            theta = flat64([values[i] for i in self._small])
+            plus = segment_sum(flat_g * (theta - small_before), self._lengths)
+            now = segment_sum(flat_g * theta, self._lengths)
             for i in small:
                 k = self._small_pos[i]
                 self._follow_dots[i] = (plus[k], now[k])
@@ -626,18 +420,7 @@ class Sampler:
         self._start_following()
         columns = [sums, sumsqs, dots[0], dots[1]]
         if self.sites:
-            empty = torch.zeros(_SITE_COLUMNS - 1, dtype=torch.float64, device=self._device)
-            unprobed = torch.full((), -1.0, dtype=torch.float64, device=self._device)
-            rows = [
-                torch.cat(
-                    [
-                        torch.stack(calls).sum(0).to(self._device) if calls else empty,
-                        (unprobed if probe is None else probe.to(self._device)).reshape(1),
-                    ]
-                )
-                for calls, probe in zip(self._site_sums, self._probe, strict=True)
-            ]
-            columns.extend(torch.stack(rows).T)
+            columns.extend(self._capture.columns(self._device))
         if hist is not None:
             columns.append(hist)
         energy: float | None = math.nan if loss is None else None
@@ -646,9 +429,9 @@ class Sampler:
         elif loss is not None:
             energy = float(loss)
         packed = torch.cat([c.reshape(-1) for c in columns]).double()
-        site_count, has_histogram = self._site_count, hist is not None
+        site_count, has_histogram = self._capture.count, hist is not None
         self._reset()
-        self._samples += 1
+        self._capture.settle()
         self._first = None
         ready = None
         if packed.is_cuda:
@@ -660,212 +443,3 @@ class Sampler:
         return Pending(
             step, time.time(), packed, ready, self._layer_count, site_count, self.bins, has_histogram, energy
         )
-
-
-def _describe(name: str, p: torch.Tensor) -> LayerInfo:
-    """A layer's table entry, with histogram edges fixed from its initial statistics."""
-    with torch.no_grad():
-        values = _wide(p.detach())
-        std, mean = (
-            torch.std_mean(values, correction=0) if p.numel() > 1 else (torch.zeros(()), values.mean())
-        )
-    lo, hi = physics.histogram_edges(float(mean), float(std))
-    dtype = str(p.dtype).removeprefix("torch.")
-    return LayerInfo(name=name, shape=tuple(p.shape), numel=p.numel(), dtype=dtype, hist_lo=lo, hist_hi=hi)
-
-
-def _dtensor_type() -> type | None:
-    """torch's DTensor class if torch.distributed.tensor is loaded, else None: a parameter can
-    only be a DTensor once it is, and importing it here would add ~0.5 s to every start."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def _shard_position(
-    placements: Sequence, coordinate: Sequence[int], mesh_shape: Sequence[int]
-) -> tuple[int, int]:
-    """(shard index, shard count) of a DTensor's local shard.
-
-    The index numbers this rank's coordinates along the mesh dimensions that shard the tensor
-    (row-major); the count is the product of their sizes. Replicated dimensions do not count:
-    their ranks hold copies of the same shard (HSDP), which the collector takes once.
-    """
-    index, count = 0, 1
-    for placement, coord, size in zip(placements, coordinate, mesh_shape, strict=True):
-        if placement.is_shard():
-            index, count = index * size + coord, count * size
-    return index, count
-
-
-def _full_moments(params: list[torch.Tensor], shards: list[torch.Tensor]) -> list[tuple[float, float]]:
-    """(mean, std) of each DTensor's full value, from the local shards of every rank.
-
-    A collective: all ranks must call it with the same parameters in the same order (each
-    constructs its Monitor over the same model). Per group of parameters sharded over the same
-    mesh dimensions, two all_reduce calls over those dimensions: the counts and sums give the
-    mean, then the squared deviations from it give the variance. Two passes, as for a whole
-    tensor, so that a constant tensor has a variance of exactly 0 (one pass of sums of squares
-    would leave round-off, and edges sized by it).
-    """
-    groups: dict[tuple, list[int]] = {}
-    for k, p in enumerate(params):
-        sharded = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
-        groups.setdefault((p.device_mesh, sharded), []).append(k)
-
-    def all_reduce(mesh, dims: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
-        for d in dims:
-            torch.distributed.all_reduce(values, group=mesh.get_group(d))
-        return values
-
-    moments = [(0.0, 0.0)] * len(params)
-    for (mesh, dims), members in groups.items():
-        local = [shards[k].detach().reshape(-1) for k in members]  # in float64 one at a time
-        count = torch.tensor([v.numel() for v in local], dtype=torch.float64, device=local[0].device)
-        sums = torch.stack([v.sum(dtype=torch.float64) for v in local])
-        count, sums = all_reduce(mesh, dims, torch.stack([count, sums]))
-        mean = sums / count
-        deviations = [(v.double() - m).square().sum() for v, m in zip(local, mean, strict=True)]
-        m2 = all_reduce(mesh, dims, torch.stack(deviations))
-        for k, m, var in zip(members, mean.tolist(), (m2 / count).tolist(), strict=True):
-            moments[k] = (m, math.sqrt(var))
-    return moments
-
-
-def _describe_shard(name: str, p: torch.Tensor, local: torch.Tensor, mean: float, std: float) -> LayerInfo:
-    """A sharded layer's table entry: the full shape, the values this rank holds (maybe none),
-    its shard's place, and histogram edges from the full tensor's moments, so that every shard
-    declares the same edges (the collector refuses a layer whose ranks disagree)."""
-    index, count = _shard_position(p.placements, p.device_mesh.get_coordinate(), p.device_mesh.shape)
-    lo, hi = physics.histogram_edges(mean, std)
-    dtype = str(p.dtype).removeprefix("torch.")
-    return LayerInfo(name, tuple(p.shape), local.numel(), dtype, index, count, lo, hi)
-
-
-def shares(sizes: Sequence[int], count: int) -> list[list[int]]:
-    """The layers (indices into sizes) split into `count` shares of about equal total size
-    (largest first, each to the lightest share so far), each share in layer order.
-
-    A deterministic function of the layer table (full sizes, not a rank's shard), so that every
-    rank of a job counts the same layers' histograms on the same sample, and the collector adds
-    whole histograms."""
-    load = [0] * count
-    members: list[list[int]] = [[] for _ in range(count)]
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        k = min(range(count), key=lambda k: (load[k], k))
-        load[k] += sizes[i]
-        members[k].append(i)
-    return [sorted(m) for m in members]
-
-
-#: The most values a histogram counts in one go (`Sampler._histogram`).
-HISTOGRAM_GROUP = 1 << 18
-
-
-class _HistogramShare:
-    """One share of the layers, in groups of layers counted together (at most HISTOGRAM_GROUP
-    values each, or one layer), and what counting them needs on the device, made once: a
-    host-to-device copy during a step would make CUDA wait. `counted`: per layer of the table."""
-
-    def __init__(
-        self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
-    ) -> None:
-        self.layers = layers
-        self.groups: list[_HistogramGroup] = []
-        members: list[int] = []
-        for i in layers:
-            if members and sum(counted[j] for j in members) + counted[i] > HISTOGRAM_GROUP:
-                self.groups.append(_HistogramGroup(members, counted, table, bins, device))
-                members = []
-            members.append(i)
-        if members:
-            self.groups.append(_HistogramGroup(members, counted, table, bins, device))
-
-    def nbytes(self) -> int:
-        return sum(g.nbytes() for g in self.groups)
-
-
-class _HistogramGroup:
-    """Layers counted together, per layer: how many values it counts, its slot offset (its row in
-    the full histogram), lo and bins per unit."""
-
-    def __init__(
-        self, layers: list[int], counted: list[int], table: list[LayerInfo], bins: int, device: torch.device
-    ) -> None:
-        self.layers = layers
-        self.total = sum(counted[i] for i in layers)
-        self.counted = torch.tensor([counted[i] for i in layers], dtype=torch.long).to(device)
-        self.offset = torch.tensor(layers, dtype=torch.long).to(device) * (bins + 2) + 1
-        self.lo = torch.tensor([table[i].hist_lo for i in layers], device=device)
-        self.scale = torch.tensor(
-            [bins / (table[i].hist_hi - table[i].hist_lo) for i in layers], device=device
-        )
-
-    def per_value(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(lo, bins per unit, slot offset) of each counted value, the layers end to end: made at
-        each count rather than held (they would hold 16 bytes per counted value)."""
-        lo, scale, offset = (
-            t.repeat_interleave(self.counted, output_size=self.total)
-            for t in (self.lo, self.scale, self.offset)
-        )
-        return lo, scale, offset
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.counted, self.offset, self.lo, self.scale))
-
-
-class _FunctionalSites(TorchFunctionMode):
-    """Hands the activation functions (`FUNCTIONS`) a model's forward calls to the sampler, named
-    by the innermost running module; entered only inside the model's forward on a sampled step.
-    (torch leaves the mode while `__torch_function__` runs: the sampler's own ops are not caught.)"""
-
-    def __init__(self, sampler: Sampler) -> None:
-        super().__init__()
-        self._sampler = sampler
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        running = self._sampler._running
-        name = FUNCTIONS.get(func)
-        if name is None or not running or running[-1] is None or not args:
-            return func(*args, **kwargs)
-        if not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
-        return self._sampler._functional(running[-1], name, func, args, kwargs)
-
-
-def _force_eager() -> object | None:
-    """Make compiled code run eagerly until the returned stance is exited, so that a compiled
-    model's sampled step runs the site hooks without dynamo guarding on them: no recompile, and
-    no hook a compiled graph would skip. None where dynamo was never imported (nothing is
-    compiled; importing it would cost a second)."""
-    if "torch._dynamo" not in sys.modules:
-        return None
-    return torch.compiler.set_stance("force_eager")
-
-
-def _power_sums(t: torch.Tensor) -> torch.Tensor:
-    """(sum t, sum t^2) of an activation in float32 (float64 for float64), read where it lies: no
-    contiguous copy of it (a BLAS dot where it is contiguous, else a norm over its strides), and no
-    float32 copy of a narrower one on an accelerator, whose reductions widen as they load. A CPU
-    reduction given dtype= copies a narrower input to it first (torch 2.13), so there it is
-    widened once, explicitly, rather than once per reduction."""
-    if t.dtype not in (torch.float32, torch.float64):
-        if t.device.type == "cpu":
-            t = t.float()
-        else:
-            square = torch.linalg.vector_norm(t, dtype=torch.float32).square()
-            return torch.stack([t.sum(dtype=torch.float32), square])
-    if t.is_contiguous():
-        flat = t.view(-1)
-        return torch.stack([flat.sum(), torch.dot(flat, flat)])
-    return torch.stack([t.sum(), torch.linalg.vector_norm(t).square()])
-
-
-def _flat64(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One float64 copy of many small tensors, end to end (one cat and one cast)."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
-
-
-def _segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sums of consecutive segments of these lengths (0 for an empty one)."""
-    return torch.segment_reduce(values, "sum", lengths=lengths)

@@ -1,16 +1,15 @@
 """Stream samples to the collector from a background thread; training never waits for it.
 
-Shaped like OpenTelemetry's batch processor: the training thread only appends to a bounded
-`deque` (the oldest item is dropped and counted when it is full) and wakes the sender thread
-through the condition that guards the queue and the counters (one lock, so that "queued", "in
-flight" and "acknowledged" always read consistently). The sender thread drives the rest:
-it finds the collector, connects, and streams to it through a `Link` (`agent/link.py`: one gRPC
-channel per collector address, kept, reconnected by grpc itself), retries a stream that failed
-with jittered exponential backoff, and counts what was delivered and what was dropped. After
-`fork` (DataLoader workers) the child's sender is empty and inert: it never starts a thread nor
-touches gRPC (the parent's gRPC threads are not in the child; with grpc's fork support off, a
-child that makes a channel may crash or hang), and `submit` ignores what it is given. `flush` and
-`shutdown` wait a bounded time.
+The queue, the thread, `flush`, `shutdown`'s bounds and the inert forked child are the generic
+`Processor`'s (agent/processor.py: the training thread only appends to a bounded deque, the oldest
+item dropped and counted when it is full). This is its transport, one condition guarding the queue
+and the stream's counters, so that "queued", "in flight" and "acknowledged" always read
+consistently. The sender thread finds the collector, connects, and streams to it through its
+`Relay` (`agent/relay.py`: a child process that owns the gRPC channel, so that no gRPC thread ever
+runs in the training process), retries a stream that failed with jittered exponential backoff, and
+counts what was delivered and what was dropped. At most `WINDOW` frames are handed to the relay
+and not yet acknowledged: the rest wait in the queue, whose bound is the one that holds. A forked
+child (DataLoader workers) closes its copy of the relay's socket and never starts a thread.
 
 The target is an address, or a function that finds one (`discovery.find_collector`): then
 the thread starts at once and, while no collector is found, looks again every `interval`
@@ -54,8 +53,6 @@ import os
 import random
 import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -63,17 +60,21 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
+from .pending import Pending
+from .processor import Processor
 from .relay import Relay
 from .replay import WINDOW, replay
-from .sampler import Pending
 from .security import Security
 from .spool import Spool
 
 log = logging.getLogger("thermoscope.agent")
 
 
-class Sender:
-    """The training thread's queue of sampled steps, and the thread that streams them."""
+class Sender(Processor):
+    """The streaming sink: the training thread's queue of sampled steps (`Processor`), and the
+    thread that streams them."""
+
+    thread_name = "thermoscope-sender"
 
     def __init__(
         self,
@@ -108,33 +109,25 @@ class Sender:
         self._hello = hello
         self._ready = ready
         self._interval = interval
-        self._max_queue = max_queue
         self._on_config = on_config
         self._connect_timeout = connect_timeout
         self._security = security or Security()
         self._backoff = backoff
-        self._init_state()
-        ref = weakref.WeakMethod(self._after_fork_in_child)
-        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+        super().__init__(max_queue)
         if self._find is not None:  # (not after a fork: a DataLoader worker looks for nothing)
             self._start()
 
-    def _init_state(self) -> None:
-        self._queue: deque[Pending] = deque(maxlen=self._max_queue)
-        # One condition guards the queue, the sequence counters and the stream generation.
-        self._cond = threading.Condition()
+    def _reset(self) -> None:
+        super()._reset()  # the queue, and the condition that also guards what follows
         self._generation = 0  # bumped when a stream ends: its frames generator must stop
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._relay: Relay | None = None  # made and closed by the sender thread
         self.seq = 0  # last sequence number put on a stream
         self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
         self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
         # (after, upto]: seq ranges never accepted (counted dropped, or kept in the spool at shutdown)
         self._unaccepted: list[tuple[int, int]] = []
-        self.submitted = 0  # sampled steps handed to the sender
         self.delivered = 0  # frames the collector accepted (applied)
-        self.dropped = 0  # frames lost: queue overflow, or in flight when a stream broke
+        # `dropped` counts frames lost: queue overflow, or in flight when a stream broke
         self.spooled = 0  # frames left in the spool at shutdown, for a later replay
         # invariant once shut down: submitted == delivered + dropped + spooled
         self.replayed = 0  # frames of dead processes' spools that the collector made durable
@@ -142,20 +135,16 @@ class Sender:
         self.dormant = False  # a lookup found no collector, and none has been found since
         self.last_error: str | None = None
         self.spool_error: str | None = None  # why the spool was given up (None: it works, or none)
-        self._drop_logged = False
         self._violation_logged = False
         self._leftovers_tried = False  # the spools dead processes left: replayed once per sender
-        self._forked = False  # True in a forked child: inert
         # made by the first frame kept, per process (a forked child never writes its parent's file)
         self._spool: Spool | None = None
 
-    def _after_fork_in_child(self) -> None:
-        """A forked child's sender is empty and inert: its parent's relay is abandoned, never
-        touched, and no thread or relay is ever made here (see the module's docstring)."""
+    def _abandon(self) -> None:
+        """In a forked child: the parent's relay is abandoned, never touched, and no thread or
+        relay is ever made here (see the module's docstring)."""
         if self._relay is not None:
             self._relay.abandon()
-        self._init_state()
-        self._forked = True
 
     @property
     def undurable(self) -> int:
@@ -169,37 +158,15 @@ class Sender:
 
     # -- training thread ------------------------------------------------------------------------
 
-    def submit(self, item: Pending) -> None:
-        """Queue one sampled step; never blocks. Drops (and counts) the oldest when full. Ignored
-        in a forked child (inert: it never streams)."""
-        if self._forked:
-            return
-        with self._cond:
-            if len(self._queue) == self._max_queue:
-                self._count_drop(1, "the send queue is full")
-            self._queue.append(item)
-            self.submitted += 1
-            self._cond.notify_all()
-        if self._thread is None:
-            self._start()
+    def latest(self) -> None:
+        """A streaming monitor derives nothing itself: its collector does."""
+        return None
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="thermoscope-sender", daemon=True)
-        self._thread.start()
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the collector accepted every queued frame; False if `timeout` passed first.
-
-        Accepted, not durable: a collector says how far it is durable only with its acks, so an
-        open stream learns it with its next frame; `shutdown` learns it at the stream's end."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self.acked < self.seq:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or not self._thread.is_alive():
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+    def _busy(self) -> bool:
+        """`flush` waits until the collector accepted every queued frame. Accepted, not durable:
+        a collector says how far it is durable only with its acks, so an open stream learns it
+        with its next frame; `shutdown` learns it at the stream's end."""
+        return bool(self._queue) or self.acked < self.seq
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush (bounded), close the stream and stop the thread. True if every frame reached
@@ -211,15 +178,7 @@ class Sender:
         counted dropped; frames accepted and not durable are counted in `undurable` and logged.
         """
         flushed = self.flush(timeout) if self._thread is not None else not self._queue
-        with self._cond:
-            self._stopping.set()
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(min(timeout, 1.0))
-            relay = self._relay
-            if self._thread.is_alive() and relay is not None:
-                relay.cancel()
-            self._thread.join(timeout)
+        self._stop(timeout)
         kept = 0
         with self._cond:
             if self._spool is not None:
@@ -293,13 +252,10 @@ class Sender:
                 with suppress(OSError):  # (its file is closed all the same)
                     spool.close()
 
-    def _count_drop(self, n: int, why: str) -> None:
-        self.dropped += n
-        if not self._drop_logged:
-            self._drop_logged = True
-            log.warning(
-                "thermoscope: dropping frames (%s); training continues. Further drops are counted.", why
-            )
+    def _cancel(self) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.cancel()
 
     # -- sender thread ----------------------------------------------------------------------------
 

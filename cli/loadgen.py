@@ -1,12 +1,10 @@
 """`thermoscope loadgen`: drive collectors on loopback with many light agents and measure them.
 
-Agents speak the raw protocol (`thermoscope.v1.Telemetry/Stream`), not a `Monitor`: each
-frame is one pre-encoded `AgentMessage` whose `seq`, `step` and `wall_time` are appended as
-a second serialized frame (protobuf merges a message's concatenated encodings: the later
-scalars win), so that sending costs the loadgen a few microseconds. Many streams share a few
-`grpc.aio` channels in one asyncio loop. Agents form jobs of `--world-size` ranks; with
-`--collectors K` jobs are sharded over K collector processes (job i to collector i mod K),
-as users would scale out.
+Agents speak the raw protocol (`raw_protocol.py`), not a `Monitor`: each sends one frame
+encoded once, restamped at each send (`loadgen_agents.agent`), so that sending costs the
+loadgen a few microseconds. Many streams share a few `grpc.aio` channels in one asyncio loop.
+Agents form jobs of `--world-size` ranks; with `--collectors K` jobs are sharded over K
+collector processes (each to the one `contract.shard` picks), as users would scale out.
 
 Latency is from the send of a step's last rank to that step appearing as
 `thermoscope_last_step{job_id}` at `/metrics`, measured on a sample of jobs (`--latency-jobs`)
@@ -28,7 +26,6 @@ import asyncio
 import contextlib
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,34 +33,31 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.wire import codec
 from thermoscope.wire.contract import is_loopback, shard, split_address
 
-METHOD = "/thermoscope.v1.Telemetry/Stream"
-MAX_AGENTS = 5000
+from . import raw_protocol
+from .collector_process import CollectorProcess
+from .loadgen_agents import (
+    MAX_AGENTS,
+    NUMEL,
+    PEAK_POLL_INTERVAL,
+    POLL_INTERVAL,
+    RUN,
+    STREAMS_PER_CHANNEL,
+    LoadgenError,
+    Totals,
+    agent,
+    cpu_seconds,
+    pct,
+    poll_latency,
+)
+
 MAX_DURATION = 600.0
 MAX_LAYERS = 5000
-STREAMS_PER_CHANNEL = 100
-BINS = 8
-#: Frames an agent keeps unacknowledged (`--rate 0` sends as fast as this allows).
-WINDOW = 64
-#: Seconds between two latency polls: back to back for a service figure (`--rate` > 0); in the
-#: peak mode (`--rate 0`) latencies are queueing delays, and ~100 polls a second took ~10 % of
-#: the collector's core (py-spy), so it is looked at twice a second there.
-POLL_INTERVAL = 0.01
-PEAK_POLL_INTERVAL = 0.5
-
-
-class LoadgenError(ValueError):
-    """A request the loadgen refuses (the CLI prints it as a usage error)."""
 
 
 def check_loopback(target: str) -> None:
@@ -84,131 +78,34 @@ def check_bounds(agents: int, layers: int, rate: float, duration: float, world_s
         raise LoadgenError(f"--agents ({agents}) must be a multiple of --world-size ({world_size})")
 
 
-def template_sample(layers: int) -> Sample:
-    """The statistics every simulated rank sends: `layers` layers of 1,000 values, one ReLU site."""
-    ones = np.ones(layers)
-    hist = np.full((layers, BINS + 2), 10, dtype=np.int64)
-    hist[:, [0, -1]] = 0
-    return Sample(
-        step=0,
-        wall_time=0.0,
-        energy=1.0,
-        layers=LayerStats(
-            np.full(layers, 1000, dtype=np.int64), 0.1 * ones, 2.0 * ones, 0.5 * ones, 0.4 * ones, hist
-        ),
-        sites=SiteStats(
-            np.full(1, 64, dtype=np.int64), *(np.ones(1) for _ in range(4)), probe_spread=np.full(1, -1.0)
-        ),
-    )
-
-
-def _template(layers: int) -> bytes:
-    return codec.encode(template_sample(layers), 1).SerializeToString()
-
-
-def _hello(job: str, rank: int, world_size: int, layers: int) -> bytes:
-    return codec.hello(
-        job_id=job,
-        run_id="loadgen",
-        rank=rank,
-        world_size=world_size,
-        host="loadgen",
-        agent_version="loadgen",
-        every=1,
-        layers=[LayerInfo(f"layer{i}", (1000,), 1000, "float32", 0, 1) for i in range(layers)],
-        sites=[SiteInfo("site0", "ReLU")],
-        bins=BINS,
-    ).SerializeToString()
-
-
-def _stamp(seq: int, step: int, wall_time: float) -> bytes:
-    return pb.AgentMessage(frame=pb.Frame(seq=seq, step=step, wall_time=wall_time)).SerializeToString()
-
-
-@dataclass
-class Totals:
-    sent: int = 0
-    acked: int = 0
-    errors: int = 0
-    error_text: list[str] = field(default_factory=list)
-    scrape_error: str = ""
-    scrape_interval: float = 5.0  # seconds between two full scrapes (0: none)
-    scrapes: list[float] = field(default_factory=list)  # each full scrape's duration
-    scrape_bytes: int = 0  # the last full scrape's size
-    latencies: list[float] = field(default_factory=list)
-    last_ack: float = 0.0  # when the last ack came (monotonic)
-    warmup_until: float = 0.0  # steps sent before this (monotonic) time count apart: the connect storm
-    warmup_latencies: list[float] = field(default_factory=list)
-    sends: dict[tuple[str, int], float] = field(default_factory=dict)  # (sampled job, step): last send
-
-
-@dataclass
-class Spawned:
-    grpc_target: str
-    metrics_url: str
-    proc: subprocess.Popen | None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_collectors(k: int, workdir: Path, profile: bool = False, pin: bool = False) -> list[Spawned]:
-    """`k` collector processes on free loopback ports; `pin`: collector i on CPU i alone (the
-    loadgen keeps the CPUs left, see `pin_cpus`)."""
+def start_collectors(
+    k: int, workdir: Path, profile: bool = False, pin: bool = False
+) -> list[CollectorProcess]:
+    """`k` collector processes on free loopback ports, once each serves; `pin`: collector i on CPU i
+    alone (the loadgen keeps the CPUs left, see `run`)."""
     cpus = sorted(os.sched_getaffinity(0))
     out = []
     for i in range(k):
-        g, m = _free_port(), _free_port()
-        cmd = [sys.executable]
-        if profile:
-            cmd += ["-m", "cProfile", "-o", str(workdir / f"collector{i}.prof")]
-            cmd += ["-m", "thermoscope.cli"]
-        else:
-            cmd += ["-m", "thermoscope.cli"]
-        cmd += [
-            "--log-level",
-            "WARNING",
-            "collector",
-            "--grpc",
-            f"127.0.0.1:{g}",
-            "--metrics",
-            f"127.0.0.1:{m}",
-        ]
-        cmd += ["--db", str(workdir / f"collector{i}.db")]
-        with open(workdir / f"collector{i}.log", "w") as log:
-            cpu = {cpus[i]} if pin else None
-            proc = subprocess.Popen(
-                cmd,
+        cpu = {cpus[i]} if pin else None
+        cprofile = ("-m", "cProfile", "-o", str(workdir / f"collector{i}.prof")) if profile else ()
+        out.append(
+            CollectorProcess.launch(
+                workdir / f"collector{i}.db",
+                global_options=("--log-level", "WARNING"),
+                python_options=cprofile,
                 stdout=subprocess.DEVNULL,
-                stderr=log,
+                stderr=subprocess.DEVNULL,
                 preexec_fn=None if cpu is None else lambda cpu=cpu: os.sched_setaffinity(0, cpu),
             )
-        out.append(Spawned(f"127.0.0.1:{g}", f"http://127.0.0.1:{m}/metrics", proc))
-    for s in out:
-        _wait_serving(s)
+        )
+    try:
+        for collector in out:
+            collector.wait_serving(timeout=30.0)
+    except BaseException:  # none is left running
+        for collector in out:
+            collector.stop()
+        raise
     return out
-
-
-def _wait_serving(s: Spawned, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(s.metrics_url, timeout=2):
-                return
-        except OSError:
-            if s.proc is not None and s.proc.poll() is not None:
-                raise RuntimeError(f"collector at {s.grpc_target} exited with {s.proc.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"collector at {s.grpc_target} did not start") from None
-            time.sleep(0.1)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -216,81 +113,6 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-async def _agent(
-    channel: grpc.aio.Channel,
-    job: str,
-    rank: int,
-    world_size: int,
-    layers: int,
-    template: bytes,
-    rate: float,
-    start: float,
-    end: float,
-    totals: Totals,
-    sampled: bool,
-    phase: float,
-    hello: bytes | None = None,
-) -> None:
-    """One stream: a rank's hello (or `hello`: a node's, `loadgen_nodes.py`), then `template` frames."""
-    call = channel.stream_stream(METHOD, response_deserializer=pb.CollectorMessage.FromString)()
-    window = asyncio.Semaphore(WINDOW)
-
-    async def read() -> None:
-        last = 0
-        try:
-            async for reply in call:
-                if reply.HasField("ack") and reply.ack.seq > last:  # (the call's last ack repeats one)
-                    totals.acked += reply.ack.seq - last
-                    totals.last_ack = time.monotonic()
-                    for _ in range(reply.ack.seq - last):
-                        window.release()
-                    last = reply.ack.seq
-        finally:  # the call ended (refused: its error is raised below): no ack will free the writer
-            for _ in range(WINDOW):
-                window.release()
-
-    reader: asyncio.Task | None = None
-    try:
-        await call.write(hello or _hello(job, rank, world_size, layers))
-        reader = asyncio.create_task(read())
-        seq = 0
-        nxt = start + phase / rate if rate else start  # agents spread over the period
-        while True:
-            if rate:
-                delay = nxt - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                nxt += 1 / rate
-            if time.monotonic() >= end:
-                break
-            await window.acquire()
-            if reader.done():
-                break
-            seq += 1
-            now = time.time()
-            try:
-                await call.write(template + _stamp(seq, seq, now))
-            except asyncio.InvalidStateError:  # the call ended under the write: the reader has its error
-                break
-            totals.sent += 1
-            if sampled:
-                totals.sends[(job, seq)] = time.monotonic()
-        with contextlib.suppress(asyncio.InvalidStateError):  # (the call ended already)
-            await call.done_writing()
-        done, _ = await asyncio.wait({reader}, timeout=10)  # its last acks (not cancelled: see below)
-        if done:
-            reader.result()  # a refused stream's error
-    except grpc.aio.AioRpcError as exc:
-        totals.errors += 1
-        if len(totals.error_text) < 5:
-            totals.error_text.append(f"{exc.code().name}: {exc.details()}")
-    finally:
-        call.cancel()  # (a reader still waiting for acks ends with CANCELLED: not an error of the run)
-        if reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await reader  # retrieved: an error counts once, from the write or from the reader
 
 
 def _scrape_full(urls: set[str], totals: Totals, stop: threading.Event) -> None:
@@ -307,40 +129,8 @@ def _scrape_full(urls: set[str], totals: Totals, stop: threading.Event) -> None:
                     totals.scrape_error = repr(exc)
 
 
-def _poll_latency(urls: dict[str, str], totals: Totals, stop: threading.Event, interval: float) -> None:
-    """Poll every `interval` s; a sampled job's step counts once `thermoscope_last_step` reaches it."""
-    jobs_by_url: dict[str, set[str]] = {}
-    for job, url in urls.items():
-        jobs_by_url.setdefault(url, set()).add(job)
-    seen: dict[str, int] = {}
-    while not stop.is_set():
-        for url, jobs in jobs_by_url.items():
-            try:
-                with urllib.request.urlopen(f"{url}?name[]=thermoscope_last_step", timeout=30) as resp:
-                    text = resp.read().decode()
-            except Exception as exc:  # a poll that fails is retried; it is reported once
-                if not totals.scrape_error:
-                    totals.scrape_error = repr(exc)
-                continue
-            now = time.monotonic()
-            for line in text.splitlines():
-                if not line.startswith("thermoscope_last_step{"):
-                    continue
-                job = line.split('job_id="', 1)[1].split('"', 1)[0]
-                if job not in jobs:
-                    continue
-                step = int(float(line.rsplit(" ", 1)[1]))
-                for s in range(seen.get(job, 0) + 1, step + 1):
-                    sent = totals.sends.pop((job, s), None)
-                    if sent is not None:
-                        early = sent < totals.warmup_until
-                        (totals.warmup_latencies if early else totals.latencies).append(now - sent)
-                seen[job] = max(seen.get(job, 0), step)
-        stop.wait(interval)
-
-
 async def _drive(
-    collectors: list[Spawned],
+    collectors: list[tuple[str, str]],
     agents: int,
     layers: int,
     rate: float,
@@ -351,25 +141,32 @@ async def _drive(
     totals: Totals,
     progress,
 ) -> float:
-    template = _template(layers)
+    """`collectors`: their (gRPC target, /metrics URL)."""
+    table = raw_protocol.layer_table(layers, numel=NUMEL)
+    template = raw_protocol.frame(1, 0, layers, numel=NUMEL).SerializeToString()
+
+    def hello(job: str, rank: int) -> bytes:
+        msg = raw_protocol.hello(job, layers=table, rank=rank, world_size=world_size, run=RUN, agent=RUN)
+        return msg.SerializeToString()
+
     jobs = agents // world_size
     per_collector: list[list[grpc.aio.Channel]] = []
-    for c in collectors:
+    for grpc_target, _ in collectors:
         n = max(1, math.ceil(jobs * world_size / len(collectors) / STREAMS_PER_CHANNEL))
-        per_collector.append([grpc.aio.insecure_channel(c.grpc_target) for _ in range(n)])
+        per_collector.append([grpc.aio.insecure_channel(grpc_target) for _ in range(n)])
     # each job to its collector as agents given every address pick it (`contract.shard`)
-    targets = ",".join(c.grpc_target for c in collectors)
-    index = {c.grpc_target: i for i, c in enumerate(collectors)}
+    targets = ",".join(grpc_target for grpc_target, _ in collectors)
+    index = {grpc_target: i for i, (grpc_target, _) in enumerate(collectors)}
     home = {f"loadgen-{j}": index[shard(targets, f"loadgen-{j}")] for j in range(jobs)}
     sampled = {f"loadgen-{j}" for j in range(0, jobs, max(1, jobs // max(1, latency_jobs)))}
-    urls = {job: collectors[i].metrics_url for job, i in home.items()}
+    urls = {job: collectors[i][1] for job, i in home.items()}
     stop = threading.Event()
     poll = POLL_INTERVAL if rate else PEAK_POLL_INTERVAL
     pollers = [
-        threading.Thread(target=_poll_latency, args=({j: urls[j] for j in sampled}, totals, stop, poll))
+        threading.Thread(target=poll_latency, args=({j: urls[j] for j in sampled}, totals, stop, poll))
     ]
     if totals.scrape_interval > 0:
-        full = {c.metrics_url for c in collectors}
+        full = {metrics_url for _, metrics_url in collectors}
         pollers.append(threading.Thread(target=_scrape_full, args=(full, totals, stop)))
     for poller in pollers:
         poller.daemon = True
@@ -387,12 +184,10 @@ async def _drive(
             count += 1
             tasks.append(
                 asyncio.create_task(
-                    _agent(
+                    agent(
                         channel,
                         job,
-                        rank,
-                        world_size,
-                        layers,
+                        hello(job, rank),
                         template,
                         rate,
                         start,
@@ -462,15 +257,16 @@ def run(
                 raise LoadgenError(
                     f"--pin needs more CPUs than --collectors ({collectors}): one is the loadgen's"
                 )
-            spawned = start_collectors(collectors, Path(tmp), profile, pin)
+            started = start_collectors(collectors, Path(tmp), profile, pin)
+            addresses = [(c.grpc_target, c.metrics_url) for c in started]
             if pin:
                 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[collectors:])
         else:
             if target_metrics is None:
                 raise LoadgenError("--target needs --target-metrics, the collector's /metrics URL")
-            spawned = [Spawned(target, target_metrics, None)]
-        pids = [s.proc.pid for s in spawned if s.proc is not None]
-        cpu0, wall0 = {pid: _cpu_seconds(pid) for pid in pids}, time.monotonic()
+            started, addresses = [], [(target, target_metrics)]
+        pids = [c.proc.pid for c in started]
+        cpu0, wall0 = {pid: cpu_seconds(pid) for pid in pids}, time.monotonic()
         rss_peak = dict.fromkeys(pids, 0)
         totals = Totals(scrape_interval=scrape_interval)
 
@@ -478,7 +274,7 @@ def run(
             for pid in pids:
                 with contextlib.suppress(OSError):
                     rss_peak[pid] = max(rss_peak[pid], _rss_bytes(pid))
-            p99 = _pct(t.latencies, 99)
+            p99 = pct(t.latencies, 99)
             print(
                 f"t={at:5.1f}s acked frames/s={fps:9.0f} layer-samples/s={fps * layers:11.0f} "
                 f"sent={t.sent} acked={t.acked} errors={t.errors} p99={p99 * 1e3:.0f}ms",
@@ -489,7 +285,7 @@ def run(
         try:
             elapsed = asyncio.run(
                 _drive(
-                    spawned,
+                    addresses,
                     agents,
                     layers,
                     rate,
@@ -501,19 +297,14 @@ def run(
                     progress,
                 )
             )
-            cpu = {pid: _cpu_seconds(pid) - cpu0[pid] for pid in pids}
+            cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
             wall = time.monotonic() - wall0  # the CPU's window: connecting and draining included
             for pid in pids:
                 rss_peak[pid] = max(rss_peak[pid], _rss_bytes(pid))
         finally:
             os.sched_setaffinity(0, affinity)
-            for s in spawned:
-                if s.proc is not None:
-                    s.proc.terminate()
-                    try:
-                        s.proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        s.proc.kill()
+            for collector in started:
+                collector.stop(timeout=30)
             if profile:
                 _print_profile(Path(tmp), out)
     fps = totals.acked / elapsed
@@ -527,8 +318,8 @@ def run(
         "frames_acked": totals.acked,
         "frames_per_s": fps,
         "layer_samples_per_s": fps * layers,
-        "latency_p50_s": _pct(totals.latencies, 50),
-        "latency_p99_s": _pct(totals.latencies, 99),
+        "latency_p50_s": pct(totals.latencies, 50),
+        "latency_p99_s": pct(totals.latencies, 99),
         "latency_samples": len(totals.latencies),
         "warmup_s": warmup,
         "warmup_latency_max_s": max(totals.warmup_latencies, default=math.nan),
@@ -556,10 +347,6 @@ def run(
     if totals.scrape_error:
         print(f"scraping /metrics failed at least once: {totals.scrape_error}", file=out)
     return figures
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else math.nan
 
 
 def _table(f: dict[str, float], out) -> None:

@@ -7,7 +7,7 @@ Printed per arm: the collector's CPU seconds per merged step (its CPU from the e
 warm-up, when every stream has said hello, to the end of the run, less what the latency
 poller alone costs it, measured idle after the run, over the steps merged meanwhile) and the
 end-to-end p50/p99 from the send of a step's last frame to the step at `/metrics`
-(`loadgen._poll_latency`). The node arm's frames are built once per node (the exact
+(`loadgen_agents.poll_latency`). The node arm's frames are built once per node (the exact
 merge of its R ranks' frames); the aggregator's own merge (~0.2 ms per node per step,
 tests/bench/bench_aggregate.py) and its loopback hop are not in its latency.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
 import tempfile
 import threading
 import time
@@ -24,25 +25,22 @@ from pathlib import Path
 
 import grpc
 
-from thermoscope.collector.merge import Merger, Target
-from thermoscope.science.stats import LayerInfo, SiteInfo, Table
-from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.wire import codec
-from thermoscope.wire.node import node_hello
+from thermoscope.science.stats import Table
 
-from .loadgen import (
-    BINS,
+from . import raw_protocol
+from .collector_process import start_collector_process
+from .loadgen_agents import (
     MAX_AGENTS,
+    NUMEL,
     POLL_INTERVAL,
+    RUN,
     STREAMS_PER_CHANNEL,
     LoadgenError,
     Totals,
-    _agent,
-    _cpu_seconds,
-    _pct,
-    _poll_latency,
-    start_collectors,
-    template_sample,
+    agent,
+    cpu_seconds,
+    pct,
+    poll_latency,
 )
 
 JOB = "loadgen-nodes"
@@ -52,57 +50,32 @@ IDLE = 3.0
 SPREAD = 0.05
 
 
-def _tables(layers: int) -> tuple[list[LayerInfo], list[SiteInfo]]:
-    return [LayerInfo(f"layer{i}", (1000,), 1000, "float32", 0, 1) for i in range(layers)], [
-        SiteInfo("site0", "ReLU")
-    ]
-
-
 def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[bytes, bytes]]:
     """Each stream's (hello, frame template) for `arm` ("flat": a rank's; "node": a node's)."""
     world = nodes * node_ranks
-    layer_table, sites = _tables(layers)
-    sample = template_sample(layers)
-    rank_frame = codec.encode(sample, 1).SerializeToString()
-    out = []
+    layer_table = raw_protocol.layer_table(layers, numel=NUMEL)
     if arm == "flat":
-        for rank in range(world):
-            hello = codec.hello(
-                job_id=JOB,
-                run_id="loadgen",
-                rank=rank,
-                world_size=world,
-                host="loadgen",
-                agent_version="loadgen",
-                every=1,
-                layers=layer_table,
-                sites=sites,
-                bins=BINS,
-            )
-            out.append((hello.SerializeToString(), rank_frame))
-        return out
-    tables = {r: Table.of_rank(layer_table, sites) for r in range(node_ranks)}
-    table = Table.of_node(tables)
-    merged, energy_ranks = Merger(Target.runs(table)).merge(
-        0, dict.fromkeys(range(node_ranks), sample), tables
-    )
-    body = codec.encode(merged, 1).SerializeToString()
-    for first in range(0, world, node_ranks):
-        ranks = list(range(first, first + node_ranks))
-        hello = node_hello(
-            job_id=JOB,
-            run_id="loadgen",
-            ranks=ranks,
-            world_size=world,
-            host="loadgen",
-            agent_version="loadgen",
-            node=f"node{first // node_ranks}",
-            every=1,
-            table=table,
-            bins=BINS,
+        frame = raw_protocol.frame(1, 0, layers, numel=NUMEL).SerializeToString()
+        hellos = (
+            raw_protocol.hello(JOB, layers=layer_table, rank=rank, world_size=world, run=RUN, agent=RUN)
+            for rank in range(world)
         )
-        tail = pb.AgentMessage(frame=pb.Frame(energy_ranks=energy_ranks, ranks=ranks)).SerializeToString()
-        out.append((hello.SerializeToString(), body + tail))  # concatenated encodings merge
+        return [(hello.SerializeToString(), frame) for hello in hellos]
+    rank_table = Table.of_rank(layer_table, raw_protocol.site_table(1))
+    sample = raw_protocol.sample(0, layers, numel=NUMEL)
+    out = []
+    for first in range(0, world, node_ranks):
+        ranks = range(first, first + node_ranks)
+        node = raw_protocol.Node(
+            JOB,
+            dict.fromkeys(ranks, rank_table),
+            world,
+            name=f"node{first // node_ranks}",
+            run=RUN,
+            agent=RUN,
+        )
+        frame = node.frame(1, 0, dict.fromkeys(ranks, sample))
+        out.append((node.hello.SerializeToString(), frame.SerializeToString()))
     return out
 
 
@@ -120,7 +93,7 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
     ]
     stop = threading.Event()
     poller = threading.Thread(
-        target=_poll_latency, args=({JOB: url}, totals, stop, POLL_INTERVAL), daemon=True
+        target=poll_latency, args=({JOB: url}, totals, stop, POLL_INTERVAL), daemon=True
     )
     poller.start()
     start = time.monotonic() + 0.5
@@ -130,18 +103,16 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
 
     async def at_warmup() -> None:
         await asyncio.sleep(totals.warmup_until - time.monotonic())
-        mark["cpu"], mark["step"] = _cpu_seconds(pid), await asyncio.to_thread(_last_step, url)
+        mark["cpu"], mark["step"] = cpu_seconds(pid), await asyncio.to_thread(_last_step, url)
         mark["t"] = time.monotonic()
 
     marker = asyncio.create_task(at_warmup())
     tasks = [
         asyncio.create_task(
-            _agent(
+            agent(
                 channels[i % len(channels)],
                 JOB,
-                i,
-                len(arm_streams),
-                0,
+                hello,
                 frame,
                 rate,
                 start,
@@ -149,7 +120,6 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
                 totals,
                 True,
                 ((i * 0.6180339887) % 1.0) * SPREAD * rate,
-                hello=hello,
             )
         )
         for i, (hello, frame) in enumerate(arm_streams)
@@ -157,9 +127,9 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
     await asyncio.gather(*tasks)
     await marker
     await asyncio.sleep(1.5)  # the last steps reach /metrics
-    cpu, step, t_end = _cpu_seconds(pid), await asyncio.to_thread(_last_step, url), time.monotonic()
+    cpu, step, t_end = cpu_seconds(pid), await asyncio.to_thread(_last_step, url), time.monotonic()
     await asyncio.sleep(IDLE)  # the latency poller's own cost, no frames: subtracted
-    idle_rate = (_cpu_seconds(pid) - cpu) / IDLE
+    idle_rate = (cpu_seconds(pid) - cpu) / IDLE
     stop.set()
     poller.join(timeout=65)
     for ch in channels:
@@ -172,8 +142,8 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
         if steps
         else math.nan,
         "poller_cores": idle_rate,
-        "p50_s": _pct(totals.latencies, 50),
-        "p99_s": _pct(totals.latencies, 99),
+        "p50_s": pct(totals.latencies, 50),
+        "p99_s": pct(totals.latencies, 99),
         "latency_n": len(totals.latencies),
         "errors": totals.errors,
     }
@@ -193,7 +163,13 @@ def run(
     for arm in ("flat", "node"):
         arm_streams = streams(arm, nodes, node_ranks, layers)
         with tempfile.TemporaryDirectory(prefix="thermoscope-loadgen-") as tmp:
-            [collector] = start_collectors(1, Path(tmp))
+            collector = start_collector_process(
+                Path(tmp) / "collector.db",
+                global_options=("--log-level", "WARNING"),
+                ready_timeout=30.0,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 totals = Totals(scrape_interval=0)
                 figures[arm] = asyncio.run(
@@ -209,8 +185,7 @@ def run(
                     )
                 )
             finally:
-                collector.proc.terminate()
-                collector.proc.wait(timeout=30)
+                collector.stop(timeout=30)
         print(f"{arm}: {figures[arm]}", file=out, flush=True)
         for text in totals.error_text:
             print(f"{arm}: error: {text}", file=out)

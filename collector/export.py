@@ -60,9 +60,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.detect import PHASES, TRANSITIONS
 from thermoscope.science.physics import CONFIDENCE
 
-from .detect import PHASES, TRANSITIONS
 from .job import Job, Liveness
 from .pipeline import Phases
 from .settings import DEFAULTS

@@ -27,6 +27,7 @@ MOVED = {
     "thermoscope.agent.derive": "thermoscope.science.derive",
     "thermoscope.agent.physics": "thermoscope.science.physics",
     "thermoscope.agent.stats": "thermoscope.science.stats",
+    "thermoscope.collector.detect": "thermoscope.science.detect",
 }
 _NUMPY = ("scalar", "_reconstruct")
 _STATS = ("LayerInfo", "LayerStats", "Sample", "SiteInfo", "SiteStats")
@@ -41,8 +42,8 @@ ALLOWED = {
     ("thermoscope.science.derive", "Reading"),
     ("thermoscope.science.derive", "Thermometer"),
     *(("thermoscope.science.stats", name) for name in _STATS),
-    ("thermoscope.collector.detect", "PhaseDetector"),
-    ("thermoscope.collector.detect", "Settings"),
+    ("thermoscope.science.detect", "PhaseDetector"),
+    ("thermoscope.science.detect", "Settings"),
 }
 #: What a fresh job holds, for the names a pickle of an older release lacks (it resumed them so).
 ABSENT = {

@@ -1,6 +1,6 @@
 """A job's way from its ranks' samples to readings and phases: which steps merge when, then
-`merge.JobMerge` -> `science.derive.Thermometer` -> `detect.PhaseDetector`, and the history rows and
-events that wait in memory for the next checkpoint.
+`merge.JobMerge` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector`, and the history
+rows and events that wait in memory for the next checkpoint.
 
 Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
 job waits for has sent it: the connected ranks, and the ranks of its `world_size` that have not
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
-from .detect import PhaseDetector
 from .merge import JobMerge, Tables
 from .store import Event
 

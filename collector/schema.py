@@ -4,36 +4,48 @@ A restarted collector resumes each run from what its last checkpoint wrote (chec
 this state is a file format that must outlive the classes that hold it: the pickles of earlier
 releases named private attributes of live classes, and a rename made a database "start
 afresh", dropping the no-loss guarantee across an upgrade. Here every value is written by name,
-as plain data (numbers, strings, numpy arrays of numbers or strings), by the functions below,
-one pair per kind of object; the names are the format's, not attribute names, and renaming an
-attribute changes the functions, not the format. A state is a flat `.npz` archive (numpy's zip
-of `.npy` arrays, read with `allow_pickle=False`: nothing in it can run code), one array per
-dotted name ("thermometer.energy", "pending.layers.m2"), holding `format` too. Values are
-bit-exact, NaN payloads included, so a resumed run reads exactly what it would have read.
+as plain data (numbers, strings, numpy arrays of numbers or strings). Each stateful object gives
+its own and is made again from it (`to_state`, `from_state`: the thermometer, the phase detector,
+a reading, a sample), under names that are the format's, not its attribute names: renaming an
+attribute changes those two methods, never the format. This module adds the run's counters,
+marks, pending samples and tables, and keeps what is the file's alone: its version, the
+migrations from earlier formats, the archive. A state is a flat `.npz` archive (numpy's zip of
+`.npy` arrays, read with `allow_pickle=False`: nothing in it can run code), one array per dotted
+name (the thermometer's "energy" is "thermometer.energy"; "pending.layers.m2"), holding `format`
+too. Values are bit-exact, NaN payloads included, so a resumed run reads exactly what it would
+have read.
 
 Reading: `FORMAT` directly; a state of a newer format, or one that cannot be decoded, raises
 `StateError` (never "start afresh": the caller refuses the run, see checkpoint.py). The pickle
 format of the releases before format 1 is converted once, when a database of theirs is opened
-(legacy.py). A new field: write it here, read it with a default when absent (an older state
-of this format); a change of meaning: a new `FORMAT`, and a migration from the one before.
+(legacy.py).
+
+How the format evolves. A new field is an addition, not a new format: its object writes it in
+`to_state`, and its `from_state` gives a state saved before it, which lacks it, a default (a new
+thermometer's or detector's value, a reading's default or NaN); a new name of the run's own is
+read here with a default when absent (as `first` is). A field a reader does not know is ignored,
+not refused: additions keep `FORMAT`, so it is a later release's addition, met after a
+rollback; everything this release keeps is in that state and resumes exactly, and what the
+addition kept this release never had. Refusing would make every addition break a rollback
+(which is what a new format is for). A change of meaning (a unit, a layout, a field that must
+not be read without another) is no addition: a new `FORMAT`, which an older release refuses,
+and a migration from the one before.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import zipfile
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-from thermoscope.science.derive import Reading, Thermometer, _engines
+from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
-
-from .detect import PhaseDetector, Settings
 
 #: The version of the state this release writes, and the newest it reads.
 FORMAT = 1
@@ -122,8 +134,8 @@ def encode_state(values: Mapping[str, Any]) -> bytes:
     pending: dict[int, dict[int, Sample]] = values["pending"]
     return pack(
         {
-            "reading": _reading(values["reading"]),
-            "detector": _detector(values["detector"]),
+            "reading": _state(values["reading"]),
+            "detector": _state(values["detector"]),
             "transitions": {
                 "from": _strings(a for a, _ in transitions),
                 "to": _strings(b for _, b in transitions),
@@ -135,7 +147,7 @@ def encode_state(values: Mapping[str, Any]) -> bytes:
             "frames_duplicate": values["frames_duplicate"],
             "pending": _pending(pending),
             "merged_step": values["merged_step"],
-            "thermometer": _thermometer(values["thermometer"]),
+            "thermometer": _state(values["thermometer"]),
             "first": {
                 "run": _strings(run for run, _ in values["first"]),
                 "rank": np.array([rank for _, rank in values["first"]], dtype=np.int64),
@@ -160,8 +172,8 @@ def decode_state(data: bytes) -> dict[str, Any]:
         last = v.get("last_transition_time")
         f = v.get("first", {})  # (absent from the states of format 1 written before it was added)
         return {
-            "reading": None if "reading" not in v else _from_reading(v["reading"]),
-            "detector": None if "detector" not in v else _from_detector(v["detector"]),
+            "reading": _restored(Reading, v.get("reading")),
+            "detector": _restored(PhaseDetector, v.get("detector")),
             "transitions": transitions,
             "last_transition_time": None if last is None else float(last),
             "frames_received": int(v["frames_received"]),
@@ -169,7 +181,7 @@ def decode_state(data: bytes) -> dict[str, Any]:
             "frames_duplicate": int(v["frames_duplicate"]),
             "pending": _from_pending(v.get("pending", {})),
             "merged_step": int(v["merged_step"]),
-            "thermometer": None if "thermometer" not in v else _from_thermometer(v["thermometer"]),
+            "thermometer": _restored(Thermometer, v.get("thermometer")),
             "first": {
                 (str(run), int(rank)): (int(step), float(t))
                 for run, rank, step, t in zip(*(f.get(k, ()) for k in FIRST), strict=True)
@@ -213,7 +225,7 @@ def decode_tables(data: bytes) -> dict[str, Any]:
         raise StateError(f"damaged tables ({type(exc).__name__}: {exc})") from None
 
 
-# -- one function pair per kind of object ----------------------------------------------------------
+# -- the tables, the pending samples, and the objects that save their own state --------------------
 
 
 def _layers(layers: Any) -> dict[str, np.ndarray]:
@@ -255,34 +267,6 @@ def _from_sites(v: Mapping[str, np.ndarray]) -> list[SiteInfo]:
     if "name" not in v:
         return []
     return [SiteInfo(str(name), str(kind)) for name, kind in zip(v["name"], v["kind"], strict=True)]
-
-
-def _sample(s: Sample) -> dict[str, Any]:
-    layers, sites = s.layers, s.sites
-    return {
-        "step": s.step,
-        "wall_time": s.wall_time,
-        "energy": s.energy,
-        "layers": {f.name: getattr(layers, f.name) for f in fields(LayerStats)},
-        "sites": {f.name: getattr(sites, f.name) for f in fields(SiteStats)},
-    }
-
-
-def _from_sample(v: Mapping[str, Any]) -> Sample:
-    layers, sites = v["layers"], v["sites"]
-    return Sample(
-        step=int(v["step"]),
-        wall_time=float(v["wall_time"]),
-        energy=float(v["energy"]),
-        layers=LayerStats(
-            layers["count"], layers["mean"], layers["m2"], layers["dot_before"], layers["dot_after"],
-            layers.get("histogram"),
-        ),
-        sites=SiteStats(
-            sites["count"], sites["in_mean"], sites["in_m2"], sites["out_mean"], sites["out_m2"],
-            sites["probe_spread"],
-        ),
-    )  # fmt: skip
 
 
 #: The per-row columns of a sample, by the part of it that holds them.
@@ -340,128 +324,15 @@ def _from_pending(v: Mapping[str, Any]) -> dict[int, dict[int, Sample]]:
     return dict(sorted(pending.items()))
 
 
-def _reading(r: Reading | None) -> dict[str, Any] | None:
-    if r is None:
-        return None
-    values = {f.name: getattr(r, f.name) for f in fields(Reading)}
-    values["layer_names"], values["site_names"] = _strings(r.layer_names), _strings(r.site_names)
-    return values
+#: The objects that save their own state (`to_state`) and are made again from it (`from_state`).
+Stateful = Reading | Thermometer | PhaseDetector
 
 
-def _from_reading(v: Mapping[str, np.ndarray]) -> Reading:
-    kinds = {"step": int, "engine": str, "energy_from_work": bool}
-    tuples = ("layer_names", "site_names")
-    values: dict[str, Any] = {}
-    for f in fields(Reading):
-        if f.name not in v:  # a field this state's writer did not have: undefined (NaN), as for pickles
-            n = len(v["layer_names"])
-            values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
-        elif f.name in tuples:
-            values[f.name] = tuple(str(x) for x in v[f.name])
-        elif v[f.name].ndim:
-            values[f.name] = v[f.name]
-        else:
-            values[f.name] = kinds.get(f.name, float)(v[f.name])
-    return Reading(**values)
+def _state(obj: Stateful | None) -> dict[str, Any] | None:
+    """What an object saves of itself (None: absent from the archive)."""
+    return None if obj is None else obj.to_state()
 
 
-def _thermometer(t: Thermometer | None) -> dict[str, Any] | None:
-    if t is None:
-        return None
-    n = len(t.layer_names)
-    h_hist, negentropy, outside = t._shape
-    return {
-        "window": t._steps.maxlen,
-        "layer_names": _strings(t.layer_names),
-        "site_names": _strings(t.site_names),
-        "hist_lo": t._lo,
-        "hist_hi": t._hi,
-        "probe": t._probe,
-        "histogram_entropy": h_hist,
-        "negentropy": negentropy,
-        "outside": outside,
-        "steps": np.array(t._steps, dtype=np.int64),
-        "energy": np.array(t._energy, dtype=np.float64),
-        "entropy": np.array(t._entropy, dtype=np.float64).reshape(-1, n),
-        "entropy_total": np.array(t._total, dtype=np.float64),
-        "work": np.array(t._work, dtype=np.float64).reshape(-1, n),
-        "last": None if t._last is None else _sample(t._last),
-        "latest": _reading(t.latest),
-    }
-
-
-def _from_thermometer(v: Mapping[str, Any]) -> Thermometer:
-    window = int(v["window"])
-    t = Thermometer.__new__(Thermometer)
-    t.layer_names = tuple(str(x) for x in v["layer_names"])
-    t.site_names = tuple(str(x) for x in v["site_names"])
-    t._lo, t._hi, t._probe = v["hist_lo"], v["hist_hi"], v["probe"]
-    t._shape = (v["histogram_entropy"], v["negentropy"], v["outside"])
-    t._steps = deque(v["steps"].tolist(), maxlen=window)
-    t._energy = deque(v["energy"].tolist(), maxlen=window)
-    t._entropy = deque(list(v["entropy"]), maxlen=window)
-    t._total = deque(list(v["entropy_total"]), maxlen=window)
-    t._work = deque(list(v["work"]), maxlen=window)
-    t._last = None if "last" not in v else _from_sample(v["last"])
-    t.latest = None if "latest" not in v else _from_reading(v["latest"])
-    t._engines = (t._probe.copy(), *_engines(t._probe))  # a cache of the probe's types
-    return t
-
-
-#: The detector's scalars: state name -> (attribute, type).
-_DETECTOR_SCALARS = {
-    "job": ("job", int),
-    "log_energy": ("_log", bool),
-    "sigma": ("_sigma", float),
-    "cusum": ("_cusum", float),
-    "excursion": ("_excursion", int),
-    "peak_descent": ("_peak_descent", float),
-    "down": ("_down", int),
-    "up": ("_up", int),
-    "quiet": ("_quiet", int),
-    "cooldown": ("_cool", int),
-    "since_jump": ("_since_jump", float),  # inf until the first jump, then a count
-    "level": ("_level", float),
-    "level_sigma": ("_level_sigma", float),
-    "drift": ("_drift", float),
-    "layer_count": ("_count", int),
-}
-#: Its arrays: state name -> attribute (None where the detector has no value yet).
-_DETECTOR_ARRAYS = {
-    "layers": "layers",
-    "ring": "_ring",
-    "layer_last": "_last",
-    "layer_initial": "_initial",
-    "layer_hi": "_hi",
-    "layer_lo": "_lo",
-    "layer_peak": "_peak",
-    "layer_baseline": "_baseline",
-    "layer_cooldown": "_layer_cool",
-}
-
-
-def _detector(d: PhaseDetector | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    values: dict[str, Any] = {name: getattr(d, attr) for name, (attr, _) in _DETECTOR_SCALARS.items()}
-    values |= {name: getattr(d, attr) for name, attr in _DETECTOR_ARRAYS.items()}
-    values["steps"] = np.array(d._steps, dtype=np.float64)
-    values["x"] = np.array(d._x, dtype=np.float64)
-    values["settings"] = {f.name: getattr(d.s, f.name) for f in fields(Settings)}
-    return values
-
-
-def _from_detector(v: Mapping[str, Any]) -> PhaseDetector:
-    kinds = {f.name: int if f.type == "int" else float for f in fields(Settings)}
-    settings = Settings(**{k: kinds[k](x) for k, x in v["settings"].items() if k in kinds})
-    d = PhaseDetector(len(v["layers"]), settings)
-    for name, (attr, kind) in _DETECTOR_SCALARS.items():
-        value = kind(v[name])
-        if name == "since_jump" and math.isfinite(value):
-            value = int(value)
-        setattr(d, attr, value)
-    for name, attr in _DETECTOR_ARRAYS.items():
-        setattr(d, attr, v.get(name))
-    d._steps.extend(v["steps"].tolist())
-    d._x.extend(v["x"].tolist())
-    return d
+def _restored(kind: type[Stateful], state: Mapping[str, Any] | None) -> Any:
+    """The object of `kind` made again from what it saved (None: absent from the archive)."""
+    return None if state is None else kind.from_state(state)

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from thermoscope.science.derive import Reading
-from thermoscope.wire.contract import SERVICE, split_address
+from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
 from .export import MetricsExporter, metrics_app
 from .job import Job, Stream
@@ -38,7 +38,6 @@ from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
 
-VERSION = "0.1.0"
 #: gRPC's own limit, as a multiple of the contract limit (`max_message_bytes`): gRPC refuses a
 #: larger message from its length prefix, before buffering it; one between the two is read and
 #: refused with our status, and counted.

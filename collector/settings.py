@@ -4,7 +4,7 @@ The command line's `default=`s (and the defaults its --help prints), `Collector`
 defaults, the servicer's `Limits`, the Ray actor's `start` and `thermoscope attach` all read
 them from here, so a default changed here changes everywhere at once. The listen addresses
 come from the wire contract, which the agents read too. The phase detector's thresholds are
-the detector's own (`detect.Settings`, measured by `tests/bench/bench_detection.py`).
+the detector's own (`science.detect.Settings`, measured by `tests/bench/bench_detection.py`).
 
 Paths follow the XDG base directories: `$XDG_STATE_HOME` (default `~/.local/state`), read
 once at import.

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -76,19 +78,57 @@ class Reading:
         state.setdefault("layer_temperature_stderr", np.full(len(state["layer_names"]), np.nan))
         self.__dict__.update(state)
 
+    def to_state(self) -> dict[str, Any]:
+        """The reading as plain named values, one per field, as a saved state holds it (the
+        names as arrays of strings; `from_state` reads it back)."""
+        values = {f.name: getattr(self, f.name) for f in fields(Reading)}
+        values["layer_names"] = np.array(list(self.layer_names), dtype=np.str_)
+        values["site_names"] = np.array(list(self.site_names), dtype=np.str_)
+        return values
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Reading:
+        """The reading `to_state` gave. A field the state lacks (saved before the field was
+        added) is its default, else undefined: NaN, per layer for a layer's values (as
+        `__setstate__` gives the pickles of older releases). Fields it does not know are ignored."""
+        kinds = {"step": int, "engine": str, "energy_from_work": bool}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = state.get(f.name)
+            if value is None and f.default is not MISSING:
+                values[f.name] = f.default
+            elif value is None:
+                n = len(state["layer_names"])
+                values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
+            elif f.name in ("layer_names", "site_names"):
+                values[f.name] = tuple(str(x) for x in value)
+            elif np.ndim(value):
+                values[f.name] = value
+            else:
+                values[f.name] = kinds.get(f.name, float)(value)
+        return cls(**values)
+
 
 class Thermometer:
-    """Windowed derivation for one job; feed it samples in step order."""
+    """Windowed derivation for one job; feed it samples in step order.
+
+    Its state is its own to save and restore (`to_state`, `from_state`: plain named values, the
+    names a file format's, collector/schema.py stores them)."""
 
     def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = WINDOW) -> None:
-        if window < 2:
-            raise ValueError(f"window must be at least 2 samples, got {window}")
         self.layer_names = tuple(layer.name for layer in layers)
         self.site_names = tuple(site.name for site in sites)
         self._lo = np.array([layer.hist_lo for layer in layers])
         self._hi = np.array([layer.hist_hi for layer in layers])
-        self._probe = np.full(len(sites), -1.0)  # last probe spread per site
-        nan = np.full(len(layers), np.nan)
+        self._begin(window)
+
+    def _begin(self, window: int) -> None:
+        """Hold no sample yet, in a window of `window` samples: a new thermometer of its layers
+        and sites (and, for each field a saved state lacks, a restored one: `from_state`)."""
+        if window < 2:
+            raise ValueError(f"window must be at least 2 samples, got {window}")
+        self._probe = np.full(len(self.site_names), -1.0)  # last probe spread per site
+        nan = np.full(len(self.layer_names), np.nan)
         self._shapes = _Shapes((nan, nan, nan))  # h_hist, negentropy, outside share, from the last histogram
         self._steps: deque[int] = deque(maxlen=window)
         self._energy: deque[float] = deque(maxlen=window)
@@ -109,6 +149,64 @@ class Thermometer:
             self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
         if "_engines" not in state:
             self._engines = (self._probe.copy(), *_engines(self._probe))
+
+    def to_state(self) -> dict[str, Any]:
+        """What the thermometer carries from one sample to the next, as plain named values: its
+        window's length and samples (steps, energies, entropies and their sums, cumulative
+        work), its layers' and sites' names, the histogram edges, the last probes and
+        histogram shape, the last sample and the latest reading (their own `to_state`; absent
+        when None). A snapshot: no array in it changes as the thermometer carries on.
+
+        The names are a file format's (collector/schema.py stores them under `thermometer.`):
+        renaming an attribute changes this method and `from_state`, never a name. A field added
+        later is read with a default (see `from_state`), so it needs no new format."""
+        n = len(self.layer_names)
+        h_hist, negentropy, outside = self._shape
+        return {
+            "window": self._steps.maxlen,
+            "layer_names": np.array(list(self.layer_names), dtype=np.str_),
+            "site_names": np.array(list(self.site_names), dtype=np.str_),
+            "hist_lo": self._lo,
+            "hist_hi": self._hi,
+            "probe": self._probe,
+            "histogram_entropy": h_hist,
+            "negentropy": negentropy,
+            "outside": outside,
+            "steps": np.array(self._steps, dtype=np.int64),
+            "energy": np.array(self._energy, dtype=np.float64),
+            "entropy": np.array(self._entropy, dtype=np.float64).reshape(len(self._entropy), n),
+            "entropy_total": np.array(self._total, dtype=np.float64),
+            "work": np.array(self._work, dtype=np.float64).reshape(len(self._work), n),
+            "last": None if self._last is None else self._last.to_state(),
+            "latest": None if self.latest is None else self.latest.to_state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Thermometer:
+        """The thermometer `to_state` saved, carrying on to the bit as it would have.
+
+        Its window, names and edges are required; any other field the state lacks (saved before
+        the field was added) is what a new thermometer of those layers holds (`_begin`). A
+        field it does not know (saved by a later release) is ignored (collector/schema.py says
+        why)."""
+        t = cls.__new__(cls)
+        t.layer_names = tuple(str(x) for x in state["layer_names"])
+        t.site_names = tuple(str(x) for x in state["site_names"])
+        t._lo, t._hi = state["hist_lo"], state["hist_hi"]
+        t._begin(int(state["window"]))
+        v = {**t.to_state(), **state}
+        window = t._steps.maxlen
+        t._probe = v["probe"]
+        t._shape = (v["histogram_entropy"], v["negentropy"], v["outside"])
+        t._steps = deque(v["steps"].tolist(), maxlen=window)
+        t._energy = deque(v["energy"].tolist(), maxlen=window)
+        t._entropy = deque(list(v["entropy"]), maxlen=window)
+        t._total = deque(list(v["entropy_total"]), maxlen=window)
+        t._work = deque(list(v["work"]), maxlen=window)
+        t._last = None if v["last"] is None else Sample.from_state(v["last"])
+        t.latest = None if v["latest"] is None else Reading.from_state(v["latest"])
+        t._engines = (t._probe.copy(), *_engines(t._probe))
+        return t
 
     def update(self, sample: Sample) -> Reading:
         """Add one sample (a step after the previous one) and return the new reading."""

@@ -8,7 +8,9 @@ mergeable, so the derivation downstream never needs the raw tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -128,3 +130,33 @@ class Sample:
     @property
     def has_energy(self) -> bool:
         return not math.isnan(self.energy)
+
+    def to_state(self) -> dict[str, Any]:
+        """The sample as plain named values, as a saved state holds it (`from_state` reads it
+        back): its step, wall time and energy, and its layers' and sites' columns by name (no
+        histogram where none was taken)."""
+        return {
+            "step": self.step,
+            "wall_time": self.wall_time,
+            "energy": self.energy,
+            "layers": {f.name: getattr(self.layers, f.name) for f in fields(LayerStats)},
+            "sites": {f.name: getattr(self.sites, f.name) for f in fields(SiteStats)},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Sample:
+        """The sample `to_state` gave (its arrays as they are: a sample is never written to)."""
+        layers, sites = state["layers"], state["sites"]
+        return cls(
+            step=int(state["step"]),
+            wall_time=float(state["wall_time"]),
+            energy=float(state["energy"]),
+            layers=LayerStats(
+                layers["count"], layers["mean"], layers["m2"], layers["dot_before"], layers["dot_after"],
+                layers.get("histogram"),
+            ),
+            sites=SiteStats(
+                sites["count"], sites["in_mean"], sites["in_m2"], sites["out_mean"], sites["out_m2"],
+                sites["probe_spread"],
+            ),
+        )  # fmt: skip

@@ -116,7 +116,7 @@ def test_work_sums_to_the_first_order_energy_change() -> None:
         opt.step()
         monitor.step(loss)
     monitor.latest()
-    first = monitor._thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
+    first = monitor._sink.thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
     work0 = first._work[1] - first._work[0]  # cumulative work from sample 0 to sample 1
     assert work0.sum() == pytest.approx(losses[1] - losses[0], rel=2e-2)
 
@@ -223,7 +223,7 @@ def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:
     monitor.step(torch.tensor(1.0))  # the sender thread starts and holds one frame
     pid = os.fork()
     if pid == 0:  # child: like a DataLoader worker
-        sender = monitor._sender
+        sender = monitor._sink
         os._exit(0 if sender._thread is None and not sender._queue and sender.dropped == 0 else 1)
     _, status = os.waitpid(pid, 0)
     monitor.close(timeout=0.2)
@@ -307,7 +307,44 @@ def test_a_nan_weight_never_breaks_the_training_step() -> None:
     loss.backward()
     opt.step()  # the hooks run here
     monitor.step(loss)
-    sample = monitor._local[-1].to_sample()
+    sample = monitor._sink.pending[-1].to_sample()
     monitor.close()
     assert sample.layers.histogram[0, 0] >= 1  # the NaN is counted outside the edges
     assert np.isnan(sample.layers.mean[0])  # and the moments say so (the wire refuses such frames)
+
+
+def test_settings_grouped_by_purpose_and_the_flat_keywords_make_the_same_monitor(tmp_path) -> None:
+    from thermoscope.agent.settings import Delivery, Identity, Sampling
+
+    grouped = Monitor(
+        mlp(),
+        identity=Identity(job="j", run="r", rank=1, world_size=2, node="n0"),
+        sampling=Sampling(every=3, step=6, bins=64),
+        delivery=Delivery(max_queue=8, spool=tmp_path),
+    )
+    flat = Monitor(
+        mlp(), job="j", run="r", rank=1, world_size=2, node="n0", every=3, step=6, bins=64, max_queue=8
+    )
+    for monitor in (grouped, flat):
+        assert (monitor.job, monitor.run, monitor.rank, monitor.world_size, monitor.node) == (
+            "j",
+            "r",
+            1,
+            2,
+            "n0",
+        )
+        assert monitor.every == 3 and monitor.sampling  # step 6 is sampled: 6 % 3 == 0
+        assert monitor._announced.hello.histogram_bins == 64
+        monitor.close()
+
+
+def test_a_setting_given_twice_or_unknown_is_refused_by_name() -> None:
+    from thermoscope.agent.security import Security
+    from thermoscope.agent.settings import Identity
+
+    with pytest.raises(TypeError, match="'evry'"):
+        Monitor(mlp(), evry=3)
+    with pytest.raises(TypeError, match="job= and identity="):
+        Monitor(mlp(), identity=Identity(job="a"), job="b")
+    with pytest.raises(TypeError, match="token= and security="):
+        Monitor(mlp(), security=Security(), token="t")

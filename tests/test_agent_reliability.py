@@ -24,7 +24,7 @@ from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
 
 from helpers.metrics import scrape, value
-from helpers.processes import disk_full_at, start_collector_process
+from helpers.processes import start_full_disk_collector
 from helpers.training import small_model, train_steps
 
 JOB = "reliability"
@@ -85,22 +85,10 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
     collector's database does not hold."""
     steps = 300
     db = tmp_path / "events.db"
-    EventStore(db).close()  # the schema, before the limit
-    log = (tmp_path / "collector.log").open("w")  # (regular files obey the limit too: small output)
-    collector = start_collector_process(
-        db,
-        None,
-        "--history-interval",
-        "0",
-        "--checkpoint-interval",
-        "0.2",
-        preexec_fn=lambda: disk_full_at(db.stat().st_size + (64 << 10)),
-        stdout=log,
-        stderr=log,
-    )
+    collector = start_full_disk_collector(db, tmp_path / "collector.log")
     model, opt = small_model()
     monitor = Monitor(model, opt, collector=collector.grpc_target, job=JOB, every=1, spool=tmp_path / "spool")
-    sender = monitor._sender
+    sender = monitor._sink
     try:
         train_steps(monitor, model, opt, steps)
         assert monitor.flush(timeout=60)
@@ -109,7 +97,6 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
         closed = monitor.close(timeout=20)
     finally:
         collector.stop()
-        log.close()
     assert spooled == list(range(durable + 1, steps + 1))  # every frame above the durable mark, kept
     assert closed is False
     assert (monitor.delivered, monitor.dropped) == (steps, 0)  # all applied: none dropped ...

@@ -108,7 +108,7 @@ def test_an_agent_without_the_token_says_once_how_to_give_it_and_keeps_retrying(
         try:
             deadline = time.monotonic() + 20
             while c.telemetry.rejected["unauthenticated"] < 3:  # the agent keeps trying, with backoff
-                assert time.monotonic() < deadline, monitor._sender.last_error
+                assert time.monotonic() < deadline, monitor.last_error
                 train_steps(monitor, model, opt, 1)  # training goes on (its first sample opens the stream)
                 time.sleep(0.05)
         finally:

@@ -102,8 +102,8 @@ def test_a_monitor_with_the_token_streams_and_one_without_delivers_nothing(token
         monitor = Monitor(model, opt, collector=c.grpc_target, job="none", every=1)
         train_steps(monitor, model, opt, 2)
         deadline = time.monotonic() + 10
-        while "UNAUTHENTICATED" not in (monitor._sender.last_error or ""):
-            assert time.monotonic() < deadline, monitor._sender.last_error
+        while "UNAUTHENTICATED" not in (monitor.last_error or ""):
+            assert time.monotonic() < deadline, monitor.last_error
             time.sleep(0.05)
         monitor.close(0.5)
         assert monitor.delivered == 0 and monitor.dropped == 2

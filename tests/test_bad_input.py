@@ -9,6 +9,7 @@ import pytest
 
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire.contract import STREAM_METHOD
 
 from helpers.metrics import scrape, value
 from helpers.protocol import OpenStream, frame, hello, stream
@@ -94,9 +95,7 @@ def test_bad_input_is_refused_with_a_status_and_counted_while_others_stream_on(c
 
 def test_garbage_bytes_are_refused_as_undecodable(collector) -> None:
     with grpc.insecure_channel(collector.grpc_target) as channel:
-        raw = channel.stream_stream(
-            "/thermoscope.v1.Telemetry/Stream", request_serializer=None, response_deserializer=None
-        )
+        raw = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as info:
             list(raw(iter([b"\xff\xff\xff\xff not a protobuf"]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

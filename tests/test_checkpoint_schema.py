@@ -1,8 +1,10 @@
 """The job state a checkpoint writes is an explicit, versioned format: earlier databases carry on
-exactly, a round trip is exact, the format names its fields, and what it cannot read is refused."""
+exactly, a round trip is exact, the format names its fields, each object saves and restores its
+own, fields are added without a new format, and what it cannot read is refused."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -16,11 +18,13 @@ import grpc
 import numpy as np
 import pytest
 
-from thermoscope.collector import schema
+from thermoscope.collector import checkpoint, schema
 from thermoscope.collector.checkpoint import values_of
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.service import Collector
 from thermoscope.collector.store import EventStore
+from thermoscope.science.derive import Thermometer
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.wire import codec
 
 from helpers import checkpoint_cases, golden
@@ -135,6 +139,98 @@ def test_the_format_names_its_fields_itself_not_after_private_attributes(tmp_pat
         "layers.histogram", "sites.count", "sites.in_mean", "sites.in_m2", "sites.out_mean",
         "sites.out_m2", "sites.probe_spread",
     }  # fmt: skip
+
+
+def test_the_format_reaches_into_no_object_it_stores() -> None:
+    """schema.py and checkpoint.py read no private attribute of another class (by name or by
+    string) and import no private name: each object saves and restores its own state."""
+    for module in (schema, checkpoint):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                assert isinstance(node.value, ast.Name) and node.value.id == "self", (module, node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                assert not [a.name for a in node.names if _private(a.name)], (module, node.module)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not _private(node.value), (module, node.value)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name[1:2].isalpha()
+
+
+def test_the_thermometer_and_detector_restored_from_their_state_carry_on_exactly() -> None:
+    """`from_state(to_state())` carries on as the original, to the bit; the state is a snapshot,
+    unchanged by the samples the original takes after it (the detector writes into its arrays)."""
+    thermometer = Thermometer(checkpoint_cases.LAYERS, checkpoint_cases.SITES)
+    detector = PhaseDetector(len(checkpoint_cases.LAYERS))
+
+    def feed(t: Thermometer, d: PhaseDetector, steps: range) -> list:
+        out = []
+        for step in steps:
+            sample = checkpoint_cases.sample(0, step)
+            reading = t.update(sample)
+            out += [reading, d.update(step, reading.energy, reading.layer_entropy / sample.layers.count)]
+        return out
+
+    feed(thermometer, detector, range(100))
+    saved = thermometer.to_state(), detector.to_state()
+    went_on = feed(thermometer, detector, range(100, 150))
+    restored = Thermometer.from_state(saved[0]), PhaseDetector.from_state(saved[1])
+    assert fingerprint(feed(*restored, range(100, 150))) == fingerprint(went_on)
+    assert any(went_on[1::2]), "the detector changed phase after the snapshot"
+    assert fingerprint(state(restored[0])) == fingerprint(state(thermometer))
+    assert fingerprint(state(restored[1])) == fingerprint(state(detector))
+
+
+def _members(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+#: Fields dropped from a state as if they had been added after its writer, by object.
+ADDED_LATER = {"detector": ("sigma", "layer_baseline"), "thermometer": ("probe",)}
+
+
+def test_a_state_saved_before_a_field_was_added_resumes_it_with_its_default(tmp_path: Path) -> None:
+    """Adding a field needs no new format nor migration: a state of the same format without it
+    resumes with what a new object holds there (a reading's field: its default, else NaN), and
+    every other value as saved."""
+    values = values_of(_live_run(tmp_path), schema.STATE)
+    members = _members(schema.encode_state(values))
+    for prefix, names in [*ADDED_LATER.items(), ("reading", ("temperature_stderr",))]:
+        for name in names:
+            del members[f"{prefix}.{name}"]
+    back = schema.decode_state(_archive(**members))
+    new = {  # what a new detector and thermometer of the run's layers hold
+        "detector": PhaseDetector(len(checkpoint_cases.LAYERS)).to_state(),
+        "thermometer": Thermometer(checkpoint_cases.LAYERS, checkpoint_cases.SITES).to_state(),
+    }
+    for prefix, names in ADDED_LATER.items():
+        now, saved = back[prefix].to_state(), values[prefix].to_state()
+        for name in names:
+            assert fingerprint(now[name]) == fingerprint(new[prefix][name]) != fingerprint(saved[name]), name
+        kept = saved.keys() - set(names)
+        assert fingerprint({k: now[k] for k in kept}) == fingerprint({k: saved[k] for k in kept}), prefix
+    assert np.isnan(back["reading"].temperature_stderr) and not np.isnan(values["reading"].temperature_stderr)
+    assert back["reading"].temperature == values["reading"].temperature
+    sample = checkpoint_cases.sample(0, 200)  # and both carry on
+    reading = back["thermometer"].update(sample)
+    back["detector"].update(sample.step, reading.energy, reading.layer_entropy / sample.layers.count)
+
+
+def test_a_field_the_reader_does_not_know_is_ignored(tmp_path: Path) -> None:
+    """A later release's additions keep the format (a rollback reads them): what this release
+    keeps resumes exactly, and what it does not know it never had (schema.py says why)."""
+    values = values_of(_live_run(tmp_path), schema.STATE)
+    blob = schema.encode_state(values)
+    later = {"detector.rate": np.ones(3), "thermometer.interval": np.asarray(5), "reading.novelty": 0.5}
+    back = schema.decode_state(_archive(**_members(blob), **later, interval=np.asarray(5)))
+    assert set(back) == set(schema.STATE)
+    expected = schema.decode_state(blob)
+    for name in ("detector", "thermometer", "reading"):
+        assert fingerprint(state(back[name])) == fingerprint(state(expected[name])), name
+        assert fingerprint(state(back[name])) == fingerprint(state(values[name])), name
 
 
 def _saved_run(tmp_path: Path) -> Path:

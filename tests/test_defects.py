@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
-from thermoscope.collector.detect import PhaseDetector
+from thermoscope.science.detect import PhaseDetector
 
 from helpers import architectures, scenarios
 

@@ -36,11 +36,11 @@ def test_a_monitor_told_there_is_no_collector_is_dormant_and_arms_no_hook() -> N
     monitor = Monitor(model, opt, collector=lambda: None, every=1)
     wait_for(lambda: monitor.dormant, "the first lookup did not answer")
     train_steps(monitor, model, opt, 1)  # (the step armed before the answer came, if any)
-    sampled = monitor._sender.submitted
+    sampled = monitor.sampled
     train_steps(monitor, model, opt, 20)
     assert monitor.dormant
     assert not monitor._sampler.armed  # no hook ran on any of the steps
-    assert monitor._sender.submitted == sampled <= 1
+    assert monitor.sampled == sampled <= 1
     assert monitor.close(timeout=1) is (sampled == 0)  # a sample taken and never delivered is not
 
 
@@ -112,8 +112,8 @@ def test_a_failing_lookup_keeps_the_agent_dormant_and_the_training_running() -> 
     monitor = Monitor(model, opt, collector=broken, every=1)
     time.sleep(3 * INTERVAL)  # several failed lookups
     train_steps(monitor, model, opt, 5)
-    assert monitor.dormant and monitor._sender._thread.is_alive()
-    assert "unreachable" in monitor._sender.last_error
+    assert monitor.dormant and monitor._sink._thread.is_alive()
+    assert "unreachable" in monitor.last_error
     monitor.close(timeout=1)
 
 

@@ -247,7 +247,7 @@ def test_an_agent_started_before_its_collector_connects_when_it_appears() -> Non
         # not every sampled step arrived (the queue of 8 overflowed meanwhile): close() says so
         assert monitor.close(timeout=10) is False
         assert collector.jobs["late"].frames_received == monitor.delivered
-        assert monitor.delivered + monitor.dropped == monitor._sender.submitted
+        assert monitor.delivered + monitor.dropped == monitor.sampled
 
 
 def test_the_collector_sets_the_agents_sampling_interval() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thermoscope.collector.detect import PHASES, TRANSITIONS
 from thermoscope.collector.store import FIELDS, Event, EventStore
+from thermoscope.science.detect import PHASES, TRANSITIONS
 from thermoscope.wire.codec import encode
 
 from helpers.metrics import scrape, value

@@ -198,7 +198,7 @@ def test_dashboard_layout_ids_and_variable() -> None:
 
 
 def test_phase_panels_map_every_phase_of_the_detector() -> None:
-    from thermoscope.collector.detect import PHASES
+    from thermoscope.science.detect import PHASES
 
     model = dashboard()
     phase_panels = [p for p in panels(model) if "thermoscope_phase{" in str(p.get("targets"))]

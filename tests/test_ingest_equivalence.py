@@ -23,10 +23,10 @@ import warnings
 import numpy as np
 import pytest
 
-from thermoscope.collector.detect import PHASES, PhaseDetector, _mean, _median
 from thermoscope.collector.merge import JobMerge
 from thermoscope.science import physics
 from thermoscope.science.derive import Thermometer
+from thermoscope.science.detect import PHASES, PhaseDetector, _mean, _median
 from thermoscope.wire import codec
 
 from helpers import golden, ingest_cases

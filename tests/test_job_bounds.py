@@ -20,6 +20,7 @@ from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.wire.contract import STREAM_METHOD
 
 from helpers.processes import start_collector_process
 from helpers.protocol import OpenStream, frame, hello, layer_table, stream
@@ -185,7 +186,7 @@ def test_grpc_refuses_a_message_far_over_the_limit_before_buffering_it(tmp_path:
 
         def send() -> None:
             with grpc.insecure_channel(collector.grpc_target) as channel:
-                call = channel.stream_stream("/thermoscope.v1.Telemetry/Stream", lambda b: b, None)
+                call = channel.stream_stream(STREAM_METHOD, lambda b: b, None)
                 with pytest.raises(grpc.RpcError) as refused:
                     list(call(iter([blob]), timeout=60))
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

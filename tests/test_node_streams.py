@@ -4,7 +4,7 @@ one frame each read, to 1e-9; liveness stays per rank; the job waits for the ran
 that has not connected; a node frame that breaks its hello is refused and changes nothing.
 
 Real collector on loopback, raw-protocol streams (no Monitor, no aggregator process: the node
-frames are built as `collector/node/aggregator.py` builds them: `helpers.nodes.Node`).
+frames are built as `collector/node/aggregator.py` builds them: `cli.raw_protocol.Node`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from thermoscope.collector.service import Collector
 from thermoscope.wire import codec
 
-from helpers.nodes import NODE, STEPS, WORLD, Node, assert_readings_equal, nodes_of, rank_hello, rank_sample
+from helpers.nodes import NODE, STEPS, WORLD, assert_readings_equal, nodes_of, rank_hello, rank_sample
 from helpers.protocol import OpenStream
 
 
@@ -48,7 +48,7 @@ def test_a_job_of_node_streams_reads_what_its_ranks_streaming_flat_read(collecto
 def test_each_rank_a_node_frame_names_is_heard_and_one_it_leaves_out_goes_stale(tmp_path):
     rng = np.random.default_rng(1)
     with Collector("127.0.0.1:0", "127.0.0.1:0", db=tmp_path / "e.db", stale_after=0.5).running() as c:
-        node = Node("j", list(range(NODE)), 1)
+        node = nodes_of("j", 1)[0]  # ranks 0 .. NODE - 1
         s = OpenStream(c.grpc_target, node.hello)
         live = c.jobs["j"].liveness()
         assert sorted(live.ranks) == list(range(NODE)) and live.connected == NODE

@@ -1,4 +1,4 @@
-"""The phase detector (`collector/detect.py`): each state reached in its scenario, and its rules.
+"""The phase detector (`science/detect.py`): each state reached in its scenario, and its rules.
 
 The scenarios are real monitored trainings with known ground truth (`helpers/scenarios.py`); the rules
 (cooldown, escalation, odd energies) are checked on synthetic series built to isolate them.
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from thermoscope.collector.detect import PHASES, TRANSITIONS, Change, PhaseDetector, Settings
+from thermoscope.science.detect import PHASES, TRANSITIONS, Change, PhaseDetector, Settings
 
 from helpers import scenarios
 

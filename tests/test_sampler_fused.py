@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from thermoscope.agent import Monitor
+from thermoscope.agent.histograms import shares
 from thermoscope.agent.reduce import BLOCK, Buckets
-from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET, Sampler, _power_sums, shares
+from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET, Sampler
+from thermoscope.agent.tensors import power_sums
 
 WIDTHS = [64, 128, 96, 256, 64, 200, 128, 300, 64, 80, 128, 32]
 
@@ -38,7 +40,7 @@ def samples(model: nn.Module, count: int) -> list:
     for _ in range(count):
         model(torch.randn(32, WIDTHS[0]))
         monitor.step(None)
-        out.append(monitor._local[-1].to_sample())
+        out.append(monitor._sink.pending[-1].to_sample())
     monitor.close()
     return out
 
@@ -96,8 +98,8 @@ def counted_rows(monitor: Monitor, steps: int) -> dict[int, np.ndarray]:
     for _ in range(steps):
         model(torch.randn(32, WIDTHS[0]))
         monitor.step(None)
-        while monitor._local:
-            s = monitor._local.popleft().to_sample()
+        while monitor._sink.pending:
+            s = monitor._sink.pending.popleft().to_sample()
             out[s.step] = (
                 np.zeros(len(s.layers.count), bool)
                 if s.layers.histogram is None
@@ -200,9 +202,13 @@ def test_a_fused_samples_reductions_do_not_grow_with_the_number_of_tensors() -> 
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(n_layers)])
         sampler = Sampler(model, list(model.named_parameters()), [], fused=True)
-        sampler._samples, sampler._number = 1, 1  # past the first sample, which takes every histogram
+        sampler.arm(0)  # past the first sample, which takes every histogram: sample 1's share
+        sampler.collect(0, None)
+        sampler.disarm()
+        sampler.arm(1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             sampler._measure_state()
+        sampler.disarm()
         ops = (
             "aten::sum",
             "aten::linalg_vector_norm",
@@ -222,7 +228,7 @@ def test_site_power_sums_read_an_activation_in_place_without_a_copy(dtype) -> No
     torch.manual_seed(0)
     activation = (torch.randn(64, 256) + 0.5).to(dtype).t()  # not contiguous, as a transposed head
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        sums = _power_sums(activation)
+        sums = power_sums(activation)
     copies = [e.key for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone", "aten::_to_copy")]
     assert copies == []
     v = activation.double()
@@ -235,7 +241,7 @@ def test_a_bfloat16_activation_is_widened_at_most_once_on_a_cpu() -> None:
     torch.manual_seed(0)
     activation = (torch.randn(64, 256) + 0.5).bfloat16()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        sums = _power_sums(activation)
+        sums = power_sums(activation)
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy") <= 1
     v = activation.double()
     torch.testing.assert_close(sums.double(), torch.stack([v.sum(), v.square().sum()]), rtol=1e-5, atol=1e-3)

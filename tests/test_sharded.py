@@ -24,7 +24,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard
 
 from thermoscope.agent import Monitor
-from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET, _shard_position, shares
+from thermoscope.agent.histograms import shares
+from thermoscope.agent.layers import shard_position
+from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET
 from thermoscope.science import physics
 
 from helpers.processes import free_port
@@ -180,4 +182,4 @@ def test_fsdp_shards_merge_in_the_collector_to_the_full_parameters_entropy_and_w
 def test_a_shards_index_counts_only_the_mesh_dimensions_that_shard_it(
     placements, coordinate, mesh_shape, position
 ) -> None:
-    assert _shard_position(placements, coordinate, mesh_shape) == position
+    assert shard_position(placements, coordinate, mesh_shape) == position

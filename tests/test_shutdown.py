@@ -107,7 +107,7 @@ def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path
         wait_until(
             lambda: monitor.delivered > delivered_at_stop + 10,
             30,
-            f"the agent did not reconnect (last error: {monitor._sender.last_error})",
+            f"the agent did not reconnect (last error: {monitor.last_error})",
         )
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert value(metrics, "thermoscope_frames_received_total", job_id=JOB) > 0
@@ -120,7 +120,7 @@ def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path
         stop_process(first)
         if second is not None:
             stop_process(second)
-    sender = monitor._sender
+    sender = monitor._sink
     assert sender.submitted == sender.delivered + sender.dropped
 
 

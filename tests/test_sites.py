@@ -133,7 +133,7 @@ def test_a_looked_up_collector_is_sent_the_functional_sites_too(collector: Colle
     monitor = Monitor(model, opt, collector=lambda: collector.grpc_target, job="found", every=2)
     deadline = time.monotonic() + 60
     while monitor.delivered < 3:
-        assert time.monotonic() < deadline, f"nothing delivered: {monitor._sender.last_error}"
+        assert time.monotonic() < deadline, f"nothing delivered: {monitor.last_error}"
         loss = model(torch.randn(32, 8)).square().mean()
         opt.zero_grad()
         loss.backward()

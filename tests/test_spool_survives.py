@@ -22,7 +22,7 @@ from thermoscope.agent.spool import MAGIC, Spool, SpoolError
 from thermoscope.collector.store import EventStore
 from thermoscope.wire import codec
 
-from helpers.processes import disk_full_at, start_collector_process, thermoscope
+from helpers.processes import start_collector_process, start_full_disk_collector, thermoscope
 from helpers.training import small_model, train_steps
 
 JOB, STEPS = "survivor", 300
@@ -129,19 +129,7 @@ def _train_against_a_full_disk(tmp_path: Path, spool: Path) -> tuple[Monitor, in
     """STEPS sampled steps to a collector process whose database stops growing after a few
     checkpoints; returns the closed monitor and what the collector's database holds."""
     db = tmp_path / "events.db"
-    EventStore(db).close()  # the schema, before the limit
-    log = (tmp_path / "collector.log").open("w")
-    full = start_collector_process(
-        db,
-        None,
-        "--history-interval",
-        "0",
-        "--checkpoint-interval",
-        "0.2",
-        preexec_fn=lambda: disk_full_at(db.stat().st_size + (64 << 10)),
-        stdout=log,
-        stderr=log,
-    )
+    full = start_full_disk_collector(db, tmp_path / "collector.log")
     model, opt = small_model()
     monitor = Monitor(model, opt, collector=full.grpc_target, job=JOB, run="r1", every=1, spool=spool)
     try:
@@ -150,7 +138,6 @@ def _train_against_a_full_disk(tmp_path: Path, spool: Path) -> tuple[Monitor, in
         closed = monitor.close(timeout=20)
     finally:
         full.stop()
-        log.close()
     assert closed is False
     try:
         held = len(EventStore(db, create=False).history(JOB).step)

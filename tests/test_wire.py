@@ -14,7 +14,7 @@ import pytest
 
 from thermoscope.wire import codec, node
 
-from helpers.nodes import Node, rank_sample
+from helpers.nodes import nodes_of, rank_sample
 from helpers.protocol import BINS, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_a_frame_without_a_histogram_decodes_to_none() -> None:
 
 
 def test_a_node_frame_round_trips_with_its_ranks_and_energy_weight() -> None:
-    n = Node("j", list(range(8)), shards=8)
+    n = nodes_of("j", shards=8)[0]  # ranks 0-7
     rng = np.random.default_rng(0)
     msg = n.frame(3, 0, {r: rank_sample(rng, 0, energy=r != 5) for r in range(8)})
     ranks, table = node.decode_node_hello(n.hello.hello)
@@ -84,21 +84,21 @@ def test_a_node_frame_round_trips_with_its_ranks_and_energy_weight() -> None:
 
 
 def test_a_node_hello_with_overlapping_runs_is_refused() -> None:
-    hello = Node("j", list(range(8)), shards=8).hello.hello
+    hello = nodes_of("j", shards=8)[0].hello.hello
     hello.layers.append(hello.layers[2])  # shards 0..7 of sh0 a second time
     with pytest.raises(codec.WireError, match="overlap"):
         node.decode_node_hello(hello)
 
 
 def test_a_node_hello_whose_ranks_do_not_start_at_its_rank_is_refused() -> None:
-    hello = Node("j", list(range(8)), shards=1).hello.hello
+    hello = nodes_of("j", shards=1)[0].hello.hello
     hello.rank = 3
     with pytest.raises(codec.WireError, match="increasing from rank 3"):
         node.decode_node_hello(hello)
 
 
 def test_a_node_frame_naming_a_rank_outside_its_hello_is_refused() -> None:
-    n = Node("j", list(range(8)), shards=1)
+    n = nodes_of("j", shards=1)[0]
     msg = n.frame(1, 0, {r: rank_sample(np.random.default_rng(5), 0) for r in range(8)})
     msg.frame.ranks.append(9)
     with pytest.raises(codec.WireError, match="not the hello's"):

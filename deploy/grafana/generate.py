@@ -54,7 +54,7 @@ with warnings.catch_warnings():  # the classic dashboard builder warns at import
     from grafana_foundation_sdk.models import heatmap as heatmap_models
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from thermoscope.collector.detect import PHASES
+from thermoscope.science.detect import PHASES
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD_FILE = HERE / "dashboards" / "thermoscope.json"
@@ -240,7 +240,7 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
     d = d.with_row(ids(Row("Job"), "Job"))
     d = (
         d.with_panel(
-            big(ids, "Phase", "The job's current phase (collector/detect.py)", query(job_phase, "{{job_id}}"))
+            big(ids, "Phase", "The job's current phase (science/detect.py)", query(job_phase, "{{job_id}}"))
             .mappings(phase_mappings())
             .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
         )

@@ -1,14 +1,19 @@
 """The names and numbers both sides of the wire agree on, beside the .proto they belong to.
 
 The agent, the collector and the command line import these instead of writing them again: the
-gRPC service and its one method, the default listen addresses, the Ray actor agents look up,
-how a job picks its collector among several, and what counts as loopback.
+release both sides are, the gRPC service and its one method, the default listen addresses, the
+Ray actor agents look up, how a job picks its collector among several, and what counts as loopback.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import zlib
+from importlib.metadata import version
+
+#: This release: pyproject.toml's version, as installed. Agents say it in their hello, the
+#: collector at `/metrics` (`thermoscope_collector_info`).
+VERSION = version("thermoscope")
 
 #: The gRPC service of proto/thermoscope/v1/telemetry.proto and its one method's full path.
 SERVICE = "thermoscope.v1.Telemetry"

@@ -1,4 +1,4 @@
-"""How well the phase detector (`collector/detect.py`) finds known events, and what it costs.
+"""How well the phase detector (`science/detect.py`) finds known events, and what it costs.
 
 Run it as a script (pytest does not collect it):
 
@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from thermoscope.collector.detect import TYPE_II, PhaseDetector
+from thermoscope.science.detect import TYPE_II, PhaseDetector
 
 from helpers import scenarios
 

@@ -5,7 +5,7 @@ Run it as a script (pytest does not collect it):
     python tests/bench/bench_ingest.py                          # 4 ranks x 200 layers (loadgen's job)
     python tests/bench/bench_ingest.py --layers 1000 --profile  # plus a cProfile top-15 of Job.accept
 
-The frames are `thermoscope loadgen`'s (collector/loadgen.py): layers `layer{i}` of 1,000
+The frames are `thermoscope loadgen`'s (cli/raw_protocol.py): layers `layer{i}` of 1,000
 float32 values, held whole by every rank (data parallel replicas), one ReLU site, 8 histogram
 bins, energy 1.0, the same column values as its template, parsed from the template plus a
 (seq, step, wall_time) stamp as a collector receives them. Options move away from it:
@@ -41,51 +41,45 @@ from collections.abc import Callable
 
 import numpy as np
 
-from thermoscope.cli import loadgen
+from thermoscope.cli import raw_protocol
+from thermoscope.cli.loadgen_agents import NUMEL, RUN
 from thermoscope.collector import schema
 from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.job import Job, Stream
 from thermoscope.collector.merge import JobMerge
 from thermoscope.collector.server import Telemetry
 from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.derive import Thermometer
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.detect import PhaseDetector
+from thermoscope.science.stats import LayerStats, Sample
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 
-BINS = loadgen.BINS
+BINS = raw_protocol.BINS
 WINDOW = DEFAULTS.window  # the collector's default thermometer window
 
 
 def tables(ranks: int, layers: int, sites: int, layout: str) -> list[pb.Hello]:
-    """Each rank's hello, as loadgen's `_hello` builds it (shards: one per rank of every layer)."""
-    out = []
-    for rank in range(ranks):
-        shard = (rank, ranks) if layout == "shard" else (0, 1)
-        out.append(
-            codec.hello(
-                job_id="bench",
-                run_id="loadgen",
-                rank=rank,
-                world_size=ranks,
-                host="loadgen",
-                agent_version="loadgen",
-                every=1,
-                layers=[LayerInfo(f"layer{i}", (1000,), 1000, "float32", *shard) for i in range(layers)],
-                sites=[SiteInfo(f"site{i}", "ReLU") for i in range(sites)],
-                bins=BINS,
-            ).hello
-        )
-    return out
+    """Each rank's hello, as loadgen's agents send it (shards: one per rank of every layer)."""
+    return [
+        raw_protocol.hello(
+            "bench",
+            n_sites=sites,
+            rank=rank,
+            world_size=ranks,
+            layers=raw_protocol.layer_table(layers, (rank, ranks) if layout == "shard" else (0, 1), NUMEL),
+            run=RUN,
+            agent=RUN,
+        ).hello
+        for rank in range(ranks)
+    ]
 
 
 def frames(args: argparse.Namespace) -> list[list[bytes]]:
     """Serialized frames by step, then rank: loadgen's template values and its stamp."""
     rng = np.random.default_rng(0)
     n, ones = args.layers, np.ones(args.layers)
-    hist = np.full((n, BINS + 2), 10, dtype=np.int64)
-    hist[:, [0, -1]] = 0
+    hist = raw_protocol.histogram(n)
     out = []
     for step in range(1, args.steps + 1):
         drift = 1.0 + 1e-3 * step / args.steps  # a slow, learning-like spread of the values
@@ -97,22 +91,19 @@ def frames(args: argparse.Namespace) -> list[list[bytes]]:
                 wall_time=0.0,
                 energy=1.0 + args.noise * rng.standard_normal() if args.noise else 1.0,
                 layers=LayerStats(
-                    np.full(n, 1000, dtype=np.int64),
+                    np.full(n, NUMEL, dtype=np.int64),
                     0.1 * ones * jitter[0],
                     2.0 * ones * (drift if args.noise else 1.0) * np.abs(jitter[1]),
                     0.5 * ones,
                     0.4 * ones,
                     hist if step % args.hist_every == 0 else None,
                 ),
-                sites=SiteStats(
-                    np.full(args.sites, 64, dtype=np.int64),
-                    *(np.ones(args.sites) for _ in range(4)),
-                    probe_spread=np.full(args.sites, -1.0),
+                sites=raw_protocol.site_stats(
+                    np.full(args.sites, 64, dtype=np.int64), *(np.ones(args.sites) for _ in range(4))
                 ),
             )
             template = codec.encode(sample, 1).SerializeToString()
-            stamp = pb.AgentMessage(frame=pb.Frame(seq=step, step=step, wall_time=time.time()))
-            row.append(template + stamp.SerializeToString())
+            row.append(template + raw_protocol.stamp(step, step, time.time()))
         out.append(row)
     return out
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from thermoscope.agent import Monitor
 from thermoscope.agent.sampler import SHAPE_EVERY
+from thermoscope.agent.sites import find_sites
 
 
 @dataclass
@@ -119,7 +120,7 @@ def read_pass_ms(work: Workload, monitor: Monitor, device: torch.device, repeats
                 t.detach() for t in (args[0], out) if isinstance(t, torch.Tensor)
             )
         )
-        for module in monitor._sampler._site_modules
+        for _, module in find_sites(work.model)
     ]
     loss = work.loss(0)
     loss.backward()
@@ -162,7 +163,7 @@ def measure(work: Workload, device: torch.device, steps: int) -> dict[str, float
         _sync(device)
         elapsed = (time.perf_counter() - start) * 1e3
         held = max(held, monitor._sampler.held_bytes())
-        monitor._local.clear()  # kept samples are not this measure's business
+        monitor._sink.pending.clear()  # kept samples are not this measure's business
         if step < 6:  # warm-up: the first sample settles the site table and takes every shape
             continue
         if step % 3 == 0:

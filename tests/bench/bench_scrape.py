@@ -42,9 +42,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 
 from thermoscope.collector.export import MetricsExporter
 from thermoscope.collector.job import Job, Stream
-from thermoscope.collector.service import VERSION
 from thermoscope.collector.settings import DEFAULTS
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.wire.contract import VERSION
 
 BINS = 8
 REPO = Path(__file__).resolve().parents[2]

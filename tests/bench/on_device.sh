@@ -23,6 +23,11 @@ mkdir -p "$shim/thermoscope"
 for pair in agent:agent collector:collector cli:cli science:science wire:proto/wire v1:proto/thermoscope/v1; do
     ln -s "$PWD/${pair#*:}" "$shim/thermoscope/${pair%%:*}"  # the map of pyproject's package-dir
 done
+# the version the code reads (thermoscope.wire.contract.VERSION) is the installed metadata's:
+# pyproject.toml's, here as an install would write it
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
+mkdir -p "$shim/thermoscope-$version.dist-info"
+printf 'Metadata-Version: 2.1\nName: thermoscope\nVersion: %s\n' "$version" >"$shim/thermoscope-$version.dist-info/METADATA"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 nproc | tee -a "$out/device.txt"

@@ -58,11 +58,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from thermoscope.collector.detect import PHASES, PhaseDetector
 from thermoscope.collector.export import MetricsExporter
 from thermoscope.collector.merge import JobMerge
 from thermoscope.science import physics
 from thermoscope.science.derive import Thermometer
+from thermoscope.science.detect import PHASES, PhaseDetector
 from thermoscope.wire import codec
 
 from helpers import exporter_jobs, golden, ingest_cases, scenarios

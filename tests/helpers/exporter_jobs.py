@@ -12,10 +12,10 @@ import math
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from thermoscope.collector.detect import PhaseDetector
 from thermoscope.collector.export import LAYER_GAUGES
 from thermoscope.collector.job import Job, Stream
 from thermoscope.science.derive import Reading
+from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import SiteInfo
 
 from helpers.protocol import layer_table, sample

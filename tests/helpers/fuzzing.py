@@ -20,8 +20,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire.contract import STREAM_METHOD
 
-METHOD = "/thermoscope.v1.Telemetry/Stream"
 #: Every status a call may end with: OK and the ones the collector gives with a reason.
 DEFINED = frozenset(
     {
@@ -228,7 +228,7 @@ class Client:
     def __init__(self, target: str) -> None:
         self.channel = grpc.insecure_channel(target)
         self.call = self.channel.stream_stream(
-            METHOD, request_serializer=lambda b: b, response_deserializer=None
+            STREAM_METHOD, request_serializer=lambda b: b, response_deserializer=None
         )
         self.statuses: dict[grpc.StatusCode, int] = {}
         self.lock = threading.Lock()

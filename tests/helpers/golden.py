@@ -30,7 +30,7 @@ DIGEST_BYTES = 16
 
 #: How far a recorded float may be from the value computed now, relative to it. Why not 0: numpy's
 #: OpenBLAS picks its kernel by CPU (OPENBLAS_CORETYPE overrides it), and the kernels sum a dot
-#: product in different orders (the slopes of physics.slope and collector/detect.py), so a
+#: product in different orders (the slopes of physics.slope and science/detect.py), so a
 #: result moves by an ulp or two, which the computation after it amplifies. Measured over every
 #: float of the goldens against the recording (Haswell, AVX2): SkylakeX (AVX-512) differs by at
 #: most 4.3e-13 relative (the detector's CUSUM, a sum that partly cancels: 0.0067 off by 2.9e-15),

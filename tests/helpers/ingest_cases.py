@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from thermoscope.collector.detect import Settings
+from thermoscope.science.detect import Settings
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire.codec import F64, I64, MAX_COUNT, MAX_SEQ, U32, WireError

@@ -1,6 +1,6 @@
 """A job of simulated nodes: each rank's tables and random samples, its raw hello, what a node
-aggregator sends for a node's ranks (built as `collector/node/aggregator.py` builds it), and the
-comparison of two readings to 1e-9 (`test_node_streams.py`, `test_aggregator.py`).
+aggregator sends for a node's ranks (`thermoscope.cli.raw_protocol.Node`), and the comparison
+of two readings to 1e-9 (`test_node_streams.py`, `test_aggregator.py`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from thermoscope.collector.merge import Merger, Target
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats, Table
+from thermoscope.cli.raw_protocol import Node, site_table
+from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteStats, Table
 from thermoscope.v1 import telemetry_pb2 as pb
-from thermoscope.wire import codec
-from thermoscope.wire.node import encode_node, node_hello
 
-from .protocol import BINS
+from .protocol import AGENT, BINS, RUN, hello
 
-SITES = [SiteInfo(f"site{j}", "ReLU") for j in range(2)]
+SITES = site_table(2)
 WORLD, NODE = 16, 8
 STEPS = 5
 
@@ -54,49 +52,17 @@ def rank_sample(rng: np.random.Generator, step: int, energy: bool = True) -> Sam
 
 
 def rank_hello(job: str, rank: int, shards: int) -> pb.AgentMessage:
-    return codec.hello(
-        job_id=job,
-        run_id="r1",
-        rank=rank,
-        world_size=WORLD,
-        host="test",
-        agent_version="test",
-        every=1,
-        layers=rank_layers(rank, shards),
-        sites=SITES,
-        bins=BINS,
-    )
-
-
-class Node:
-    """What an aggregator sends for the ranks `ranks`: its hello, and one merged frame per step."""
-
-    def __init__(self, job: str, ranks: list[int], shards: int) -> None:
-        self.ranks = ranks
-        self.tables = {r: Table.of_rank(rank_layers(r, shards), SITES) for r in ranks}
-        self.table = Table.of_node(self.tables)
-        self.merger = Merger(Target.runs(self.table))
-        self.hello = node_hello(
-            job_id=job,
-            run_id="r1",
-            ranks=ranks,
-            world_size=WORLD,
-            host="test",
-            agent_version="test",
-            node=f"node{ranks[0]}",
-            every=1,
-            table=self.table,
-            bins=BINS,
-        )
-
-    def frame(self, seq: int, step: int, parts: dict[int, Sample]) -> pb.AgentMessage:
-        mine = {r: parts[r] for r in self.ranks if r in parts}
-        merged, energy_ranks = self.merger.merge(step, mine, self.tables)
-        return encode_node(merged, seq, energy_ranks, sorted(mine))
+    return hello(job, n_sites=len(SITES), rank=rank, world_size=WORLD, layers=rank_layers(rank, shards))
 
 
 def nodes_of(job: str, shards: int) -> list[Node]:
-    return [Node(job, list(range(first, first + NODE)), shards) for first in range(0, WORLD, NODE)]
+    """What the job's node aggregators send, one per NODE consecutive ranks: a hello, and one
+    merged frame per step."""
+    nodes = []
+    for first in range(0, WORLD, NODE):
+        tables = {r: Table.of_rank(rank_layers(r, shards), SITES) for r in range(first, first + NODE)}
+        nodes.append(Node(job, tables, WORLD, name=f"node{first}", run=RUN, agent=AGENT))
+    return nodes
 
 
 def assert_readings_equal(have, want) -> None:

@@ -1,92 +1,44 @@
 """Agents written against the wire contract, without the Monitor: hellos, samples and frames
-built by hand, one-shot streams, streams held open, and a server that never reads.
+built by hand (the load generator's, `thermoscope.cli.raw_protocol`, as the tests' agents name
+themselves), one-shot streams, streams held open, and a server that never reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
-import numpy as np
 
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.cli import raw_protocol
+from thermoscope.cli.raw_protocol import BINS, frame, histogram, layer_table, sample, site_stats
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
-from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 
-BINS = 8  # histogram bins the raw-protocol agents declare
+__all__ = [
+    "AGENT",
+    "BINS",
+    "RUN",
+    "OpenStream",
+    "frame",
+    "hello",
+    "histogram",
+    "layer_table",
+    "sample",
+    "site_stats",
+    "stalled_collector",
+    "stream",
+]
 
-
-def histogram(n_layers: int, per_bin: int = 10) -> np.ndarray:
-    """A flat histogram: `per_bin` values in every bin, none outside the edges."""
-    hist = np.full((n_layers, BINS + 2), per_bin, dtype=np.int64)
-    hist[:, [0, -1]] = 0
-    return hist
-
-
-def site_stats(count: np.ndarray, *moments: np.ndarray) -> SiteStats:
-    """Site columns with the probe marked as not run (-1)."""
-    return SiteStats(count, *moments, probe_spread=np.full(len(count), -1.0))
-
-
-def layer_table(n: int, shard: tuple[int, int] = (0, 1), numel: int = 100) -> list[LayerInfo]:
-    """`n` layers named layer0, layer1, ..., each `numel` values, all the same shard of their tensor."""
-    return [LayerInfo(f"layer{i}", (numel,), numel, "float32", *shard) for i in range(n)]
-
-
-def hello(
-    job: str,
-    n_layers: int = 2,
-    n_sites: int = 1,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    layers: list[LayerInfo] | None = None,
-    run: str = "r1",
-) -> pb.AgentMessage:
-    """The hello of a raw agent: `n_layers` layers (or `layers`), `n_sites` ReLU sites, BINS bins."""
-    return codec.hello(
-        job_id=job,
-        run_id=run,
-        rank=rank,
-        world_size=world_size,
-        host="test",
-        agent_version="test",
-        every=1,
-        layers=layers or layer_table(n_layers),
-        sites=[SiteInfo(f"site{i}", "ReLU") for i in range(n_sites)],
-        bins=BINS,
-    )
-
-
-def sample(step: int, n_layers: int = 2, n_sites: int = 1, energy: float = 1.0, numel: int = 100) -> Sample:
-    """A plausible sample for `hello`'s tables: the same statistics at every step, stamped now."""
-    ones = np.ones(n_layers)
-    return Sample(
-        step=step,
-        wall_time=time.time(),
-        energy=energy,
-        layers=LayerStats(
-            np.full(n_layers, numel, dtype=np.int64),
-            0.1 * ones,
-            2.0 * ones,
-            0.5 * ones,
-            0.4 * ones,
-            histogram(n_layers),
-        ),
-        sites=site_stats(np.full(n_sites, 64, dtype=np.int64), *(np.ones(n_sites) for _ in range(4))),
-    )
-
-
-def frame(seq: int, step: int, n_layers: int = 2, n_sites: int = 1, **kw) -> pb.AgentMessage:
-    """`sample(step, ...)` encoded as frame `seq`."""
-    return codec.encode(sample(step, n_layers, n_sites, **kw), seq)
+#: The run the tests' raw agents belong to, and the host and version they give.
+RUN, AGENT = "r1", "test"
+#: `raw_protocol.hello` of the tests' agents (`run=` names another run).
+hello = functools.partial(raw_protocol.hello, run=RUN, agent=AGENT)
 
 
 def stream(target: str, messages) -> tuple[list[pb.CollectorMessage], grpc.RpcError | None]:

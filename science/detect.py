@@ -105,7 +105,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -171,7 +173,10 @@ class Settings:
 
 
 class PhaseDetector:
-    """Phases of one job and its layers; feed `update` the merged samples in step order."""
+    """Phases of one job and its layers; feed `update` the merged samples in step order.
+
+    Its state is its own to save and restore (`to_state`, `from_state`: plain named values, the
+    names a file format's, collector/schema.py stores them)."""
 
     def __init__(self, n_layers: int, settings: Settings | None = None) -> None:
         s = self.s = settings or Settings()
@@ -201,6 +206,86 @@ class PhaseDetector:
         self._peak = np.zeros(n_layers)  # peak drift rate of the layer's learning (since a refresh)
         self._baseline = np.full(n_layers, np.nan)  # baseline speed (type_ii)
         self._layer_cool = np.zeros(n_layers, dtype=np.int64)
+
+    def to_state(self) -> dict[str, Any]:
+        """What the detector carries from one sample to the next, as plain named values: its
+        settings, the job's phase, its (step, x) window and the statistics of its tests, each
+        layer's phase, increments and counters. A snapshot: every array is a copy (the detector
+        writes into some of its own).
+
+        The names are a file format's (collector/schema.py stores them under `detector.`):
+        renaming an attribute changes this method and `from_state`, never a name. A field added
+        later is read with a default (see `from_state`), so it needs no new format."""
+        return {
+            "settings": {f.name: getattr(self.s, f.name) for f in fields(Settings)},
+            "job": self.job,
+            "log_energy": self._log,
+            "sigma": self._sigma,
+            "cusum": self._cusum,
+            "excursion": self._excursion,
+            "peak_descent": self._peak_descent,
+            "down": self._down,
+            "up": self._up,
+            "quiet": self._quiet,
+            "cooldown": self._cool,
+            "since_jump": self._since_jump,  # inf until the first jump, then a count
+            "level": self._level,
+            "level_sigma": self._level_sigma,
+            "drift": self._drift,
+            "steps": np.array(self._steps, dtype=np.float64),
+            "x": np.array(self._x, dtype=np.float64),
+            "layers": self.layers.copy(),
+            "layer_count": self._count,
+            "ring": self._ring.copy(),
+            "layer_last": _copy(self._last),  # None until the first sample
+            "layer_initial": _copy(self._initial),
+            "layer_hi": self._hi.copy(),
+            "layer_lo": self._lo.copy(),
+            "layer_peak": self._peak.copy(),
+            "layer_baseline": self._baseline.copy(),
+            "layer_cooldown": self._layer_cool.copy(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> PhaseDetector:
+        """The detector `to_state` saved, carrying on to the bit as it would have (with copies of
+        the state's arrays: it writes into some).
+
+        Its layers' phases are required (they say how many layers); any other field the state
+        lacks (saved before the field was added) is what a new detector of those layers and
+        settings holds (`__init__`; a missing setting, its default). A field it does not know
+        (saved by a later release) is ignored (collector/schema.py says why)."""
+        saved = state.get("settings", {})
+        kinds = {f.name: int if f.type == "int" else float for f in fields(Settings)}
+        settings = Settings(**{name: kind(saved[name]) for name, kind in kinds.items() if name in saved})
+        d = cls(len(state["layers"]), settings)
+        v = {**d.to_state(), **state}
+        d.job = int(v["job"])
+        d._log = bool(v["log_energy"])
+        d._sigma = float(v["sigma"])
+        d._cusum = float(v["cusum"])
+        d._excursion = int(v["excursion"])
+        d._peak_descent = float(v["peak_descent"])
+        d._down, d._up, d._quiet = int(v["down"]), int(v["up"]), int(v["quiet"])
+        d._cool = int(v["cooldown"])
+        since_jump = float(v["since_jump"])
+        d._since_jump = int(since_jump) if math.isfinite(since_jump) else since_jump
+        d._level = float(v["level"])
+        d._level_sigma = float(v["level_sigma"])
+        d._drift = float(v["drift"])
+        d._steps.extend(v["steps"].tolist())
+        d._x.extend(v["x"].tolist())
+        d.layers = np.array(v["layers"])
+        d._count = int(v["layer_count"])
+        d._ring = np.array(v["ring"])
+        d._last = _copy(v["layer_last"])
+        d._initial = _copy(v["layer_initial"])
+        d._hi = np.array(v["layer_hi"])
+        d._lo = np.array(v["layer_lo"])
+        d._peak = np.array(v["layer_peak"])
+        d._baseline = np.array(v["layer_baseline"])
+        d._layer_cool = np.array(v["layer_cooldown"])
+        return d
 
     @property
     def job_phase(self) -> str:
@@ -424,6 +509,11 @@ class PhaseDetector:
             )
         self.layers = new
         return changes
+
+
+def _copy(a: np.ndarray | None) -> np.ndarray | None:
+    """A copy of `a` (of its dtype), or None."""
+    return None if a is None else np.array(a)
 
 
 def _median(a: np.ndarray) -> np.ndarray:

@@ -1,0 +1,62 @@
+"""The in-process sink: a monitor without a collector keeps its sampled steps here and derives
+them with its own thermometer when asked (`Monitor.latest()`).
+
+It answers what the streaming sink (`sender.Sender`) answers, so the monitor holds one sink and
+never asks which: nothing is delivered, spooled or replayed here, and a step is dropped (the
+oldest first, and counted) only when more than `max_queue` wait for a `latest()` that never comes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.stats import LayerInfo, SiteInfo
+
+from .pending import Pending
+
+
+class Local:
+    """Sampled steps waiting to be derived in-process (see the module docstring)."""
+
+    delivered = undurable = spooled = replayed = 0
+    spool_error: str | None = None
+    last_error: str | None = None
+    connected = dormant = False
+
+    def __init__(
+        self, layers: Sequence[LayerInfo], sites: Sequence[SiteInfo], window: int, max_queue: int
+    ) -> None:
+        """`layers`, `sites`: the monitor's tables (the site table is final by the first `submit`)."""
+        self._layers, self._sites, self._window = layers, sites, window
+        self.pending: deque[Pending] = deque(maxlen=max_queue)
+        self._thermometer: Thermometer | None = None
+        self.submitted = 0
+        self.dropped = 0
+
+    def submit(self, item: Pending) -> None:
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1
+        self.pending.append(item)
+        self.submitted += 1
+
+    def latest(self) -> Reading | None:
+        """Derive what waits; the newest reading (None before the first sample)."""
+        if self.pending and self._thermometer is None:
+            self._thermometer = Thermometer(list(self._layers), list(self._sites), window=self._window)
+        while self.pending:
+            self._thermometer.update(self.pending.popleft().to_sample())  # type: ignore[union-attr]
+        return None if self._thermometer is None else self._thermometer.latest
+
+    @property
+    def thermometer(self) -> Thermometer | None:
+        """The thermometer `latest` feeds (None before the first sample is derived)."""
+        return self._thermometer
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return True
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """True unless steps were dropped before a `latest()` came for them."""
+        return self.dropped == 0
