@@ -36,18 +36,6 @@ def acks_until(stream: OpenStream, seq: int) -> list[pb.Ack]:
     return acks
 
 
-def last_acks(stream: OpenStream) -> list[pb.Ack]:
-    """The acks of a half-closed stream, to the call's end."""
-    acks = []
-    while True:
-        try:
-            reply = stream.reply(timeout=60)
-        except EOFError:
-            return acks
-        if reply.HasField("ack"):
-            acks.append(reply.ack)
-
-
 @contextlib.contextmanager
 def aggregator(collector: Collector, ranks: int) -> Iterator[str]:
     """`thermoscope aggregator` for `ranks` ranks, as its own process: its loopback address."""
@@ -102,7 +90,7 @@ def test_ranks_through_aggregators_read_what_they_read_streaming_flat_and_get_th
         s.close()
     for s in through.values():
         s.send(None)  # half-close: the node's ranks are done
-    finals = [last_acks(s)[-1] for s in through.values()]  # the collector made the node durable
+    finals = [s.acks_to_the_end()[-1] for s in through.values()]  # the collector made the node durable
     assert [(ack.seq, ack.durable) for ack in finals] == [(STEPS, STEPS)] * WORLD
 
 

@@ -145,18 +145,6 @@ def next_ack(stream: OpenStream) -> tuple[int, int]:
     return reply.ack.seq, reply.ack.durable
 
 
-def to_the_end(stream: OpenStream) -> list[pb.Ack]:
-    """The acks a rank's stream gets until its call ends."""
-    acks = []
-    while True:
-        try:
-            reply = stream.reply(timeout=60)
-        except EOFError:
-            return acks
-        if reply.HasField("ack"):
-            acks.append(reply.ack)
-
-
 def settled(acks: list[pb.Ack]) -> list[tuple[int, int]]:
     """The acks that say something: (seq, durable) of those above 0."""
     return [(a.seq, a.durable) for a in acks if a.seq or a.durable]
@@ -232,13 +220,13 @@ def test_a_rank_reconnecting_after_its_collector_refused_the_node_is_told_nothin
             for step in range(17):
                 r0.send(frame(step + 1, step))
             r1 = OpenStream(target, hello(JOB, rank=1, world_size=2))  # the node is whole: refused
-            assert [settled(to_the_end(s)) for s in (r0, r1)] == [[], []]
+            assert [settled(s.acks_to_the_end()) for s in (r0, r1)] == [[], []]
             for s in (r0, r1):
                 s.cancel()
             r0 = OpenStream(target, hello(JOB, rank=0, world_size=2))
             r0.send(frame(18, 17))
             r0.send(None)  # half-close: the rank is done
-            assert settled(to_the_end(r0)) == []
+            assert settled(r0.acks_to_the_end()) == []
         assert c.telemetry.rejected["unauthenticated"] >= 1
         assert JOB not in c.snapshot()
 
@@ -257,7 +245,7 @@ def test_a_node_stream_that_breaks_before_durable_ends_the_ranks_calls_and_the_n
         up.ack(1, 0)
         assert [next_ack(s) for s in ranks] == [(1, 0), (1, 0)]
         up.end(grpc.StatusCode.UNAVAILABLE, "the collector is going away")
-        assert [settled(to_the_end(s)) for s in ranks] == [[], []]  # never durable
+        assert [settled(s.acks_to_the_end()) for s in ranks] == [[], []]  # never durable
         for s in ranks:
             s.cancel()
         ranks = node_of_two(target)  # they reconnect and replay frame 1 from their spools

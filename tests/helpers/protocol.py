@@ -97,6 +97,17 @@ class OpenStream:
             raise EOFError("the call has ended")
         return item
 
+    def acks_to_the_end(self, timeout: float = 60.0) -> list[pb.Ack]:
+        """The acks this stream gets until its call ends (configs skipped)."""
+        acks = []
+        while True:
+            try:
+                reply = self.reply(timeout=timeout)
+            except EOFError:
+                return acks
+            if reply.HasField("ack"):
+                acks.append(reply.ack)
+
     def ack(self, msg: pb.AgentMessage) -> int:
         """Send a frame and return the sequence number the collector acknowledged."""
         self.send(msg)
