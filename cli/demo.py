@@ -32,7 +32,7 @@ from torch import nn
 
 from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import Event
+from thermoscope.collector.state.store import Event
 from thermoscope.science.derive import Reading
 
 JOB = "demo"

@@ -14,7 +14,7 @@ from thermoscope.collector.credentials import AuthConfigError
 from thermoscope.collector.security import InsecureError
 from thermoscope.collector.service import Collector, ListenError
 from thermoscope.collector.settings import DEFAULTS
-from thermoscope.collector.store import StoreError
+from thermoscope.collector.state.store import StoreError
 from thermoscope.science.theory import INITS, LOSSES, ProblemError
 from thermoscope.wire.contract import split_address
 

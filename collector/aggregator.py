@@ -46,9 +46,9 @@ from thermoscope.wire.contract import SERVICE, is_loopback, split_address
 
 from . import aggregate
 from .aggregate import Table
-from .pipeline import MAX_PENDING_STEPS
-from .refusal import BadBytes
-from .server import deserializer
+from .ingest.refusal import BadBytes
+from .ingest.server import deserializer
+from .state.pipeline import MAX_PENDING_STEPS
 
 log = logging.getLogger("thermoscope.aggregator")
 

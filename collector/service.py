@@ -29,12 +29,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from thermoscope.science.derive import Reading
 from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
-from .export import MetricsExporter, metrics_app
-from .job import Job, Stream
+from .exposition.export import MetricsExporter, metrics_app
+from .ingest.server import Telemetry
 from .security import Security
-from .server import Telemetry
 from .settings import DEFAULTS, Limits
-from .store import EventStore
+from .state.job import Job
+from .state.store import EventStore
+from .state.stream import Stream
 
 log = logging.getLogger("thermoscope.collector")
 

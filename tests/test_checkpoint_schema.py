@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 
-from thermoscope.collector import checkpoint, schema
-from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state import checkpoint, schema
+from thermoscope.collector.state.checkpoint import values_of
+from thermoscope.collector.state.store import EventStore
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.wire import codec

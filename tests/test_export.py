@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from thermoscope.collector.export import CONTENT_TYPE, MetricsExporter
-from thermoscope.collector.job import Job
+from thermoscope.collector.exposition.export import CONTENT_TYPE, MetricsExporter
+from thermoscope.collector.state.job import Job
 from thermoscope.wire.contract import VERSION
 
 from helpers import golden

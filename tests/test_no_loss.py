@@ -14,9 +14,9 @@ from torch import nn
 
 from thermoscope.agent import Monitor
 from thermoscope.agent.spool import MAGIC, Spool
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire import codec
 
 from helpers.metrics import scrape, value

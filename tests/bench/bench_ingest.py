@@ -43,12 +43,13 @@ import numpy as np
 
 from thermoscope.cli import raw_protocol
 from thermoscope.cli.loadgen_agents import NUMEL, RUN
-from thermoscope.collector import schema
-from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.merge import MergePlans, merge_step
-from thermoscope.collector.server import Telemetry
 from thermoscope.collector.settings import DEFAULTS
+from thermoscope.collector.state import schema
+from thermoscope.collector.state.checkpoint import values_of
+from thermoscope.collector.state.job import Job
+from thermoscope.collector.state.stream import Stream
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerStats, Sample

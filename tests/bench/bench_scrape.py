@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from thermoscope.collector.export import MetricsExporter
-from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.exposition.export import MetricsExporter
 from thermoscope.collector.settings import DEFAULTS
+from thermoscope.collector.state.job import Job
+from thermoscope.collector.state.stream import Stream
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.wire.contract import VERSION
 

@@ -22,7 +22,7 @@ import tracemalloc
 import numpy as np
 from bench_ingest import tables
 
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.science.stats import LayerStats, Sample, SiteStats
 
 

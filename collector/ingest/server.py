@@ -29,13 +29,14 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 
-from . import aggregate
-from .checkpoint import Checkpointer
-from .job import Job, Stream
+from .. import aggregate
+from ..settings import DEFAULTS, Limits
+from ..state.checkpoint import Checkpointer
+from ..state.job import Job
+from ..state.runs import Runs
+from ..state.store import EventStore
+from ..state.stream import Stream
 from .refusal import BadBytes
-from .runs import Runs
-from .settings import DEFAULTS, Limits
-from .store import EventStore
 
 log = logging.getLogger("thermoscope.collector")
 

@@ -63,9 +63,9 @@ from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PHASES, TRANSITIONS
 from thermoscope.science.physics import CONFIDENCE
 
-from .job import Job, Liveness
-from .pipeline import Phases
-from .settings import DEFAULTS
+from ..settings import DEFAULTS
+from ..state.job import Job, Liveness
+from ..state.pipeline import Phases
 
 #: The series the layers (sites) of a job beyond `max_series` are folded into.
 OTHER = "__other__"
