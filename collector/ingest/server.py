@@ -30,7 +30,7 @@ from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 
 from .. import aggregate
-from ..settings import DEFAULTS, Limits
+from ..settings import DEFAULTS, CollectorSettings
 from ..state.checkpoint import Checkpointer
 from ..state.job import Job
 from ..state.runs import Runs
@@ -197,32 +197,27 @@ class Telemetry:
     def __init__(
         self,
         jobs: dict[str, Job],
+        settings: CollectorSettings = DEFAULTS,
         *,
-        window: int = DEFAULTS.window,
-        every: int = DEFAULTS.every,
         store: EventStore | None = None,
-        stale_after: float = DEFAULTS.stale_after,
         active: bool = True,
-        limits: Limits | None = None,
         on_reading: Callable[[str, Reading], None] | None = None,
     ) -> None:
-        """`stale_after`: seconds of silence after which an open stream's rank is stale;
+        """`settings`: the collector's; the servicer reads the interval it asks agents for
+        (`every`), the bounds on input (`limits`) and, for each job it opens, the window and
+        `stale_after` (seconds of silence after which an open stream's rank is stale);
         `active`: whether jobs stream by default (False: every job paused until attached);
-        `limits`: bounds on input (`Limits`; None: its defaults); `on_reading`: called with
-        (job_id, reading) at each merged step, on the event loop (keep it short)."""
-        if not stale_after > 0:
-            raise ValueError(f"stale_after must be positive, got {stale_after}")
+        `on_reading`: called with (job_id, reading) at each merged step, on the event loop (keep
+        it short)."""
         self.jobs = jobs  # job id -> its current run: what /metrics and snapshots show
         self.store = store
-        self.window = window
-        self.every = every
-        self.stale_after = stale_after
+        self.settings = settings
         self.default_active = active
         self.overrides: dict[str, bool] = {}  # per-job admission, over the default
         if store is not None:  # what a collector before on this database was told (store.py)
             default, self.overrides = store.load_admission()
             self.default_active = active if default is None else default
-        self.limits = limits or Limits()
+        self.limits = settings.limits
         self.runs = Runs(jobs, self.limits, durable=store is not None)  # every run held
         self.on_reading = on_reading
         self.rejected: Counter[str] = Counter()
@@ -289,7 +284,9 @@ class Telemetry:
     def _config(self, job_id: str) -> pb.CollectorMessage:
         return pb.CollectorMessage(
             config=pb.Config(
-                every=self.every, paused=not self.active(job_id), max_frame_rate=self.limits.max_frame_rate
+                every=self.settings.every,
+                paused=not self.active(job_id),
+                max_frame_rate=self.limits.max_frame_rate,
             )
         )
 
@@ -512,11 +509,11 @@ class Telemetry:
             self.runs.check_room(hello.job_id, tenant)
             job = Job(
                 hello.job_id,
-                window=self.window,
+                window=self.settings.window,
                 run_id=hello.run_id,
                 on_reading=self.on_reading,
                 history_due=None if self.store is None else self.store.due,
-                stale_after=self.stale_after,
+                stale_after=self.settings.stale_after,
                 paused=not self.active(hello.job_id),
             )
             self.checkpointer.resume(job)
@@ -529,7 +526,6 @@ class Telemetry:
             host=hello.host,
             local_rank=hello.local_rank,
             node=hello.node,
-            every=hello.every,
             layers=layers,
             sites=sites,
             bins=hello.histogram_bins,

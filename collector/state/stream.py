@@ -20,7 +20,6 @@ class Stream:
     host: str
     local_rank: int
     node: str
-    every: int
     layers: list[LayerInfo]
     sites: list[SiteInfo]
     bins: int

@@ -70,7 +70,6 @@ def build_jobs(n_jobs: int, layers: int, sites: int, ranks: int, steps: int) -> 
                 host="bench",
                 local_rank=r,
                 node="",
-                every=1,
                 layers=table,
                 sites=site_table,
                 bins=BINS,

@@ -62,7 +62,6 @@ def open_stream(job: Job, rank: int, world_size: int = 2) -> Stream:
         host="h",
         local_rank=rank,
         node="",
-        every=1,
         layers=layer_table(2),
         sites=[SiteInfo("s", "ReLU")],
         bins=8,
