@@ -12,7 +12,7 @@ import math
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from thermoscope.collector.exposition.export import LAYER_GAUGES
+from thermoscope.collector.exposition.catalogue import LAYER_GAUGES
 from thermoscope.collector.state.job import Job
 from thermoscope.collector.state.stream import Stream
 from thermoscope.science.derive import Reading
