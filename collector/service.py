@@ -108,7 +108,7 @@ class Collector:
             VERSION,
             settings.phase_layers,
             max_series=settings.max_series_per_job,
-            nonfinite=self.telemetry.nonfinite,
+            nonfinite=self.telemetry.nonfinite.counts,
             extra=process,
         )
         self.grpc_port: int | None = None

@@ -281,7 +281,7 @@ def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_n
     store = EventStore(tmp_path / "e.db", history_interval=0)
     telemetry = Telemetry({}, store=store)
     for job in ("a", "b"):
-        run, s = telemetry._open(hello(job).hello, tenant="")
+        run, s = telemetry.intake.open(hello(job).hello, tenant="")
         for seq in (1, 2, 3):
             s.last_seq = seq
             msg = frame(seq, seq - 1).frame

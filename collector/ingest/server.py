@@ -6,9 +6,9 @@ and changes no state; every other stream carries on. Size and decoding are check
 request deserializer, before protobuf parses anything, so an oversized or garbled message
 costs only its bytes.
 
-The collector also decides which jobs stream at all (`Telemetry.admit`: attach/detach): a
-change reaches every open stream of the job at once as a `Config{paused}`, and a new stream
-gets the job's state in the `Config` that answers its hello.
+The collector also decides which jobs stream at all (`Telemetry.admit`, admission.py:
+attach/detach): a change reaches every open stream of the job at once as a `Config{paused}`,
+and a new stream gets the job's state in the `Config` that answers its hello.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from ..state.job import Job
 from ..state.runs import Runs
 from ..state.store import EventStore
 from ..state.stream import Stream
+from .admission import Admission
+from .intake import Intake
+from .nonfinite import NonFinite
 from .refusal import BadBytes
 
 log = logging.getLogger("thermoscope.collector")
@@ -188,7 +191,9 @@ class _Session:
 class Telemetry:
     """The servicer: hello, then frames; acks the accepted frames, cumulatively (with a store, also
     saying how far the stream's frames are durable: `checkpoint.Checkpointer`); pushes admission
-    changes.
+    changes. What a hello joins is `Intake`'s (intake.py), which jobs stream `Admission`'s
+    (admission.py), the unusable values counted `NonFinite`'s (nonfinite.py): this class handles
+    the calls.
 
     All its state lives on the server's event loop; other threads go through
     `Collector.attach` / `detach` / `snapshot`, which hop onto the loop.
@@ -212,19 +217,23 @@ class Telemetry:
         self.jobs = jobs  # job id -> its current run: what /metrics and snapshots show
         self.store = store
         self.settings = settings
-        self.default_active = active
-        self.overrides: dict[str, bool] = {}  # per-job admission, over the default
-        if store is not None:  # what a collector before on this database was told (store.py)
-            default, self.overrides = store.load_admission()
-            self.default_active = active if default is None else default
         self.limits = settings.limits
+        self.admission = Admission(active, store)  # attach/detach
         self.runs = Runs(jobs, self.limits, durable=store is not None)  # every run held
-        self.on_reading = on_reading
+        self.checkpointer = Checkpointer(self.runs.held, store)  # makes the runs durable in `store`
+        self.nonfinite = NonFinite()  # unusable values received, by (job, what)
+        self.intake = Intake(
+            settings,
+            self.runs,
+            self.checkpointer,
+            self.admission,
+            self.nonfinite,
+            store=store,
+            on_reading=on_reading,
+        )
         self.rejected: Counter[str] = Counter()
-        self.nonfinite: Counter[tuple[str, str]] = Counter()  # (job, what): unusable values received
         self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
-        self.checkpointer = Checkpointer(self.runs.held, store)  # makes the runs durable in `store`
 
     # -- graceful shutdown ------------------------------------------------------------------------
 
@@ -256,25 +265,14 @@ class Telemetry:
 
     def active(self, job_id: str) -> bool:
         """Whether the job's agents should stream (not paused)."""
-        return self.overrides.get(job_id, self.default_active)
+        return self.admission.active(job_id)
 
     def admit(self, job_id: str | None, active: bool) -> None:
         """attach (`active`) or detach one job, or every job (None: set the default, drop the
         per-job choices). Every open stream of a job whose state changes is told at once.
         Call on the event loop's thread."""
-        watched = set(self.jobs) | set(self._sessions)
-        before = {j: self.active(j) for j in watched}
-        if job_id is None:
-            self.default_active = active
-            self.overrides.clear()
-        else:
-            self.overrides[job_id] = active
-        if self.store is not None:  # kept for a restarted collector, from the next checkpoint
-            self.store.save_admission(active if job_id is None else None, self.overrides)
         now = time.monotonic()
-        for j in watched:
-            if self.active(j) == before[j]:
-                continue
+        for j in self.admission.set(job_id, active, set(self.jobs) | set(self._sessions)):
             for run in self.runs.of(j):
                 run.set_paused(not self.active(j), now)
             for session in self._sessions.get(j, ()):
@@ -405,7 +403,7 @@ class Telemetry:
             if self.draining:
                 raise _Refused("", "the collector is shutting down", grpc.StatusCode.UNAVAILABLE)
             try:
-                session.job, stream = self._open(msg.hello, _tenant(context))
+                session.job, stream = self.intake.open(msg.hello, _tenant(context))
             except codec.WireError as exc:
                 raise _Refused(exc.reason, str(exc)) from None
             session.stream = stream
@@ -444,9 +442,9 @@ class Telemetry:
         except codec.WireError as exc:  # its tables no longer agree with what the job's ranks bound
             raise _Refused(exc.reason, str(exc)) from None
         if nonfinite:
-            self._count_nonfinite(stream, frame, nonfinite)
+            self.nonfinite.count(stream, frame.step, nonfinite)
         if self.jobs.get(stream.job_id) is not job:
-            self._gone(self.runs.follow(job))
+            self.nonfinite.forget(self.runs.follow(job))
 
     def _end(self, session: _Session) -> None:
         """The call is over (called from the handler and from the call's done callback)."""
@@ -463,7 +461,7 @@ class Telemetry:
                 del self._sessions[stream.job_id]
         clean = session.clean or self.draining
         session.job.close(stream, clean=clean)
-        self._gone(self.runs.forget_ended(stream.job_id))
+        self.nonfinite.forget(self.runs.forget_ended(stream.job_id))
         if not clean:
             log.warning(
                 "agent lost: job %s rank %d on %s (its stream ended abnormally)",
@@ -471,119 +469,6 @@ class Telemetry:
                 stream.rank,
                 stream.host,
             )
-
-    def _open(self, hello: pb.Hello, tenant: str) -> tuple[Job, Stream]:
-        """Register the agent of a valid hello with its job's run (raises WireError otherwise).
-
-        The cheap bounds come first (counts, ranks, names), so an absurd hello is refused
-        before anything walks its tables."""
-        limits = self.limits
-        for table, n in (("layers", len(hello.layers)), ("sites", len(hello.sites))):
-            if n > limits.max_layers:
-                raise codec.WireError(
-                    "too_many_layers", f"a hello of {n} {table}; the limit is {limits.max_layers}"
-                )
-        if hello.world_size > limits.max_ranks:
-            raise codec.WireError(
-                "too_many_ranks", f"a world of {hello.world_size} ranks; the limit is {limits.max_ranks}"
-            )
-        self._check_names(hello)
-        node_ranks, spans = (), ()
-        if hello.ranks:  # a node aggregator's stream: its ranks and its table's runs of shards
-            node_ranks, table = aggregate.decode_node_hello(hello)
-            layers, sites, spans = list(table.layers), list(table.sites), table.spans
-        else:
-            layers, sites = codec.decode_hello(hello)
-        job = self.runs.get((hello.job_id, hello.run_id))
-        for table, names, known in (
-            ("layers", {layer.name for layer in layers}, job.layers if job else {}),
-            ("sites", {site.name for site in sites}, job.sites if job else {}),
-        ):
-            total = len(names | known.keys())
-            if total > limits.max_layers:
-                raise codec.WireError(
-                    "too_many_layers",
-                    f"job {hello.job_id!r} would have {total} {table}; the limit is {limits.max_layers}",
-                )
-        if job is None:
-            self.runs.check_room(hello.job_id, tenant)
-            job = Job(
-                hello.job_id,
-                window=self.settings.window,
-                run_id=hello.run_id,
-                on_reading=self.on_reading,
-                history_due=None if self.store is None else self.store.due,
-                stale_after=self.settings.stale_after,
-                paused=not self.active(hello.job_id),
-            )
-            self.checkpointer.resume(job)
-            self._gone(self.runs.hold(job, tenant))
-        stream = Stream(
-            job_id=hello.job_id,
-            run_id=hello.run_id,
-            rank=hello.rank,
-            world_size=hello.world_size,
-            host=hello.host,
-            local_rank=hello.local_rank,
-            node=hello.node,
-            layers=layers,
-            sites=sites,
-            bins=hello.histogram_bins,
-            ranks=node_ranks,
-            spans=spans,
-        )
-        job.open(stream)
-        log.info(
-            "agent joined: job %s run %s rank %d/%d on %s",
-            hello.job_id,
-            hello.run_id,
-            hello.rank,
-            hello.world_size,
-            hello.host,
-        )
-        return job, stream
-
-    def _gone(self, job_ids: list[str]) -> None:
-        """Jobs whose last held run was let go leave with their counts of non-finite values."""
-        for job_id in job_ids:
-            for counted in [k for k in self.nonfinite if k[0] == job_id]:
-                del self.nonfinite[counted]
-
-    def _check_names(self, hello: pb.Hello) -> None:
-        """Every name a hello carries is at most `max_name_length` characters (WireError)."""
-        limit = self.limits.max_name_length
-        fields = ("job_id", "run_id", "host", "agent_version", "node")
-        named = [(f, getattr(hello, f)) for f in fields]
-        for i, layer in enumerate(hello.layers):  # (the common case: one pass, no labels built)
-            name, dtype = layer.name, layer.dtype
-            if len(name) > limit or len(dtype) > limit:
-                named += [(f"layer {i}", name), (f"layer {i} dtype", dtype)]
-        for i, site in enumerate(hello.sites):
-            name, kind = site.name, site.kind
-            if len(name) > limit or len(kind) > limit:
-                named += [(f"site {i}", name), (f"site {i} kind", kind)]
-        for what, name in named:
-            if len(name) > limit:
-                raise codec.WireError(
-                    "name_too_long", f"{what}: a name of {len(name)} characters; the limit is {limit}"
-                )
-
-    def _count_nonfinite(self, stream: Stream, frame: pb.Frame, counts: dict[str, int]) -> None:
-        """Count the unusable values of an accepted frame (NaN/Inf; a wall time no clock could
-        read: `codec.decode`); log the first of each kind per job."""
-        for what, n in counts.items():
-            key = (stream.job_id, what)
-            if key not in self.nonfinite:
-                log.warning(
-                    "job %s rank %d: %d unusable (NaN/Inf or implausible) %s value(s) at step %d"
-                    " (counted, not merged; logged once)",
-                    stream.job_id,
-                    stream.rank,
-                    n,
-                    what,
-                    frame.step,
-                )
-            self.nonfinite[key] += n
 
     async def _reject(self, context: grpc.aio.ServicerContext, refused: _Refused) -> None:
         """End the call with the refusal's status (raises); count and log it if it has a reason."""

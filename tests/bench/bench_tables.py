@@ -50,7 +50,7 @@ def measure(ranks: int, layers: int, layout: str) -> tuple[float, float]:
     base = held()
     streams = []
     for h in hellos:
-        job, stream = telemetry._open(h, tenant="")
+        job, stream = telemetry.intake.open(h, tenant="")
         stream.last_seq = 1
         job.accept(stream, frame)
         streams.append((job, stream))
