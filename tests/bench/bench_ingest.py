@@ -110,7 +110,7 @@ def frames(args: argparse.Namespace) -> list[list[bytes]]:
 
 
 def new_job(hellos: list[pb.Hello]) -> tuple[Job, list[Stream]]:
-    """A job with one open stream per rank, opened by the servicer's own `_open`."""
+    """A job with one open stream per rank, opened by the servicer's own `Intake.open`."""
     telemetry = Telemetry({})  # the default window: WINDOW
     streams = [telemetry.intake.open(h, tenant="")[1] for h in hellos]
     return telemetry.jobs["bench"], streams

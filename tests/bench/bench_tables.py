@@ -5,7 +5,7 @@ Run it as a script (pytest does not collect it):
     python tests/bench/bench_tables.py                       # 100 ranks x 10,000 layers, both layouts
     python tests/bench/bench_tables.py --ranks 20 --layers 2000
 
-Each rank says hello through the servicer's own `Telemetry._open` (as a gRPC stream would) and
+Each rank says hello through the servicer's own `Intake.open` (as a gRPC stream would) and
 sends one frame through `Job.accept` (its tables bind then); then every stream ends. The Python
 heap the collector holds (`tracemalloc`, after a garbage collection) is measured before the
 hellos, while all ranks stream, and once all have ended: `replica` is data parallel (every rank
