@@ -17,9 +17,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -35,32 +34,13 @@ from ..state.checkpoint import Checkpointer
 from ..state.job import Job
 from ..state.runs import Runs
 from ..state.store import EventStore
-from ..state.stream import Stream
 from .admission import Admission
+from .call import END, PUSH, READ_AHEAD, Bucket, ReadFailed, Refused, Session
 from .intake import Intake
 from .nonfinite import NonFinite
 from .refusal import BadBytes
 
 log = logging.getLogger("thermoscope.collector")
-
-
-_STATUS = {
-    "unknown_stream": grpc.StatusCode.FAILED_PRECONDITION,
-    "forbidden_job": grpc.StatusCode.PERMISSION_DENIED,  # a token bound to other jobs (grpc_auth.py)
-    "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
-    "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
-    "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
-    "state_unreadable": grpc.StatusCode.FAILED_PRECONDITION,  # its run's stored state (checkpoint.py)
-    "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "too_many_jobs": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "too_many_layers": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "too_many_ranks": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-#: Requests a stream reads ahead of the ones it has handled (then gRPC's flow control holds the agent).
-READ_AHEAD = 8
 
 
 def deserializer(max_bytes: int):
@@ -75,117 +55,6 @@ def deserializer(max_bytes: int):
             return BadBytes("undecodable", f"message is not a thermoscope.v1.AgentMessage: {exc}")
 
     return decode
-
-
-class _Bucket:
-    """Token bucket: `rate` tokens per second, holding at most one second's worth (at least 1)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(rate, 1.0)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
-@dataclass(frozen=True)
-class _ReadFailed:
-    """Reading the requests failed (the server is stopping): the handler re-raises it."""
-
-    error: Exception
-
-
-_END = object()  # the agent half-closed its requests
-_PUSH = object()  # the job's admission changed: tell the agent
-
-
-class _Inbox:
-    """A call's requests and markers in arrival order, for its one handler.
-
-    The reader waits (`room`) while more than `READ_AHEAD` requests are unhandled, so gRPC's
-    flow control still paces the agent; markers always go in. The handler takes one item
-    (`get`), then every request right behind it (`next_request`): what it reads together, it
-    acknowledges together. (A deque and two futures: `asyncio.Queue` and a semaphore cost
-    several Python calls per request, and cannot show the next item without taking it.)
-    """
-
-    def __init__(self) -> None:
-        self.items: deque = deque()
-        self.unhandled = 0  # requests put and not taken
-        self._taker: asyncio.Future | None = None  # the handler, waiting for an item
-        self._putter: asyncio.Future | None = None  # the reader, waiting for room
-
-    def put(self, item: object) -> None:
-        """A marker, or a request (then `room` before the next one)."""
-        self.items.append(item)
-        if item is not _PUSH and item is not _END and not isinstance(item, _ReadFailed):
-            self.unhandled += 1
-        if self._taker is not None:
-            self._taker.done() or self._taker.set_result(None)
-            self._taker = None
-
-    async def room(self) -> None:
-        while self.unhandled > READ_AHEAD:
-            self._putter = asyncio.get_running_loop().create_future()
-            await self._putter
-
-    async def get(self) -> object:
-        while not self.items:
-            self._taker = asyncio.get_running_loop().create_future()
-            await self._taker
-        return self._take()
-
-    def next_request(self) -> pb.AgentMessage | BadBytes | None:
-        """The next item if it is a request (taken), else None (left in place)."""
-        items = self.items
-        if not items or items[0] is _PUSH or items[0] is _END or isinstance(items[0], _ReadFailed):
-            return None
-        return self._take()
-
-    def _take(self) -> object:
-        item = self.items.popleft()
-        if item is not _PUSH and item is not _END and not isinstance(item, _ReadFailed):
-            self.unhandled -= 1
-            if self._putter is not None:
-                self._putter.done() or self._putter.set_result(None)
-                self._putter = None
-        return item
-
-
-class _Refused(Exception):
-    """A request the call refuses: the handler acknowledges what it accepted before, then ends
-    the call with the status (`reason`: counted as a rejection; "": not counted, e.g. draining)."""
-
-    def __init__(self, reason: str, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
-        self.code = code or _STATUS.get(reason, grpc.StatusCode.INVALID_ARGUMENT)
-
-
-@dataclass(eq=False)
-class _Session:
-    """One call: what its reader task, its handler and admission changes share."""
-
-    inbox: _Inbox = field(default_factory=_Inbox)  # requests, _PUSH, then _END
-    stream: Stream | None = None  # after a valid hello
-    job: Job | None = None  # the run its hello joined
-    bucket: _Bucket | None = None  # frames it may send (Limits.max_frame_rate), after the hello
-    pushing: bool = False  # a _PUSH is queued
-    clean: bool = False  # the agent half-closed, and our last reply reached it
-    ended: bool = False
-
-    def push(self) -> None:
-        if not self.pushing:
-            self.pushing = True
-            self.inbox.put(_PUSH)
 
 
 class Telemetry:
@@ -232,7 +101,7 @@ class Telemetry:
             on_reading=on_reading,
         )
         self.rejected: Counter[str] = Counter()
-        self._sessions: dict[str, set[_Session]] = {}  # by job: calls that sent a valid hello
+        self._sessions: dict[str, set[Session]] = {}  # by job: calls that sent a valid hello
         self.draining = False  # the collector is shutting down: see `drain`
 
     # -- graceful shutdown ------------------------------------------------------------------------
@@ -247,11 +116,11 @@ class Telemetry:
         self.draining = True
         for sessions in list(self._sessions.values()):
             for session in list(sessions):
-                session.inbox.put(_END)
+                session.inbox.put(END)
 
     # -- durability -------------------------------------------------------------------------------
 
-    def _ack(self, session: _Session, seq: int) -> pb.CollectorMessage:
+    def _ack(self, session: Session, seq: int) -> pb.CollectorMessage:
         if self.store is None:  # nothing persists: `durable` absent means "as far as `seq`"
             return pb.CollectorMessage(ack=pb.Ack(seq=seq))
         return pb.CollectorMessage(ack=pb.Ack(seq=seq, durable=session.job.durable(session.stream)))
@@ -293,11 +162,11 @@ class Telemetry:
     async def Stream(
         self, requests: AsyncIterator[pb.AgentMessage | BadBytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CollectorMessage]:
-        """One agent's call: a reader task feeds the session's `_Inbox`; this generator is its only writer.
+        """One agent's call: a reader task feeds the session's `Inbox`; this generator is its only writer.
 
         The replies must follow the requests (acks) and also admission changes, which happen
         while the agent sends nothing (a paused agent is silent). So a task reads the requests
-        into the session's inbox, `Telemetry.admit` puts a `_PUSH` marker in the same inbox,
+        into the session's inbox, `Telemetry.admit` puts a `PUSH` marker in the same inbox,
         and this generator, the call's one writer, takes both in order. Why not
         `context.write` from `admit`: grpc.aio allows "only one write operation
         simultaneously" per call, and the runtime writes whatever this generator yields, so
@@ -325,24 +194,24 @@ class Telemetry:
         written first: if the agent is gone the write fails, this generator is not resumed,
         and the end counts as abnormal; only a rank whose agent read it ended cleanly.
         """
-        session = _Session()
+        session = Session()
         inbox = session.inbox
         context.add_done_callback(lambda _: self._end(session))
         reader = asyncio.create_task(self._read(requests, session))
         try:
             while True:
                 item = await inbox.get()
-                if item is _PUSH:
+                if item is PUSH:
                     session.pushing = False
                     if session.stream is not None:
                         yield self._config(session.stream.job_id)
-                elif item is _END:
+                elif item is END:
                     if session.stream is not None:
                         await self.checkpointer.soon()  # the agent may be leaving: its frames go durable
                         yield self._ack(session, session.stream.last_seq)
                     session.clean = True
                     return
-                elif isinstance(item, _ReadFailed):
+                elif isinstance(item, ReadFailed):
                     raise item.error
                 else:
                     accepted = 0  # the last frame accepted and not acknowledged yet (0: none)
@@ -350,7 +219,7 @@ class Telemetry:
                     while item is not None:
                         try:
                             reply = self._handle(item, session, context)
-                        except _Refused as refused:
+                        except Refused as refused:
                             if accepted:
                                 yield self._ack(session, accepted)
                             await self._reject(context, refused)
@@ -374,24 +243,24 @@ class Telemetry:
             reader.cancel()
             self._end(session)
 
-    async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: _Session) -> None:
+    async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: Session) -> None:
         inbox = session.inbox
         try:
             async for msg in requests:
                 inbox.put(msg)
                 await inbox.room()
         except Exception as exc:  # handed to the handler, which raises it
-            inbox.put(_ReadFailed(exc))
+            inbox.put(ReadFailed(exc))
         else:
-            inbox.put(_END)
+            inbox.put(END)
 
     def _handle(
-        self, msg: pb.AgentMessage | BadBytes, session: _Session, context: grpc.aio.ServicerContext
+        self, msg: pb.AgentMessage | BadBytes, session: Session, context: grpc.aio.ServicerContext
     ) -> pb.CollectorMessage | None:
         """Take one request: the reply to a hello, None for an accepted frame (the caller
-        acknowledges it), or `_Refused`."""
+        acknowledges it), or `Refused`."""
         if isinstance(msg, BadBytes):
-            raise _Refused(msg.reason, msg.message)
+            raise Refused(msg.reason, msg.message)
         stream = session.stream
         kind = msg.WhichOneof("body")
         if kind == "frame":
@@ -399,26 +268,26 @@ class Telemetry:
             return None
         if kind == "hello":
             if stream is not None:
-                raise _Refused("duplicate_hello", "a stream sends one hello, first")
+                raise Refused("duplicate_hello", "a stream sends one hello, first")
             if self.draining:
-                raise _Refused("", "the collector is shutting down", grpc.StatusCode.UNAVAILABLE)
+                raise Refused("", "the collector is shutting down", grpc.StatusCode.UNAVAILABLE)
             try:
                 session.job, stream = self.intake.open(msg.hello, _tenant(context))
             except codec.WireError as exc:
-                raise _Refused(exc.reason, str(exc)) from None
+                raise Refused(exc.reason, str(exc)) from None
             session.stream = stream
-            session.bucket = _Bucket(self.limits.max_frame_rate)
+            session.bucket = Bucket(self.limits.max_frame_rate)
             self._sessions.setdefault(stream.job_id, set()).add(session)
             return self._config(stream.job_id)
-        raise _Refused("empty", "message carries neither hello nor frame")
+        raise Refused("empty", "message carries neither hello nor frame")
 
-    def _frame(self, frame: pb.Frame, session: _Session) -> None:
-        """Validate and apply one frame of the session's stream (`_Refused` otherwise)."""
+    def _frame(self, frame: pb.Frame, session: Session) -> None:
+        """Validate and apply one frame of the session's stream (`Refused` otherwise)."""
         stream = session.stream
         if stream is None:
-            raise _Refused("unknown_stream", "frame on a stream that sent no hello")
+            raise Refused("unknown_stream", "frame on a stream that sent no hello")
         if not session.bucket.take():
-            raise _Refused(
+            raise Refused(
                 "rate_limited", f"more than {self.limits.max_frame_rate:g} frames per second on this stream"
             )
         nonfinite: dict[str, int] = {}
@@ -432,21 +301,21 @@ class Telemetry:
             else:
                 sample = codec.decode(frame, len(stream.layers), len(stream.sites), stream.bins, nonfinite)
         except codec.WireError as exc:
-            raise _Refused(exc.reason, str(exc)) from None
+            raise Refused(exc.reason, str(exc)) from None
         if frame.seq <= stream.last_seq:
-            raise _Refused("sequence", f"frame seq {frame.seq} after seq {stream.last_seq}")
+            raise Refused("sequence", f"frame seq {frame.seq} after seq {stream.last_seq}")
         stream.last_seq = frame.seq
         job = session.job
         try:
             job.accept(stream, sample, energy_ranks, ranks)
         except codec.WireError as exc:  # its tables no longer agree with what the job's ranks bound
-            raise _Refused(exc.reason, str(exc)) from None
+            raise Refused(exc.reason, str(exc)) from None
         if nonfinite:
             self.nonfinite.count(stream, frame.step, nonfinite)
         if self.jobs.get(stream.job_id) is not job:
             self.nonfinite.forget(self.runs.follow(job))
 
-    def _end(self, session: _Session) -> None:
+    def _end(self, session: Session) -> None:
         """The call is over (called from the handler and from the call's done callback)."""
         if session.ended:
             return
@@ -470,7 +339,7 @@ class Telemetry:
                 stream.host,
             )
 
-    async def _reject(self, context: grpc.aio.ServicerContext, refused: _Refused) -> None:
+    async def _reject(self, context: grpc.aio.ServicerContext, refused: Refused) -> None:
         """End the call with the refusal's status (raises); count and log it if it has a reason."""
         if refused.reason:
             self.rejected[refused.reason] += 1
