@@ -32,7 +32,7 @@ from torch import nn
 
 from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import Event
+from thermoscope.collector.state.store import Event
 from thermoscope.science.derive import Reading
 
 JOB = "demo"
@@ -66,8 +66,9 @@ def student(dim: int = 32, hidden: int = 128) -> nn.Module:
 
 
 def run(
+    *,
+    every: int,
     steps: int = 1200,
-    every: int = 5,
     seed: int = 0,
     serve: bool = False,
     figure: str | None = None,
@@ -76,7 +77,8 @@ def run(
     console: Console | None = None,
     workers: int = 0,
 ) -> DemoResult:
-    """Train, stream, show; the data shift at `shift_at` (default: half way; 0: never).
+    """Train, stream, show; the data shift at `shift_at` (default: half way; 0: never). `every`:
+    the agent's sampling interval (its default is the `demo` verb's: `thermoscope.cli.main`).
 
     With `figure`, also draw the run's readings (see `plot.phase_figure`); events go to `db`,
     or to a temporary database that goes away with the demo. `workers` > 0 trains as a Ray

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.table import Table
 
-from thermoscope.collector.store import FIELDS, EventStore
+from thermoscope.collector.state.store import FIELDS, EventStore
 
 
 def since(text: str) -> float:

@@ -14,7 +14,7 @@ from thermoscope.collector.credentials import AuthConfigError
 from thermoscope.collector.security import InsecureError
 from thermoscope.collector.service import Collector, ListenError
 from thermoscope.collector.settings import DEFAULTS
-from thermoscope.collector.store import StoreError
+from thermoscope.collector.state.store import StoreError
 from thermoscope.science.theory import INITS, LOSSES, ProblemError
 from thermoscope.wire.contract import split_address
 
@@ -103,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
         "demo", help="train a small model with a live agent and collector, then show the readings"
     )
     d.add_argument("--steps", type=_positive, default=1200, help="training steps (default 1200)")
+    # the demo's one default: a short run samples more often than an agent does by default (10)
     d.add_argument("--every", type=_positive, default=5, help="sample one step in this many (default 5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--serve", action="store_true", help="keep serving /metrics after training until Ctrl-C")

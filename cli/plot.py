@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thermoscope.collector.store import Event, EventStore, History
+from thermoscope.collector.state.store import Event, EventStore, History
 from thermoscope.science.derive import Reading
 from thermoscope.wire.codec import WALL_TIME_AHEAD
 

@@ -11,8 +11,8 @@ import argparse
 import getpass
 
 from thermoscope.collector.credentials import AuthConfigError
-from thermoscope.collector.grpc_auth import MIN_TOKEN_CHARS
-from thermoscope.collector.passwords import hash_password
+from thermoscope.collector.exposition.passwords import hash_password
+from thermoscope.collector.ingest.grpc_auth import MIN_TOKEN_CHARS
 from thermoscope.collector.security import Security
 
 

@@ -41,8 +41,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE
 
 from .credentials import read_file
-from .grpc_auth import TokenTable, check_certificate_and_key, check_client_ca
-from .passwords import BasicAuthUsers
+from .exposition.passwords import BasicAuthUsers
+from .ingest.grpc_auth import TokenTable, check_certificate_and_key, check_client_ca
 from .security import Security, check_exposure
 from .service import Collector
 from .settings import DEFAULTS

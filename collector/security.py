@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 from thermoscope.wire.contract import is_loopback
 
 from .credentials import AuthConfigError
-from .grpc_auth import TokenInterceptor, TokenTable, server_credentials
-from .metrics_http import start_metrics_server
-from .passwords import BasicAuthUsers, PasswordCheck
+from .exposition.metrics_http import start_metrics_server
+from .exposition.passwords import BasicAuthUsers, PasswordCheck
+from .ingest.grpc_auth import TokenInterceptor, TokenTable, server_credentials
 
 
 class InsecureError(ValueError):

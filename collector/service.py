@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -29,12 +28,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from thermoscope.science.derive import Reading
 from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
-from .export import MetricsExporter, metrics_app
-from .job import Job, Stream
+from .exposition.export import MetricsExporter, metrics_app
+from .ingest.server import Telemetry
 from .security import Security
-from .server import Telemetry
-from .settings import DEFAULTS, Limits
-from .store import EventStore
+from .settings import DEFAULTS, CollectorSettings
+from .state.job import Job
+from .state.store import EventStore
+from .state.stream import Stream
 
 log = logging.getLogger("thermoscope.collector")
 
@@ -57,68 +57,45 @@ class Collector:
 
     def __init__(
         self,
-        grpc_address: str = DEFAULTS.grpc,
-        metrics_address: str = DEFAULTS.metrics,
+        grpc_address: str | None = None,
+        metrics_address: str | None = None,
         *,
-        window: int = DEFAULTS.window,
-        every: int = DEFAULTS.every,
-        max_message_bytes: int = DEFAULTS.max_message_bytes,
-        db: str | Path | None = DEFAULTS.db,
-        phase_layers: int = DEFAULTS.phase_layers,
-        stale_after: float = DEFAULTS.stale_after,
+        settings: CollectorSettings = DEFAULTS,
         active: bool = True,
         security: Security | None = None,
-        history_interval: float = DEFAULTS.history_interval,
-        checkpoint_interval: float = DEFAULTS.checkpoint_interval,
-        max_layers: int = DEFAULTS.limits.max_layers,
-        max_name_length: int = DEFAULTS.limits.max_name_length,
-        max_jobs: int = DEFAULTS.limits.max_jobs,
-        max_series_per_job: int = DEFAULTS.max_series_per_job,
-        max_frame_rate: float = DEFAULTS.limits.max_frame_rate,
-        max_ranks: int = DEFAULTS.limits.max_ranks,
-        max_jobs_per_token: int = DEFAULTS.limits.max_jobs_per_token,
         on_reading: Callable[[str, Reading], None] | None = None,
+        **flat: Any,
     ) -> None:
-        """`db`: the SQLite file of phase events (None: keep none); `phase_layers`: how many
-        layers per job get a `thermoscope_phase` state-set (a bound on series per job);
-        `stale_after`: seconds an open stream may stay silent (its job not paused) before its
-        rank is stale; `active`: False starts with every job paused (`attach(job)` picks the
-        ones to watch); `history_interval`: the least seconds between two rows of a job's
-        history in `db` (what `thermoscope plot` draws; 0: every merged sample);
-        `checkpoint_interval`: seconds between two checkpoints of the jobs' state to `db` (see
-        `checkpoint.Checkpointer`): with agents' spools, a kill -9 of the collector loses and
-        double-counts nothing; events and history rows commit at each checkpoint.
+        """`settings`: what `thermoscope collector`'s flags set (`settings.CollectorSettings`:
+        addresses, window, limits, database, intervals); the addresses given first and the flat
+        keywords of those flags (`window=`, `db=`, `max_jobs=`, ...) change them
+        (`CollectorSettings.with_flat`), so `Collector(grpc, metrics, db=None)` keeps working.
+        `active`: False starts with every job paused (`attach(job)` picks the ones to watch);
+        `security`: tokens, TLS, basic auth (`security.Security`); `on_reading`: told
+        (job_id, reading) at each merged step, on the collector's event loop.
 
-        Limits on input (each refusal ends the stream with its gRPC status and is counted in
-        `thermoscope_frames_rejected_total{reason}`): `max_layers` layers (and sites) per job,
-        `max_name_length` characters per name, `max_jobs` runs held (and `max_jobs_per_token`
-        per token), `max_frame_rate` frames per second per agent, `max_ranks` ranks per job
-        (see `settings.Limits`); `max_series_per_job`: layer (and site) series
-        per job and metric in /metrics, the excess folded into one `__other__` series and
-        counted in `thermoscope_layers_folded{job_id}` (see `export`). `on_reading`: told
-        (job_id, reading) at each merged step, on the collector's event loop."""
-        if not checkpoint_interval > 0:
-            raise ValueError(f"checkpoint_interval must be positive, got {checkpoint_interval}")
-        self.checkpoint_interval = checkpoint_interval
-        self.grpc_address = grpc_address
-        self.metrics_address = metrics_address
+        With a database, `checkpoint_interval` seconds pass between two checkpoints of the jobs'
+        state (see `state.checkpoint.Checkpointer`): with agents' spools, a kill -9 of the
+        collector loses and double-counts nothing; events and history rows commit at each
+        checkpoint. Each refusal of input ends the stream with its gRPC status and is counted in
+        `thermoscope_frames_rejected_total{reason}` (see `settings.Limits`); layer (and site)
+        series beyond `max_series_per_job` are folded into one `__other__` series, counted in
+        `thermoscope_layers_folded{job_id}` (see `exposition.export`)."""
+        addresses = {"grpc": grpc_address, "metrics": metrics_address}
+        settings = settings.with_flat(**{k: v for k, v in addresses.items() if v is not None}, **flat)
+        self.settings = settings
+        self.grpc_address, self.metrics_address = settings.grpc, settings.metrics
         # tokens, TLS, basic auth (`security.Security`): exposure checked and files read here, first
         self.security = security or Security()
-        self._guard = self.security.load(split_address(grpc_address)[0], split_address(metrics_address)[0])
-        self.max_message_bytes = max_message_bytes
+        self._guard = self.security.load(split_address(settings.grpc)[0], split_address(settings.metrics)[0])
         self.jobs: dict[str, Job] = {}
-        self.store = EventStore(db, history_interval=history_interval) if db is not None else None
+        self.store = (
+            EventStore(settings.db, history_interval=settings.history_interval)
+            if settings.db is not None
+            else None
+        )
         self.telemetry = Telemetry(
-            self.jobs,
-            window=window,
-            every=every,
-            store=self.store,
-            stale_after=stale_after,
-            active=active,
-            limits=Limits(
-                max_layers, max_name_length, max_jobs, max_frame_rate, max_ranks, max_jobs_per_token
-            ),
-            on_reading=on_reading,
+            self.jobs, settings, store=self.store, active=active, on_reading=on_reading
         )
         # process_* metrics (CPU, memory, fds), rendered by prometheus_client; described at
         # registration so that `name[]` collects them only when it names one
@@ -129,9 +106,9 @@ class Collector:
             self.jobs,
             self.telemetry.rejected,
             VERSION,
-            phase_layers,
-            max_series=max_series_per_job,
-            nonfinite=self.telemetry.nonfinite,
+            settings.phase_layers,
+            max_series=settings.max_series_per_job,
+            nonfinite=self.telemetry.nonfinite.counts,
             extra=process,
         )
         self.grpc_port: int | None = None
@@ -157,7 +134,7 @@ class Collector:
         server = grpc.aio.server(
             interceptors=self._guard.interceptors(self.telemetry.rejected),
             options=[
-                ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.max_message_bytes),
+                ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # agents ping every 30 s (agent/link.py) to keep an idle stream, e.g. a paused job's, open;
                 # grpc's default (no more than one ping per 5 min without data) ends such a stream
@@ -165,7 +142,7 @@ class Collector:
                 ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
             ],
         )
-        server.add_generic_rpc_handlers((self.telemetry.handler(self.max_message_bytes),))
+        server.add_generic_rpc_handlers((self.telemetry.handler(self.settings.max_message_bytes),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
@@ -189,7 +166,7 @@ class Collector:
         self._server = server
         if self.store is not None:
             self.telemetry.checkpointer.on_failing = self._set_serving_by_checkpoints
-            checkpoints = self.telemetry.checkpointer.every(self.checkpoint_interval)
+            checkpoints = self.telemetry.checkpointer.every(self.settings.checkpoint_interval)
             self._checkpoints = asyncio.create_task(checkpoints)
         await self._set_serving_by_checkpoints(False)
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)

@@ -13,8 +13,9 @@ once at import.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from thermoscope.science.derive import WINDOW
 from thermoscope.wire.contract import DEFAULT_GRPC, DEFAULT_METRICS, split_address
@@ -72,25 +73,44 @@ class CollectorSettings:
     accepted message; `limits`: bounds on input (`Limits`); `max_series_per_job`: layer (site)
     series per job and metric in /metrics, the rest folded into `__other__`; `phase_layers`:
     layers per job with a phase state-set; `db`: the SQLite file of events, history and
-    checkpoints; `history_interval`: least seconds between two history rows of a job (0: every
-    merged sample); `checkpoint_interval`: seconds between two checkpoints; `sd_file`: the Ray
-    actor's Prometheus file-SD JSON; `actor_timeout`: seconds to wait for the Ray actor to answer.
+    checkpoints (None: keep none); `history_interval`: least seconds between two history rows of
+    a job (0: every merged sample); `checkpoint_interval`: seconds between two checkpoints;
+    `sd_file`: the Ray actor's Prometheus file-SD JSON; `actor_timeout`: seconds to wait for the
+    Ray actor to answer.
+
+    `Collector` takes one (`settings=`), or the flat keywords of `thermoscope collector`'s flags
+    (`window=`, `max_jobs=`, ...), which `with_flat` turns into one.
     """
 
     grpc: str = DEFAULT_GRPC
     metrics: str = DEFAULT_METRICS
     window: int = WINDOW
+    # The one default of the interval the collector asks for. 0 asks for nothing: each agent
+    # keeps its own (`agent.settings.Sampling.every`, 10), so a collector started without
+    # --every never overrides what a training chose.
     every: int = 0
     stale_after: float = 60.0
     max_message_bytes: int = 16 << 20
     limits: Limits = field(default_factory=Limits)
     max_series_per_job: int = 2_000
     phase_layers: int = 50
-    db: Path = STATE_DIR / "events.db"
+    db: str | Path | None = STATE_DIR / "events.db"
     history_interval: float = 1.0
     checkpoint_interval: float = 5.0
     sd_file: Path = STATE_DIR / "file_sd.json"
     actor_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("stale_after", "checkpoint_interval"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def with_flat(self, **flat: Any) -> CollectorSettings:
+        """These settings with the flat keywords of `Collector` and the command line changed:
+        the names of `Limits`' fields (`max_jobs=`, ...) go to `limits`, the rest are this
+        class's own (an unknown name is a TypeError)."""
+        limits = {name: flat.pop(name) for name in LIMITS if name in flat}
+        return replace(self, limits=replace(self.limits, **limits), **flat)
 
     @property
     def grpc_port(self) -> int:
@@ -102,5 +122,8 @@ class CollectorSettings:
         """The port of `metrics`."""
         return split_address(self.metrics)[1]
 
+
+#: The names of `Limits`' fields: the flat keywords `CollectorSettings.with_flat` gives to `limits`.
+LIMITS = tuple(f.name for f in fields(Limits))
 
 DEFAULTS = CollectorSettings()

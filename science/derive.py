@@ -113,7 +113,7 @@ class Thermometer:
     """Windowed derivation for one job; feed it samples in step order.
 
     Its state is its own to save and restore (`to_state`, `from_state`: plain named values, the
-    names a file format's, collector/schema.py stores them)."""
+    names a file format's, collector/state/schema.py stores them)."""
 
     def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = WINDOW) -> None:
         self.layer_names = tuple(layer.name for layer in layers)
@@ -157,7 +157,7 @@ class Thermometer:
         histogram shape, the last sample and the latest reading (their own `to_state`; absent
         when None). A snapshot: no array in it changes as the thermometer carries on.
 
-        The names are a file format's (collector/schema.py stores them under `thermometer.`):
+        The names are a file format's (collector/state/schema.py stores them under `thermometer.`):
         renaming an attribute changes this method and `from_state`, never a name. A field added
         later is read with a default (see `from_state`), so it needs no new format."""
         n = len(self.layer_names)
@@ -187,7 +187,7 @@ class Thermometer:
 
         Its window, names and edges are required; any other field the state lacks (saved before
         the field was added) is what a new thermometer of those layers holds (`_begin`). A
-        field it does not know (saved by a later release) is ignored (collector/schema.py says
+        field it does not know (saved by a later release) is ignored (collector/state/schema.py says
         why)."""
         t = cls.__new__(cls)
         t.layer_names = tuple(str(x) for x in state["layer_names"])

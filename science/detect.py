@@ -176,7 +176,7 @@ class PhaseDetector:
     """Phases of one job and its layers; feed `update` the merged samples in step order.
 
     Its state is its own to save and restore (`to_state`, `from_state`: plain named values, the
-    names a file format's, collector/schema.py stores them)."""
+    names a file format's, collector/state/schema.py stores them)."""
 
     def __init__(self, n_layers: int, settings: Settings | None = None) -> None:
         s = self.s = settings or Settings()
@@ -213,7 +213,7 @@ class PhaseDetector:
         layer's phase, increments and counters. A snapshot: every array is a copy (the detector
         writes into some of its own).
 
-        The names are a file format's (collector/schema.py stores them under `detector.`):
+        The names are a file format's (collector/state/schema.py stores them under `detector.`):
         renaming an attribute changes this method and `from_state`, never a name. A field added
         later is read with a default (see `from_state`), so it needs no new format."""
         return {
@@ -254,7 +254,7 @@ class PhaseDetector:
         Its layers' phases are required (they say how many layers); any other field the state
         lacks (saved before the field was added) is what a new detector of those layers and
         settings holds (`__init__`; a missing setting, its default). A field it does not know
-        (saved by a later release) is ignored (collector/schema.py says why)."""
+        (saved by a later release) is ignored (collector/state/schema.py says why)."""
         saved = state.get("settings", {})
         kinds = {f.name: int if f.type == "int" else float for f in fields(Settings)}
         settings = Settings(**{name: kind(saved[name]) for name, kind in kinds.items() if name in saved})

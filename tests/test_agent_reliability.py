@@ -21,7 +21,7 @@ import pytest
 
 from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 
 from helpers.metrics import scrape, value
 from helpers.processes import start_full_disk_collector

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from thermoscope.collector.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.service import Collector
+from thermoscope.collector.state.pipeline import MAX_PENDING_STEPS
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 

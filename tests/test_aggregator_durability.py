@@ -23,10 +23,10 @@ import pytest
 
 from thermoscope.agent import Monitor
 from thermoscope.collector.node.aggregator import Aggregator
-from thermoscope.collector.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.pipeline import MAX_PENDING_STEPS
+from thermoscope.collector.state.store import EventStore
 from thermoscope.v1 import telemetry_pb2 as pb
 
 from helpers.protocol import OpenStream, frame, hello

@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from thermoscope.agent import Monitor
 from thermoscope.cli.main import main
-from thermoscope.collector import grpc_auth
 from thermoscope.collector.credentials import AuthConfigError
-from thermoscope.collector.passwords import BasicAuthUsers, hash_password
+from thermoscope.collector.exposition.passwords import BasicAuthUsers, hash_password
+from thermoscope.collector.ingest import grpc_auth
 from thermoscope.collector.security import InsecureError, Security
 from thermoscope.collector.service import Collector
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc

@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 
-from thermoscope.collector import checkpoint, schema
-from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state import checkpoint, schema
+from thermoscope.collector.state.checkpoint import values_of
+from thermoscope.collector.state.store import EventStore
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.wire import codec
@@ -77,7 +77,7 @@ def _live_run(tmp_path: Path):
     """A run fed the golden run's frames to the middle of its shift, steps pending for rank 2."""
     store = EventStore(tmp_path / "e.db", history_interval=0)
     telemetry = Telemetry({}, store=store)
-    streams = [telemetry._open(checkpoint_cases.hello(rank).hello, "")[1] for rank in range(3)]
+    streams = [telemetry.intake.open(checkpoint_cases.hello(rank).hello, "")[1] for rank in range(3)]
     job = telemetry.runs.held[(checkpoint_cases.JOB, checkpoint_cases.RUN)]
     for step in range(130):
         for s in streams[: 2 if step >= 120 else 3]:

@@ -65,6 +65,22 @@ def test_demo_runs_as_a_two_worker_ray_train_job_and_merges_both_ranks() -> None
     assert "type_ii -> refresh" in out  # the data shift at step 200 is seen in the merged job
 
 
+def test_collectors_flat_keywords_build_the_one_settings_object_its_parts_read() -> None:
+    """`Collector(grpc, metrics, window=..., max_jobs=...)` (the flags' names) keeps working: the
+    keywords become its `CollectorSettings`, and the servicer reads them from there."""
+    collector = Collector("127.0.0.1:0", "127.0.0.1:0", db=None, window=7, every=3, max_jobs=2)
+    assert collector.settings == DEFAULTS.with_flat(
+        grpc="127.0.0.1:0", metrics="127.0.0.1:0", db=None, window=7, every=3, max_jobs=2
+    )
+    assert (collector.settings.window, collector.settings.limits.max_jobs) == (7, 2)
+    assert collector.telemetry.settings is collector.settings
+    assert collector.telemetry.limits.max_jobs == 2
+    with pytest.raises(TypeError):
+        Collector("127.0.0.1:0", "127.0.0.1:0", db=None, no_such_setting=1)
+    with pytest.raises(ValueError, match="checkpoint_interval must be positive"):
+        Collector("127.0.0.1:0", "127.0.0.1:0", db=None, checkpoint_interval=0)
+
+
 def test_every_collector_default_is_the_settings_objects() -> None:
     """`thermoscope collector`, `thermoscope attach` and `Collector` all read `DEFAULTS`."""
     limits = DEFAULTS.limits
@@ -88,9 +104,8 @@ def test_every_collector_default_is_the_settings_objects() -> None:
     assert {name: flags[name] for name in expected} == expected
     assert (flags["grpc"], flags["metrics"]) == (DEFAULTS.grpc, DEFAULTS.metrics)
     assert flags["db"] == str(DEFAULTS.db)
-    keywords = inspect.signature(Collector).parameters
-    assert {name: keywords[name].default for name in expected} == expected
-    assert keywords["db"].default == DEFAULTS.db
+    assert inspect.signature(Collector).parameters["settings"].default is DEFAULTS
+    assert DEFAULTS.with_flat(**expected) == DEFAULTS  # each flag names a field of the settings
     attach = vars(parser().parse_args(["attach"]))
     assert (attach["grpc_port"], attach["metrics_port"]) == (DEFAULTS.grpc_port, DEFAULTS.metrics_port)
     assert attach["sd_file"] == flags["sd_file"] == str(DEFAULTS.sd_file)

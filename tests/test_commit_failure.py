@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire import codec
 from thermoscope.wire.contract import SERVICE
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from thermoscope.collector import schema
 from thermoscope.collector.service import Collector
+from thermoscope.collector.state import schema
 
 from helpers.processes import free_port, start_collector_process, thermoscope
 from helpers.protocol import OpenStream, frame, hello

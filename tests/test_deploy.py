@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 from thermoscope.cli.main import parser
-from thermoscope.collector.server import SERVICE
+from thermoscope.collector.ingest.server import SERVICE
 from thermoscope.wire.contract import ACTOR_NAME, DEFAULT_GRPC, DEFAULT_METRICS, NAMESPACE, split_address
 
 from helpers.metrics import scrape

@@ -30,7 +30,7 @@ import yaml
 from thermoscope.cli import security as security_cli
 from thermoscope.cli.main import parser
 from thermoscope.collector.credentials import AuthConfigError
-from thermoscope.collector.passwords import BasicAuthUsers
+from thermoscope.collector.exposition.passwords import BasicAuthUsers
 from thermoscope.collector.security import Guard
 from thermoscope.wire.contract import split_address
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thermoscope.collector.store import FIELDS, Event, EventStore
+from thermoscope.collector.state.store import FIELDS, Event, EventStore
 from thermoscope.science.detect import PHASES, TRANSITIONS
 from thermoscope.wire.codec import encode
 

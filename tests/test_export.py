@@ -25,8 +25,10 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from thermoscope.collector.export import CONTENT_TYPE, MetricsExporter
-from thermoscope.collector.job import Job
+from thermoscope.collector.exposition.catalogue import FAMILIES
+from thermoscope.collector.exposition.export import MetricsExporter
+from thermoscope.collector.exposition.writer import CONTENT_TYPE
+from thermoscope.collector.state.job import Job
 from thermoscope.wire.contract import VERSION
 
 from helpers import golden
@@ -52,6 +54,19 @@ def test_the_body_has_the_recorded_families_and_samples_of_the_previous_exporter
     assert b'thermoscope_layer_work{job_id="we\\"ird\\\\job\\nwith %s and \xc3\xa9",layer="l\\"%d1"} ' in body
     assert b"+Inf\n" in body and b"-Inf\n" in body and b"NaN\n" in body
     assert b'\nthermoscope_phase{job_id="short",layer="",phase="type_i",scope="job"} 1.0\n' in body  # sorted
+
+
+def test_the_catalogue_says_what_each_family_of_the_body_is() -> None:
+    """The body lists the catalogue's families in its order, each with its type, help and labels."""
+    jobs = jobs_of_every_kind()
+    nonfinite = {("merged", "energy"): 1}
+    body = b"".join(MetricsExporter(jobs, {"too_large": 2}, VERSION, 3, nonfinite=nonfinite).render())
+    families = parsed(body)
+    assert [(f.type, f.help) for f in FAMILIES] == [(kind, doc) for _, kind, doc, _ in families]
+    for family, (_, _, _, samples) in zip(FAMILIES, families, strict=True):
+        assert samples, family.name  # every family has samples here
+        assert {name for name, _, _ in samples} == {family.name}
+        assert {tuple(sorted(labels)) for _, labels, _ in samples} == {tuple(sorted(family.labels))}
 
 
 def test_a_job_whose_energy_is_cumulative_work_says_so() -> None:

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from thermoscope.collector.export import OTHER
+from thermoscope.collector.exposition.catalogue import OTHER
 from thermoscope.collector.service import Collector
 
 from helpers.metrics import scrape, wait_until

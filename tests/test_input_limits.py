@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire import codec
 
 from helpers.metrics import scrape, value

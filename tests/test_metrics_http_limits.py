@@ -29,8 +29,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from thermoscope.cli.main import main
-from thermoscope.collector.metrics_http import HttpLimits, start_metrics_server
-from thermoscope.collector.passwords import FAILURE_BURST, FAILURE_REFILL_PER_S, BasicAuthUsers, hash_password
+from thermoscope.collector.exposition.metrics_http import HttpLimits, start_metrics_server
+from thermoscope.collector.exposition.passwords import (
+    FAILURE_BURST,
+    FAILURE_REFILL_PER_S,
+    BasicAuthUsers,
+    hash_password,
+)
 from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from thermoscope.agent import Monitor
 from thermoscope.agent.spool import MAGIC, Spool
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire import codec
 
 from helpers.metrics import scrape, value
@@ -281,7 +281,7 @@ def test_a_checkpoint_cancelled_midway_is_rolled_back_and_written_whole_by_the_n
     store = EventStore(tmp_path / "e.db", history_interval=0)
     telemetry = Telemetry({}, store=store)
     for job in ("a", "b"):
-        run, s = telemetry._open(hello(job).hello, tenant="")
+        run, s = telemetry.intake.open(hello(job).hello, tenant="")
         for seq in (1, 2, 3):
             s.last_seq = seq
             msg = frame(seq, seq - 1).frame

@@ -13,7 +13,7 @@ from torch import nn
 
 from thermoscope.agent import Monitor
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.science.derive import Reading
 
 from helpers.processes import thermoscope

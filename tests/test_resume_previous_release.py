@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.science.stats import LayerStats, Sample, SiteStats
 from thermoscope.wire import codec
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from thermoscope.agent.monitor import Monitor
 from thermoscope.collector.service import Collector
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire.contract import SERVICE
 
 from helpers.metrics import scrape, value, wait_until

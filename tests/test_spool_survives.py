@@ -19,7 +19,7 @@ import pytest
 
 from thermoscope.agent import Monitor
 from thermoscope.agent.spool import MAGIC, Spool, SpoolError
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 from thermoscope.wire import codec
 
 from helpers.processes import start_collector_process, start_full_disk_collector, thermoscope

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thermoscope.collector.passwords import hash_password
+from thermoscope.collector.exposition.passwords import hash_password
 from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector
 from thermoscope.science.stats import LayerStats, Sample

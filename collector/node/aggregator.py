@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from thermoscope.collector.ingest.refusal import BadBytes
+from thermoscope.collector.ingest.server import deserializer
 from thermoscope.collector.merge import Merger, Target
-from thermoscope.collector.pipeline import MAX_PENDING_STEPS
-from thermoscope.collector.refusal import BadBytes
-from thermoscope.collector.server import deserializer
+from thermoscope.collector.state.pipeline import MAX_PENDING_STEPS
 from thermoscope.science.stats import Sample, Table
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc

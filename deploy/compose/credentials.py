@@ -23,7 +23,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from thermoscope.collector.passwords import hash_password
+from thermoscope.collector.exposition.passwords import hash_password
 
 #: The user Prometheus logs in as (compose/prometheus.yml's `basic_auth.username`).
 SCRAPE_USER = "prometheus"

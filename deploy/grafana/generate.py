@@ -5,7 +5,7 @@
     python deploy/grafana/generate.py --check   # exit 1 if the committed files differ
 
 Both files are generated: edit this file, not them (tests/test_grafana.py fails when they
-drift). Every query names only series the collector exports (collector/export.py) or
+drift). Every query names only series the collector exports (collector/exposition/catalogue.py) or
 recording rules defined in deploy/prometheus; the datasource is the one provisioned in
 provisioning/datasources/prometheus.yml, by its fixed uid.
 

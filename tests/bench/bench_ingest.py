@@ -43,12 +43,13 @@ import numpy as np
 
 from thermoscope.cli import raw_protocol
 from thermoscope.cli.loadgen_agents import NUMEL, RUN
-from thermoscope.collector import schema
-from thermoscope.collector.checkpoint import values_of
-from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.collector.merge import JobMerge
-from thermoscope.collector.server import Telemetry
 from thermoscope.collector.settings import DEFAULTS
+from thermoscope.collector.state import schema
+from thermoscope.collector.state.checkpoint import values_of
+from thermoscope.collector.state.job import Job
+from thermoscope.collector.state.stream import Stream
 from thermoscope.science.derive import Thermometer
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerStats, Sample
@@ -109,9 +110,9 @@ def frames(args: argparse.Namespace) -> list[list[bytes]]:
 
 
 def new_job(hellos: list[pb.Hello]) -> tuple[Job, list[Stream]]:
-    """A job with one open stream per rank, opened by the servicer's own `_open`."""
-    telemetry = Telemetry({}, window=WINDOW)
-    streams = [telemetry._open(h, tenant="")[1] for h in hellos]
+    """A job with one open stream per rank, opened by the servicer's own `Intake.open`."""
+    telemetry = Telemetry({})  # the default window: WINDOW
+    streams = [telemetry.intake.open(h, tenant="")[1] for h in hellos]
     return telemetry.jobs["bench"], streams
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for helpers
 from thermoscope.agent import Monitor
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 
 from helpers.metrics import scrape, value
 from helpers.processes import free_port, start_collector_process, stop_process

@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from thermoscope.collector.export import MetricsExporter
-from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.exposition.export import MetricsExporter
 from thermoscope.collector.settings import DEFAULTS
+from thermoscope.collector.state.job import Job
+from thermoscope.collector.state.stream import Stream
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.wire.contract import VERSION
 
@@ -69,7 +70,6 @@ def build_jobs(n_jobs: int, layers: int, sites: int, ranks: int, steps: int) -> 
                 host="bench",
                 local_rank=r,
                 node="",
-                every=1,
                 layers=table,
                 sites=site_table,
                 bins=BINS,

@@ -5,7 +5,7 @@ Run it as a script (pytest does not collect it):
     python tests/bench/bench_tables.py                       # 100 ranks x 10,000 layers, both layouts
     python tests/bench/bench_tables.py --ranks 20 --layers 2000
 
-Each rank says hello through the servicer's own `Telemetry._open` (as a gRPC stream would) and
+Each rank says hello through the servicer's own `Intake.open` (as a gRPC stream would) and
 sends one frame through `Job.accept` (its tables bind then); then every stream ends. The Python
 heap the collector holds (`tracemalloc`, after a garbage collection) is measured before the
 hellos, while all ranks stream, and once all have ended: `replica` is data parallel (every rank
@@ -22,7 +22,7 @@ import tracemalloc
 import numpy as np
 from bench_ingest import tables
 
-from thermoscope.collector.server import Telemetry
+from thermoscope.collector.ingest.server import Telemetry
 from thermoscope.science.stats import LayerStats, Sample, SiteStats
 
 
@@ -50,7 +50,7 @@ def measure(ranks: int, layers: int, layout: str) -> tuple[float, float]:
     base = held()
     streams = []
     for h in hellos:
-        job, stream = telemetry._open(h, tenant="")
+        job, stream = telemetry.intake.open(h, tenant="")
         stream.last_seq = 1
         job.accept(stream, frame)
         streams.append((job, stream))

@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from thermoscope.collector.export import MetricsExporter
+from thermoscope.collector.exposition.export import MetricsExporter
 from thermoscope.collector.merge import JobMerge
 from thermoscope.science import physics
 from thermoscope.science.derive import Thermometer

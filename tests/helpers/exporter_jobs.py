@@ -12,8 +12,9 @@ import math
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from thermoscope.collector.export import LAYER_GAUGES
-from thermoscope.collector.job import Job, Stream
+from thermoscope.collector.exposition.catalogue import LAYER_GAUGES
+from thermoscope.collector.state.job import Job
+from thermoscope.collector.state.stream import Stream
 from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import SiteInfo
@@ -61,7 +62,6 @@ def open_stream(job: Job, rank: int, world_size: int = 2) -> Stream:
         host="h",
         local_rank=rank,
         node="",
-        every=1,
         layers=layer_table(2),
         sites=[SiteInfo("s", "ReLU")],
         bins=8,

@@ -16,7 +16,7 @@ from thermoscope.cli.collector_process import (
     stop_process,
     wait_serving,
 )
-from thermoscope.collector.store import EventStore
+from thermoscope.collector.state.store import EventStore
 
 __all__ = [
     "CollectorProcess",

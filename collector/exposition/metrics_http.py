@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from .credentials import AuthConfigError
+from ..credentials import AuthConfigError
 from .passwords import BasicAuth, PasswordCheck
 
 log = logging.getLogger("thermoscope.collector")

@@ -38,8 +38,8 @@ import numpy as np
 
 from thermoscope.science.derive import Reading
 
+from ..settings import DEFAULTS
 from . import legacy, schema
-from .settings import DEFAULTS
 
 #: The columns of an event, in the contract's names (`thermoscope events --json`).
 FIELDS = ("job", "scope", "layer", "step", "time", "from", "to", "statistic", "confidence")

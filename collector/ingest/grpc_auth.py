@@ -50,7 +50,7 @@ import grpc
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire.contract import STREAM_METHOD
 
-from .credentials import AuthConfigError, read_file
+from ..credentials import AuthConfigError, read_file
 from .refusal import BadBytes
 
 log = logging.getLogger("thermoscope.collector")

@@ -31,7 +31,7 @@ from pathlib import Path
 import bcrypt
 from prometheus_client.core import CounterMetricFamily
 
-from .credentials import AuthConfigError, read_file
+from ..credentials import AuthConfigError, read_file
 
 #: The cost `hash_password` writes: ~60 ms a hash on this project's machine, as PBKDF2's 200,000 rounds were.
 BCRYPT_ROUNDS = 10

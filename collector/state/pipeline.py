@@ -18,7 +18,6 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,11 +26,9 @@ from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
-from .merge import JobMerge, Tables
+from ..merge import JobMerge, Tables
 from .store import Event
-
-if TYPE_CHECKING:
-    from .job import Stream
+from .stream import Stream
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 from thermoscope.wire.codec import WireError
 
+from ..settings import Limits
 from .job import Job
-from .settings import Limits
 
 log = logging.getLogger("thermoscope.collector")
 
