@@ -115,20 +115,17 @@ class Link:
     ) -> str | None:
         """Run one `Stream` call to its end: None if the collector ended it, else what went wrong.
 
-        `on_open()` comes with the first reply, `on_ack(accepted, durable)` with each ack (`seq`:
+        `on_open()` comes after the first reply, `on_ack(accepted, durable)` with each ack (`seq`:
         accepted up to there; `durable`: persisted up to there, `seq` from a collector without a
         database), `on_config(config)` with each config (after pacing adopted its frame rate);
         all on this (the caller's) thread. `hello` and `frames` are serialized AgentMessages."""
-        call = self._stream(self._requests(hello, frames), metadata=self._metadata or None)
+        answered, ended = threading.Event(), threading.Event()
+        call = self._stream(self._requests(hello, frames, answered, ended), metadata=self._metadata or None)
         self._call = call
         if stopping.is_set():  # `cancel` may have come before the call existed
             call.cancel()
-        opened = False
         try:
             for reply in call:
-                if not opened:
-                    opened = True
-                    on_open()
                 if reply.HasField("ack"):
                     ack = reply.ack
                     on_ack(ack.seq, ack.durable if ack.HasField("durable") else ack.seq)
@@ -136,9 +133,13 @@ class Link:
                     self._gap = _gap(reply.config.max_frame_rate)
                     if on_config is not None:
                         on_config(reply.config)
+                if not answered.is_set():  # (after the config it answers the hello with: paced)
+                    answered.set()
+                    on_open()
         except grpc.RpcError as exc:
             return f"{exc.code().name}: {exc.details()}{refusal_hint(exc.code())}"
         finally:
+            ended.set()
             self._call = None
         return None
 
@@ -155,9 +156,17 @@ class Link:
             time.sleep(settle)
         self._channel.close()
 
-    def _requests(self, hello: bytes, frames: Iterator[bytes]) -> Iterator[bytes]:
-        """The request stream, on gRPC's request thread: the hello, then the frames, paced."""
+    def _requests(
+        self, hello: bytes, frames: Iterator[bytes], answered: threading.Event, ended: threading.Event
+    ) -> Iterator[bytes]:
+        """The request stream, on gRPC's request thread: the hello, then, once the collector
+        answered it (with its config: the pace to keep), the frames, paced. Frames sent before
+        the answer would go at whatever rate they were queued, and a replay after an outage
+        would be refused for its burst."""
         yield hello
+        while not answered.wait(0.1):
+            if ended.is_set():
+                return
         for frame in frames:
             self._pace()
             yield frame

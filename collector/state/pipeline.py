@@ -155,6 +155,7 @@ class Pipeline:
         self.history_due = history_due
         self.declared = Declared()
         self.pending: dict[int, dict[int, Sample]] = {}  # step -> rank -> sample
+        self.world = 0  # the largest world size the job's streams announced
         self.energy_ranks: dict[int, dict[int, int]] = {}  # step -> node -> ranks its energy averages
         self.merged_step = -1
         self.thermometer: Thermometer | None = None
@@ -198,7 +199,10 @@ class Pipeline:
         """Merge, in step order, each pending step that no open stream (nor an announced rank
         never connected) still owes, or that waited beyond MAX_PENDING_STEPS."""
         declared, nodes = self.declared.by_rank, self.declared.nodes
-        world = max((s.world_size for s in streams.values()), default=0)
+        # the world the job's streams announced, remembered after they closed: a rank that
+        # finished before another connected (a short job, a slow start) does not make the
+        # job's steps merge without that rank
+        self.world = world = max([self.world, *(s.world_size for s in streams.values())])
         if nodes:  # a node's stream binds the ranks it speaks for
             seen = sum(len(nodes[rank][0]) if rank in nodes else 1 for rank in declared if rank < world)
         else:
