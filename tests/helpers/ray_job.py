@@ -59,7 +59,10 @@ def train_loop(config: dict) -> None:
 
         monitor = watch(model, opt, every=config["every"])
         deadline = time.monotonic() + 60
-        while monitor.dormant and time.monotonic() < deadline:  # a short job: let it find the collector
+        # a short job: let it reach the collector before training, so that a rank killed early
+        # has streamed its steps (a monitor samples from its first step, but without a spool
+        # what a killed process had not sent dies with it)
+        while not monitor.connected and time.monotonic() < deadline:
             time.sleep(0.05)
     gen = torch.Generator().manual_seed(1000 + rank)
     teacher = torch.randn(16, 1, generator=torch.Generator().manual_seed(7))
