@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     FRAME = 4  # a serialized frame of the open stream
     END = 5  # no more frames: half-close the open stream
     CANCEL = 6  # cancel the open stream (or the connect under way)
+    FINISH = 7  # the training process is closing: if the socket ends now, end the stream as finished
     CONNECTED = 20  # b"1": READY; b"0": not within the timeout
     OPENED = 21  # the collector answered the stream
     ACK = 22  # <u64 seq><u64 durable>

@@ -147,6 +147,15 @@ class Relay:
             with suppress(PipeClosed):
                 pipe.send(Kind.CANCEL)
 
+    def finishing(self) -> None:
+        """The training process is closing: if it ends before its stream did (a Ray worker is
+        stopped right after its training function returns), the relay ends the stream as a
+        finished rank's, not as a dead one's."""
+        pipe = self._pipe
+        if pipe is not None:
+            with suppress(PipeClosed):
+                pipe.send(Kind.FINISH)
+
     def close(self) -> None:
         """Close the socket and let the relay exit (it half-closes what it streams first);
         killed if it takes more than `EXIT_TIME`."""

@@ -13,7 +13,9 @@ It imports neither torch nor the training process' modules, ignores SIGINT (a Ct
 the training loop must not cut the stream its `close()` is about to flush), and exits at the
 end of the socket: after the training process closed it, or died. A stream still open then
 belongs to a training process that died: the relay cancels it, so the collector sees the rank
-lost, as it would have seen the process itself die (what the spool holds is replayed later).
+lost, as it would have seen the process itself die (what the spool holds is replayed later),
+unless the process had said it was closing (FINISH: a Ray worker stopped during its `close`),
+whose stream is half-closed: a finished rank.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class RelayServer:
         self.stopping = threading.Event()  # of the connect or stream under way
         self.frames: queue.SimpleQueue[bytes | None] | None = None  # of the open stream
         self.worker: threading.Thread | None = None
+        self.finishing = False  # the training process said it is closing (FINISH)
 
     def serve(self) -> None:
         """Handle messages until the socket ends, then let the stream under way end."""
@@ -75,15 +78,21 @@ class RelayServer:
         elif kind == Kind.END:
             if self.frames is not None:
                 self.frames.put(None)
+        elif kind == Kind.FINISH:
+            self.finishing = True
         elif kind == Kind.CANCEL:
             self.stopping.set()
             if self.link is not None:
                 self.link.cancel()
 
     def finish(self) -> None:
-        """The socket ended. A training process that closes it has ended its stream first, so a
-        stream still open means it died: cancel the stream, as its own death would have broken
-        it (a half-close would tell the collector the rank finished), and close the channel."""
+        """The socket ended. A stream still open belongs to a training process that died: if it
+        was closing (FINISH), the stream is half-closed, so the collector sees the rank finished;
+        if not, it is cancelled, as its own death would have broken it. Then the channel closes."""
+        if self.finishing and self.frames is not None:
+            self.frames.put(None)
+            if self.worker is not None:
+                self.worker.join(EXIT_TIME)
         self.stopping.set()
         if self.link is not None:
             self.link.cancel()

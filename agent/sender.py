@@ -177,6 +177,9 @@ class Sender(Processor):
         cancelled only if that takes more than a second. Frames not accepted by then are
         counted dropped; frames accepted and not durable are counted in `undurable` and logged.
         """
+        relay = self._relay
+        if relay is not None:  # if this process ends during the flush, its rank still finished
+            relay.finishing()
         flushed = self.flush(timeout) if self._thread is not None else not self._queue
         self._stop(timeout)
         kept = 0
