@@ -49,6 +49,7 @@ from .sampler import Sampler
 from .security import Security
 from .sender import Sender
 from .settings import Delivery, Identity, Sampling, group
+from .sink import Sink
 from .sites import find_sites, plain_name
 
 log = logging.getLogger("thermoscope.agent")
@@ -131,7 +132,7 @@ class Monitor:
         self._loss_given = False  # once the loop hands a loss to `step`, nothing is captured
         self._announced = self._hello()  # completed in place once the site table is settled
         self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
-        self._sink: Sender | Local = Local(
+        self._sink: Sink = Local(
             self._sampler.layers, self._sampler.sites, sampling.window, delivery.max_queue
         )
         if collector is not None:
@@ -150,6 +151,11 @@ class Monitor:
             os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
         if self._step % self.every == 0 and not self.dormant:
             self._arm()
+
+    @property
+    def sink(self) -> Sink:
+        """Where sampled steps go: `local.Local` (no collector) or `sender.Sender` (streaming)."""
+        return self._sink
 
     @property
     def layers(self):

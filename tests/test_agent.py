@@ -116,7 +116,7 @@ def test_work_sums_to_the_first_order_energy_change() -> None:
         opt.step()
         monitor.step(loss)
     monitor.latest()
-    first = monitor._sink.thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
+    first = monitor.sink.thermometer  # the reading at step 1 holds step 1's work; step 0's is in the window
     work0 = first._work[1] - first._work[0]  # cumulative work from sample 0 to sample 1
     assert work0.sum() == pytest.approx(losses[1] - losses[0], rel=2e-2)
 
@@ -217,13 +217,31 @@ def test_without_a_collector_training_completes_and_drops_are_counted() -> None:
     assert monitor.delivered == 0 and not monitor.connected
 
 
+def test_both_sinks_answer_the_monitors_sink_protocol() -> None:
+    """The monitor holds one sink and never asks which: in-process and streaming answer alike."""
+    from thermoscope.agent.sink import Sink
+
+    local = Monitor(mlp(), every=1)
+    streaming = Monitor(mlp(), collector=f"127.0.0.1:{free_port()}", every=1, max_queue=2)
+    try:
+        assert type(local.sink).__name__ == "Local" and type(streaming.sink).__name__ == "Sender"
+        for monitor in (local, streaming):
+            assert isinstance(monitor.sink, Sink)
+            monitor.step(torch.tensor(1.0))
+            assert monitor.sampled == monitor.sink.submitted == 1
+        assert local.latest() is not None and streaming.latest() is None
+    finally:
+        assert local.close() is True
+        streaming.close(timeout=0.2)
+
+
 def test_a_forked_child_starts_with_an_empty_idle_sender() -> None:
     model = mlp()
     monitor = Monitor(model, collector=f"127.0.0.1:{free_port()}", every=1, max_queue=8)
     monitor.step(torch.tensor(1.0))  # the sender thread starts and holds one frame
     pid = os.fork()
     if pid == 0:  # child: like a DataLoader worker
-        sender = monitor._sink
+        sender = monitor.sink
         os._exit(0 if sender._thread is None and not sender._queue and sender.dropped == 0 else 1)
     _, status = os.waitpid(pid, 0)
     monitor.close(timeout=0.2)
@@ -307,7 +325,7 @@ def test_a_nan_weight_never_breaks_the_training_step() -> None:
     loss.backward()
     opt.step()  # the hooks run here
     monitor.step(loss)
-    sample = monitor._sink.pending[-1].to_sample()
+    sample = monitor.sink.pending[-1].to_sample()
     monitor.close()
     assert sample.layers.histogram[0, 0] >= 1  # the NaN is counted outside the edges
     assert np.isnan(sample.layers.mean[0])  # and the moments say so (the wire refuses such frames)

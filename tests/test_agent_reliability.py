@@ -88,7 +88,7 @@ def test_a_collector_whose_commits_fail_leaves_close_false_and_counts_what_is_no
     collector = start_full_disk_collector(db, tmp_path / "collector.log")
     model, opt = small_model()
     monitor = Monitor(model, opt, collector=collector.grpc_target, job=JOB, every=1, spool=tmp_path / "spool")
-    sender = monitor._sink
+    sender = monitor.sink
     try:
         train_steps(monitor, model, opt, steps)
         assert monitor.flush(timeout=60)

@@ -112,7 +112,7 @@ def test_a_failing_lookup_keeps_the_agent_dormant_and_the_training_running() -> 
     monitor = Monitor(model, opt, collector=broken, every=1)
     time.sleep(3 * INTERVAL)  # several failed lookups
     train_steps(monitor, model, opt, 5)
-    assert monitor.dormant and monitor._sink._thread.is_alive()
+    assert monitor.dormant and monitor.sink._thread.is_alive()
     assert "unreachable" in monitor.last_error
     monitor.close(timeout=1)
 

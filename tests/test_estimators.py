@@ -66,7 +66,7 @@ def test_the_subset_is_fixed_so_an_unchanged_layer_counts_the_same_values() -> N
     samples = []
     for _ in range(SHAPE_EVERY + 1):
         monitor.step(None)
-        samples.append(monitor._sink.pending[-1].to_sample())
+        samples.append(monitor.sink.pending[-1].to_sample())
     monitor.close()
     taken = [s.layers.histogram is not None for s in samples]
     assert taken == [True] + [False] * (SHAPE_EVERY - 1) + [True]  # a shape sample every SHAPE_EVERY

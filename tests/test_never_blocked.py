@@ -35,7 +35,7 @@ def train_against(target: str, caplog: pytest.LogCaptureFixture) -> None:
     model = nn.Sequential(*(nn.Linear(16, 16) for _ in range(20)))  # 40 layers: ~1.6 kB frames, cheap steps
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = Monitor(model, opt, collector=target, job="blocked", every=1, max_queue=MAX_QUEUE)
-    sender = monitor._sink
+    sender = monitor.sink
     longest = 0
     with caplog.at_level(logging.WARNING, logger="thermoscope.agent"):
         for _ in range(STEPS):

@@ -55,7 +55,7 @@ def test_kill_9_collector_mid_run_loses_no_frame_and_counts_none_twice(tmp_path:
         spool_bytes=4 << 20,
     )
     second = None
-    sender = monitor._sink
+    sender = monitor.sink
     try:
         train_steps(monitor, model, opt, 40)
         assert monitor.flush(timeout=20)

@@ -40,7 +40,7 @@ def samples(model: nn.Module, count: int) -> list:
     for _ in range(count):
         model(torch.randn(32, WIDTHS[0]))
         monitor.step(None)
-        out.append(monitor._sink.pending[-1].to_sample())
+        out.append(monitor.sink.pending[-1].to_sample())
     monitor.close()
     return out
 
@@ -98,8 +98,8 @@ def counted_rows(monitor: Monitor, steps: int) -> dict[int, np.ndarray]:
     for _ in range(steps):
         model(torch.randn(32, WIDTHS[0]))
         monitor.step(None)
-        while monitor._sink.pending:
-            s = monitor._sink.pending.popleft().to_sample()
+        while monitor.sink.pending:
+            s = monitor.sink.pending.popleft().to_sample()
             out[s.step] = (
                 np.zeros(len(s.layers.count), bool)
                 if s.layers.histogram is None

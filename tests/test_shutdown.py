@@ -120,7 +120,7 @@ def test_sigterm_drains_exits_zero_and_the_agent_moves_to_the_successor(tmp_path
         stop_process(first)
         if second is not None:
             stop_process(second)
-    sender = monitor._sink
+    sender = monitor.sink
     assert sender.submitted == sender.delivered + sender.dropped
 
 

@@ -92,7 +92,7 @@ def main() -> int:
             arm["opt"].zero_grad()
             if arm["mon"] is not None:
                 arm["mon"].step(loss)
-                arm["qmax"] = max(arm["qmax"], len(arm["mon"]._sink._queue))
+                arm["qmax"] = max(arm["qmax"], len(arm["mon"].sink._queue))
             if device.type == "cuda":
                 torch.cuda.synchronize()  # a step's time is its GPU work, not its launches
             if record:
@@ -119,7 +119,7 @@ def main() -> int:
         mon = arm["mon"]
         if mon is not None:
             mon.close(timeout=1.0)
-        s = mon._sink if mon is not None else None
+        s = mon.sink if mon is not None else None
         ratio = statistics.mean(arm["times"]) / statistics.mean(base["times"])
         rounds = statistics.median(a / b for a, b in zip(arm["rounds"], base["rounds"], strict=True))
         counts = (s.submitted, s.delivered, s.dropped, arm["qmax"]) if s else ("-",) * 4

@@ -110,7 +110,7 @@ def _train_replicas(replicas, stop: threading.Event, rate: float, steps: list[in
             monitor.step(loss)
         steps[0] += 1
         for monitor, _, _ in replicas:
-            held = monitor._sink._spool
+            held = monitor.sink._spool
             spool[0] = max(spool[0], held.bytes if held is not None else 0)
         nxt += 1 / rate
         time.sleep(max(0.0, nxt - time.monotonic()))

@@ -163,7 +163,7 @@ def measure(work: Workload, device: torch.device, steps: int) -> dict[str, float
         _sync(device)
         elapsed = (time.perf_counter() - start) * 1e3
         held = max(held, monitor._sampler.held_bytes())
-        monitor._sink.pending.clear()  # kept samples are not this measure's business
+        monitor.sink.pending.clear()  # kept samples are not this measure's business
         if step < 6:  # warm-up: the first sample settles the site table and takes every shape
             continue
         if step % 3 == 0:
