@@ -27,21 +27,9 @@ import grpc
 
 from thermoscope.science.stats import Table
 
+from . import loadgen_agents as agents
 from . import raw_protocol
 from .collector_process import start_collector_process
-from .loadgen_agents import (
-    MAX_AGENTS,
-    NUMEL,
-    POLL_INTERVAL,
-    RUN,
-    STREAMS_PER_CHANNEL,
-    LoadgenError,
-    Totals,
-    agent,
-    cpu_seconds,
-    pct,
-    poll_latency,
-)
 
 JOB = "loadgen-nodes"
 #: Seconds the collector is watched idle (the latency poller only) after the run, to subtract its cost.
@@ -53,16 +41,18 @@ SPREAD = 0.05
 def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[bytes, bytes]]:
     """Each stream's (hello, frame template) for `arm` ("flat": a rank's; "node": a node's)."""
     world = nodes * node_ranks
-    layer_table = raw_protocol.layer_table(layers, numel=NUMEL)
+    layer_table = raw_protocol.layer_table(layers, numel=agents.NUMEL)
     if arm == "flat":
-        frame = raw_protocol.frame(1, 0, layers, numel=NUMEL).SerializeToString()
+        frame = raw_protocol.frame(1, 0, layers, numel=agents.NUMEL).SerializeToString()
         hellos = (
-            raw_protocol.hello(JOB, layers=layer_table, rank=rank, world_size=world, run=RUN, agent=RUN)
+            raw_protocol.hello(
+                JOB, layers=layer_table, rank=rank, world_size=world, run=agents.RUN, agent=agents.RUN
+            )
             for rank in range(world)
         )
         return [(hello.SerializeToString(), frame) for hello in hellos]
     rank_table = Table.of_rank(layer_table, raw_protocol.site_table(1))
-    sample = raw_protocol.sample(0, layers, numel=NUMEL)
+    sample = raw_protocol.sample(0, layers, numel=agents.NUMEL)
     out = []
     for first in range(0, world, node_ranks):
         ranks = range(first, first + node_ranks)
@@ -71,8 +61,8 @@ def streams(arm: str, nodes: int, node_ranks: int, layers: int) -> list[tuple[by
             dict.fromkeys(ranks, rank_table),
             world,
             name=f"node{first // node_ranks}",
-            run=RUN,
-            agent=RUN,
+            run=agents.RUN,
+            agent=agents.RUN,
         )
         frame = node.frame(1, 0, dict.fromkeys(ranks, sample))
         out.append((node.hello.SerializeToString(), frame.SerializeToString()))
@@ -89,11 +79,12 @@ def _last_step(url: str) -> int:
 
 async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, warmup, totals) -> dict:
     channels = [
-        grpc.aio.insecure_channel(target) for _ in range(math.ceil(len(arm_streams) / STREAMS_PER_CHANNEL))
+        grpc.aio.insecure_channel(target)
+        for _ in range(math.ceil(len(arm_streams) / agents.STREAMS_PER_CHANNEL))
     ]
     stop = threading.Event()
     poller = threading.Thread(
-        target=poll_latency, args=({JOB: url}, totals, stop, POLL_INTERVAL), daemon=True
+        target=agents.poll_latency, args=({JOB: url}, totals, stop, agents.POLL_INTERVAL), daemon=True
     )
     poller.start()
     start = time.monotonic() + 0.5
@@ -103,13 +94,13 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
 
     async def at_warmup() -> None:
         await asyncio.sleep(totals.warmup_until - time.monotonic())
-        mark["cpu"], mark["step"] = cpu_seconds(pid), await asyncio.to_thread(_last_step, url)
+        mark["cpu"], mark["step"] = agents.cpu_seconds(pid), await asyncio.to_thread(_last_step, url)
         mark["t"] = time.monotonic()
 
     marker = asyncio.create_task(at_warmup())
     tasks = [
         asyncio.create_task(
-            agent(
+            agents.agent(
                 channels[i % len(channels)],
                 JOB,
                 hello,
@@ -127,9 +118,9 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
     await asyncio.gather(*tasks)
     await marker
     await asyncio.sleep(1.5)  # the last steps reach /metrics
-    cpu, step, t_end = cpu_seconds(pid), await asyncio.to_thread(_last_step, url), time.monotonic()
+    cpu, step, t_end = agents.cpu_seconds(pid), await asyncio.to_thread(_last_step, url), time.monotonic()
     await asyncio.sleep(IDLE)  # the latency poller's own cost, no frames: subtracted
-    idle_rate = (cpu_seconds(pid) - cpu) / IDLE
+    idle_rate = (agents.cpu_seconds(pid) - cpu) / IDLE
     stop.set()
     poller.join(timeout=65)
     for ch in channels:
@@ -142,8 +133,8 @@ async def _drive(arm_streams, target: str, url: str, pid: int, rate, duration, w
         if steps
         else math.nan,
         "poller_cores": idle_rate,
-        "p50_s": pct(totals.latencies, 50),
-        "p99_s": pct(totals.latencies, 99),
+        "p50_s": agents.pct(totals.latencies, 50),
+        "p99_s": agents.pct(totals.latencies, 99),
         "latency_n": len(totals.latencies),
         "errors": totals.errors,
     }
@@ -153,12 +144,12 @@ def run(
     *, nodes: int, node_ranks: int, layers: int, rate: float, duration: float, warmup: float, out
 ) -> dict[str, dict]:
     """Both arms, one after the other; prints their table and returns their figures."""
-    if nodes < 1 or node_ranks < 1 or nodes * node_ranks > MAX_AGENTS:
-        raise LoadgenError(
-            f"--nodes x --node-ranks must be 1..{MAX_AGENTS} ranks, got {nodes} x {node_ranks}"
+    if nodes < 1 or node_ranks < 1 or nodes * node_ranks > agents.MAX_AGENTS:
+        raise agents.LoadgenError(
+            f"--nodes x --node-ranks must be 1..{agents.MAX_AGENTS} ranks, got {nodes} x {node_ranks}"
         )
     if not (rate > 0 and 0 < warmup < duration):
-        raise LoadgenError("--nodes needs --rate > 0 and 0 < --warmup < --duration")
+        raise agents.LoadgenError("--nodes needs --rate > 0 and 0 < --warmup < --duration")
     figures = {}
     for arm in ("flat", "node"):
         arm_streams = streams(arm, nodes, node_ranks, layers)
@@ -171,7 +162,7 @@ def run(
                 stderr=subprocess.DEVNULL,
             )
             try:
-                totals = Totals(scrape_interval=0)
+                totals = agents.Totals(scrape_interval=0)
                 figures[arm] = asyncio.run(
                     _drive(
                         arm_streams,
