@@ -60,6 +60,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
+from .ledger import Ledger
 from .pending import Pending
 from .processor import Processor
 from .relay import Relay
@@ -121,12 +122,7 @@ class Sender(Processor):
         super()._reset()  # the queue, and the condition that also guards what follows
         self._generation = 0  # bumped when a stream ends: its frames generator must stop
         self._relay: Relay | None = None  # made and closed by the sender thread
-        self.seq = 0  # last sequence number put on a stream
-        self.acked = 0  # sequence numbers up to here are settled: accepted, or lost and counted
-        self.durable = 0  # ... and up to here persisted by the collector (the spool holds the rest)
-        # (after, upto]: seq ranges never accepted (counted dropped, or kept in the spool at shutdown)
-        self._unaccepted: list[tuple[int, int]] = []
-        self.delivered = 0  # frames the collector accepted (applied)
+        self._ledger = Ledger()  # where each numbered frame stands: sent, accepted, durable, lost
         # `dropped` counts frames lost: queue overflow, or in flight when a stream broke
         self.spooled = 0  # frames left in the spool at shutdown, for a later replay
         # invariant once shut down: submitted == delivered + dropped + spooled
@@ -147,14 +143,21 @@ class Sender(Processor):
             self._relay.abandon()
 
     @property
+    def delivered(self) -> int:
+        """Frames the collector accepted (applied)."""
+        return self._ledger.delivered
+
+    @property
+    def durable(self) -> int:
+        """The last frame the collector said is durable (every frame up to it is)."""
+        return self._ledger.durable
+
+    @property
     def undurable(self) -> int:
         """Frames the collector accepted (applied) and has not said are durable: lost if it dies
         now. After `shutdown`, those it never made durable."""
         with self._cond:
-            above = self.acked - self.durable
-            for after, upto in self._unaccepted:
-                above -= max(0, min(upto, self.acked) - max(after, self.durable))
-            return max(0, above)
+            return self._ledger.undurable
 
     # -- training thread ------------------------------------------------------------------------
 
@@ -166,7 +169,7 @@ class Sender(Processor):
         """`flush` waits until the collector accepted every queued frame. Accepted, not durable:
         a collector says how far it is durable only with its acks, so an open stream learns it
         with its next frame; `shutdown` learns it at the stream's end."""
-        return bool(self._queue) or self.acked < self.seq
+        return bool(self._queue) or self._ledger.in_flight > 0
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Flush (bounded), close the stream and stop the thread. True if every frame reached
@@ -189,7 +192,7 @@ class Sender(Processor):
             if self._queue:
                 self._count_drop(len(self._queue), "the collector could not take them before shutdown")
                 self._queue.clear()
-            self._lose_upto(self.seq, "the collector had not acknowledged them at shutdown")
+            self._lose_upto(self._ledger.seq, "the collector had not acknowledged them at shutdown")
         undurable = self.undurable
         if undurable and not kept:
             log.warning(
@@ -205,16 +208,15 @@ class Sender(Processor):
         disk with every frame the collector has not made durable, for a later replay; those the
         collector has not accepted count as `spooled`, not dropped. Returns how many it keeps."""
         held = 0
+        ledger = self._ledger
         with self._spooling():
             while self._queue:
-                self.seq += 1
-                self._spool.append(self.seq, self._encode(self._queue.popleft(), self.seq))
+                seq = ledger.next()
+                self._spool.append(seq, self._encode(self._queue.popleft(), seq))
             self._lose_upto(self._spool.evicted, "evicted from the spool before the collector took them")
             held = len(self._spool)
-            self.spooled = self._spool.count(after=self.acked)
-            if self.seq > self.acked:  # settled: kept for a replay, never accepted (not undurable)
-                self._unaccepted.append((self.acked, self.seq))
-                self.acked = self.seq
+            self.spooled = self._spool.count(after=ledger.acked)
+            ledger.settle_kept(ledger.seq)  # kept for a replay, never accepted (not undurable)
             self._spool.close(keep=True)
             if held:
                 log.warning(
@@ -231,10 +233,9 @@ class Sender(Processor):
     def _lose_upto(self, seq: int, why: str) -> None:
         """Frames numbered up to `seq` that the collector has not accepted will never be: count
         them dropped (call under the lock)."""
-        if seq > self.acked:
-            self._count_drop(seq - self.acked, why)
-            self._unaccepted.append((self.acked, seq))
-            self.acked = seq
+        lost = self._ledger.lose_upto(seq)
+        if lost:
+            self._count_drop(lost, why)
 
     @contextmanager
     def _spooling(self) -> Iterator[None]:
@@ -340,11 +341,10 @@ class Sender(Processor):
                     self._cond.wait(left)  # woken by `submit` and `shutdown`
                     continue
                 item = self._queue.popleft()
-                self.seq += 1
-                seq = self.seq
+                seq = self._ledger.next()
             if not self._keep(seq, self._encode(item, seq)):
                 with self._cond:  # no stream is open: what the spool held can never be sent
-                    self._lose_upto(self.seq, "the spool failed with frames waiting for a stream")
+                    self._lose_upto(self._ledger.seq, "the spool failed with frames waiting for a stream")
 
     def _keep(self, seq: int, data: bytes) -> bool:
         """Append a frame to the spool (made here, by this process's first frame kept); False if
@@ -385,7 +385,7 @@ class Sender(Processor):
             self.connected = False
             self._generation += 1
             if self._spool_dir is None:
-                self._lose_upto(self.seq, "a stream broke with frames in flight")
+                self._lose_upto(self._ledger.seq, "a stream broke with frames in flight")
             elif self._spool is not None:
                 self._lose_upto(self._spool.evicted, "evicted from the spool while in flight")
             self._cond.notify_all()
@@ -400,28 +400,22 @@ class Sender(Processor):
         """Count what the collector accepted; free the spool up to what it persisted. Neither can
         be beyond the last frame sent: a collector that says so breaks the protocol."""
         with self._cond:
-            if max(accepted, durable) > self.seq:
-                if not self._violation_logged:
-                    self._violation_logged = True
-                    log.error(
-                        "thermoscope: protocol violation: the collector at %s acknowledged frame %d "
-                        "(durable %d) when %d were sent; believed up to %d",
-                        self.target,
-                        accepted,
-                        durable,
-                        self.seq,
-                        self.seq,
-                    )
-                accepted, durable = min(accepted, self.seq), min(durable, self.seq)
-            if accepted > self.acked:
-                self.delivered += accepted - self.acked  # (frames counted dropped are below `acked`)
-                self.acked = accepted
-            if durable > self.durable:
-                if self._spool is not None:
-                    with self._spooling():
-                        self._spool.ack(durable)
-                self.durable = durable
-                self._unaccepted = [(after, upto) for after, upto in self._unaccepted if upto > durable]
+            sent = self._ledger.seq
+            violation, moved = self._ledger.take_ack(accepted, durable)
+            if violation and not self._violation_logged:
+                self._violation_logged = True
+                log.error(
+                    "thermoscope: protocol violation: the collector at %s acknowledged frame %d "
+                    "(durable %d) when %d were sent; believed up to %d",
+                    self.target,
+                    accepted,
+                    durable,
+                    sent,
+                    sent,
+                )
+            if moved is not None and self._spool is not None:
+                with self._spooling():
+                    self._spool.ack(moved)
             self._cond.notify_all()
 
     def _frames(self, generation: int) -> Iterator[bytes]:
@@ -436,12 +430,12 @@ class Sender(Processor):
         with self._cond:
             with self._spooling():
                 if self._spool is not None:
-                    replay = self._spool.frames(self.durable)
+                    replay = self._spool.frames(self._ledger.durable)
             if self._spool_dir is None:  # nothing to replay: frames not accepted yet never will be
-                self._lose_upto(self.seq, "a stream broke with frames in flight")
+                self._lose_upto(self._ledger.seq, "a stream broke with frames in flight")
         for seq, data in replay:
             with self._cond:
-                while generation == self._generation and seq - self.acked > WINDOW:
+                while generation == self._generation and seq - self._ledger.acked > WINDOW:
                     self._cond.wait()
                 if generation != self._generation:
                     return
@@ -450,14 +444,13 @@ class Sender(Processor):
             with self._cond:
                 while generation == self._generation and (
                     (not self._queue and not self._stopping.is_set())
-                    or (self._queue and self.seq - self.acked >= WINDOW)
+                    or (self._queue and self._ledger.in_flight >= WINDOW)
                 ):
                     self._cond.wait()
                 if generation != self._generation or not self._queue:
                     return
                 item = self._queue.popleft()
-                self.seq += 1
-                seq = self.seq
+                seq = self._ledger.next()
             data = self._encode(item, seq)
             if self._spool_dir is not None:  # (no ack for `seq` can come before it is sent)
                 self._keep(seq, data)  # a spool that fails is given up: the frame goes on
