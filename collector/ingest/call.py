@@ -24,6 +24,7 @@ STATUS = {
     "duplicate_hello": grpc.StatusCode.FAILED_PRECONDITION,
     "protocol_version": grpc.StatusCode.FAILED_PRECONDITION,
     "edges_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "rank_taken": grpc.StatusCode.FAILED_PRECONDITION,  # another open stream's rank (state/job.py)
     "state_unreadable": grpc.StatusCode.FAILED_PRECONDITION,  # its run's stored state (checkpoint.py)
     "oversized": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "too_many_jobs": grpc.StatusCode.RESOURCE_EXHAUSTED,

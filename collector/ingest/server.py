@@ -343,6 +343,9 @@ class Telemetry:
         if refused.reason:
             self.rejected[refused.reason] += 1
             log.warning("rejected a message (%s): %s", refused.reason, refused.message)
+        # the error it was made from holds, through its traceback, what was refused (a node
+        # hello's ranks): let go of it now, not when gRPC lets go of the call's end
+        refused.__context__ = None
         await context.abort(refused.code, refused.message)
 
     def handler(self, max_message_bytes: int) -> grpc.GenericRpcHandler:

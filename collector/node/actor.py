@@ -6,6 +6,9 @@ that node look up before the collector's (`agent/discovery.py`).
 It listens on a free loopback port of its node (its agents are there); a restarted actor gets a
 new one, and the agents, whose streams broke, look it up again and replay from their spools.
 It asks for no CPU, as the collector actor does (a training job's workers can fill the cluster).
+Upstream it proves itself as the agents do, from its process' environment (the job's runtime
+env: `THERMOSCOPE_TOKEN`, `THERMOSCOPE_TLS*`), and takes ranks presenting a token of `tokens` (a
+tokens file on its node), else its own token (node/aggregator.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import threading
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from thermoscope.agent.security import resolve
+from thermoscope.collector.ingest.grpc_auth import TokenTable
 from thermoscope.wire.contract import NAMESPACE, aggregator_name
 
 from .aggregator import Aggregator
@@ -28,10 +33,11 @@ TIMEOUT = 60.0
 class AggregatorActor:
     """The aggregator on its own event loop thread inside the actor's process."""
 
-    def __init__(self, collector: str, ranks: int) -> None:
+    def __init__(self, collector: str, ranks: int, tokens: str | None = None) -> None:
+        table = None if tokens is None else TokenTable.load(tokens)
+        self._aggregator = Aggregator(collector, ranks, security=resolve(), tokens=table)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="thermoscope-aggregator", daemon=True).start()
-        self._aggregator = Aggregator(collector, ranks)
         self._server = self._call(self._aggregator.start("127.0.0.1:0"))
 
     def _call(self, coro):
@@ -46,9 +52,10 @@ class AggregatorActor:
         self._call(self._aggregator.close())
 
 
-def start(node_id: str, collector: str, ranks: int) -> ray.actor.ActorHandle:
+def start(node_id: str, collector: str, ranks: int, tokens: str | None = None) -> ray.actor.ActorHandle:
     """Start the aggregator of node `node_id` (or find the running one) for `ranks` ranks there,
-    forwarding to `collector` ("host:port", reachable from that node). Needs a connected driver."""
+    forwarding to `collector` ("host:port", reachable from that node), taking the ranks that
+    present a token of the tokens file `tokens` (a path on that node). Needs a connected driver."""
     handle = (
         ray.remote(AggregatorActor)
         .options(
@@ -60,15 +67,15 @@ def start(node_id: str, collector: str, ranks: int) -> ray.actor.ActorHandle:
             max_restarts=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
-        .remote(collector, ranks)
+        .remote(collector, ranks, tokens)
     )
     ray.get(handle.address.remote(), timeout=TIMEOUT)  # it serves, or its error is raised here
     return handle
 
 
-def start_all(collector: str, ranks: int) -> dict[str, ray.actor.ActorHandle]:
+def start_all(collector: str, ranks: int, tokens: str | None = None) -> dict[str, ray.actor.ActorHandle]:
     """An aggregator on every alive node of the cluster, by node id."""
-    return {n["NodeID"]: start(n["NodeID"], collector, ranks) for n in ray.nodes() if n["Alive"]}
+    return {n["NodeID"]: start(n["NodeID"], collector, ranks, tokens) for n in ray.nodes() if n["Alive"]}
 
 
 def stop_all() -> int:

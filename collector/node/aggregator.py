@@ -24,7 +24,19 @@ agents reconnect and replay what their spools hold (what the collector had not m
 the collector's marks count what it had merged already as late, not twice.
 
 The node's ranks are fixed by the hellos of its first `ranks` streams; a hello from another rank
-is refused (FAILED_PRECONDITION). It listens on loopback only: its agents are on its node.
+is refused (FAILED_PRECONDITION), and so is one for a rank whose call is still open: a rank's slot
+is its call's until that call ends (a second process cannot take its place, nor its acks). It
+listens on loopback only: its agents are on its node.
+
+Who may stream through it, and as whom it streams on. Upstream it proves itself as an agent does
+(`agent.security.Security`: a bearer token, TLS, a client certificate; `cli/aggregator.py` reads
+them from the agents' environment variables), so a collector run with `--tokens` or mutual TLS
+takes its node streams. Its ranks present bearer tokens checked as the collector checks them
+(`grpc_auth.TokenInterceptor`: UNAUTHENTICATED without a known token, PERMISSION_DENIED for a job
+outside the token's prefix): those of its own tokens file (`tokens`), else its own upstream
+token, so that a local process without the job's token can neither fix the node's job nor
+forward frames under the aggregator's identity. With neither, any local process is accepted
+(a node whose collector is open).
 """
 
 from __future__ import annotations
@@ -33,11 +45,15 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
+from thermoscope.agent.security import Security
+from thermoscope.collector.ingest.call import STATUS
+from thermoscope.collector.ingest.grpc_auth import TokenInterceptor, TokenTable
 from thermoscope.collector.ingest.refusal import BadBytes
 from thermoscope.collector.ingest.server import deserializer
 from thermoscope.collector.merge import Merger, Target
@@ -78,11 +94,27 @@ class _Rank:
 class Aggregator:
     """The servicer of one node (see the module docstring); all its state lives on its event loop."""
 
-    def __init__(self, collector: str, ranks: int, max_message_bytes: int = 64 << 20) -> None:
-        """`collector`: the job's collector "host:port"; `ranks`: how many ranks run on this node."""
+    def __init__(
+        self,
+        collector: str,
+        ranks: int,
+        max_message_bytes: int = 64 << 20,
+        *,
+        security: Security | None = None,
+        tokens: TokenTable | None = None,
+    ) -> None:
+        """`collector`: the job's collector "host:port"; `ranks`: how many ranks run on this node;
+        `security`: how it proves itself to the collector (an agent's settings; None: plain, no
+        token); `tokens`: the
+        bearer tokens its ranks may present (None: its own upstream token, if it has one)."""
         self.collector = collector
         self.expected = ranks
         self.max_message_bytes = max_message_bytes
+        self.security = security = security or Security()
+        if tokens is None and security.token is not None:
+            tokens = TokenTable([(security.token, "")])
+        self.tokens = tokens
+        self.rejected: Counter[str] = Counter()  # the ranks' calls refused unauthenticated
         self.sessions: dict[int, _Rank] = {}  # by rank: the open or last call of each
         self.pending: dict[int, dict[int, _Part]] = {}  # step -> rank -> its frame
         self.forwarded_step = -1
@@ -98,6 +130,7 @@ class Aggregator:
         self._tables: dict[int, Table] = {}
         self._ranks: tuple[int, ...] = ()
         self._channel: grpc.aio.Channel | None = None
+        self._metadata: tuple[tuple[str, str], ...] | None = None  # the upstream call's (a plaintext token)
         self._changed = asyncio.Event()  # acks arrived (a closing rank waits for its own)
 
     # -- the server ------------------------------------------------------------------------------
@@ -109,8 +142,11 @@ class Aggregator:
             raise ValueError(
                 f"the aggregator listens on loopback only (its agents are on its node), not {listen}"
             )
-        self._channel = grpc.aio.insecure_channel(self.collector, options=_UPSTREAM_OPTIONS)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_message_bytes)])
+        self._channel = self._upstream_channel()
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", self.max_message_bytes)],
+            interceptors=None if self.tokens is None else [TokenInterceptor(self.tokens, self.rejected)],
+        )
         server.add_generic_rpc_handlers((self.handler(),))
         self.port = server.add_insecure_port(listen)
         await server.start()
@@ -121,6 +157,22 @@ class Aggregator:
             self.collector,
         )
         return server
+
+    def _upstream_channel(self) -> grpc.aio.Channel:
+        """The channel to the collector, with the aggregator's credentials (as `agent/link.py`
+        makes an agent's: on a plaintext channel the token goes as the call's metadata)."""
+        sec = self.security
+        self._metadata = None if sec.tls or sec.token is None else (("authorization", f"Bearer {sec.token}"),)
+        if not sec.tls:
+            return grpc.aio.insecure_channel(self.collector, options=_UPSTREAM_OPTIONS)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=sec.root_cert, private_key=sec.client_key, certificate_chain=sec.client_cert
+        )
+        if sec.token is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(sec.token)
+            )
+        return grpc.aio.secure_channel(self.collector, credentials, options=_UPSTREAM_OPTIONS)
 
     async def close(self) -> None:
         if self._upstream_task is not None:
@@ -192,8 +244,8 @@ class Aggregator:
 
     def _take(self, msg: pb.AgentMessage | BadBytes, session: _Rank) -> tuple[grpc.StatusCode, str] | None:
         """Handle one request; (status, why) when the call must end."""
-        if isinstance(msg, BadBytes):
-            return grpc.StatusCode.INVALID_ARGUMENT, msg.message
+        if isinstance(msg, BadBytes):  # undecodable, or a hello for a job outside its token's prefix
+            return STATUS.get(msg.reason, grpc.StatusCode.INVALID_ARGUMENT), msg.message
         kind = msg.WhichOneof("body")
         if kind == "hello":
             if session.hello is not None:
@@ -255,6 +307,12 @@ class Aggregator:
             return (
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"rank {hello.rank} is not one of this node's {list(self._ranks)}",
+            )
+        held = self.sessions.get(hello.rank)
+        if held is not None and held.open:
+            return (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rank {hello.rank} streams on this node already (its call is open)",
             )
         table = Table.of_rank(layers, sites)
         if self._ranks and table != self._tables[hello.rank]:
@@ -323,7 +381,7 @@ class Aggregator:
             while (msg := await outbox.get()) is not None:
                 yield msg
 
-        call = pb_grpc.TelemetryStub(self._channel).Stream(requests())
+        call = pb_grpc.TelemetryStub(self._channel).Stream(requests(), metadata=self._metadata)
         why = "the collector ended the node's stream"
         try:
             async for reply in call:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from thermoscope.science.derive import Reading
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
+from thermoscope.wire.codec import WireError
 
 from ..settings import DEFAULTS
 from .pipeline import Phases, Pipeline
@@ -62,15 +63,35 @@ class Ranks:
         self.streams: dict[int, Stream] = {}  # by rank, open streams only
         self.lost: dict[int, Stream] = {}
         self.finished: dict[int, Stream] = {}
+        self.claims: dict[int, int] = {}  # rank -> the key of the open, lost or finished stream holding it
         self.lost_total = 0
         self.lock = threading.Lock()  # the metrics thread reads all of the above
 
     def open(self, stream: Stream) -> None:
-        """A rank's stream opened: a rank that comes back is live again."""
+        """A rank's stream opened: a rank that comes back is live again.
+
+        The ranks a job's streams claim together are at most its world, each once (`claims`): a
+        stream claiming a rank that another open stream holds is refused (WireError
+        `rank_taken`; a stream of the same key replaces it), and an ended stream one of whose
+        ranks it claims is let go whole (its ranks stream again, through it)."""
+        key, claimed = stream.rank, stream.ranks or (stream.rank,)
         with self.lock:
-            self.streams[stream.rank] = stream
-            self.lost.pop(stream.rank, None)
-            self.finished.pop(stream.rank, None)
+            taken = sorted(
+                r for r in claimed if self.claims.get(r, key) != key and self.claims[r] in self.streams
+            )
+            if taken:
+                raise WireError(
+                    "rank_taken",
+                    f"ranks {taken[:8]} are claimed by another open stream of job {stream.job_id!r}",
+                )
+            for other in {key, *(self.claims[r] for r in claimed if r in self.claims)}:
+                gone = self.streams.pop(other, None) or self.lost.pop(other, None)
+                gone = gone or self.finished.pop(other, None)
+                for r in (gone.ranks or (other,)) if gone is not None else ():
+                    if self.claims.get(r) == other:
+                        del self.claims[r]
+            self.claims.update(dict.fromkeys(claimed, key))
+            self.streams[key] = stream
             stream.rank_heard = dict.fromkeys(stream.ranks, stream.heard)
 
     def close(self, stream: Stream, clean: bool) -> None:
@@ -84,10 +105,10 @@ class Ranks:
                 stale = self._judge_ranks(stream, time.monotonic())
                 if not clean:
                     self.lost_total += sum(not s for s in stale.values())
-                    stream.stale_ranks = set(stream.ranks)
+                # an ended node stream's ranks are all finished, or all lost: no per-rank state
+                stream.rank_heard, stream.stale_ranks = {}, set()
             if clean:
                 stream.stale = False
-                stream.stale_ranks = set()
                 self.finished[stream.rank] = stream
             elif stream.ranks:
                 stream.stale = True
