@@ -90,7 +90,7 @@ class Collector:
         self._guard = self.security.load(split_address(settings.grpc)[0], split_address(settings.metrics)[0])
         self.jobs: dict[str, Job] = {}
         self.store = (
-            EventStore(settings.db, history_interval=settings.history_interval)
+            EventStore(settings.db, history_interval=settings.history_interval, retention=settings.retention)
             if settings.db is not None
             else None
         )
