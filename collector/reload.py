@@ -164,11 +164,13 @@ class Rotation:
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Reload when a file's modification time or size changes, until cancelled (a reload that
-        fails is tried again only after the next change)."""
+        fails is tried again only after the next change). A file that is gone is no change to
+        read: the Ray actor's unpacked copies go once loaded, and a file replaced by a rename (as
+        a Kubernetes secret is) is never missing."""
         while True:
             await asyncio.sleep(interval)
             stamps = self._stat()
-            if stamps != self._stamps:
+            if None not in stamps and stamps != self._stamps:
                 self._stamps = stamps
                 log.info("a security file changed: reloading")
                 self.reload()

@@ -153,6 +153,29 @@ class Guard:
             self.rotation.metrics_context = httpd.socket.context  # loaded again at a reload
         return httpd, thread
 
+    def authorize(self, action: str, job: str | None, token: str | None) -> str:
+        """Who may `action` (attach, detach: they pause or resume production jobs) `job` (None:
+        every job): a token of the tokens file covering the job (every job: a token bound to
+        none), when the collector has one. Returns who, for the log; PermissionError otherwise.
+        Without a tokens file anyone who reaches the collector may (its address is the guard:
+        loopback, or the Ray cluster's own access control)."""
+        if self.tokens is None:
+            return "anyone (the collector has no tokens file)"
+        principal = None if token is None else self.tokens.match(token)
+        what = f"job {job}" if job is not None else "every job"
+        if principal is None:
+            why = "no token" if token is None else "an unknown token"
+            raise PermissionError(
+                f"{action} {what}: {why}; it needs a token of the collector's tokens file"
+                " ($THERMOSCOPE_TOKEN or $THERMOSCOPE_TOKEN_FILE)"
+            )
+        if not (principal.may_stream(job) if job is not None else not principal.job_prefix):
+            raise PermissionError(
+                f"{action} {what}: the token of line {principal.line} covers only jobs"
+                f" {principal.job_prefix!r}"
+            )
+        return f"the token of line {principal.line}"
+
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add what basic auth refused and hashed to `registry` (rendered at /metrics), if it guards it."""
         if self.auth is not None:

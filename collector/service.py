@@ -240,13 +240,25 @@ class Collector:
 
     # -- from any thread ---------------------------------------------------------------------------
 
-    def attach(self, job: str | None = None) -> None:
-        """Let `job` stream (None: every job, dropping per-job choices); its agents resume at once."""
-        self._on_loop(self.telemetry.admit, job, True)
+    def attach(self, job: str | None = None, *, token: str | None = None) -> None:
+        """Let `job` stream (None: every job, dropping per-job choices); its agents resume at once.
+        With a tokens file, `token` must cover the job (PermissionError, logged, otherwise)."""
+        self._admit("attach", job, True, token)
 
-    def detach(self, job: str | None = None) -> None:
-        """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once."""
-        self._on_loop(self.telemetry.admit, job, False)
+    def detach(self, job: str | None = None, *, token: str | None = None) -> None:
+        """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once.
+        With a tokens file, `token` must cover the job (PermissionError, logged, otherwise)."""
+        self._admit("detach", job, False, token)
+
+    def _admit(self, action: str, job: str | None, active: bool, token: str | None) -> None:
+        """Authorize, log who, then attach or detach: they act on production jobs."""
+        try:
+            who = self._guard.authorize(action, job, token)
+        except PermissionError as exc:
+            log.warning("refused: %s", exc)
+            raise
+        log.info("%s %s, asked by %s", action, f"job {job}" if job is not None else "every job", who)
+        self._on_loop(self.telemetry.admit, job, active)
 
     def checkpoint(self) -> None:
         """Commit every job's state, history rows and events now, instead of at the next
