@@ -103,10 +103,18 @@ def attach(args: argparse.Namespace, security: Security) -> int:
         print(f"started the collector actor: gRPC {targets['grpc']}, metrics {targets['metrics']}")
     import ray
 
-    ray.get(handle.attach.remote(args.job))
+    ray.get(handle.attach.remote(args.job, _token()))
     what = f"job {args.job}" if args.job else "every job"
     print(f"attached to {what}; dormant agents connect within two discovery intervals")
     return _wait_for_ranks(ray, handle, args.job, args.wait)
+
+
+def _token() -> str | None:
+    """The token attach and detach show a collector with a tokens file: the agents' own
+    ($THERMOSCOPE_TOKEN, or the first line of $THERMOSCOPE_TOKEN_FILE)."""
+    from thermoscope.agent.security import resolve
+
+    return resolve().token
 
 
 def _wait_for_ranks(ray, handle, job: str | None, wait: float) -> int:
@@ -145,7 +153,7 @@ def detach(args: argparse.Namespace) -> int:
         return 0
     import ray
 
-    ray.get(handle.detach.remote(args.job))
+    ray.get(handle.detach.remote(args.job, _token()))
     print(f"detached from {'job ' + args.job if args.job else 'every job'}; its agents are idle")
     return 0
 

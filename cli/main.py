@@ -99,6 +99,17 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--json", action="store_true", help="print a JSON list of events")
 
+    x = sub.add_parser(
+        "export",
+        help="write one job's history and phase events to a JSON lines file (pandas reads it)",
+        description="For a post-mortem, or to keep a job past the collector's --retention: one JSON "
+        "object a line, `record` history or event (docs/usage.md); read with "
+        "pandas.read_json(FILE, lines=True).",
+    )
+    x.add_argument("--db", default=str(db), help=f"the collector's database (default {db})")
+    x.add_argument("--job", required=True, help="the job id")
+    x.add_argument("--out", required=True, metavar="FILE.jsonl", help="the file to write (never overwritten)")
+
     d = sub.add_parser(
         "demo", help="train a small model with a live agent and collector, then show the readings"
     )
@@ -255,6 +266,14 @@ def _collector_arguments(c: argparse.ArgumentParser) -> None:
         f"(default {d.history_interval:g}; 0: every merged sample)",
     )
     c.add_argument(
+        "--retention",
+        type=_seconds,
+        default=d.retention,
+        metavar="S",
+        help="seconds of history kept in --db; older rows are deleted and their space given back "
+        f"(default {d.retention:g}: a week; 0: keep all). `thermoscope export` saves a job for longer",
+    )
+    c.add_argument(
         "--checkpoint-interval",
         type=_positive_number,
         default=d.checkpoint_interval,
@@ -279,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             "phase_layers": args.phase_layers,
             "stale_after": args.stale_after,
             "history_interval": args.history_interval,
+            "retention": args.retention,
             "checkpoint_interval": args.checkpoint_interval,
             "security": security_cli.from_args(args, p),
             "max_layers": args.max_layers,
@@ -340,6 +360,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"plot: {exc}")
         except sqlite3.DatabaseError as exc:
             p.error(f"plot: {args.db} is not a Thermoscope database ({exc})")
+    if args.command == "export":
+        from . import export as export_cli
+
+        try:
+            return export_cli.run(args)
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(f"export: {exc}")
+        except sqlite3.DatabaseError as exc:
+            p.error(f"export: {args.db} is not a Thermoscope database ({exc})")
     if args.command == "events":
         try:
             return events_cli.run(args)

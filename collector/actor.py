@@ -168,11 +168,11 @@ class CollectorActor:
             "node": self._host,
         }
 
-    def attach(self, job: str | None = None) -> None:
-        self._collector.attach(job)
+    def attach(self, job: str | None = None, token: str | None = None) -> None:
+        self._collector.attach(job, token=token)
 
-    def detach(self, job: str | None = None) -> None:
-        self._collector.detach(job)
+    def detach(self, job: str | None = None, token: str | None = None) -> None:
+        self._collector.detach(job, token=token)
 
     def snapshot(self) -> dict[str, Any]:
         return self._collector.snapshot()

@@ -2,7 +2,8 @@
 `Guard` is it loaded, and `check_exposure` refuses to serve a non-loopback address unprotected.
 
 The parts live beside what they guard: tokens and gRPC's TLS in `grpc_auth`, basic auth and
-the HTTP(S) server in `metrics_http`; the files are read through `credentials.read_file`.
+the HTTP(S) server in `metrics_http`; the files are read through `credentials.read_file`, and
+read again without a restart by `reload.Rotation` (SIGHUP, or a file changed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from thermoscope.wire.contract import is_loopback
 from .credentials import AuthConfigError
 from .exposition.metrics_http import start_metrics_server
 from .exposition.passwords import BasicAuthUsers, PasswordCheck
-from .ingest.grpc_auth import TokenInterceptor, TokenTable, server_credentials
+from .ingest.grpc_auth import TokenInterceptor, TokenTable, check_certificate_and_key, check_client_ca
+from .reload import LiveCertificate, LiveTokens, Rotation
 
 
 class InsecureError(ValueError):
@@ -103,16 +105,16 @@ class Security:
             metrics_auth=self.metrics_basic_auth is not None,
             insecure=self.insecure,
         )
-        return Guard(
-            self,
-            None if self.tokens is None else TokenTable.load(self.tokens),
-            None
-            if self.tls_cert is None
-            else server_credentials(self.tls_cert, self.tls_key, self.tls_client_ca),  # type: ignore[arg-type]
-            None
-            if self.metrics_basic_auth is None
-            else PasswordCheck(BasicAuthUsers.load(self.metrics_basic_auth)),
-        )
+        certificate = None
+        if self.tls_cert is not None:
+            cert_pem, key_pem = check_certificate_and_key(self.tls_cert, self.tls_key)  # type: ignore[arg-type]
+            ca = None if self.tls_client_ca is None else check_client_ca(self.tls_client_ca)
+            certificate = LiveCertificate(cert_pem, key_pem, ca)
+        tokens = None if self.tokens is None else LiveTokens(TokenTable.load(self.tokens))
+        auth = None
+        if self.metrics_basic_auth is not None:
+            auth = PasswordCheck(BasicAuthUsers.load(self.metrics_basic_auth))
+        return Guard(self, tokens, certificate, auth, Rotation(self, tokens, certificate, auth))
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,10 @@ class Guard:
     """A loaded `Security`: what `Collector.start` hooks into the gRPC server and /metrics."""
 
     security: Security
-    tokens: TokenTable | None
-    credentials: grpc.ServerCredentials | None
+    tokens: LiveTokens | None
+    certificate: LiveCertificate | None
     auth: PasswordCheck | None
+    rotation: Rotation  # reads the files again and swaps them in (SIGHUP, a file changed)
 
     @property
     def metrics_scheme(self) -> str:
@@ -132,13 +135,13 @@ class Guard:
         return [] if self.tokens is None else [TokenInterceptor(self.tokens, rejected)]
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
-        if self.credentials is None:
+        if self.certificate is None:
             return server.add_insecure_port(address)
-        return server.add_secure_port(address, self.credentials)
+        return server.add_secure_port(address, self.certificate.credentials())
 
     def start_metrics(self, host: str, port: int, app):
         """(server, thread) serving the WSGI `app` (`/metrics`), guarded as configured."""
-        return start_metrics_server(
+        httpd, thread = start_metrics_server(
             host,
             port,
             app,
@@ -146,6 +149,32 @@ class Guard:
             keyfile=self.security.metrics_tls_key,
             auth=self.auth,
         )
+        if self.security.metrics_tls_cert is not None:
+            self.rotation.metrics_context = httpd.socket.context  # loaded again at a reload
+        return httpd, thread
+
+    def authorize(self, action: str, job: str | None, token: str | None) -> str:
+        """Who may `action` (attach, detach: they pause or resume production jobs) `job` (None:
+        every job): a token of the tokens file covering the job (every job: a token bound to
+        none), when the collector has one. Returns who, for the log; PermissionError otherwise.
+        Without a tokens file anyone who reaches the collector may (its address is the guard:
+        loopback, or the Ray cluster's own access control)."""
+        if self.tokens is None:
+            return "anyone (the collector has no tokens file)"
+        principal = None if token is None else self.tokens.match(token)
+        what = f"job {job}" if job is not None else "every job"
+        if principal is None:
+            why = "no token" if token is None else "an unknown token"
+            raise PermissionError(
+                f"{action} {what}: {why}; it needs a token of the collector's tokens file"
+                " ($THERMOSCOPE_TOKEN or $THERMOSCOPE_TOKEN_FILE)"
+            )
+        if not (principal.may_stream(job) if job is not None else not principal.job_prefix):
+            raise PermissionError(
+                f"{action} {what}: the token of line {principal.line} covers only jobs"
+                f" {principal.job_prefix!r}"
+            )
+        return f"the token of line {principal.line}"
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add what basic auth refused and hashed to `registry` (rendered at /metrics), if it guards it."""

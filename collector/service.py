@@ -90,7 +90,7 @@ class Collector:
         self._guard = self.security.load(split_address(settings.grpc)[0], split_address(settings.metrics)[0])
         self.jobs: dict[str, Job] = {}
         self.store = (
-            EventStore(settings.db, history_interval=settings.history_interval)
+            EventStore(settings.db, history_interval=settings.history_interval, retention=settings.retention)
             if settings.db is not None
             else None
         )
@@ -118,6 +118,7 @@ class Collector:
         self._http = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpoints: asyncio.Task | None = None
+        self._rotation: asyncio.Task | None = None  # watches the security files
 
     @property
     def metrics_url(self) -> str:
@@ -169,6 +170,8 @@ class Collector:
             checkpoints = self.telemetry.checkpointer.every(self.settings.checkpoint_interval)
             self._checkpoints = asyncio.create_task(checkpoints)
         await self._set_serving_by_checkpoints(False)
+        if self._guard.rotation.files():
+            self._rotation = asyncio.create_task(self._guard.rotation.watch())
         log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
 
     async def _set_serving_by_checkpoints(self, failing: bool) -> None:
@@ -200,19 +203,26 @@ class Collector:
             self._http.server_close()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
+        if self._rotation is not None:
+            self._rotation.cancel()
         if self.store is not None:
             await self.telemetry.checkpointer.checkpoint()
             self.store.close()
 
     async def serve(self, grace: float = 5.0, hold: float = 0.5) -> None:
-        """Run until SIGTERM or SIGINT (Ctrl-C), then `stop(grace, hold)`: returns once shut down."""
+        """Run until SIGTERM or SIGINT (Ctrl-C), then `stop(grace, hold)`: returns once shut down.
+        SIGHUP reloads the security files (`reload`)."""
         await self.start()
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         handled = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig, handler in (
+            (signal.SIGTERM, signalled.set),
+            (signal.SIGINT, signalled.set),
+            (signal.SIGHUP, self.reload),
+        ):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                loop.add_signal_handler(sig, signalled.set)
+                loop.add_signal_handler(sig, handler)
                 handled.append(sig)
         try:
             await signalled.wait()
@@ -223,15 +233,32 @@ class Collector:
             await self.stop(grace, hold)
         log.info("collector: stopped")
 
+    def reload(self) -> bool:
+        """Read the tokens, passwords and TLS files again and use them from now on, all or none:
+        False (logged) if one cannot be used, and the previous ones stay (`reload.Rotation`)."""
+        return self._guard.rotation.reload()
+
     # -- from any thread ---------------------------------------------------------------------------
 
-    def attach(self, job: str | None = None) -> None:
-        """Let `job` stream (None: every job, dropping per-job choices); its agents resume at once."""
-        self._on_loop(self.telemetry.admit, job, True)
+    def attach(self, job: str | None = None, *, token: str | None = None) -> None:
+        """Let `job` stream (None: every job, dropping per-job choices); its agents resume at once.
+        With a tokens file, `token` must cover the job (PermissionError, logged, otherwise)."""
+        self._admit("attach", job, True, token)
 
-    def detach(self, job: str | None = None) -> None:
-        """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once."""
-        self._on_loop(self.telemetry.admit, job, False)
+    def detach(self, job: str | None = None, *, token: str | None = None) -> None:
+        """Pause `job` (None: every job, dropping per-job choices): its agents stop sampling at once.
+        With a tokens file, `token` must cover the job (PermissionError, logged, otherwise)."""
+        self._admit("detach", job, False, token)
+
+    def _admit(self, action: str, job: str | None, active: bool, token: str | None) -> None:
+        """Authorize, log who, then attach or detach: they act on production jobs."""
+        try:
+            who = self._guard.authorize(action, job, token)
+        except PermissionError as exc:
+            log.warning("refused: %s", exc)
+            raise
+        log.info("%s %s, asked by %s", action, f"job {job}" if job is not None else "every job", who)
+        self._on_loop(self.telemetry.admit, job, active)
 
     def checkpoint(self) -> None:
         """Commit every job's state, history rows and events now, instead of at the next

@@ -74,7 +74,8 @@ class CollectorSettings:
     series per job and metric in /metrics, the rest folded into `__other__`; `phase_layers`:
     layers per job with a phase state-set; `db`: the SQLite file of events, history and
     checkpoints (None: keep none); `history_interval`: least seconds between two history rows of
-    a job (0: every merged sample); `checkpoint_interval`: seconds between two checkpoints;
+    a job (0: every merged sample); `retention`: seconds of history kept (older rows are deleted
+    and their pages given back; 0: keep all); `checkpoint_interval`: seconds between two checkpoints;
     `sd_file`: the Ray actor's Prometheus file-SD JSON; `actor_timeout`: seconds to wait for the
     Ray actor to answer.
 
@@ -96,6 +97,9 @@ class CollectorSettings:
     phase_layers: int = 50
     db: str | Path | None = STATE_DIR / "events.db"
     history_interval: float = 1.0
+    # A week: a post-mortem's worth (`thermoscope export` keeps a job for longer), at most ~600k
+    # rows per job at one row a second.
+    retention: float = 7 * 86400.0
     checkpoint_interval: float = 5.0
     sd_file: Path = STATE_DIR / "file_sd.json"
     actor_timeout: float = 60.0

@@ -28,6 +28,7 @@ from thermoscope.collector.service import Collector
 from thermoscope.collector.state.pipeline import MAX_PENDING_STEPS
 from thermoscope.collector.state.store import EventStore
 from thermoscope.v1 import telemetry_pb2 as pb
+from thermoscope.wire.codec import PROTOCOL_VERSION
 
 from helpers.protocol import OpenStream, frame, hello
 from helpers.scripted import LoopThread, ScriptedCollector
@@ -154,6 +155,16 @@ def node_of_two(target: str) -> list[OpenStream]:
     return [OpenStream(target, hello(JOB, rank=r, world_size=2)) for r in range(2)]
 
 
+def answer_node(up: ScriptedCollector, ranks: list[OpenStream]) -> None:
+    """Answer the node's hello as a collector of this release does (its config, which says its
+    protocol version: the aggregator forwards frames only after it), and read it off the ranks'
+    streams, where the aggregator relays it."""
+    assert up.message().HasField("hello")
+    up.config(protocol_version=PROTOCOL_VERSION)
+    for s in ranks:
+        assert until_config(s) == []
+
+
 def test_a_frame_for_a_step_already_forwarded_is_settled_only_with_a_node_frame_the_collector_acked():
     """Rank 0 runs MAX_PENDING_STEPS + 2 steps ahead, so steps 0 and 1 go without rank 1; rank 1's
     frames for them come late and are not merged. They are acknowledged once the collector
@@ -161,7 +172,7 @@ def test_a_frame_for_a_step_already_forwarded_is_settled_only_with_a_node_frame_
     that one is durable: not before the collector said anything."""
     with ScriptedCollector() as up, aggregator(up.target, ranks=2) as target:
         r0, r1 = node_of_two(target)
-        assert up.message().HasField("hello")
+        answer_node(up, [r0, r1])
         for step in range(MAX_PENDING_STEPS + 2):
             r0.send(frame(step + 1, step))
         assert [f.seq for f in up.frames(2)] == [1, 2]  # steps 0 and 1, without rank 1
@@ -185,7 +196,7 @@ def test_a_rank_whose_process_restarted_is_not_acknowledged_for_the_dead_process
     of the new process's frame 1 (in node frame 2): only node frame 2's is."""
     with ScriptedCollector() as up, aggregator(up.target, ranks=2) as target:
         r0, r1 = node_of_two(target)
-        assert up.message().HasField("hello")
+        answer_node(up, [r0, r1])
         r0.send(frame(1, 0))
         r1.send(frame(1, 0))
         assert [f.seq for f in up.frames(1)] == [1]
@@ -238,7 +249,7 @@ def test_a_node_stream_that_breaks_before_durable_ends_the_ranks_calls_and_the_n
     the replayed frames."""
     with ScriptedCollector() as up, aggregator(up.target, ranks=2) as target:
         ranks = node_of_two(target)
-        assert up.message().HasField("hello")
+        answer_node(up, ranks)
         for s in ranks:
             s.send(frame(1, 0))
         assert [f.seq for f in up.frames(1)] == [1]
@@ -249,7 +260,8 @@ def test_a_node_stream_that_breaks_before_durable_ends_the_ranks_calls_and_the_n
         for s in ranks:
             s.cancel()
         ranks = node_of_two(target)  # they reconnect and replay frame 1 from their spools
-        assert up.message().HasField("hello") and up.calls == 2
+        answer_node(up, ranks)
+        assert up.calls == 2
         for s in ranks:
             s.send(frame(1, 0))
         assert [f.seq for f in up.frames(1)] == [2]

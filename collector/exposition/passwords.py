@@ -167,6 +167,13 @@ class PasswordCheck:
         self.checks = 0  # passwords hashed against the users' hashes
         self.failures: Counter[str] = Counter({MISSING: 0, WRONG: 0, RATE_LIMITED: 0})
 
+    def replace_users(self, users: BasicAuthUsers) -> None:
+        """Check against `users` from now on (a reload): the verified pairs are forgotten, so a
+        removed user or a changed password is refused at its next scrape."""
+        with self._lock:
+            self.users = users
+            self._verified.clear()
+
     def admit(self, header: str, address: str) -> str:
         """`OK`, or why not (`MISSING`, `WRONG`, `RATE_LIMITED`), for an `Authorization` header
         from `address`."""

@@ -26,11 +26,12 @@ like any other bad message (PERMISSION_DENIED, counted as `reason="forbidden_job
 principal has to travel between the interceptor and the servicer (no contextvar: grpc.aio does
 not promise the interceptor and the handler share a context).
 
-`server_credentials`: TLS on the gRPC port (`--tls-cert/--tls-key`), mutual TLS with a client CA
-(`--tls-client-ca`). gRPC takes any bytes and fails only when it binds ("Failed to bind"), so
-the files are checked first, with the standard library (`check_certificate_and_key`,
-`check_client_ca`): a missing, garbled or mismatched file stops the collector at startup with
-an `AuthConfigError` naming the file and what is wrong with it.
+TLS on the gRPC port (`--tls-cert/--tls-key`), mutual TLS with a client CA (`--tls-client-ca`):
+its credentials are `reload.LiveCertificate`'s, so they rotate without a restart. gRPC takes
+any bytes and fails only when it binds ("Failed to bind"), so the files are checked first, with
+the standard library (`check_certificate_and_key`, `check_client_ca`): a missing, garbled or
+mismatched file stops the collector at startup with an `AuthConfigError` naming the file and
+what is wrong with it.
 """
 
 from __future__ import annotations
@@ -206,20 +207,6 @@ def _bound(decode: Callable[[bytes], object], principal: Principal) -> Callable[
         return msg
 
     return bound
-
-
-def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None):
-    """gRPC server credentials; with `client_ca`, clients must present a certificate it signed.
-
-    AuthConfigError, naming the file, for one that cannot be read or used (checked here, before
-    gRPC binds the port).
-    """
-    cert_pem, key_pem = check_certificate_and_key(cert, key)
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=None if client_ca is None else check_client_ca(client_ca),
-        require_client_auth=client_ca is not None,
-    )
 
 
 def check_certificate_and_key(cert: str | Path, key: str | Path) -> tuple[bytes, bytes]:

@@ -155,6 +155,7 @@ class Telemetry:
                 every=self.settings.every,
                 paused=not self.active(job_id),
                 max_frame_rate=self.limits.max_frame_rate,
+                protocol_version=codec.PROTOCOL_VERSION,
             )
         )
 

@@ -67,6 +67,15 @@ from thermoscope.wire.node import encode_node, node_hello
 
 log = logging.getLogger("thermoscope.aggregator")
 
+#: The oldest collector a node stream may go to: one that says its protocol version in its config
+#: (a collector of an earlier release reads a node's hello as one rank's, its merged frames as that
+#: rank's: wrong readings, silently). Below it the aggregator forwards nothing and says why.
+NODE_PROTOCOL_VERSION = 1
+OLDER_COLLECTOR = (
+    "the collector is of an earlier release that does not read node streams (its config says no"
+    " protocol version): nothing is forwarded to it; upgrade the collector, or let the ranks stream"
+    " to it directly (no aggregator)"
+)
 #: Seconds a rank that half-closed waits for its last frames to be durable at the collector.
 FLUSH_WAIT = 30.0
 _UPSTREAM_OPTIONS = [
@@ -377,7 +386,11 @@ class Aggregator:
         self._merge_ready()
 
     async def _run_upstream(self, outbox: asyncio.Queue) -> None:
+        answered = asyncio.Event()
+
         async def requests():
+            yield await outbox.get()  # the node's hello; its frames only once the collector read it
+            await answered.wait()
             while (msg := await outbox.get()) is not None:
                 yield msg
 
@@ -391,6 +404,11 @@ class Aggregator:
                     ack = reply.ack
                     self._acked(ack.seq, ack.durable if ack.HasField("durable") else ack.seq)
                 elif reply.HasField("config"):
+                    if not answered.is_set() and reply.config.protocol_version < NODE_PROTOCOL_VERSION:
+                        why = OLDER_COLLECTOR
+                        call.cancel()
+                        break
+                    answered.set()
                     self.config = reply.config
                     for s in self.sessions.values():
                         if s.open:

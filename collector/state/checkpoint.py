@@ -165,6 +165,7 @@ class Checkpointer:
                 if saved is not None:
                     self.written.append(saved)
                     await asyncio.sleep(0)
+            store.prune()
             store.commit()
         except BaseException as exc:  # a database error, or cancelled midway (the collector stops)
             store.rollback()

@@ -8,6 +8,10 @@ makes them all durable, so what is committed is always consistent with the state
 The history keeps what `thermoscope plot` draws — energy, entropy, temperature and every
 layer's temperature (one float64 blob, in the order of the job's layer names) — at most one
 row per job every `history_interval` seconds, so its size follows wall time, not step rate.
+Rows older than `retention` seconds are deleted (`prune`, at most once a `PRUNE_EVERY`, with
+the checkpoint that commits), and their pages given back to the file system: the database is
+in incremental auto-vacuum mode (a database of an earlier release is converted once, by a
+VACUUM when a collector opens it), and the commit after a prune runs `PRAGMA incremental_vacuum`.
 
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_run` / `load_run`): per (job, run, rank) the
@@ -29,8 +33,10 @@ its new version.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +46,13 @@ from thermoscope.science.derive import Reading
 
 from ..settings import DEFAULTS
 from . import legacy, schema
+
+log = logging.getLogger("thermoscope.collector")
+
+#: Least seconds between two prunes of the history (each deletes what aged past the retention).
+PRUNE_EVERY = 60.0
+#: SQLite's `auto_vacuum` value for INCREMENTAL: freed pages stay until `incremental_vacuum`.
+INCREMENTAL = 2
 
 #: The columns of an event, in the contract's names (`thermoscope events --json`).
 FIELDS = ("job", "scope", "layer", "step", "time", "from", "to", "statistic", "confidence")
@@ -139,11 +152,20 @@ class EventStore:
     """Append and query events; one connection, used from one thread at a time."""
 
     def __init__(
-        self, path: str | Path, *, create: bool = True, history_interval: float = DEFAULTS.history_interval
+        self,
+        path: str | Path,
+        *,
+        create: bool = True,
+        history_interval: float = DEFAULTS.history_interval,
+        retention: float = DEFAULTS.retention,
     ) -> None:
-        """Open (and with `create`, create) the database at `path`, checked (StoreError)."""
+        """Open (and with `create`, create) the database at `path`, checked (StoreError).
+        `retention`: seconds of history `prune` keeps (0: all)."""
         path = Path(path)
         self.history_interval = history_interval
+        self.retention = retention
+        self._pruned = -math.inf  # monotonic time of the last prune
+        self._vacuum = False  # whether the next commit gives pages back
         self._last_history: dict[str, float] = {}  # job -> time of its last history row
         self._names: dict[str, tuple[str, ...]] = {}
         self._admission: tuple[bool | None, dict[str, bool]] | None = None  # to write at the next commit
@@ -158,15 +180,16 @@ class EventStore:
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False)
         try:
-            self._open()
+            self._open(create)
         except (sqlite3.DatabaseError, schema.StateError) as exc:
             self._db.close()
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"{path}: not a usable Thermoscope database ({exc})") from None
 
-    def _open(self) -> None:
-        """Check the file, then create, convert or verify its tables (see the module docstring)."""
+    def _open(self, create: bool) -> None:
+        """Check the file, then create, convert or verify its tables (see the module docstring);
+        a writer's (`create`) also made incremental-vacuum and its history indexed by time."""
         db = self._db
         problems = [row for (row,) in db.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
@@ -181,6 +204,11 @@ class EventStore:
         if version == schema.FORMAT and not set(TABLES) <= tables:
             missing = ", ".join(sorted(set(TABLES) - tables))
             raise StoreError(f"{self.path}: a database of format {version} without its tables ({missing})")
+        if create and db.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+            db.execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")  # a new file: set before its tables
+            if tables:  # an existing one: only a VACUUM changes it (once; it rewrites the file)
+                log.info("%s: converting to incremental vacuum (once): pruned history frees space", self.path)
+                db.execute("VACUUM")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each checkpoint
         if version < schema.FORMAT:
@@ -192,6 +220,9 @@ class EventStore:
             except BaseException:
                 db.rollback()
                 raise
+        if create:
+            db.execute("CREATE INDEX IF NOT EXISTS history_time ON history (time)")  # what `prune` reads
+            db.commit()
 
     def commit(self) -> None:
         """Make everything written since the last commit durable, at once (with the admission
@@ -206,6 +237,22 @@ class EventStore:
             )
         self._db.commit()
         self._admission = None
+        if self._vacuum:  # the pages `prune` freed, back to the file system (outside a transaction:
+            self._vacuum = False  # Python's sqlite3 runs it there only as a script)
+            self._db.executescript("PRAGMA incremental_vacuum;")
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the history rows older than the retention (stamped before `now` minus it; `now`:
+        the clock) and give their pages back; the rows deleted (0 also when the last prune was
+        less than `PRUNE_EVERY` ago, or nothing is pruned). Part of the transaction the next
+        `commit` ends."""
+        if not self.retention or time.monotonic() - self._pruned < PRUNE_EVERY:
+            return 0
+        self._pruned = time.monotonic()
+        before = (time.time() if now is None else now) - self.retention
+        deleted = self._db.execute("DELETE FROM history WHERE time < ?", (before,)).rowcount
+        self._vacuum = deleted > 0
+        return deleted
 
     def rollback(self) -> None:
         """Forget everything written since the last commit (an admission not yet written stays)."""

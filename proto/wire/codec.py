@@ -18,7 +18,13 @@ import numpy as np
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 from thermoscope.v1 import telemetry_pb2 as pb
 
+#: The wire's version, which an agent says in its hello and a collector in its config. It changes
+#: only with a change that an older reader would misread; fields added within a version are
+#: optional to both sides (proto3 skips what it does not know). A collector accepts
+#: `OLDEST_PROTOCOL_VERSION` (the previous release's: N-1) up to its own, so one upgraded in the
+#: middle of a job keeps its older agents (docs/security.md, "Version skew").
 PROTOCOL_VERSION = 1
+OLDEST_PROTOCOL_VERSION = 1
 F64 = np.dtype("<f8")
 I64 = np.dtype("<i8")
 U32 = np.dtype("<u4")
@@ -142,11 +148,12 @@ def _bytes(values: np.ndarray, dtype: np.dtype) -> bytes:
 
 def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
     """Validate a Hello and return its layer and site tables."""
-    if msg.protocol_version != PROTOCOL_VERSION:
+    if not OLDEST_PROTOCOL_VERSION <= msg.protocol_version <= PROTOCOL_VERSION:
         raise WireError(
             "protocol_version",
-            f"protocol version {msg.protocol_version} is not supported"
-            f" (this collector speaks {PROTOCOL_VERSION})",
+            f"protocol version {msg.protocol_version} is not supported (this collector speaks"
+            f" {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}): an agent newer than its collector"
+            " waits for the collector's upgrade",
         )
     if not msg.job_id:
         raise WireError("hello", "hello has no job_id")

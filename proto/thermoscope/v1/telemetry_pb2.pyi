@@ -151,11 +151,13 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., durable: _Optional[int] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("every", "paused", "max_frame_rate")
+    __slots__ = ("every", "paused", "max_frame_rate", "protocol_version")
     EVERY_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     every: int
     paused: bool
     max_frame_rate: float
-    def __init__(self, every: _Optional[int] = ..., paused: _Optional[bool] = ..., max_frame_rate: _Optional[float] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, every: _Optional[int] = ..., paused: _Optional[bool] = ..., max_frame_rate: _Optional[float] = ..., protocol_version: _Optional[int] = ...) -> None: ...
