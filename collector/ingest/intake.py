@@ -115,7 +115,7 @@ class Intake:
             ranks=node_ranks,
             spans=spans,
         )
-        job.open(stream)
+        job.open(stream, tenant)  # (WireError `rank_owned`: another identity's rank)
         log.info(
             "agent joined: job %s run %s rank %d/%d on %s",
             hello.job_id,
