@@ -15,7 +15,10 @@ Real collector processes on 127.0.0.1 (one with `--tokens`), raw-protocol agents
 
 from __future__ import annotations
 
+import contextlib
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 from thermoscope.wire.codec import MAX_SEQ
 
 from helpers.metrics import scrape, value
-from helpers.processes import CollectorProcess, start_collector_process
+from helpers.processes import CollectorProcess, free_port, start_collector_process, stop_process
 from helpers.protocol import OpenStream, frame, hello
 from helpers.security import TOKEN_A, TOKEN_ANY
 
@@ -173,6 +176,49 @@ def test_a_stream_is_never_told_durable_beyond_the_frames_it_sent(collector: Col
     (durable,) = stream_frames(real, range(11, 12), step0=1)
     real.close()
     assert durable <= 11, f"told durable up to {durable} after sending 11 frames"
+
+
+@contextlib.contextmanager
+def aggregator(c: CollectorProcess, ranks: int) -> Iterator[str]:
+    """`thermoscope aggregator` for `ranks` ranks of a node, as its own process: its address."""
+    target = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "thermoscope.cli", "aggregator"),
+            *("--collector", c.grpc_target, "--listen", target, "--ranks", str(ranks)),
+        ]
+    )
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield target
+    finally:
+        stop_process(proc)
+
+
+def test_a_forged_frame_beside_a_node_aggregator_is_refused_and_the_node_streams_on(
+    collector: CollectorProcess,
+) -> None:
+    with aggregator(collector, ranks=2) as node:
+        ranks = [OpenStream(node, hello(JOB, rank=r, world_size=2)) for r in (0, 1)]
+
+        def steps(seqs: range) -> None:
+            for r in ranks:
+                for seq in seqs:
+                    r.send(frame(seq, seq))
+            for r in ranks:  # acknowledged once the collector took the node's frames
+                while r.reply(timeout=30).ack.seq < seqs[-1]:
+                    pass
+
+        steps(range(1, 6))
+        forger = OpenStream(collector.grpc_target, hello(JOB, world_size=2))  # rank 0, straight in
+        forger.send(frame(MAX_SEQ, 1 << 62))
+        assert refusal(forger).code() == grpc.StatusCode.INVALID_ARGUMENT
+        steps(range(6, 11))
+        for r in ranks:
+            r.close()
+    assert settled(collector, "thermoscope_last_step", 10, job_id=JOB) == 10
+    assert rejected(collector, "step_jump") == 1
 
 
 # -- item 11: edges on the default run id ---------------------------------------------------------
