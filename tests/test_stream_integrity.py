@@ -38,6 +38,8 @@ from helpers.security import TOKEN_A, TOKEN_ANY
 
 TEAM = "teamA"
 JOB = f"{TEAM}-job"
+#: A model's two layers with other histogram edges than a raw agent's (-1, 1).
+WIDE = [LayerInfo(f"layer{i}", (100,), 100, "float32", hist_lo=-4.0, hist_hi=4.0) for i in range(2)]
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -228,13 +230,31 @@ def test_edges_a_finished_squatter_bound_on_the_default_run_are_released(collect
     squatter = OpenStream(collector.grpc_target, hello(JOB, run=""))
     assert squatter.ack(frame(1, 7)) == 1
     squatter.close()
-    wide = [LayerInfo(f"layer{i}", (100,), 100, "float32", hist_lo=-4.0, hist_hi=4.0) for i in range(2)]
     for rank in (0, 1):  # the job's real ranks, with the edges of their model
-        real = OpenStream(collector.grpc_target, hello(JOB, run="", rank=rank, world_size=2, layers=wide))
+        real = OpenStream(collector.grpc_target, hello(JOB, run="", rank=rank, world_size=2, layers=WIDE))
         assert real.ack(frame(1, 1)) == 1
         real.close()
     assert rejected(collector, "edges_mismatch") == 0
     assert settled(collector, "thermoscope_last_step", 1, job_id=JOB) == 1
+
+
+def test_edges_a_squatter_bound_before_a_crash_are_released_when_its_run_resumes(
+    collector: CollectorProcess, tmp_path: Path
+) -> None:
+    squatter = OpenStream(collector.grpc_target, hello(JOB, run=""))
+    assert squatter.ack(frame(1, 7)) == 1
+    time.sleep(0.5)  # a checkpoint holds its tables
+    collector.proc.kill()  # the collector dies with the squatter's stream open
+    collector.proc.wait()
+    squatter.cancel()
+    again = start_collector_process(tmp_path / "events.db", None)
+    try:
+        real = OpenStream(again.grpc_target, hello(JOB, run="", layers=WIDE))
+        assert real.ack(frame(1, 1)) == 1
+        real.close()
+        assert rejected(again, "edges_mismatch") == 0
+    finally:
+        again.stop()
 
 
 # -- item 12: clamped wall times --------------------------------------------------------------------
