@@ -31,8 +31,14 @@ STATUS = {
     "too_many_layers": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "too_many_ranks": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "rank_owned": grpc.StatusCode.PERMISSION_DENIED,  # another identity's rank (job.py)
+    "table_changed": grpc.StatusCode.FAILED_PRECONDITION,  # its samples still wait under the old table
 }
 
+
+#: How far a stream's frame may number past its previous frame: an agent's frames on one stream
+#: number consecutively (a spool's replay, then new frames), at most 64 (its window) unacknowledged.
+SEQ_AHEAD = 256
 
 #: Requests a stream reads ahead of the ones it has handled (then gRPC's flow control holds the agent).
 READ_AHEAD = 8

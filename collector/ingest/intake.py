@@ -100,6 +100,8 @@ class Intake:
                 paused=not self.admission.active(hello.job_id),
             )
             self.checkpointer.resume(job)
+            if not job.pipeline.pending:  # no stream of it is open: its ranks bind anew (`Job.close`)
+                job.pipeline.release()
             self.nonfinite.forget(self.runs.hold(job, tenant))
         stream = Stream(
             job_id=hello.job_id,
@@ -115,7 +117,7 @@ class Intake:
             ranks=node_ranks,
             spans=spans,
         )
-        job.open(stream)
+        job.open(stream, tenant)  # (WireError `rank_owned`: another identity's rank)
         log.info(
             "agent joined: job %s run %s rank %d/%d on %s",
             hello.job_id,

@@ -36,7 +36,7 @@ from ..state.job import Job
 from ..state.runs import Runs
 from ..state.store import EventStore
 from .admission import Admission
-from .call import END, PUSH, READ_AHEAD, Bucket, ReadFailed, Refused, Session
+from .call import END, PUSH, READ_AHEAD, SEQ_AHEAD, Bucket, ReadFailed, Refused, Session
 from .intake import Intake
 from .nonfinite import NonFinite
 from .refusal import BadBytes
@@ -304,11 +304,16 @@ class Telemetry:
             raise Refused(exc.reason, str(exc)) from None
         if frame.seq <= stream.last_seq:
             raise Refused("sequence", f"frame seq {frame.seq} after seq {stream.last_seq}")
-        stream.last_seq = frame.seq
+        if stream.last_seq and frame.seq > stream.last_seq + SEQ_AHEAD:  # (a stream's first: any)
+            raise Refused(
+                "seq_jump", f"frame seq {frame.seq} leaps from seq {stream.last_seq} (at most {SEQ_AHEAD})"
+            )
+        last_seq, stream.last_seq = stream.last_seq, frame.seq
         job = session.job
         try:
-            job.accept(stream, sample, energy_ranks, ranks)
-        except codec.WireError as exc:  # its tables no longer agree with what the job's ranks bound
+            job.accept(stream, sample, energy_ranks, ranks, stamp=frame.wall_time)
+        except codec.WireError as exc:  # a step beyond the bound, or tables the job's ranks disagree with
+            stream.last_seq = last_seq
             raise Refused(exc.reason, str(exc)) from None
         if nonfinite:
             self.nonfinite.count(stream, frame.step, nonfinite)

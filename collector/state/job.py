@@ -19,11 +19,29 @@ keeps it) and the mark starts over; its frames replaying steps already merged ar
 (`frames_late`: the pipeline merged their step already). (Were the acks of several first frames
 all lost, their replay would count them late a second time: counters only, since a step merges
 once and a pending step takes a rank's frame idempotently.) With a store, checkpoints make the
-marks durable (checkpoint.py), and each ack says how far (`Job.durable`).
+marks durable (checkpoint.py), and each ack says how far (`Job.durable`): never beyond the frames
+the stream it answers sent, so another stream's mark frees nothing of this agent's spool.
+
+A frame 1 is known for a replay by its step and its wall time *as the agent stamped it*: one
+the collector clamped (decode puts the time of arrival in the sample) keeps its stamp, so its
+replay is still a replay.
+
+No frame leaps (`STEP_AHEAD`, `STEP_RATE`): a frame's step may run ahead of the highest step the
+job applied by at most STEP_AHEAD, plus STEP_RATE a second since that step came (a long pause of
+the job's agents); beyond it the frame is refused (`step_jump`) and changes nothing. A resume
+from a checkpoint goes back, which is always allowed; a job with no step yet (a new job, or a
+collector without its state) has no bound. So one forged frame cannot strand the job's last step
+where its real ranks never reach, nor make their frames duplicates of it.
+
+Each rank belongs to the identity that opened it (`_tenant` in server.py: a bearer token, or a
+client certificate): a hello for it from another identity is refused (`rank_owned`) while it is
+held; it is let go when the rank finishes (its stream ended cleanly) or the run is let go. A
+rank lost (its stream broke) stays its identity's, for the worker that comes back.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +54,11 @@ from thermoscope.wire.codec import WireError
 from ..settings import DEFAULTS
 from .pipeline import Phases, Pipeline
 from .stream import Stream
+
+#: Steps a frame may run ahead of the highest step its job applied (see the module docstring) ...
+STEP_AHEAD = 100_000
+#: ... plus this many a second since that step came.
+STEP_RATE = 10_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,7 @@ class Ranks:
         self.stale_after = stale_after  # seconds of silence after which an open stream's rank is stale
         self.paused = paused
         self.streams: dict[int, Stream] = {}  # by rank, open streams only
+        self.shadowed: dict[int, list[Stream]] = {}  # by rank, open streams a later one of it replaced
         self.lost: dict[int, Stream] = {}
         self.finished: dict[int, Stream] = {}
         self.claims: dict[int, int] = {}  # rank -> the key of the open, lost or finished stream holding it
@@ -72,8 +96,9 @@ class Ranks:
 
         The ranks a job's streams claim together are at most its world, each once (`claims`): a
         stream claiming a rank that another open stream holds is refused (WireError
-        `rank_taken`; a stream of the same key replaces it), and an ended stream one of whose
-        ranks it claims is let go whole (its ranks stream again, through it)."""
+        `rank_taken`), and an ended stream one of whose ranks it claims is let go whole (its ranks
+        stream again, through it). A stream of the same key still open (an agent reconnecting
+        before its old call was seen to end) is replaced, and comes back if this one ends first."""
         key, claimed = stream.rank, stream.ranks or (stream.rank,)
         with self.lock:
             taken = sorted(
@@ -84,6 +109,9 @@ class Ranks:
                     "rank_taken",
                     f"ranks {taken[:8]} are claimed by another open stream of job {stream.job_id!r}",
                 )
+            replaced = self.streams.pop(key, None)
+            if replaced is not None:
+                self.shadowed.setdefault(key, []).append(replaced)
             for other in {key, *(self.claims[r] for r in claimed if r in self.claims)}:
                 gone = self.streams.pop(other, None) or self.lost.pop(other, None)
                 gone = gone or self.finished.pop(other, None)
@@ -96,9 +124,18 @@ class Ranks:
 
     def close(self, stream: Stream, clean: bool) -> None:
         """The stream ended: cleanly (the rank finished) or not (the rank is stale until it returns).
-        A stream that another one of its rank already replaced changes nothing."""
+        A stream that another one of its rank replaced, or that one it replaced outlives, changes
+        nothing."""
         with self.lock:
+            shadowed = [s for s in self.shadowed.pop(stream.rank, []) if s is not stream]
+            if shadowed:
+                self.shadowed[stream.rank] = shadowed
             if self.streams.get(stream.rank) is not stream:
+                return
+            if shadowed:  # the stream it replaced is still open: the rank streams on it
+                self.streams[stream.rank] = shadowed.pop()
+                if not shadowed:
+                    del self.shadowed[stream.rank]
                 return
             del self.streams[stream.rank]
             if stream.ranks:
@@ -199,11 +236,13 @@ class Marks:
         """Mark the stream's frame numbered `stream.last_seq` (0: unnumbered) at `step` applied;
         False: a duplicate of a frame already applied (not marked, not to apply).
 
-        A frame 1 stamped as the marked process's frame 1 (`first`: its step and wall time), or
+        `wall_time`: as the agent stamped it (NaN taken as -inf, so that it equals itself). A
+        frame 1 stamped as the marked process's frame 1 (`first`: its step and wall time), or
         the very frame of the mark, is that process replaying from its start (it reconnected
         before it learned that a checkpoint held its frames); any other frame 1 starts a new
         process of the same run (a restarted worker, even at the same step)."""
         key, seq = (stream.run_id, stream.rank), stream.last_seq
+        wall_time = -math.inf if math.isnan(wall_time) else wall_time
         replay = self.first.get(key) == (step, wall_time) or self.applied.get(key) == (1, step)
         if seq == 1 and key in self.applied and not replay:
             del self.applied[key]  # a new agent process of the same run: its numbering starts over
@@ -218,8 +257,9 @@ class Marks:
         return True
 
     def durable_seq(self, stream: Stream) -> int:
-        """The highest seq of this rank's agent process that a committed checkpoint holds."""
-        return self.durable.get((stream.run_id, stream.rank), (0, 0))[0]
+        """The highest seq of this rank's agent process that a committed checkpoint holds, up to
+        the last frame `stream` sent (a mark another stream set frees none of its frames)."""
+        return min(self.durable.get((stream.run_id, stream.rank), (0, 0))[0], stream.last_seq)
 
 
 class Job:
@@ -255,6 +295,9 @@ class Job:
         self.dirty = False  # changed since its last checkpoint
         self.tables_dirty = False  # its layer or site tables changed since its last checkpoint
         self.ended_at: float | None = time.monotonic()  # when its last stream ended (None: one is open)
+        self.owners: dict[int, str] = {}  # rank -> the identity that opened it (module docstring)
+        self.top_step = -1  # the highest step applied, and since when (the step bound) ...
+        self.top_at = time.monotonic()  # ... (a resumed run: since it resumed)
 
     # -- what the collector reads -------------------------------------------------------------------
 
@@ -295,15 +338,27 @@ class Job:
         return self.ranks.liveness(now)
 
     def durable(self, stream: Stream) -> int:
-        """The highest seq of this rank's agent process that a committed checkpoint holds."""
+        """The highest seq of this rank's agent process that a committed checkpoint holds, up to
+        the last frame `stream` sent."""
         return self.marks.durable_seq(stream)
 
     # -- what its streams do ------------------------------------------------------------------------
 
-    def open(self, stream: Stream) -> None:
-        """Add an agent. Its tables must agree with those the job's streaming ranks bound
-        (WireError); they bind with its first frame (`accept`)."""
+    def open(self, stream: Stream, tenant: str = "") -> None:
+        """Add an agent of `tenant` (an identity: `_tenant` in server.py). Its ranks must be no
+        other identity's (WireError `rank_owned`), its tables agree with those the job's
+        streaming ranks bound (WireError); they bind with its first frame (`accept`)."""
+        ranks = stream.ranks or (stream.rank,)
+        for rank in ranks:
+            owner = self.owners.get(rank, tenant)
+            if owner != tenant:
+                raise WireError(
+                    "rank_owned",
+                    f"job {self.job_id!r} run {self.run_id!r} rank {rank} belongs to another identity "
+                    "(the token or certificate that opened it) until it finishes",
+                )
         self.pipeline.declared.check(stream.layers, stream.bins)
+        self.owners.update(dict.fromkeys(ranks, tenant))
         self.ranks.open(stream)
         self.ended_at = None
 
@@ -312,6 +367,10 @@ class Job:
         returns); the steps it held back merge. Once no stream is open and nothing waits, the
         ranks' tables are let go (a rank that comes back binds its own again)."""
         self.ranks.close(stream, clean)
+        if clean:  # a finished rank is no identity's any more (unless another stream of it is open)
+            open_ranks = {rank for s in self.ranks.streams.values() for rank in s.ranks or (s.rank,)}
+            for rank in set(stream.ranks or (stream.rank,)) - open_ranks:
+                self.owners.pop(rank, None)
         stream.layers, stream.sites = [], []  # the ended stream's copy: `Declared` keeps what is bound
         merged = self.pipeline.merged_step
         self.pipeline.merge_ready(self.ranks.streams)
@@ -320,6 +379,7 @@ class Job:
             self.ended_at = time.monotonic()
             if not self.pipeline.pending:
                 self.pipeline.release()
+                self.dirty = self.tables_dirty = True  # a restarted collector binds nothing either
 
     def streaming(self, now: float | None = None) -> bool:
         """Whether a rank of the job streams: an open stream has sent a frame and is not stale."""
@@ -341,21 +401,24 @@ class Job:
         sample: Sample,
         energy_ranks: int | None = None,
         ranks: tuple[int, ...] = (),
+        stamp: float | None = None,
     ) -> bool:
         """Take one rank's sample, numbered `stream.last_seq` (0: unnumbered), or a node's (its
         energy averaging `energy_ranks` ranks, merging `ranks`); merge every step that became
         complete. False: a duplicate of a frame already applied (not applied again). The job's
-        next checkpoint makes it durable."""
+        next checkpoint makes it durable. `stamp`: the frame's wall time as its agent sent it
+        (None: the sample's). WireError, and nothing changed: a step beyond the bound
+        (`step_jump`), tables that disagree with the job's."""
+        now = time.monotonic()
+        self._check_step(sample.step, now)
         if not stream.frames:  # its first: the stream's tables bind (WireError if others bound first)
-            declared = self.pipeline.declared
-            node = (stream.ranks, stream.spans) if stream.ranks else None
-            if declared.declare(stream.rank, stream.layers, stream.sites, stream.bins, node):
-                self.dirty = self.tables_dirty = True
-            stream.layers, stream.sites = declared.by_rank[stream.rank]
-        self.ranks.heard(stream, time.monotonic(), ranks)
-        if not self.marks.admit(stream, sample.step, sample.wall_time):
+            self._bind(stream)
+        self.ranks.heard(stream, now, ranks)
+        if not self.marks.admit(stream, sample.step, sample.wall_time if stamp is None else stamp):
             self.frames_duplicate += 1
             return False
+        if sample.step > self.top_step:
+            self.top_step, self.top_at = sample.step, now
         self.frames_received += 1
         stream.frames += 1
         stream.last_step = max(stream.last_step, sample.step)
@@ -363,3 +426,38 @@ class Job:
             self.frames_late += 1
         self.dirty = True
         return True
+
+    def _check_step(self, step: int, now: float) -> None:
+        """WireError `step_jump` if `step` leaps beyond the bound (see the module docstring)."""
+        top = max(self.top_step, self.pipeline.merged_step)
+        if top < 0:
+            return
+        reach = top + STEP_AHEAD + int(STEP_RATE * (now - self.top_at))
+        if step > reach:
+            raise WireError(
+                "step_jump",
+                f"step {step} leaps beyond step {reach}: job {self.job_id!r} is at step {top}, and a frame "
+                f"may run at most {STEP_AHEAD} steps ahead of it, plus {STEP_RATE} a second since",
+            )
+
+    def _bind(self, stream: Stream) -> None:
+        """Bind the tables of a stream's first frame. WireError `table_changed` if they change its
+        rank's while the job still holds that rank's samples (they merge with its old tables
+        first; the agent's retry binds then), or if others bound first (`Declared.declare`)."""
+        declared = self.pipeline.declared
+        node = (stream.ranks, stream.spans) if stream.ranks else None
+        if not declared.same(stream.rank, stream.layers, stream.sites, stream.bins, node) and any(
+            stream.rank in parts for parts in self.pipeline.pending.values()
+        ):
+            raise WireError(
+                "table_changed",
+                f"rank {stream.rank}'s layer table changed while steps the job holds have its samples "
+                "under its old one; they merge first, then a new stream may bind the new table",
+            )
+        rebound = declared.rebound
+        if declared.declare(stream.rank, stream.layers, stream.sites, stream.bins, node):
+            self.dirty = self.tables_dirty = True
+        if declared.rebound != rebound:
+            self.pipeline.restart()
+            self.top_step = -1
+        stream.layers, stream.sites = declared.by_rank[stream.rank]

@@ -56,21 +56,47 @@ class Declared:
         self.sites: dict[str, SiteInfo] = {}
         self.bins = 0
         self._interned: dict[int, list] = {}  # hash of a table -> the one list every equal table shares
+        self.bound: set[str] = set()  # names of the layers in `by_rank`'s tables (`_bound`)
+        self.rebound = 0  # times a layer's released edges, or the bins, were bound anew, different
 
     def check(self, layers: list[LayerInfo], bins: int) -> None:
         """Whether tables agree with what the job's ranks bound: the histogram bins, and the
-        edges of every layer bound already (WireError `edges_mismatch` otherwise)."""
-        if self.bins and bins != self.bins:
+        edges of every layer a rank's tables bind now (WireError `edges_mismatch` otherwise).
+        Edges no rank binds any more (`release`) bind nothing."""
+        if not self.by_rank:
+            return
+        if bins != self.bins:
             raise WireError("edges_mismatch", f"histogram_bins {bins}; this job's ranks use {self.bins}")
-        known = self.layers
+        known, bound = self.layers, self._bound()
         for layer in layers:
-            bound = known.get(layer.name)
-            if bound is not None and (bound.hist_lo, bound.hist_hi) != (layer.hist_lo, layer.hist_hi):
+            held = known.get(layer.name) if layer.name in bound else None
+            if held is not None and (held.hist_lo, held.hist_hi) != (layer.hist_lo, layer.hist_hi):
                 raise WireError(
                     "edges_mismatch",
                     f"layer {layer.name!r}: histogram edges [{layer.hist_lo}, {layer.hist_hi}) differ from "
-                    f"[{bound.hist_lo}, {bound.hist_hi}) bound by another rank",
+                    f"[{held.hist_lo}, {held.hist_hi}) bound by another rank",
                 )
+
+    def _bound(self) -> set[str]:
+        """The names of the layers the ranks' tables bind now: kept as they bind, walked once
+        after a restore (which sets `by_rank` alone)."""
+        if self.by_rank and not self.bound:
+            tables = {id(layers): layers for layers, _ in self.by_rank.values()}
+            self.bound = {layer.name for layers in tables.values() for layer in layers}
+        return self.bound
+
+    def same(
+        self,
+        rank: int,
+        layers: list[LayerInfo],
+        sites: list[SiteInfo],
+        bins: int,
+        node: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> bool:
+        """Whether these are the tables `rank` bound already."""
+        return (
+            self.by_rank.get(rank) == (layers, sites) and bins == self.bins and self.nodes.get(rank) == node
+        )
 
     def _intern(self, table: list) -> list:
         """`table`, or an equal table some rank bound already (one list shared, not a copy each)."""
@@ -91,10 +117,20 @@ class Declared:
     ) -> bool:
         """Bind a rank's tables (its stream's first frame), or a node's under its lowest rank
         (`node`: its ranks and its table's spans); they must agree with what is bound (`check`:
-        WireError, and nothing bound). True: the job's tables changed."""
-        if self.by_rank.get(rank) == (layers, sites) and bins == self.bins and self.nodes.get(rank) == node:
+        WireError, and nothing bound). True: the job's tables changed. A layer no rank binds now
+        takes this rank's edges; when they, or the bins, differ from those it had, `rebound`
+        counts it (the job's readings start over: `Pipeline.restart`)."""
+        if self.same(rank, layers, sites, bins, node):
             return False
         self.check(layers, bins)
+        bound = self._bound()
+        if (bins != self.bins and self.bins) or any(
+            (old := self.layers.get(layer.name)) is not None
+            and layer.name not in bound
+            and (old.hist_lo, old.hist_hi) != (layer.hist_lo, layer.hist_hi)
+            for layer in layers
+        ):
+            self.rebound += 1
         self.bins = bins
         self.by_rank[rank] = (self._intern(layers), self._intern(sites))
         if node is None:
@@ -104,16 +140,20 @@ class Declared:
         if len(self._interned) > 2 * len(self.by_rank) + 4:  # tables no rank holds any more
             self._interned = {hash(tuple(t)): t for tables in self.by_rank.values() for t in tables}
         for layer in layers:
-            self.layers.setdefault(layer.name, layer)
+            if layer.name not in bound:
+                self.layers[layer.name] = layer  # (an existing name keeps its place)
+        bound.update(layer.name for layer in layers)
         for site in sites:
             self.sites.setdefault(site.name, site)
         return True
 
     def release(self) -> None:
         """Forget the ranks' tables (every stream of the job ended and its steps merged): a rank
-        that streams again binds its tables anew; the job's layers and sites by name stay."""
+        that streams again binds its tables anew, its edges and bins too; the job's layers and
+        sites by name stay (with the edges they had, until a rank binds others)."""
         self.by_rank = {}
         self.nodes = {}
+        self.bound = set()
         self._interned.clear()
 
 
@@ -171,6 +211,14 @@ class Pipeline:
         merge plans made of them (a rank that streams again binds its tables anew)."""
         self.declared.release()
         self._merge = JobMerge()
+
+    def restart(self) -> None:
+        """The job's ranks bound other edges or bins than its earlier ranks had (whose tables were
+        released: a different model under the same job and run, as a squatter's frame on the
+        default run leaves): their readings cannot go on from the earlier ones, so its steps,
+        temperatures and phases start over (its counters go on)."""
+        self.merged_step, self.world = -1, 0
+        self.thermometer = self.reading = self.detector = None
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""
