@@ -185,6 +185,83 @@ def test_tls_clients_that_never_handshake_or_never_finish_do_not_stop_scrapes(pk
             s.close()
 
 
+BIG_PAGE = b"x" * 8_000_000  # more than the kernel's buffers of a connection hold (tcp_wmem's 4 MiB)
+
+
+def big_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [BIG_PAGE]
+
+
+def open_never_reading(port: int, n: int) -> list[socket.socket]:
+    """`n` clients that send a whole request and never read the answer (a small receive buffer)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        socks.append(s)
+    return socks
+
+
+def read_to_the_end(s: socket.socket) -> int:
+    """Bytes `s` receives until the server closes it."""
+    got = 0
+    try:
+        while chunk := s.recv(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_clients_that_never_read_their_answer_hold_no_worker_and_a_scrape_still_answers() -> None:
+    limits = HttpLimits(timeout=60.0)  # before, each held a worker up to 60 s at each write
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=limits)
+    try:
+        stuck = open_never_reading(server.server_port, 5 * limits.workers)
+        time.sleep(1.0)  # their requests are in, and answered as far as they read
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        for s in stuck:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_answers_held_for_clients_that_do_not_read_are_bounded_and_the_oldest_is_dropped() -> None:
+    limits = HttpLimits(timeout=60.0, max_buffered_bytes=3 * len(BIG_PAGE))
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=limits)
+    try:
+        stuck = open_never_reading(server.server_port, 10)
+        time.sleep(1.0)  # their answers are written, and all but the 3 the bound holds dropped
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        # the dropped ones got less than the page, long before their 60 s timeout: read to the end
+        received = [read_to_the_end(s) for s in stuck]
+        assert sum(got < len(BIG_PAGE) for got in received) >= 10 - 3, received
+        for s in stuck:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_closed_at_the_timeout() -> None:
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=HttpLimits(timeout=1.0))
+    try:
+        (stuck,) = open_never_reading(server.server_port, 1)
+        time.sleep(3.0)  # it read nothing for longer than the timeout
+        assert 0 < read_to_the_end(stuck) < len(BIG_PAGE)
+        stuck.close()
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- passwords ----------------------------------------------------------------------------------------
 
 
