@@ -12,6 +12,8 @@ from rich.table import Table
 
 from thermoscope.collector.state.store import FIELDS, EventStore
 
+from .plain import plain
+
 
 def since(text: str) -> float:
     """Unix seconds, or an ISO 8601 date-time (UTC unless it names a zone)."""
@@ -42,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([e.as_dict() for e in events]))
         return 0
-    table = Table(title=f"{len(events)} phase transitions in {args.db}")
+    table = Table(title=plain(f"{len(events)} phase transitions in {args.db}"))
     for name in FIELDS:
         table.add_column(name, justify="right" if name in ("step", "confidence") else "left")
     for e in events:
         stamp = _stamp(e.time)
-        table.add_row(
-            e.job, e.scope, e.layer, str(e.step), stamp, e.from_, e.to, e.statistic, f"{e.confidence:.3f}"
+        table.add_row(  # what agents named (a job, a layer) as plain text: no markup, no escapes
+            *map(plain, (e.job, e.scope, e.layer, str(e.step), stamp, e.from_, e.to, e.statistic)),
+            f"{e.confidence:.3f}",
         )
     console = Console()
     if not console.is_terminal:  # a pipe or a file: do not squeeze the columns into 80 characters

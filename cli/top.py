@@ -37,6 +37,8 @@ from rich.text import Text
 from thermoscope.collector.settings import DEFAULTS
 from thermoscope.wire.contract import split_address
 
+from .plain import plain
+
 #: The families `top` asks the collector for, and reads.
 FAMILIES = (
     "thermoscope_energy",
@@ -54,6 +56,9 @@ SORTS = {"job": "j", "temperature": "t", "entropy": "s"}
 _TITLES = {"job": "job", "temperature": "temperature", "entropy": "entropy change"}
 #: Layer phase changes shown per job, most recent first.
 RECENT = 3
+#: The longest page `top` reads (bytes): its families of a collector at its bounds are far less;
+#: a longer (or endless) one is refused, not held.
+MAX_PAGE = 64 << 20
 
 
 class TopError(Exception):
@@ -123,19 +128,27 @@ class Source:
     authorization: str | None
 
     def read(self, timeout: float = 10.0) -> dict[str, Job]:
+        """The jobs of one read of the page (`TopError`, `Unreachable` if none). A redirect is not
+        followed: the credentials would go with it to wherever it points."""
         query = urllib.parse.urlencode([("name[]", name) for name in FAMILIES])
         request = urllib.request.Request(f"{self.url}?{query}")
         if self.authorization is not None:
             request.add_header("Authorization", self.authorization)
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context), _NoRedirect)
         try:
-            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as response:
-                text = response.read().decode()
+            with opener.open(request, timeout=timeout) as response:
+                body = response.read(MAX_PAGE + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 given = "was refused" if self.authorization else "is needed"
                 raise TopError(
                     f"{self.url} answered 401 Unauthorized: basic auth {given} "
                     "(--basic-auth-user USER --basic-auth-password-file FILE)"
+                ) from None
+            if 300 <= exc.code < 400:
+                raise TopError(
+                    f"{self.url} answered {exc.code}, a redirect to {exc.headers.get('Location')!r}: "
+                    "not followed (give --collector the address it names)"
                 ) from None
             raise TopError(f"{self.url} answered {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
@@ -149,10 +162,20 @@ class Source:
             raise Unreachable(f"cannot reach {self.url}: {exc.reason}") from None
         except (TimeoutError, ConnectionError) as exc:
             raise Unreachable(f"cannot reach {self.url}: {exc}") from None
+        if len(body) > MAX_PAGE:
+            raise TopError(f"{self.url} sent a page over {MAX_PAGE >> 20} MiB: not a collector's, not read")
+        text = body.decode(errors="replace")
         try:
             return parse(text)
         except ValueError as exc:
             raise TopError(f"{self.url} is not a Prometheus page ({exc})") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers, not followed (urllib would send the `Authorization` header along)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl) -> None:  # type: ignore[override]
+        return None
 
 
 @dataclass
@@ -211,7 +234,7 @@ def _number(x: float) -> str:
 def view(board: Board, sort: str, source: Source, now: float, problem: str | None = None) -> Group:
     """The screen: a title line, the table of jobs, and the last read's problem, if any."""
     keys = "  ".join(f"{key}: {_TITLES[name]}" for name, key in SORTS.items())
-    title = Text(f"thermoscope top  {source.url}  sorted by {_TITLES[sort]}  ({keys}  q: quit)", style="bold")
+    title = plain(f"thermoscope top  {source.url}  sorted by {_TITLES[sort]}  ({keys}  q: quit)", "bold")
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("job", "phase", "step", "energy", "temperature", "efficiency", "ΔS/step", "ranks"):
         table.add_column(name, justify="left" if name in ("job", "phase", "ranks") else "right", no_wrap=True)
@@ -223,20 +246,20 @@ def view(board: Board, sort: str, source: Source, now: float, problem: str | Non
         changes = ", ".join(
             f"{c.layer} {c.before}→{c.after} ({now - c.seen:.0f}s ago)" for c in board.changes[job.job_id]
         )
-        table.add_row(
-            job.job_id,
-            job.phase or "—",
+        table.add_row(  # the page's labels as plain text: no markup, no escape sequences
+            plain(job.job_id),
+            plain(job.phase or "—"),
             "—" if math.isnan(job.step) else str(int(job.step)),
             _number(job.energy),
             temperature,
             _number(job.efficiency),
             _number(board.entropy_change.get(job.job_id, math.nan)),
             f"{job.connected} live, {job.stale} stale",
-            changes,
+            plain(changes),
         )
     parts: list[Text | Table] = [title, table if board.jobs else Text("no job yet")]
     if problem is not None:
-        parts.append(Text(problem, style="red"))
+        parts.append(plain(problem, "red"))
     return Group(*parts)
 
 

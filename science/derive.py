@@ -38,10 +38,13 @@ from typing import Any
 import numpy as np
 
 from . import physics
+from . import saved as checked
 from .stats import LayerInfo, Sample, SiteInfo
 
 #: Samples per temperature window, the agent's and the collector's default alike.
 WINDOW = 10
+#: The saved names of a thermometer's histogram shape (`Thermometer._shape`), in its order.
+_SHAPE = ("histogram_entropy", "negentropy", "outside")
 
 
 @dataclass(frozen=True)
@@ -92,18 +95,21 @@ class Reading:
         added) is its default, else undefined: NaN, per layer for a layer's values (as
         `__setstate__` gives the pickles of older releases). Fields it does not know are ignored."""
         kinds = {"step": int, "engine": str, "energy_from_work": bool}
-        values: dict[str, Any] = {}
+        layer_names = checked.names(state["layer_names"], "reading.layer_names")
+        site_names = checked.names(state["site_names"], "reading.site_names")
+        values: dict[str, Any] = {"layer_names": layer_names, "site_names": site_names}
         for f in fields(cls):
             value = state.get(f.name)
+            if f.name in values:
+                continue
             if value is None and f.default is not MISSING:
                 values[f.name] = f.default
             elif value is None:
-                n = len(state["layer_names"])
+                n = len(layer_names)
                 values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
-            elif f.name in ("layer_names", "site_names"):
-                values[f.name] = tuple(str(x) for x in value)
-            elif np.ndim(value):
-                values[f.name] = value
+            elif f.name.startswith(("layer_", "site_")):  # one value per layer (per site)
+                n = len(layer_names if f.name.startswith("layer_") else site_names)
+                values[f.name] = checked.array(value, (n,), f"reading.{f.name}", "fiubU")
             else:
                 values[f.name] = kinds.get(f.name, float)(value)
         return cls(**values)
@@ -190,21 +196,34 @@ class Thermometer:
         field it does not know (saved by a later release) is ignored (collector/state/schema.py says
         why)."""
         t = cls.__new__(cls)
-        t.layer_names = tuple(str(x) for x in state["layer_names"])
-        t.site_names = tuple(str(x) for x in state["site_names"])
-        t._lo, t._hi = state["hist_lo"], state["hist_hi"]
-        t._begin(int(state["window"]))
+        t.layer_names = checked.names(state["layer_names"], "thermometer.layer_names")
+        t.site_names = checked.names(state["site_names"], "thermometer.site_names")
+        n, sites = len(t.layer_names), len(t.site_names)
+        t._lo = checked.array(state["hist_lo"], (n,), "thermometer.hist_lo")
+        t._hi = checked.array(state["hist_hi"], (n,), "thermometer.hist_hi")
+        window = checked.count(state["window"], "thermometer.window", 2, checked.MOST // max(n, 1))
+        t._begin(window)
         v = {**t.to_state(), **state}
-        window = t._steps.maxlen
-        t._probe = v["probe"]
-        t._shape = (v["histogram_entropy"], v["negentropy"], v["outside"])
-        t._steps = deque(v["steps"].tolist(), maxlen=window)
-        t._energy = deque(v["energy"].tolist(), maxlen=window)
-        t._entropy = deque(list(v["entropy"]), maxlen=window)
-        t._total = deque(list(v["entropy_total"]), maxlen=window)
-        t._work = deque(list(v["work"]), maxlen=window)
-        t._last = None if v["last"] is None else Sample.from_state(v["last"])
+        t._probe = checked.array(v["probe"], (sites,), "thermometer.probe")
+        t._shape = tuple(checked.array(v[k], (n,), f"thermometer.{k}") for k in _SHAPE)  # type: ignore[assignment]
+        steps = checked.array(v["steps"], (-1,), "thermometer.steps", "iu")
+        k = len(steps)
+        if k > window:
+            raise ValueError(f"thermometer.steps: {k} samples, more than its window of {window}")
+        t._steps = deque(steps.tolist(), maxlen=window)
+        t._energy = deque(checked.array(v["energy"], (k,), "thermometer.energy").tolist(), maxlen=window)
+        t._entropy = deque(list(checked.array(v["entropy"], (k, n), "thermometer.entropy")), maxlen=window)
+        t._total = deque(
+            list(checked.array(v["entropy_total"], (k,), "thermometer.entropy_total")), maxlen=window
+        )
+        t._work = deque(list(checked.array(v["work"], (k, n), "thermometer.work")), maxlen=window)
+        t._last = None if v["last"] is None else Sample.from_state(v["last"], layers=n, sites=sites)
         t.latest = None if v["latest"] is None else Reading.from_state(v["latest"])
+        if t.latest is not None and (t.latest.layer_names, t.latest.site_names) != (
+            t.layer_names,
+            t.site_names,
+        ):
+            raise ValueError("thermometer.latest: a reading of other layers or sites than the thermometer's")
         t._engines = (t._probe.copy(), *_engines(t._probe))
         return t
 

@@ -111,6 +111,8 @@ from typing import Any
 
 import numpy as np
 
+from . import saved as checked
+
 PHASES = ("type_i", "transition", "type_ii", "refresh", "unstable")
 TYPE_I, TRANSITION, TYPE_II, REFRESH, UNSTABLE = range(5)
 #: Every change a detector can report, for counters initialized at zero.
@@ -254,13 +256,18 @@ class PhaseDetector:
         Its layers' phases are required (they say how many layers); any other field the state
         lacks (saved before the field was added) is what a new detector of those layers and
         settings holds (`__init__`; a missing setting, its default). A field it does not know
-        (saved by a later release) is ignored (collector/state/schema.py says why)."""
+        (saved by a later release) is ignored (collector/state/schema.py says why). A state that
+        does not fit (a shape, a phase, a setting out of bounds) raises ValueError."""
         saved = state.get("settings", {})
-        kinds = {f.name: int if f.type == "int" else float for f in fields(Settings)}
-        settings = Settings(**{name: kind(saved[name]) for name, kind in kinds.items() if name in saved})
-        d = cls(len(state["layers"]), settings)
+        settings = Settings(
+            **{f.name: _setting(f.name, f.type, saved[f.name]) for f in fields(Settings) if f.name in saved}
+        )
+        n = len(checked.array(state["layers"], (-1,), "layers", "iu"))
+        window = settings.window
+        checked.count(window * max(n, 1), "ring's size (window x layers)", 0, checked.MOST)
+        d = cls(n, settings)
         v = {**d.to_state(), **state}
-        d.job = int(v["job"])
+        d.job = _phase(v["job"], "job")
         d._log = bool(v["log_energy"])
         d._sigma = float(v["sigma"])
         d._cusum = float(v["cusum"])
@@ -273,18 +280,30 @@ class PhaseDetector:
         d._level = float(v["level"])
         d._level_sigma = float(v["level_sigma"])
         d._drift = float(v["drift"])
-        d._steps.extend(v["steps"].tolist())
-        d._x.extend(v["x"].tolist())
-        d.layers = np.array(v["layers"])
-        d._count = int(v["layer_count"])
-        d._ring = np.array(v["ring"])
-        d._last = _copy(v["layer_last"])
-        d._initial = _copy(v["layer_initial"])
-        d._hi = np.array(v["layer_hi"])
-        d._lo = np.array(v["layer_lo"])
-        d._peak = np.array(v["layer_peak"])
-        d._baseline = np.array(v["layer_baseline"])
-        d._layer_cool = np.array(v["layer_cooldown"])
+        held = window + settings.lag
+        steps = checked.array(v["steps"], (-1,), "steps")
+        x = checked.array(v["x"], (len(steps),), "x")
+        if len(steps) > held:
+            raise ValueError(f"steps: {len(steps)} held, more than the window's {held}")
+        d._steps.extend(steps.tolist())
+        d._x.extend(x.tolist())
+        layers = checked.array(v["layers"], (n,), "layers", "iu")
+        if n and not 0 <= layers.min() <= layers.max() < len(PHASES):
+            raise ValueError(f"layers: phases {layers.min()}..{layers.max()}, not indices of {PHASES}")
+        d.layers = np.array(layers)
+        d._count = checked.count(v["layer_count"], "layer_count")
+        d._ring = np.array(checked.array(v["ring"], (window, n), "ring"), dtype=np.float64)
+        d._last = _copy(
+            None if v["layer_last"] is None else checked.array(v["layer_last"], (n,), "layer_last")
+        )
+        d._initial = _copy(
+            None if v["layer_initial"] is None else checked.array(v["layer_initial"], (n,), "layer_initial")
+        )
+        d._hi = np.array(checked.array(v["layer_hi"], (n,), "layer_hi", "iu"))
+        d._lo = np.array(checked.array(v["layer_lo"], (n,), "layer_lo", "iu"))
+        d._peak = np.array(checked.array(v["layer_peak"], (n,), "layer_peak"))
+        d._baseline = np.array(checked.array(v["layer_baseline"], (n,), "layer_baseline"))
+        d._layer_cool = np.array(checked.array(v["layer_cooldown"], (n,), "layer_cooldown", "iu"))
         return d
 
     @property
@@ -509,6 +528,21 @@ class PhaseDetector:
             )
         self.layers = new
         return changes
+
+
+def _setting(name: str, kind: str, value: Any) -> int | float:
+    """A saved setting of `Settings`, checked: a count within bounds, a finite number (ValueError)."""
+    if kind == "int":
+        return checked.count(value, f"settings.{name}", 2 if name == "window" else 0, 1 << 20)
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"settings.{name}: {x}, not a finite number")
+    return x
+
+
+def _phase(value: Any, name: str) -> int:
+    """A saved phase (an index of `PHASES`), checked (ValueError)."""
+    return checked.count(value, name, 0, len(PHASES) - 1)
 
 
 def _copy(a: np.ndarray | None) -> np.ndarray | None:

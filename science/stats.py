@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from . import saved as checked
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -144,19 +146,24 @@ class Sample:
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Sample:
-        """The sample `to_state` gave (its arrays as they are: a sample is never written to)."""
-        layers, sites = state["layers"], state["sites"]
+    def from_state(cls, state: Mapping[str, Any], layers: int = -1, sites: int = -1) -> Sample:
+        """The sample `to_state` gave (its arrays as they are: a sample is never written to), of
+        `layers` layers and `sites` sites (-1: as many as its columns say); ValueError if its
+        columns do not fit together."""
+        layer_v, site_v = state["layers"], state["sites"]
+        layer_columns = [f.name for f in fields(LayerStats) if f.name != "histogram"]
+        n = len(checked.array(layer_v["count"], (layers,), "sample.layers.count"))
+        m = len(checked.array(site_v["count"], (sites,), "sample.sites.count"))
+        histogram = layer_v.get("histogram")
         return cls(
             step=int(state["step"]),
             wall_time=float(state["wall_time"]),
             energy=float(state["energy"]),
             layers=LayerStats(
-                layers["count"], layers["mean"], layers["m2"], layers["dot_before"], layers["dot_after"],
-                layers.get("histogram"),
+                *(checked.array(layer_v[c], (n,), f"sample.layers.{c}") for c in layer_columns),
+                None if histogram is None else checked.array(histogram, (n, -1), "sample.layers.histogram"),
             ),
             sites=SiteStats(
-                sites["count"], sites["in_mean"], sites["in_m2"], sites["out_mean"], sites["out_m2"],
-                sites["probe_spread"],
+                *(checked.array(site_v[f.name], (m,), f"sample.sites.{f.name}") for f in fields(SiteStats))
             ),
-        )  # fmt: skip
+        )

@@ -4,7 +4,8 @@ Idle and slow clients: a connection that has not sent its whole request head wit
 timeout is closed, connections are bounded (the oldest unfinished one makes room for a new one),
 and no connection gets a thread of its own, so scrapes keep answering. Passwords: a verified
 (user, password) pair is not hashed again, and wrong passwords beyond a small burst per client
-address are refused without hashing (counted in /metrics, which is how these tests see it).
+address, or beyond a budget all addresses share, are refused without hashing (counted in
+/metrics, which is how these tests see it).
 
 Real collectors on 127.0.0.1, real sockets and urllib; `start_metrics_server` alone where a test
 needs limits a collector does not take.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import getpass
 import hashlib
+import http.client
 import math
 import socket
 import ssl
@@ -33,6 +35,8 @@ from thermoscope.collector.exposition.metrics_http import HttpLimits, start_metr
 from thermoscope.collector.exposition.passwords import (
     FAILURE_BURST,
     FAILURE_REFILL_PER_S,
+    GLOBAL_BURST,
+    GLOBAL_REFILL_PER_S,
     BasicAuthUsers,
     hash_password,
 )
@@ -181,6 +185,83 @@ def test_tls_clients_that_never_handshake_or_never_finish_do_not_stop_scrapes(pk
             s.close()
 
 
+BIG_PAGE = b"x" * 8_000_000  # more than the kernel's buffers of a connection hold (tcp_wmem's 4 MiB)
+
+
+def big_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [BIG_PAGE]
+
+
+def open_never_reading(port: int, n: int) -> list[socket.socket]:
+    """`n` clients that send a whole request and never read the answer (a small receive buffer)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        socks.append(s)
+    return socks
+
+
+def read_to_the_end(s: socket.socket) -> int:
+    """Bytes `s` receives until the server closes it."""
+    got = 0
+    try:
+        while chunk := s.recv(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_clients_that_never_read_their_answer_hold_no_worker_and_a_scrape_still_answers() -> None:
+    limits = HttpLimits(timeout=60.0)  # before, each held a worker up to 60 s at each write
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=limits)
+    try:
+        stuck = open_never_reading(server.server_port, 5 * limits.workers)
+        time.sleep(1.0)  # their requests are in, and answered as far as they read
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        for s in stuck:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_answers_held_for_clients_that_do_not_read_are_bounded_and_the_oldest_is_dropped() -> None:
+    limits = HttpLimits(timeout=60.0, max_buffered_bytes=3 * len(BIG_PAGE))
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=limits)
+    try:
+        stuck = open_never_reading(server.server_port, 10)
+        time.sleep(1.0)  # their answers are written, and all but the 3 the bound holds dropped
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+        # the dropped ones got less than the page, long before their 60 s timeout: read to the end
+        received = [read_to_the_end(s) for s in stuck]
+        assert sum(got < len(BIG_PAGE) for got in received) >= 10 - 3, received
+        for s in stuck:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_closed_at_the_timeout() -> None:
+    server, _ = start_metrics_server("127.0.0.1", 0, big_app, limits=HttpLimits(timeout=1.0))
+    try:
+        (stuck,) = open_never_reading(server.server_port, 1)
+        time.sleep(3.0)  # it read nothing for longer than the timeout
+        assert 0 < read_to_the_end(stuck) < len(BIG_PAGE)
+        stuck.close()
+        assert get(f"http://127.0.0.1:{server.server_port}/metrics") == (200, BIG_PAGE)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # -- passwords ----------------------------------------------------------------------------------------
 
 
@@ -288,3 +369,43 @@ def test_a_malformed_hash_names_the_line_and_the_formats(tmp_path) -> None:
 
     with pytest.raises(AuthConfigError, match=r"user 'prometheus'.*\$2b\$.*pbkdf2_sha256"):
         BasicAuthUsers.load(users_file(tmp_path, "prometheus:$2b$10$short"))
+
+
+def from_address(port: int, source: str, user_password: str) -> int:
+    """The status of a GET /metrics with basic auth, sent from the loopback address `source`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        token = base64.b64encode(user_password.encode()).decode()
+        connection.request("GET", "/metrics", headers={"Authorization": f"Basic {token}"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_guesses_from_many_addresses_share_one_hashing_budget_and_a_verified_scraper_stays_in(
+    tmp_path,
+) -> None:
+    users = users_file(tmp_path, f"prometheus:{hash_password('s3cret', rounds=4)}")
+    with Collector(
+        "127.0.0.1:0", "127.0.0.1:0", db=None, security=Security(metrics_basic_auth=users)
+    ).running() as c:
+        assert get(c.metrics_url, "prometheus:s3cret")[0] == 200  # the scraper, verified once
+        started = time.monotonic()
+        statuses, scraper = [], []
+        for i in range(FAILURE_BURST):  # each of 120 addresses 127.0.0.2.. within its own burst
+            for n in range(2, 122):
+                statuses.append(from_address(c.metrics_port, f"127.0.0.{n}", f"prometheus:guess{i}-{n}"))
+            # a flood from the scraper's own address too; the scraper is answered from memory
+            statuses += [
+                from_address(c.metrics_port, "127.0.0.1", f"prometheus:own{i}-{j}") for j in range(5)
+            ]
+            scraper.append(get(c.metrics_url, "prometheus:s3cret")[0])
+        elapsed = time.monotonic() - started
+        hashes, failures = auth_counters(c.metrics_url, "prometheus:s3cret")
+    assert scraper == [200] * FAILURE_BURST
+    assert set(statuses) <= {401, 429} and len(statuses) == 625
+    budget = GLOBAL_BURST + math.ceil(elapsed * GLOBAL_REFILL_PER_S)  # what the shared bucket let through
+    assert hashes - 1 == statuses.count(401) <= budget  # before: 625, each address within its own burst
+    assert failures["rate_limited"] == statuses.count(429) >= 625 - budget

@@ -10,11 +10,20 @@ scrapes failed. Connections are bounded (`HttpLimits.max_connections`): beyond i
 one still sending its head is closed to make room, so a scrape gets in however many idle
 clients there are (docs/security.md has the measurements).
 
+The answer goes back the same way: a worker writes it into memory, and the accepting thread
+sends it without blocking, closing a client that reads none of it for `HttpLimits.timeout`.
+Before, the worker itself wrote it, so clients that sent whole requests and never read the
+answer held every worker for the timeout at each write, and scrapes waited their turn (40 of
+them with an 8 MB page: a scrape waited 24.5 s). The answers held are bounded
+(`HttpLimits.max_buffered_bytes`: beyond it the answer that has waited longest for its client
+is dropped), and so is each connection's kernel send buffer (`SEND_BUFFER`).
+
 Basic auth, when asked for, wraps the app (passwords.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
@@ -35,6 +44,11 @@ from .passwords import BasicAuth, PasswordCheck
 log = logging.getLogger("thermoscope.collector")
 
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+#: Bytes of an answer the kernel may hold for one connection (SO_SNDBUF; Linux doubles it): the
+#: rest waits in `_Sending`, counted against `HttpLimits.max_buffered_bytes`.
+SEND_BUFFER = 256 << 10
+#: The most of an answer one non-blocking send offers the kernel.
+_CHUNK = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -42,20 +56,24 @@ class HttpLimits:
     """Bounds on what /metrics clients may make the collector hold.
 
     `timeout`: seconds a client has from connecting to the end of its request head (a TLS
-    handshake included), and then for each read and write of its answer; `max_connections`:
+    handshake included), then for each read of its request's rest, and while its answer is sent,
+    for reading some of it (one that reads nothing for as long is closed); `max_connections`:
     connections open at once (beyond it the oldest still sending its head is closed to make room;
     if every one is a whole request, the new connection is closed at once); `workers`: threads
     answering whole requests (more wait their turn); `max_head_bytes`: the longest request head
-    (a Prometheus scrape's is under 1 KiB; a longer one is answered 431 and closed).
+    (a Prometheus scrape's is under 1 KiB; a longer one is answered 431 and closed);
+    `max_buffered_bytes`: answers held for clients still reading them (beyond it, the one whose
+    client read nothing for longest is dropped; one answer alone is always sent).
     """
 
     timeout: float = 5.0
     max_connections: int = 256
     workers: int = 8
     max_head_bytes: int = 16 << 10
+    max_buffered_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "max_connections", "workers", "max_head_bytes"):
+        for name in ("timeout", "max_connections", "workers", "max_head_bytes", "max_buffered_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -69,6 +87,16 @@ class _Waiting:
         self.sock, self.address, self.deadline = sock, address, deadline
         self.head = bytearray()
         self.handshaken = not isinstance(sock, ssl.SSLSocket)
+
+
+class _Sending:
+    """A connection whose answer the client has not all read."""
+
+    __slots__ = ("address", "deadline", "left", "sock")
+
+    def __init__(self, sock: socket.socket, address: Any, answer: bytes, deadline: float) -> None:
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.left = memoryview(answer)
 
 
 class _Replayed(io.RawIOBase):
@@ -93,15 +121,22 @@ class _Replayed(io.RawIOBase):
 
 
 class _Handler(WSGIRequestHandler):
-    """wsgiref's handler of one request, reading first the head the server already read."""
+    """wsgiref's handler of one request, reading first the head the server already read, and
+    writing its answer into memory (`answer`), for the server to send without blocking."""
 
     def __init__(self, request, client_address, server, head: bytes) -> None:
         self._head = head
+        self.answer = b""
         super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         super().setup()
         self.rfile = io.BufferedReader(_Replayed(self._head, self.rfile))
+        self.wfile = io.BytesIO()
+
+    def finish(self) -> None:
+        self.answer = self.wfile.getvalue()  # type: ignore[attr-defined]
+        super().finish()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -120,6 +155,12 @@ class MetricsServer(WSGIServer):
         self._answering = 0  # connections handed to the workers and not yet closed
         self._lock = threading.Lock()
         self._ready: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._sending: dict[socket.socket, _Sending] = {}  # the least recently read from first
+        self._buffered = 0  # bytes of answers not yet sent
+        self._answers: queue.SimpleQueue[_Sending] = queue.SimpleQueue()  # from the workers
+        self._wake_read, self._wake = socket.socketpair()  # a worker's answer wakes `serve_forever`
+        self._wake_read.setblocking(False)
+        self._wake.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._stop, self._stopped = threading.Event(), threading.Event()
         self._stopped.set()
@@ -138,24 +179,37 @@ class MetricsServer(WSGIServer):
         self._stopped.clear()
         self.socket.setblocking(False)
         self._selector.register(self.socket, selectors.EVENT_READ)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
         try:
             while not self._stop.is_set():
                 wait = poll_interval
-                if self._waiting:
-                    first = next(iter(self._waiting.values()))
-                    wait = min(wait, max(0.0, first.deadline - time.monotonic()))
+                for pending in (self._waiting, self._sending):
+                    if pending:
+                        first = next(iter(pending.values()))
+                        wait = min(wait, max(0.0, first.deadline - time.monotonic()))
                 for key, _ in self._selector.select(wait):
                     if key.fileobj is self.socket:
                         self._accept()
+                    elif key.fileobj is self._wake_read:
+                        self._take_answers()
+                    elif isinstance(key.data, _Sending):
+                        if key.data.sock in self._sending:  # not dropped to make room meanwhile
+                            self._send(key.data)
                     elif key.data.sock in self._waiting:  # not closed by `_accept` meanwhile
                         self._read(key.data)
                 now = time.monotonic()
                 while self._waiting and (first := next(iter(self._waiting.values()))).deadline <= now:
                     self._drop(first)
+                while self._sending and (late := next(iter(self._sending.values()))).deadline <= now:
+                    self._finish(late)  # its client read nothing for the timeout
         finally:
             self._selector.unregister(self.socket)
+            self._selector.unregister(self._wake_read)
             for waiting in list(self._waiting.values()):
                 self._drop(waiting)
+            self._take_answers()
+            for sending in list(self._sending.values()):
+                self._finish(sending)
             self._stopped.set()
 
     def shutdown(self) -> None:
@@ -168,6 +222,8 @@ class MetricsServer(WSGIServer):
         for _ in self._workers:
             self._ready.put(None)
         self._selector.close()
+        self._wake_read.close()
+        self._wake.close()
 
     def handle_error(self, request, client_address) -> None:  # a client gone, a timeout: no traceback
         log.debug("/metrics: a request from %s failed", client_address, exc_info=True)
@@ -184,6 +240,7 @@ class MetricsServer(WSGIServer):
                     time.sleep(0.05)  # the listening socket stays readable: do not spin
                 return
             sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             if len(self._waiting) + self._answering >= self.limits.max_connections and not self._make_room():
                 sock.close()  # every connection is a whole request being answered: refused at once
                 continue
@@ -236,16 +293,76 @@ class MetricsServer(WSGIServer):
         waiting.sock.close()
 
     def _work(self) -> None:
+        """Answer whole requests into memory; `serve_forever` sends the answers."""
         while (waiting := self._ready.get()) is not None:
             try:
                 waiting.sock.settimeout(self.limits.timeout)
-                _Handler(waiting.sock, waiting.address, self, bytes(waiting.head))
+                answer = _Handler(waiting.sock, waiting.address, self, bytes(waiting.head)).answer
             except Exception:
                 self.handle_error(waiting.sock, waiting.address)
-            finally:
                 self.shutdown_request(waiting.sock)
                 with self._lock:
                     self._answering -= 1
+                continue
+            waiting.sock.setblocking(False)
+            self._answers.put(_Sending(waiting.sock, waiting.address, answer, 0.0))
+            with contextlib.suppress(BlockingIOError):  # wake-ups pending already: it takes this one too
+                self._wake.send(b"\0")
+
+    def _take_answers(self) -> None:
+        """Start sending the answers the workers wrote, dropping the answers whose clients read
+        nothing for longest while all held would be over `max_buffered_bytes`."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._wake_read.recv(4096):
+                pass
+        while True:
+            try:
+                sending = self._answers.get_nowait()
+            except queue.Empty:
+                return
+            while self._sending and self._buffered + len(sending.left) > self.limits.max_buffered_bytes:
+                self._finish(next(iter(self._sending.values())))
+            sending.deadline = time.monotonic() + self.limits.timeout
+            self._sending[sending.sock] = sending
+            self._buffered += len(sending.left)
+            self._selector.register(sending.sock, selectors.EVENT_WRITE, sending)
+            # what the kernel takes now: later progress is the client's reading alone, so the
+            # order of `_sending` puts the answers nobody reads first, in the order they came
+            self._send(sending)
+
+    def _send(self, sending: _Sending) -> None:
+        """Send what the kernel takes of the answer; a client that read some has `timeout` more."""
+        sock = sending.sock
+        try:
+            sent = sock.send(sending.left[:_CHUNK])
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, sending)
+            return
+        except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            self._selector.modify(sock, selectors.EVENT_WRITE, sending)
+            return
+        except OSError:  # a reset: the client went away
+            log.debug("/metrics: sending to %s failed", sending.address, exc_info=True)
+            self._finish(sending)
+            return
+        sending.left = sending.left[sent:]
+        self._buffered -= sent
+        if not sending.left:
+            self._finish(sending)
+            return
+        del self._sending[sock]  # re-inserted last: the dict's order is of deadlines
+        sending.deadline = time.monotonic() + self.limits.timeout
+        self._sending[sock] = sending
+        self._selector.modify(sock, selectors.EVENT_WRITE, sending)
+
+    def _finish(self, sending: _Sending) -> None:
+        """Close a connection whose answer was sent, or is dropped."""
+        self._selector.unregister(sending.sock)
+        del self._sending[sending.sock]
+        self._buffered -= len(sending.left)
+        self.shutdown_request(sending.sock)
+        with self._lock:
+            self._answering -= 1
 
 
 def start_metrics_server(

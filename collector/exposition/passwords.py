@@ -8,7 +8,11 @@ read). A hash costs ~60 ms of CPU (bcrypt cost 10, PBKDF2 200,000 rounds) by des
 keyed hash of the pair, never the password) and not hashed again, and each client address may
 have `FAILURE_BURST` wrong passwords hashed, then one per `1 / FAILURE_REFILL_PER_S` seconds;
 beyond that it is answered 429 at once. Before, every wrong password was hashed: 100 in a row
-cost the collector 6.18 CPU seconds, now 0.35 (tests/bench/bench_metrics_http.py). What it
+cost the collector 6.18 CPU seconds, now 0.35 (tests/bench/bench_metrics_http.py). The
+addresses share one budget too (`GLOBAL_BURST`, `GLOBAL_REFILL_PER_S`): with buckets per
+address alone, guesses from 120 loopback addresses had 600 hashed (33.6 CPU seconds); a
+credential verified before is answered from memory whatever the budgets hold, so a flood,
+even from the scraper's own address, never refuses it. What it
 refused and hashed is counted in /metrics (`thermoscope_metrics_auth_failures_total{reason}`,
 `thermoscope_metrics_password_checks_total`).
 """
@@ -40,6 +44,10 @@ BCRYPT_MAX_BYTES = 72
 #: Wrong passwords a client address may have hashed at once, and how many more per second.
 FAILURE_BURST = 5
 FAILURE_REFILL_PER_S = 0.2
+#: Passwords not remembered that all addresses together may have hashed at once, and how many more
+#: per second: at ~60 ms a hash, at most ~6% of a core however many addresses guess.
+GLOBAL_BURST = 10
+GLOBAL_REFILL_PER_S = 1.0
 #: Verified (user, password) pairs remembered, and client addresses whose failures are tracked.
 VERIFIED_PAIRS = 64
 TRACKED_ADDRESSES = 4096
@@ -155,7 +163,8 @@ class PasswordCheck:
     before it is hashed (given back if it is right): `FAILURE_BURST` tokens, refilled at
     `FAILURE_REFILL_PER_S` a second; an address without one is answered 429 without hashing.
     The last `TRACKED_ADDRESSES` addresses are tracked (one forgotten starts again with a full
-    bucket).
+    bucket). Every hash also costs a token of one bucket all addresses share (`GLOBAL_BURST`,
+    refilled at `GLOBAL_REFILL_PER_S`), so many addresses cannot multiply the hashing.
     """
 
     def __init__(self, users: BasicAuthUsers) -> None:
@@ -163,6 +172,7 @@ class PasswordCheck:
         self._key = os.urandom(32)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when), oldest first
+        self._shared = (float(GLOBAL_BURST), time.monotonic())  # every address's: (tokens, when)
         self._lock = threading.Lock()  # the HTTP workers check concurrently
         self.checks = 0  # passwords hashed against the users' hashes
         self.failures: Counter[str] = Counter({MISSING: 0, WRONG: 0, RATE_LIMITED: 0})
@@ -190,6 +200,10 @@ class PasswordCheck:
             if not self._take(address, 1.0):
                 self.failures[RATE_LIMITED] += 1
                 return RATE_LIMITED
+            if not self._take_shared(1.0):
+                self._take(address, -1.0)  # not hashed: the address keeps its token
+                self.failures[RATE_LIMITED] += 1
+                return RATE_LIMITED
             self.checks += 1
         ok = self.users.check(user, password)  # outside the lock: this is what costs
         with self._lock:
@@ -197,6 +211,7 @@ class PasswordCheck:
                 self.failures[WRONG] += 1
                 return WRONG
             self._take(address, -1.0)  # a right password costs no token
+            self._take_shared(-1.0)
             self._verified[key] = None
             if len(self._verified) > VERIFIED_PAIRS:
                 self._verified.popitem(last=False)
@@ -205,8 +220,13 @@ class PasswordCheck:
     def retry_after(self, address: str) -> int:
         """Whole seconds until `address` may have a password hashed again (at least 1)."""
         with self._lock:
-            tokens = self._tokens(address, time.monotonic())
-        return max(1, math.ceil((1.0 - tokens) / FAILURE_REFILL_PER_S))
+            now = time.monotonic()
+            tokens, shared = self._tokens(address, now), self._shared_tokens(now)
+        return max(
+            1,
+            math.ceil((1.0 - tokens) / FAILURE_REFILL_PER_S),
+            math.ceil((1.0 - shared) / GLOBAL_REFILL_PER_S),
+        )
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         """The counters, as a prometheus_client collector (`Guard.register_metrics`)."""
@@ -214,7 +234,7 @@ class PasswordCheck:
             "thermoscope_metrics_auth_failures",
             "Requests for /metrics refused by basic auth, by reason: missing (no credentials), wrong "
             "(a password hashed and not the user's), rate_limited (answered 429 without hashing: the "
-            "client address had too many wrong passwords).",
+            "client address, or all addresses together, had too many passwords hashed).",
             labels=["reason"],
         )
         checks = CounterMetricFamily(
@@ -249,10 +269,23 @@ class PasswordCheck:
             del self._buckets[next(iter(self._buckets))]
         return ok
 
+    def _shared_tokens(self, now: float) -> float:
+        tokens, then = self._shared
+        return min(GLOBAL_BURST, tokens + (now - then) * GLOBAL_REFILL_PER_S)
+
+    def _take_shared(self, n: float) -> bool:
+        """`_take`, from the bucket every address shares."""
+        now = time.monotonic()
+        tokens = self._shared_tokens(now)
+        ok = tokens >= n
+        self._shared = (min(GLOBAL_BURST, tokens - n) if ok else tokens, now)
+        return ok
+
 
 class BasicAuth:
     """WSGI middleware: the app's answer for admitted requests; else 401 (with `WWW-Authenticate`),
-    or 429 (with `Retry-After`) for an address with too many wrong passwords."""
+    or 429 (with `Retry-After`) for an address with too many wrong passwords, or while all
+    addresses together had as many hashed as they may."""
 
     def __init__(self, app, check: PasswordCheck, realm: str = "thermoscope") -> None:
         self.app, self.check, self.realm = app, check, realm
@@ -265,7 +298,7 @@ class BasicAuth:
         if verdict == RATE_LIMITED:
             retry = str(self.check.retry_after(address))
             start_response("429 Too Many Requests", [("Retry-After", retry), ("Content-Type", "text/plain")])
-            return [b"429 Too Many Requests: too many wrong passwords from this address\n"]
+            return [b"429 Too Many Requests: too many wrong passwords, from this address or all\n"]
         start_response(
             "401 Unauthorized",
             [("WWW-Authenticate", f'Basic realm="{self.realm}"'), ("Content-Type", "text/plain")],

@@ -43,12 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from thermoscope.science import saved as checked
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.detect import PhaseDetector
 from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
 
 #: The version of the state this release writes, and the newest it reads.
 FORMAT = 1
+#: The most bytes a state's arrays may take, decompressed, all together (a collector's largest
+#: run state, 10,000 layers with 64 ranks' samples pending, is under a tenth of it).
+MAX_STATE_BYTES = 1 << 30
 #: The names of a run's state (`Pipeline`, `Job`), written at every checkpoint ...
 STATE = (
     "reading",
@@ -91,8 +95,7 @@ def pack(values: Mapping[str, Any]) -> bytes:
 def unpack(data: bytes) -> dict[str, Any]:
     """The nested values of an archive of format `FORMAT` (StateError otherwise)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            flat = {name: archive[name] for name in archive.files}
+        flat = _members(data)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StateError(f"not a state archive ({exc})") from None
     version = int(flat.pop("format", -1))
@@ -106,8 +109,44 @@ def unpack(data: bytes) -> dict[str, Any]:
         node = nested
         for part in path:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise StateError(f"not a state archive ({name} is below an array)")
         node[leaf] = value
     return nested
+
+
+#: The `.npy` header readers, by the format versions numpy writes.
+_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _members(data: bytes) -> Plain:
+    """The arrays of an archive, each read within `MAX_STATE_BYTES` in all: the zip's header
+    says how large each member is decompressed, the `.npy` header how large its array is, and
+    neither may be past what is left (zipfile reads no more of a member than its header says).
+    Before, np.load decompressed whatever a member held: a 3.1 MB state took 3.1 GB."""
+    flat: Plain = {}
+    left = MAX_STATE_BYTES
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.file_size > left:
+                raise ValueError(f"{info.filename} is {info.file_size} bytes decompressed: over the bound")
+            left -= info.file_size
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in _HEADERS:
+                    raise ValueError(f"{info.filename}: .npy format {version}, not one numpy writes here")
+                shape, fortran, dtype = _HEADERS[version](member)
+                if dtype.hasobject:
+                    raise ValueError(f"{info.filename} holds objects, not plain values")
+                size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if size > info.file_size - member.tell():
+                    raise ValueError(f"{info.filename}: its array ({size} bytes) is larger than the member")
+                raw = member.read(size)
+            if len(raw) != size:
+                raise ValueError(f"{info.filename}: {len(raw)} bytes of an array of {size}")
+            array = np.frombuffer(bytearray(raw), dtype=dtype)  # (writable, as np.load's)
+            flat[info.filename.removesuffix(".npy")] = array.reshape(shape, order="F" if fortran else "C")
+    return flat
 
 
 def _flatten(prefix: str, values: Mapping[str, Any], out: Plain) -> None:
@@ -306,6 +345,7 @@ def _from_pending(v: Mapping[str, Any]) -> dict[int, dict[int, Sample]]:
     pending: dict[int, dict[int, Sample]] = {}
     if "step" not in v:
         return pending
+    _check_pending(v)
     layer_ends, site_ends = np.cumsum(v["layer_rows"]), np.cumsum(v["site_rows"])
     hist_rows = np.cumsum(np.where(v["histogram_taken"], v["layer_rows"], 0))
     for i, (step, rank) in enumerate(zip(v["step"], v["rank"], strict=True)):
@@ -322,6 +362,23 @@ def _from_pending(v: Mapping[str, Any]) -> dict[int, dict[int, Sample]]:
             sites=SiteStats(*(v["sites"][c][sites] for c in _COLUMNS["sites"])),
         )
     return dict(sorted(pending.items()))
+
+
+def _check_pending(v: Mapping[str, Any]) -> None:
+    """ValueError unless the stacked columns of `_pending` fit together: one entry per sample,
+    and as many rows in each column as the samples' row counts add up to."""
+    k = len(checked.array(v["step"], (-1,), "pending.step", "iu"))
+    for name in ("rank", "wall_time", "energy", "layer_rows", "site_rows", "histogram_taken"):
+        checked.array(v[name], (k,), f"pending.{name}", "fiub")
+    layer_rows, site_rows = v["layer_rows"].astype(np.int64), v["site_rows"].astype(np.int64)
+    if k and min(layer_rows.min(), site_rows.min()) < 0:
+        raise ValueError("pending: a negative row count")
+    for part, total in (("layers", layer_rows.sum()), ("sites", site_rows.sum())):
+        for column in _COLUMNS[part]:
+            checked.array(v[part][column], (int(total),), f"pending.{part}.{column}")
+    taken = int(layer_rows[v["histogram_taken"].astype(bool)].sum())
+    if taken:
+        checked.array(v["layers"]["histogram"], (taken, -1), "pending.layers.histogram")
 
 
 #: The objects that save their own state (`to_state`) and are made again from it (`from_state`).
