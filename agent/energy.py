@@ -32,9 +32,10 @@ the order alone: it notes each backward's graph root and sums nothing.
 Nothing is read on the host: the values are detached device tensors, summed on the device; the
 sampler's packing copies the sum with the rest of the sample. Backward calls made during a
 backward (reentrant checkpointing) are not the loss and are skipped. The patches of
-`torch.autograd.backward`, `GradScaler.scale` and `GradScaler.step`, and a global optimizer step
-pre-hook, are installed with the first capture and stay; while no capture is armed they return at
-once (tests/bench/bench_loss_capture.py measures it). Every armed capture of the process sees
+`torch.autograd.backward`, `GradScaler.scale` and `GradScaler.step` are installed with the first
+capture and stay; while no capture is armed they return at once (tests/bench/bench_loss_capture.py
+measures it). The global optimizer step pre-hook that notes steps is registered only while a
+capture is armed. Every armed capture of the process sees
 every backward: a process that trains two models with two monitors at once gives each the sum
 of both losses.
 """
@@ -49,19 +50,22 @@ from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 #: The captures armed now: a weak set, so that a monitor dropped without `close` stops capturing.
 #: The wrappers test `_armed.data` (its set of weak references, which dead ones leave at once):
 #: 0.1 us against 0.5 us for the WeakSet's own length.
 _armed: weakref.WeakSet[LossCapture] = weakref.WeakSet()
 _install_lock = threading.Lock()
+_installed = False
 #: The most graph roots a sampled step keeps for the order check (a loop backpropagates a few).
 MAX_ROOTS = 64
 #: How far below a backpropagated root a loss handed to `Monitor.step` may sit, and the most
 #: graph nodes looked at to find it.
 REACH_DEPTH = 4
 REACH_NODES = 256
-_installed = False
+#: The global optimizer step pre-hook (`_step_begins`), registered while a capture is armed.
+_step_hook: RemovableHandle | None = None
 
 
 class LossCapture:
@@ -90,10 +94,12 @@ class LossCapture:
         self._clear()
         self._values, self._stepped, self._closure = values, 0, False
         _armed.add(self)
+        _watch_steps(True)
 
     def disarm(self) -> None:
         _armed.discard(self)
         self._roots.clear()
+        _watch_steps(bool(_armed.data))
 
     @property
     def skipped(self) -> bool:
@@ -193,16 +199,27 @@ def _scalar(tensors: Any, grad_tensors: Any) -> torch.Tensor | None:
     return None
 
 
+def _watch_steps(on: bool) -> None:
+    """Register the global optimizer step pre-hook while some capture is armed, and only then, so
+    that an unsampled step runs no hook of ours. (A capture armed from a global post-hook, as the
+    zero-code agent's step is counted, adds to the pre-hooks: not the dictionary torch iterates.)"""
+    global _step_hook
+    with _install_lock:
+        if on and _step_hook is None:
+            _step_hook = register_optimizer_step_pre_hook(_step_begins)
+        elif not on and _step_hook is not None:
+            _step_hook.remove()
+            _step_hook = None
+
+
 def _install() -> None:
-    """Wrap `torch.autograd.backward`, `GradScaler.scale` and `GradScaler.step`, and hook every
-    optimizer's step, once per process."""
+    """Wrap `torch.autograd.backward`, `GradScaler.scale` and `GradScaler.step`, once per process."""
     global _installed
     with _install_lock:
         if not _installed:
             torch.autograd.backward = _noting_backward(torch.autograd.backward)
             torch.amp.GradScaler.scale = _noting_scale(torch.amp.GradScaler.scale)  # type: ignore[method-assign]
             torch.amp.GradScaler.step = _noting_step(torch.amp.GradScaler.step)  # type: ignore[method-assign]
-            register_optimizer_step_pre_hook(_step_begins)
             _installed = True
 
 

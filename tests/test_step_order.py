@@ -142,3 +142,23 @@ def test_a_non_scalar_loss_is_refused_with_one_line_and_loses_nothing() -> None:
     monitor.step(loss)
     assert monitor.sampled == 1 and monitor.latest().energy == pytest.approx(loss.item())
     monitor.close()
+
+
+def test_an_unsampled_step_runs_no_hook_of_the_order_check() -> None:
+    """The order is watched on sampled steps only: between them no global optimizer hook is left."""
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    arch = build("gpt2")
+    opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-3)
+    monitor = Monitor(arch.model, opt, every=3)
+    hooks = []
+    for step in range(6):
+        loss = arch.loss(step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss)
+        hooks.append(len(_global_optimizer_pre_hooks))
+    monitor.close()
+    assert hooks == [0, 0, 1, 0, 0, 1]  # armed at the end of the step before each sampled one
+    assert monitor.sampled == 2
