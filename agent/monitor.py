@@ -129,7 +129,8 @@ class Monitor:
         self._model_name = type(model).__name__
         self._step = sampling.step
         self._losses = LossCapture()
-        self._loss_given = False  # once the loop hands a loss to `step`, nothing is captured
+        self._loss_given = False  # once the loop hands a loss to `step`, no loss is captured
+        self._warned_order = False  # `step` called out of order was said once
         self._announced = self._hello()  # completed in place once the site table is settled
         self._settled = threading.Event()  # ... and then set: the sender's stream opens with it
         self._sink: Sink = Local(
@@ -229,23 +230,47 @@ class Monitor:
         """Mark the end of one optimizer step; `loss` is its training loss (the energy E_t).
 
         Call after `optimizer.step()`. On unsampled steps this only counts. Without a loss, a
-        sampled step's energy is the mean of the scalars `backward()` was called on since the
-        previous step (`energy.LossCapture`); a loss given here always wins.
+        sampled step's energy is the sum of the scalars `backward()` was called on since the
+        previous optimizer step (`energy.LossCapture`); a loss given here always wins. A loss that
+        is not one value (`step(model(x))`) raises ValueError. A sampled step whose `step` came
+        before `backward()` or `optimizer.step()` is dropped, with a warning (once); one that a
+        `GradScaler` skipped (inf/NaN) is not a step, and is dropped too.
         """
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(
+                f"Monitor.step(loss) takes the step's scalar loss, got a tensor of shape {tuple(loss.shape)}"
+            )
         if loss is not None:
             self._loss_given = True
         if self._sampler.armed:
-            pending = self._sampler.collect(self._step, self._losses.take() if loss is None else loss)
-            if not self._settled.is_set():
-                self._declare()
-            self._losses.disarm()
-            self._sampler.disarm()
-            self._sink.submit(pending)
+            self._take(loss)
         elif self._sampler.following:  # the step after a sample gave its gradient to that sample's work
             self._sampler.unfollow()
         self._step += 1
         if self.enabled and self._step % self.every == 0 and not self.dormant:
             self._arm()
+
+    def _take(self, loss: torch.Tensor | float | None) -> None:
+        """The sampled step's end: its sample to the sink, unless the loop's order or a skipped step
+        makes it no step's."""
+        misordered = self._losses.misordered(loss)
+        skipped = self._losses.skipped and misordered is None
+        captured = self._losses.take()
+        if misordered is not None or skipped:
+            self._sampler.discard()
+            if misordered is not None and not self._warned_order:
+                self._warned_order = True
+                log.warning(
+                    "thermoscope: Monitor.step() was called %s; call it after optimizer.step(): "
+                    "this sampled step is dropped (and every one like it, without another warning)",
+                    misordered,
+                )
+            return
+        pending = self._sampler.collect(self._step, captured if loss is None else loss)
+        if not self._settled.is_set():
+            self._declare()
+        self._sampler.disarm()
+        self._sink.submit(pending)
 
     def latest(self) -> Reading | None:
         """The newest derived reading (in-process mode; None before the first sample)."""
@@ -274,10 +299,10 @@ class Monitor:
         self.enabled = False
 
     def _arm(self) -> None:
-        """Arm the sampler for the coming step, and the loss capture while no loss is handed over."""
+        """Arm the sampler for the coming step, and the loss capture: for the energy while no loss
+        is handed over, for the loop's order always."""
         self._sampler.arm(self._step // self.every)  # the run's sample number: the same on every rank
-        if not self._loss_given:
-            self._losses.arm()
+        self._losses.arm(values=not self._loss_given)
 
     def __enter__(self) -> Monitor:
         return self

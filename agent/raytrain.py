@@ -23,8 +23,8 @@ forward pre-hook notes the outermost modules called until the first optimizer st
 global optimizer step post-hook then picks, among them, the model holding that optimizer's
 parameters, watches it, and removes both global hooks. From then on the monitor's step
 is counted by a post-hook on that optimizer alone. No loss is handed over: on sampled steps
-the monitor captures the scalar `backward()` is called on (the mean over micro-batches,
-unscaled under `GradScaler`; `energy.LossCapture`), and only where none is seen is the energy
+the monitor captures the scalars `backward()` is called on (their sum since the last
+optimizer step, unscaled under `GradScaler`; `energy.LossCapture`), and only where none is seen is the energy
 the cumulative work (see `derive`). Processes that never step an optimizer (the Train
 controller, data workers) pay one dictionary insert per outermost module call. The
 stream ends (flushed, half-closed: the collector sees a rank that finished, not one that was

@@ -407,6 +407,15 @@ class Sampler:
 
     # -- collecting ----------------------------------------------------------------------------
 
+    def discard(self) -> None:
+        """Drop this sampled step (the loop's order or a skipped step makes it no step's): its
+        measurements, its hooks, and the work of the previous sample that it would have carried
+        (taken on the step after that sample, which this one does not follow as the loop meant)."""
+        self.disarm()
+        self.unfollow()
+        self._follow_dots = {}
+        self._reset()
+
     @torch.no_grad()
     def collect(self, step: int, loss: torch.Tensor | float | None) -> Pending:
         """Pack this step's statistics and start their copy to the host; reset for the next step."""

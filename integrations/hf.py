@@ -15,7 +15,9 @@ The loss: the Trainer backpropagates each micro-batch's loss already divided for
 accumulation (by the number of micro-batches, or normalized by the items of the whole accumulation),
 and the loss of an optimizer step, the one it logs, is the sum of those. On sampled steps only, the
 callback notes the scalars `backward()` is called on (`energy.LossCapture`, unscaled under a
-`GradScaler`) and hands their sum to `Monitor.step`, so the energy is the loss the Trainer logs.
+`GradScaler`) and hands their sum to `Monitor.step`, so the energy is the loss the Trainer logs: the
+objective whose gradient the optimizer steps on (docs/science.md section 2). A step the
+`GradScaler` skipped (fp16 overflow) hands no loss, and the monitor drops it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ class ThermoscopeCallback(TrainerCallback):
         self.settings = settings
         self.monitor: Monitor | None = None
         self._losses: LossCapture | None = None
-        self._micro_batches = 0
 
     def on_train_begin(
         self,
@@ -70,13 +71,6 @@ class ThermoscopeCallback(TrainerCallback):
         """The first micro-batch of an optimizer step: note its losses if the step is sampled."""
         if self.monitor is not None and self._losses is not None and self.monitor.sampling:
             self._losses.arm()
-            self._micro_batches = 1
-
-    def on_substep_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        """A micro-batch that ended without an optimizer step (gradient accumulation)."""
-        self._micro_batches += 1
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -84,11 +78,8 @@ class ThermoscopeCallback(TrainerCallback):
         """After the optimizer step: the monitor's step, with the step's loss when it is sampled."""
         if self.monitor is None or self._losses is None:
             return
-        loss = None
-        if self._losses.armed:
-            mean = self._losses.take()  # the mean over the micro-batches' backward calls
-            loss = None if mean is None else mean * self._micro_batches
-        self.monitor.step(loss)
+        # the sum over the micro-batches' backward calls
+        self.monitor.step(self._losses.take() if self._losses.armed else None)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -1,12 +1,15 @@
 """A real energy without code changes: the loss `backward()` is called on (docs/science.md section 2).
 
 A `Monitor` stepped without a loss (and the zero-code agent, which never has one) captures the
-scalar backpropagated before each sampled optimizer step: the mean over micro-batches, unscaled
-under `GradScaler`; cumulative work only where no loss is seen.
+scalars backpropagated before each sampled optimizer step: their sum, the objective whose gradient
+the optimizer steps on (unscaled under `GradScaler`; a step it skipped is no step); cumulative work
+only where no loss is seen.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from thermoscope.agent import Monitor, raytrain
 from thermoscope.cli.demo import student, teacher_student
 from thermoscope.collector.service import Collector
 
+from helpers.architectures import build
 from helpers.training import small_model
 
 JOB = "zero-code-energy"
@@ -33,16 +37,19 @@ def accumulating_training(
     micro: int,
     backward,
     scaler: torch.amp.GradScaler | None = None,
+    divide: bool = False,
 ) -> dict[int, tuple[float, float, bool]]:
-    """`steps` optimizer steps of `micro` micro-batches each, no loss handed over; for each sampled
-    step, (mean of its micro-batch losses, the energy read, whether it was the cumulative work)."""
+    """`steps` optimizer steps of `micro` micro-batches each, no loss handed over, each micro-batch's
+    loss divided by `micro` before its backward if `divide`; for each sampled step, (the mean of its
+    micro-batch losses, the energy read, whether it was the cumulative work)."""
     sampled = {}
     for step in range(steps):
         losses = []
         for _ in range(micro):
             loss = model(torch.randn(16, model[0].in_features)).square().mean()
             losses.append(loss.item())
-            backward(loss if scaler is None else scaler.scale(loss))
+            backpropagated = loss / micro if divide else loss
+            backward(backpropagated if scaler is None else scaler.scale(backpropagated))
         if scaler is None:
             opt.step()
         else:
@@ -70,12 +77,97 @@ def test_without_a_loss_the_energy_is_the_loss_backpropagated(backward) -> None:
         assert energy == pytest.approx(loss, rel=1e-6) and not from_work
 
 
-def test_under_gradient_accumulation_the_energy_is_the_mean_of_the_micro_batch_losses() -> None:
+def test_accumulation_of_divided_losses_reads_the_mean_loss() -> None:
+    """`(loss / 4).backward()` per micro-batch: the optimizer steps on the mean loss's gradient, and
+    the energy is the mean loss (it read a quarter of it, the mean of the quarters, before)."""
+    model, opt = small_model(8, 32, nn.Tanh, lr=0.05)
+    monitor = Monitor(model, opt, every=3)
+    sampled = accumulating_training(model, opt, monitor, 9, 4, lambda t: t.backward(), divide=True)
+    assert sorted(sampled) == [0, 3, 6]
+    for mean, energy, from_work in sampled.values():
+        assert energy == pytest.approx(mean, rel=1e-6) and not from_work
+
+
+def test_accumulation_of_undivided_losses_reads_their_sum() -> None:
+    """`loss.backward()` 4 times undivided: the gradient stepped on is 4 times the mean loss's, and
+    so is the energy (docs/science.md section 2 says what such a loop sees)."""
     model, opt = small_model(8, 32, nn.Tanh, lr=0.05)
     sampled = accumulating_training(model, opt, Monitor(model, opt, every=3), 9, 4, lambda t: t.backward())
     assert sorted(sampled) == [0, 3, 6]
-    for loss, energy, from_work in sampled.values():
-        assert energy == pytest.approx(loss, rel=1e-6) and not from_work
+    for mean, energy, from_work in sampled.values():
+        assert energy == pytest.approx(4 * mean, rel=1e-6) and not from_work
+
+
+def test_a_loss_of_two_terms_backpropagated_separately_reads_their_sum() -> None:
+    """A GPT-2 language-model loss plus an L2 penalty, each with its own backward (AdamW): the energy
+    is the objective, loss + penalty (it read their mean, about half, before)."""
+    arch = build("gpt2")
+    opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-3)
+    monitor = Monitor(arch.model, opt, every=2)
+    for step in range(6):
+        loss = arch.loss(step)
+        penalty = 1e-3 * sum(p.square().sum() for p in arch.model.parameters())
+        loss.backward()
+        penalty.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step()
+        reading = monitor.latest()
+        if reading.step == step:
+            assert reading.energy == pytest.approx(loss.item() + penalty.item(), rel=1e-6)
+            assert not reading.energy_from_work
+    assert monitor.sampled == 3
+    monitor.close()
+
+
+def skipping_training(monitor_on_skip: bool) -> tuple[Monitor, list[float], list[float]]:
+    """Llama under SGD with momentum and a CPU `GradScaler`, every step sampled; the first of each
+    pair of steps gets an inf gradient (an fp16 overflow), so the scaler skips its optimizer step.
+    The monitor is stepped by an optimizer post-hook, as the zero-code agent does, and also after
+    each skipped step if `monitor_on_skip`. Returns the monitor (closed), the losses of the
+    skipped steps and the energies read after the others."""
+    arch = build("llama")
+    opt = torch.optim.SGD(arch.model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    monitor = Monitor(arch.model, opt, every=1)
+    opt.register_step_post_hook(lambda *_: monitor.step())
+    skipped, energies = [], []
+    for step in range(8):
+        loss = arch.loss(step)
+        scaler.scale(loss).backward()
+        if step % 2 == 0:
+            next(arch.model.parameters()).grad[0, 0] = math.inf
+        stepped = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if scaler.get_scale() < stepped:  # the scale backs off: the step was skipped
+            skipped.append(loss.item())
+            if monitor_on_skip:
+                monitor.step()
+        else:
+            reading = monitor.latest()
+            assert reading.energy == pytest.approx(loss.item(), rel=1e-6) and not reading.energy_from_work
+            energies.append(reading.energy)
+    monitor.close()
+    return monitor, skipped, energies
+
+
+def test_a_step_the_grad_scaler_skipped_is_dropped_not_folded_into_the_next_energy() -> None:
+    """Zero-code counts optimizer steps: a skipped one is not one, and its loss is not added to the
+    next step's energy (before: the mean of both; with a sum, a false jump)."""
+    monitor, skipped, energies = skipping_training(monitor_on_skip=False)
+    assert len(skipped) == len(energies) == 4
+    assert monitor.sampled == 4
+
+
+def test_a_skipped_step_handed_to_step_is_dropped_without_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A loop that calls `Monitor.step()` after a skipped `scaler.step`: that sample is no step's."""
+    with caplog.at_level(logging.WARNING, logger="thermoscope.agent"):
+        monitor, skipped, energies = skipping_training(monitor_on_skip=True)
+    assert len(skipped) == len(energies) == 4
+    assert monitor.sampled == 4  # only the steps the optimizer took
+    assert not [r for r in caplog.records if "Monitor.step" in r.getMessage()]
 
 
 def test_under_a_grad_scaler_the_energy_is_the_unscaled_loss() -> None:
@@ -86,8 +178,8 @@ def test_under_a_grad_scaler_the_energy_is_the_unscaled_loss() -> None:
     sampled = accumulating_training(model, opt, monitor, 8, 2, lambda t: t.backward(), scaler)
     assert scaler.get_scale() > 2.0**12  # grown during the run, in place after each backward
     assert sorted(sampled) == [0, 2, 4, 6]
-    for loss, energy, from_work in sampled.values():
-        assert energy == pytest.approx(loss, rel=1e-6) and not from_work
+    for mean, energy, from_work in sampled.values():
+        assert energy == pytest.approx(2 * mean, rel=1e-6) and not from_work  # 2 undivided micro-batches
 
 
 def test_backward_calls_made_inside_a_backward_are_not_the_loss() -> None:
@@ -117,7 +209,8 @@ def test_a_loss_handed_to_step_wins_over_the_captured_one() -> None:
         opt.zero_grad()
         monitor.step(given)
         assert monitor.latest().energy == given
-    assert not monitor._losses.armed  # a loop that hands losses over pays nothing for the capture
+    model(torch.randn(16, 8)).square().mean().backward()
+    assert monitor._losses.armed and monitor._losses._sum is None  # armed for the loop's order alone
     monitor.close()
 
 
