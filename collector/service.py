@@ -29,6 +29,7 @@ from thermoscope.science.derive import Reading
 from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
 from .exposition.export import MetricsExporter, metrics_app
+from .ingest import keepalive
 from .ingest.server import Telemetry
 from .security import Security
 from .settings import DEFAULTS, CollectorSettings
@@ -136,10 +137,7 @@ class Collector:
             options=[
                 ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                # agents ping every 30 s (agent/link.py) to keep an idle stream, e.g. a paused job's, open;
-                # grpc's default (no more than one ping per 5 min without data) ends such a stream
-                # with GOAWAY too_many_pings
-                ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+                *keepalive.server_options(self.settings),  # frozen clients closed, agents' pings allowed
             ],
         )
         server.add_generic_rpc_handlers((self.telemetry.handler(self.settings.max_message_bytes),))

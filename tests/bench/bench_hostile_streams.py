@@ -40,24 +40,8 @@ from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
 
 from helpers.http2 import ping_flood
 from helpers.processes import start_collector_process
-from helpers.protocol import hello
+from helpers.protocol import held_in_a_process, hello
 from helpers.security import TOKEN_A, TOKEN_ANY
-
-#: A client that holds one run with TOKEN_ANY, says so, then waits (to be stopped with SIGSTOP).
-HOLDER = """
-import sys, time, grpc
-from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
-sys.path.insert(0, {tests!r})
-from helpers.protocol import hello
-channel = grpc.insecure_channel({target!r})
-def forever():
-    yield hello("frozen")
-    time.sleep(3600)
-call = pb_grpc.TelemetryStub(channel).Stream(forever(), metadata=(("authorization", "Bearer {token}"),))
-next(call)
-print("held", flush=True)
-time.sleep(3600)
-"""
 
 
 def spellings(token: str, n: int) -> list[str]:
@@ -97,11 +81,8 @@ async def held_by_spellings(target: str, n: int) -> tuple[int, grpc.StatusCode |
 
 def frozen_release(target: str, wait: float) -> float | None:
     """Seconds from SIGSTOP of a client holding the token's one run until the token holds another."""
-    tests = str(Path(__file__).resolve().parents[1])
-    script = HOLDER.format(tests=tests, target=target, token=TOKEN_ANY)
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    holder = held_in_a_process(target, "frozen", f"Bearer {TOKEN_ANY}")
     try:
-        assert holder.stdout.readline().strip() == "held"
         os.kill(holder.pid, signal.SIGSTOP)
         stopped = time.monotonic()
         while time.monotonic() - stopped < wait:
