@@ -29,7 +29,7 @@ from thermoscope.science.derive import Reading
 from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
 from .exposition.export import MetricsExporter, metrics_app
-from .ingest import keepalive
+from .ingest import keepalive, reaper
 from .ingest.server import Telemetry
 from .security import Security
 from .settings import DEFAULTS, CollectorSettings
@@ -119,6 +119,7 @@ class Collector:
         self._http = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpoints: asyncio.Task | None = None
+        self._reaper: asyncio.Task | None = None  # closes the connections grpc keeps reading (a PING flood's)
 
     @property
     def metrics_url(self) -> str:
@@ -162,6 +163,7 @@ class Collector:
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
+        self._reaper = asyncio.create_task(reaper.reap(self.grpc_port, lambda: self.telemetry.callers))
         if self.store is not None:
             self.telemetry.checkpointer.on_failing = self._set_serving_by_checkpoints
             checkpoints = self.telemetry.checkpointer.every(self.settings.checkpoint_interval)
@@ -198,6 +200,8 @@ class Collector:
             self._http.server_close()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self.store is not None:
             await self.telemetry.checkpointer.checkpoint()
             self.store.close()

@@ -104,6 +104,7 @@ class Telemetry:
         )
         self.rejected: Counter[str] = Counter()
         self._sessions: dict[str, set[Session]] = {}  # by job: calls that sent a valid hello
+        self.callers: Counter[str] = Counter()  # open calls by peer (`reaper.py` spares their connections)
         self.draining = False  # the collector is shutting down: see `drain`
 
     # -- graceful shutdown ------------------------------------------------------------------------
@@ -200,6 +201,8 @@ class Telemetry:
         inbox = session.inbox
         context.add_done_callback(lambda _: self._end(session))
         reader = asyncio.create_task(self._read(requests, session))
+        peer = context.peer()
+        self.callers[peer] += 1
         try:
             while True:
                 item = await inbox.get()
@@ -244,6 +247,9 @@ class Telemetry:
         finally:
             reader.cancel()
             self._end(session)
+            self.callers[peer] -= 1
+            if not self.callers[peer]:
+                del self.callers[peer]
 
     async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: Session) -> None:
         inbox = session.inbox

@@ -11,11 +11,12 @@ Run it as a script (pytest does not collect it):
    still streams.
 2. Frozen client: a client process holds one run (`--max-jobs-per-token 1`) and is stopped with
    SIGSTOP: seconds until the same token may hold another run (bounded by `--wait`).
-3. PING flood: a raw HTTP/2 client sends PINGs for `--flood` seconds: the GOAWAY, whether and
-   when the collector closed the connection, and the collector's CPU seconds meanwhile.
+3. PING flood: a raw HTTP/2 client sends PINGs for `--flood` seconds, from `--pause` s after its
+   handshake (grpc's race is likelier so: collector/ingest/reaper.py), on `--floods` collectors:
+   the GOAWAY, whether and when the collector closed the connection, its CPU seconds meanwhile.
 
 `--collector-args` go to every collector (e.g. `--keepalive 1 --keepalive-timeout 1`).
-Results: docs/security.md (#quotas-keepalive-and-pings).
+Results: docs/security.md (#bad-input-and-limits).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--wait", type=float, default=20.0)
     p.add_argument("--flood", type=float, default=5.0)
     p.add_argument("--floods", type=int, default=5, help="PING floods, each on a new collector")
+    p.add_argument("--pause", type=float, default=0.2, help="seconds between a flood's handshake and PINGs")
     p.add_argument("--collector-args", nargs=argparse.REMAINDER, default=[])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +146,7 @@ def main() -> None:
             try:
                 host, port = c.grpc_target.rsplit(":", 1)
                 before = cpu_seconds(c.proc.pid)
-                flood = ping_flood(host, int(port), args.flood)
+                flood = ping_flood(host, int(port), args.flood, args.pause)
                 spent = cpu_seconds(c.proc.pid) - before
             finally:
                 c.stop()

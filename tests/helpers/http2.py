@@ -43,11 +43,13 @@ class Flood:
         return max(0.0, self.closed_at - self.goaway_at)
 
 
-def ping_flood(host: str, port: int, seconds: float) -> Flood:
-    """Open a connection and send PINGs for `seconds`, or until the server closes it."""
+def ping_flood(host: str, port: int, seconds: float, pause: float = 0.0) -> Flood:
+    """Open a connection and send PINGs for `seconds`, or until the server closes it; `pause`:
+    seconds between the connection's preface and the first PING."""
     flood, done = Flood(), threading.Event()
     with socket.create_connection((host, port), timeout=1) as sock:
         sock.sendall(PREFACE + frame(SETTINGS, 0, b""))
+        time.sleep(pause)
         reader = threading.Thread(target=_read, args=(sock, flood, done), daemon=True)
         reader.start()
         pings = frame(PING, 0, b"flooding") * 64
@@ -80,14 +82,16 @@ def _read(sock: socket.socket, flood: Flood, done: threading.Event) -> None:
             flood.closed_at = time.monotonic()
             return
         buffer += data
-        while len(buffer) >= 9:
-            length = int.from_bytes(buffer[:3], "big")
-            if len(buffer) < 9 + length:
+        at = 0
+        while len(buffer) - at >= 9:
+            length = int.from_bytes(buffer[at : at + 3], "big")
+            if len(buffer) - at < 9 + length:
                 break
-            kind, payload = buffer[3], buffer[9 : 9 + length]
-            buffer = buffer[9 + length :]
+            kind, payload = buffer[at + 3], buffer[at + 9 : at + 9 + length]
+            at += 9 + length
             if kind == PING and flood.goaway is not None:
                 flood.acks_after_goaway += 1
             if kind == GOAWAY and flood.goaway is None:
                 flood.goaway = struct.unpack(">I", payload[4:8])[0]
                 flood.goaway_at = time.monotonic()
+        buffer = buffer[at:]
