@@ -37,9 +37,14 @@ log = logging.getLogger("thermoscope.agent")
 #: Seconds grpc's channel connectivity poller takes to stop after its last watcher leaves:
 #: closing the channel before that makes the poller print a traceback (grpc/grpc#29848).
 POLL_SETTLE = 0.25
+#: How often the channel pings the collector, also while it sends nothing (a paused job, rare
+#: samples): a dead collector is found within it and its timeout. Above the collector's least
+#: interval between pings without data (`collector.ingest.keepalive.MIN_PING_INTERVAL_MS`).
+PING_INTERVAL_MS = 30_000
 CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", PING_INTERVAL_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # grpc's default stops after 2 pings without data
     ("grpc.max_send_message_length", 64 << 20),
 ]
 #: The slowest pace a collector may ask for (frames per second): a slower one is a broken

@@ -241,6 +241,21 @@ def _collector_arguments(c: argparse.ArgumentParser) -> None:
         help=f"frames per second one agent may send; beyond, its stream is refused "
         f"(default {limits.max_frame_rate:g})",
     )
+    c.add_argument(
+        "--keepalive",
+        type=_positive_number,
+        default=d.keepalive,
+        metavar="S",
+        help=f"seconds between the gRPC server's pings on a connection (default {d.keepalive:g})",
+    )
+    c.add_argument(
+        "--keepalive-timeout",
+        type=_positive_number,
+        default=d.keepalive_timeout,
+        metavar="S",
+        help="seconds a client has to answer a ping before its connection is closed and its streams "
+        f"release what they held (default {d.keepalive_timeout:g})",
+    )
 
     c.add_argument("--db", default=str(d.db), help=f"SQLite file of phase events (default {d.db})")
     c.add_argument(
@@ -300,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "history_interval": args.history_interval,
             "retention": args.retention,
             "checkpoint_interval": args.checkpoint_interval,
+            "keepalive": args.keepalive,
+            "keepalive_timeout": args.keepalive_timeout,
             "security": security_cli.from_args(args, p),
             "max_layers": args.max_layers,
             "max_name_length": args.max_name_length,

@@ -29,6 +29,7 @@ from thermoscope.science.derive import Reading
 from thermoscope.wire.contract import SERVICE, VERSION, split_address
 
 from .exposition.export import MetricsExporter, metrics_app
+from .ingest import keepalive, reaper
 from .ingest.server import Telemetry
 from .security import Security
 from .settings import DEFAULTS, CollectorSettings
@@ -119,6 +120,7 @@ class Collector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._checkpoints: asyncio.Task | None = None
         self._rotation: asyncio.Task | None = None  # watches the security files
+        self._reaper: asyncio.Task | None = None  # closes the connections grpc keeps reading (a PING flood's)
 
     @property
     def metrics_url(self) -> str:
@@ -137,10 +139,7 @@ class Collector:
             options=[
                 ("grpc.max_receive_message_length", GRPC_LIMIT_FACTOR * self.settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                # agents ping every 30 s (agent/link.py) to keep an idle stream, e.g. a paused job's, open;
-                # grpc's default (no more than one ping per 5 min without data) ends such a stream
-                # with GOAWAY too_many_pings
-                ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+                *keepalive.server_options(self.settings),  # frozen clients closed, agents' pings allowed
             ],
         )
         server.add_generic_rpc_handlers((self.telemetry.handler(self.settings.max_message_bytes),))
@@ -165,6 +164,7 @@ class Collector:
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
+        self._reaper = asyncio.create_task(reaper.reap(self.grpc_port, lambda: self.telemetry.callers))
         if self.store is not None:
             self.telemetry.checkpointer.on_failing = self._set_serving_by_checkpoints
             checkpoints = self.telemetry.checkpointer.every(self.settings.checkpoint_interval)
@@ -205,6 +205,8 @@ class Collector:
             self._checkpoints.cancel()
         if self._rotation is not None:
             self._rotation.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self.store is not None:
             await self.telemetry.checkpointer.checkpoint()
             self.store.close()

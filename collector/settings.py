@@ -77,7 +77,10 @@ class CollectorSettings:
     a job (0: every merged sample); `retention`: seconds of history kept (older rows are deleted
     and their pages given back; 0: keep all); `checkpoint_interval`: seconds between two checkpoints;
     `sd_file`: the Ray actor's Prometheus file-SD JSON; `actor_timeout`: seconds to wait for the
-    Ray actor to answer.
+    Ray actor to answer; `keepalive`: seconds between the gRPC server's HTTP/2 pings on a
+    connection, `keepalive_timeout`: seconds it waits for the answer before it closes the
+    connection, so the streams of a client that stopped answering (frozen, its host gone) end and
+    release what they held within `keepalive + keepalive_timeout` (`ingest/keepalive.py`).
 
     `Collector` takes one (`settings=`), or the flat keywords of `thermoscope collector`'s flags
     (`window=`, `max_jobs=`, ...), which `with_flat` turns into one.
@@ -103,9 +106,11 @@ class CollectorSettings:
     checkpoint_interval: float = 5.0
     sd_file: Path = STATE_DIR / "file_sd.json"
     actor_timeout: float = 60.0
+    keepalive: float = 30.0
+    keepalive_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("stale_after", "checkpoint_interval"):
+        for name in ("stale_after", "checkpoint_interval", "keepalive", "keepalive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -37,6 +37,7 @@ from ..state.runs import Runs
 from ..state.store import EventStore
 from .admission import Admission
 from .call import END, PUSH, READ_AHEAD, SEQ_AHEAD, Bucket, ReadFailed, Refused, Session
+from .grpc_auth import bearer
 from .intake import Intake
 from .nonfinite import NonFinite
 from .refusal import BadBytes
@@ -103,6 +104,7 @@ class Telemetry:
         )
         self.rejected: Counter[str] = Counter()
         self._sessions: dict[str, set[Session]] = {}  # by job: calls that sent a valid hello
+        self.callers: Counter[str] = Counter()  # open calls by peer (`reaper.py` spares their connections)
         self.draining = False  # the collector is shutting down: see `drain`
 
     # -- graceful shutdown ------------------------------------------------------------------------
@@ -200,6 +202,8 @@ class Telemetry:
         inbox = session.inbox
         context.add_done_callback(lambda _: self._end(session))
         reader = asyncio.create_task(self._read(requests, session))
+        peer = context.peer()
+        self.callers[peer] += 1
         try:
             while True:
                 item = await inbox.get()
@@ -244,6 +248,9 @@ class Telemetry:
         finally:
             reader.cancel()
             self._end(session)
+            self.callers[peer] -= 1
+            if not self.callers[peer]:
+                del self.callers[peer]
 
     async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: Session) -> None:
         inbox = session.inbox
@@ -369,9 +376,13 @@ class Telemetry:
 
 def _tenant(context: grpc.aio.ServicerContext) -> str:
     """Who opened a call, for quotas: a digest of its bearer token, else its client certificate's
-    subject (mutual TLS), else "" (anonymous: only the collector's own bounds apply)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return "token:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    subject (mutual TLS), else "" (anonymous: only the collector's own bounds apply).
+
+    The token is the one `bearer` extracts, as the token interceptor does, not the header's raw
+    value: "Bearer T", "bearer  T" and "BEARER T" are one token and one tenant, so no spelling of
+    it holds more runs than its quota."""
+    token = bearer(context.invocation_metadata())
+    if token is not None:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     names = context.auth_context().get("x509_common_name")
     return "cert:" + names[0].decode(errors="replace") if names else ""

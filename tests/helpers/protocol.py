@@ -1,6 +1,7 @@
 """Agents written against the wire contract, without the Monitor: hellos, samples and frames
 built by hand (the load generator's, `thermoscope.cli.raw_protocol`, as the tests' agents name
-themselves), one-shot streams, streams held open, and a server that never reads.
+themselves), one-shot streams, streams held open (in this process or a client process of their
+own, to freeze), and a server that never reads.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import asyncio
 import contextlib
 import functools
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -26,6 +29,7 @@ __all__ = [
     "RUN",
     "OpenStream",
     "frame",
+    "held_in_a_process",
     "hello",
     "histogram",
     "layer_table",
@@ -155,3 +159,32 @@ def stalled_collector() -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+#: A client process that holds one stream after its hello, says "held" once answered, and waits.
+_HOLDER = """
+import sys, time, grpc
+from thermoscope.v1 import telemetry_pb2_grpc as pb_grpc
+from thermoscope.cli.raw_protocol import hello
+def requests():
+    yield hello(sys.argv[2], run="r1", agent="test")
+    time.sleep(3600)
+channel = grpc.insecure_channel(sys.argv[1])
+call = pb_grpc.TelemetryStub(channel).Stream(requests(), metadata=(("authorization", sys.argv[3]),))
+next(call)
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+
+def held_in_a_process(target: str, job: str, authorization: str) -> subprocess.Popen:
+    """A client process holding a stream of `job` (its hello answered), sent with the
+    `authorization` metadata value: to freeze (SIGSTOP) or kill; the caller ends it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, target, job, authorization], stdout=subprocess.PIPE, text=True
+    )
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        holder.wait()
+        raise RuntimeError(f"the client process could not hold a stream of {job!r} at {target}")
+    return holder
