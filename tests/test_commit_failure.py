@@ -96,7 +96,8 @@ def test_with_the_disk_full_nothing_is_acked_durable_health_fails_and_a_restart_
         "--db",
         str(db),
     ]
-    args += ["--checkpoint-interval", "0.2", "--history-interval", "0"]
+    # (its frames are stamped in 2023, `checkpoint_cases.EPOCH`: the default retention would prune them)
+    args += ["--checkpoint-interval", "0.2", "--history-interval", "0", "--retention", "0"]
     proc = subprocess.Popen([sys.executable, "-c", CAPPED, *args], stderr=subprocess.PIPE, text=True)
     target = f"127.0.0.1:{port}"
     try:
@@ -124,7 +125,7 @@ def test_with_the_disk_full_nothing_is_acked_durable_health_fails_and_a_restart_
         stop_process(proc)
     log = proc.stderr.read()
     assert "failed, agents keep their frames" in log and "succeeded again" in log
-    second = start_collector_process(db)  # a restart on the same database: everything is there
+    second = start_collector_process(db, None, "--retention", "0")  # a restart: everything is there
     second.stop()
     store = EventStore(db, create=False)
     steps, events = store.history(JOB).step.tolist(), [e.as_dict() for e in store.query(job=JOB)]
