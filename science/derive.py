@@ -169,9 +169,14 @@ class Thermometer:
             state["_shapes"] = _Shapes(state.pop("_shape"))
         self.__dict__.update(state)
         if "_window" not in state:  # one window for the layers and the job, as before JOB_WINDOWS
-            self._window = self._steps.maxlen
-        if "_total" not in state:
-            self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
+            self._window = self._entropy.maxlen
+            longer = self._window * JOB_WINDOWS
+            self._steps, self._energy = deque(self._steps, longer), deque(self._energy, longer)
+        if "_total" not in state:  # the job's window: the samples whose entropies it kept
+            n, longer = len(self._entropy), self._steps.maxlen
+            self._total = deque((e.sum() for e in self._entropy), maxlen=longer)
+            self._steps = deque(list(self._steps)[len(self._steps) - n :], longer)
+            self._energy = deque(list(self._energy)[len(self._energy) - n :], longer)
         if "_engines" not in state:
             self._engines = (self._probe.copy(), *_engines(self._probe))
 
