@@ -2,10 +2,11 @@
 
 `phase_figure` draws a live run from its readings (`thermoscope demo --figure`): the phase
 diagram (energy against entropy, whose slope is the temperature), each layer's temperature
-over the steps with its +-1 standard error band, and each activation site's efficiency with
-its engine type. `history_figure` draws a run from the collector's database (`thermoscope
-plot`): the phase diagram, the energy over the steps shaded by the job's phase, and each
-layer's temperature (the history keeps no standard errors: no band), with the job's
+over the steps with its +-1 standard error band, what is measurable of each layer where its
+temperature is not (its share of the work against its entropy change), and each activation
+site's efficiency with its engine type. `history_figure` draws a run from the collector's
+database (`thermoscope plot`): the phase diagram, the energy over the steps shaded by the job's
+phase, and each layer's temperature (the history keeps no standard errors: no band), with the job's
 transitions marked on all three. An undefined temperature is a gap in its line.
 """
 
@@ -73,6 +74,27 @@ def _layer_temperatures(
         ax.legend(fontsize=7, loc="best")
 
 
+def _measurable(ax, reading: Reading) -> None:
+    """What is measurable of each layer at the last reading, where its T is not: its share of the
+    window's work against its entropy change. Filled: T defined; hollow: undefined, which a layer
+    doing a small share of the work is (its work is lost in its noise)."""
+    share, change = reading.layer_work_share, reading.layer_entropy_change
+    if share is None or change is None:  # a reading saved before they were kept
+        return
+    defined = np.isfinite(reading.layer_temperature)
+    for mask, style in ((defined, {"color": "C3"}), (~defined, {"facecolors": "none", "edgecolors": "0.4"})):
+        label = "T defined" if mask is defined else "T undefined"
+        ax.scatter(np.maximum(share[mask], 1e-6), change[mask], s=18, label=label, **style)
+    for j in np.argsort(-np.nan_to_num(share))[:5]:  # the layers doing the most work, named
+        ax.annotate(reading.layer_names[j], (max(share[j], 1e-6), change[j]), fontsize=6)
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set(xlabel="share of the window's |work|", ylabel="ΔS_l over the window (nats)")
+    ax.set_title(f"what is measurable, step {reading.step}")
+    ax.legend(fontsize=7, loc="best")
+
+
 def _save(fig, plt, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
@@ -88,7 +110,7 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
     if len(readings) < 2:
         raise ValueError("a figure needs at least two readings")
     steps = np.array([r.step for r in readings])
-    fig, (phase, temps, sites) = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+    fig, (phase, temps, measurable, sites) = plt.subplots(1, 4, figsize=(20, 4.4), constrained_layout=True)
     energy = np.array([r.energy for r in readings])
     _phase_diagram(phase, fig, steps, np.array([r.entropy for r in readings]), energy, "energy E (loss)")
     _layer_temperatures(
@@ -98,6 +120,8 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
         np.array([r.layer_temperature for r in readings]),
         np.array([r.layer_temperature_stderr for r in readings]),
     )
+
+    _measurable(measurable, readings[-1])
 
     eta = np.array([r.site_efficiency for r in readings])
     last = readings[-1]
