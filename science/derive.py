@@ -8,16 +8,19 @@ at every sample:
   work summed over the window. A sample carries the work w+ of the previous sampled update
   (measured with the gradient of the step after it: docs/science.md section 2), and that w+
   stands for the `gap` steps between the two samples (an unbiased estimate of the
-  work done over them). T_l = 1/beta_l carries a standard error from the scatter of the
-  window's per-sample increments of S_l and of the work, and is NaN unless both sums are
-  significant (a t-test at `physics.CONFIDENCE`): in a stationary run it is mostly undefined;
+  work done over them). T_l = 1/beta_l carries a standard error and Fieller's interval from
+  the Newey-West (co)variances of the window's per-sample increments of S_l and of the work,
+  and is NaN unless that interval is bounded and excludes 0 (both sums significant at
+  `physics.hac_critical`): in a stationary run it is mostly undefined. Where it is, the
+  reading still says what is measurable: the entropy change and the layer's share of the work;
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
-  the window. Where the training loop gave no loss (zero-code instrumentation), the energy
-  is the cumulative work sum_l sum_{s<t} w_{l,s} since the first sample (E_0 = 0): to first
-  order it is E_t - E_0 (docs/science.md section 2), so slopes and temperatures keep their meaning;
-  `Reading.energy_from_work` says which it is. The slope of the noisy minibatch energy is the
-  "smoothed" energy change; T is defined where both slopes pass the same t-test, with its
-  standard error from the slopes' residual scatter;
+  the job's window (`JOB_WINDOWS` layer windows). Where the training loop gave no loss
+  (zero-code instrumentation), the energy is the cumulative work sum_l sum_{s<t} w_{l,s}
+  since the first sample (E_0 = 0): to first order it is E_t - E_0 (docs/science.md
+  section 2), so slopes and temperatures keep their meaning; `Reading.energy_from_work` says
+  which it is. The slope of the noisy minibatch energy is the
+  "smoothed" energy change; T is defined where both slopes pass the same test, with its
+  standard error and Fieller interval from the slopes' Newey-West (co)variances;
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;

@@ -150,8 +150,8 @@ def temperature(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(beta, T) with T = 1/beta where both changes exceed their floors, else NaN.
 
-    The floors are what makes a change significant: the `Thermometer` passes the t-quantile
-    of `CONFIDENCE` times the change's standard error over the window (at least float
+    The floors are what makes a change significant: the `Thermometer` passes the critical
+    value of `CONFIDENCE` (`hac_critical`) times the change's standard error over the window (at least float
     resolution). NaN means "undefined": the entropy or the energy did not move significantly.
     Negative T is real: the entropy grew while the energy fell.
     """
