@@ -53,7 +53,7 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
         "thermoscope_temperature",
         "temperature",
         "Job temperature dE/dS over the window (loss units per nat); NaN: undefined, the entropy's "
-        f"or the energy's slope not significant at {CONFIDENCE:.0%} (t-test on the window's scatter).",
+        f"or the energy's slope not significant at {CONFIDENCE:.0%} (Newey-West errors, Fieller interval).",
     ),
     (
         "thermoscope_temperature_stderr",
