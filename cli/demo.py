@@ -308,21 +308,41 @@ def show(result: DemoResult, console: Console) -> None:
         _fmt(r.efficiency, ".3f"),
         r.engine or "?",
     )
-    layers = Table(title="layers")
+    # where a layer's T is undefined, what is measurable says why: its entropy change over the
+    # window and its share of the window's work (a layer doing little work has no measurable T)
+    layers = Table(title="layers (temperature undefined: see the entropy change and the work share)")
     layers.add_column("layer")
-    for col in ("entropy (nats)", "temperature ± s.e. (loss/nat)", "work (loss)", "negentropy (nats/value)"):
+    columns = (
+        "entropy (nats)",
+        "temperature ± s.e. (loss/nat)",
+        "ΔS over the window (nats)",
+        "share of the work",
+        "work (loss)",
+        "negentropy (nats/value)",
+    )
+    for col in columns:
         layers.add_column(col, justify="right")
     rows = zip(
         r.layer_names,
         r.layer_entropy,
         r.layer_temperature,
         r.layer_temperature_stderr,
+        r.layer_entropy_change,
+        r.layer_work_share,
         r.layer_work,
         r.layer_negentropy,
         strict=True,
     )
-    for name, s, t, t_err, w, j in rows:
-        layers.add_row(name, _fmt(s, ".6g"), _temperature(t, t_err), _fmt(w, ".3e"), _fmt(j, ".3f"))
+    for name, s, t, t_err, ds, share, w, j in rows:
+        layers.add_row(
+            name,
+            _fmt(s, ".6g"),
+            _temperature(t, t_err),
+            _fmt(ds, ".3g"),
+            _fmt(share, ".1%"),
+            _fmt(w, ".3e"),
+            _fmt(j, ".3f"),
+        )
     sites = Table(title="activation sites")
     sites.add_column("site")
     sites.add_column("activation")

@@ -2,11 +2,13 @@
 
 `phase_figure` draws a live run from its readings (`thermoscope demo --figure`): the phase
 diagram (energy against entropy, whose slope is the temperature), each layer's temperature
-over the steps with its +-1 standard error band, and each activation site's efficiency with
-its engine type. `history_figure` draws a run from the collector's database (`thermoscope
-plot`): the phase diagram, the energy over the steps shaded by the job's phase, and each
-layer's temperature (the history keeps no standard errors: no band), with the job's
-transitions marked on all three. An undefined temperature is a gap in its line.
+over the steps with its +-1 standard error band, what is measurable of each layer where its
+temperature is not (its share of the work against its entropy change), and each activation
+site's efficiency with its engine type. `history_figure` draws a run from the collector's
+database (`thermoscope plot`): the phase diagram, the energy over the steps shaded by the job's
+phase, each layer's temperature (the history keeps no standard errors: no band), with the job's
+transitions marked on all three, and what is measurable of each layer at the last row. An
+undefined temperature is a gap in its line.
 """
 
 from __future__ import annotations
@@ -73,6 +75,34 @@ def _layer_temperatures(
         ax.legend(fontsize=7, loc="best")
 
 
+def _measurable(
+    ax,
+    step: int,
+    names: Sequence[str],
+    temperature: np.ndarray,
+    share: np.ndarray | None,
+    change: np.ndarray | None,
+) -> None:
+    """What is measurable of each layer at `step`, where its T is not: its share of the window's
+    work against its entropy change. Filled: T defined; hollow: undefined, which a layer doing a
+    small share of the work is (its work is lost in its noise)."""
+    if share is None or change is None or not np.isfinite(share).any():  # kept by no release before
+        ax.set_title("what is measurable: not kept for this run")
+        return
+    defined = np.isfinite(temperature)
+    for mask, style in ((defined, {"color": "C3"}), (~defined, {"facecolors": "none", "edgecolors": "0.4"})):
+        label = "T defined" if mask is defined else "T undefined"
+        ax.scatter(np.maximum(share[mask], 1e-6), change[mask], s=18, label=label, **style)
+    for j in np.argsort(-np.nan_to_num(share))[:5]:  # the layers doing the most work, named
+        ax.annotate(names[j], (max(share[j], 1e-6), change[j]), fontsize=6)
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set(xlabel="share of the window's |work|", ylabel="ΔS_l over the window (nats)")
+    ax.set_title(f"what is measurable, step {step}")
+    ax.legend(fontsize=7, loc="best")
+
+
 def _save(fig, plt, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
@@ -88,7 +118,7 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
     if len(readings) < 2:
         raise ValueError("a figure needs at least two readings")
     steps = np.array([r.step for r in readings])
-    fig, (phase, temps, sites) = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+    fig, (phase, temps, measurable, sites) = plt.subplots(1, 4, figsize=(20, 4.4), constrained_layout=True)
     energy = np.array([r.energy for r in readings])
     _phase_diagram(phase, fig, steps, np.array([r.entropy for r in readings]), energy, "energy E (loss)")
     _layer_temperatures(
@@ -99,8 +129,17 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
         np.array([r.layer_temperature_stderr for r in readings]),
     )
 
-    eta = np.array([r.site_efficiency for r in readings])
     last = readings[-1]
+    _measurable(
+        measurable,
+        last.step,
+        last.layer_names,
+        last.layer_temperature,
+        last.layer_work_share,
+        last.layer_entropy_change,
+    )
+
+    eta = np.array([r.site_efficiency for r in readings])
     for j, name in enumerate(last.site_names):
         engine = {"A": "type A", "B": "type B"}.get(str(last.site_engine[j]), "type ?")
         sites.plot(steps, eta[:, j], lw=1.2, label=f"{name}: {engine}")
@@ -119,9 +158,18 @@ def history_figure(history: History, events: Sequence[Event], path: str | Path) 
         raise ValueError(f"job {history.job!r} has {len(history.step)} history row(s); a figure needs two")
     steps = history.step
     ylabel = "energy: cumulative work (loss)" if history.energy_from_work else "energy E (loss)"
-    fig, (phase, energy, temps) = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    fig, (phase, energy, temps, measurable) = plt.subplots(1, 4, figsize=(21, 4.6), constrained_layout=True)
     _phase_diagram(phase, fig, steps, history.entropy, history.energy, ylabel)
     _layer_temperatures(temps, steps, history.layer_names, history.layer_temperature)
+    share, change = history.layer_work_share, history.layer_entropy_change
+    _measurable(
+        measurable,
+        int(steps[-1]),
+        history.layer_names,
+        history.layer_temperature[-1],
+        None if share is None else share[-1],
+        None if change is None else change[-1],
+    )
 
     energy.plot(steps, history.energy, color="k", lw=0.9)
     energy.set(xlabel="step", ylabel=ylabel, title="energy, shaded by the job's phase")

@@ -8,16 +8,19 @@ at every sample:
   work summed over the window. A sample carries the work w+ of the previous sampled update
   (measured with the gradient of the step after it: docs/science.md section 2), and that w+
   stands for the `gap` steps between the two samples (an unbiased estimate of the
-  work done over them). T_l = 1/beta_l carries a standard error from the scatter of the
-  window's per-sample increments of S_l and of the work, and is NaN unless both sums are
-  significant (a t-test at `physics.CONFIDENCE`): in a stationary run it is mostly undefined;
+  work done over them). T_l = 1/beta_l carries a standard error and Fieller's interval from
+  the Newey-West (co)variances of the window's per-sample increments of S_l and of the work,
+  and is NaN unless that interval is bounded and excludes 0 (both sums significant at
+  `physics.hac_critical`): in a stationary run it is mostly undefined. Where it is, the
+  reading still says what is measurable: the entropy change and the layer's share of the work;
 * for the job: S = sum_l S_l, and beta = (dS/dt) / (dE/dt) from least-squares slopes over
-  the window. Where the training loop gave no loss (zero-code instrumentation), the energy
-  is the cumulative work sum_l sum_{s<t} w_{l,s} since the first sample (E_0 = 0): to first
-  order it is E_t - E_0 (docs/science.md section 2), so slopes and temperatures keep their meaning;
-  `Reading.energy_from_work` says which it is. The slope of the noisy minibatch energy is the
-  "smoothed" energy change; T is defined where both slopes pass the same t-test, with its
-  standard error from the slopes' residual scatter;
+  the job's window (`JOB_WINDOWS` layer windows). Where the training loop gave no loss
+  (zero-code instrumentation), the energy is the cumulative work sum_l sum_{s<t} w_{l,s}
+  since the first sample (E_0 = 0): to first order it is E_t - E_0 (docs/science.md
+  section 2), so slopes and temperatures keep their meaning; `Reading.energy_from_work` says
+  which it is. The slope of the noisy minibatch energy is the
+  "smoothed" energy change; T is defined where both slopes pass the same test, with its
+  standard error and Fieller interval from the slopes' Newey-West (co)variances;
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -41,10 +44,15 @@ from . import physics
 from . import saved as checked
 from .stats import LayerInfo, Sample, SiteInfo
 
-#: Samples per temperature window, the agent's and the collector's default alike.
+#: Samples per layer temperature window, the agent's and the collector's default alike.
 WINDOW = 10
 #: The saved names of a thermometer's histogram shape (`Thermometer._shape`), in its order.
 _SHAPE = ("histogram_entropy", "negentropy", "outside")
+#: The job's temperature window is this many layer windows long (50 samples by default). Its
+#: energy is the minibatch loss, whose noise between batches dwarfs its change over 10 samples
+#: (the job's T was defined in 19-29 % of a tiny Qwen2's learning readings over 10); a layer's
+#: work is a difference on one batch, resolved over its 10 (docs/science.md section 4).
+JOB_WINDOWS = 5
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,28 @@ class Reading:
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
     engine: str  # the network's engine type
     energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
+    # Defaults by factory, so that the class has no attribute of these names and a `_Deferred`
+    # reading derives them when read. Fieller's 95 % interval for T where T is defined, else NaN
+    # (docs/science.md section 4):
+    temperature_low: float = field(default_factory=lambda: math.nan)
+    temperature_high: float = field(default_factory=lambda: math.nan)
+    # per layer, over the layer window: Fieller's interval for T; what is measurable where T is
+    # not: the entropy change (nats) and the layer's share of the window's |work| (sum over
+    # layers: 1). None only in a reading built by hand without them.
+    layer_temperature_low: np.ndarray | None = field(default_factory=lambda: None)
+    layer_temperature_high: np.ndarray | None = field(default_factory=lambda: None)
+    layer_entropy_change: np.ndarray | None = field(default_factory=lambda: None)
+    layer_work_share: np.ndarray | None = field(default_factory=lambda: None)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a reading an older collector saved the standard errors it did not
         have: unknown (NaN)."""
         state.setdefault("temperature_stderr", math.nan)
         state.setdefault("layer_temperature_stderr", np.full(len(state["layer_names"]), np.nan))
+        for name in _LAYER_INTERVALS:
+            state.setdefault(name, np.full(len(state["layer_names"]), np.nan))
+        state.setdefault("temperature_low", math.nan)
+        state.setdefault("temperature_high", math.nan)
         self.__dict__.update(state)
 
     def to_state(self) -> dict[str, Any]:
@@ -129,17 +153,20 @@ class Thermometer:
         self._begin(window)
 
     def _begin(self, window: int) -> None:
-        """Hold no sample yet, in a window of `window` samples: a new thermometer of its layers
-        and sites (and, for each field a saved state lacks, a restored one: `from_state`)."""
+        """Hold no sample yet, in a layer window of `window` samples (the job's: `JOB_WINDOWS`
+        times as long): a new thermometer of its layers and sites (and, for each field a saved
+        state lacks, a restored one: `from_state`)."""
         if window < 2:
             raise ValueError(f"window must be at least 2 samples, got {window}")
+        self._window = window
+        longer = window * JOB_WINDOWS
         self._probe = np.full(len(self.site_names), -1.0)  # last probe spread per site
         nan = np.full(len(self.layer_names), np.nan)
         self._shapes = _Shapes((nan, nan, nan))  # h_hist, negentropy, outside share, from the last histogram
-        self._steps: deque[int] = deque(maxlen=window)
-        self._energy: deque[float] = deque(maxlen=window)
+        self._steps: deque[int] = deque(maxlen=longer)
+        self._energy: deque[float] = deque(maxlen=longer)
         self._entropy: deque[np.ndarray] = deque(maxlen=window)
-        self._total: deque[np.float64] = deque(maxlen=window)  # each entropy's sum, for the job's slope
+        self._total: deque[np.float64] = deque(maxlen=longer)  # each entropy's sum, for the job's slope
         self._work: deque[np.ndarray] = deque(maxlen=window)  # cumulative work at each sample
         self._last: Sample | None = None
         self.latest: Reading | None = None
@@ -151,14 +178,21 @@ class Thermometer:
         if "_shape" in state:  # the shape itself, as a thermometer before `_Shapes` kept it
             state["_shapes"] = _Shapes(state.pop("_shape"))
         self.__dict__.update(state)
-        if "_total" not in state:
-            self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
+        if "_window" not in state:  # one window for the layers and the job, as before JOB_WINDOWS
+            self._window = self._entropy.maxlen
+            longer = self._window * JOB_WINDOWS
+            self._steps, self._energy = deque(self._steps, longer), deque(self._energy, longer)
+        if "_total" not in state:  # the job's window: the samples whose entropies it kept
+            n, longer = len(self._entropy), self._steps.maxlen
+            self._total = deque((e.sum() for e in self._entropy), maxlen=longer)
+            self._steps = deque(list(self._steps)[len(self._steps) - n :], longer)
+            self._energy = deque(list(self._energy)[len(self._energy) - n :], longer)
         if "_engines" not in state:
             self._engines = (self._probe.copy(), *_engines(self._probe))
 
     def to_state(self) -> dict[str, Any]:
         """What the thermometer carries from one sample to the next, as plain named values: its
-        window's length and samples (steps, energies, entropies and their sums, cumulative
+        layer window's length and samples (steps, energies, entropies and their sums, cumulative
         work), its layers' and sites' names, the histogram edges, the last probes and
         histogram shape, the last sample and the latest reading (their own `to_state`; absent
         when None). A snapshot: no array in it changes as the thermometer carries on.
@@ -169,7 +203,7 @@ class Thermometer:
         n = len(self.layer_names)
         h_hist, negentropy, outside = self._shape
         return {
-            "window": self._steps.maxlen,
+            "window": self._window,
             "layer_names": np.array(list(self.layer_names), dtype=np.str_),
             "site_names": np.array(list(self.site_names), dtype=np.str_),
             "hist_lo": self._lo,
@@ -204,19 +238,24 @@ class Thermometer:
         window = checked.count(state["window"], "thermometer.window", 2, checked.MOST // max(n, 1))
         t._begin(window)
         v = {**t.to_state(), **state}
+        longer = t._steps.maxlen  # the job's window (`JOB_WINDOWS` layer windows)
         t._probe = checked.array(v["probe"], (sites,), "thermometer.probe")
         t._shape = tuple(checked.array(v[k], (n,), f"thermometer.{k}") for k in _SHAPE)  # type: ignore[assignment]
         steps = checked.array(v["steps"], (-1,), "thermometer.steps", "iu")
         k = len(steps)
-        if k > window:
-            raise ValueError(f"thermometer.steps: {k} samples, more than its window of {window}")
-        t._steps = deque(steps.tolist(), maxlen=window)
-        t._energy = deque(checked.array(v["energy"], (k,), "thermometer.energy").tolist(), maxlen=window)
-        t._entropy = deque(list(checked.array(v["entropy"], (k, n), "thermometer.entropy")), maxlen=window)
+        if k > longer:
+            raise ValueError(f"thermometer.steps: {k} samples, more than its window of {longer}")
+        t._steps = deque(steps.tolist(), maxlen=longer)
+        t._energy = deque(checked.array(v["energy"], (k,), "thermometer.energy").tolist(), maxlen=longer)
+        entropy = checked.array(v["entropy"], (-1, n), "thermometer.entropy")
+        kept = len(entropy)  # the layers' window: its last `window` samples
+        if kept > min(k, window):
+            raise ValueError(f"thermometer.entropy: {kept} samples, more than its window of {window}")
+        t._entropy = deque(list(entropy), maxlen=window)
         t._total = deque(
-            list(checked.array(v["entropy_total"], (k,), "thermometer.entropy_total")), maxlen=window
+            list(checked.array(v["entropy_total"], (k,), "thermometer.entropy_total")), maxlen=longer
         )
-        t._work = deque(list(checked.array(v["work"], (k, n), "thermometer.work")), maxlen=window)
+        t._work = deque(list(checked.array(v["work"], (kept, n), "thermometer.work")), maxlen=window)
         t._last = None if v["last"] is None else Sample.from_state(v["last"], layers=n, sites=sites)
         t.latest = None if v["latest"] is None else Reading.from_state(v["latest"])
         if t.latest is not None and (t.latest.layer_names, t.latest.site_names) != (
@@ -365,8 +404,8 @@ class _Window:
     def derive(self) -> dict[str, object]:
         """The deferred values of the reading (`_DEFERRED_FIELDS`)."""
         count = self.sample.layers.count
-        layer_beta, layer_t, layer_t_err = self._layer_temperature(count)
-        beta, temp, temp_err = self._job_temperature()
+        layers = self._layer_temperature(count)
+        beta, temp, temp_err, temp_low, temp_high = self._job_temperature()
         sites = self.sample.sites
         eta = physics.site_efficiency(
             physics.variance(sites.count, sites.in_mean, sites.in_m2),
@@ -377,66 +416,85 @@ class _Window:
             "beta": beta,
             "temperature": temp,
             "temperature_stderr": temp_err,
+            "temperature_low": temp_low,
+            "temperature_high": temp_high,
             "efficiency": physics.network_efficiency(eta),
-            "layer_beta": layer_beta,
-            "layer_temperature": layer_t,
-            "layer_temperature_stderr": layer_t_err,
+            **layers,
             "layer_histogram_entropy": count * h_hist,
             "layer_negentropy": negentropy,
             "layer_outside": outside,
             "site_efficiency": eta,
         }
 
-    def _layer_temperature(self, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each layer's beta, T and T's standard error over the window, from the per-sample
-        increments of its entropy and of its (gap-weighted) work: T is defined only where both
-        sums differ from 0 by more than the t-quantile of their scatter (n - 1 degrees of
-        freedom for n increments) times their standard error, and than float resolution."""
-        steps = np.asarray(self.steps)
+    def _layer_temperature(self, count: np.ndarray) -> dict[str, np.ndarray]:
+        """Each layer's beta, T, T's standard error and Fieller interval over the layer window (its
+        last `len(self.entropy)` samples), from the per-sample increments of its entropy and of
+        its (gap-weighted) work with their Newey-West (co)variances; and what is measurable where
+        T is not: the entropy change and the layer's share of the window's |work|.
+
+        T is defined where Fieller's interval for T = dE/dS is bounded (the entropy change is
+        significant) and excludes 0 (the work is): both sums farther from 0 than
+        `physics.hac_critical` times their standard error, and than float resolution."""
+        n = len(self.entropy)
+        steps = np.asarray(self.steps[-n:])
         ds, de, var_s, var_e, cov = physics.window_changes(_rows(self.entropy), _rows(self.work), steps)
-        crit = physics.t_quantile(len(steps) - 2)
+        crit = physics.hac_critical(n - 1, n - 2)
         beta, temp = physics.temperature(
             ds,
             de,
             entropy_floor=np.maximum(crit * np.sqrt(var_s), physics.ENTROPY_RESOLUTION * count),
             energy_floor=np.maximum(crit * np.sqrt(var_e), physics.WORK_RESOLUTION),
         )
-        err = np.full(len(temp), np.nan)
+        err, low, high = (np.full(len(temp), np.nan) for _ in range(3))
         if (defined := np.flatnonzero(~np.isnan(temp))).size:
-            err[defined] = physics.temperature_stderr(
-                ds[defined], de[defined], var_s[defined], var_e[defined], cov[defined]
-            )
-        return beta, temp, err
+            d = (ds[defined], de[defined], var_s[defined], var_e[defined], cov[defined])
+            err[defined] = physics.temperature_stderr(*d)
+            low[defined], high[defined] = physics.fieller(d[1], d[0], d[3], d[2], d[4], crit)
+        magnitude = np.abs(de)
+        total = float(np.add.reduce(magnitude))
+        return {
+            "layer_beta": beta,
+            "layer_temperature": temp,
+            "layer_temperature_stderr": err,
+            "layer_temperature_low": low,
+            "layer_temperature_high": high,
+            "layer_entropy_change": ds,
+            "layer_work_share": magnitude / total if total > 0 else np.full(len(temp), np.nan),
+        }
 
-    def _job_temperature(self) -> tuple[float, float, float]:
-        """Job beta, T and T's standard error from the slopes of S and E against step over the
-        window; T is defined only where both slopes differ from 0 by more than the t-quantile
-        (n - 2 degrees of freedom) times their standard error (the entropy's also by more than
-        float resolution)."""
+    def _job_temperature(self) -> tuple[float, float, float, float, float]:
+        """Job beta, T, T's standard error and Fieller interval from the least-squares slopes of S
+        and E against step over the job's window, with their Newey-West (co)variances
+        (`physics.slope_covariance`); T is defined, as a layer's, where both slopes are farther from 0
+        than `physics.hac_critical` times their standard error (the entropy's also than float
+        resolution)."""
+        nan = math.nan
         steps = np.asarray(self.steps, dtype=np.float64)
         energy = np.asarray(self.energy, dtype=np.float64)
         known = np.isfinite(energy)
         if np.count_nonzero(known) < 3:
-            return math.nan, math.nan, math.nan
+            return nan, nan, nan, nan, nan
         steps, total, energy = steps[known], np.asarray(self.total)[known], energy[known]
-        ds, ds_err = physics.slope(steps, total)
-        de, de_err = physics.slope(steps, energy)
+        ds, _ = physics.slope(steps, total)
+        de, _ = physics.slope(steps, energy)
         span = float(steps[-1] - steps[0])
-        crit = physics.t_quantile(len(steps) - 2)
+        var_s = physics.slope_covariance(steps, total, total) * span * span
+        var_e = physics.slope_covariance(steps, energy, energy) * span * span
+        crit = physics.hac_critical(len(steps), len(steps) - 2)
         count = float(np.add.reduce(self.sample.layers.count))
         beta, temp = physics.temperature(
             ds * span,
             de * span,
-            entropy_floor=max(crit * ds_err * span, physics.ENTROPY_RESOLUTION * count),
-            energy_floor=crit * de_err * span,
+            entropy_floor=max(crit * math.sqrt(var_s), physics.ENTROPY_RESOLUTION * count),
+            energy_floor=crit * math.sqrt(var_e),
         )
         if math.isnan(temp):
-            return float(beta), math.nan, math.nan
+            return float(beta), nan, nan, nan, nan
         cov = physics.slope_covariance(steps, total, energy) * span * span
-        err = physics.temperature_stderr(
-            ds * span, de * span, (ds_err * span) ** 2, (de_err * span) ** 2, cov
-        )
-        return float(beta), float(temp), float(err)
+        changes = (ds * span, de * span, var_s, var_e, cov)
+        err = physics.temperature_stderr(*changes)
+        low, high = physics.fieller(de * span, ds * span, var_e, var_s, cov, crit)
+        return float(beta), float(temp), float(err), float(low), float(high)
 
 
 #: The fields of a `Reading` derived only when one of them is first read (`_Deferred`).
@@ -449,6 +507,12 @@ _DEFERRED_FIELDS = frozenset(
         "layer_beta",
         "layer_temperature",
         "layer_temperature_stderr",
+        "temperature_low",
+        "temperature_high",
+        "layer_temperature_low",
+        "layer_temperature_high",
+        "layer_entropy_change",
+        "layer_work_share",
         "layer_histogram_entropy",
         "layer_negentropy",
         "layer_outside",
@@ -491,6 +555,15 @@ class _Deferred(Reading):
 
     def __reduce__(self) -> tuple[type[Reading], tuple[object, ...]]:
         return Reading, tuple(getattr(self, f.name) for f in fields(Reading))
+
+
+#: A reading's per-layer fields older releases did not save: unknown (NaN) when restored.
+_LAYER_INTERVALS = (
+    "layer_temperature_low",
+    "layer_temperature_high",
+    "layer_entropy_change",
+    "layer_work_share",
+)
 
 
 def _engines(probe: np.ndarray) -> tuple[np.ndarray, str]:

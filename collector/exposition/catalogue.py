@@ -53,7 +53,7 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
         "thermoscope_temperature",
         "temperature",
         "Job temperature dE/dS over the window (loss units per nat); NaN: undefined, the entropy's "
-        f"or the energy's slope not significant at {CONFIDENCE:.0%} (t-test on the window's scatter).",
+        f"or the energy's slope not significant at {CONFIDENCE:.0%} (Newey-West errors, Fieller interval).",
     ),
     (
         "thermoscope_temperature_stderr",
@@ -80,7 +80,7 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
         "thermoscope_layer_temperature",
         "layer_temperature",
         "Layer temperature dE/dS over the window (loss units per nat); NaN: undefined, the layer's "
-        f"entropy or work change not significant at {CONFIDENCE:.0%} (t-test on the window's increments).",
+        f"entropy or work change not significant at {CONFIDENCE:.0%} (Newey-West errors, Fieller interval).",
     ),
     (
         "thermoscope_layer_inverse_temperature",
@@ -112,6 +112,17 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
         "layer_temperature_stderr",
         "Standard error of the layer temperature from the scatter of the window's increments, "
         "delta method (loss units per nat); NaN where the temperature is undefined.",
+    ),
+    (
+        "thermoscope_layer_entropy_change_nats",
+        "layer_entropy_change",
+        "Layer entropy change over the temperature window (nats): measurable where the temperature is not.",
+    ),
+    (
+        "thermoscope_layer_work_share_ratio",
+        "layer_work_share",
+        "Layer's share of the window's work, |dE_l| / sum over layers of |dE|: a layer with little work "
+        "has no measurable temperature.",
     ),
 )
 

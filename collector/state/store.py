@@ -12,6 +12,9 @@ Rows older than `retention` seconds are deleted (`prune`, at most once a `PRUNE_
 the checkpoint that commits), and their pages given back to the file system: the database is
 in incremental auto-vacuum mode (a database of an earlier release is converted once, by a
 VACUUM when a collector opens it), and the commit after a prune runs `PRAGMA incremental_vacuum`.
+Beside each row, `layer_history` keeps what is measurable of each layer where its temperature is
+not: its share of the window's work and its entropy change (a table of its own, created when
+any database opens, so that a database stays one an earlier release of its format writes to).
 
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_run` / `load_run`): per (job, run, rank) the
@@ -104,6 +107,17 @@ CREATE TABLE IF NOT EXISTS admission (
     active INTEGER NOT NULL
 );
 """
+#: Tables added within a format: created whenever a database opens (releases of the same format
+#: that lack them neither read nor write them).
+_ADDED = """
+CREATE TABLE IF NOT EXISTS layer_history (
+    job TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    work_share BLOB NOT NULL,
+    entropy_change BLOB NOT NULL,
+    PRIMARY KEY (job, step)
+);
+"""
 #: The tables of a database of format `schema.FORMAT`.
 TABLES = ("events", "history", "layer_names", "marks", "run_state", "admission")
 
@@ -125,6 +139,10 @@ class History:
     energy_from_work: bool
     layer_names: tuple[str, ...]
     layer_temperature: np.ndarray  # (steps, layers); layers added later are NaN before
+    # (steps, layers): each layer's share of the window's |work| and its entropy change (nats);
+    # NaN in rows an earlier release wrote
+    layer_work_share: np.ndarray | None = None
+    layer_entropy_change: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +241,7 @@ class EventStore:
         if create:
             db.execute("CREATE INDEX IF NOT EXISTS history_time ON history (time)")  # what `prune` reads
             db.commit()
+        db.executescript(_ADDED)
 
     def commit(self) -> None:
         """Make everything written since the last commit durable, at once (with the admission
@@ -251,6 +270,11 @@ class EventStore:
         self._pruned = time.monotonic()
         before = (time.time() if now is None else now) - self.retention
         deleted = self._db.execute("DELETE FROM history WHERE time < ?", (before,)).rowcount
+        if deleted:  # and what was kept beside those rows
+            self._db.execute(
+                "DELETE FROM layer_history WHERE NOT EXISTS (SELECT 1 FROM history h"
+                " WHERE h.job = layer_history.job AND h.step = layer_history.step)"
+            )
         self._vacuum = deleted > 0
         return deleted
 
@@ -349,23 +373,36 @@ class EventStore:
                 np.asarray(reading.layer_temperature, dtype="<f8").tobytes(),
             ),
         )
+        if reading.layer_work_share is not None and reading.layer_entropy_change is not None:
+            self._db.execute(
+                "INSERT OR REPLACE INTO layer_history VALUES (?, ?, ?, ?)",
+                (
+                    job,
+                    reading.step,
+                    np.asarray(reading.layer_work_share, dtype="<f8").tobytes(),
+                    np.asarray(reading.layer_entropy_change, dtype="<f8").tobytes(),
+                ),
+            )
         self._names[job] = reading.layer_names
 
     def history(self, job: str) -> History:
         """The job's history in step order (ValueError if it has none)."""
         rows = self._db.execute(
-            "SELECT step, time, energy, entropy, temperature, energy_from_work, layer_temperature"
-            " FROM history WHERE job = ? ORDER BY step",
+            "SELECT h.step, time, energy, entropy, temperature, energy_from_work, layer_temperature,"
+            " work_share, entropy_change FROM history h LEFT JOIN layer_history l"
+            " ON l.job = h.job AND l.step = h.step WHERE h.job = ? ORDER BY h.step",
             (job,),
         ).fetchall()
         names = self._db.execute("SELECT names FROM layer_names WHERE job = ?", (job,)).fetchone()
         if not rows or names is None:
             raise ValueError(f"no history of job {job!r} in {self.path}")
         layer_names = tuple(json.loads(names[0]))
-        layer_t = np.full((len(rows), len(layer_names)), np.nan)
+        layer_t, share, change = (np.full((len(rows), len(layer_names)), np.nan) for _ in range(3))
         for i, row in enumerate(rows):
-            values = np.frombuffer(row[6], dtype="<f8")[: len(layer_names)]
-            layer_t[i, : len(values)] = values
+            for column, blob in ((layer_t, row[6]), (share, row[7]), (change, row[8])):
+                if blob is not None:
+                    values = np.frombuffer(blob, dtype="<f8")[: len(layer_names)]
+                    column[i, : len(values)] = values
         # SQLite keeps NaN as NULL, which numpy reads back as NaN
         time, energy, entropy, temperature = (
             np.array([row[k] for row in rows], dtype=float) for k in range(1, 5)
@@ -380,6 +417,8 @@ class EventStore:
             energy_from_work=bool(rows[-1][5]),
             layer_names=layer_names,
             layer_temperature=layer_t,
+            layer_work_share=share,
+            layer_entropy_change=change,
         )
 
     def latest_job(self, before: float = math.inf) -> str | None:

@@ -363,7 +363,8 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             ids(heatmap.Panel(), "Layer temperature")
             .description(
                 "Temperature dE/dS of each layer (one row per layer) over time; blank: undefined (its "
-                "entropy or work change is not significant; the query drops NaN). "
+                "entropy or work change is not significant; the query drops NaN: see the layer's work "
+                "share and entropy change below for what is measurable). "
                 "|T| falling to 0: the layer is freezing; negative: its weights spread while the "
                 "loss falls"
             )
@@ -415,6 +416,27 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
                 "Layer work",
                 "Work <g, delta theta> of the last sampled update on each layer (negative: lowered the loss)",
                 query(f"thermoscope_layer_work{{{JOB}}}", "{{layer}}"),
+            )
+        )
+        .with_panel(
+            ts(
+                ids,
+                "Layer work share",
+                "Each layer's share of the window's |work| (sums to 1). Where a layer's temperature is "
+                "blank, this says why: a layer with a small share does too little work for its temperature "
+                "to be measurable; the layers with most of the work have one while the model learns",
+                query(f"thermoscope_layer_work_share_ratio{{{JOB}}}", "{{layer}}"),
+                unit="percentunit",
+            )
+        )
+        .with_panel(
+            ts(
+                ids,
+                "Layer entropy change",
+                "Entropy change of each layer over its temperature window (nats): measurable where its "
+                "temperature is not",
+                query(f"thermoscope_layer_entropy_change_nats{{{JOB}}}", "{{layer}}"),
+                unit="nats",
             )
         )
         .with_panel(

@@ -131,3 +131,48 @@ _SPECS = {
     "resnet": _resnet,
     "convnext": _convnext,
 }
+
+
+#: The Markov chain a tiny Qwen2 learns (`markov_qwen2`): MARKOV_STATES tokens, sequences of
+#: MARKOV_SEQ, batches of MARKOV_BATCH; its transition logits are N(0, MARKOV_SHARPNESS^2), so
+#: its entropy rate (the loss a model that learned it reaches) is about 2 nats per token.
+MARKOV_STATES, MARKOV_SEQ, MARKOV_BATCH, MARKOV_SHARPNESS = 64, 64, 16, 2.5
+
+
+def markov_qwen2(seed: int = 0) -> Arch:
+    """A tiny Qwen2 (hidden 32, 2 layers) that learns a fixed random Markov chain: the loss falls
+    from ln 64 to the chain's entropy rate within a few hundred AdamW steps, then stays on that
+    plateau, so one run has a learning part and a stationary one (tests/test_temperature.py,
+    tests/bench/bench_temperature.py)."""
+    chain = _chain()
+
+    def batch(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(1000 + step)
+        ids = torch.empty(MARKOV_BATCH, MARKOV_SEQ, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, MARKOV_STATES, (MARKOV_BATCH,), generator=gen)
+        for i in range(1, MARKOV_SEQ):
+            ids[:, i] = torch.multinomial(chain[ids[:, i - 1]], 1, generator=gen)[:, 0]
+        return {"input_ids": ids, "labels": ids}
+
+    config = transformers.Qwen2Config(
+        vocab_size=MARKOV_STATES, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MARKOV_SEQ,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config)
+    model.train()
+    return Arch("qwen2-markov", model, lambda step: batch(step, torch.float32))
+
+
+def entropy_rate() -> float:
+    """The entropy rate of `markov_qwen2`'s chain (nats per token), under its stationary law."""
+    chain = _chain().double()
+    law = torch.linalg.matrix_power(chain, 256)[0]
+    return float(-(law[:, None] * chain * chain.log()).sum())
+
+
+def _chain() -> torch.Tensor:
+    """The transition matrix of `markov_qwen2`'s chain (rows: from, columns: to), seeded."""
+    logits = torch.randn(MARKOV_STATES, MARKOV_STATES, generator=torch.Generator().manual_seed(0))
+    return torch.softmax(MARKOV_SHARPNESS * logits, dim=-1)
