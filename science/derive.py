@@ -227,8 +227,9 @@ class Thermometer:
         work = layers.work
         # physics.layer_entropy, keeping h_gauss for the histogram's negentropy
         h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
-        entropy = np.asarray(layers.count, dtype=np.float64) * h_gauss
-        total = np.add.reduce(entropy)  # entropy.sum() without the method's Python wrapper
+        floored = np.asarray(layers.count, dtype=np.float64) * h_gauss
+        total = np.add.reduce(floored)  # the job's sum keeps a floored layer's floor: it stays continuous
+        entropy = np.where(physics.at_floor(layers.count, layers.mean, layers.m2), np.nan, floored)
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
@@ -350,8 +351,7 @@ class _Window:
         beta, temp, temp_err = self._job_temperature()
         sites = self.sample.sites
         eta = physics.site_efficiency(
-            physics.variance(sites.count, sites.in_mean, sites.in_m2),
-            physics.variance(sites.count, sites.out_mean, sites.out_m2),
+            physics.site_variance(sites.count, sites.in_m2), physics.site_variance(sites.count, sites.out_m2)
         )
         h_hist, negentropy, outside = self.shapes.values(self.lo, self.hi)
         return {

@@ -1,0 +1,122 @@
+"""Site readings a physicist would sign (docs/science.md section 5): each site's efficiency where
+its input sits far from zero or barely spreads, the distribution of the sites' efficiencies in
+place of a network efficiency that saturates, and each engine type beside the function and the
+input scale it was read at."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from thermoscope.agent.monitor import Monitor
+
+from helpers import architectures
+from helpers.reference import efficiency64
+
+
+class Offset(nn.Module):
+    """z = 3 + 0.01 x, then tanh: a saturated tanh whose input's mean is 300 times its spread,
+    as a module site (nn.Tanh) and as a functional one (torch.tanh)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.Tanh()
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        z = 3 + 0.01 * x
+        return self.head(torch.cat([self.act(z), torch.tanh(z)], dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tanh_whose_input_sits_far_from_zero_reads_its_float64_efficiency(dtype: torch.dtype) -> None:
+    """One-pass float32 sums read 0.602 or 1.0 here; shifted sums keep the variance (0.9999)."""
+    model = Offset().to(dtype)
+    monitor = Monitor(model, every=1)
+    x = torch.randn(100_000, 1, generator=torch.Generator().manual_seed(1)).to(dtype)
+    model(x)
+    sites = monitor._sampler.collect(0, None).to_sample().sites
+    monitor._sampler.disarm()
+    monitor.close()
+    assert [s.name for s in monitor.sites] == ["act", ":tanh"]
+    z = 3 + 0.01 * x
+    truth = efficiency64(z, torch.tanh(z))  # of the values the model computed, in its dtype
+    for k in range(2):
+        eta = 1 - sites.out_m2[k] / sites.in_m2[k]
+        assert eta == pytest.approx(truth, abs=1e-6), (k, eta, truth)
+        assert sites.in_mean[k] == pytest.approx(float(z.double().mean()), rel=1e-6)
+
+
+def test_a_site_called_several_times_a_step_merges_its_calls_exactly() -> None:
+    """Calls with far-apart means merge by Chan's formula: the variance of the pooled values."""
+    model = Offset()
+    monitor = Monitor(model, every=1)
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(5_000, 1, generator=gen) * s + m for s, m in ((1, 0), (3, 500), (0.1, -200))]
+    for x in xs:
+        model(x)
+    sites = monitor._sampler.collect(0, None).to_sample().sites
+    monitor._sampler.disarm()
+    monitor.close()
+    z = torch.cat([3 + 0.01 * x for x in xs]).double()
+    assert sites.count[0] == z.numel()
+    assert sites.in_mean[0] == pytest.approx(float(z.mean()), rel=1e-7)
+    assert sites.in_m2[0] / sites.count[0] == pytest.approx(float(z.var(unbiased=False)), rel=1e-5)
+
+
+# the Lipschitz constant of each function: Var(phi(z)) <= L^2 Var(z), so eta >= 1 - L^2
+LIPSCHITZ = {"Sigmoid": 0.25, "SiLU": 1.0998, "ReLU6": 1.0, "GELU": 1.1290}
+
+
+@pytest.mark.parametrize("name", architectures.SITE_NAMES)
+def test_every_site_of_a_real_cnn_reads_within_its_functions_physical_bounds(name: str) -> None:
+    """EfficientNet's squeeze-excite sigmoids sit at inputs of 1e-21 spreading by less: read
+    -8.9e14 (one-pass sums, and the weights' variance floor applied to the input) for >= 15/16."""
+    torch.set_num_threads(1)
+    arch = architectures.build(name)
+    opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-3)
+    monitor = Monitor(arch.model, opt, every=1)
+    arch.train(opt, monitor, 3)
+    reading = monitor.latest()
+    monitor.close()
+    kinds = {site.name: site.kind for site in monitor.sites}
+    checked = 0
+    for site, eta in zip(reading.site_names, reading.site_efficiency, strict=True):
+        lipschitz = LIPSCHITZ[kinds[site]]
+        if math.isnan(eta):  # only where the input did not spread at float32's precision
+            continue
+        assert 1 - lipschitz**2 - 1e-6 <= eta <= 1, (site, eta)
+        checked += 1
+    assert checked >= len(reading.site_names) // 2
+
+
+class Amplifier(nn.Module):
+    """GELU at inputs around 1.5, where its slope is above 1: the site amplifies the spread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.GELU()
+        self.head = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.head(self.act(1.5 + 0.3 * x))
+
+
+def test_a_gelu_that_amplifies_its_input_reads_a_negative_efficiency_unclipped() -> None:
+    model = Amplifier()
+    monitor = Monitor(model, every=1)
+    x = torch.randn(50_000, 1, generator=torch.Generator().manual_seed(3))
+    model(x)
+    sites = monitor._sampler.collect(0, None).to_sample().sites
+    monitor._sampler.disarm()
+    monitor.close()
+    z = (1.5 + 0.3 * x).double()
+    truth = efficiency64(z, F.gelu(z))
+    assert truth < -0.05
+    assert 1 - sites.out_m2[0] / sites.in_m2[0] == pytest.approx(truth, abs=1e-5)
+    assert np.all(np.isfinite([sites.in_m2[0], sites.out_m2[0]]))
