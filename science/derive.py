@@ -21,8 +21,9 @@ at every sample:
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;
-* per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta); and its
-  engine type from the latest scale probe, and the network's.
+* per activation site: eta = 1 - Var(a)/Var(z), and their distribution (the median, and the
+  quantiles and extremes with their sites: `Reading.efficiency_quantiles`, `efficiency_extremes`);
+  and its engine type from the latest scale probe, and the network's.
 
 The agent uses it in-process (`Monitor.latest()`), the collector on merged samples.
 """
@@ -55,7 +56,7 @@ class Reading:
     beta: float
     temperature: float
     temperature_stderr: float  # T's standard error (delta method); NaN where T is undefined
-    efficiency: float
+    efficiency: float  # the median site efficiency (NaN: no site has one); `efficiency_quantiles`
     layer_names: tuple[str, ...]
     layer_entropy: np.ndarray
     layer_work: np.ndarray
@@ -70,6 +71,19 @@ class Reading:
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
     engine: str  # the network's engine type
     energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
+
+    @property
+    def efficiency_quantiles(self) -> np.ndarray:
+        """The sites' efficiencies at `physics.QUANTILES` (min, quartiles, median, max)."""
+        return physics.efficiency_quantiles(self.site_efficiency)
+
+    @property
+    def efficiency_extremes(self) -> tuple[str, str]:
+        """The sites of the lowest and the highest efficiency ("" where no site has one)."""
+        eta = np.asarray(self.site_efficiency, dtype=np.float64)
+        if not np.isfinite(eta).any():
+            return "", ""
+        return self.site_names[int(np.nanargmin(eta))], self.site_names[int(np.nanargmax(eta))]
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a reading an older collector saved the standard errors it did not
@@ -358,7 +372,7 @@ class _Window:
             "beta": beta,
             "temperature": temp,
             "temperature_stderr": temp_err,
-            "efficiency": physics.network_efficiency(eta),
+            "efficiency": float(physics.efficiency_quantiles(eta)[physics.QUANTILES.index(0.5)]),
             "layer_beta": layer_beta,
             "layer_temperature": layer_t,
             "layer_temperature_stderr": layer_t_err,

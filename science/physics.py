@@ -285,11 +285,21 @@ def site_efficiency(var_in: np.ndarray, var_out: np.ndarray) -> np.ndarray:
         return np.where(var_in > 0, 1.0 - np.asarray(var_out, dtype=np.float64) / var_in, np.nan)
 
 
-def network_efficiency(eta: np.ndarray) -> float:
-    """eta_net = 1 - prod_l (1 - eta_l) over the sites with a defined efficiency."""
+#: The quantiles of the sites' efficiencies a reading reports: the extremes, the quartiles, the median.
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def efficiency_quantiles(eta: np.ndarray) -> np.ndarray:
+    """The QUANTILES of the sites' efficiencies, over the sites with one (NaN where none has).
+
+    In place of a network efficiency 1 - prod(1 - eta), which assumes a plain chain of sites:
+    with residual paths and many sites it saturates at 1 (48 sites at 0.3: 1 - 4e-8) and says
+    nothing. The distribution says what the sites do, the negative ones included."""
     eta = np.asarray(eta, dtype=np.float64)
     eta = eta[np.isfinite(eta)]
-    return float(1.0 - np.prod(1.0 - eta)) if eta.size else math.nan
+    if not eta.size:
+        return np.full(len(QUANTILES), np.nan)
+    return np.quantile(eta, QUANTILES)
 
 
 #: A site is a scale-invariant (Type A) engine when its scale probe moves eta by at most this

@@ -120,3 +120,43 @@ def test_a_gelu_that_amplifies_its_input_reads_a_negative_efficiency_unclipped()
     assert truth < -0.05
     assert 1 - sites.out_m2[0] / sites.in_m2[0] == pytest.approx(truth, abs=1e-5)
     assert np.all(np.isfinite([sites.in_m2[0], sites.out_m2[0]]))
+
+
+class Residual(nn.Module):
+    """24 residual blocks x + W2 relu(W1 x): 24 ReLU sites, and one GELU site that amplifies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)) for _ in range(24)
+        )
+        self.amplifier = Amplifier()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.amplifier(x[:, :1] / x[:, :1].std())
+
+
+def test_the_job_reads_the_distribution_of_its_site_efficiencies_which_does_not_saturate() -> None:
+    """1 - prod(1 - eta) over 24 ReLUs at 0.66 read 1 - 1e-11; the median reads 0.66, and the
+    lowest site is the amplifying GELU, with its negative efficiency."""
+    torch.manual_seed(0)
+    model = Residual()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    monitor = Monitor(model, opt, every=1)
+    for _ in range(2):
+        loss = model(torch.randn(256, 16)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss)
+    reading = monitor.latest()
+    monitor.close()
+    eta = np.asarray(reading.site_efficiency)
+    assert len(eta) == 25 and np.isfinite(eta).all()
+    assert reading.efficiency == pytest.approx(float(np.median(eta))) and 0.5 < reading.efficiency < 0.75
+    low, q1, median, q3, high = reading.efficiency_quantiles
+    assert low == eta.min() < 0 and high == eta.max() and low <= q1 <= median <= q3 <= high
+    assert median == reading.efficiency
+    assert reading.efficiency_extremes == ("amplifier.act", reading.site_names[int(np.argmax(eta))])

@@ -66,11 +66,6 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
         "beta",
         "Job inverse temperature dS/dE over the window (nats per loss unit).",
     ),
-    (
-        "thermoscope_efficiency_ratio",
-        "efficiency",
-        "Network work efficiency 1 - prod(1 - eta) over activation sites.",
-    ),
     ("thermoscope_last_step", "step", "Last optimizer step merged for the job."),
 )
 #: The layers' readings, as `JOB_GAUGES`, labelled by `job_id` and `layer`.
@@ -165,6 +160,19 @@ FAMILIES: tuple[Family, ...] = (
     *(Family(name, "gauge", doc) for name, _, doc in JOB_GAUGES),
     *(Family(name, "gauge", doc, ("job_id", "layer")) for name, _, doc in LAYER_GAUGES),
     Family(SITE_GAUGE[0], "gauge", SITE_GAUGE[2], ("job_id", "site")),
+    Family(
+        "thermoscope_site_efficiency_quantile_ratio",
+        "gauge",
+        "Quantile q of the job's site efficiencies (q 0 and 1: the extremes, 0.5: the median), over the "
+        "sites with one; negative where sites amplify their input.",
+        ("job_id", "q"),
+    ),
+    Family(
+        "thermoscope_site_efficiency_extreme_ratio",
+        "gauge",
+        "The lowest (extreme=min) and the highest (extreme=max) site efficiency of the job, at its site.",
+        ("job_id", "extreme", "site"),
+    ),
     Family(
         "thermoscope_layers_folded",
         "gauge",

@@ -1,6 +1,6 @@
 """Record tests/golden/pickle_format.sqlite3 and pickle_format.json, and previous_release.json.
 
-    python tests/golden/record_checkpoints.py [--against REV]
+    python tests/golden/record_checkpoints.py [--against REV | --keep-databases]
 
 pickle_format.sqlite3 is a database as the collector of commit b8825b8 left it (checkpoints
 pickled the job state: the last release of that format): a real `thermoscope collector --db`
@@ -21,6 +21,11 @@ product in another order). They were re-stored with the readings' values by
 keeps the databases as they are and writes nothing unless carrying them on gives, bit for bit,
 the counters, phases, reading fingerprints and events that REV's JSON files hold: the values
 stored are those of the code of b8825b8.
+
+`--keep-databases` keeps the databases too and re-records the JSON files from what the current code
+makes of them: only for a reading meant to change (issue 24: a layer at the variance floor has no
+entropy reading, the job's efficiency is the median site's), said in the commit; the counters,
+phases and events must come out as they were (check the diff).
 """
 
 from __future__ import annotations
@@ -68,8 +73,13 @@ def main() -> None:
         help="keep the databases, and write nothing unless the runs carry on, bit for bit, as the JSON "
         "files of git revision REV (readings as fingerprints: 6eed04e and before) say",
     )
+    parser.add_argument(
+        "--keep-databases",
+        action="store_true",
+        help="keep the databases; re-record the JSON files from the current code (a reading meant to change)",
+    )
     args = parser.parse_args()
-    if not args.against:
+    if not args.against and not args.keep_databases:
         db = GOLDEN / "pickle_format.sqlite3"
         db.unlink(missing_ok=True)
         checkpoint_cases.record_database(db)
