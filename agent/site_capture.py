@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from thermoscope.science.stats import SiteInfo
 
 from .pending import SITE_COLUMNS
-from .sites import FUNCTIONS, plain_name, scale_probe
+from .sites import FUNCTIONS, describe, describe_call, plain_name, scale_probe
 from .tensors import shifted_sums
 
 log = logging.getLogger("thermoscope.agent")
@@ -37,7 +37,7 @@ class SiteCapture:
     the first sampled step only."""
 
     def __init__(self, model: nn.Module, sites: Sequence[tuple[str, nn.Module]], shape_every: int) -> None:
-        self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
+        self.sites = [SiteInfo(name=n, kind=type(m).__name__, function=describe(m)) for n, m in sites]
         self._modules = [m for _, m in sites]
         # the probe calls forward() again: only on stateless modules (no running statistics)
         self._probed = [next(m.buffers(), None) is None for m in self._modules]
@@ -174,7 +174,9 @@ class SiteCapture:
             return func(*args, **kwargs)
         if i is None:
             i = self._functions[site] = len(self.sites)
-            self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
+            self.sites.append(
+                SiteInfo(name=site, kind=f"{name}()", function=describe_call(name, args, kwargs))
+            )
             self._probed.append(True)
             self._site_in.append(None)
             self._site_sums.append([])

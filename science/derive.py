@@ -23,7 +23,8 @@ at every sample:
   layer is from a Gaussian shape) and the share of its subset outside the edges;
 * per activation site: eta = 1 - Var(a)/Var(z), and their distribution (the median, and the
   quantiles and extremes with their sites: `Reading.efficiency_quantiles`, `efficiency_extremes`);
-  and its engine type from the latest scale probe, and the network's.
+  and its engine type from the latest scale probe, beside the function it applies and its
+  input's RMS at that probe (the operating point the type belongs to), and the network's.
 
 The agent uses it in-process (`Monitor.latest()`), the collector on merged samples.
 """
@@ -69,6 +70,8 @@ class Reading:
     site_names: tuple[str, ...]
     site_efficiency: np.ndarray
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
+    site_function: tuple[str, ...]  # what each site applies, with its parameters ("": not said)
+    site_input_scale: np.ndarray  # RMS of each site's input at its last probe: where its type was read
     engine: str  # the network's engine type
     energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
 
@@ -90,6 +93,8 @@ class Reading:
         have: unknown (NaN)."""
         state.setdefault("temperature_stderr", math.nan)
         state.setdefault("layer_temperature_stderr", np.full(len(state["layer_names"]), np.nan))
+        state.setdefault("site_function", ("",) * len(state["site_names"]))
+        state.setdefault("site_input_scale", np.full(len(state["site_names"]), np.nan))
         self.__dict__.update(state)
 
     def to_state(self) -> dict[str, Any]:
@@ -98,23 +103,27 @@ class Reading:
         values = {f.name: getattr(self, f.name) for f in fields(Reading)}
         values["layer_names"] = np.array(list(self.layer_names), dtype=np.str_)
         values["site_names"] = np.array(list(self.site_names), dtype=np.str_)
+        values["site_function"] = np.array(list(self.site_function), dtype=np.str_)
         return values
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Reading:
         """The reading `to_state` gave. A field the state lacks (saved before the field was
-        added) is its default, else undefined: NaN, per layer for a layer's values (as
-        `__setstate__` gives the pickles of older releases). Fields it does not know are ignored."""
+        added) is its default, else undefined: NaN, per layer (site) for a layer's (site's) values,
+        "" for a site's function (as `__setstate__` gives the pickles of older releases). Fields it
+        does not know are ignored."""
         kinds = {"step": int, "engine": str, "energy_from_work": bool}
         values: dict[str, Any] = {}
         for f in fields(cls):
             value = state.get(f.name)
             if value is None and f.default is not MISSING:
                 values[f.name] = f.default
+            elif value is None and f.name == "site_function":
+                values[f.name] = ("",) * len(state["site_names"])
             elif value is None:
-                n = len(state["layer_names"])
-                values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
-            elif f.name in ("layer_names", "site_names"):
+                per = {"layer": state["layer_names"], "site": state["site_names"]}.get(f.name.split("_")[0])
+                values[f.name] = math.nan if per is None else np.full(len(per), np.nan)
+            elif f.name in ("layer_names", "site_names", "site_function"):
                 values[f.name] = tuple(str(x) for x in value)
             elif np.ndim(value):
                 values[f.name] = value
@@ -132,6 +141,7 @@ class Thermometer:
     def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = WINDOW) -> None:
         self.layer_names = tuple(layer.name for layer in layers)
         self.site_names = tuple(site.name for site in sites)
+        self.site_functions = tuple(site.function for site in sites)
         self._lo = np.array([layer.hist_lo for layer in layers])
         self._hi = np.array([layer.hist_hi for layer in layers])
         self._begin(window)
@@ -142,6 +152,7 @@ class Thermometer:
         if window < 2:
             raise ValueError(f"window must be at least 2 samples, got {window}")
         self._probe = np.full(len(self.site_names), -1.0)  # last probe spread per site
+        self._scale = np.full(len(self.site_names), np.nan)  # each site's input RMS at its last probe
         nan = np.full(len(self.layer_names), np.nan)
         self._shapes = _Shapes((nan, nan, nan))  # h_hist, negentropy, outside share, from the last histogram
         self._steps: deque[int] = deque(maxlen=window)
@@ -163,6 +174,10 @@ class Thermometer:
             self._total = deque((e.sum() for e in self._entropy), maxlen=self._entropy.maxlen)
         if "_engines" not in state:
             self._engines = (self._probe.copy(), *_engines(self._probe))
+        if "_scale" not in state:
+            self._scale = np.full(len(self.site_names), np.nan)
+        if "site_functions" not in state:
+            self.site_functions = ("",) * len(self.site_names)
 
     def to_state(self) -> dict[str, Any]:
         """What the thermometer carries from one sample to the next, as plain named values: its
@@ -180,9 +195,11 @@ class Thermometer:
             "window": self._steps.maxlen,
             "layer_names": np.array(list(self.layer_names), dtype=np.str_),
             "site_names": np.array(list(self.site_names), dtype=np.str_),
+            "site_functions": np.array(list(self.site_functions), dtype=np.str_),
             "hist_lo": self._lo,
             "hist_hi": self._hi,
             "probe": self._probe,
+            "probe_scale": self._scale,
             "histogram_entropy": h_hist,
             "negentropy": negentropy,
             "outside": outside,
@@ -206,11 +223,14 @@ class Thermometer:
         t = cls.__new__(cls)
         t.layer_names = tuple(str(x) for x in state["layer_names"])
         t.site_names = tuple(str(x) for x in state["site_names"])
+        t.site_functions = ("",) * len(t.site_names)  # saved before sites said their function
         t._lo, t._hi = state["hist_lo"], state["hist_hi"]
         t._begin(int(state["window"]))
         v = {**t.to_state(), **state}
+        t.site_functions = tuple(str(x) for x in v["site_functions"])
         window = t._steps.maxlen
         t._probe = v["probe"]
+        t._scale = v["probe_scale"]
         t._shape = (v["histogram_entropy"], v["negentropy"], v["outside"])
         t._steps = deque(v["steps"].tolist(), maxlen=window)
         t._energy = deque(v["energy"].tolist(), maxlen=window)
@@ -256,7 +276,11 @@ class Thermometer:
         self._work.append(cumulative)
         self._last = sample
 
-        probe = sample.sites.probe_spread
+        sites = sample.sites
+        probe = sites.probe_spread
+        if (probe >= 0).any():  # the operating point each probe read its type at: the input's RMS
+            rms = np.sqrt(sites.in_mean * sites.in_mean + physics.site_variance(sites.count, sites.in_m2))
+            self._scale = np.where(probe >= 0, rms, self._scale)
         self._probe = np.where(probe >= 0, probe, self._probe)
         if not np.array_equal(self._probe, self._engines[0]):  # probes are rare: their types are kept
             self._engines = (self._probe.copy(), *_engines(self._probe))
@@ -278,6 +302,8 @@ class Thermometer:
             layer_work=work,
             site_names=self.site_names,
             site_engine=site_engine,
+            site_function=self.site_functions,
+            site_input_scale=self._scale,
             engine=engine,
             energy_from_work=not sample.has_energy,
         )

@@ -160,3 +160,117 @@ def test_the_job_reads_the_distribution_of_its_site_efficiencies_which_does_not_
     assert low == eta.min() < 0 and high == eta.max() and low <= q1 <= median <= q3 <= high
     assert median == reading.efficiency
     assert reading.efficiency_extremes == ("amplifier.act", reading.site_names[int(np.argmax(eta))])
+
+
+def probed_inputs(model: nn.Module, kind: type[nn.Module]) -> dict[int, torch.Tensor]:
+    """Hooks that keep the first input each `kind` module sees: what the first sampled step
+    probes (every site is probed on the first sample); returns the dict they fill."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, kind):
+            module.register_forward_pre_hook(lambda m, args: seen.setdefault(id(m), args[0].detach().clone()))
+    return seen
+
+
+def test_relu6_reads_a_where_its_probed_inputs_stay_below_6_and_b_where_they_pass_it() -> None:
+    """THEORY section 5: the type belongs to the function at its operating point; ReLU6 below 6 is
+    a ReLU. With a probe scale of 2, MobileNetV2's ReLU6s at inputs of 3 to 6 read B."""
+    from thermoscope.agent.sites import PROBE_VALUES
+
+    torch.set_num_threads(1)
+    arch = architectures.build("mobilenetv2")
+    with torch.no_grad():  # one stem's inputs spread 4x wider: past 6, where ReLU6 saturates
+        arch.model.mobilenet_v2.conv_stem.first_conv.normalization.weight.fill_(4.0)
+    inputs = probed_inputs(arch.model, nn.ReLU6)
+    opt = torch.optim.SGD(arch.model.parameters(), lr=1e-2, momentum=0.9)
+    monitor = Monitor(arch.model, opt, every=1)
+    arch.train(opt, monitor, 2)
+    reading = monitor.latest()
+    monitor.close()
+    modules = dict(arch.model.named_modules())
+    expected = []
+    for name in reading.site_names:
+        z = inputs[id(modules[name])].reshape(-1)
+        probed = z[:: max(1, z.numel() // PROBE_VALUES)][:PROBE_VALUES]
+        expected.append("B" if bool((probed > 6).any()) else "A")
+    assert list(reading.site_engine) == expected
+    assert expected.count("B") >= 1 and expected.count("A") >= 20
+    assert set(reading.site_function) == {"ReLU6()"}
+    stem = list(reading.site_names).index("mobilenet_v2.conv_stem.first_conv.activation")
+    assert reading.site_input_scale[stem] > 3 * np.median(reading.site_input_scale)
+
+
+def test_a_sigmoid_at_tiny_inputs_is_type_a_and_each_type_comes_with_its_function_and_input_scale() -> None:
+    """This tiny EfficientNet's signal fades through its blocks (inputs of RMS 0.02 at its stem,
+    1e-21 by its fourth block): its sigmoids and SiLUs are linear there, so type A, which the
+    input scale beside the type explains; its stem's SiLU reads B."""
+    torch.set_num_threads(1)
+    arch = architectures.build("efficientnet")
+    opt = torch.optim.AdamW(arch.model.parameters(), lr=1e-3)
+    monitor = Monitor(arch.model, opt, every=1)
+    arch.train(opt, monitor, 2)
+    reading = monitor.latest()
+    monitor.close()
+    rows = list(zip(reading.site_function, reading.site_input_scale, reading.site_engine, strict=True))
+    assert {function for function, _, _ in rows} == {"Sigmoid()", "SiLU()"}
+    for function, scale, engine in rows:
+        if scale < 1e-6:  # linear at its operating point (or, "", below even float64's resolution there)
+            assert engine in ("A", ""), (function, scale)
+        elif scale > 1e-2:
+            assert engine == "B", (function, scale)
+    assert any(f == "Sigmoid()" and s < 1e-6 and e == "A" for f, s, e in rows)
+    assert any(f == "SiLU()" and s > 1e-2 for f, s, _ in rows)
+
+
+class Parametrized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.act(x), approximate="tanh"))
+
+
+def test_each_site_says_the_function_it_applies_with_its_parameters() -> None:
+    """A LeakyReLU's slope, a GELU's approximation: what the engine type is read against."""
+    model = Parametrized()
+    monitor = Monitor(model, every=1)
+    model(torch.randn(4, 8))
+    monitor._sampler.collect(0, None)
+    monitor._sampler.disarm()
+    monitor.close()
+    assert [(s.name, s.kind, s.function) for s in monitor.sites] == [
+        ("act", "LeakyReLU", "LeakyReLU(negative_slope=0.2)"),
+        (":gelu", "gelu()", "gelu(approximate='tanh')"),
+    ]
+
+
+class Tiny(nn.Module):
+    """A sigmoid at inputs of RMS 1e-6 (linear there) and a SiLU at inputs of RMS 1 (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sigmoid, self.silu = nn.Sigmoid(), nn.SiLU()
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.sigmoid(1e-6 * x), self.silu(x)], dim=1))
+
+
+def test_the_probe_reads_the_function_not_its_float32_rounding() -> None:
+    """In float32 the sigmoid's outputs at 1e-6 are 3e-8 apart around 0.5: its probe moved by 0.01
+    (type B) where the function is linear (type A)."""
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    monitor = Monitor(model, opt, every=1)
+    for _ in range(2):
+        loss = model(torch.randn(4096, 1, generator=torch.Generator().manual_seed(4))).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss)
+    reading = monitor.latest()
+    monitor.close()
+    assert list(reading.site_engine) == ["A", "B"]
+    assert reading.site_input_scale == pytest.approx([1e-6, 1.0], rel=0.05)

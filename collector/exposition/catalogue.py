@@ -116,6 +116,13 @@ SITE_GAUGE = (
     "site_efficiency",
     "Work efficiency 1 - Var(a)/Var(z) of the activation site.",
 )
+#: The operating point each site's engine type was read at, as `SITE_GAUGE`.
+SITE_SCALE_GAUGE = (
+    "thermoscope_site_input_scale",
+    "site_input_scale",
+    "RMS of the activation site's input at its last scale probe: the operating point its engine type "
+    "belongs to (a sigmoid at a tiny scale is linear, type A).",
+)
 
 #: Every family, in the order of the body.
 FAMILIES: tuple[Family, ...] = (
@@ -184,11 +191,13 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         "Activation sites of the job exported only inside its __other__ site series.",
     ),
+    Family(SITE_SCALE_GAUGE[0], "gauge", SITE_SCALE_GAUGE[2], ("job_id", "site")),
     Family(
         "thermoscope_engine_info",
         "gauge",
-        "Engine type of the activation site by its scale probe: A scale-invariant, B temperature-dependent.",
-        ("job_id", "site", "engine"),
+        "Engine type of the activation site by its scale probe: A scale-invariant, B temperature-dependent "
+        "(at its operating point: thermoscope_site_input_scale); function: what it applies.",
+        ("job_id", "site", "engine", "function"),
     ),
     Family(
         "thermoscope_network_engine_info",

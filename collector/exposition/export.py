@@ -48,7 +48,7 @@ from thermoscope.science.physics import QUANTILES
 from ..settings import DEFAULTS
 from ..state.job import Job, Liveness
 from ..state.pipeline import Phases
-from .catalogue import ADDITIVE, FAMILIES, JOB_GAUGES, LAYER_GAUGES, OTHER, SITE_GAUGE
+from .catalogue import ADDITIVE, FAMILIES, JOB_GAUGES, LAYER_GAUGES, OTHER, SITE_GAUGE, SITE_SCALE_GAUGE
 from .writer import CONTENT_TYPE, fill, header, label_set, rows, template, values
 
 #: A scope's `thermoscope_phase` values (in `PHASES` order), by its current phase.
@@ -179,6 +179,7 @@ class MetricsExporter:
             **{name: partial(_job_gauge, attr) for name, attr, _ in JOB_GAUGES},
             **{name: partial(_per_series, "layer", attr) for name, attr, _ in LAYER_GAUGES},
             SITE_GAUGE[0]: partial(_per_series, "site", SITE_GAUGE[1]),
+            SITE_SCALE_GAUGE[0]: partial(_per_series, "site", SITE_SCALE_GAUGE[1]),
             "thermoscope_site_efficiency_quantile_ratio": _efficiency_quantiles,
             "thermoscope_site_efficiency_extreme_ratio": _efficiency_extremes,
             "thermoscope_layers_folded": partial(_folded, "layer"),
@@ -240,9 +241,19 @@ class MetricsExporter:
         return rows(
             name,
             [
-                (label_set(("job_id", labels.job_id), ("site", site), ("engine", str(engine))), 1.0)
+                (
+                    label_set(
+                        ("job_id", labels.job_id),
+                        ("site", site),
+                        ("engine", str(engine)),
+                        ("function", function),
+                    ),
+                    1.0,
+                )
                 for r, labels in view.readings
-                for site, engine in zip(r.site_names[: self._max_series], r.site_engine, strict=False)
+                for site, engine, function in zip(
+                    r.site_names[: self._max_series], r.site_engine, r.site_function, strict=False
+                )
                 if engine
             ],
         )
