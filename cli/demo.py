@@ -334,7 +334,7 @@ def show(result: DemoResult, console: Console) -> None:
     sites.add_column("activation")
     sites.add_column("efficiency", justify="right")
     sites.add_column("engine")
-    sites.add_column("input RMS at its probe", justify="right")  # where the engine type was read
+    sites.add_column("input RMS", justify="right")  # at the probe that read the engine type
     rows = zip(
         r.site_names, r.site_function, r.site_efficiency, r.site_engine, r.site_input_scale, strict=True
     )
