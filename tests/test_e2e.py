@@ -86,7 +86,8 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
             m, "thermoscope_site_efficiency_extreme_ratio", job_id="e2e", extreme=extreme, site="1"
         ) == pytest.approx(relu_eta, rel=1e-6)
     assert value(m, "thermoscope_frames_received_total", job_id="e2e") == steps // 2
-    assert value(m, "thermoscope_engine_info", job_id="e2e", site="1", engine="A") == 1  # ReLU
+    engine = {"job_id": "e2e", "site": "1", "engine": "A", "function": "ReLU()"}
+    assert value(m, "thermoscope_engine_info", **engine) == 1  # ReLU
     assert value(m, "thermoscope_network_engine_info", job_id="e2e", engine="A") == 1
     wait_for_value(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
     # no series carries a label Prometheus owns, and only liveness has a rank (none per layer)
