@@ -1,10 +1,11 @@
 """A sampled step on its way to the host, and its unpacking into a `Sample`.
 
 The sampler packs a sampled step into one float64 tensor, in this order: per layer its sum, sum
-of squares and the two work dots (`LAYER_COLUMNS` rows), per site its power sums and probe spread
-(`SITE_COLUMNS` rows), the histograms when the step counted any, and the loss when it is a
-tensor; the copy to the host runs while training goes on, and `Pending.to_sample` (on the sender
-thread, or in-process at `latest()`) waits for it and turns it into the wire's `Sample`.
+of squares and the two work dots (`LAYER_COLUMNS` rows), per site the mean and M2 of its input
+and its output and its probe spread (`SITE_COLUMNS` rows), the histograms when the step counted
+any, and the loss when it is a tensor; the copy to the host runs while training goes on, and
+`Pending.to_sample` (on the sender thread, or in-process at `latest()`) waits for it and turns it
+into the wire's `Sample`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from thermoscope.science.stats import LayerStats, Sample, SiteStats
 
 LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
-SITE_COLUMNS = 5  # sum z, sum z^2, sum a, sum a^2, probe spread (the counts stay on the host)
+SITE_COLUMNS = 5  # mean z, M2 z, mean a, M2 a, probe spread (the counts stay on the host)
 
 
 @dataclass
@@ -48,14 +49,9 @@ class Pending:
         site = site.reshape(SITE_COLUMNS, n_sites)
         count = self.layer_count.astype(np.float64)
         mean = layer[0] / np.maximum(count, 1)
-        n_site = self.site_count.astype(np.float64)
         with np.errstate(
             divide="ignore", invalid="ignore"
         ):  # a diverged run has inf here: the wire refuses it
-            in_mean = np.where(n_site > 0, site[0] / n_site, 0.0)
-            out_mean = np.where(n_site > 0, site[2] / n_site, 0.0)
-            in_m2 = np.maximum(site[1] - n_site * in_mean * in_mean, 0.0)
-            out_m2 = np.maximum(site[3] - n_site * out_mean * out_mean, 0.0)
             m2 = np.maximum(layer[1] - count * mean * mean, 0.0)
         return Sample(
             step=self.step,
@@ -71,10 +67,10 @@ class Pending:
             ),
             sites=SiteStats(
                 count=self.site_count,
-                in_mean=in_mean,
-                in_m2=in_m2,
-                out_mean=out_mean,
-                out_m2=out_m2,
+                in_mean=site[0].copy(),
+                in_m2=site[1].copy(),
+                out_mean=site[2].copy(),
+                out_m2=site[3].copy(),
                 probe_spread=site[4].copy(),
             ),
         )

@@ -1,13 +1,15 @@
-"""The activation sites of a model on a sampled step: their power sums, calls and probes.
+"""The activation sites of a model on a sampled step: their shifted moments, calls and probes.
 
-Forward pre-hooks and hooks on the site modules add the power sums (n, sum z, sum z^2) of the
-pre-activations z and of the activations a (pre-hooks see z before an in-place activation
-overwrites it; several calls of one module in a step add up). Activation functions a forward calls
-(`FUNCTIONS`) are caught by a torch function mode entered inside the model's forward, named by
-the running module (`_FunctionalSites`), and add theirs the same way: each one found on the first
-sampled step becomes a site, and the table is settled after it (`settle`). Compiled code runs
-eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile. On one
-sample in SHAPE_EVERY each site (on its first sample, every one) runs its engine-type scale probe.
+Forward pre-hooks and hooks on the site modules take the shifted power sums (c, sum (z - c), sum
+(z - c)^2, c a reference near the mean: `tensors.shifted_sums`) of the pre-activations z and of
+the activations a (pre-hooks see z before an in-place activation overwrites it); a step's calls
+of one site are merged into its mean and M2 in float64 (`merged_moments`, Chan's merge).
+Activation functions a forward calls (`FUNCTIONS`) are caught by a torch function mode entered
+inside the model's forward, named by the running module (`_FunctionalSites`), and add theirs the
+same way: each one found on the first sampled step becomes a site, and the table is settled after
+it (`settle`). Compiled code runs eagerly on a sampled step (dynamo's force_eager stance), so no
+hook makes it recompile. On one sample in SHAPE_EVERY each site (on its first sample, every one)
+runs its engine-type scale probe.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from torch.overrides import TorchFunctionMode
 from thermoscope.science.stats import SiteInfo
 
 from .pending import SITE_COLUMNS
-from .sites import FUNCTIONS, plain_name, scale_probe
-from .tensors import power_sums
+from .sites import FUNCTIONS, describe, describe_call, plain_name, scale_probe
+from .tensors import shifted_sums
 
 log = logging.getLogger("thermoscope.agent")
 
@@ -35,7 +37,7 @@ class SiteCapture:
     the first sampled step only."""
 
     def __init__(self, model: nn.Module, sites: Sequence[tuple[str, nn.Module]], shape_every: int) -> None:
-        self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
+        self.sites = [SiteInfo(name=n, kind=type(m).__name__, function=describe(m)) for n, m in sites]
         self._modules = [m for _, m in sites]
         # the probe calls forward() again: only on stateless modules (no running statistics)
         self._probed = [next(m.buffers(), None) is None for m in self._modules]
@@ -74,6 +76,7 @@ class SiteCapture:
         n_sites = len(self.sites)
         self._site_in: list[torch.Tensor | None] = [None] * n_sites  # z sums of the call
         self._site_sums: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]  # one row per call
+        self._site_calls: list[list[int]] = [[] for _ in range(n_sites)]  # the values of each call
         self.count = np.zeros(n_sites, dtype=np.int64)  # values each site made on the step
         self._probe: list[torch.Tensor | None] = [None] * n_sites
 
@@ -82,18 +85,18 @@ class SiteCapture:
         self.settled = True
 
     def columns(self, device: torch.device) -> list[torch.Tensor]:
-        """The step's SITE_COLUMNS rows (sum z, sum z^2, sum a, sum a^2, probe spread; -1: not
+        """The step's SITE_COLUMNS rows (mean z, M2 z, mean a, M2 a, probe spread; -1: not
         probed), one value per site, on `device`."""
         empty = torch.zeros(SITE_COLUMNS - 1, dtype=torch.float64, device=device)
         unprobed = torch.full((), -1.0, dtype=torch.float64, device=device)
         rows = [
             torch.cat(
                 [
-                    torch.stack(calls).sum(0).to(device) if calls else empty,
+                    merged_moments(torch.stack(calls).to(device), counts) if calls else empty,
                     (unprobed if probe is None else probe.to(device)).reshape(1),
                 ]
             )
-            for calls, probe in zip(self._site_sums, self._probe, strict=True)
+            for calls, counts, probe in zip(self._site_sums, self._site_calls, self._probe, strict=True)
         ]
         return list(torch.stack(rows).T)
 
@@ -139,7 +142,7 @@ class SiteCapture:
             if args and isinstance(args[0], torch.Tensor):
                 with torch.no_grad():
                     z = args[0].detach()
-                    self._site_in[i] = power_sums(z)
+                    self._site_in[i] = shifted_sums(z)
                     if self._probe[i] is None and self._probed[i] and self._due(i):
                         self._probe[i] = scale_probe(module.forward, z)
 
@@ -171,15 +174,18 @@ class SiteCapture:
             return func(*args, **kwargs)
         if i is None:
             i = self._functions[site] = len(self.sites)
-            self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
+            self.sites.append(
+                SiteInfo(name=site, kind=f"{name}()", function=describe_call(name, args, kwargs))
+            )
             self._probed.append(True)
             self._site_in.append(None)
             self._site_sums.append([])
+            self._site_calls.append([])
             self.count = np.append(self.count, 0)
             self._probe.append(None)
         with torch.no_grad():
             z = args[0].detach()
-            z_sums = power_sums(z)  # before the call: an in-place function overwrites z
+            z_sums = shifted_sums(z)  # before the call: an in-place function overwrites z
             if self._probe[i] is None and self._due(i):
                 rest = {k: v for k, v in kwargs.items() if k != "out"}
                 self._probe[i] = scale_probe(lambda t: func(t, *args[1:], **rest), z)
@@ -189,10 +195,29 @@ class SiteCapture:
 
     @torch.no_grad()
     def _add_call(self, i: int, z_sums: torch.Tensor, output: object) -> None:
-        """One call of site i: its input's power sums and its output's, and the values it made."""
-        if isinstance(output, torch.Tensor):
-            self._site_sums[i].append(torch.cat([z_sums, power_sums(output.detach())]))
+        """One call of site i: its input's shifted sums and its output's, and the values it made."""
+        if isinstance(output, torch.Tensor) and output.numel():
+            self._site_sums[i].append(torch.cat([z_sums, shifted_sums(output.detach())]))
+            self._site_calls[i].append(output.numel())
             self.count[i] += output.numel()
+
+
+def merged_moments(calls: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(mean z, M2 z, mean a, M2 a) of one site on a step, in float64, from its calls' rows of
+    shifted sums (c, sum (x - c), sum (x - c)^2 for z, then for a) and their value counts.
+
+    Each call's mean is c + s1/n and its M2 s2 - s1^2/n (no cancellation: c is near the
+    mean); the calls merge by Chan's sum form, exact and order-free as the collector's merge."""
+    rows = calls.double()
+    n = torch.tensor(counts, dtype=torch.float64, device=rows.device)
+    total = n.sum()
+    merged = []
+    for c, s1, s2 in (rows[:, 0:3].T, rows[:, 3:6].T):
+        mean = c + s1 / n
+        m2 = torch.clamp(s2 - s1 * s1 / n, min=0.0)
+        overall = (n * mean).sum() / total
+        merged += [overall, m2.sum() + (n * (mean - overall).square()).sum()]
+    return torch.stack(merged)
 
 
 class _FunctionalSites(TorchFunctionMode):

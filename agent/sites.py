@@ -4,7 +4,8 @@ A site is a module that is a `torch.nn` activation, or behaves as one (`acts_as_
 judged on a probe tensor, so that any library's own class counts), or a function from
 `FUNCTIONS` that a forward calls (`F.gelu(x)`, `torch.tanh(x)`, `x.relu()`: the sampler catches
 those on sampled steps). The engine-type probe (`scale_probe`) applies a site's own function to
-scaled copies of its input (docs/science.md section 5).
+scaled-down copies of its input (docs/science.md section 5); `describe` and `describe_call` say
+which function, with its parameters, a site applies.
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ FUNCTIONS: dict[Callable, str] = {
 #: The input `acts_as_activation` tries a module on.
 PROBE_SHAPE = (2, 4, 8)
 
-#: The engine-type probe: values of z it uses, the scales it applies.
+#: The engine-type probe: values of z it uses, the scales it applies. Scales below 1 only: the
+#: type belongs to the function at its operating point (docs/science.md section 5), so the probe
+#: stays inside the range the inputs occupy (each c z lies between 0 and z). With a scale of 2,
+#: ReLU6 at inputs of 3 to 6 (a ReLU there) read B: a tiny MobileNetV2's ReLU6s read B at 9 of
+#: 35 sites, none of whose probed inputs passed 6 (tests/test_site_readings.py).
 PROBE_VALUES = 4096
-PROBE_SCALES = (0.5, 2.0)
+PROBE_SCALES = (0.5, 0.25)
 
 
 def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
@@ -96,6 +101,27 @@ def find_sites(model: nn.Module, extra: Iterable[nn.Module] = ()) -> list[tuple[
 def plain_name(name: str) -> str:
     """A module or parameter path without torch.compile's wrapper (`_orig_mod`) in it."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def describe(module: nn.Module) -> str:
+    """The function a module site applies, with its parameters as the module states them
+    (`extra_repr`, `inplace` left out: it changes no value): "ReLU6()", "GELU(approximate='tanh')"."""
+    options = ", ".join(
+        part for part in module.extra_repr().split(", ") if part and not part.startswith("inplace")
+    )
+    return f"{type(module).__name__}({options})"
+
+
+def describe_call(name: str, args: tuple, kwargs: dict) -> str:
+    """The function a functional site calls, with its non-tensor arguments: "gelu(approximate='tanh')",
+    "leaky_relu(0.2)" (`inplace` and `out` left out)."""
+    options = [repr(a) for a in args[1:] if not isinstance(a, torch.Tensor)]
+    options += [
+        f"{k}={v!r}"
+        for k, v in kwargs.items()
+        if k not in ("inplace", "out") and not isinstance(v, torch.Tensor)
+    ]
+    return f"{name}({', '.join(options)})"
 
 
 def acts_as_activation(module: nn.Module) -> bool:
@@ -145,18 +171,38 @@ def _nonaffine(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 def scale_probe(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch.Tensor:
-    """max over c of |eta(c z) - eta(z)| on a strided subsample of z, with the site's own
-    activation phi (its module's forward, or the function a forward called: docs/science.md
-    section 5); -1 where it cannot be measured (no spread, or phi does not take a single tensor)."""
+    """max over c in PROBE_SCALES of |eta(c z) - eta(z)| on a strided subsample of z, with the
+    site's own activation phi (its module's forward, or the function a forward called:
+    docs/science.md section 5); -1 where it cannot be measured (no spread, or phi does not take a
+    single tensor).
+
+    phi is applied in float64 where it takes it (else in z's dtype: a PReLU's float32 weight), so
+    that the probe reads the function, not its rounding: a float32 sigmoid at inputs of RMS 1e-6
+    returns values 3e-8 apart around 0.5, and its eta moved by 0.01 with the scale (type B) where
+    the function is linear (type A)."""
     flat = z.reshape(-1)
     sub = flat[:: max(1, flat.numel() // PROBE_VALUES)][:PROBE_VALUES]
-    try:
-        etas = []
-        for c in (1.0, *PROBE_SCALES):
-            zc = sub * c
-            var_in = zc.double().var(correction=0)
-            etas.append(1 - phi(zc).double().var(correction=0) / var_in)  # type: ignore[union-attr]
-    except (TypeError, RuntimeError, AttributeError):
-        return torch.full((), -1.0, dtype=torch.float64, device=z.device)
-    eta = torch.stack(etas)
-    return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
+    for values in (sub.double(), sub):
+        try:
+            eta = torch.stack([_efficiency(phi, values * c) for c in (1.0, *PROBE_SCALES)])
+        except (TypeError, RuntimeError, AttributeError):
+            continue
+        return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
+    return torch.full((), -1.0, dtype=torch.float64, device=z.device)
+
+
+#: The probe reads a function only where its output spreads over at least this many of its ulps:
+#: rounding then moves eta by under 1e-8 (ulp^2/12 over the output's variance), a tenth of
+#: ENGINE_TOLERANCE. A float64 sigmoid at inputs of RMS 3e-13 spreads over ~700 ulps around 0.5.
+PROBE_ULPS = 4096
+
+
+def _efficiency(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch.Tensor:
+    """1 - Var(phi(z)) / Var(z), in float64; NaN where phi(z) does not spread over PROBE_ULPS of
+    its own ulps (what would be read is rounding; a constant output, 0 ulps, reads its eta of 1)."""
+    a = phi(z)
+    wide = a.double()  # type: ignore[union-attr]
+    var_out = wide.var(correction=0)
+    ulp = torch.finfo(a.dtype).eps * wide.abs().max()  # type: ignore[union-attr]
+    unresolved = (var_out > 0) & (var_out < (PROBE_ULPS * ulp) ** 2)
+    return torch.where(unresolved, torch.nan, 1 - var_out / z.double().var(correction=0))

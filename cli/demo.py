@@ -299,7 +299,13 @@ def show(result: DemoResult, console: Console) -> None:
     job = Table(title=f"job {JOB!r} at step {r.step}")
     # the loss, or where no loss was seen (docs/science.md section 2) the cumulative work
     energy = "energy: cumulative work (loss)" if r.energy_from_work else "energy (loss)"
-    for col in (energy, "entropy (nats)", "temperature ± s.e. (loss/nat)", "efficiency", "engine"):
+    for col in (
+        energy,
+        "entropy (nats)",
+        "temperature ± s.e. (loss/nat)",
+        "median site efficiency",
+        "engine",
+    ):
         job.add_column(col, justify="right")
     job.add_row(
         _fmt(r.energy),
@@ -348,8 +354,13 @@ def show(result: DemoResult, console: Console) -> None:
     sites.add_column("activation")
     sites.add_column("efficiency", justify="right")
     sites.add_column("engine")
-    for name, eta, engine in zip(r.site_names, r.site_efficiency, r.site_engine, strict=True):
-        sites.add_row(name, result.sites.get(name, "?"), _fmt(eta, ".3f"), _engine(engine))
+    sites.add_column("input RMS", justify="right")  # at the probe that read the engine type
+    rows = zip(
+        r.site_names, r.site_function, r.site_efficiency, r.site_engine, r.site_input_scale, strict=True
+    )
+    for name, function, eta, engine, scale in rows:
+        activation = function or result.sites.get(name, "?")
+        sites.add_row(name, activation, _fmt(eta, ".3f"), _engine(engine), _fmt(scale, ".3g"))
     phases = Table(title="phase transitions of the job")
     for col in ("step", "from", "to", "statistic", "confidence"):
         phases.add_column(col, justify="right" if col in ("step", "confidence") else "left")

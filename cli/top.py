@@ -44,7 +44,7 @@ FAMILIES = (
     "thermoscope_energy",
     "thermoscope_temperature",
     "thermoscope_temperature_stderr",
-    "thermoscope_efficiency_ratio",
+    "thermoscope_site_efficiency_quantile_ratio",
     "thermoscope_entropy_nats",
     "thermoscope_last_step",
     "thermoscope_agents_connected",
@@ -90,7 +90,6 @@ _GAUGES = {
     "thermoscope_energy": "energy",
     "thermoscope_temperature": "temperature",
     "thermoscope_temperature_stderr": "temperature_stderr",
-    "thermoscope_efficiency_ratio": "efficiency",
     "thermoscope_entropy_nats": "entropy",
     "thermoscope_last_step": "step",
 }
@@ -107,6 +106,11 @@ def parse(text: str) -> dict[str, Job]:
             job = jobs.setdefault(job_id, Job(job_id))
             if sample.name in _GAUGES:
                 setattr(job, _GAUGES[sample.name], sample.value)
+            elif (
+                sample.name == "thermoscope_site_efficiency_quantile_ratio"
+                and sample.labels.get("q") == "0.5"
+            ):
+                job.efficiency = sample.value  # the median site efficiency
             elif sample.name == "thermoscope_agents_connected":
                 job.connected = int(sample.value)
             elif sample.name == "thermoscope_rank_stale":

@@ -24,8 +24,10 @@ at every sample:
 * per layer also, from the latest sample that took histograms, the histogram entropy (fixed
   edges, seeded subset), the negentropy J = h_gauss - h_hist (nats per value; how far the
   layer is from a Gaussian shape) and the share of its subset outside the edges;
-* per activation site: eta = 1 - Var(a)/Var(z), and the network's 1 - prod(1 - eta); and its
-  engine type from the latest scale probe, and the network's.
+* per activation site: eta = 1 - Var(a)/Var(z), and their distribution (the median, and the
+  quantiles and extremes with their sites: `Reading.efficiency_quantiles`, `efficiency_extremes`);
+  and its engine type from the latest scale probe, beside the function it applies and its
+  input's RMS at that probe (the operating point the type belongs to), and the network's.
 
 The agent uses it in-process (`Monitor.latest()`), the collector on merged samples.
 """
@@ -66,7 +68,7 @@ class Reading:
     beta: float
     temperature: float
     temperature_stderr: float  # T's standard error (delta method); NaN where T is undefined
-    efficiency: float
+    efficiency: float  # the median site efficiency (NaN: no site has one); `efficiency_quantiles`
     layer_names: tuple[str, ...]
     layer_entropy: np.ndarray
     layer_work: np.ndarray
@@ -79,6 +81,8 @@ class Reading:
     site_names: tuple[str, ...]
     site_efficiency: np.ndarray
     site_engine: np.ndarray  # "A", "B" or "" (not probed yet)
+    site_function: tuple[str, ...]  # what each site applies, with its parameters ("": not said)
+    site_input_scale: np.ndarray  # RMS of each site's input at its last probe: where its type was read
     engine: str  # the network's engine type
     energy_from_work: bool = False  # energy is the cumulative work (no loss was given)
     # Defaults by factory, so that the class has no attribute of these names and a `_Deferred`
@@ -94,6 +98,19 @@ class Reading:
     layer_entropy_change: np.ndarray | None = field(default_factory=lambda: None)
     layer_work_share: np.ndarray | None = field(default_factory=lambda: None)
 
+    @property
+    def efficiency_quantiles(self) -> np.ndarray:
+        """The sites' efficiencies at `physics.QUANTILES` (min, quartiles, median, max)."""
+        return physics.efficiency_quantiles(self.site_efficiency)
+
+    @property
+    def efficiency_extremes(self) -> tuple[str, str]:
+        """The sites of the lowest and the highest efficiency ("" where no site has one)."""
+        eta = np.asarray(self.site_efficiency, dtype=np.float64)
+        if not np.isfinite(eta).any():
+            return "", ""
+        return self.site_names[int(np.nanargmin(eta))], self.site_names[int(np.nanargmax(eta))]
+
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a reading an older collector saved the standard errors it did not
         have: unknown (NaN)."""
@@ -103,6 +120,8 @@ class Reading:
             state.setdefault(name, np.full(len(state["layer_names"]), np.nan))
         state.setdefault("temperature_low", math.nan)
         state.setdefault("temperature_high", math.nan)
+        state.setdefault("site_function", ("",) * len(state["site_names"]))
+        state.setdefault("site_input_scale", np.full(len(state["site_names"]), np.nan))
         self.__dict__.update(state)
 
     def to_state(self) -> dict[str, Any]:
@@ -111,13 +130,15 @@ class Reading:
         values = {f.name: getattr(self, f.name) for f in fields(Reading)}
         values["layer_names"] = np.array(list(self.layer_names), dtype=np.str_)
         values["site_names"] = np.array(list(self.site_names), dtype=np.str_)
+        values["site_function"] = np.array(list(self.site_function), dtype=np.str_)
         return values
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Reading:
         """The reading `to_state` gave. A field the state lacks (saved before the field was
-        added) is its default, else undefined: NaN, per layer for a layer's values (as
-        `__setstate__` gives the pickles of older releases). Fields it does not know are ignored."""
+        added) is its default, else undefined: NaN, per layer (site) for a layer's (site's) values,
+        "" for a site's function (as `__setstate__` gives the pickles of older releases). Fields it
+        does not know are ignored."""
         kinds = {"step": int, "engine": str, "energy_from_work": bool}
         layer_names = checked.names(state["layer_names"], "reading.layer_names")
         site_names = checked.names(state["site_names"], "reading.site_names")
@@ -128,9 +149,14 @@ class Reading:
                 continue
             if value is None and f.default is not MISSING:
                 values[f.name] = f.default
+            elif value is None and f.name == "site_function":
+                values[f.name] = ("",) * len(state["site_names"])
             elif value is None:
-                n = len(layer_names)
-                values[f.name] = np.full(n, np.nan) if f.name.startswith("layer_") else math.nan
+                per = {"layer": layer_names, "site": site_names}.get(f.name.split("_")[0])
+                values[f.name] = math.nan if per is None else np.full(len(per), np.nan)
+            elif f.name == "site_function":
+                functions = checked.array(value, (len(site_names),), "reading.site_function", "fU")
+                values[f.name] = tuple(str(x) for x in functions)
             elif f.name.startswith(("layer_", "site_")):  # one value per layer (per site)
                 n = len(layer_names if f.name.startswith("layer_") else site_names)
                 values[f.name] = checked.array(value, (n,), f"reading.{f.name}", "fiubU")
@@ -148,6 +174,7 @@ class Thermometer:
     def __init__(self, layers: list[LayerInfo], sites: list[SiteInfo], window: int = WINDOW) -> None:
         self.layer_names = tuple(layer.name for layer in layers)
         self.site_names = tuple(site.name for site in sites)
+        self.site_functions = tuple(site.function for site in sites)
         self._lo = np.array([layer.hist_lo for layer in layers])
         self._hi = np.array([layer.hist_hi for layer in layers])
         self._begin(window)
@@ -161,6 +188,7 @@ class Thermometer:
         self._window = window
         longer = window * JOB_WINDOWS
         self._probe = np.full(len(self.site_names), -1.0)  # last probe spread per site
+        self._scale = np.full(len(self.site_names), np.nan)  # each site's input RMS at its last probe
         nan = np.full(len(self.layer_names), np.nan)
         self._shapes = _Shapes((nan, nan, nan))  # h_hist, negentropy, outside share, from the last histogram
         self._steps: deque[int] = deque(maxlen=longer)
@@ -189,6 +217,10 @@ class Thermometer:
             self._energy = deque(list(self._energy)[len(self._energy) - n :], longer)
         if "_engines" not in state:
             self._engines = (self._probe.copy(), *_engines(self._probe))
+        if "_scale" not in state:
+            self._scale = np.full(len(self.site_names), np.nan)
+        if "site_functions" not in state:
+            self.site_functions = ("",) * len(self.site_names)
 
     def to_state(self) -> dict[str, Any]:
         """What the thermometer carries from one sample to the next, as plain named values: its
@@ -206,9 +238,11 @@ class Thermometer:
             "window": self._window,
             "layer_names": np.array(list(self.layer_names), dtype=np.str_),
             "site_names": np.array(list(self.site_names), dtype=np.str_),
+            "site_functions": np.array(list(self.site_functions), dtype=np.str_),
             "hist_lo": self._lo,
             "hist_hi": self._hi,
             "probe": self._probe,
+            "probe_scale": self._scale,
             "histogram_entropy": h_hist,
             "negentropy": negentropy,
             "outside": outside,
@@ -233,13 +267,17 @@ class Thermometer:
         t.layer_names = checked.names(state["layer_names"], "thermometer.layer_names")
         t.site_names = checked.names(state["site_names"], "thermometer.site_names")
         n, sites = len(t.layer_names), len(t.site_names)
+        t.site_functions = ("",) * sites  # saved before sites said their function
         t._lo = checked.array(state["hist_lo"], (n,), "thermometer.hist_lo")
         t._hi = checked.array(state["hist_hi"], (n,), "thermometer.hist_hi")
         window = checked.count(state["window"], "thermometer.window", 2, checked.MOST // max(n, 1))
         t._begin(window)
         v = {**t.to_state(), **state}
         longer = t._steps.maxlen  # the job's window (`JOB_WINDOWS` layer windows)
+        functions = checked.array(v["site_functions"], (sites,), "thermometer.site_functions", "fU")
+        t.site_functions = tuple(str(x) for x in functions)
         t._probe = checked.array(v["probe"], (sites,), "thermometer.probe")
+        t._scale = checked.array(v["probe_scale"], (sites,), "thermometer.probe_scale")
         t._shape = tuple(checked.array(v[k], (n,), f"thermometer.{k}") for k in _SHAPE)  # type: ignore[assignment]
         steps = checked.array(v["steps"], (-1,), "thermometer.steps", "iu")
         k = len(steps)
@@ -285,8 +323,9 @@ class Thermometer:
         work = layers.work
         # physics.layer_entropy, keeping h_gauss for the histogram's negentropy
         h_gauss = physics.gaussian_entropy(physics.variance(layers.count, layers.mean, layers.m2))
-        entropy = np.asarray(layers.count, dtype=np.float64) * h_gauss
-        total = np.add.reduce(entropy)  # entropy.sum() without the method's Python wrapper
+        floored = np.asarray(layers.count, dtype=np.float64) * h_gauss
+        total = np.add.reduce(floored)  # the job's sum keeps a floored layer's floor: it stays continuous
+        entropy = np.where(physics.at_floor(layers.count, layers.mean, layers.m2), np.nan, floored)
         if prev is None:
             cumulative = np.zeros(len(layers))
         else:
@@ -299,7 +338,11 @@ class Thermometer:
         self._work.append(cumulative)
         self._last = sample
 
-        probe = sample.sites.probe_spread
+        sites = sample.sites
+        probe = sites.probe_spread
+        if (probe >= 0).any():  # the operating point each probe read its type at: the input's RMS
+            rms = np.sqrt(sites.in_mean * sites.in_mean + physics.site_variance(sites.count, sites.in_m2))
+            self._scale = np.where(probe >= 0, rms, self._scale)
         self._probe = np.where(probe >= 0, probe, self._probe)
         if not np.array_equal(self._probe, self._engines[0]):  # probes are rare: their types are kept
             self._engines = (self._probe.copy(), *_engines(self._probe))
@@ -321,6 +364,8 @@ class Thermometer:
             layer_work=work,
             site_names=self.site_names,
             site_engine=site_engine,
+            site_function=self.site_functions,
+            site_input_scale=self._scale,
             engine=engine,
             energy_from_work=not sample.has_energy,
         )
@@ -408,8 +453,7 @@ class _Window:
         beta, temp, temp_err, temp_low, temp_high = self._job_temperature()
         sites = self.sample.sites
         eta = physics.site_efficiency(
-            physics.variance(sites.count, sites.in_mean, sites.in_m2),
-            physics.variance(sites.count, sites.out_mean, sites.out_m2),
+            physics.site_variance(sites.count, sites.in_m2), physics.site_variance(sites.count, sites.out_m2)
         )
         h_hist, negentropy, outside = self.shapes.values(self.lo, self.hi)
         return {
@@ -418,7 +462,7 @@ class _Window:
             "temperature_stderr": temp_err,
             "temperature_low": temp_low,
             "temperature_high": temp_high,
-            "efficiency": physics.network_efficiency(eta),
+            "efficiency": float(physics.efficiency_quantiles(eta)[physics.QUANTILES.index(0.5)]),
             **layers,
             "layer_histogram_entropy": count * h_hist,
             "layer_negentropy": negentropy,

@@ -43,6 +43,18 @@ def variance(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
     return np.where(count > 0, np.maximum(var, floor), np.nan)
 
 
+def at_floor(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """Whether a layer's variance is at (or below) its floor: a constant tensor, such as a
+    zero-initialized one (LoRA's B) or a unit gain. Its entropy is then the floor's, not a
+    reading (-33 nats a value for a zero tensor), and climbing from it is no thermodynamics:
+    such a layer has no entropy reading (NaN) and so no temperature (docs/science.md section 3)."""
+    count = np.asarray(count, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.asarray(m2, dtype=np.float64) / count
+    return (count > 0) & (var <= np.maximum(VAR_FLOOR_REL * mean * mean, VAR_FLOOR_ABS))
+
+
 def gaussian_entropy(var: np.ndarray | float) -> np.ndarray:
     """Differential entropy per value of N(., var): 1/2 ln(2 pi e var) (nats)."""
     return 0.5 * (LN_2PI_E + np.log(np.asarray(var, dtype=np.float64)))
@@ -316,18 +328,41 @@ def slope_covariance(x: np.ndarray, y1: np.ndarray, y2: np.ndarray) -> float:
     return total * n / (n - 2) / (sxx * sxx)
 
 
+def site_variance(count: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """A site's population variance M2/count, unfloored (NaN where it made no values).
+
+    The weights' floor (`variance`) is no site's: a site's moments are shifted (docs/science.md
+    section 5), so a variance of 0 is a signal that did not spread at the values' precision,
+    and a floored input made a ratio of round-off (an EfficientNet sigmoid read eta -8.9e14)."""
+    count = np.asarray(count, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0, np.asarray(m2, dtype=np.float64) / count, np.nan)
+
+
 def site_efficiency(var_in: np.ndarray, var_out: np.ndarray) -> np.ndarray:
-    """eta = 1 - Var(a)/Var(z): the share of the input's thermal energy the site converts."""
+    """eta = 1 - Var(a)/Var(z): the share of the input's thermal energy the site converts (NaN
+    where the input did not spread: nothing to convert). Negative where the site amplifies the
+    spread (GELU and SiLU have slopes above 1 in places): reported, never clipped."""
     var_in = np.asarray(var_in, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(var_in > 0, 1.0 - np.asarray(var_out, dtype=np.float64) / var_in, np.nan)
 
 
-def network_efficiency(eta: np.ndarray) -> float:
-    """eta_net = 1 - prod_l (1 - eta_l) over the sites with a defined efficiency."""
+#: The quantiles of the sites' efficiencies a reading reports: the extremes, the quartiles, the median.
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def efficiency_quantiles(eta: np.ndarray) -> np.ndarray:
+    """The QUANTILES of the sites' efficiencies, over the sites with one (NaN where none has).
+
+    In place of a network efficiency 1 - prod(1 - eta), which assumes a plain chain of sites:
+    with residual paths and many sites it saturates at 1 (48 sites at 0.3: 1 - 4e-8) and says
+    nothing. The distribution says what the sites do, the negative ones included."""
     eta = np.asarray(eta, dtype=np.float64)
     eta = eta[np.isfinite(eta)]
-    return float(1.0 - np.prod(1.0 - eta)) if eta.size else math.nan
+    if not eta.size:
+        return np.full(len(QUANTILES), np.nan)
+    return np.quantile(eta, QUANTILES)
 
 
 #: A site is a scale-invariant (Type A) engine when its scale probe moves eta by at most this

@@ -33,10 +33,13 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """One activation site: a module computing a = phi(z)."""
+    """One activation site: a module computing a = phi(z). `function` is phi with its
+    parameters, as its engine type is read against (e.g. "ReLU6()", "LeakyReLU(negative_slope=0.2)",
+    "gelu(approximate='tanh')"); "" where the agent did not say (an earlier release's)."""
 
     name: str
     kind: str
+    function: str = ""
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ STATE_NAMES = {
     "thermometer.energy", "thermometer.entropy", "thermometer.entropy_total",
     "thermometer.hist_hi", "thermometer.hist_lo", "thermometer.histogram_entropy",
     "thermometer.layer_names", "thermometer.negentropy", "thermometer.outside", "thermometer.probe",
+    "thermometer.probe_scale", "thermometer.site_functions",
     "thermometer.site_names", "thermometer.steps", "thermometer.window", "thermometer.work",
 }  # fmt: skip
 

@@ -53,7 +53,11 @@ def test_every_parameter_dtype_trains_with_a_monitor_and_reads_finite(dtype: tor
     reading = monitor.latest()
     monitor.close()
     assert reading is not None and math.isfinite(reading.energy)
-    assert np.isfinite(reading.layer_entropy).all() and np.isfinite(reading.layer_work).all()
+    # every entropy is read but a constant tensor's (the 1-value bias; in float16 the gain, whose
+    # updates round away): at the variance floor it has none (NaN)
+    spread = [bool((p != p.reshape(-1)[0]).any()) for p in model.parameters()]
+    assert np.isfinite(reading.layer_entropy).tolist() == spread and not spread[-1]
+    assert np.isfinite(reading.layer_work).all()
     assert (reading.layer_work != 0).any()
     assert all(p.isfinite().all() for p in model.parameters())
 

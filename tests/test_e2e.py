@@ -21,7 +21,7 @@ from thermoscope.wire.codec import encode
 from helpers.metrics import scrape, value, wait_for_value
 from helpers.processes import free_port
 from helpers.protocol import BINS, OpenStream, frame, hello, histogram, layer_table, site_stats, stream
-from helpers.reference import efficiency64, entropy64, work64
+from helpers.reference import efficiency64, entropy64, layer_entropy64, work64
 from helpers.training import train_steps
 
 
@@ -58,26 +58,36 @@ def test_metrics_match_a_direct_computation_from_the_models_parameters(collector
     m = wait_for_value(collector_process.metrics_url, "thermoscope_last_step", last, job_id="e2e")
     names = [layer.name for layer in monitor.layers]
     assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    entropies = [entropy64(b) for b in before]
+    entropies = [entropy64(b) for b in before]  # the job's sum counts the 1-value bias at its floor
     works = work64(grads, saved["after"], saved["before"])
-    for name, s, w in zip(names, entropies, works, strict=True):
+    for name, b, w in zip(names, before, works, strict=True):
+        # the 1-value bias has no spread, so no entropy reading (NaN), nor an inverse temperature
         assert value(m, "thermoscope_layer_entropy_nats", job_id="e2e", layer=name) == pytest.approx(
-            s, rel=1e-6
+            layer_entropy64(b), rel=1e-6, nan_ok=True
         )
         assert value(m, "thermoscope_layer_work", job_id="e2e", layer=name) == pytest.approx(
             w, rel=1e-4, abs=1e-12
         )
         beta = value(m, "thermoscope_layer_inverse_temperature", job_id="e2e", layer=name)
         t = value(m, "thermoscope_layer_temperature", job_id="e2e", layer=name)
-        assert np.isfinite(beta) and (np.isnan(t) or t == pytest.approx(1 / beta))
+        assert np.isfinite(beta) == (name != "2.bias") and (np.isnan(t) or t == pytest.approx(1 / beta))
     assert value(m, "thermoscope_energy", job_id="e2e") == pytest.approx(truth_loss, rel=1e-6)
     assert value(m, "thermoscope_entropy_nats", job_id="e2e") == pytest.approx(sum(entropies), rel=1e-6)
     assert value(m, "thermoscope_site_efficiency_ratio", job_id="e2e", site="1") == pytest.approx(
         relu_eta, rel=1e-6
     )
-    assert value(m, "thermoscope_efficiency_ratio", job_id="e2e") == pytest.approx(relu_eta, rel=1e-6)
+    # one site: every quantile of the sites' efficiencies is its own, and it is both extremes
+    for q in ("0", "0.25", "0.5", "0.75", "1"):
+        assert value(m, "thermoscope_site_efficiency_quantile_ratio", job_id="e2e", q=q) == pytest.approx(
+            relu_eta, rel=1e-6
+        )
+    for extreme in ("min", "max"):
+        assert value(
+            m, "thermoscope_site_efficiency_extreme_ratio", job_id="e2e", extreme=extreme, site="1"
+        ) == pytest.approx(relu_eta, rel=1e-6)
     assert value(m, "thermoscope_frames_received_total", job_id="e2e") == steps // 2
-    assert value(m, "thermoscope_engine_info", job_id="e2e", site="1", engine="A") == 1  # ReLU
+    engine = {"job_id": "e2e", "site": "1", "engine": "A", "function": "ReLU()"}
+    assert value(m, "thermoscope_engine_info", **engine) == 1  # ReLU
     assert value(m, "thermoscope_network_engine_info", job_id="e2e", engine="A") == 1
     wait_for_value(collector_process.metrics_url, "thermoscope_agents_connected", 0, job_id="e2e")
     # no series carries a label Prometheus owns, and only liveness has a rank (none per layer)

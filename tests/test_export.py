@@ -49,7 +49,7 @@ def test_the_body_has_the_recorded_families_and_samples_of_the_previous_exporter
     body = b"".join(exporter.render())
     # as JSON holds it: tuples as lists
     assert json.loads(json.dumps(parsed(body))) == golden.load_json("metrics")[str(max_series)]
-    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 35  # one per family
+    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 37  # one per family
     # the escaped label values, written once per label set and not read as %-format directives
     assert b'thermoscope_layer_work{job_id="we\\"ird\\\\job\\nwith %s and \xc3\xa9",layer="l\\"%d1"} ' in body
     assert b"+Inf\n" in body and b"-Inf\n" in body and b"NaN\n" in body

@@ -228,6 +228,8 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
             "thermoscope_rank_stale",  # only while the rank streams
             "thermoscope_frames_rejected_total",
             "thermoscope_site_efficiency_ratio",
+            "thermoscope_site_efficiency_quantile_ratio",
+            "thermoscope_site_efficiency_extreme_ratio",
         }
         while True:
             exported = {name for name, _ in scrape(collector.metrics_url)}
@@ -250,7 +252,8 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
         "thermoscope_energy",
         "thermoscope_entropy_nats",
         "thermoscope_temperature",
-        "thermoscope_efficiency_ratio",
+        "thermoscope_site_efficiency_quantile_ratio",
+        "thermoscope_site_efficiency_extreme_ratio",
         "thermoscope_layer_temperature",
         "thermoscope_site_efficiency_ratio",
         "thermoscope_engine_info",

@@ -118,10 +118,13 @@ def test_sigmoid_efficiency_goes_from_fifteen_sixteenths_to_one() -> None:
     assert gaussian_eta(sigmoid, 1e4) == pytest.approx(1.0, abs=2e-2)
 
 
-def test_network_efficiency_composes_sites_and_ignores_undefined_ones() -> None:
-    assert physics.network_efficiency(np.array([0.5, 0.5, math.nan])) == pytest.approx(0.75)
-    assert physics.network_efficiency(np.array([0.0, 0.0])) == 0.0
-    assert math.isnan(physics.network_efficiency(np.array([])))
+def test_the_sites_efficiencies_are_reported_as_a_distribution_that_does_not_saturate() -> None:
+    """48 sites at 0.3 made 1 - prod(1 - eta) = 1 - 4e-8: the distribution reads 0.3; a negative
+    efficiency (a site amplifying its input) stays in it, and an undefined one is left out."""
+    assert physics.efficiency_quantiles(np.full(48, 0.3)) == pytest.approx([0.3] * 5)
+    eta = np.array([-0.2, 0.5, 0.6, math.nan, 0.9, 0.7])
+    assert physics.efficiency_quantiles(eta) == pytest.approx([-0.2, 0.5, 0.6, 0.7, 0.9])
+    assert np.isnan(physics.efficiency_quantiles(np.array([math.nan]))).all()
 
 
 def test_beta_stays_finite_when_neither_entropy_nor_energy_moves() -> None:

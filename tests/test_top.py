@@ -220,8 +220,13 @@ def test_top_in_a_terminal_shows_each_jobs_readings_as_metrics_has_them_and_quit
         term.wait_for(lambda t: last_screen(t) != "", "the jobs")
         screen = last_screen(term.text)
         line = row(screen, "learner")
-        for name in ("thermoscope_energy", "thermoscope_temperature", "thermoscope_efficiency_ratio"):
-            assert close_to(line, value(metrics, name, job_id="learner")), f"{name} not in {line!r}"
+        shown_as = (
+            ("thermoscope_energy", {}),
+            ("thermoscope_temperature", {}),
+            ("thermoscope_site_efficiency_quantile_ratio", {"q": "0.5"}),  # the median site efficiency
+        )
+        for name, labels in shown_as:
+            assert close_to(line, value(metrics, name, job_id="learner", **labels)), f"{name} not in {line!r}"
         stderr = value(metrics, "thermoscope_temperature_stderr", job_id="learner")
         shown = re.findall(rf"± *({NUMBER.pattern})", line)
         assert len(shown) == 1 and math.isclose(float(shown[0]), stderr, rel_tol=0.05), (line, stderr)

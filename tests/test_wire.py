@@ -103,3 +103,25 @@ def test_a_node_frame_naming_a_rank_outside_its_hello_is_refused() -> None:
     msg.frame.ranks.append(9)
     with pytest.raises(codec.WireError, match="not the hello's"):
         node.decode_node(msg.frame, tuple(range(8)), n.table, BINS)
+
+
+def test_a_sites_function_travels_in_the_hello_and_an_earlier_agents_reads_as_unsaid() -> None:
+    """Site.function is additive: an agent of this release says it, one of an earlier release
+    (no field 3) decodes as "" (not said)."""
+    from thermoscope.science.stats import LayerInfo, SiteInfo
+    from thermoscope.v1 import telemetry_pb2 as pb
+
+    layers = [LayerInfo("w", (2,), 2, "float32")]
+    sites = [
+        SiteInfo("act", "LeakyReLU", "LeakyReLU(negative_slope=0.2)"),
+        SiteInfo(":gelu", "gelu()", "gelu()"),
+    ]
+    msg = codec.hello(
+        job_id="j", run_id="r", rank=0, world_size=1, host="h", agent_version="0", every=1,
+        layers=layers, sites=sites, bins=BINS,
+    )  # fmt: skip
+    assert codec.decode_hello(msg.hello)[1] == sites
+    earlier = pb.Hello.FromString(msg.hello.SerializeToString())
+    for site in earlier.sites:
+        site.ClearField("function")
+    assert codec.decode_hello(earlier)[1] == [SiteInfo("act", "LeakyReLU"), SiteInfo(":gelu", "gelu()")]

@@ -66,11 +66,6 @@ JOB_GAUGES: tuple[tuple[str, str, str], ...] = (
         "beta",
         "Job inverse temperature dS/dE over the window (nats per loss unit).",
     ),
-    (
-        "thermoscope_efficiency_ratio",
-        "efficiency",
-        "Network work efficiency 1 - prod(1 - eta) over activation sites.",
-    ),
     ("thermoscope_last_step", "step", "Last optimizer step merged for the job."),
 )
 #: The layers' readings, as `JOB_GAUGES`, labelled by `job_id` and `layer`.
@@ -132,6 +127,13 @@ SITE_GAUGE = (
     "site_efficiency",
     "Work efficiency 1 - Var(a)/Var(z) of the activation site.",
 )
+#: The operating point each site's engine type was read at, as `SITE_GAUGE`.
+SITE_SCALE_GAUGE = (
+    "thermoscope_site_input_scale",
+    "site_input_scale",
+    "RMS of the activation site's input at its last scale probe: the operating point its engine type "
+    "belongs to (a sigmoid at a tiny scale is linear, type A).",
+)
 
 #: Every family, in the order of the body.
 FAMILIES: tuple[Family, ...] = (
@@ -177,6 +179,19 @@ FAMILIES: tuple[Family, ...] = (
     *(Family(name, "gauge", doc, ("job_id", "layer")) for name, _, doc in LAYER_GAUGES),
     Family(SITE_GAUGE[0], "gauge", SITE_GAUGE[2], ("job_id", "site")),
     Family(
+        "thermoscope_site_efficiency_quantile_ratio",
+        "gauge",
+        "Quantile q of the job's site efficiencies (q 0 and 1: the extremes, 0.5: the median), over the "
+        "sites with one; negative where sites amplify their input.",
+        ("job_id", "q"),
+    ),
+    Family(
+        "thermoscope_site_efficiency_extreme_ratio",
+        "gauge",
+        "The lowest (extreme=min) and the highest (extreme=max) site efficiency of the job, at its site.",
+        ("job_id", "extreme", "site"),
+    ),
+    Family(
         "thermoscope_layers_folded",
         "gauge",
         "Layers of the job exported only inside its __other__ layer series (the collector's "
@@ -187,11 +202,13 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         "Activation sites of the job exported only inside its __other__ site series.",
     ),
+    Family(SITE_SCALE_GAUGE[0], "gauge", SITE_SCALE_GAUGE[2], ("job_id", "site")),
     Family(
         "thermoscope_engine_info",
         "gauge",
-        "Engine type of the activation site by its scale probe: A scale-invariant, B temperature-dependent.",
-        ("job_id", "site", "engine"),
+        "Engine type of the activation site by its scale probe: A scale-invariant, B temperature-dependent "
+        "(at its operating point: thermoscope_site_input_scale); function: what it applies.",
+        ("job_id", "site", "engine", "function"),
     ),
     Family(
         "thermoscope_network_engine_info",

@@ -43,11 +43,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PHASES, TRANSITIONS
+from thermoscope.science.physics import QUANTILES
 
 from ..settings import DEFAULTS
 from ..state.job import Job, Liveness
 from ..state.pipeline import Phases
-from .catalogue import ADDITIVE, FAMILIES, JOB_GAUGES, LAYER_GAUGES, OTHER, SITE_GAUGE
+from .catalogue import ADDITIVE, FAMILIES, JOB_GAUGES, LAYER_GAUGES, OTHER, SITE_GAUGE, SITE_SCALE_GAUGE
 from .writer import CONTENT_TYPE, fill, header, label_set, rows, template, values
 
 #: A scope's `thermoscope_phase` values (in `PHASES` order), by its current phase.
@@ -178,6 +179,9 @@ class MetricsExporter:
             **{name: partial(_job_gauge, attr) for name, attr, _ in JOB_GAUGES},
             **{name: partial(_per_series, "layer", attr) for name, attr, _ in LAYER_GAUGES},
             SITE_GAUGE[0]: partial(_per_series, "site", SITE_GAUGE[1]),
+            SITE_SCALE_GAUGE[0]: partial(_per_series, "site", SITE_SCALE_GAUGE[1]),
+            "thermoscope_site_efficiency_quantile_ratio": _efficiency_quantiles,
+            "thermoscope_site_efficiency_extreme_ratio": _efficiency_extremes,
             "thermoscope_layers_folded": partial(_folded, "layer"),
             "thermoscope_sites_folded": partial(_folded, "site"),
             "thermoscope_engine_info": self._site_engines,
@@ -237,9 +241,19 @@ class MetricsExporter:
         return rows(
             name,
             [
-                (label_set(("job_id", labels.job_id), ("site", site), ("engine", str(engine))), 1.0)
+                (
+                    label_set(
+                        ("job_id", labels.job_id),
+                        ("site", site),
+                        ("engine", str(engine)),
+                        ("function", function),
+                    ),
+                    1.0,
+                )
                 for r, labels in view.readings
-                for site, engine in zip(r.site_names[: self._max_series], r.site_engine, strict=False)
+                for site, engine, function in zip(
+                    r.site_names[: self._max_series], r.site_engine, r.site_function, strict=False
+                )
                 if engine
             ],
         )
@@ -309,6 +323,33 @@ def _folded(which: str, name: bytes, view: Snapshot) -> bytes:
             for _, labels in view.readings
         ],
     )
+
+
+def _efficiency_quantiles(name: bytes, view: Snapshot) -> bytes:
+    """Each job's site efficiencies at `physics.QUANTILES`, from the whole reading (not folded)."""
+    return rows(
+        name,
+        [
+            (label_set(("job_id", labels.job_id), ("q", f"{q:g}")), value)
+            for reading, labels in view.readings
+            if len(reading.site_names)
+            for q, value in zip(QUANTILES, reading.efficiency_quantiles, strict=True)
+        ],
+    )
+
+
+def _efficiency_extremes(name: bytes, view: Snapshot) -> bytes:
+    """Each job's lowest and highest site efficiency, labelled by its site."""
+    out = []
+    for reading, labels in view.readings:
+        low, high = reading.efficiency_extremes
+        if low:
+            lowest, *_, highest = reading.efficiency_quantiles
+            out += [
+                (label_set(("job_id", labels.job_id), ("extreme", "min"), ("site", low)), lowest),
+                (label_set(("job_id", labels.job_id), ("extreme", "max"), ("site", high)), highest),
+            ]
+    return rows(name, out)
 
 
 def _network_engine(name: bytes, view: Snapshot) -> bytes:

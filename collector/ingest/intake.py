@@ -138,9 +138,9 @@ class Intake:
             if len(name) > limit or len(dtype) > limit:
                 named += [(f"layer {i}", name), (f"layer {i} dtype", dtype)]
         for i, site in enumerate(hello.sites):
-            name, kind = site.name, site.kind
-            if len(name) > limit or len(kind) > limit:
-                named += [(f"site {i}", name), (f"site {i} kind", kind)]
+            name, kind, function = site.name, site.kind, site.function
+            if len(name) > limit or len(kind) > limit or len(function) > limit:
+                named += [(f"site {i}", name), (f"site {i} kind", kind), (f"site {i} function", function)]
         for what, name in named:
             if len(name) > limit:
                 raise codec.WireError(

@@ -299,13 +299,21 @@ def _from_layers(v: Mapping[str, np.ndarray]) -> list[LayerInfo]:
 
 def _sites(sites: Any) -> dict[str, np.ndarray]:
     sites = list(sites)
-    return {"name": _strings(x.name for x in sites), "kind": _strings(x.kind for x in sites)}
+    return {
+        "name": _strings(x.name for x in sites),
+        "kind": _strings(x.kind for x in sites),
+        "function": _strings(x.function for x in sites),
+    }
 
 
 def _from_sites(v: Mapping[str, np.ndarray]) -> list[SiteInfo]:
     if "name" not in v:
         return []
-    return [SiteInfo(str(name), str(kind)) for name, kind in zip(v["name"], v["kind"], strict=True)]
+    functions = v.get("function", [""] * len(v["name"]))  # saved before sites said their function
+    return [
+        SiteInfo(str(name), str(kind), str(function))
+        for name, kind, function in zip(v["name"], v["kind"], functions, strict=True)
+    ]
 
 
 #: The per-row columns of a sample, by the part of it that holds them.

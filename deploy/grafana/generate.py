@@ -347,12 +347,18 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
         .with_panel(
             ts(
                 ids,
-                "Efficiency",
-                "Network work efficiency 1 - prod(1 - eta) over activation sites",
-                query(f"thermoscope_efficiency_ratio{{{JOB}}}", "{{job_id}}"),
+                "Site efficiencies",
+                "The distribution of the activation sites' work efficiencies: quantiles q (0.5: the median), "
+                "and the lowest and highest with their sites; negative where a site amplifies its input",
+                query(f"thermoscope_site_efficiency_quantile_ratio{{{JOB}}}", "{{job_id}} q{{q}}"),
+                query(
+                    f"thermoscope_site_efficiency_extreme_ratio{{{JOB}}}",
+                    "{{job_id}} {{extreme}} {{site}}",
+                    "B",
+                ),
                 unit="percentunit",
             )
-            .min(0)
+            .override_by_query("B", DASHED)
             .max(1)
         )
     )
@@ -468,7 +474,6 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             query(f"thermoscope_site_efficiency_ratio{{{JOB}}}", "{{job_id}} {{site}}"),
             unit="percentunit",
         )
-        .min(0)
         .max(1)
         .span(16)
     ).with_panel(

@@ -108,7 +108,7 @@ def hello(
                 )
                 for layer in layers
             ],
-            sites=[pb.Site(name=site.name, kind=site.kind) for site in sites],
+            sites=[pb.Site(name=site.name, kind=site.kind, function=site.function) for site in sites],
             histogram_bins=bins,
         )
     )
@@ -178,7 +178,7 @@ def decode_hello(msg: pb.Hello) -> tuple[list[LayerInfo], list[SiteInfo]]:
         layers.append(LayerInfo(name, tuple(layer.shape), numel, layer.dtype, index, count, lo, hi))
     if len({layer.name for layer in layers}) != len(layers):
         raise WireError("hello", "hello names a layer twice")
-    return layers, [SiteInfo(site.name, site.kind) for site in msg.sites]
+    return layers, [SiteInfo(site.name, site.kind, site.function) for site in msg.sites]
 
 
 def decode(

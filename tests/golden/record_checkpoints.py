@@ -1,6 +1,6 @@
 """Record tests/golden/pickle_format.sqlite3 and pickle_format.json, and previous_release.json.
 
-    python tests/golden/record_checkpoints.py [--against REV]
+    python tests/golden/record_checkpoints.py [--against REV | --keep-databases]
 
 pickle_format.sqlite3 is a database as the collector of commit b8825b8 left it (checkpoints
 pickled the job state: the last release of that format): a real `thermoscope collector --db`

@@ -1,10 +1,11 @@
 """Real architectures as users train them, built from transformers configs with random weights.
 
 No download: every model is made from a config (2 layers, width 32-64, short sequences, tiny
-images), so a training step takes milliseconds on a CPU. Dropout is off so that a training run
-is deterministic: a monitored run can be compared with the same run unmonitored, bit for bit.
-Each `Arch` gives the model and a seeded batch per step (the same batch for the same step, so a
-test can re-evaluate a step's loss on its own minibatch).
+images; EfficientNet and MobileNetV2 at a quarter and a third of their width), so a training step
+takes milliseconds on a CPU. Dropout is off so that a training run is deterministic: a monitored
+run can be compared with the same run unmonitored, bit for bit. Each `Arch` gives the model and a
+seeded batch per step (the same batch for the same step, so a test can re-evaluate a step's loss
+on its own minibatch).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import transformers
 from torch import nn
 
 NAMES = ("gpt2", "bert", "llama", "vit", "resnet", "convnext")
+#: Models whose activation sites test the site readings (tests/test_site_readings.py), not in the
+#: architecture matrix: EfficientNet's squeeze-excite sigmoids (inputs far from their spread) and
+#: SiLUs, MobileNetV2's ReLU6s (a ReLU below 6, saturating above).
+SITE_NAMES = ("efficientnet", "mobilenetv2")
 VOCAB = 64
 SEQ = 8
 BATCH = 2
@@ -46,7 +51,7 @@ class Arch:
 
 
 def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Arch:
-    """The tiny `name` model (one of NAMES) in `dtype`, seeded, in training mode."""
+    """The tiny `name` model (one of NAMES or SITE_NAMES) in `dtype`, seeded, in training mode."""
     torch.manual_seed(seed)
     config, model_class, batch = _SPECS[name]()
     model = model_class(config).to(dtype)
@@ -123,6 +128,22 @@ def _convnext():
     return config, transformers.ConvNextForImageClassification, _images
 
 
+def _efficientnet():
+    config = transformers.EfficientNetConfig(
+        image_size=IMAGE, num_channels=3, width_coefficient=0.25, depth_coefficient=0.2,
+        hidden_dim=320, num_labels=LABELS, drop_connect_rate=0.0, dropout_rate=0.0,
+    )  # fmt: skip
+    return config, transformers.EfficientNetForImageClassification, _images
+
+
+def _mobilenetv2():
+    config = transformers.MobileNetV2Config(
+        image_size=IMAGE, num_channels=3, depth_multiplier=0.35, num_labels=LABELS,
+        classifier_dropout_prob=0.0,
+    )  # fmt: skip
+    return config, transformers.MobileNetV2ForImageClassification, _images
+
+
 _SPECS = {
     "gpt2": _gpt2,
     "bert": _bert,
@@ -130,6 +151,8 @@ _SPECS = {
     "vit": _vit,
     "resnet": _resnet,
     "convnext": _convnext,
+    "efficientnet": _efficientnet,
+    "mobilenetv2": _mobilenetv2,
 }
 
 

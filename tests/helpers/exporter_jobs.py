@@ -48,6 +48,8 @@ def reading(layer_names, site_names, *, step=7, engine="A", **arrays) -> Reading
         site_names=tuple(site_names),
         site_efficiency=rng.random(m),
         site_engine=np.array(["A", "", "B"] * m)[:m],
+        site_function=tuple(["ReLU()", "", "GELU(approximate='tanh')"] * m)[:m],
+        site_input_scale=np.arange(m) + 0.5,  # no draw: the other columns keep their values
         engine=engine,
         **columns,
     )

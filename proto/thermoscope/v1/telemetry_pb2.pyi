@@ -83,12 +83,14 @@ class Shard(_message.Message):
     def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., span: _Optional[int] = ...) -> None: ...
 
 class Site(_message.Message):
-    __slots__ = ("name", "kind")
+    __slots__ = ("name", "kind", "function")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    function: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., function: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("seq", "step", "wall_time", "energy", "layers", "sites", "energy_ranks", "ranks")
