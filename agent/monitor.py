@@ -87,9 +87,9 @@ class Monitor:
             collector: "host:port" of a collector (or several, comma-separated: the job's is
                 picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
                 that finds one (`discovery.find_collector`); None derives everything in-process.
-            identity: who this process is: job, run, rank, world size, local rank, node
-                (`settings.Identity`; default: one process, the job named by $THERMOSCOPE_JOB or
-                host and pid).
+            identity: who this process is: job, run, rank, world size, local rank, node, and
+                its place in a tensor-parallel group (`settings.Identity`; default: one process,
+                the job named by $THERMOSCOPE_JOB or host and pid).
             sampling: what is measured: every, step, window, sites, bins, subset
                 (`settings.Sampling`; default: one step in 10).
             delivery: how samples travel: max_queue, spool, spool_bytes (`settings.Delivery`).
@@ -125,6 +125,7 @@ class Monitor:
             None if optimizer is None else list(optimizer),
             bins=sampling.bins,
             subset=sampling.subset,
+            tensor_parallel=identity.tensor_parallel,  # type: ignore[arg-type]
         )
         self._model_name = type(model).__name__
         self._step = sampling.step

@@ -53,7 +53,15 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .clip import ClipWatch
 from .coords import Coordinates
 from .histograms import HistogramShare, shares
-from .layers import describe, describe_shard, dtensor_type, full_moments
+from .layers import (
+    TensorParallel,
+    describe,
+    describe_shard,
+    describe_slice,
+    dtensor_type,
+    full_moments,
+    slice_moments,
+)
 from .pending import Pending
 from .reduce import BUCKET, Buckets
 from .site_capture import SiteCapture
@@ -89,11 +97,14 @@ class Sampler:
         subset: int = SUBSET,
         seed: int = 0,
         fused: bool | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
         table is settled by that step's `collect` (`settled`). `fused`: the large layers' sums in
-        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only)."""
+        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only). `tensor_parallel`:
+        which plain tensors are this rank's slices of a layer (`layers.TensorParallel`; then
+        constructing the sampler is a collective over its group)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1:
@@ -103,12 +114,25 @@ class Sampler:
         self._sharded = (
             [] if dtensor is None else [i for i, p in enumerate(self.params) if isinstance(p, dtensor)]
         )
+        sliced: dict[int, int] = {}  # tensor-parallel slices: layer -> the dimension split
+        if tensor_parallel is not None:
+            tensor_parallel.check(layers)
+            dims = [tensor_parallel.dim(name, p) for name, p in layers]
+            sliced = {i: d % self.params[i].dim() for i, d in enumerate(dims) if d is not None}
+        # the layers each rank holds a part of: their histograms only on their own share
+        self._parts = set(self._sharded) | set(sliced)
         values = self._read_values()
         self.bins = bins
         moments = full_moments([self.params[i] for i in self._sharded], [values[i] for i in self._sharded])
         full = dict(zip(self._sharded, moments, strict=True))
+        group = None if tensor_parallel is None else tensor_parallel.group
+        pieces = dict(zip(sliced, slice_moments([values[i] for i in sliced], group), strict=True))
         self.layers = [
-            describe_shard(name, p, values[i], *full[i]) if i in full else describe(name, p)
+            describe_shard(name, p, values[i], *full[i])
+            if i in full
+            else describe_slice(name, p, sliced[i], tensor_parallel, *pieces[i])  # type: ignore[arg-type]
+            if i in pieces
+            else describe(name, p)
             for i, (name, p) in enumerate(layers)
         ]
         self._capture = SiteCapture(model, sites, SHAPE_EVERY)
@@ -288,11 +312,13 @@ class Sampler:
     def _first_share(self) -> HistogramShare:
         """The first sample's layers: every layer held whole, so that the first reading has their
         shapes (a rank counting a whole layer the others do not count adds a whole histogram or
-        none: the collector takes one rank's row of it), but a sharded layer only on its own share,
-        since a shard's histogram alone, merged, would read as the layer's."""
+        none: the collector takes one rank's row of it), but a sharded layer (a DTensor's shard, a
+        tensor-parallel slice) only on its own share, since a shard's histogram alone, merged,
+        would read as the layer's."""
         share = set(self._shares[self._number % SHAPE_EVERY].layers)
-        sharded = set(self._sharded)
-        return self._histogram_share([i for i in range(len(self.layers)) if i not in sharded or i in share])
+        return self._histogram_share(
+            [i for i in range(len(self.layers)) if i not in self._parts or i in share]
+        )
 
     @property
     def shape_sample(self) -> bool:
