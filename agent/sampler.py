@@ -41,8 +41,10 @@ every rank of their device mesh must make (`layers.full_moments`).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,6 +68,8 @@ from .pending import Pending
 from .reduce import BUCKET, Buckets
 from .site_capture import SiteCapture
 from .tensors import flat64, segment_sum, sum_dtype, sumsq, wide
+
+log = logging.getLogger("thermoscope.agent")
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
@@ -138,6 +142,7 @@ class Sampler:
         self._capture = SiteCapture(model, sites, SHAPE_EVERY)
         self.sites = self._capture.sites  # (the same list: the first sampled step may add to it)
         self._optimizers = list(optimizers) if optimizers is not None else None
+        self._foreign: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping none of ours
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([v.numel() for v in values], dtype=np.int64)
         self._device = values[0].device
@@ -216,10 +221,50 @@ class Sampler:
         self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer] | None:
+        """The optimizers measured (None: every one that steps these parameters), adopted ones in."""
+        return None if self._optimizers is None else list(self._optimizers)
+
     def _step_pre_hooks(self, hook) -> list:
+        """`hook` on the optimizers measured, and a global one that calls it for a measured optimizer
+        it is not on: one rebuilt mid-run, adopted then (`_measured`)."""
         if self._optimizers is None:
             return [register_optimizer_step_pre_hook(hook)]
-        return [o.register_step_pre_hook(hook) for o in self._optimizers]
+        hooked = list(self._optimizers)
+
+        def adopting(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            if not any(optimizer is o for o in hooked) and self._measured(optimizer):
+                hook(optimizer, args, kwargs)
+
+        handles = [o.register_step_pre_hook(hook) for o in hooked]
+        return [*handles, register_optimizer_step_pre_hook(adopting)]
+
+    def _measured(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True if `optimizer`'s steps are measured: one of ours, or a new one stepping these
+        parameters (the loop rebuilt its optimizer, whose steps the hooks on the old one would never
+        see: every layer's work 0), adopted now in place of those whose parameters it took, which
+        are let go (an Adam's state is twice the model), and logged once. A sampled step's check:
+        a global hook, armed with the others."""
+        if any(optimizer is o for o in self._optimizers):  # type: ignore[union-attr]
+            return True
+        if optimizer in self._foreign:
+            return False
+        taken = set(self._owned(optimizer))
+        if not taken:
+            self._foreign.add(optimizer)
+            return False
+        kept = [o for o in self._optimizers if taken.isdisjoint(self._owned(o))]  # type: ignore[union-attr]
+        log.warning(
+            "thermoscope: a new %s steps %d of the model's %d parameter tensors: measured from now on, "
+            "in place of the %d optimizer(s) given before it",
+            type(optimizer).__name__,
+            len(taken),
+            len(self.params),
+            len(self._optimizers) - len(kept),  # type: ignore[arg-type]
+        )
+        self._optimizers = [*kept, optimizer]
+        return True
 
     @property
     def following(self) -> bool:
