@@ -36,7 +36,12 @@ statistics of the shards merge exactly in the collector (docs/science.md section
 sharded is found once, at construction, so that a model of plain tensors pays nothing for
 it. A sharded layer's histogram edges come from the full tensor, so that all its shards
 share them: constructing a `Sampler` over sharded parameters is then a collective, which
-every rank of their device mesh must make (`layers.full_moments`).
+every rank of their device mesh must make (`layers.full_moments`). Tensor-parallel slices held as
+plain tensors (`layers.TensorParallel`) are measured so too: declared as shards of their layer,
+their edges sized over the group (`layers.slice_moments`).
+
+Explicit optimizers are followed: on a sampled step a global optimizer pre-hook adopts an optimizer
+that steps these parameters and is not one of them (the loop rebuilt its optimizer), logged once.
 """
 
 from __future__ import annotations
