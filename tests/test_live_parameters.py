@@ -98,16 +98,24 @@ def test_a_rebuilt_optimizer_is_adopted_and_every_layer_keeps_its_work(caplog, r
     monitor.close()
 
 
-def test_a_replaced_module_streams_its_new_table_to_a_real_collector_as_a_new_run(collector_process) -> None:
+@pytest.mark.parametrize("spooled", [False, True], ids=["no-spool", "spool"])
+def test_a_replaced_module_streams_its_new_table_to_a_real_collector_as_a_new_run(
+    collector_process, tmp_path, spooled
+) -> None:
     arch = build("llama")
     opt = torch.optim.SGD(arch.model.parameters(), lr=0.1, momentum=0.9)
-    monitor = Monitor(arch.model, opt, collector=collector_process.grpc_target, job="live", run="r1", every=1)
+    spool = tmp_path / "spool" if spooled else None
+    monitor = Monitor(
+        arch.model, opt, collector=collector_process.grpc_target, job="live", run="r1", every=1, spool=spool
+    )
     train(arch, opt, monitor, range(BEFORE))
     arch.model.lm_head = new_head(arch)
     opt.add_param_group({"params": arch.model.lm_head.parameters()})
     last = train(arch, opt, monitor, range(BEFORE, BEFORE + AFTER))
     assert monitor.close(timeout=15)  # every step of both tables delivered and durable
     assert monitor.delivered == BEFORE + AFTER - 1  # the step of the change read the old head: not sent
+    if spool is not None:  # each table's spool emptied as the collector made its frames durable
+        assert not list(spool.glob("*.spool"))
 
     url = collector_process.metrics_url
     labels = frozenset({"job_id": "live", "layer": "lm_head.weight"}.items())
