@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.stats import LayerInfo, SiteInfo
+from thermoscope.v1 import telemetry_pb2 as pb
 
 from .pending import Pending
 
@@ -32,6 +33,7 @@ class Local:
         self._layers, self._sites, self._window = layers, sites, window
         self.pending: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer: Thermometer | None = None
+        self._retabled = False  # the next sample starts a thermometer over the new tables
         self.submitted = 0
         self.dropped = 0
 
@@ -41,10 +43,18 @@ class Local:
         self.pending.append(item)
         self.submitted += 1
 
+    def retable(self, hello: pb.AgentMessage, layers: Sequence[LayerInfo], sites: Sequence[SiteInfo]) -> None:
+        """The model's tables changed (a module replaced): the steps waiting are derived with the
+        old tables now, and the next one starts a thermometer over the new tables (a new run, as
+        a collector would hold it); until then `latest` stays the old run's last reading."""
+        self.latest()
+        self._layers, self._sites, self._retabled = layers, sites, True
+
     def latest(self) -> Reading | None:
         """Derive what waits; the newest reading (None before the first sample)."""
-        if self.pending and self._thermometer is None:
+        if self.pending and (self._thermometer is None or self._retabled):
             self._thermometer = Thermometer(list(self._layers), list(self._sites), window=self._window)
+            self._retabled = False
         while self.pending:
             self._thermometer.update(self.pending.popleft().to_sample())  # type: ignore[union-attr]
         return None if self._thermometer is None else self._thermometer.latest

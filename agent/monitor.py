@@ -20,11 +20,21 @@ down, slow or refusing, and a spool that cannot be written, are logged once and 
 (`dropped`, `undurable`, `spool_error`). In a process forked from a streaming monitor's (a
 DataLoader worker), the monitor is inert: its hooks are removed, `step` only counts, `close`
 returns True, and it never touches gRPC (the parent's channel and threads are unusable there).
+
+The monitor follows the live model: before each sampled step it checks, by identity, that the
+model's parameters are those its layer table measures (a walk over `model.parameters()`, on
+sampled steps only, when the step ends). When they are not (a module replaced,
+`model.lm_head = nn.Linear(...)`), the step's sample is dropped (it read the old tensors), the
+monitor logs once and builds the table anew, and its samples from then on are a new run of the
+job, `<run>@<step>` (every rank that replaces it at the same step names the same run), since a
+stream's table is fixed by its hello. An optimizer rebuilt mid-run is adopted by the sampler
+(`Sampler._adopt`).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
 import sys
@@ -87,9 +97,9 @@ class Monitor:
             collector: "host:port" of a collector (or several, comma-separated: the job's is
                 picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
                 that finds one (`discovery.find_collector`); None derives everything in-process.
-            identity: who this process is: job, run, rank, world size, local rank, node
-                (`settings.Identity`; default: one process, the job named by $THERMOSCOPE_JOB or
-                host and pid).
+            identity: who this process is: job, run, rank, world size, local rank, node, and
+                its place in a tensor-parallel group (`settings.Identity`; default: one process,
+                the job named by $THERMOSCOPE_JOB or host and pid).
             sampling: what is measured: every, step, window, sites, bins, subset
                 (`settings.Sampling`; default: one step in 10).
             delivery: how samples travel: max_queue, spool, spool_bytes (`settings.Delivery`).
@@ -106,6 +116,7 @@ class Monitor:
         """
         identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
         model = _unwrap(model)
+        self._model = model
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = [optimizer]
         self.job = (
@@ -113,19 +124,16 @@ class Monitor:
         )
         world_size = identity.world_size
         self.run = launcher_run(world_size, initialized=False) if identity.run is None else identity.run
+        self._first_run = self.run  # a new layer table streams as `<run>@<step>` (`_retable`)
         self.rank, self.world_size = identity.rank, world_size
         self.local_rank, self.node = identity.local_rank, identity.node
         self.every = sampling.every
         self.enabled = True
         self._closed = False  # a config coming after `close` enables nothing
-        self._sampler = Sampler(
-            model,  # its first sampled step adds the functional sites to the table
-            [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
-            find_sites(model, sampling.sites),
-            None if optimizer is None else list(optimizer),
-            bins=sampling.bins,
-            subset=sampling.subset,
-        )
+        self._sampling, self._tensor_parallel = sampling, identity.tensor_parallel
+        self._watched = list(model.parameters())  # what the layer table measures (`_model_changed`)
+        self._sampler = self._new_sampler(None if optimizer is None else list(optimizer))
+        self._declaring = True  # until the first sampled step of a table settles its sites
         self._model_name = type(model).__name__
         self._step = sampling.step
         self._losses = LossCapture()
@@ -242,7 +250,10 @@ class Monitor:
             )
         if loss is not None:
             self._loss_given = True
-        if self._sampler.armed:
+        if self._sampler.armed and self._model_changed():
+            self._losses.disarm()
+            self._retable()  # this step's sample read tensors the model no longer has: not sent
+        elif self._sampler.armed:
             self._take(loss)
         elif self._sampler.following:  # the step after a sample gave its gradient to that sample's work
             self._sampler.unfollow()
@@ -267,7 +278,7 @@ class Monitor:
                 )
             return
         pending = self._sampler.collect(self._step, captured if loss is None else loss)
-        if not self._settled.is_set():
+        if self._declaring:
             self._declare()
         self._sampler.disarm()
         self._sink.submit(pending)
@@ -298,6 +309,49 @@ class Monitor:
         self._losses.disarm()
         self.enabled = False
 
+    def _new_sampler(self, optimizers: list[torch.optim.Optimizer] | None) -> Sampler:
+        """A sampler over the model's parameters now (its first sampled step adds the functional
+        sites to the table)."""
+        model, sampling = self._model, self._sampling
+        return Sampler(
+            model,
+            [(plain_name(name), p) for name, p in model.named_parameters() if p.numel() > 0],
+            find_sites(model, sampling.sites),
+            optimizers,
+            bins=sampling.bins,
+            subset=sampling.subset,
+            tensor_parallel=self._tensor_parallel,  # type: ignore[arg-type]
+        )
+
+    def _model_changed(self) -> bool:
+        """Whether the model's parameters are not the tensors the layer table measures (a module
+        or a parameter replaced): one walk over them, on sampled steps only."""
+        live = list(self._model.parameters())
+        return len(live) != len(self._watched) or not all(map(operator.is_, live, self._watched))
+
+    def _retable(self) -> None:
+        """Build the layer table anew over the model's live parameters, as a new run (see the module
+        docstring), and say so once; the sample armed over the old table is dropped."""
+        old = self._sampler
+        old.disarm()
+        old.unfollow()  # (the old table's last update has no work: its tensors may be gone)
+        self._watched = list(self._model.parameters())
+        self._sampler = self._new_sampler(old.optimizers)
+        self.run, self._declaring = f"{self._first_run}@{self._step}", True
+        before = {layer.name: p for layer, p in zip(old.layers, old.params, strict=True)}
+        now = {layer.name: p for layer, p in zip(self._sampler.layers, self._sampler.params, strict=True)}
+        replaced = [name for name, p in now.items() if name in before and before[name] is not p]
+        log.warning(
+            "thermoscope: the model's parameters changed before step %d (%d replaced%s, %d added, %d "
+            "removed): its layer table is built anew and measured as run %r",
+            self._step,
+            len(replaced),
+            f": {', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}" if replaced else "",
+            len(now.keys() - before.keys()),
+            len(before.keys() - now.keys()),
+            self.run,
+        )
+
     def _arm(self) -> None:
         """Arm the sampler for the coming step, and the loss capture: for the energy while no loss
         is handed over, for the loop's order always."""
@@ -315,7 +369,12 @@ class Monitor:
         the hello and the in-process thermometer take it, and a model with no site says so once.
         The hello is completed in place before the sender opens a stream with it: before the first
         `submit` starts the sender's thread, or, for a looked-up collector, before `_settled`
-        lets the waiting thread go on."""
+        lets the waiting thread go on. A later table (`_retable`) goes to the sink with a
+        hello of its own, before the first step measured over it."""
+        self._declaring = False
+        if self._settled.is_set():
+            self._sink.retable(self._hello(), self._sampler.layers, self._sampler.sites)
+            return
         if len(self._sampler.sites) != len(self._announced.hello.sites):
             self._announced.CopyFrom(self._hello())
         self._settled.set()

@@ -36,13 +36,20 @@ statistics of the shards merge exactly in the collector (docs/science.md section
 sharded is found once, at construction, so that a model of plain tensors pays nothing for
 it. A sharded layer's histogram edges come from the full tensor, so that all its shards
 share them: constructing a `Sampler` over sharded parameters is then a collective, which
-every rank of their device mesh must make (`layers.full_moments`).
+every rank of their device mesh must make (`layers.full_moments`). Tensor-parallel slices held as
+plain tensors (`layers.TensorParallel`) are measured so too: declared as shards of their layer,
+their edges sized over the group (`layers.slice_moments`).
+
+Explicit optimizers are followed: on a sampled step a global optimizer pre-hook adopts an optimizer
+that steps these parameters and is not one of them (the loop rebuilt its optimizer), logged once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,11 +60,21 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .clip import ClipWatch
 from .coords import Coordinates
 from .histograms import HistogramShare, shares
-from .layers import describe, describe_shard, dtensor_type, full_moments
+from .layers import (
+    TensorParallel,
+    describe,
+    describe_shard,
+    describe_slice,
+    dtensor_type,
+    full_moments,
+    slice_moments,
+)
 from .pending import Pending
 from .reduce import BUCKET, Buckets
 from .site_capture import SiteCapture
 from .tensors import flat64, segment_sum, sum_dtype, sumsq, wide
+
+log = logging.getLogger("thermoscope.agent")
 
 #: Tensors with fewer values than this are measured together (see module docstring).
 SMALL_NUMEL = 1 << 16
@@ -89,11 +106,14 @@ class Sampler:
         subset: int = SUBSET,
         seed: int = 0,
         fused: bool | None = None,
+        tensor_parallel: TensorParallel | None = None,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
         table is settled by that step's `collect` (`settled`). `fused`: the large layers' sums in
-        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only)."""
+        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only). `tensor_parallel`:
+        which plain tensors are this rank's slices of a layer (`layers.TensorParallel`; then
+        constructing the sampler is a collective over its group)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1:
@@ -103,17 +123,31 @@ class Sampler:
         self._sharded = (
             [] if dtensor is None else [i for i, p in enumerate(self.params) if isinstance(p, dtensor)]
         )
+        sliced: dict[int, int] = {}  # tensor-parallel slices: layer -> the dimension split
+        if tensor_parallel is not None:
+            tensor_parallel.check(layers)
+            dims = [tensor_parallel.dim(name, p) for name, p in layers]
+            sliced = {i: d % self.params[i].dim() for i, d in enumerate(dims) if d is not None}
+        # the layers each rank holds a part of: their histograms only on their own share
+        self._parts = set(self._sharded) | set(sliced)
         values = self._read_values()
         self.bins = bins
         moments = full_moments([self.params[i] for i in self._sharded], [values[i] for i in self._sharded])
         full = dict(zip(self._sharded, moments, strict=True))
+        group = None if tensor_parallel is None else tensor_parallel.group
+        pieces = dict(zip(sliced, slice_moments([values[i] for i in sliced], group), strict=True))
         self.layers = [
-            describe_shard(name, p, values[i], *full[i]) if i in full else describe(name, p)
+            describe_shard(name, p, values[i], *full[i])
+            if i in full
+            else describe_slice(name, p, sliced[i], tensor_parallel, *pieces[i])  # type: ignore[arg-type]
+            if i in pieces
+            else describe(name, p)
             for i, (name, p) in enumerate(layers)
         ]
         self._capture = SiteCapture(model, sites, SHAPE_EVERY)
         self.sites = self._capture.sites  # (the same list: the first sampled step may add to it)
         self._optimizers = list(optimizers) if optimizers is not None else None
+        self._foreign: weakref.WeakSet = weakref.WeakSet()  # optimizers seen stepping none of ours
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._layer_count = np.array([v.numel() for v in values], dtype=np.int64)
         self._device = values[0].device
@@ -192,10 +226,50 @@ class Sampler:
         self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer] | None:
+        """The optimizers measured (None: every one that steps these parameters), adopted ones in."""
+        return None if self._optimizers is None else list(self._optimizers)
+
     def _step_pre_hooks(self, hook) -> list:
+        """`hook` on the optimizers measured, and a global one that calls it for a measured optimizer
+        it is not on: one rebuilt mid-run, adopted then (`_measured`)."""
         if self._optimizers is None:
             return [register_optimizer_step_pre_hook(hook)]
-        return [o.register_step_pre_hook(hook) for o in self._optimizers]
+        hooked = list(self._optimizers)
+
+        def adopting(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            if not any(optimizer is o for o in hooked) and self._measured(optimizer):
+                hook(optimizer, args, kwargs)
+
+        handles = [o.register_step_pre_hook(hook) for o in hooked]
+        return [*handles, register_optimizer_step_pre_hook(adopting)]
+
+    def _measured(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True if `optimizer`'s steps are measured: one of ours, or a new one stepping these
+        parameters (the loop rebuilt its optimizer, whose steps the hooks on the old one would never
+        see: every layer's work 0), adopted now in place of those whose parameters it took, which
+        are let go (an Adam's state is twice the model), and logged once. A sampled step's check:
+        a global hook, armed with the others."""
+        if any(optimizer is o for o in self._optimizers):  # type: ignore[union-attr]
+            return True
+        if optimizer in self._foreign:
+            return False
+        taken = set(self._owned(optimizer))
+        if not taken:
+            self._foreign.add(optimizer)
+            return False
+        kept = [o for o in self._optimizers if taken.isdisjoint(self._owned(o))]  # type: ignore[union-attr]
+        log.warning(
+            "thermoscope: a new %s steps %d of the model's %d parameter tensors: measured from now on, "
+            "in place of the %d optimizer(s) given before it",
+            type(optimizer).__name__,
+            len(taken),
+            len(self.params),
+            len(self._optimizers) - len(kept),  # type: ignore[arg-type]
+        )
+        self._optimizers = [*kept, optimizer]
+        return True
 
     @property
     def following(self) -> bool:
@@ -288,11 +362,13 @@ class Sampler:
     def _first_share(self) -> HistogramShare:
         """The first sample's layers: every layer held whole, so that the first reading has their
         shapes (a rank counting a whole layer the others do not count adds a whole histogram or
-        none: the collector takes one rank's row of it), but a sharded layer only on its own share,
-        since a shard's histogram alone, merged, would read as the layer's."""
+        none: the collector takes one rank's row of it), but a sharded layer (a DTensor's shard, a
+        tensor-parallel slice) only on its own share, since a shard's histogram alone, merged,
+        would read as the layer's."""
         share = set(self._shares[self._number % SHAPE_EVERY].layers)
-        sharded = set(self._sharded)
-        return self._histogram_share([i for i in range(len(self.layers)) if i not in sharded or i in share])
+        return self._histogram_share(
+            [i for i in range(len(self.layers)) if i not in self._parts or i in share]
+        )
 
     @property
     def shape_sample(self) -> bool:

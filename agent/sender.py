@@ -44,6 +44,13 @@ and the queued ones, which it takes too) stays on disk and is counted in `spoole
 The first stream of a sender given the same directory replays, before its own frames, every
 spool a dead process left there (`agent/replay.py`; `replayed` counts what became durable), and
 `thermoscope replay` does the same from the command line.
+
+A hello is one layer table, fixed for its stream. When the monitor's table changes (a module
+replaced mid-run), `retable` gives the sender the new hello, under a new run id: each queued step
+keeps the hello it was measured with, the stream of the old table ends (a half-close, so that the
+collector makes its frames durable and acknowledges them) with its last step, and the next stream
+opens with the new hello. A spool is written for one hello: at the change it is closed, and what
+it still holds (frames the collector never made durable) stays on disk for `thermoscope replay`.
 """
 
 from __future__ import annotations
@@ -53,9 +60,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
+from thermoscope.science.stats import LayerInfo, SiteInfo
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
@@ -107,7 +115,8 @@ class Sender(Processor):
         self._find = target if callable(target) else None
         # a list of collectors is sharded by job: every rank of the job picks the same one
         self.target: str | None = None if callable(target) else shard(target, hello.hello.job_id)
-        self._hello = hello
+        self._hello = hello  # the hello of the stream open or coming (the sender thread's)
+        self._latest = hello  # the hello of the steps submitted now (the training thread's)
         self._ready = ready
         self._interval = interval
         self._on_config = on_config
@@ -165,6 +174,15 @@ class Sender(Processor):
         """A streaming monitor derives nothing itself: its collector does."""
         return None
 
+    def submit(self, item: Pending) -> None:
+        """Queue a sampled step with the hello of the table it was measured with."""
+        super().submit((self._latest, item))
+
+    def retable(self, hello: pb.AgentMessage, layers: Sequence[LayerInfo], sites: Sequence[SiteInfo]) -> None:
+        """The steps submitted from now on stream with `hello` (its new tables, a new run), on a
+        new stream once the steps queued before are sent (see the module docstring)."""
+        self._latest = hello
+
     def _busy(self) -> bool:
         """`flush` waits until the collector accepted every queued frame. Accepted, not durable:
         a collector says how far it is durable only with its acks, so an open stream learns it
@@ -210,9 +228,12 @@ class Sender(Processor):
         held = 0
         ledger = self._ledger
         with self._spooling():
-            while self._queue:
+            while self._queue and self._queue[0][0] is self._hello:
                 seq = ledger.next()
                 self._spool.append(seq, self._encode(self._queue.popleft(), seq))
+            if self._queue:  # measured with a later table than the spool's: it cannot replay them
+                self._count_drop(len(self._queue), "their layer table changed and the collector is away")
+                self._queue.clear()
             self._lose_upto(self._spool.evicted, "evicted from the spool before the collector took them")
             held = len(self._spool)
             self.spooled = self._spool.count(after=ledger.acked)
@@ -277,6 +298,9 @@ class Sender(Processor):
                     continue
                 if not self._hello_final():
                     continue
+                with self._cond:
+                    if self._queue and self._queue[0][0] is not self._hello:
+                        self._switch(self._queue[0][0])
                 started = time.monotonic()
                 self._replay_leftovers(relay)
                 error = relay.stream(
@@ -340,11 +364,30 @@ class Sender(Processor):
                 if self._spool_dir is None or len(self._queue) < max(1, self._max_queue // 2):
                     self._cond.wait(left)  # woken by `submit` and `shutdown`
                     continue
+                if self._queue[0][0] is not self._hello:
+                    self._switch(self._queue[0][0])
                 item = self._queue.popleft()
                 seq = self._ledger.next()
             if not self._keep(seq, self._encode(item, seq)):
                 with self._cond:  # no stream is open: what the spool held can never be sent
                     self._lose_upto(self._ledger.seq, "the spool failed with frames waiting for a stream")
+
+    def _switch(self, hello: pb.AgentMessage) -> None:
+        """Between streams (under the lock): the next stream opens with the new table's `hello`; the
+        old table's spool is closed, what it holds left for `thermoscope replay`."""
+        log.info("thermoscope: the layer table changed: streaming as run %r from now on", hello.hello.run_id)
+        self._hello = hello
+        if self._spool is not None:
+            with self._spooling():
+                if len(self._spool):
+                    log.warning(
+                        "thermoscope: %d frames of the previous layer table are left in %s for `thermoscope "
+                        "replay` (the collector had not made them durable)",
+                        len(self._spool),
+                        self._spool.path,
+                    )
+                self._spool.close(keep=True)
+            self._spool = None
 
     def _keep(self, seq: int, data: bytes) -> bool:
         """Append a frame to the spool (made here, by this process's first frame kept); False if
@@ -449,6 +492,8 @@ class Sender(Processor):
                     self._cond.wait()
                 if generation != self._generation or not self._queue:
                     return
+                if self._queue[0][0] is not self._hello:  # a new table: this stream ends here
+                    return
                 item = self._queue.popleft()
                 seq = self._ledger.next()
             data = self._encode(item, seq)
@@ -457,5 +502,5 @@ class Sender(Processor):
             yield data
 
     @staticmethod
-    def _encode(item: Pending, seq: int) -> bytes:
-        return codec.encode(item.to_sample(), seq).SerializeToString()
+    def _encode(item: tuple[pb.AgentMessage, Pending], seq: int) -> bytes:
+        return codec.encode(item[1].to_sample(), seq).SerializeToString()

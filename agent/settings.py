@@ -18,6 +18,7 @@ from torch import nn
 
 from thermoscope.science.derive import WINDOW
 
+from .layers import TensorParallel
 from .sampler import BINS, SUBSET
 from .security import Security, resolve
 
@@ -27,7 +28,10 @@ class Identity:
     """Who this process is in its job. `job`: shared by all ranks (None: $THERMOSCOPE_JOB, else
     host and pid); `run`: one training run of the job, shared by all its ranks (None: the
     launcher's, `identity.launcher_run`); `local_rank`, `node`: where the rank runs
-    (informational)."""
+    (informational); `tensor_parallel`: this rank's place in its tensor-parallel group, where
+    parameters are plain tensors holding slices of a layer (Megatron-LM, DeepSpeed):
+    `(tp_rank, tp_size)` for Megatron's marked parameters, or a `layers.TensorParallel` naming the
+    sliced ones and the process group (None: every plain tensor is a whole layer)."""
 
     job: str | None = None
     run: str | None = None
@@ -35,6 +39,11 @@ class Identity:
     world_size: int = 1
     local_rank: int = 0
     node: str = ""
+    tensor_parallel: TensorParallel | tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tensor_parallel, tuple):
+            object.__setattr__(self, "tensor_parallel", TensorParallel(*self.tensor_parallel))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,12 @@ sink it holds (a sink that never streams reports zero delivered, spooled and rep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.stats import LayerInfo, SiteInfo
+from thermoscope.v1 import telemetry_pb2 as pb
 
 from .pending import Pending
 
@@ -35,6 +38,10 @@ class Sink(Protocol):
 
     def submit(self, item: Pending) -> None:
         """Take one sampled step; never blocks, never raises into training."""
+
+    def retable(self, hello: pb.AgentMessage, layers: Sequence[LayerInfo], sites: Sequence[SiteInfo]) -> None:
+        """The model's tables changed (a module replaced): the steps submitted from now on are
+        measured over `layers` and `sites`, and stream with `hello` (a new run of the job)."""
 
     def latest(self) -> Reading | None:
         """The newest reading derived in-process (None where the collector derives them)."""
