@@ -65,6 +65,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _replicas(model: nn.Module) -> int:
+    """The data-parallel replicas whose gradients DDP averages (1 for a model it does not wrap)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return torch.distributed.get_world_size(model.process_group)
+    return 1
+
+
 class Monitor:
     """Measures entropy, work, temperature and efficiency of `model` while it trains."""
 
@@ -78,6 +85,7 @@ class Monitor:
         sampling: Sampling | None = None,
         delivery: Delivery | None = None,
         security: Security | None = None,
+        work_closure: Callable[[], torch.Tensor] | None = None,
         **keywords: Any,
     ) -> None:
         """
@@ -103,8 +111,15 @@ class Monitor:
             keywords: each field of the groups above by itself, as earlier releases took them
                 (`job=`, `every=`, `spool=`, ...), and `token=`, `tls_root_cert=`,
                 `tls_client_cert=`, `tls_client_key=` (PEM paths or bytes) for `security`.
+            work_closure: opt-in, the exact work on one rank without accumulation: a function
+                returning the model's loss on a batch independent of the coming update (not the
+                one it trains on), run at theta_t before each sampled step (one more forward and
+                backward per sample, through `torch.autograd.grad`: `.grad` is untouched). Without
+                it, the work's noise correction reads the spread of the step's micro-batches or
+                data-parallel ranks, where there is one (docs/science.md section 2).
         """
         identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
+        replicas = _replicas(model)
         model = _unwrap(model)
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = [optimizer]
@@ -125,7 +140,9 @@ class Monitor:
             None if optimizer is None else list(optimizer),
             bins=sampling.bins,
             subset=sampling.subset,
+            replicas=replicas,
         )
+        self._work_closure = work_closure
         self._model_name = type(model).__name__
         self._step = sampling.step
         self._losses = LossCapture()
@@ -275,7 +292,8 @@ class Monitor:
 
     def _arm(self) -> None:
         """Arm the sampler for the coming step, and the loss capture while no loss is handed over."""
-        self._sampler.arm(self._step // self.every)  # the run's sample number: the same on every rank
+        # the run's sample number: the same on every rank
+        self._sampler.arm(self._step // self.every, self._work_closure)
         if not self._loss_given:
             self._losses.arm()
 

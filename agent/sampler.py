@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,9 @@ from .histograms import HistogramShare, shares
 from .layers import describe, describe_shard, dtensor_type, full_moments
 from .pending import Pending
 from .reduce import BUCKET, Buckets
+from .response import response
 from .site_capture import SiteCapture
+from .spread import Spread
 from .tensors import flat64, segment_sum, sum_dtype, sumsq, wide
 
 #: Tensors with fewer values than this are measured together (see module docstring).
@@ -89,11 +91,14 @@ class Sampler:
         subset: int = SUBSET,
         seed: int = 0,
         fused: bool | None = None,
+        replicas: int = 1,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
         table is settled by that step's `collect` (`settled`). `fused`: the large layers' sums in
-        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only)."""
+        a bounded number of device ops (`reduce.Buckets`; None: on CUDA only). `replicas`: the
+        data-parallel replicas whose gradients are averaged into this rank's (DDP's), whose spread
+        measures the gradient's noise (`spread.Spread`)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1:
@@ -119,6 +124,21 @@ class Sampler:
         self._device = values[0].device
         self._handles: list = []
         self._clip = ClipWatch(self.params, self._device)  # gradient clipping, undone in the work
+        self._clip_now = ClipWatch(self.params, self._device)  # ... on the sampled step itself
+        sharded = set(self._sharded)
+        self._spread = Spread(self.params, [i for i in range(len(values)) if i not in sharded], replicas)
+        self._rows: list[torch.Tensor | None] = []  # the coming sample's work coordinates (`arm`)
+        # per layer, on the sampled step: the gradient the optimizer saw on the work coordinates
+        # (float64), the optimizer and group that stepped it; or an independent gradient there
+        self._grad_now: dict[int, tuple[torch.Tensor, torch.optim.Optimizer, dict]] = {}
+        self._independent: dict[int, torch.Tensor] | None = None
+        # where a step shows no spread: per layer, its gradient on the work coordinates, J (times
+        # the coordinates' weights) and its clip factor, until the next step's gradient gives the
+        # noise's variance (`_follow`), and then the noise term that step found (`_follow_noise`)
+        self._successive: dict[int, tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]] = {}
+        self._follow_noise: dict[int, torch.Tensor] = {}
+        # the previous sampled update's same-step half of the work, per layer, and where it is known
+        self._same: tuple[torch.Tensor, torch.Tensor] | None = None
         self._follow_handles: list = []
         self._before: _Picked | None = None  # theta_t on the work coordinates, until the next step
         # per layer, <g_{t+1}, d_t> and <g_{t+1}, theta_{t+1}> (the work and the dot after it)
@@ -180,17 +200,39 @@ class Sampler:
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self, number: int = 0) -> None:
+    def arm(self, number: int = 0, closure: Callable[[], torch.Tensor] | None = None) -> None:
         """Register the hooks for the coming step, the run's sample `number` (its optimizer step
-        // every, which every rank agrees on: it chooses the share of histograms and probes)."""
+        // every, which every rank agrees on: it chooses the share of histograms and probes).
+        `closure`: a loss on data independent of the coming update, whose gradient at theta_t
+        (now, before the hooks) stands for the step's own in the work (`_independent_gradient`)."""
         if self._handles:
             return
         self._number = number
         if not self.settled:
             self._first = self._first_share()
         self._reset()
+        self._rows = self._coords.draw()
+        if closure is not None:
+            self._independent = self._independent_gradient(closure)
+        else:
+            self._spread.arm(lambda flat, i: self._coords.take(flat, i, self._rows[i]))
+        self._clip_now.start()
         self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
+
+    def _independent_gradient(self, closure: Callable[[], torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The gradient of the closure's loss at theta_t on the work coordinates (float64), taken
+        with `torch.autograd.grad`: the model's `.grad` and the loop's backward are untouched."""
+        with torch.enable_grad():
+            loss = closure()
+            wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
+            grads = torch.autograd.grad(loss, [self.params[i] for i in wanted], allow_unused=True)
+        taken = {}
+        for i, g in zip(wanted, grads, strict=True):
+            if g is not None:
+                g = g.to_local() if i in self._sharded else g
+                taken[i] = self._coords.take(g.detach().reshape(-1), i, self._rows[i]).double()
+        return taken
 
     def _step_pre_hooks(self, hook) -> list:
         if self._optimizers is None:
@@ -216,6 +258,8 @@ class Sampler:
             handle.remove()
         self._handles.clear()
         self._capture.disarm()
+        self._spread.disarm()
+        self._clip_now.stop()
 
     @property
     def settled(self) -> bool:
@@ -226,6 +270,8 @@ class Sampler:
         self._values: list[torch.Tensor] | None = None
         self._state: _State | None = None
         self._theta: _Picked | None = None  # theta_t at the work coordinates
+        self._grad_now = {}
+        self._independent = None
         self._capture.reset()
 
     # -- parameters ---------------------------------------------------------------------------
@@ -261,7 +307,14 @@ class Sampler:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
             small = flat64([self._held()[i] for i in self._small]) if self._small else None
             self._state = self._measure_state(small)
-            self._theta = self._pick(self._coords.draw(), small)
+            self._theta = self._pick(self._rows, small)
+        for group in optimizer.param_groups:  # the gradient this optimizer steps on, per layer
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is not None and i not in self._grad_now and p.grad is not None:
+                    g = p.grad.to_local() if i in self._sharded else p.grad
+                    taken = self._coords.take(g.detach().reshape(-1), i, self._rows[i])
+                    self._grad_now[i] = (taken.double(), optimizer, group)
 
     def held_bytes(self) -> int:
         """Bytes of tensors the sampler keeps between steps: the blocks and the shares' indices, the
@@ -360,6 +413,7 @@ class Sampler:
         """After a sampled step: keep theta_t at its work coordinates and hook the next step."""
         self.unfollow()
         self._follow_dots = {}
+        self._follow_noise = {}
         if self._theta is None:  # no optimizer step was seen: no update to attribute
             return
         self._before, self._theta = self._theta, None
@@ -389,6 +443,7 @@ class Sampler:
                 taken = taken * weight
             theta = wide(self._coords.take(values[i], i, rows[i]))
             self._follow_dots[i] = (torch.dot(taken, theta - wide(before[i])), torch.dot(taken, theta))
+        self._noise_from_successive(grads, rows)
         small = [i for i in grads if i in self._small_pos]
         if small:
             flat_g = flat64([grads[i] if i in grads else torch.zeros_like(values[i]) for i in self._small])
@@ -399,11 +454,92 @@ class Sampler:
                 k = self._small_pos[i]
                 self._follow_dots[i] = (plus[k], now[k])
 
-    def _unclip(self, dots: torch.Tensor) -> torch.Tensor:
-        """Work dots (rows x layers) with the loss's gradient: a clipped gradient g_c = f g read
-        as g by dividing each layer's dots by the clip factor f of the step whose gradient they
-        took (`clip.ClipWatch`; 1 where nothing was clipped)."""
-        return dots / self._clip.factors()
+    def _noise_from_successive(self, grads: dict[int, torch.Tensor], rows: list[torch.Tensor | None]) -> None:
+        """Where the sampled step showed no spread: its noise term from two independent gradients,
+        g_t and g_{t+1}, whose difference's half square estimates Var(g) per value (the gradient's
+        own change over the update, 1/2 (H d)^2, comes with it: a third-order excess), both read
+        in the loss's units (each divided by its step's clip factor), the term in the step's."""
+        if not self._successive:
+            return
+        factors = self._clip.factors()
+        for i, g in grads.items():
+            if i not in self._successive or i in self._follow_noise:
+                continue
+            g0, weighted, f0 = self._successive.pop(i)
+            g1 = self._coords.take(g.detach().reshape(-1), i, rows[i]).double()
+            var = (g1 / factors[i] - g0 / f0) ** 2 * (f0 * f0 / 2)
+            self._follow_noise[i] = (var * weighted).sum() / f0 * self._scales[i]
+
+    def _theta_at(self, picked: _Picked, i: int) -> torch.Tensor:
+        """Layer i's theta_t on its work coordinates, from what `_pick` kept."""
+        _, large, small = picked
+        if i not in self._small_pos:
+            return large[i]
+        start = sum(self.params[j].numel() for j in self._small[: self._small_pos[i]])
+        return small[start : start + self.params[i].numel()]  # type: ignore[index]
+
+    def _same_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per layer, the same-step half of the work of the update just made, and where it is
+        known: <g'_t, d_t> with the closure's independent gradient g'_t, else the same-batch work
+        <g_t, d_t> less its noise correlation sum_i J_ii Var(g_i) (`response`, `spread`; left in
+        where either is unknown), divided by the step's clip factor (`clip.ClipWatch`: the
+        clipped gradient and the noise read in its units, the update in the loss's)."""
+        self._successive = {}
+        if self._theta is None:
+            return None
+        values = self._held()
+        zero = torch.zeros((), dtype=torch.float64, device=self._device)
+        same = [zero] * len(self.params)
+        known = [False] * len(self.params)
+        factors = self._clip_now.factors()
+        for i in range(len(self.params)):
+            rows = self._rows[i] if self._rows else None
+            if self._independent is not None:
+                g, seen = self._independent.get(i), None
+            else:
+                seen = self._grad_now.get(i)
+                g = None if seen is None else seen[0]
+            if g is None:
+                continue
+            d = self._coords.take(values[i], i, rows).double() - self._theta_at(self._theta, i).double()
+            weight = self._coords.weight(i)
+            if weight is not None:
+                d = d * weight
+            work = torch.dot(g, d)
+            if seen is not None:
+                _, optimizer, group = seen
+                p = self.params[i]
+                jac = response(
+                    optimizer,
+                    group,
+                    p,
+                    g,
+                    lambda flat, i=i, rows=rows: self._coords.take(flat, i, rows).double(),
+                )
+                var = self._spread.variance(i, g)
+                weighted = jac if weight is None else jac * weight
+                if jac is not None and var is not None:
+                    work = work - (var * weighted).sum()
+                elif jac is not None:  # no spread: the next step's gradient gives one (`_follow`)
+                    self._successive[i] = (g, weighted, factors[i])
+                work = work / factors[i]
+            same[i], known[i] = work, True
+        return torch.stack(same) * self._scales, torch.tensor(known, device=self._device)
+
+    def _work(self, plus: torch.Tensor, followed: torch.Tensor) -> torch.Tensor:
+        """Per layer, the work of the previous sampled update: the trapezoid 1/2 (w+ + the same-step
+        half) where both are known, else w+ alone. w+ reads the next step's gradient, clipped by
+        that step's factor: divided back (`clip.ClipWatch`; 1 where nothing was clipped)."""
+        plus = plus / self._clip.factors()
+        if self._same is None:
+            return plus
+        same, known = self._same
+        if self._follow_noise:
+            noise = torch.zeros_like(same)
+            for i, n in self._follow_noise.items():
+                noise[i] = n
+            same = same - noise
+        return torch.where(known & followed, (plus + same) / 2, plus)
 
     # -- collecting ----------------------------------------------------------------------------
 
@@ -415,10 +551,16 @@ class Sampler:
         zero = torch.zeros((), dtype=torch.float64, device=self._device)
         taken = [self._follow_dots.get(i, (zero, zero)) for i in range(len(self.params))]
         plus = torch.stack([work for work, _ in taken]) * self._scales  # stack promotes to float64
-        after = torch.stack([dot for _, dot in taken]) * self._scales
-        dots = self._unclip(torch.stack([after - plus, after]))
+        after = torch.stack([dot for _, dot in taken]) * self._scales / self._clip.factors()
+        followed = torch.tensor(
+            [i in self._follow_dots for i in range(len(self.params))], device=self._device
+        )
+        work = self._work(plus, followed)
+        self._same = self._same_step()
+        self._clip_now.stop()
         self._start_following()
-        columns = [sums, sumsqs, dots[0], dots[1]]
+        # on the wire, <g_{t+1}, theta_{t+1}> and that less the work: their difference is the work
+        columns = [sums, sumsqs, after - work, after]
         if self.sites:
             columns.extend(self._capture.columns(self._device))
         if hist is not None:
