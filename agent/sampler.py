@@ -132,11 +132,6 @@ class Sampler:
         # (float64), the optimizer and group that stepped it; or an independent gradient there
         self._grad_now: dict[int, tuple[torch.Tensor, torch.optim.Optimizer, dict]] = {}
         self._independent: dict[int, torch.Tensor] | None = None
-        # where a step shows no spread: per layer, its gradient on the work coordinates, J (times
-        # the coordinates' weights) and its clip factor, until the next step's gradient gives the
-        # noise's variance (`_follow`), and then the noise term that step found (`_follow_noise`)
-        self._successive: dict[int, tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]] = {}
-        self._follow_noise: dict[int, torch.Tensor] = {}
         # the previous sampled update's same-step half of the work, per layer, and where it is known
         self._same: tuple[torch.Tensor, torch.Tensor] | None = None
         self._follow_handles: list = []
@@ -413,7 +408,6 @@ class Sampler:
         """After a sampled step: keep theta_t at its work coordinates and hook the next step."""
         self.unfollow()
         self._follow_dots = {}
-        self._follow_noise = {}
         if self._theta is None:  # no optimizer step was seen: no update to attribute
             return
         self._before, self._theta = self._theta, None
@@ -443,7 +437,6 @@ class Sampler:
                 taken = taken * weight
             theta = wide(self._coords.take(values[i], i, rows[i]))
             self._follow_dots[i] = (torch.dot(taken, theta - wide(before[i])), torch.dot(taken, theta))
-        self._noise_from_successive(grads, rows)
         small = [i for i in grads if i in self._small_pos]
         if small:
             flat_g = flat64([grads[i] if i in grads else torch.zeros_like(values[i]) for i in self._small])
@@ -453,22 +446,6 @@ class Sampler:
             for i in small:
                 k = self._small_pos[i]
                 self._follow_dots[i] = (plus[k], now[k])
-
-    def _noise_from_successive(self, grads: dict[int, torch.Tensor], rows: list[torch.Tensor | None]) -> None:
-        """Where the sampled step showed no spread: its noise term from two independent gradients,
-        g_t and g_{t+1}, whose difference's half square estimates Var(g) per value (the gradient's
-        own change over the update, 1/2 (H d)^2, comes with it: a third-order excess), both read
-        in the loss's units (each divided by its step's clip factor), the term in the step's."""
-        if not self._successive:
-            return
-        factors = self._clip.factors()
-        for i, g in grads.items():
-            if i not in self._successive or i in self._follow_noise:
-                continue
-            g0, weighted, f0 = self._successive.pop(i)
-            g1 = self._coords.take(g.detach().reshape(-1), i, rows[i]).double()
-            var = (g1 / factors[i] - g0 / f0) ** 2 * (f0 * f0 / 2)
-            self._follow_noise[i] = (var * weighted).sum() / f0 * self._scales[i]
 
     def _theta_at(self, picked: _Picked, i: int) -> torch.Tensor:
         """Layer i's theta_t on its work coordinates, from what `_pick` kept."""
@@ -481,10 +458,10 @@ class Sampler:
     def _same_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per layer, the same-step half of the work of the update just made, and where it is
         known: <g'_t, d_t> with the closure's independent gradient g'_t, else the same-batch work
-        <g_t, d_t> less its noise correlation sum_i J_ii Var(g_i) (`response`, `spread`; left in
-        where either is unknown), divided by the step's clip factor (`clip.ClipWatch`: the
+        <g_t, d_t> less its noise correlation sum_i J_ii Var(g_i) (`response`, `spread`), unknown
+        where either is (one rank, one backward, no closure: the work is w+ alone), divided by the
+        step's clip factor (`clip.ClipWatch`: the
         clipped gradient and the noise read in its units, the update in the loss's)."""
-        self._successive = {}
         if self._theta is None:
             return None
         values = self._held()
@@ -517,12 +494,10 @@ class Sampler:
                     lambda flat, i=i, rows=rows: self._coords.take(flat, i, rows).double(),
                 )
                 var = self._spread.variance(i, g)
+                if jac is None or var is None:  # no correction to be had: w+ alone (`_work`)
+                    continue
                 weighted = jac if weight is None else jac * weight
-                if jac is not None and var is not None:
-                    work = work - (var * weighted).sum()
-                elif jac is not None:  # no spread: the next step's gradient gives one (`_follow`)
-                    self._successive[i] = (g, weighted, factors[i])
-                work = work / factors[i]
+                work = (work - (var * weighted).sum()) / factors[i]
             same[i], known[i] = work, True
         return torch.stack(same) * self._scales, torch.tensor(known, device=self._device)
 
@@ -534,11 +509,6 @@ class Sampler:
         if self._same is None:
             return plus
         same, known = self._same
-        if self._follow_noise:
-            noise = torch.zeros_like(same)
-            for i, n in self._follow_noise.items():
-                noise[i] = n
-            same = same - noise
         return torch.where(known & followed, (plus + same) / 2, plus)
 
     # -- collecting ----------------------------------------------------------------------------
