@@ -75,6 +75,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _replicas(model: nn.Module) -> int:
+    """The data-parallel replicas whose gradients DDP averages (1 for a model it does not wrap)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return torch.distributed.get_world_size(model.process_group)
+    return 1
+
+
 class Monitor:
     """Measures entropy, work, temperature and efficiency of `model` while it trains."""
 
@@ -88,6 +95,7 @@ class Monitor:
         sampling: Sampling | None = None,
         delivery: Delivery | None = None,
         security: Security | None = None,
+        work_closure: Callable[[], torch.Tensor] | None = None,
         **keywords: Any,
     ) -> None:
         """
@@ -113,8 +121,15 @@ class Monitor:
             keywords: each field of the groups above by itself, as earlier releases took them
                 (`job=`, `every=`, `spool=`, ...), and `token=`, `tls_root_cert=`,
                 `tls_client_cert=`, `tls_client_key=` (PEM paths or bytes) for `security`.
+            work_closure: opt-in, the exact work on one rank without accumulation: a function
+                returning the model's loss on a batch independent of the coming update (not the
+                one it trains on), run at theta_t before each sampled step (one more forward and
+                backward per sample, through `torch.autograd.grad`: `.grad` is untouched). Without
+                it, the work's noise correction reads the spread of the step's micro-batches or
+                data-parallel ranks, where there is one (docs/science.md section 2).
         """
         identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
+        replicas = _replicas(model)
         model = _unwrap(model)
         self._model = model
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -131,6 +146,7 @@ class Monitor:
         self.enabled = True
         self._closed = False  # a config coming after `close` enables nothing
         self._sampling, self._tensor_parallel = sampling, identity.tensor_parallel
+        self._replicas, self._work_closure = replicas, work_closure
         self._watched = list(model.parameters())  # what the layer table measures (`_model_changed`)
         self._sampler = self._new_sampler(None if optimizer is None else list(optimizer))
         self._declaring = True  # until the first sampled step of a table settles its sites
@@ -321,6 +337,7 @@ class Monitor:
             bins=sampling.bins,
             subset=sampling.subset,
             tensor_parallel=self._tensor_parallel,  # type: ignore[arg-type]
+            replicas=self._replicas,
         )
 
     def _model_changed(self) -> bool:
@@ -353,9 +370,10 @@ class Monitor:
         )
 
     def _arm(self) -> None:
-        """Arm the sampler for the coming step, and the loss capture: for the energy while no loss
-        is handed over, for the loop's order always."""
-        self._sampler.arm(self._step // self.every)  # the run's sample number: the same on every rank
+        """Arm the sampler for the coming step (with the opt-in closure of the exact work), and the
+        loss capture: for the energy while no loss is handed over, for the loop's order always."""
+        # the run's sample number: the same on every rank
+        self._sampler.arm(self._step // self.every, self._work_closure)
         self._losses.arm(values=not self._loss_given)
 
     def __enter__(self) -> Monitor:

@@ -50,7 +50,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,9 @@ from .layers import (
 )
 from .pending import Pending
 from .reduce import BUCKET, Buckets
+from .response import response
 from .site_capture import SiteCapture
+from .spread import Spread
 from .tensors import flat64, segment_sum, sum_dtype, sumsq, wide
 
 log = logging.getLogger("thermoscope.agent")
@@ -107,13 +109,16 @@ class Sampler:
         seed: int = 0,
         fused: bool | None = None,
         tensor_parallel: TensorParallel | None = None,
+        replicas: int = 1,
     ) -> None:
         """`model`: whose forwards the first sampled step watches for activation functions
         (`FUNCTIONS`); each one found there becomes a site, measured from then on, and the site
         table is settled by that step's `collect` (`settled`). `fused`: the large layers' sums in
         a bounded number of device ops (`reduce.Buckets`; None: on CUDA only). `tensor_parallel`:
         which plain tensors are this rank's slices of a layer (`layers.TensorParallel`; then
-        constructing the sampler is a collective over its group)."""
+        constructing the sampler is a collective over its group). `replicas`: the data-parallel
+        replicas whose gradients are averaged into this rank's (DDP's), whose spread measures the
+        gradient's noise (`spread.Spread`)."""
         if not layers:
             raise ValueError("the model has no parameters to watch")
         if bins < 1:
@@ -153,6 +158,16 @@ class Sampler:
         self._device = values[0].device
         self._handles: list = []
         self._clip = ClipWatch(self.params, self._device)  # gradient clipping, undone in the work
+        self._clip_now = ClipWatch(self.params, self._device)  # ... on the sampled step itself
+        sharded = set(self._sharded)
+        self._spread = Spread(self.params, [i for i in range(len(values)) if i not in sharded], replicas)
+        self._rows: list[torch.Tensor | None] = []  # the coming sample's work coordinates (`arm`)
+        # per layer, on the sampled step: the gradient the optimizer saw on the work coordinates
+        # (float64), the optimizer and group that stepped it; or an independent gradient there
+        self._grad_now: dict[int, tuple[torch.Tensor, torch.optim.Optimizer, dict]] = {}
+        self._independent: dict[int, torch.Tensor] | None = None
+        # the previous sampled update's same-step half of the work, per layer, and where it is known
+        self._same: tuple[torch.Tensor, torch.Tensor] | None = None
         self._follow_handles: list = []
         self._before: _Picked | None = None  # theta_t on the work coordinates, until the next step
         # per layer, <g_{t+1}, d_t> and <g_{t+1}, theta_{t+1}> (the work and the dot after it)
@@ -214,15 +229,23 @@ class Sampler:
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self, number: int = 0) -> None:
+    def arm(self, number: int = 0, closure: Callable[[], torch.Tensor] | None = None) -> None:
         """Register the hooks for the coming step, the run's sample `number` (its optimizer step
-        // every, which every rank agrees on: it chooses the share of histograms and probes)."""
+        // every, which every rank agrees on: it chooses the share of histograms and probes).
+        `closure`: a loss on data independent of the coming update, whose gradient at theta_t
+        (now, before the hooks) stands for the step's own in the work (`_independent_gradient`)."""
         if self._handles:
             return
         self._number = number
         if not self.settled:
             self._first = self._first_share()
         self._reset()
+        self._rows = self._coords.draw()
+        if closure is not None:
+            self._independent = self._independent_gradient(closure)
+        else:
+            self._spread.arm(lambda flat, i: self._coords.take(flat, i, self._rows[i]))
+        self._clip_now.start()
         self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
 
@@ -230,6 +253,20 @@ class Sampler:
     def optimizers(self) -> list[torch.optim.Optimizer] | None:
         """The optimizers measured (None: every one that steps these parameters), adopted ones in."""
         return None if self._optimizers is None else list(self._optimizers)
+
+    def _independent_gradient(self, closure: Callable[[], torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The gradient of the closure's loss at theta_t on the work coordinates (float64), taken
+        with `torch.autograd.grad`: the model's `.grad` and the loop's backward are untouched."""
+        with torch.enable_grad():
+            loss = closure()
+            wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
+            grads = torch.autograd.grad(loss, [self.params[i] for i in wanted], allow_unused=True)
+        taken = {}
+        for i, g in zip(wanted, grads, strict=True):
+            if g is not None:
+                g = g.to_local() if i in self._sharded else g
+                taken[i] = self._coords.take(g.detach().reshape(-1), i, self._rows[i]).double()
+        return taken
 
     def _step_pre_hooks(self, hook) -> list:
         """`hook` on the optimizers measured, and a global one that calls it for a measured optimizer
@@ -290,6 +327,8 @@ class Sampler:
             handle.remove()
         self._handles.clear()
         self._capture.disarm()
+        self._spread.disarm()
+        self._clip_now.stop()
 
     @property
     def settled(self) -> bool:
@@ -300,6 +339,8 @@ class Sampler:
         self._values: list[torch.Tensor] | None = None
         self._state: _State | None = None
         self._theta: _Picked | None = None  # theta_t at the work coordinates
+        self._grad_now = {}
+        self._independent = None
         self._capture.reset()
 
     # -- parameters ---------------------------------------------------------------------------
@@ -335,7 +376,14 @@ class Sampler:
         if self._state is None:  # the first optimizer of the step: every layer is still at theta_t
             small = flat64([self._held()[i] for i in self._small]) if self._small else None
             self._state = self._measure_state(small)
-            self._theta = self._pick(self._coords.draw(), small)
+            self._theta = self._pick(self._rows, small)
+        for group in optimizer.param_groups:  # the gradient this optimizer steps on, per layer
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is not None and i not in self._grad_now and p.grad is not None:
+                    g = p.grad.to_local() if i in self._sharded else p.grad
+                    taken = self._coords.take(g.detach().reshape(-1), i, self._rows[i])
+                    self._grad_now[i] = (taken.double(), optimizer, group)
 
     def held_bytes(self) -> int:
         """Bytes of tensors the sampler keeps between steps: the blocks and the shares' indices, the
@@ -475,11 +523,69 @@ class Sampler:
                 k = self._small_pos[i]
                 self._follow_dots[i] = (plus[k], now[k])
 
-    def _unclip(self, dots: torch.Tensor) -> torch.Tensor:
-        """Work dots (rows x layers) with the loss's gradient: a clipped gradient g_c = f g read
-        as g by dividing each layer's dots by the clip factor f of the step whose gradient they
-        took (`clip.ClipWatch`; 1 where nothing was clipped)."""
-        return dots / self._clip.factors()
+    def _theta_at(self, picked: _Picked, i: int) -> torch.Tensor:
+        """Layer i's theta_t on its work coordinates, from what `_pick` kept."""
+        _, large, small = picked
+        if i not in self._small_pos:
+            return large[i]
+        start = sum(self.params[j].numel() for j in self._small[: self._small_pos[i]])
+        return small[start : start + self.params[i].numel()]  # type: ignore[index]
+
+    def _same_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per layer, the same-step half of the work of the update just made, and where it is
+        known: <g'_t, d_t> with the closure's independent gradient g'_t, else the same-batch work
+        <g_t, d_t> less its noise correlation sum_i J_ii Var(g_i) (`response`, `spread`), unknown
+        where either is (one rank, one backward, no closure: the work is w+ alone), divided by the
+        step's clip factor (`clip.ClipWatch`: the
+        clipped gradient and the noise read in its units, the update in the loss's)."""
+        if self._theta is None:
+            return None
+        values = self._held()
+        zero = torch.zeros((), dtype=torch.float64, device=self._device)
+        same = [zero] * len(self.params)
+        known = [False] * len(self.params)
+        factors = self._clip_now.factors()
+        for i in range(len(self.params)):
+            rows = self._rows[i] if self._rows else None
+            if self._independent is not None:
+                g, seen = self._independent.get(i), None
+            else:
+                seen = self._grad_now.get(i)
+                g = None if seen is None else seen[0]
+            if g is None:
+                continue
+            d = self._coords.take(values[i], i, rows).double() - self._theta_at(self._theta, i).double()
+            weight = self._coords.weight(i)
+            if weight is not None:
+                d = d * weight
+            work = torch.dot(g, d)
+            if seen is not None:
+                _, optimizer, group = seen
+                p = self.params[i]
+                jac = response(
+                    optimizer,
+                    group,
+                    p,
+                    g,
+                    lambda flat, i=i, rows=rows: self._coords.take(flat, i, rows).double(),
+                )
+                var = self._spread.variance(i, g)
+                if jac is None or var is None:  # no correction to be had: w+ alone (`_work`)
+                    continue
+                weighted = jac if weight is None else jac * weight
+                work = (work - (var * weighted).sum()) / factors[i]
+            same[i], known[i] = work, True
+        return torch.stack(same) * self._scales, torch.tensor(known, device=self._device)
+
+    def _work(self, plus: torch.Tensor, followed: torch.Tensor) -> torch.Tensor:
+        """Per layer, the work of the previous sampled update: the trapezoid 1/2 (w+ + the same-step
+        half) where both are known, else w+ alone. w+ reads the next step's gradient, clipped by
+        that step's factor: divided back (`clip.ClipWatch`; 1 where nothing was clipped)."""
+        plus = plus / self._clip.factors()
+        if self._same is None:
+            return plus
+        same, known = self._same
+        return torch.where(known & followed, (plus + same) / 2, plus)
 
     # -- collecting ----------------------------------------------------------------------------
 
@@ -500,10 +606,16 @@ class Sampler:
         zero = torch.zeros((), dtype=torch.float64, device=self._device)
         taken = [self._follow_dots.get(i, (zero, zero)) for i in range(len(self.params))]
         plus = torch.stack([work for work, _ in taken]) * self._scales  # stack promotes to float64
-        after = torch.stack([dot for _, dot in taken]) * self._scales
-        dots = self._unclip(torch.stack([after - plus, after]))
+        after = torch.stack([dot for _, dot in taken]) * self._scales / self._clip.factors()
+        followed = torch.tensor(
+            [i in self._follow_dots for i in range(len(self.params))], device=self._device
+        )
+        work = self._work(plus, followed)
+        self._same = self._same_step()
+        self._clip_now.stop()
         self._start_following()
-        columns = [sums, sumsqs, dots[0], dots[1]]
+        # on the wire, <g_{t+1}, theta_{t+1}> and that less the work: their difference is the work
+        columns = [sums, sumsqs, after - work, after]
         if self.sites:
             columns.extend(self._capture.columns(self._device))
         if hist is not None:
