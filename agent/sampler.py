@@ -546,6 +546,8 @@ class Sampler:
         known = [False] * len(self.params)
         factors = self._clip_now.factors()
         for i in range(len(self.params)):
+            if i in self._sharded:  # a shard's update is read where its optimizer holds it: w+ alone
+                continue
             rows = self._rows[i] if self._rows else None
             if self._independent is not None:
                 g, seen = self._independent.get(i), None

@@ -30,7 +30,7 @@ from thermoscope.agent.sampler import SHAPE_EVERY, SUBSET
 from thermoscope.science import physics
 
 from helpers.processes import free_port
-from helpers.reference import entropy64, work64
+from helpers.reference import layer_entropy64, work64
 
 WORLD = 2
 STEPS = SHAPE_EVERY + 1  # every layer's histogram taken at least once after the first step
@@ -91,7 +91,7 @@ def train_rank(rank: int, port: int, collector: str, job: str, out: Path) -> Non
         if rank == 0:
             before = history[-1]
             result["initial"], result["history"] = initial, history
-            result["entropy"] = [entropy64(b) for b in before]
+            result["entropy"] = [layer_entropy64(b) for b in before]
             result["work"] = work64(grads, before, work_before)  # the next step's gradient
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
@@ -148,7 +148,9 @@ def test_fsdp_shards_merge_in_the_collector_to_the_full_parameters_entropy_and_w
     reading, truth = job.reading, ranks[0]
     assert reading.step == STEPS - 1
     assert list(reading.layer_names) == [layer.name for layer in tables[0]]
-    assert reading.layer_entropy == pytest.approx(truth["entropy"], rel=1e-6)
+    assert reading.layer_entropy == pytest.approx(
+        truth["entropy"], rel=1e-6, nan_ok=True
+    )  # a 1-value bias: NaN
     assert reading.layer_work == pytest.approx(truth["work"], rel=1e-6, abs=1e-12)
 
     # the edges were sized from the full initial tensors, and the shards' histograms add up
