@@ -3,9 +3,16 @@
 Forward pre-hooks and hooks on the site modules add the power sums (n, sum z, sum z^2) of the
 pre-activations z and of the activations a (pre-hooks see z before an in-place activation
 overwrites it; several calls of one module in a step add up). Activation functions a forward calls
-(`FUNCTIONS`) are caught by a torch function mode entered inside the model's forward, named by
-the running module (`_FunctionalSites`), and add theirs the same way: each one found on the first
-sampled step becomes a site, and the table is settled after it (`settle`). Compiled code runs
+(`FUNCTIONS`, and the elementwise `torch.where` of `sites.where_site`) are caught by a torch
+function mode entered inside the model's forward (`_FunctionalSites`). Each application is its own
+site, named by the running module and its order among that module's applications of the function
+in one forward of the model (`block:silu`, `block:silu#2`, ...: a loop calling F.silu per block has
+one site per iteration). An application whose output multiplies its own input (`h *
+torch.sigmoid(h)`) is the product's site: its output is counted once the module that made it
+returns, so that the product can still claim it (`_Application`). `F.glu` is the sigmoid of its
+gate half (`sites.glu_gate`). Each one found on the first sampled step becomes a site, and the
+table is settled after it (`settle`). A recompute under activation checkpointing (module hooks that
+fire again inside backward) counts nothing: each application counts once. Compiled code runs
 eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile. On one
 sample in SHAPE_EVERY each site (on its first sample, every one) runs its engine-type scale probe.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from thermoscope.science.stats import SiteInfo
 
 from .pending import SITE_COLUMNS
-from .sites import FUNCTIONS, plain_name, scale_probe
+from .sites import FUNCTIONS, Derived, glu_gate, is_product, plain_name, scale_probe, where_site
 from .tensors import power_sums
 
 log = logging.getLogger("thermoscope.agent")
@@ -43,6 +51,9 @@ class SiteCapture:
         self._shape_every = shape_every
         self._functions: dict[str, int] = {}  # a functional site's name -> its site index
         self._running: list[str | None] = []  # the modules whose forward runs (None: a module site)
+        self._order: dict[str, int] = {}  # `owner:function` -> its applications in this forward
+        self._open: list[_Application] = []  # applications whose output a product may still claim
+        self._derived = Derived()  # this forward's comparisons and scalings, for `where_site`
         self._mode = _FunctionalSites(self)
         self._eager: object | None = None  # torch.compile's force_eager stance while armed
         self._unlisted_logged = False
@@ -65,6 +76,8 @@ class SiteCapture:
     def disarm(self) -> None:
         """After the step (its hooks are removed by the caller): leave the compile stance."""
         self._running.clear()
+        self._close_applications()
+        self._derived.clear()
         if self._eager is not None:
             self._eager.__exit__(None, None, None)  # type: ignore[attr-defined]
             self._eager = None
@@ -119,6 +132,7 @@ class SiteCapture:
     def _enter(self, name: str, root: bool):
         def hook(module: nn.Module, args: tuple) -> None:
             if root and not self._running:
+                self._order.clear()
                 self._mode.__enter__()
             self._running.append(name)
 
@@ -128,7 +142,9 @@ class SiteCapture:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self._running:
                 self._running.pop()
+            self._close_applications()
             if root and not self._running:
+                self._derived.clear()
                 self._mode.__exit__(None, None, None)
 
         return hook
@@ -136,7 +152,7 @@ class SiteCapture:
     def _site_in_hook(self, i: int):
         def hook(module: nn.Module, args: tuple) -> None:
             self._running.append(None)  # the functions it calls are its own, not sites
-            if args and isinstance(args[0], torch.Tensor):
+            if args and isinstance(args[0], torch.Tensor) and not _recompute():
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = power_sums(z)
@@ -156,36 +172,90 @@ class SiteCapture:
         return hook
 
     def _functional(self, owner: str, name: str, func: Callable, args: tuple, kwargs: dict) -> object:
-        """Call an activation function for the module `owner`, adding the power sums of its input
-        and output to the site `owner:name` (made on the first sampled step; after it, a site
-        not in the table is left unmeasured and said once)."""
-        site = f"{owner}:{name}"
-        i = self._functions.get(site)
-        if i is None and self.settled:
-            if not self._unlisted_logged:
-                self._unlisted_logged = True
-                log.warning(
-                    "thermoscope: %s first ran after the site table was declared; it is not measured",
-                    site,
-                )
-            return func(*args, **kwargs)
+        """Apply an activation function for the module `owner`: this forward's next application
+        of `name` there (`block:silu`, then `block:silu#2`, ...), a site made on the first sampled
+        step (after it, a site not in the table is left unmeasured and said once). `F.glu` is
+        measured on its gate (`glu_gate`), `torch.where` as the function it is of its input
+        (`where_site`)."""
+        phi: Callable[[torch.Tensor], torch.Tensor] | None = None
+        z = args[0]
+        if name == "glu":
+            z, phi = glu_gate(*args, **kwargs)
+        elif name == "where":
+            found = where_site(self._derived, *args, **kwargs)
+            if found is None:
+                return func(*args, **kwargs)
+            z, phi = found
+        key = f"{owner}:{name}"
+        order = self._order[key] = self._order.get(key, 0) + 1
+        site = key if order == 1 else f"{key}#{order}"
+        i = self._site_index(site, name)
         if i is None:
-            i = self._functions[site] = len(self.sites)
-            self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
-            self._probed.append(True)
-            self._site_in.append(None)
-            self._site_sums.append([])
-            self.count = np.append(self.count, 0)
-            self._probe.append(None)
+            return func(*args, **kwargs)
+        if phi is None:
+            rest = {k: v for k, v in kwargs.items() if k != "out"}
+            phi = lambda t: func(t, *args[1:], **rest)  # noqa: E731
         with torch.no_grad():
-            z = args[0].detach()
+            z = z.detach()
             z_sums = power_sums(z)  # before the call: an in-place function overwrites z
-            if self._probe[i] is None and self._due(i):
-                rest = {k: v for k, v in kwargs.items() if k != "out"}
-                self._probe[i] = scale_probe(lambda t: func(t, *args[1:], **rest), z)
+            probed = self._probe[i] is None and self._due(i)
+            if probed:
+                self._probe[i] = scale_probe(phi, z)
         output = func(*args, **kwargs)
-        self._add_call(i, z_sums, output)
+        if name == "glu":
+            self._add_call(i, z_sums, phi(z))
+        else:
+            self._open.append(_Application(i, name, len(self._running), args[0], z_sums, output, phi, probed))
         return output
+
+    def _site_index(self, site: str, name: str) -> int | None:
+        """The index of functional site `site` (added to the table while it is not settled; None
+        after, said once)."""
+        i = self._functions.get(site)
+        if i is not None or not self.settled:
+            return self._add_site(site, name) if i is None else i
+        if not self._unlisted_logged:
+            self._unlisted_logged = True
+            log.warning(
+                "thermoscope: %s first ran after the site table was declared; it is not measured", site
+            )
+        return None
+
+    def _add_site(self, site: str, name: str) -> int:
+        i = self._functions[site] = len(self.sites)
+        self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
+        self._probed.append(True)
+        self._site_in.append(None)
+        self._site_sums.append([])
+        self.count = np.append(self.count, 0)
+        self._probe.append(None)
+        return i
+
+    def _product(self, func: Callable, args: tuple, kwargs: dict) -> object | None:
+        """`x * phi(x)` where phi(x) is an open application of input x: the product is that
+        site's output (a hand-written swish is a swish, not a sigmoid). None: not such a product."""
+        for app in reversed(self._open):
+            if is_product(func, args, app.input, app.output):
+                self._open.remove(app)
+                output = func(*args, **kwargs)
+                i, phi = app.site, app.phi
+                if not self.settled:  # named for what it applies while the table is not declared
+                    site = self.sites[i]
+                    name = site.name.replace(f":{app.name}", f":x*{app.name}", 1)
+                    self.sites[i] = SiteInfo(name=name, kind=f"x*{site.kind}")
+                if app.probed:
+                    with torch.no_grad():
+                        self._probe[i] = scale_probe(lambda t, phi=phi: t * phi(t), app.input.detach())
+                self._add_call(i, app.z_sums, output)
+                return output
+        return None
+
+    def _close_applications(self) -> None:
+        """Count the output of each application the returning module made (no product claimed it)."""
+        depth = len(self._running)
+        while self._open and self._open[-1].depth > depth:
+            app = self._open.pop()
+            self._add_call(app.site, app.z_sums, app.output)
 
     @torch.no_grad()
     def _add_call(self, i: int, z_sums: torch.Tensor, output: object) -> None:
@@ -206,13 +276,39 @@ class _FunctionalSites(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        running = self._capture._running
+        capture = self._capture
+        running = capture._running
+        if not running or running[-1] is None or not args:
+            return func(*args, **kwargs)
         name = FUNCTIONS.get(func)
-        if name is None or not running or running[-1] is None or not args:
-            return func(*args, **kwargs)
-        if not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
-        return self._capture._functional(running[-1], name, func, args, kwargs)
+        if name is not None and isinstance(args[0], torch.Tensor):
+            return capture._functional(running[-1], name, func, args, kwargs)
+        if capture._open and (product := capture._product(func, args, kwargs)) is not None:
+            return product
+        output = func(*args, **kwargs)
+        capture._derived.note(func, args, output)
+        return output
+
+
+@dataclass
+class _Application:
+    """One application of a functional site whose output is not counted yet: a product with its
+    input (`x * phi(x)`) may still make it that product's, until the module at `depth` returns."""
+
+    site: int
+    name: str  # the function's (`FUNCTIONS`)
+    depth: int  # len(running) when it was applied
+    input: torch.Tensor
+    z_sums: torch.Tensor
+    output: object
+    phi: Callable[[torch.Tensor], torch.Tensor]
+    probed: bool  # its site's probe was taken on this application (of phi: of the product's, if one)
+
+
+def _recompute() -> bool:
+    """True inside a backward pass: a checkpointed forward being recomputed (its application
+    counted already, in the forward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _force_eager() -> object | None:

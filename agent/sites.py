@@ -53,8 +53,24 @@ FUNCTIONS: dict[Callable, str] = {
         "logsigmoid": (F.logsigmoid,),
         "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_),
         "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_),
+        "glu": (F.glu,),  # measured on its gate half (`glu_gate`)
+        "where": (torch.where,),  # a site only where elementwise (`where_site`)
     }.items()
     for func in funcs
+}
+#: The multiplications a product site `x * phi(x)` is caught in.
+PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+#: Comparisons with a number and scalings by one: what `Derived` keeps for `where_site`.
+_COMPARE = {
+    f: op
+    for op, funcs in {
+        torch.gt: (torch.gt, torch.Tensor.gt, torch.Tensor.__gt__),
+        torch.ge: (torch.ge, torch.Tensor.ge, torch.Tensor.__ge__),
+        torch.lt: (torch.lt, torch.Tensor.lt, torch.Tensor.__lt__),
+        torch.le: (torch.le, torch.Tensor.le, torch.Tensor.__le__),
+        torch.mul: tuple(PRODUCTS),
+    }.items()
+    for f in funcs
 }
 #: The input `acts_as_activation` tries a module on.
 PROBE_SHAPE = (2, 4, 8)
@@ -160,3 +176,74 @@ def scale_probe(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch
         return torch.full((), -1.0, dtype=torch.float64, device=z.device)
     eta = torch.stack(etas)
     return torch.nan_to_num((eta[1:] - eta[0]).abs().max(), nan=-1.0)
+
+
+class Derived:
+    """The tensors one forward made from another by an elementwise comparison with a number or a
+    scaling by one (`h > 0`, `0.01 * h`), each with its source and the function of it, so that
+    a `torch.where` of them is read as the elementwise function of its source it is
+    (`where_site`). Kept on sampled steps only, for one forward (`clear`)."""
+
+    def __init__(self) -> None:
+        # id(tensor) -> (the tensor, kept so that its id is not reused; its source; the function)
+        self._of: dict[int, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+    def note(self, func: Callable, args: tuple, output: object) -> None:
+        """Keep `output` if `func(args)` is a comparison or a scaling of a tensor by a number."""
+        op = _COMPARE.get(func)
+        if op is None or len(args) != 2 or not isinstance(output, torch.Tensor):
+            return
+        x, c = args if isinstance(args[0], torch.Tensor) else args[::-1]
+        if not isinstance(x, torch.Tensor) or not isinstance(c, (int, float)):
+            return
+        source, inner = self.of(x)
+        self._of[id(output)] = (output, source, lambda t: op(inner(t), c))
+
+    def of(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The source `t` was made from, and the function of it (itself and the identity if none)."""
+        kept = self._of.get(id(t))
+        if kept is None or kept[0] is not t:
+            return t, lambda s: s
+        return kept[1], kept[2]
+
+    def clear(self) -> None:
+        self._of.clear()
+
+
+def where_site(
+    derived: Derived, condition: object = None, a: object = None, b: object = None, **kwargs: object
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """A `torch.where(cond, a, b)` that is an elementwise function of one tensor z (cond a
+    comparison of z with a number, a and b each z, a scaling of it or a number: a leaky ReLU
+    written `torch.where(h > 0, h, 0.01 * h)`): z and that function. None for any other where."""
+    if kwargs or not all(isinstance(v, (torch.Tensor, int, float)) for v in (condition, a, b)):
+        return None
+    if not isinstance(condition, torch.Tensor) or condition.dtype != torch.bool:
+        return None
+    parts = [derived.of(v) if isinstance(v, torch.Tensor) else (None, v) for v in (condition, a, b)]
+    sources = {id(source) for source, _ in parts if source is not None}
+    if len(sources) != 1 or parts[0][0] is condition:  # one source, and cond made from it
+        return None
+    z = next(source for source, _ in parts if source is not None)
+    if not z.is_floating_point():
+        return None
+    fns = [fn if source is not None else (lambda t, v=fn: v) for source, fn in parts]
+    return z, lambda t: torch.where(fns[0](t), fns[1](t), fns[2](t))
+
+
+def glu_gate(
+    input: torch.Tensor, dim: int = -1
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The site of a GLU, `a * sigmoid(b)` of its input's halves: the sigmoid of its gate half b.
+    Its only elementwise nonlinearity is that sigmoid; the product with a is a bilinear gate of two
+    different signals (as a gated MLP's `act(gate) * up`, whose site is `act` alone), which no
+    single-input efficiency 1 - Var(a)/Var(z) describes."""
+    return input.chunk(2, dim)[1], torch.sigmoid
+
+
+def is_product(func: Callable, args: tuple, input: torch.Tensor, output: object) -> bool:
+    """Whether `func(args)` multiplies `output` by `input`, the tensor it was applied to."""
+    if func not in PRODUCTS or len(args) != 2:
+        return False
+    x, y = args
+    return (x is input and y is output) or (x is output and y is input)
