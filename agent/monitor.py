@@ -238,6 +238,9 @@ class Monitor:
             pending = self._sampler.collect(self._step, self._losses.take() if loss is None else loss)
             if not self._settled.is_set():
                 self._declare()
+            elif len(self._sampler.sites) != len(self._announced.hello.sites):
+                self._announced = self._hello()  # (a new message: the sink's old one may stay in use)
+                self._sink.grow(self._announced)
             self._losses.disarm()
             self._sampler.disarm()
             self._sink.submit(pending)

@@ -44,6 +44,12 @@ and the queued ones, which it takes too) stays on disk and is counted in `spoole
 The first stream of a sender given the same directory replays, before its own frames, every
 spool a dead process left there (`agent/replay.py`; `replayed` counts what became durable), and
 `thermoscope replay` does the same from the command line.
+
+A site table that grows after the first sampled step (a site first applied later: `grow`) is
+declared by a new hello on a new stream: the stream in progress ends once no frame encoded under
+its hello is still held (accepted, and with a spool durable, so that no replay needs the old
+hello), the next one opens with the grown hello at once, and a sample taken before the growth is
+sent with 0 values at the sites that joined after it (`Sample.with_sites`).
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ class Sender(Processor):
         # a list of collectors is sharded by job: every rank of the job picks the same one
         self.target: str | None = None if callable(target) else shard(target, hello.hello.job_id)
         self._hello = hello
+        self._grown: pb.AgentMessage | None = None  # the hello of a grown site table, not yet streamed
         self._ready = ready
         self._interval = interval
         self._on_config = on_config
@@ -277,6 +284,7 @@ class Sender(Processor):
                     continue
                 if not self._hello_final():
                     continue
+                self._take_grown()
                 started = time.monotonic()
                 self._replay_leftovers(relay)
                 error = relay.stream(
@@ -289,12 +297,39 @@ class Sender(Processor):
                 self._end_stream()
                 if error is not None:
                     self._note_error(error)
+                elif self._take_grown():
+                    continue  # ended to declare a grown site table: open the next stream at once
                 if time.monotonic() - started > 30:
                     delay = self._backoff[0]  # the stream had been healthy: start the backoff over
                 self._idle(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, self._backoff[1])
         finally:
             relay.close()
+
+    def grow(self, hello: pb.AgentMessage) -> None:
+        """The site table grew: streams open with `hello` once no frame of the old one is held."""
+        with self._cond:
+            self._grown = hello
+            self._cond.notify_all()
+
+    def _held(self) -> bool:
+        """Whether a frame sent under the stream's hello may still need it: not accepted yet, or,
+        with a spool, not durable yet (a replay would send it again). Under `_cond`."""
+        mark = self._ledger.acked if self._spool_dir is None else self._ledger.durable
+        return mark < self._ledger.seq
+
+    def _take_grown(self) -> bool:
+        """Stream with the grown hello from now on, if there is one and nothing needs the old one
+        (a spool holding nothing is made anew, with the new hello, by the next frame kept)."""
+        with self._cond:
+            if self._grown is None or self._held():
+                return False
+            self._hello, self._grown = self._grown, None
+            if self._spool is not None:
+                with self._spooling():
+                    self._spool.close()
+                self._spool = None
+            return True
 
     def _hello_final(self) -> bool:
         """Wait until the hello is final: the stream opens with the site table the first sampled
@@ -342,6 +377,7 @@ class Sender(Processor):
                     continue
                 item = self._queue.popleft()
                 seq = self._ledger.next()
+            self._take_grown()  # (a spool holding nothing takes the grown hello before this frame)
             if not self._keep(seq, self._encode(item, seq)):
                 with self._cond:  # no stream is open: what the spool held can never be sent
                     self._lose_upto(self._ledger.seq, "the spool failed with frames waiting for a stream")
@@ -445,10 +481,11 @@ class Sender(Processor):
                 while generation == self._generation and (
                     (not self._queue and not self._stopping.is_set())
                     or (self._queue and self._ledger.in_flight >= WINDOW)
+                    or (self._grown is not None and self._held())
                 ):
                     self._cond.wait()
-                if generation != self._generation or not self._queue:
-                    return
+                if generation != self._generation or not self._queue or self._grown is not None:
+                    return  # (a grown site table: this stream ends, the next declares it)
                 item = self._queue.popleft()
                 seq = self._ledger.next()
             data = self._encode(item, seq)
@@ -456,6 +493,17 @@ class Sender(Processor):
                 self._keep(seq, data)  # a spool that fails is given up: the frame goes on
             yield data
 
-    @staticmethod
-    def _encode(item: Pending, seq: int) -> bytes:
-        return codec.encode(item.to_sample(), seq).SerializeToString()
+    def _encode(self, item: Pending, seq: int) -> bytes:
+        """A frame of the stream's hello: a sample taken before its site table grew reads 0
+        values at the sites that joined since. (One taken after, spooled while the spool still
+        holds frames of the old hello, loses the sites that joined: logged.)"""
+        n_sites = len(self._hello.hello.sites)
+        sample = item.to_sample()
+        if len(sample.sites) > n_sites:
+            log.warning(
+                "thermoscope: step %d spooled under the site table of an older hello: %d sites not kept",
+                sample.step,
+                len(sample.sites) - n_sites,
+            )
+        sample = sample.with_sites(n_sites)
+        return codec.encode(sample, seq).SerializeToString()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from thermoscope.science.derive import Reading
+from thermoscope.v1 import telemetry_pb2 as pb
 
 from .pending import Pending
 
@@ -41,6 +42,10 @@ class Sink(Protocol):
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait at most `timeout` seconds for what was handed over; False if it did not settle."""
+
+    def grow(self, hello: pb.AgentMessage) -> None:
+        """The site table grew after the first sampled step: `hello` declares it (an earlier
+        step's sample reads 0 values at the sites that joined after it)."""
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Stop (bounded); True only if every step handed over was delivered (and made durable)."""

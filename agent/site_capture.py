@@ -10,8 +10,10 @@ in one forward of the model (`block:silu`, `block:silu#2`, ...: a loop calling F
 one site per iteration). An application whose output multiplies its own input (`h *
 torch.sigmoid(h)`) is the product's site: its output is counted once the module that made it
 returns, so that the product can still claim it (`_Application`). `F.glu` is the sigmoid of its
-gate half (`sites.glu_gate`). Each one found on the first sampled step becomes a site, and the
-table is settled after it (`settle`). A recompute under activation checkpointing (module hooks that
+gate half (`sites.glu_gate`). The site table grows as sites are first applied, on any sampled
+step (an MoE expert that first gets tokens later, a branch first taken later): a site module never
+called is not in it, and the first sampled step's table leaves out the modules it did not call
+(`_prune`). A recompute under activation checkpointing (module hooks that
 fire again inside backward) counts nothing: each application counts once. Compiled code runs
 eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile. On one
 sample in SHAPE_EVERY each site (on its first sample, every one) runs its engine-type scale probe.
@@ -39,14 +41,19 @@ log = logging.getLogger("thermoscope.agent")
 
 
 class SiteCapture:
-    """The sites of one model (see the module docstring); `sites` is its table, which grows on
-    the first sampled step only."""
+    """The sites of one model (see the module docstring); `sites` is its table: before the first
+    sampled step, the site modules; from then on, the sites applied so far, in the order they
+    joined (it only grows: an earlier sample's sites are a prefix of it)."""
 
     def __init__(self, model: nn.Module, sites: Sequence[tuple[str, nn.Module]], shape_every: int) -> None:
         self.sites = [SiteInfo(name=n, kind=type(m).__name__) for n, m in sites]
         self._modules = [m for _, m in sites]
+        self._names = [n for n, _ in sites]
+        self._module_site: list[int | None] = list(range(len(sites)))  # a module's index in the table
         # the probe calls forward() again: only on stateless modules (no running statistics)
-        self._probed = [next(m.buffers(), None) is None for m in self._modules]
+        self._stateless = [next(m.buffers(), None) is None for m in self._modules]
+        self._probed = list(self._stateless)  # per site of the table
+        self._joined: set[int] = set()  # the sites that joined the table on this step (all probed)
         self._model = model
         self._shape_every = shape_every
         self._functions: dict[str, int] = {}  # a functional site's name -> its site index
@@ -56,9 +63,8 @@ class SiteCapture:
         self._derived = Derived()  # this forward's comparisons and scalings, for `where_site`
         self._mode = _FunctionalSites(self)
         self._eager: object | None = None  # torch.compile's force_eager stance while armed
-        self._unlisted_logged = False
         self._number = 0  # the coming sample's number in the run (`arm`)
-        self.settled = False  # the table can grow no more (after the first sampled step)
+        self.settled = False  # the first sampled step is over (its table pruned: `_prune`)
         self.reset()
 
     def arm(self, number: int) -> list:
@@ -68,8 +74,7 @@ class SiteCapture:
         for i, module in enumerate(self._modules):
             handles.append(module.register_forward_pre_hook(self._site_in_hook(i)))
             handles.append(module.register_forward_hook(self._site_out_hook(i), always_call=True))
-        if not self.settled or self._functions:
-            handles.extend(self._track(self._model))
+        handles.extend(self._track(self._model))  # a functional site may first run on any step
         self._eager = _force_eager()
         return handles
 
@@ -89,14 +94,17 @@ class SiteCapture:
         self._site_sums: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]  # one row per call
         self.count = np.zeros(n_sites, dtype=np.int64)  # values each site made on the step
         self._probe: list[torch.Tensor | None] = [None] * n_sites
+        self._joined.clear()
 
     def settle(self) -> None:
-        """The first sampled step is over: the table is final."""
+        """The first sampled step is over: from now on a site joins the table when first applied."""
         self.settled = True
 
     def columns(self, device: torch.device) -> list[torch.Tensor]:
         """The step's SITE_COLUMNS rows (sum z, sum z^2, sum a, sum a^2, probe spread; -1: not
         probed), one value per site, on `device`."""
+        if not self.settled:
+            self._prune()
         empty = torch.zeros(SITE_COLUMNS - 1, dtype=torch.float64, device=device)
         unprobed = torch.full((), -1.0, dtype=torch.float64, device=device)
         rows = [
@@ -110,10 +118,30 @@ class SiteCapture:
         ]
         return list(torch.stack(rows).T)
 
+    def _prune(self) -> None:
+        """Leave the site modules the first sampled step did not call out of the table: a module
+        never called (Mamba's `mixer.act` on its CPU path) is no site (its efficiency would read
+        NaN forever); one called later joins then (`_module_index`)."""
+        keep = [i for i, n in enumerate(self.count) if n > 0]
+        if len(keep) == len(self.sites):
+            return
+        where = {old: new for new, old in enumerate(keep)}
+        self.sites[:] = [self.sites[i] for i in keep]  # (in place: the sampler's and sink's table)
+        self._probed = [self._probed[i] for i in keep]
+        self._site_sums = [self._site_sums[i] for i in keep]
+        self._probe = [self._probe[i] for i in keep]
+        self._site_in = [None] * len(keep)
+        self.count = self.count[keep]
+        self._module_site = [None if i is None else where.get(i) for i in self._module_site]
+        self._functions = {name: where[i] for name, i in self._functions.items()}
+        self._joined = {where[i] for i in self._joined if i in where}
+
     def _due(self, site: int) -> bool:
         """Site i is probed on one sample in SHAPE_EVERY by the sample's number, spread as the
         layers' histograms (a site's probe is this rank's own reading: on its first sample, all)."""
-        return not self.settled or site % self._shape_every == self._number % self._shape_every
+        if not self.settled or site in self._joined:
+            return True
+        return site % self._shape_every == self._number % self._shape_every
 
     def _track(self, model: nn.Module) -> list:
         """Hooks that keep the stack of running modules, for `_FunctionalSites` to name the module
@@ -149,10 +177,11 @@ class SiteCapture:
 
         return hook
 
-    def _site_in_hook(self, i: int):
+    def _site_in_hook(self, c: int):
         def hook(module: nn.Module, args: tuple) -> None:
             self._running.append(None)  # the functions it calls are its own, not sites
             if args and isinstance(args[0], torch.Tensor) and not _recompute():
+                i = self._module_index(c)
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = power_sums(z)
@@ -161,10 +190,13 @@ class SiteCapture:
 
         return hook
 
-    def _site_out_hook(self, i: int):
+    def _site_out_hook(self, c: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self._running:
                 self._running.pop()
+            i = self._module_site[c]
+            if i is None:
+                return
             z_sums, self._site_in[i] = self._site_in[i], None
             if z_sums is not None:
                 self._add_call(i, z_sums, output)
@@ -189,9 +221,9 @@ class SiteCapture:
         key = f"{owner}:{name}"
         order = self._order[key] = self._order.get(key, 0) + 1
         site = key if order == 1 else f"{key}#{order}"
-        i = self._site_index(site, name)
+        i = self._functions.get(site)
         if i is None:
-            return func(*args, **kwargs)
+            i = self._functions[site] = self._join(SiteInfo(name=site, kind=f"{name}()"), probed=True)
         if phi is None:
             rest = {k: v for k, v in kwargs.items() if k != "out"}
             phi = lambda t: func(t, *args[1:], **rest)  # noqa: E731
@@ -208,27 +240,29 @@ class SiteCapture:
             self._open.append(_Application(i, name, len(self._running), args[0], z_sums, output, phi, probed))
         return output
 
-    def _site_index(self, site: str, name: str) -> int | None:
-        """The index of functional site `site` (added to the table while it is not settled; None
-        after, said once)."""
-        i = self._functions.get(site)
-        if i is not None or not self.settled:
-            return self._add_site(site, name) if i is None else i
-        if not self._unlisted_logged:
-            self._unlisted_logged = True
-            log.warning(
-                "thermoscope: %s first ran after the site table was declared; it is not measured", site
-            )
-        return None
+    def _module_index(self, c: int) -> int:
+        """The table index of site module c, which joins the table if this is its first call."""
+        i = self._module_site[c]
+        if i is None:
+            site = SiteInfo(name=self._names[c], kind=type(self._modules[c]).__name__)
+            i = self._module_site[c] = self._join(site, self._stateless[c])
+        return i
 
-    def _add_site(self, site: str, name: str) -> int:
-        i = self._functions[site] = len(self.sites)
-        self.sites.append(SiteInfo(name=site, kind=f"{name}()"))
-        self._probed.append(True)
+    def _join(self, site: SiteInfo, probed: bool) -> int:
+        """Add a site first applied on this step to the table (after the first sampled step, it
+        is announced with the next sample: see `Monitor`)."""
+        i = len(self.sites)
+        if self.settled:
+            log.info(
+                "thermoscope: site %s first applied on sample %d: it joins the table", site.name, self._number
+            )
+        self.sites.append(site)
+        self._probed.append(probed)
         self._site_in.append(None)
         self._site_sums.append([])
         self.count = np.append(self.count, 0)
         self._probe.append(None)
+        self._joined.add(i)
         return i
 
     def _product(self, func: Callable, args: tuple, kwargs: dict) -> object | None:
