@@ -46,10 +46,11 @@ spool a dead process left there (`agent/replay.py`; `replayed` counts what becam
 `thermoscope replay` does the same from the command line.
 
 A site table that grows after the first sampled step (a site first applied later: `grow`) is
-declared by a new hello on a new stream: the stream in progress ends once no frame encoded under
-its hello is still held (accepted, and with a spool durable, so that no replay needs the old
-hello), the next one opens with the grown hello at once, and a sample taken before the growth is
-sent with 0 values at the sites that joined after it (`Sample.with_sites`).
+declared by a new hello on a new stream: the stream in progress ends once the collector has
+accepted every frame sent on it (none is lost with it), and the next one opens with the grown
+hello at once. Between streams nothing is in flight, so the spool is rewritten under the new
+hello (`_take_grown`: the frames it holds read 0 values at the sites that joined, as does a
+sample taken before the growth: `Sample.with_sites`, `codec.grow_sites`).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class Sender(Processor):
         self._stop(timeout)
         kept = 0
         with self._cond:
+            self._swap_grown()  # (the thread has stopped: nothing is in flight)
             if self._spool is not None:
                 kept = self._keep_in_spool()
             if self._queue:
@@ -312,24 +314,30 @@ class Sender(Processor):
             self._grown = hello
             self._cond.notify_all()
 
-    def _held(self) -> bool:
-        """Whether a frame sent under the stream's hello may still need it: not accepted yet, or,
-        with a spool, not durable yet (a replay would send it again). Under `_cond`."""
-        mark = self._ledger.acked if self._spool_dir is None else self._ledger.durable
-        return mark < self._ledger.seq
-
     def _take_grown(self) -> bool:
-        """Stream with the grown hello from now on, if there is one and nothing needs the old one
-        (a spool holding nothing is made anew, with the new hello, by the next frame kept)."""
+        """Between streams (nothing in flight): stream with the grown hello from now on, if there
+        is one; True if it was taken."""
         with self._cond:
-            if self._grown is None or self._held():
-                return False
-            self._hello, self._grown = self._grown, None
-            if self._spool is not None:
-                with self._spooling():
-                    self._spool.close()
+            return self._swap_grown()
+
+    def _swap_grown(self) -> bool:
+        """`_take_grown` under `_cond`: the spool's frames (sent, not durable yet) are written
+        anew under the grown hello, read against its table (`codec.grow_sites`)."""
+        if self._grown is None:
+            return False
+        self._hello, self._grown = self._grown, None
+        if self._spool is not None:
+            n_sites = len(self._hello.hello.sites)
+            with self._spooling():
+                held = self._spool.frames(self._ledger.durable)
+                evicted = self._spool.evicted
+                self._spool.close()
                 self._spool = None
-            return True
+                self._spool = Spool.create(self._spool_dir, self._hello, self._spool_bytes)  # type: ignore[arg-type]
+                self._spool.evicted = evicted
+                for seq, data in held:
+                    self._spool.append(seq, codec.grow_sites(data, n_sites))
+        return True
 
     def _hello_final(self) -> bool:
         """Wait until the hello is final: the stream opens with the site table the first sampled
@@ -377,7 +385,7 @@ class Sender(Processor):
                     continue
                 item = self._queue.popleft()
                 seq = self._ledger.next()
-            self._take_grown()  # (a spool holding nothing takes the grown hello before this frame)
+            self._take_grown()  # (no stream is open: the grown hello is taken before this frame)
             if not self._keep(seq, self._encode(item, seq)):
                 with self._cond:  # no stream is open: what the spool held can never be sent
                     self._lose_upto(self._ledger.seq, "the spool failed with frames waiting for a stream")
@@ -481,7 +489,7 @@ class Sender(Processor):
                 while generation == self._generation and (
                     (not self._queue and not self._stopping.is_set())
                     or (self._queue and self._ledger.in_flight >= WINDOW)
-                    or (self._grown is not None and self._held())
+                    or (self._grown is not None and self._ledger.in_flight)
                 ):
                     self._cond.wait()
                 if generation != self._generation or not self._queue or self._grown is not None:
@@ -495,15 +503,6 @@ class Sender(Processor):
 
     def _encode(self, item: Pending, seq: int) -> bytes:
         """A frame of the stream's hello: a sample taken before its site table grew reads 0
-        values at the sites that joined since. (One taken after, spooled while the spool still
-        holds frames of the old hello, loses the sites that joined: logged.)"""
-        n_sites = len(self._hello.hello.sites)
-        sample = item.to_sample()
-        if len(sample.sites) > n_sites:
-            log.warning(
-                "thermoscope: step %d spooled under the site table of an older hello: %d sites not kept",
-                sample.step,
-                len(sample.sites) - n_sites,
-            )
-        sample = sample.with_sites(n_sites)
+        values at the sites that joined since."""
+        sample = item.to_sample().with_sites(len(self._hello.hello.sites))
         return codec.encode(sample, seq).SerializeToString()

@@ -4,19 +4,24 @@ Forward pre-hooks and hooks on the site modules add the power sums (n, sum z, su
 pre-activations z and of the activations a (pre-hooks see z before an in-place activation
 overwrites it; several calls of one module in a step add up). Activation functions a forward calls
 (`FUNCTIONS`, and the elementwise `torch.where` of `sites.where_site`) are caught by a torch
-function mode entered inside the model's forward (`_FunctionalSites`). Each application is its own
-site, named by the running module and its order among that module's applications of the function
-in one forward of the model (`block:silu`, `block:silu#2`, ...: a loop calling F.silu per block has
-one site per iteration). An application whose output multiplies its own input (`h *
-torch.sigmoid(h)`) is the product's site: its output is counted once the module that made it
-returns, so that the product can still claim it (`_Application`). `F.glu` is the sigmoid of its
-gate half (`sites.glu_gate`). The site table grows as sites are first applied, on any sampled
-step (an MoE expert that first gets tokens later, a branch first taken later): a site module never
-called is not in it, and the first sampled step's table leaves out the modules it did not call
-(`_prune`). A recompute under activation checkpointing (module hooks that
-fire again inside backward) counts nothing: each application counts once. Compiled code runs
-eagerly on a sampled step (dynamo's force_eager stance), so no hook makes it recompile. On one
-sample in SHAPE_EVERY each site (on its first sample, every one) runs its engine-type scale probe.
+function mode entered inside the model's forward (`_FunctionalSites`).
+
+Each application of a function is its own site, named by the running module and its order among
+that module's applications of the function in one forward of the model (`block:silu`,
+`block:silu#2`, ...: a loop calling F.silu per block has one site per iteration). An application
+to one expert's signal in a fused MoE loop is that expert's site, module or function
+(`experts.act_fn[3]`: `sites.Experts`). An application whose output multiplies its own input
+(`h * torch.sigmoid(h)`) is the product's site: its output is counted once the module that made
+it returns, so that the product can still claim it (`_Application`). `F.glu` is the sigmoid of
+its gate half (`sites.glu_gate`).
+
+The site table grows as sites are first applied, on any sampled step (an MoE expert first given
+tokens later, a branch first taken later); a site module never called is not in it: the first
+sampled step's table leaves out the modules that step did not call (`_prune`). A recompute under
+activation checkpointing (module hooks that fire again inside backward) counts nothing: each
+application counts once. Compiled code runs eagerly on a sampled step (dynamo's force_eager
+stance), so no hook makes it recompile. On one sample in SHAPE_EVERY each site (on its first
+sample, every one) runs its engine-type scale probe.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from thermoscope.science.stats import SiteInfo
 
 from .pending import SITE_COLUMNS
-from .sites import FUNCTIONS, Derived, glu_gate, is_product, plain_name, scale_probe, where_site
+from .sites import FUNCTIONS, Derived, Experts, glu_gate, is_product, plain_name, scale_probe, where_site
 from .tensors import power_sums
 
 log = logging.getLogger("thermoscope.agent")
@@ -50,6 +55,8 @@ class SiteCapture:
         self._modules = [m for _, m in sites]
         self._names = [n for n, _ in sites]
         self._module_site: list[int | None] = list(range(len(sites)))  # a module's index in the table
+        self._expert_sites: dict[tuple[int, int], int] = {}  # (module, expert) -> its index in the table
+        self._calling: dict[int, int] = {}  # a site module running now -> the site its call adds to
         # the probe calls forward() again: only on stateless modules (no running statistics)
         self._stateless = [next(m.buffers(), None) is None for m in self._modules]
         self._probed = list(self._stateless)  # per site of the table
@@ -61,6 +68,7 @@ class SiteCapture:
         self._order: dict[str, int] = {}  # `owner:function` -> its applications in this forward
         self._open: list[_Application] = []  # applications whose output a product may still claim
         self._derived = Derived()  # this forward's comparisons and scalings, for `where_site`
+        self._experts = Experts()  # which expert's signal each tensor of a fused MoE's forward is
         self._mode = _FunctionalSites(self)
         self._eager: object | None = None  # torch.compile's force_eager stance while armed
         self._number = 0  # the coming sample's number in the run (`arm`)
@@ -83,6 +91,7 @@ class SiteCapture:
         self._running.clear()
         self._close_applications()
         self._derived.clear()
+        self._experts.leave(0)
         if self._eager is not None:
             self._eager.__exit__(None, None, None)  # type: ignore[attr-defined]
             self._eager = None
@@ -133,6 +142,7 @@ class SiteCapture:
         self._site_in = [None] * len(keep)
         self.count = self.count[keep]
         self._module_site = [None if i is None else where.get(i) for i in self._module_site]
+        self._expert_sites = {k: where[i] for k, i in self._expert_sites.items()}
         self._functions = {name: where[i] for name, i in self._functions.items()}
         self._joined = {where[i] for i in self._joined if i in where}
 
@@ -171,6 +181,7 @@ class SiteCapture:
             if self._running:
                 self._running.pop()
             self._close_applications()
+            self._experts.leave(len(self._running) + 1)
             if root and not self._running:
                 self._derived.clear()
                 self._mode.__exit__(None, None, None)
@@ -181,7 +192,7 @@ class SiteCapture:
         def hook(module: nn.Module, args: tuple) -> None:
             self._running.append(None)  # the functions it calls are its own, not sites
             if args and isinstance(args[0], torch.Tensor) and not _recompute():
-                i = self._module_index(c)
+                i = self._calling[c] = self._module_index(c, self._experts.of(args[0]))
                 with torch.no_grad():
                     z = args[0].detach()
                     self._site_in[i] = power_sums(z)
@@ -194,7 +205,7 @@ class SiteCapture:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self._running:
                 self._running.pop()
-            i = self._module_site[c]
+            i = self._calling.pop(c, None)
             if i is None:
                 return
             z_sums, self._site_in[i] = self._site_in[i], None
@@ -219,8 +230,12 @@ class SiteCapture:
                 return func(*args, **kwargs)
             z, phi = found
         key = f"{owner}:{name}"
-        order = self._order[key] = self._order.get(key, 0) + 1
-        site = key if order == 1 else f"{key}#{order}"
+        expert = self._experts.of(args[0])
+        if expert is not None:
+            site = f"{key}[{expert}]"
+        else:
+            order = self._order[key] = self._order.get(key, 0) + 1
+            site = key if order == 1 else f"{key}#{order}"
         i = self._functions.get(site)
         if i is None:
             i = self._functions[site] = self._join(SiteInfo(name=site, kind=f"{name}()"), probed=True)
@@ -240,12 +255,21 @@ class SiteCapture:
             self._open.append(_Application(i, name, len(self._running), args[0], z_sums, output, phi, probed))
         return output
 
-    def _module_index(self, c: int) -> int:
-        """The table index of site module c, which joins the table if this is its first call."""
+    def _module_index(self, c: int, expert: int | None) -> int:
+        """The table index of site module c, applied to `expert`'s signal (None: no expert's),
+        which joins the table if this is its first such call."""
+        kind = type(self._modules[c]).__name__
+        if expert is not None:
+            i = self._expert_sites.get((c, expert))
+            if i is None:
+                site = SiteInfo(name=f"{self._names[c]}[{expert}]", kind=kind)
+                i = self._expert_sites[(c, expert)] = self._join(site, self._stateless[c])
+            return i
         i = self._module_site[c]
         if i is None:
-            site = SiteInfo(name=self._names[c], kind=type(self._modules[c]).__name__)
-            i = self._module_site[c] = self._join(site, self._stateless[c])
+            i = self._module_site[c] = self._join(
+                SiteInfo(name=self._names[c], kind=kind), self._stateless[c]
+            )
         return i
 
     def _join(self, site: SiteInfo, probed: bool) -> int:
@@ -316,11 +340,13 @@ class _FunctionalSites(TorchFunctionMode):
             return func(*args, **kwargs)
         name = FUNCTIONS.get(func)
         if name is not None and isinstance(args[0], torch.Tensor):
-            return capture._functional(running[-1], name, func, args, kwargs)
-        if capture._open and (product := capture._product(func, args, kwargs)) is not None:
-            return product
-        output = func(*args, **kwargs)
-        capture._derived.note(func, args, output)
+            output = capture._functional(running[-1], name, func, args, kwargs)
+        elif capture._open and (product := capture._product(func, args, kwargs)) is not None:
+            output = product
+        else:
+            output = func(*args, **kwargs)
+            capture._derived.note(func, args, output)
+        capture._experts.note(func, args, output, len(running))
         return output
 
 

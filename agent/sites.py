@@ -210,6 +210,48 @@ class Derived:
         self._of.clear()
 
 
+class Experts:
+    """Which slice of a stacked parameter each tensor of one module's forward was made from: a
+    fused MoE (transformers' `MixtralExperts`: `gate_up_proj[e]`, one activation module applied
+    once per expert given tokens) applies its activation to expert e's signal, a site of its own
+    (`act_fn[e]`), named by the expert, not by the order experts happened to run in. A tensor
+    made by any op from a tagged one is tagged too, until the module that indexed the parameter
+    returns (`leave`)."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, tuple[object, int, int]] = {}  # id(tensor) -> (the tensor, expert, depth)
+
+    def note(self, func: Callable, args: tuple, output: object, depth: int) -> None:
+        """Tag `output` if `func(args)` indexes a stacked parameter by one integer, or if one of
+        its tensor arguments is tagged (made at `depth`: the running modules' stack height)."""
+        if not self._of and func is not torch.Tensor.__getitem__:
+            return
+        expert = None
+        if func is torch.Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim() >= 3:
+            index = args[1] if len(args) > 1 else None
+            if isinstance(index, int) or (
+                isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point()
+            ):
+                expert = int(index)
+        else:
+            expert = next((e for a in args if (e := self.of(a)) is not None), None)
+        if expert is None:
+            return
+        for out in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(out, torch.Tensor):
+                self._of[id(out)] = (out, expert, depth)
+
+    def of(self, t: object) -> int | None:
+        """The expert `t` was made for (None: none)."""
+        kept = self._of.get(id(t))
+        return None if kept is None or kept[0] is not t else kept[1]
+
+    def leave(self, depth: int) -> None:
+        """The module at `depth` returned: what its forward made is no expert's signal any more."""
+        if self._of:
+            self._of = {k: v for k, v in self._of.items() if v[2] < depth}
+
+
 def where_site(
     derived: Derived, condition: object = None, a: object = None, b: object = None, **kwargs: object
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
