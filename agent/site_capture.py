@@ -114,6 +114,8 @@ class SiteCapture:
         probed), one value per site, on `device`."""
         if not self.settled:
             self._prune()
+        if not self.sites:  # (none was applied)
+            return []
         empty = torch.zeros(SITE_COLUMNS - 1, dtype=torch.float64, device=device)
         unprobed = torch.full((), -1.0, dtype=torch.float64, device=device)
         rows = [

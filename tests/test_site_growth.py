@@ -125,3 +125,30 @@ def test_a_site_module_never_called_is_not_a_site() -> None:
     assert [s.name for s in monitor.sites] == ["act"]
     assert reading is not None and list(reading.site_names) == ["act"]
     assert not np.isnan(reading.site_efficiency).any()
+
+
+def test_mamba_on_its_cpu_path_has_no_never_called_site_and_two_silu_applications() -> None:
+    """transformers' Mamba off CUDA runs its reference path: `mixer.act` is never called there,
+    and each mixer applies F.silu twice (to the convolution's output and to the gate)."""
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4
+    )
+    model = transformers.MambaForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = Monitor(model, opt, every=1)
+    for step in range(3):
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(step))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss)
+    reading = monitor.latest()
+    monitor.close()
+    assert reading is not None
+    names = list(reading.site_names)
+    assert not [n for n in names if n.endswith("mixer.act")]
+    for layer in (0, 1):
+        assert {f"backbone.layers.{layer}.mixer:silu", f"backbone.layers.{layer}.mixer:silu#2"} <= set(names)
+    assert not np.isnan(reading.site_efficiency).any()
