@@ -17,7 +17,7 @@ from torch import nn
 from thermoscope.agent.monitor import Monitor
 from thermoscope.science.derive import WINDOW
 
-from helpers.metrics import scrape
+from helpers.metrics import scrape, wait_until
 from helpers.processes import CollectorProcess
 
 EXPERTS, VOCAB, STEPS = 8, 64, 12
@@ -94,6 +94,44 @@ def test_a_grown_site_table_reaches_a_collector_process_by_a_new_stream(
     assert exported == set(tables[-1])  # the sites that joined later are the job's too
     step = scraped[("thermoscope_last_step", frozenset({"job_id": "moe"}.items()))]
     assert step == STEPS - 1
+
+
+def test_ranks_that_used_different_experts_merge_by_site_name(collector_process: CollectorProcess) -> None:
+    """Two data-parallel ranks whose tables grew apart (each gives tokens to its own experts):
+    the job's sites are the union, a site a rank has not used counting 0 values there. (Each
+    rank's step is delivered before the next is taken: a rank declares a grown table on a new
+    stream, and the collector merges a step that reaches it while no stream of that rank is
+    open without it: docs/science.md, section 5.)"""
+    models = [tiny_mixtral(), tiny_mixtral()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    monitors = [
+        Monitor(
+            m, collector=collector_process.grpc_target, job="dp-moe", run="r", rank=r, world_size=2, every=1
+        )
+        for r, m in enumerate(models)
+    ]
+    for step in range(STEPS):
+        for rank, (model, opt, monitor) in enumerate(zip(models, opts, monitors, strict=True)):
+            seed = 1000 * rank + step
+            ids = torch.randint(0, VOCAB, (1, 2), generator=torch.Generator().manual_seed(seed))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step(loss)
+            wait_until(lambda m=monitor, n=step + 1: m.delivered == n, 30, f"rank {rank} step {step}")
+    closed = [m.close(30) for m in monitors]
+    assert all(closed), [(m.delivered, m.dropped, m.undurable, m.spooled, m.last_error) for m in monitors]
+    tables = [{s.name for s in m.sites} for m in monitors]
+    assert tables[0] != tables[1]
+    scraped = scrape(collector_process.metrics_url)
+    exported = {
+        dict(labels)["site"]
+        for name, labels in scraped
+        if name == "thermoscope_site_efficiency_ratio" and dict(labels).get("job_id") == "dp-moe"
+    }
+    assert exported == tables[0] | tables[1]
+    assert scraped[("thermoscope_last_step", frozenset({"job_id": "dp-moe"}.items()))] == STEPS - 1
 
 
 class Unused(nn.Module):
