@@ -291,24 +291,32 @@ class SiteCapture:
         self._joined.add(i)
         return i
 
-    def _product(self, func: Callable, args: tuple, kwargs: dict) -> object | None:
-        """`x * phi(x)` where phi(x) is an open application of input x: the product is that
-        site's output (a hand-written swish is a swish, not a sigmoid). None: not such a product."""
-        for app in reversed(self._open):
-            if is_product(func, args, app.input, app.output):
-                self._open.remove(app)
-                output = func(*args, **kwargs)
-                i, phi = app.site, app.phi
-                if not self.settled:  # named for what it applies while the table is not declared
-                    site = self.sites[i]
-                    name = site.name.replace(f":{app.name}", f":x*{app.name}", 1)
-                    self.sites[i] = SiteInfo(name=name, kind=f"x*{site.kind}")
-                if app.probed:
-                    with torch.no_grad():
-                        self._probe[i] = scale_probe(lambda t, phi=phi: t * phi(t), app.input.detach())
-                self._add_call(i, app.z_sums, output)
-                return output
-        return None
+    def _claim(self, func: Callable, args: tuple, kwargs: dict, products: bool) -> object | None:
+        """An op on the output of open applications: `x * phi(x)` (where `products`: outside a
+        module site) makes the product that site's output (a hand-written swish is a swish, not a
+        sigmoid) and returns it; any other use counts the output as it is before the op, which
+        may change it in place. None: no product."""
+        used = {id(t) for t in _tensors(args)}
+        claimed = None
+        for app in [a for a in self._open if id(a.output) in used]:
+            self._open.remove(app)
+            if claimed is None and products and is_product(func, args, app.input, app.output):
+                claimed = app
+            else:
+                self._add_call(app.site, app.z_sums, app.output)
+        if claimed is None:
+            return None
+        output = func(*args, **kwargs)
+        i, phi = claimed.site, claimed.phi
+        if not self.settled:  # named for what it applies while the table is not declared
+            site = self.sites[i]
+            name = site.name.replace(f":{claimed.name}", f":x*{claimed.name}", 1)
+            self.sites[i] = SiteInfo(name=name, kind=f"x*{site.kind}")
+        if claimed.probed:
+            with torch.no_grad():
+                self._probe[i] = scale_probe(lambda t: t * phi(t), claimed.input.detach())
+        self._add_call(i, claimed.z_sums, output)
+        return output
 
     def _close_applications(self) -> None:
         """Count the output of each application the returning module made (no product claimed it)."""
@@ -338,13 +346,15 @@ class _FunctionalSites(TorchFunctionMode):
         kwargs = kwargs or {}
         capture = self._capture
         running = capture._running
-        if not running or running[-1] is None or not args:
-            return func(*args, **kwargs)
+        inside = bool(running) and running[-1] is not None  # (not inside a module site's forward)
+        product = capture._claim(func, args, kwargs, inside) if capture._open else None
+        if not inside or not args:
+            return func(*args, **kwargs) if product is None else product
         name = FUNCTIONS.get(func)
-        if name is not None and isinstance(args[0], torch.Tensor):
-            output = capture._functional(running[-1], name, func, args, kwargs)
-        elif capture._open and (product := capture._product(func, args, kwargs)) is not None:
+        if product is not None:
             output = product
+        elif name is not None and isinstance(args[0], torch.Tensor):
+            output = capture._functional(running[-1], name, func, args, kwargs)
         else:
             output = func(*args, **kwargs)
             capture._derived.note(func, args, output)
@@ -365,6 +375,17 @@ class _Application:
     output: object
     phi: Callable[[torch.Tensor], torch.Tensor]
     probed: bool  # its site's probe was taken on this application (of phi: of the product's, if one)
+
+
+def _tensors(args: tuple) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, and in its lists and tuples (`torch.cat`'s)."""
+    found = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, torch.Tensor))
+    return found
 
 
 def _recompute() -> bool:

@@ -9,6 +9,7 @@ scaled copies of its input (docs/science.md section 5).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -182,11 +183,12 @@ class Derived:
     """The tensors one forward made from another by an elementwise comparison with a number or a
     scaling by one (`h > 0`, `0.01 * h`), each with its source and the function of it, so that
     a `torch.where` of them is read as the elementwise function of its source it is
-    (`where_site`). Kept on sampled steps only, for one forward (`clear`)."""
+    (`where_site`). Kept on sampled steps only, for one forward (`clear`), by weak references:
+    nothing is kept alive for it."""
 
     def __init__(self) -> None:
-        # id(tensor) -> (the tensor, kept so that its id is not reused; its source; the function)
-        self._of: dict[int, tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = {}
+        # id(tensor) -> (the tensor, to tell a reused id; its source; the function of it)
+        self._of: dict[int, tuple[weakref.ref, weakref.ref, Callable[[torch.Tensor], torch.Tensor]]] = {}
 
     def note(self, func: Callable, args: tuple, output: object) -> None:
         """Keep `output` if `func(args)` is a comparison or a scaling of a tensor by a number."""
@@ -197,14 +199,15 @@ class Derived:
         if not isinstance(x, torch.Tensor) or not isinstance(c, (int, float)):
             return
         source, inner = self.of(x)
-        self._of[id(output)] = (output, source, lambda t: op(inner(t), c))
+        self._of[id(output)] = (weakref.ref(output), weakref.ref(source), lambda t: op(inner(t), c))
 
     def of(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The source `t` was made from, and the function of it (itself and the identity if none)."""
         kept = self._of.get(id(t))
-        if kept is None or kept[0] is not t:
+        source = None if kept is None or kept[0]() is not t else kept[1]()
+        if source is None:
             return t, lambda s: s
-        return kept[1], kept[2]
+        return source, kept[2]  # type: ignore[index]
 
     def clear(self) -> None:
         self._of.clear()
@@ -219,7 +222,7 @@ class Experts:
     returns (`leave`)."""
 
     def __init__(self) -> None:
-        self._of: dict[int, tuple[object, int, int]] = {}  # id(tensor) -> (the tensor, expert, depth)
+        self._of: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) -> (the tensor, expert, depth)
 
     def note(self, func: Callable, args: tuple, output: object, depth: int) -> None:
         """Tag `output` if `func(args)` indexes a stacked parameter by one integer, or if one of
@@ -239,12 +242,12 @@ class Experts:
             return
         for out in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(out, torch.Tensor):
-                self._of[id(out)] = (out, expert, depth)
+                self._of[id(out)] = (weakref.ref(out), expert, depth)
 
     def of(self, t: object) -> int | None:
         """The expert `t` was made for (None: none)."""
         kept = self._of.get(id(t))
-        return None if kept is None or kept[0] is not t else kept[1]
+        return None if kept is None or kept[0]() is not t else kept[1]
 
     def leave(self, depth: int) -> None:
         """The module at `depth` returned: what its forward made is no expert's signal any more."""

@@ -76,6 +76,28 @@ def test_a_loop_calling_silu_three_times_makes_three_sites_named_by_call_order()
     assert [s.name for s in again.sites] == names
 
 
+class ScaledAfter(nn.Module):
+    """An activation's output scaled in place right after it is applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.gelu(self.fc(x))
+        a.mul_(2)
+        return a
+
+
+def test_an_output_changed_in_place_after_its_application_counts_as_the_function_made_it() -> None:
+    torch.manual_seed(0)
+    model, x = ScaledAfter(), torch.randn(ROWS, WIDTH)
+    _, sample = sampled(model, x)
+    with torch.no_grad():
+        z = model.fc(x)
+    assert efficiencies(sample)[0] == pytest.approx(efficiency64(z, F.gelu(z)), abs=1e-5)
+
+
 class WhereLeaky(nn.Module):
     def __init__(self) -> None:
         super().__init__()
