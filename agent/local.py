@@ -29,7 +29,8 @@ class Local:
     def __init__(
         self, layers: Sequence[LayerInfo], sites: Sequence[SiteInfo], window: int, max_queue: int
     ) -> None:
-        """`layers`, `sites`: the monitor's tables (the site table is final by the first `submit`)."""
+        """`layers`, `sites`: the monitor's tables (the site table grows as sites are first applied:
+        a sample taken before reads 0 values at the sites that joined after it)."""
         self._layers, self._sites, self._window = layers, sites, window
         self.pending: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer: Thermometer | None = None
@@ -55,8 +56,11 @@ class Local:
         if self.pending and (self._thermometer is None or self._retabled):
             self._thermometer = Thermometer(list(self._layers), list(self._sites), window=self._window)
             self._retabled = False
+        th, n_sites = self._thermometer, len(self._sites)
+        if th is not None and len(th.site_names) < n_sites:
+            th.grow_sites(list(self._sites))
         while self.pending:
-            self._thermometer.update(self.pending.popleft().to_sample())  # type: ignore[union-attr]
+            th.update(self.pending.popleft().to_sample().with_sites(n_sites))  # type: ignore[union-attr]
         return None if self._thermometer is None else self._thermometer.latest
 
     @property
@@ -66,6 +70,9 @@ class Local:
 
     def flush(self, timeout: float = 5.0) -> bool:
         return True
+
+    def grow(self, hello: pb.AgentMessage) -> None:
+        """The site table grew: `latest` reads it from the monitor's table itself."""
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """True unless steps were dropped before a `latest()` came for them."""

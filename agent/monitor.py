@@ -296,6 +296,9 @@ class Monitor:
         pending = self._sampler.collect(self._step, captured if loss is None else loss)
         if self._declaring:
             self._declare()
+        elif len(self._sampler.sites) != len(self._announced.hello.sites):
+            self._announced = self._hello()  # (a new message: the sink's old one may stay in use)
+            self._sink.grow(self._announced)
         self._sampler.disarm()
         self._sink.submit(pending)
 
@@ -391,7 +394,8 @@ class Monitor:
         hello of its own, before the first step measured over it."""
         self._declaring = False
         if self._settled.is_set():
-            self._sink.retable(self._hello(), self._sampler.layers, self._sampler.sites)
+            self._announced = self._hello()  # (a new message: the sink's old one may stay in use)
+            self._sink.retable(self._announced, self._sampler.layers, self._sampler.sites)
             return
         if len(self._sampler.sites) != len(self._announced.hello.sites):
             self._announced.CopyFrom(self._hello())

@@ -51,6 +51,14 @@ keeps the hello it was measured with, the stream of the old table ends (a half-c
 collector makes its frames durable and acknowledges them) with its last step, and the next stream
 opens with the new hello. A spool is written for one hello: at the change it is closed, and what
 it still holds (frames the collector never made durable) stays on disk for `thermoscope replay`.
+
+A site table that grows (the same run) after the first sampled step (a site first applied later: `grow`) is
+declared by a new hello on a new stream: the stream in progress ends once the collector has
+accepted every frame sent on it (none is lost with it), and the next one opens with the grown
+hello at once. Between streams nothing is in flight, so the spool is rewritten under the new
+hello (`_take_grown`: the frames it holds read 0 values at the sites that joined, as does a
+sample taken before the growth: `Sample.with_sites`, `codec.grow_sites`).
+The queued steps measured before it are the grown table's too (they read 0 values at its new sites).
 """
 
 from __future__ import annotations
@@ -117,6 +125,7 @@ class Sender(Processor):
         self.target: str | None = None if callable(target) else shard(target, hello.hello.job_id)
         self._hello = hello  # the hello of the stream open or coming (the sender thread's)
         self._latest = hello  # the hello of the steps submitted now (the training thread's)
+        self._grown: pb.AgentMessage | None = None  # the hello of a grown site table, not yet streamed
         self._ready = ready
         self._interval = interval
         self._on_config = on_config
@@ -205,6 +214,7 @@ class Sender(Processor):
         self._stop(timeout)
         kept = 0
         with self._cond:
+            self._swap_grown()  # (the thread has stopped: nothing is in flight)
             if self._spool is not None:
                 kept = self._keep_in_spool()
             if self._queue:
@@ -298,6 +308,7 @@ class Sender(Processor):
                     continue
                 if not self._hello_final():
                     continue
+                self._take_grown()
                 with self._cond:
                     if self._queue and self._queue[0][0] is not self._hello:
                         self._switch(self._queue[0][0])
@@ -313,12 +324,49 @@ class Sender(Processor):
                 self._end_stream()
                 if error is not None:
                     self._note_error(error)
+                elif self._take_grown():
+                    continue  # ended to declare a grown site table: open the next stream at once
                 if time.monotonic() - started > 30:
                     delay = self._backoff[0]  # the stream had been healthy: start the backoff over
                 self._idle(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, self._backoff[1])
         finally:
             relay.close()
+
+    def grow(self, hello: pb.AgentMessage) -> None:
+        """The site table grew: streams open with `hello` once no frame of the old one is held;
+        the steps queued with the table it grew from are its steps too."""
+        with self._cond:
+            old, self._grown, self._latest = self._latest, hello, hello
+            for i, (measured, item) in enumerate(self._queue):
+                if measured is old:
+                    self._queue[i] = (hello, item)
+            self._cond.notify_all()
+
+    def _take_grown(self) -> bool:
+        """Between streams (nothing in flight): stream with the grown hello from now on, if there
+        is one; True if it was taken."""
+        with self._cond:
+            return self._swap_grown()
+
+    def _swap_grown(self) -> bool:
+        """`_take_grown` under `_cond`: the spool's frames (sent, not durable yet) are written
+        anew under the grown hello, read against its table (`codec.grow_sites`)."""
+        if self._grown is None:
+            return False
+        self._hello, self._grown = self._grown, None
+        if self._spool is not None:
+            n_sites = len(self._hello.hello.sites)
+            with self._spooling():
+                held = self._spool.frames(self._ledger.durable)
+                evicted = self._spool.evicted
+                self._spool.close()
+                self._spool = None
+                self._spool = Spool.create(self._spool_dir, self._hello, self._spool_bytes)  # type: ignore[arg-type]
+                self._spool.evicted = evicted
+                for seq, data in held:
+                    self._spool.append(seq, codec.grow_sites(data, n_sites))
+        return True
 
     def _hello_final(self) -> bool:
         """Wait until the hello is final: the stream opens with the site table the first sampled
@@ -364,6 +412,7 @@ class Sender(Processor):
                 if self._spool_dir is None or len(self._queue) < max(1, self._max_queue // 2):
                     self._cond.wait(left)  # woken by `submit` and `shutdown`
                     continue
+                self._swap_grown()  # (no stream is open: a grown hello is taken before this frame)
                 if self._queue[0][0] is not self._hello:
                     self._switch(self._queue[0][0])
                 item = self._queue.popleft()
@@ -488,10 +537,11 @@ class Sender(Processor):
                 while generation == self._generation and (
                     (not self._queue and not self._stopping.is_set())
                     or (self._queue and self._ledger.in_flight >= WINDOW)
+                    or (self._grown is not None and self._ledger.in_flight)
                 ):
                     self._cond.wait()
-                if generation != self._generation or not self._queue:
-                    return
+                if generation != self._generation or not self._queue or self._grown is not None:
+                    return  # (a grown site table: this stream ends, the next declares it)
                 if self._queue[0][0] is not self._hello:  # a new table: this stream ends here
                     return
                 item = self._queue.popleft()
@@ -501,6 +551,8 @@ class Sender(Processor):
                 self._keep(seq, data)  # a spool that fails is given up: the frame goes on
             yield data
 
-    @staticmethod
-    def _encode(item: tuple[pb.AgentMessage, Pending], seq: int) -> bytes:
-        return codec.encode(item[1].to_sample(), seq).SerializeToString()
+    def _encode(self, item: tuple[pb.AgentMessage, Pending], seq: int) -> bytes:
+        """A frame of the stream's hello: a sample taken before its site table grew reads 0
+        values at the sites that joined since."""
+        sample = item[1].to_sample().with_sites(len(self._hello.hello.sites))
+        return codec.encode(sample, seq).SerializeToString()

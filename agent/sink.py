@@ -49,5 +49,9 @@ class Sink(Protocol):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait at most `timeout` seconds for what was handed over; False if it did not settle."""
 
+    def grow(self, hello: pb.AgentMessage) -> None:
+        """The site table grew after the first sampled step: `hello` declares it (an earlier
+        step's sample reads 0 values at the sites that joined after it)."""
+
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Stop (bounded); True only if every step handed over was delivered (and made durable)."""

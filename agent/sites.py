@@ -10,6 +10,7 @@ which function, with its parameters, a site applies.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -54,8 +55,24 @@ FUNCTIONS: dict[Callable, str] = {
         "logsigmoid": (F.logsigmoid,),
         "tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_),
         "sigmoid": (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_),
+        "glu": (F.glu,),  # measured on its gate half (`glu_gate`)
+        "where": (torch.where,),  # a site only where elementwise (`where_site`)
     }.items()
     for func in funcs
+}
+#: The multiplications a product site `x * phi(x)` is caught in.
+PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+#: Comparisons with a number and scalings by one: what `Derived` keeps for `where_site`.
+_COMPARE = {
+    f: op
+    for op, funcs in {
+        torch.gt: (torch.gt, torch.Tensor.gt, torch.Tensor.__gt__),
+        torch.ge: (torch.ge, torch.Tensor.ge, torch.Tensor.__ge__),
+        torch.lt: (torch.lt, torch.Tensor.lt, torch.Tensor.__lt__),
+        torch.le: (torch.le, torch.Tensor.le, torch.Tensor.__le__),
+        torch.mul: tuple(PRODUCTS),
+    }.items()
+    for f in funcs
 }
 #: The input `acts_as_activation` tries a module on.
 PROBE_SHAPE = (2, 4, 8)
@@ -206,3 +223,118 @@ def _efficiency(phi: Callable[[torch.Tensor], object], z: torch.Tensor) -> torch
     ulp = torch.finfo(a.dtype).eps * wide.abs().max()  # type: ignore[union-attr]
     unresolved = (var_out > 0) & (var_out < (PROBE_ULPS * ulp) ** 2)
     return torch.where(unresolved, torch.nan, 1 - var_out / z.double().var(correction=0))
+
+
+class Derived:
+    """The tensors one forward made from another by an elementwise comparison with a number or a
+    scaling by one (`h > 0`, `0.01 * h`), each with its source and the function of it, so that
+    a `torch.where` of them is read as the elementwise function of its source it is
+    (`where_site`). Kept on sampled steps only, for one forward (`clear`), by weak references:
+    nothing is kept alive for it."""
+
+    def __init__(self) -> None:
+        # id(tensor) -> (the tensor, to tell a reused id; its source; the function of it)
+        self._of: dict[int, tuple[weakref.ref, weakref.ref, Callable[[torch.Tensor], torch.Tensor]]] = {}
+
+    def note(self, func: Callable, args: tuple, output: object) -> None:
+        """Keep `output` if `func(args)` is a comparison or a scaling of a tensor by a number."""
+        op = _COMPARE.get(func)
+        if op is None or len(args) != 2 or not isinstance(output, torch.Tensor):
+            return
+        x, c = args if isinstance(args[0], torch.Tensor) else args[::-1]
+        if not isinstance(x, torch.Tensor) or not isinstance(c, (int, float)):
+            return
+        source, inner = self.of(x)
+        self._of[id(output)] = (weakref.ref(output), weakref.ref(source), lambda t: op(inner(t), c))
+
+    def of(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The source `t` was made from, and the function of it (itself and the identity if none)."""
+        kept = self._of.get(id(t))
+        source = None if kept is None or kept[0]() is not t else kept[1]()
+        if source is None:
+            return t, lambda s: s
+        return source, kept[2]  # type: ignore[index]
+
+    def clear(self) -> None:
+        self._of.clear()
+
+
+class Experts:
+    """Which slice of a stacked parameter each tensor of one module's forward was made from: a
+    fused MoE (transformers' `MixtralExperts`: `gate_up_proj[e]`, one activation module applied
+    once per expert given tokens) applies its activation to expert e's signal, a site of its own
+    (`act_fn[e]`), named by the expert, not by the order experts happened to run in. A tensor
+    made by any op from a tagged one is tagged too, until the module that indexed the parameter
+    returns (`leave`)."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) -> (the tensor, expert, depth)
+
+    def note(self, func: Callable, args: tuple, output: object, depth: int) -> None:
+        """Tag `output` if `func(args)` indexes a stacked parameter by one integer, or if one of
+        its tensor arguments is tagged (made at `depth`: the running modules' stack height)."""
+        if not self._of and func is not torch.Tensor.__getitem__:
+            return
+        expert = None
+        if func is torch.Tensor.__getitem__ and isinstance(args[0], nn.Parameter) and args[0].dim() >= 3:
+            index = args[1] if len(args) > 1 else None
+            if isinstance(index, int) or (
+                isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point()
+            ):
+                expert = int(index)
+        else:
+            expert = next((e for a in args if (e := self.of(a)) is not None), None)
+        if expert is None:
+            return
+        for out in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(out, torch.Tensor):
+                self._of[id(out)] = (weakref.ref(out), expert, depth)
+
+    def of(self, t: object) -> int | None:
+        """The expert `t` was made for (None: none)."""
+        kept = self._of.get(id(t))
+        return None if kept is None or kept[0]() is not t else kept[1]
+
+    def leave(self, depth: int) -> None:
+        """The module at `depth` returned: what its forward made is no expert's signal any more."""
+        if self._of:
+            self._of = {k: v for k, v in self._of.items() if v[2] < depth}
+
+
+def where_site(
+    derived: Derived, condition: object = None, a: object = None, b: object = None, **kwargs: object
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """A `torch.where(cond, a, b)` that is an elementwise function of one tensor z (cond a
+    comparison of z with a number, a and b each z, a scaling of it or a number: a leaky ReLU
+    written `torch.where(h > 0, h, 0.01 * h)`): z and that function. None for any other where."""
+    if kwargs or not all(isinstance(v, (torch.Tensor, int, float)) for v in (condition, a, b)):
+        return None
+    if not isinstance(condition, torch.Tensor) or condition.dtype != torch.bool:
+        return None
+    parts = [derived.of(v) if isinstance(v, torch.Tensor) else (None, v) for v in (condition, a, b)]
+    sources = {id(source) for source, _ in parts if source is not None}
+    if len(sources) != 1 or parts[0][0] is condition:  # one source, and cond made from it
+        return None
+    z = next(source for source, _ in parts if source is not None)
+    if not z.is_floating_point():
+        return None
+    fns = [fn if source is not None else (lambda t, v=fn: v) for source, fn in parts]
+    return z, lambda t: torch.where(fns[0](t), fns[1](t), fns[2](t))
+
+
+def glu_gate(
+    input: torch.Tensor, dim: int = -1
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The site of a GLU, `a * sigmoid(b)` of its input's halves: the sigmoid of its gate half b.
+    Its only elementwise nonlinearity is that sigmoid; the product with a is a bilinear gate of two
+    different signals (as a gated MLP's `act(gate) * up`, whose site is `act` alone), which no
+    single-input efficiency 1 - Var(a)/Var(z) describes."""
+    return input.chunk(2, dim)[1], torch.sigmoid
+
+
+def is_product(func: Callable, args: tuple, input: torch.Tensor, output: object) -> bool:
+    """Whether `func(args)` multiplies `output` by `input`, the tensor it was applied to."""
+    if func not in PRODUCTS or len(args) != 2:
+        return False
+    x, y = args
+    return (x is input and y is output) or (x is output and y is input)

@@ -200,6 +200,16 @@ class Thermometer:
         self.latest: Reading | None = None
         self._engines = (self._probe.copy(), *_engines(self._probe))  # (probe, site types, network type)
 
+    def grow_sites(self, sites: list[SiteInfo]) -> None:
+        """Take a site table that grew (its sites first, then those that joined since: an MoE
+        expert first given tokens later): the window goes on, the new sites not probed yet."""
+        names = tuple(site.name for site in sites)
+        if names[: len(self.site_names)] != self.site_names:
+            raise ValueError("a grown site table must begin with the thermometer's sites")
+        self._probe = np.concatenate([self._probe, np.full(len(names) - len(self.site_names), -1.0)])
+        self._engines = (self._probe.copy(), *_engines(self._probe))
+        self.site_names = names
+
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a thermometer saved by an older collector (a job's state) the caches
         it did not keep."""

@@ -121,6 +121,22 @@ class SiteStats:
     def __len__(self) -> int:
         return len(self.count)
 
+    def padded(self, n: int) -> SiteStats:
+        """These sites followed by sites that made no value, `n` in all: a sample taken before
+        sites joined its table (a site table only grows), read against the grown table. (Fewer
+        than it has: the first `n`, for a stream that cannot declare the others.)"""
+        extra = n - len(self.count)
+        if extra < 0:
+            return SiteStats(*(getattr(self, f.name)[:n] for f in fields(self)))
+        if extra == 0:
+            return self
+        zeros = np.zeros(extra)
+        return SiteStats(
+            np.concatenate([self.count, np.zeros(extra, dtype=np.int64)]),
+            *(np.concatenate([c, zeros]) for c in (self.in_mean, self.in_m2, self.out_mean, self.out_m2)),
+            np.concatenate([self.probe_spread, np.full(extra, -1.0)]),
+        )
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -135,6 +151,10 @@ class Sample:
     @property
     def has_energy(self) -> bool:
         return not math.isnan(self.energy)
+
+    def with_sites(self, n: int) -> Sample:
+        """The sample read against a site table grown to `n` sites (`SiteStats.padded`)."""
+        return self if len(self.sites) == n else replace(self, sites=self.sites.padded(n))
 
     def to_state(self) -> dict[str, Any]:
         """The sample as plain named values, as a saved state holds it (`from_state` reads it

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,6 +271,9 @@ class Pipeline:
     def _apply(self, sample: Sample) -> None:
         layers, sites = self.declared.layers, self.declared.sites
         th = self.thermometer
+        if th is not None and th.layer_names == tuple(layers) and len(sites) > len(th.site_names):
+            with suppress(ValueError):  # sites joined the job's table (first applied later): it goes on
+                th.grow_sites(list(sites.values()))
         if th is None or th.layer_names != tuple(layers) or th.site_names != tuple(sites):
             th = self.thermometer = Thermometer(
                 list(layers.values()), list(sites.values()), window=self.window

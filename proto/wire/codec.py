@@ -142,6 +142,24 @@ def encode(sample: Sample, seq: int) -> pb.AgentMessage:
     return pb.AgentMessage(frame=frame)
 
 
+def grow_sites(data: bytes, n_sites: int) -> bytes:
+    """A serialized frame of a smaller site table, read against one grown to `n_sites` (a site
+    table only grows: the sites that joined after it made no value on its step)."""
+    msg = pb.AgentMessage.FromString(data)
+    sites = msg.frame.sites
+    extra = n_sites - len(sites.count) // I64.itemsize
+    if extra <= 0:
+        return data
+    zeros = bytes(8 * extra)
+    sites.count += zeros
+    sites.in_mean += zeros
+    sites.in_m2 += zeros
+    sites.out_mean += zeros
+    sites.out_m2 += zeros
+    sites.probe_spread += _bytes(np.full(extra, -1.0), F64)
+    return msg.SerializeToString()
+
+
 def _bytes(values: np.ndarray, dtype: np.dtype) -> bytes:
     return np.ascontiguousarray(values, dtype=dtype).tobytes()
 
