@@ -206,9 +206,12 @@ class Thermometer:
         names = tuple(site.name for site in sites)
         if names[: len(self.site_names)] != self.site_names:
             raise ValueError("a grown site table must begin with the thermometer's sites")
-        self._probe = np.concatenate([self._probe, np.full(len(names) - len(self.site_names), -1.0)])
+        joined = len(names) - len(self.site_names)
+        self._probe = np.concatenate([self._probe, np.full(joined, -1.0)])
+        self._scale = np.concatenate([self._scale, np.full(joined, np.nan)])
         self._engines = (self._probe.copy(), *_engines(self._probe))
         self.site_names = names
+        self.site_functions = tuple(site.function for site in sites)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle, giving a thermometer saved by an older collector (a job's state) the caches

@@ -71,7 +71,7 @@ def test_an_moe_expert_first_given_tokens_later_gets_its_site_then() -> None:
     used = [e for e in reading.site_efficiency if not math.isnan(e)]
     assert used and all(0 < e < 1 for e in used)  # the experts that ran on the last step read
     # one thermometer took each grown table and went on: its window holds samples from before
-    assert thermometer is not None and list(thermometer._steps) == list(range(STEPS))[-WINDOW:]
+    assert thermometer is not None and list(thermometer._steps)[-WINDOW:] == list(range(STEPS))[-WINDOW:]
 
 
 @pytest.mark.parametrize("spooled", [False, True])
