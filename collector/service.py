@@ -35,9 +35,9 @@ from .security import Security
 from .settings import DEFAULTS, CollectorSettings
 from .state.job import Job
 from .state.store import EventStore
+from .state.stream import Stream
 from .web.app import web_app
 from .web.recorder import Recorder
-from .state.stream import Stream
 
 log = logging.getLogger("thermoscope.collector")
 

@@ -6,7 +6,8 @@ internet): its script, styles and the vendored uPlot are same-origin files, and 
 this app carries a Content-Security-Policy that allows nothing else. Names (job ids, layers,
 sites) come from agents: the script puts them in the page as text (`textContent`), never as
 markup, and the API answers JSON only. A reader bound to job prefixes (basic auth sets
-`thermoscope.prefixes`, passwords.py) sees only those jobs: an unseen job is a 404, as a missing one.
+`PREFIXES`, passwords.py) sees only those jobs: an unseen job is a 404, as a missing one, and
+/metrics, which has no per-job view, is a 403.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..exposition.passwords import PREFIXES
 from ..state.job import Job
 from . import api
 from .recorder import Recorder
@@ -54,12 +56,15 @@ def web_app(jobs: Mapping[str, Job], recorder: Recorder, metrics: App) -> App:
         # PEP 3333: the path's bytes as latin-1; agents' names are UTF-8
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
         ours = path in ("/", "/index.html") or path.startswith(("/static/", "/api/"))
+        prefixes = environ.get(PREFIXES)
+        if not ours and prefixes is not None:  # /metrics has no per-job view to narrow
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"403 Forbidden: this user is bound to job prefixes; read /api/v1/jobs\n"]
         if not ours:
             return metrics(environ, start_response)
         if environ["REQUEST_METHOD"] != "GET":
             start_response("405 Method Not Allowed", [("Allow", "GET"), ("Content-Type", "text/plain")])
             return [b"405 Method Not Allowed: use GET\n"]
-        prefixes = environ.get("thermoscope.prefixes")
         if path in ("/", "/index.html"):
             return answer(
                 start_response, "200 OK", "text/html; charset=utf-8", (STATIC / "index.html").read_bytes()

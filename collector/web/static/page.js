@@ -217,13 +217,14 @@ function showJob(detail) {
   const plugin = phasePlugin(() => marks.events, () => marks.spans);
   chart(
     "energy",
-    { plugins: [plugin], scales: { x: { time: false } }, series: [{ label: "step" }, { label: "energy", stroke: "black" }] },
+    { plugins: [plugin], scales: { x: { time: false } }, axes: [{}, { size: 80 }], series: [{ label: "step" }, { label: "energy", stroke: "black" }] },
     [h.step, h.energy]
   );
   chart(
     "temperature",
     {
       scales: { x: { time: false } },
+      axes: [{}, { size: 80 }],
       series: [
         { label: "step" },
         { label: "T", stroke: "firebrick" },
