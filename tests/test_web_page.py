@@ -93,7 +93,7 @@ def test_the_page_shows_a_real_training_job_appearing_and_the_phase_change_the_c
     wait = WebDriverWait(browser, WAIT, poll_frequency=0.2)
     # before any job: the page says so (its script ran)
     wait.until(lambda d: d.find_element(By.ID, "no-jobs").is_displayed())
-    with DemoRun(collector.grpc_target, JOB, steps=250, pace=0.01) as run:
+    with DemoRun(collector.grpc_target, JOB, steps=250) as run:
         row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs tbody tr a"))[0]
         assert row.text == JOB  # the id as text: no <b> element was made of it
         assert browser.find_elements(By.CSS_SELECTOR, "#jobs b") == []
