@@ -18,7 +18,7 @@ import pytest
 from thermoscope.cli.collector_process import CollectorProcess, start_collector_process
 from thermoscope.collector.credentials import AuthConfigError
 from thermoscope.collector.exposition.passwords import BasicAuthUsers, hash_password
-from thermoscope.collector.web.recorder import MAX_POINTS, Trace
+from thermoscope.collector.web.recorder import MAX_POINTS, Recorder, Trace
 
 from helpers.demo_run import DemoRun
 from helpers.exporter_jobs import reading
@@ -149,6 +149,15 @@ def test_a_job_history_stays_bounded_and_whole_however_long_the_run() -> None:
     kept = trace.columns()["step"]
     assert len(kept) <= MAX_POINTS and kept[0] == 0 and kept[-1] >= 5 * MAX_POINTS - 8
     assert kept == sorted(kept) and len(set(kept)) == len(kept)
+
+
+def test_a_new_run_of_a_job_is_drawn_from_its_start_not_after_the_old_one() -> None:
+    recorder = Recorder({"job": object()})
+    for step in (0, 5, 10, 15):
+        recorder.record("job", reading(["a"], [], step=step))
+    for step in (0, 5):  # the job restarted: a new run, its steps from 0 again
+        recorder.record("job", reading(["a"], [], step=step))
+    assert recorder.history("job")["step"] == [0, 5]
 
 
 def test_a_basic_auth_line_with_an_empty_job_prefix_is_one_clear_error(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ database, and the HTTP threads must not share the store's one connection with th
 So the collector hands every merged reading here too (on its event loop), and a job keeps at
 most `MAX_POINTS` points: when full, every other point is dropped and only every other later
 step is kept (its stride doubles), so a long run is drawn whole at a coarser step. Per-layer
-values are kept for the first `MAX_LAYERS` layers (the heatmap's rows); jobs the collector let
-go are forgotten when a new one comes.
+values are kept for the first `MAX_LAYERS` layers (the heatmap's rows); a job whose steps start
+over (a new run under its id) starts a new trace; jobs the collector let go are forgotten when a
+new one comes.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class Recorder:
         """Keep the reading (an `on_reading` callback)."""
         with self._lock:
             trace = self._traces.get(job_id)
+            if trace is not None and trace.step and reading.step <= trace.step[-1]:
+                trace = None  # a new run of the job (or its steps started over): drawn from its start
             if trace is None:
                 for gone in [j for j in self._traces if j not in self._jobs]:
                     del self._traces[gone]
