@@ -189,7 +189,12 @@ class Collector:
         await self._set_serving_by_checkpoints(False)
         if self._guard.rotation.files():
             self._rotation = asyncio.create_task(self._guard.rotation.watch())
-        log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
+        log.info(
+            "collector: gRPC on %s, metrics at %s, page at %s",
+            self.grpc_target,
+            self.metrics_url,
+            self.page_url,
+        )
 
     async def _set_serving_by_checkpoints(self, failing: bool) -> None:
         """Health says NOT_SERVING while checkpoints fail (a full disk): frames are then acked but

@@ -49,7 +49,10 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectorPro
     tmp = tmp_path_factory.mktemp("web")
     hashed = hash_password(PASSWORD)
     (tmp / "users").write_text(f"{ADMIN}:{hashed}\n{TEAM}:{hashed}:team-, team-b\n")
-    process = start_collector_process(tmp / "events.db", None, "--metrics-basic-auth", str(tmp / "users"))
+    with (tmp / "collector.log").open("w") as log:  # the process holds its own descriptor
+        process = start_collector_process(
+            tmp / "events.db", None, "--metrics-basic-auth", str(tmp / "users"), stderr=log
+        )
     try:
         for job in (MINE, THEIRS):  # one after the other: one training loop per process at a time
             with DemoRun(process.grpc_target, job, steps=120) as run:
@@ -63,6 +66,12 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CollectorPro
         yield process
     finally:
         process.stop()
+
+
+def test_the_collector_says_where_its_page_is(collector: CollectorProcess) -> None:
+    page = collector.metrics_url.removesuffix("metrics")
+    log = Path(collector.proc.args[collector.proc.args.index("--db") + 1]).with_name("collector.log")
+    assert f"metrics at {collector.metrics_url}, page at {page}\n" in log.read_text()
 
 
 def test_the_jobs_list_shows_each_job_with_its_run_phase_step_and_ranks(collector: CollectorProcess) -> None:
