@@ -101,7 +101,8 @@ def run(
         )
         stack.enter_context(collector.running())
         console.print(
-            f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/]"
+            f"collector: gRPC [bold]{collector.grpc_target}[/], metrics [bold]{collector.metrics_url}[/], "
+            f"page [bold]{collector.page_url}[/]"
         )
         config = {"steps": steps, "every": every, "seed": seed, "shift_at": shift_at}
         if workers:
@@ -127,7 +128,7 @@ def run(
             path = phase_figure(history, figure, title=f"thermoscope demo: {steps} steps, every {every}")
             console.print(f"figure written to {path}")
         if serve:
-            console.print(f"serving {collector.metrics_url} until Ctrl-C")
+            console.print(f"serving {collector.page_url} and {collector.metrics_url} until Ctrl-C")
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)

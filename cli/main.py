@@ -117,7 +117,9 @@ def parser() -> argparse.ArgumentParser:
     # the demo's one default: a short run samples more often than an agent does by default (10)
     d.add_argument("--every", type=_positive, default=5, help="sample one step in this many (default 5)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--serve", action="store_true", help="keep serving /metrics after training until Ctrl-C")
+    d.add_argument(
+        "--serve", action="store_true", help="keep serving the page and /metrics after training until Ctrl-C"
+    )
     d.add_argument("--figure", metavar="FILE.png", help="also draw the run's readings (needs matplotlib)")
     d.add_argument(
         "--shift-at", type=_at_least(0), help="step at which the data shift (default: half way; 0: never)"

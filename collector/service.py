@@ -36,6 +36,8 @@ from .settings import DEFAULTS, CollectorSettings
 from .state.job import Job
 from .state.store import EventStore
 from .state.stream import Stream
+from .web.app import web_app
+from .web.recorder import Recorder
 
 log = logging.getLogger("thermoscope.collector")
 
@@ -95,9 +97,17 @@ class Collector:
             if settings.db is not None
             else None
         )
-        self.telemetry = Telemetry(
-            self.jobs, settings, store=self.store, active=active, on_reading=on_reading
-        )
+        # the web page's recent history of each job, beside the caller's own callback
+        self.recorder = Recorder(self.jobs)
+        record = self.recorder.record
+        if on_reading is not None:
+            told = on_reading
+
+            def record(job_id: str, reading: Reading) -> None:
+                self.recorder.record(job_id, reading)
+                told(job_id, reading)
+
+        self.telemetry = Telemetry(self.jobs, settings, store=self.store, active=active, on_reading=record)
         # process_* metrics (CPU, memory, fds), rendered by prometheus_client; described at
         # registration so that `name[]` collects them only when it names one
         process = CollectorRegistry(auto_describe=True)
@@ -128,6 +138,11 @@ class Collector:
         return f"{self._guard.metrics_scheme}://{host}:{self.metrics_port}/metrics"
 
     @property
+    def page_url(self) -> str:
+        """The web page's address (docs/web.md), on the /metrics port."""
+        return self.metrics_url.removesuffix("metrics")
+
+    @property
     def grpc_target(self) -> str:
         host, _ = split_address(self.grpc_address)
         return f"{host}:{self.grpc_port}"
@@ -156,7 +171,9 @@ class Collector:
             )
         host, port = split_address(self.metrics_address)
         try:
-            self._http, _ = self._guard.start_metrics(host, port, metrics_app(self.exporter))
+            self._http, _ = self._guard.start_metrics(
+                host, port, web_app(self.jobs, self.recorder, metrics_app(self.exporter))
+            )
         except OSError as exc:
             raise ListenError(
                 f"cannot listen for /metrics on {self.metrics_address}: {exc.strerror or exc}"
@@ -172,7 +189,12 @@ class Collector:
         await self._set_serving_by_checkpoints(False)
         if self._guard.rotation.files():
             self._rotation = asyncio.create_task(self._guard.rotation.watch())
-        log.info("collector: gRPC on %s, metrics at %s", self.grpc_target, self.metrics_url)
+        log.info(
+            "collector: gRPC on %s, metrics at %s, page at %s",
+            self.grpc_target,
+            self.metrics_url,
+            self.page_url,
+        )
 
     async def _set_serving_by_checkpoints(self, failing: bool) -> None:
         """Health says NOT_SERVING while checkpoints fail (a full disk): frames are then acked but

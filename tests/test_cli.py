@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
 
 import pytest
 
@@ -10,7 +17,7 @@ from thermoscope.cli.main import parser
 from thermoscope.collector.service import Collector
 from thermoscope.collector.settings import DEFAULTS
 
-from helpers.processes import thermoscope
+from helpers.processes import stop_process, thermoscope
 
 
 @pytest.mark.slow
@@ -27,6 +34,30 @@ def test_the_default_demo_trains_streams_detects_the_shift_and_shows_it_all() ->
     assert "step 600: the data shift" in out
     assert "job phases: type_i -> transition -> type_ii -> refresh -> transition -> type_ii" in out
     assert "240 frames merged, 0 dropped" in out
+
+
+def test_demo_prints_the_page_beside_metrics_and_serves_it_after_the_run_with_serve() -> None:
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "thermoscope.cli", "demo", "--steps", "40", "--every", "2"]
+    proc = subprocess.Popen(
+        [*command, "--shift-at", "0", "--serve"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        out = ""
+        while "until Ctrl-C" not in out and (line := proc.stdout.readline()):
+            out += line
+        page = re.search(r"page (http://127\.0\.0\.1:\d+/)\s", out)
+        assert page and f"metrics {page[1]}metrics" in out, out
+        assert f"serving {page[1]} and {page[1]}metrics until Ctrl-C" in out
+        # the run is over and the page still answers, with the job's last step
+        with urllib.request.urlopen(page[1] + "api/v1/jobs", timeout=10) as answer:
+            assert [(j["job"], j["step"]) for j in json.load(answer)["jobs"]] == [("demo", 38)]
+        with urllib.request.urlopen(page[1], timeout=10) as answer:
+            assert answer.status == 200 and b"<title>Thermoscope</title>" in answer.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop_process(proc)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """Who may read `/metrics`: basic auth against a password file, hashing as little as it can.
 
-Basic auth (`--metrics-basic-auth FILE`): lines `USER:HASH`, the HASH bcrypt (`$2b$`/`$2y$`/`$2a$`,
+Basic auth (`--metrics-basic-auth FILE`): lines `USER:HASH`, or `USER:HASH:PREFIX,...` for a user
+bound to jobs whose ids start with one of the prefixes (the web page and its API show it only
+those; /metrics, which has no per-job view, refuses it), the HASH bcrypt (`$2b$`/`$2y$`/`$2a$`,
 what `thermoscope hash-password USER` and `htpasswd -nB USER` print, and what Prometheus' own
 web config takes) or `pbkdf2_sha256$ITERATIONS$SALT$HEX` (what earlier versions printed; still
 read). A hash costs ~60 ms of CPU (bcrypt cost 10, PBKDF2 200,000 rounds) by design, so
@@ -53,6 +55,8 @@ VERIFIED_PAIRS = 64
 TRACKED_ADDRESSES = 4096
 #: What `PasswordCheck.admit` says; all but OK are the reasons of `thermoscope_metrics_auth_failures_total`.
 OK, MISSING, WRONG, RATE_LIMITED = "ok", "missing", "wrong", "rate_limited"
+#: The WSGI environ key an admitted request's job prefixes go in (None: the user sees every job).
+PREFIXES = "thermoscope.prefixes"
 
 _BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 
@@ -100,8 +104,10 @@ def _parse_hash(text: str) -> _Bcrypt | _Pbkdf2:
 class BasicAuthUsers:
     """The users of a basic-auth file: `USER:HASH` lines (bcrypt or PBKDF2), `#` comments."""
 
-    def __init__(self, users: dict[str, str]) -> None:
-        """`users`: user -> hash (bcrypt, or `pbkdf2_sha256$ITERATIONS$SALT$HEX`)."""
+    def __init__(self, users: dict[str, str], prefixes: dict[str, tuple[str, ...]] | None = None) -> None:
+        """`users`: user -> hash (bcrypt, or `pbkdf2_sha256$ITERATIONS$SALT$HEX`); `prefixes`:
+        user -> the job prefixes it is bound to (a user not in it sees every job)."""
+        self._prefixes = dict(prefixes or {})
         self._users: dict[str, _Bcrypt | _Pbkdf2] = {}
         for user, text in users.items():
             try:
@@ -119,20 +125,32 @@ class BasicAuthUsers:
     @classmethod
     def load(cls, path: str | Path) -> BasicAuthUsers:
         text = read_file(path, "basic-auth file").decode()
-        users = {}
+        users, prefixes = {}, {}
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            user, sep, hashed = line.partition(":")
+            user, sep, rest = line.partition(":")
+            hashed, bound, scope = rest.partition(":")  # a hash holds no ':'
             if not sep or not user or user in users:
-                why = "a user appears twice" if user in users else "expected USER:HASH"
+                why = "a user appears twice" if user in users else "expected USER:HASH or USER:HASH:PREFIXES"
                 raise AuthConfigError(f"{path} line {number}: {why}")
+            if bound:
+                names = tuple(p.strip() for p in scope.split(","))
+                if not all(names):
+                    raise AuthConfigError(
+                        f"{path} line {number}: expected job prefixes separated by commas after the hash"
+                    )
+                prefixes[user] = names
             users[user] = hashed
         try:
-            return cls(users)
+            return cls(users, prefixes)
         except AuthConfigError as exc:
             raise AuthConfigError(f"{path}: {exc}") from None
+
+    def prefixes(self, user: str) -> tuple[str, ...] | None:
+        """The job prefixes the user is bound to (None: every job)."""
+        return self._prefixes.get(user)
 
     def check(self, user: str, password: str) -> bool:
         """True if the password is the user's; an unknown user costs the same hashing."""
@@ -294,6 +312,9 @@ class BasicAuth:
         address = environ.get("REMOTE_ADDR", "")
         verdict = self.check.admit(environ.get("HTTP_AUTHORIZATION", ""), address)
         if verdict == OK:
+            # who it is: a user bound to job prefixes sees only those jobs (collector/web/app.py)
+            user, _ = _credentials(environ["HTTP_AUTHORIZATION"])
+            environ[PREFIXES] = self.check.users.prefixes(user)
             return self.app(environ, start_response)
         if verdict == RATE_LIMITED:
             retry = str(self.check.retry_after(address))

@@ -33,6 +33,8 @@ from .stream import Stream
 
 #: Steps a job holds unmerged while waiting for slow ranks, before merging the oldest anyway.
 MAX_PENDING_STEPS = 32
+#: A job's events kept in memory for the web page (the store keeps them all).
+RECENT_EVENTS = 200
 
 
 class Declared:
@@ -204,6 +206,9 @@ class Pipeline:
         self.detector: PhaseDetector | None = None
         self.transitions: Counter[tuple[str, str]] = Counter()  # job-scope (from, to)
         self.last_transition_time: float | None = None
+        # the last RECENT_EVENTS events, replaced whole (never mutated), so that the web page's
+        # thread reads them without a lock, with or without a store
+        self.recent_events: tuple[Event, ...] = ()
         self.unsaved = Unsaved()
         self._merge = JobMerge()  # a cache, not state
 
@@ -313,5 +318,7 @@ class Pipeline:
             if e.scope == "job":
                 self.transitions[(e.from_, e.to)] += 1
                 self.last_transition_time = e.time
+        if events:
+            self.recent_events = (*self.recent_events, *events)[-RECENT_EVENTS:]
         if self.history_due is not None:
             self.unsaved.events.extend(events)
