@@ -82,6 +82,19 @@ def _replicas(model: nn.Module) -> int:
     return 1
 
 
+def _check_order(model: object, optimizer: object) -> None:
+    """TypeError, one line, for `Monitor(optimizer, model)`: swapped, they once failed deep inside
+    with `'SGD' object has no attribute 'named_parameters'`."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, torch.optim.Optimizer) and isinstance(optimizer, nn.Module):
+        raise TypeError(
+            f"thermoscope: Monitor(model, optimizer) takes the model first: got the {type(model).__name__} "
+            f"optimizer, then the {type(optimizer).__name__} model (swap them)"
+        )
+    raise TypeError(f"thermoscope: Monitor's model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 class Monitor:
     """Measures entropy, work, temperature and efficiency of `model` while it trains."""
 
@@ -128,6 +141,9 @@ class Monitor:
                 it, the work's noise correction reads the spread of the step's micro-batches or
                 data-parallel ranks, where there is one (docs/science.md section 2).
         """
+        _check_order(model, optimizer)
+        if isinstance(collector, str):
+            collector = discovery.checked(collector)
         identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
         replicas = _replicas(model)
         model = _unwrap(model)

@@ -21,16 +21,15 @@ from typing import Any
 from thermoscope.collector.security import Security
 from thermoscope.collector.settings import DEFAULTS
 
+from . import extras
 from . import security as security_cli
 
 
-def _actor():
-    try:
-        from thermoscope.collector import actor
-    except ImportError as exc:
-        raise SystemExit(
-            f"thermoscope: this command needs Ray ({exc}): pip install 'thermoscope[ray]'"
-        ) from None
+def _actor(what: str):
+    """The collector actor's module, once Ray is known to be installed (`extras.need`)."""
+    extras.need(what, "ray")
+    from thermoscope.collector import actor
+
     return actor
 
 
@@ -43,14 +42,17 @@ def _connect(actor, address: str | None):
     return actor
 
 
-def _start(security: Security, address: str | None, **options: Any) -> tuple[Any, dict[str, str], bool]:
+def _start(
+    what: str, security: Security, address: str | None, **options: Any
+) -> tuple[Any, dict[str, str], bool]:
     """Start or find the collector actor: (handle, targets, whether it was started here).
+    `what`: the command, as the user typed it.
 
     The security files are read and checked before Ray is joined (AuthConfigError), the
     exposure of this node before the actor is created (InsecureError); the caller turns both
     into exit status 2. Flags given for an actor that is already running are reported as unused.
     """
-    actor = _actor()
+    actor = _actor(what)
     packed = actor.PackedSecurity.pack(security)
     _connect(actor, address)
     import ray
@@ -79,6 +81,7 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from thermoscope.wire.contract import split_address
 
     _, targets, _ = _start(
+        "collector --ray",
         address=args.address,
         grpc_port=split_address(args.grpc)[1],
         metrics_port=split_address(args.metrics)[1],
@@ -92,6 +95,7 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 def attach(args: argparse.Namespace, security: Security) -> int:
     """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
     handle, targets, fresh = _start(
+        "attach",
         security,
         args.address,
         grpc_port=args.grpc_port,
@@ -143,7 +147,7 @@ def _world_size(job: dict[str, Any]) -> int:
 
 def detach(args: argparse.Namespace) -> int:
     """Pause the job (or every job): agents stop sampling, the training never notices."""
-    actor = _connect(_actor(), args.address)
+    actor = _connect(_actor("detach"), args.address)
     if args.stop:
         print("stopped the collector actor" if actor.stop() else "no collector actor was running")
         return 0
