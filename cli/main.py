@@ -159,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     from . import top  # its own module: the live view and its flags
 
     top.add_arguments(sub)
+    from . import jobs  # its own module: the jobs to attach to, by name
+
+    jobs.add_arguments(sub)
     from . import aggregator  # its own module: a node's aggregator and its flags
 
     aggregator.add_arguments(sub)
@@ -422,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import top
 
         return top.main(args, p)
+    if args.command == "jobs":
+        from . import jobs
+
+        return jobs.main(args, p)
     if args.command == "theory":
         from . import theory as theory_cli  # torch is imported only with --simulate
 

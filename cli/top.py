@@ -92,6 +92,7 @@ class Job:
     connected: int = 0
     stale: int = 0
     paused: bool = False
+    run: str = ""  # the run its agents named (a Ray Train run's name), where the page says it
     layer_phases: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,6 +123,8 @@ def parse(text: str) -> dict[str, Job]:
                 job.efficiency = sample.value  # the median site efficiency
             elif sample.name == "thermoscope_agents_connected":
                 job.connected = int(sample.value)
+            elif sample.name == "thermoscope_run_info":
+                job.run = sample.labels.get("run", "")
             elif sample.name == "thermoscope_job_paused":
                 job.paused = sample.value == 1
             elif sample.name == "thermoscope_rank_stale":
@@ -142,10 +145,10 @@ class Source:
     context: ssl.SSLContext | None
     authorization: str | None
 
-    def read(self, timeout: float = 10.0) -> dict[str, Job]:
-        """The jobs of one read of the page (`TopError`, `Unreachable` if none). A redirect is not
-        followed: the credentials would go with it to wherever it points."""
-        query = urllib.parse.urlencode([("name[]", name) for name in FAMILIES])
+    def read(self, timeout: float = 10.0, families: tuple[str, ...] = FAMILIES) -> dict[str, Job]:
+        """The jobs of one read of the page's `families` (`TopError`, `Unreachable` if none). A
+        redirect is not followed: the credentials would go with it to wherever it points."""
+        query = urllib.parse.urlencode([("name[]", name) for name in families])
         request = urllib.request.Request(f"{self.url}?{query}")
         if self.authorization is not None:
             request.add_header("Authorization", self.authorization)
@@ -261,7 +264,7 @@ class Column:
     cell: Callable[[Job, Board], Text]
 
 
-def _ranks(job: Job, board: Board) -> Text:
+def ranks(job: Job) -> Text:
     """Live ranks, and the stale ones and a pause marked: a paused job's quiet ranks look live."""
     text = Text(f"{job.connected} live")
     if job.stale:
@@ -287,7 +290,7 @@ def _temperature(job: Job, board: Board) -> Text:
 COLUMNS = (
     Column("job", "left", lambda job, board: plain(job.job_id)),
     Column("phase", "left", lambda job, board: plain(job.phase or "—")),
-    Column("ranks", "left", _ranks),
+    Column("ranks", "left", lambda job, board: ranks(job)),
     Column("step", "right", lambda job, board: Text("—" if math.isnan(job.step) else str(int(job.step)))),
     Column("temperature", "right", _temperature),
     Column("energy", "right", lambda job, board: Text(_number(job.energy))),
@@ -352,12 +355,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         "live and stale, and the layers that changed phase most recently, refreshed in place. "
         "Keys: t sorts by temperature, s by entropy change, j by job; q quits.",
     )
-    t.add_argument(
-        "--collector",
-        default=DEFAULTS.metrics,
-        metavar="ADDR",
-        help=f"the collector's /metrics: HOST:PORT or a URL (default {DEFAULTS.metrics})",
-    )
+    reading_arguments(t)
     t.add_argument("--job", action="append", metavar="ID", help="only this job (repeat for several)")
     t.add_argument("--sort", choices=tuple(SORTS), default="job", help="the first sort order (default job)")
     t.add_argument(
@@ -365,11 +363,21 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--once", action="store_true", help="print the table once and exit")
     t.add_argument("--iterations", type=_iterations, metavar="N", help="exit after N reads")
-    t.add_argument(
+
+
+def reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where and how to read a collector's /metrics (`top`'s, `jobs`')."""
+    parser.add_argument(
+        "--collector",
+        default=DEFAULTS.metrics,
+        metavar="ADDR",
+        help=f"the collector's /metrics: HOST:PORT or a URL (default {DEFAULTS.metrics})",
+    )
+    parser.add_argument(
         "--tls-ca", metavar="PEM", help="the CA that signed the collector's /metrics certificate (HTTPS)"
     )
-    t.add_argument("--basic-auth-user", metavar="USER", help="basic auth of /metrics: the user")
-    t.add_argument(
+    parser.add_argument("--basic-auth-user", metavar="USER", help="basic auth of /metrics: the user")
+    parser.add_argument(
         "--basic-auth-password-file",
         metavar="FILE",
         help="basic auth of /metrics: a file holding the password",
@@ -392,26 +400,27 @@ def _iterations(text: str) -> int:
     return int(text)
 
 
-def source(args: argparse.Namespace, p: argparse.ArgumentParser) -> Source:
-    """The `Source` of the flags; a bad combination or an unreadable file: `p.error`."""
+def source(args: argparse.Namespace, p: argparse.ArgumentParser, command: str = "top") -> Source:
+    """The `Source` of the flags (`reading_arguments`); a bad combination or an unreadable file:
+    `p.error`, naming `command`."""
     url = args.collector if "://" in args.collector else None
     if url is None:
         try:
             host, port = split_address(args.collector)
         except ValueError as exc:
-            p.error(f"top: --collector: {exc} (or give a URL)")
+            p.error(f"{command}: --collector: {exc} (or give a URL)")
         host = f"[{host}]" if ":" in host else host
         url = f"{'https' if args.tls_ca else 'http'}://{host}:{port}/metrics"
     elif urllib.parse.urlsplit(url).path in ("", "/"):
         url = url.rstrip("/") + "/metrics"
     if (args.basic_auth_user is None) != (args.basic_auth_password_file is None):
-        p.error("top: --basic-auth-user and --basic-auth-password-file go together")
+        p.error(f"{command}: --basic-auth-user and --basic-auth-password-file go together")
     authorization = None
     if args.basic_auth_user is not None:
         try:
             password = Path(args.basic_auth_password_file).read_text().rstrip("\r\n")
         except OSError as exc:
-            p.error(f"top: --basic-auth-password-file: cannot read {exc.filename}: {exc.strerror}")
+            p.error(f"{command}: --basic-auth-password-file: cannot read {exc.filename}: {exc.strerror}")
         token = base64.b64encode(f"{args.basic_auth_user}:{password}".encode()).decode()
         authorization = f"Basic {token}"
     context = None
@@ -419,7 +428,7 @@ def source(args: argparse.Namespace, p: argparse.ArgumentParser) -> Source:
         try:
             context = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
-            p.error(f"top: --tls-ca: cannot use {args.tls_ca}: {exc}")
+            p.error(f"{command}: --tls-ca: cannot use {args.tls_ca}: {exc}")
     return Source(url, context, authorization)
 
 
