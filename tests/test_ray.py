@@ -267,9 +267,41 @@ def test_jobs_lists_a_running_ray_job_with_its_entrypoint_and_a_typo_in_attach_o
             assert f"no job {typo!r}" in line and job_id in line and "ray_job.py" in line, line
             assert "attached" not in refused.stdout and "detached" not in refused.stdout
         assert actor.find() is None  # nothing was started for the typo
+
+        # in a terminal, --wait updates one line in place until every rank streams
+        shown = in_a_terminal(
+            "attach", "--address", cluster, "--job", job_id, "--wait", "60",
+            "--grpc-port", "0", "--metrics-port", "0", "--sd-file", str(tmp_path / "sd.json"),
+        )  # fmt: skip
+        progress = shown[shown.index("dormant agents connect") :].split("\n")[1:]
+        assert len(progress) == 2 and progress[-1] == "", shown  # one line of progress, ended once
+        updates = progress[0].split("\r\x1b[K")[1:]
+        assert updates[-1].startswith(f"job {job_id}: 2/2 ranks streaming"), shown
     finally:
         stop.touch()
         finish(job)
+        thermoscope("detach", "--address", cluster, "--stop")
+
+
+def in_a_terminal(*args: str) -> str:
+    """What `thermoscope ARGS` writes to a pseudo-terminal, once it exited (0)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thermoscope.cli", *args], stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 def test_a_killed_worker_is_marked_lost_and_its_replayed_steps_are_not_counted_twice(
