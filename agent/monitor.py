@@ -118,6 +118,8 @@ class Monitor:
             collector: "host:port" of a collector (or several, comma-separated: the job's is
                 picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
                 that finds one (`discovery.find_collector`); None derives everything in-process.
+                A URL, or an address without its port, is a ValueError here (`discovery.checked`);
+                an address that answers but is not a collector (its /metrics port) is logged once.
             identity: who this process is: job, run, rank, world size, local rank, node, and
                 its place in a tensor-parallel group (`settings.Identity`; default: one process,
                 the job named by $THERMOSCOPE_JOB or host and pid).
