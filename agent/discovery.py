@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE, aggregator_name
+from thermoscope.wire.contract import ACTOR_NAME, DEFAULT_GRPC, NAMESPACE, aggregator_name, split_address
 
 #: Seconds between lookups while no collector is found; `$THERMOSCOPE_DISCOVERY_INTERVAL`.
 DEFAULT_INTERVAL = 5.0
@@ -33,6 +33,24 @@ def interval() -> float:
     if not value > 0:
         raise ValueError(f"THERMOSCOPE_DISCOVERY_INTERVAL must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def checked(address: str) -> str:
+    """`address` ("host:port", or several comma-separated) as a `Monitor` was given it; ValueError,
+    one line, for what no collector could be at: a URL, a missing colon. They once read "no
+    collector answering" in a log line, for ever."""
+    for target in address.split(","):
+        target = target.strip()
+        if "://" in target:
+            raise ValueError(
+                f"thermoscope: collector {target!r} is a URL: give the collector's gRPC address as "
+                f"HOST:PORT (e.g. {DEFAULT_GRPC}); its /metrics URL is for Prometheus, not for agents"
+            )
+        try:
+            split_address(target)
+        except ValueError as exc:
+            raise ValueError(f"thermoscope: collector: {exc} (e.g. {DEFAULT_GRPC})") from None
+    return address
 
 
 def find_collector() -> str | None:

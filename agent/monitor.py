@@ -82,6 +82,19 @@ def _replicas(model: nn.Module) -> int:
     return 1
 
 
+def _check_order(model: object, optimizer: object) -> None:
+    """TypeError, one line, for `Monitor(optimizer, model)`: swapped, they once failed deep inside
+    with `'SGD' object has no attribute 'named_parameters'`."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, torch.optim.Optimizer) and isinstance(optimizer, nn.Module):
+        raise TypeError(
+            f"thermoscope: Monitor(model, optimizer) takes the model first: got the {type(model).__name__} "
+            f"optimizer, then the {type(optimizer).__name__} model (swap them)"
+        )
+    raise TypeError(f"thermoscope: Monitor's model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 class Monitor:
     """Measures entropy, work, temperature and efficiency of `model` while it trains."""
 
@@ -105,6 +118,8 @@ class Monitor:
             collector: "host:port" of a collector (or several, comma-separated: the job's is
                 picked by a hash of its id, `thermoscope.wire.contract.shard`), or a function
                 that finds one (`discovery.find_collector`); None derives everything in-process.
+                A URL, or an address without its port, is a ValueError here (`discovery.checked`);
+                an address that answers but is not a collector (its /metrics port) is logged once.
             identity: who this process is: job, run, rank, world size, local rank, node, and
                 its place in a tensor-parallel group (`settings.Identity`; default: one process,
                 the job named by $THERMOSCOPE_JOB or host and pid).
@@ -128,6 +143,9 @@ class Monitor:
                 it, the work's noise correction reads the spread of the step's micro-batches or
                 data-parallel ranks, where there is one (docs/science.md section 2).
         """
+        _check_order(model, optimizer)
+        if isinstance(collector, str):
+            collector = discovery.checked(collector)
         identity, sampling, delivery, security = group(keywords, identity, sampling, delivery, security)
         replicas = _replicas(model)
         model = _unwrap(model)

@@ -61,7 +61,7 @@ class Relay:
         self._writer: threading.Thread | None = None
         self._fresh = False  # the relay was just started: its first connect may take longer
         self.target: str | None = None
-        self.error: str | None = None  # why the last connect failed
+        self.error: str | None = None  # why the last connect failed, if the relay failed it
 
     def connect(
         self, target: str, timeout: float, wait: Callable[[float], None], stopping: threading.Event
@@ -81,8 +81,8 @@ class Relay:
                     kind, payload = message
                     if kind == Kind.CONNECTED:
                         self._fresh = False
-                        self.error = None if payload == b"1" else f"no collector answering at {target}"
-                        return self.error is None
+                        self.error = None  # (the channel did not become ready: the caller says why)
+                        return payload == b"1"
                     self._other(kind, payload)
                 if time.monotonic() > deadline:  # a relay that does not answer is broken
                     self.error = "the relay process did not answer; starting another"

@@ -76,6 +76,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import shard
 
+from . import probe
 from .ledger import Ledger
 from .pending import Pending
 from .processor import Processor
@@ -304,7 +305,7 @@ class Sender(Processor):
                     continue
                 if not relay.connect(self.target, self._connect_timeout, self._idle, self._stopping):  # type: ignore[arg-type]
                     # look up again, and wait again: the channel paces its reconnects itself
-                    self._note_error(relay.error or f"no collector answering at {self.target}")
+                    self._note_error(relay.error or self._why_not(self.target))  # type: ignore[arg-type]
                     continue
                 if not self._hello_final():
                     continue
@@ -481,6 +482,12 @@ class Sender(Processor):
             elif self._spool is not None:
                 self._lose_upto(self._spool.evicted, "evicted from the spool while in flight")
             self._cond.notify_all()
+
+    def _why_not(self, target: str) -> str:
+        """Why the connect to `target` failed: something else answered there, or nothing did. A
+        TLS channel is not probed (the probe speaks plaintext)."""
+        other = None if self._security.tls else probe.not_a_collector(target)
+        return other or f"no collector answering at {target}"
 
     def _note_error(self, error: str) -> None:
         """Log an error once (until another one comes): the stream is retried meanwhile."""

@@ -21,16 +21,15 @@ from typing import Any
 from thermoscope.collector.security import Security
 from thermoscope.collector.settings import DEFAULTS
 
+from . import extras
 from . import security as security_cli
 
 
-def _actor():
-    try:
-        from thermoscope.collector import actor
-    except ImportError as exc:
-        raise SystemExit(
-            f"thermoscope: this command needs Ray ({exc}): pip install 'thermoscope[ray]'"
-        ) from None
+def _actor(what: str):
+    """The collector actor's module, once Ray is known to be installed (`extras.need`)."""
+    extras.need(what, "ray")
+    from thermoscope.collector import actor
+
     return actor
 
 
@@ -43,14 +42,22 @@ def _connect(actor, address: str | None):
     return actor
 
 
-def _start(security: Security, address: str | None, **options: Any) -> tuple[Any, dict[str, str], bool]:
+def join(what: str, address: str | None):
+    """Join the Ray cluster at `address` (Ray installed: `extras.need`); the collector actor's module."""
+    return _connect(_actor(what), address)
+
+
+def _start(
+    what: str, security: Security, address: str | None, **options: Any
+) -> tuple[Any, dict[str, str], bool]:
     """Start or find the collector actor: (handle, targets, whether it was started here).
+    `what`: the command, as the user typed it.
 
     The security files are read and checked before Ray is joined (AuthConfigError), the
     exposure of this node before the actor is created (InsecureError); the caller turns both
     into exit status 2. Flags given for an actor that is already running are reported as unused.
     """
-    actor = _actor()
+    actor = _actor(what)
     packed = actor.PackedSecurity.pack(security)
     _connect(actor, address)
     import ray
@@ -79,6 +86,7 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from thermoscope.wire.contract import split_address
 
     _, targets, _ = _start(
+        "collector --ray",
         address=args.address,
         grpc_port=split_address(args.grpc)[1],
         metrics_port=split_address(args.metrics)[1],
@@ -89,9 +97,45 @@ def start(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     return 0
 
 
+def running_jobs() -> dict[str, str]:
+    """The Ray jobs running on the cluster joined, but this command's own: id -> entrypoint.
+
+    Read from Ray's job table, which core Ray has (`ray list jobs` needs `ray[default]`)."""
+    import ray
+    from ray._private import state
+
+    own = ray.get_runtime_context().get_job_id()
+    running = [j for j in state.jobs() if not j["IsDead"] and j["JobID"] != own]
+    return {j["JobID"]: " ".join(j["Entrypoint"].split()) for j in running}  # a command line, on one line
+
+
+def _check_job(what: str, job: str | None, seen: dict[str, Any]) -> None:
+    """Exit with one line naming the jobs there are when `job` is neither a running Ray job nor one
+    the collector sees (`seen`: its snapshot): a typo once said "attached" and waited for nothing."""
+    if job is None:
+        return
+    running = running_jobs()
+    if job in running or job in seen:
+        return
+    there = [f"{j} ({entrypoint})" if entrypoint else j for j, entrypoint in sorted(running.items())]
+    there += sorted(set(seen) - set(running))
+    print(
+        f"thermoscope {what}: no job {job!r} on this Ray cluster; "
+        + (f"the jobs there: {', '.join(there)}" if there else "no job is running there"),
+        file=sys.stderr,
+    )
+    raise SystemExit(1)
+
+
 def attach(args: argparse.Namespace, security: Security) -> int:
     """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
+    actor = join("attach", args.address)
+    import ray
+
+    running = actor.find()
+    _check_job("attach", args.job, {} if running is None else ray.get(running.snapshot.remote()))
     handle, targets, fresh = _start(
+        "attach",
         security,
         args.address,
         grpc_port=args.grpc_port,
@@ -101,11 +145,10 @@ def attach(args: argparse.Namespace, security: Security) -> int:
     )
     if fresh:
         print(f"started the collector actor: gRPC {targets['grpc']}, metrics {targets['metrics']}")
-    import ray
 
     ray.get(handle.attach.remote(args.job, _token()))
     what = f"job {args.job}" if args.job else "every job"
-    print(f"attached to {what}; dormant agents connect within two discovery intervals")
+    print(f"attached to {what}; dormant agents connect within two discovery intervals", flush=True)
     return _wait_for_ranks(ray, handle, args.job, args.wait)
 
 
@@ -118,17 +161,28 @@ def _token() -> str | None:
 
 
 def _wait_for_ranks(ray, handle, job: str | None, wait: float) -> int:
-    """Print the streaming ranks once a second until every rank of the job(s) streams, or `wait` s."""
-    began = time.monotonic()
+    """Show the streaming ranks until every rank of the job(s) streams, or `wait` s: one line
+    updated in place on a terminal; elsewhere (a pipe, a log) a line when the ranks change, and
+    the last one."""
+    began, shown = time.monotonic(), None
+    terminal = sys.stdout.isatty()
     while True:
         jobs = ray.get(handle.snapshot.remote())
         if job is not None:
             jobs = {j: v for j, v in jobs.items() if j == job}
         complete = bool(jobs) and all(_streaming(v) == _world_size(v) for v in jobs.values())
-        lines = [f"job {j}: {_streaming(v)}/{_world_size(v)} ranks streaming" for j, v in jobs.items()]
+        ranks = ", ".join(
+            f"job {j}: {_streaming(v)}/{_world_size(v)} ranks streaming" for j, v in jobs.items()
+        )
         elapsed = time.monotonic() - began
-        print(f"{', '.join(lines) or 'no agent connected yet'} ({elapsed:.1f} s after attaching)", flush=True)
-        if complete or elapsed >= wait:
+        done = complete or elapsed >= wait
+        line = f"{ranks or 'no agent connected yet'} ({elapsed:.1f} s after attaching)"
+        if terminal:
+            print(f"\r\x1b[K{line}", end="\n" if done else "", flush=True)
+        elif ranks != shown or done:
+            print(line, flush=True)
+        shown = ranks
+        if done:
             return 0 if complete or wait == 0 else 1
         time.sleep(min(0.25, wait / 10))
 
@@ -143,16 +197,17 @@ def _world_size(job: dict[str, Any]) -> int:
 
 def detach(args: argparse.Namespace) -> int:
     """Pause the job (or every job): agents stop sampling, the training never notices."""
-    actor = _connect(_actor(), args.address)
+    actor = join("detach", args.address)
     if args.stop:
         print("stopped the collector actor" if actor.stop() else "no collector actor was running")
         return 0
     handle = actor.find()
+    import ray
+
+    _check_job("detach", args.job, {} if handle is None else ray.get(handle.snapshot.remote()))
     if handle is None:
         print("no collector actor is running: nothing is attached")
         return 0
-    import ray
-
     ray.get(handle.detach.remote(args.job, _token()))
     print(f"detached from {'job ' + args.job if args.job else 'every job'}; its agents are idle")
     return 0

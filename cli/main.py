@@ -20,6 +20,7 @@ from thermoscope.wire.contract import split_address
 
 from . import attach as attach_cli
 from . import events as events_cli
+from . import extras
 from . import security as security_cli
 
 
@@ -160,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     from . import top  # its own module: the live view and its flags
 
     top.add_arguments(sub)
+    from . import jobs  # its own module: the jobs to attach to, by name
+
+    jobs.add_arguments(sub)
     from . import aggregator  # its own module: a node's aggregator and its flags
 
     aggregator.add_arguments(sub)
@@ -342,23 +346,34 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(collector.serve())
-        except (ListenError, AuthConfigError) as exc:  # at start: a port, the /metrics TLS files
+        except ListenError as exc:  # a port taken: the reason, one line (no usage: the flags were right)
+            print(f"thermoscope collector: {exc}", file=sys.stderr)
+            return 2
+        except AuthConfigError as exc:  # at start: the /metrics TLS files
             p.error(f"collector: {exc}")
         return 0
     if args.command == "demo":
+        extras.need("demo", "torch")
+        if args.figure is not None:
+            extras.need("demo --figure", "matplotlib")
+        if args.workers:
+            extras.need("demo --workers", "ray")
         from . import demo  # torch is imported only by the commands that train
 
         logging.getLogger("thermoscope").setLevel(logging.WARNING)
-        demo.run(
-            steps=args.steps,
-            every=args.every,
-            seed=args.seed,
-            serve=args.serve,
-            figure=args.figure,
-            shift_at=args.shift_at,
-            db=args.db,
-            workers=args.workers,
-        )
+        try:
+            demo.run(
+                steps=args.steps,
+                every=args.every,
+                seed=args.seed,
+                serve=args.serve,
+                figure=args.figure,
+                shift_at=args.shift_at,
+                db=args.db,
+                workers=args.workers,
+            )
+        except StoreError as exc:  # --db: a database it cannot use, one line naming it
+            raise SystemExit(f"thermoscope demo: {exc}") from None
         return 0
     if args.command == "attach":
         try:
@@ -370,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash-password":
         return security_cli.hash_password_line(args)
     if args.command == "plot":
+        extras.need("plot", "matplotlib")
         from .plot import plot_job  # matplotlib is imported only by the commands that draw
 
         try:
@@ -411,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import top
 
         return top.main(args, p)
+    if args.command == "jobs":
+        from . import jobs
+
+        return jobs.main(args, p)
     if args.command == "theory":
         from . import theory as theory_cli  # torch is imported only with --simulate
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import http.client
 import math
 import os
 import select
@@ -24,11 +25,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -50,6 +52,7 @@ FAMILIES = (
     "thermoscope_agents_connected",
     "thermoscope_rank_stale",
     "thermoscope_phase",
+    "thermoscope_job_paused",
 )
 #: Sort orders: the key that selects each, and what the title calls it.
 SORTS = {"job": "j", "temperature": "t", "entropy": "s"}
@@ -59,6 +62,11 @@ RECENT = 3
 #: The longest page `top` reads (bytes): its families of a collector at its bounds are far less;
 #: a longer (or endless) one is refused, not held.
 MAX_PAGE = 64 << 20
+#: What a user who gave another port (the gRPC one a `Monitor` was given) is told to give instead.
+NOT_METRICS = (
+    f"give --collector the collector's metrics address (its --metrics, default {DEFAULTS.metrics}), "
+    "not the gRPC one agents stream to"
+)
 
 
 class TopError(Exception):
@@ -83,6 +91,8 @@ class Job:
     entropy: float = math.nan
     connected: int = 0
     stale: int = 0
+    paused: bool = False
+    run: str = ""  # the run its agents named (a Ray Train run's name), where the page says it
     layer_phases: dict[str, str] = field(default_factory=dict)
 
 
@@ -113,6 +123,10 @@ def parse(text: str) -> dict[str, Job]:
                 job.efficiency = sample.value  # the median site efficiency
             elif sample.name == "thermoscope_agents_connected":
                 job.connected = int(sample.value)
+            elif sample.name == "thermoscope_run_info":
+                job.run = sample.labels.get("run", "")
+            elif sample.name == "thermoscope_job_paused":
+                job.paused = sample.value == 1
             elif sample.name == "thermoscope_rank_stale":
                 job.stale += int(sample.value == 1)
             elif sample.name == "thermoscope_phase" and sample.value == 1:
@@ -131,10 +145,10 @@ class Source:
     context: ssl.SSLContext | None
     authorization: str | None
 
-    def read(self, timeout: float = 10.0) -> dict[str, Job]:
-        """The jobs of one read of the page (`TopError`, `Unreachable` if none). A redirect is not
-        followed: the credentials would go with it to wherever it points."""
-        query = urllib.parse.urlencode([("name[]", name) for name in FAMILIES])
+    def read(self, timeout: float = 10.0, families: tuple[str, ...] = FAMILIES) -> dict[str, Job]:
+        """The jobs of one read of the page's `families` (`TopError`, `Unreachable` if none). A
+        redirect is not followed: the credentials would go with it to wherever it points."""
+        query = urllib.parse.urlencode([("name[]", name) for name in families])
         request = urllib.request.Request(f"{self.url}?{query}")
         if self.authorization is not None:
             request.add_header("Authorization", self.authorization)
@@ -166,13 +180,15 @@ class Source:
             raise Unreachable(f"cannot reach {self.url}: {exc.reason}") from None
         except (TimeoutError, ConnectionError) as exc:
             raise Unreachable(f"cannot reach {self.url}: {exc}") from None
+        except http.client.HTTPException:  # not HTTP/1.1: a gRPC port (HTTP/2) answers its own frames
+            raise TopError(f"{self.url} is not a /metrics endpoint: {NOT_METRICS}") from None
         if len(body) > MAX_PAGE:
             raise TopError(f"{self.url} sent a page over {MAX_PAGE >> 20} MiB: not a collector's, not read")
         text = body.decode(errors="replace")
         try:
             return parse(text)
         except ValueError as exc:
-            raise TopError(f"{self.url} is not a Prometheus page ({exc})") from None
+            raise TopError(f"{self.url} is not a /metrics endpoint ({exc}): {NOT_METRICS}") from None
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -235,33 +251,96 @@ def _number(x: float) -> str:
     return "—" if math.isnan(x) else f"{x:.4g}"
 
 
-def view(board: Board, sort: str, source: Source, now: float, problem: str | None = None) -> Group:
-    """The screen: a title line, the table of jobs, and the last read's problem, if any."""
+#: The gap between two columns, in cells.
+GAP = 2
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the jobs' table; `cell` makes a job's cell of it."""
+
+    name: str
+    justify: str
+    cell: Callable[[Job, Board], Text]
+
+
+def ranks(job: Job) -> Text:
+    """Live ranks, and the stale ones and a pause marked: a paused job's quiet ranks look live."""
+    text = Text(f"{job.connected} live")
+    if job.stale:
+        text.append(f", {job.stale} stale", "yellow")
+    if job.paused:
+        text = Text("paused", "cyan").append(", ").append_text(text)
+    return text
+
+
+def _entropy_change(job: Job, board: Board) -> Text:
+    return Text(_number(board.entropy_change.get(job.job_id, math.nan)))
+
+
+def _temperature(job: Job, board: Board) -> Text:
+    shown = _number(job.temperature)
+    if not math.isnan(job.temperature):
+        shown += f" ± {job.temperature_stderr:.2g}"  # an error's third digit is noise
+    return Text(shown)
+
+
+#: The columns in the order they are dropped last to first as the terminal narrows: the job id
+#: and its phase are always shown whole, then whether its ranks stream, then its readings.
+COLUMNS = (
+    Column("job", "left", lambda job, board: plain(job.job_id)),
+    Column("phase", "left", lambda job, board: plain(job.phase or "—")),
+    Column("ranks", "left", lambda job, board: ranks(job)),
+    Column("step", "right", lambda job, board: Text("—" if math.isnan(job.step) else str(int(job.step)))),
+    Column("temperature", "right", _temperature),
+    Column("energy", "right", lambda job, board: Text(_number(job.energy))),
+    Column("ΔS/step", "right", _entropy_change),
+    Column("efficiency", "right", lambda job, board: Text(_number(job.efficiency))),
+)
+#: The columns shown however narrow the terminal is (wrapped there, never cut).
+KEPT = 2
+
+
+def fitting(cells: list[list[Text]], width: int) -> int:
+    """How many of `COLUMNS` (from the first) fit in `width` cells, `KEPT` at least."""
+    used = 0
+    for n, column in enumerate(COLUMNS):
+        wide = max([len(column.name), *(cell_len(row[n].plain) for row in cells)])
+        used += wide + (GAP if n else 0)
+        if used > width and n >= KEPT:
+            return n
+    return len(COLUMNS)
+
+
+def view(
+    board: Board, sort: str, source: Source, now: float, problem: str | None = None, width: int = 80
+) -> Group:
+    """The screen for a terminal `width` cells wide: a title, the jobs (the columns that fit),
+    the layers that changed phase below them, and the last read's problem, if any."""
     keys = "  ".join(f"{key}: {_TITLES[name]}" for name, key in SORTS.items())
-    title = plain(f"thermoscope top  {source.url}  sorted by {_TITLES[sort]}  ({keys}  q: quit)", "bold")
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("job", "phase", "step", "energy", "temperature", "efficiency", "ΔS/step", "ranks"):
-        table.add_column(name, justify="left" if name in ("job", "phase", "ranks") else "right", no_wrap=True)
-    table.add_column("layers that changed phase, latest first", no_wrap=True)
-    for job in board.ordered(sort):
-        temperature = _number(job.temperature)
-        if not math.isnan(job.temperature):
-            temperature += f" ± {_number(job.temperature_stderr)}"
-        changes = ", ".join(
-            f"{c.layer} {c.before}→{c.after} ({now - c.seen:.0f}s ago)" for c in board.changes[job.job_id]
-        )
-        table.add_row(  # the page's labels as plain text: no markup, no escape sequences
-            plain(job.job_id),
-            plain(job.phase or "—"),
-            "—" if math.isnan(job.step) else str(int(job.step)),
-            _number(job.energy),
-            temperature,
-            _number(job.efficiency),
-            _number(board.entropy_change.get(job.job_id, math.nan)),
-            f"{job.connected} live, {job.stale} stale",
-            plain(changes),
-        )
-    parts: list[Text | Table] = [title, table if board.jobs else Text("no job yet")]
+    title = plain(f"thermoscope top  {source.url}  sorted by {_TITLES[sort]}", "bold")
+    parts: list[Text | Table] = [title, Text(f"keys  {keys}  q: quit", "dim")]
+    jobs = board.ordered(sort)
+    if not jobs:
+        parts.append(Text("no job yet"))
+    else:
+        # the page's labels as plain text: no markup, no escape sequences
+        cells = [[column.cell(job, board) for column in COLUMNS] for job in jobs]
+        shown = fitting(cells, width)
+        table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, GAP, 0, 0), expand=False)
+        for column in COLUMNS[:shown]:
+            whole = column.name in ("job", "phase")  # folded onto a second line, never cut
+            table.add_column(column.name, justify=column.justify, overflow="fold" if whole else "ellipsis")
+        for row in cells:
+            table.add_row(*row[:shown])
+        parts.append(table)
+        changes = [(job.job_id, c) for job in jobs for c in board.changes[job.job_id]]
+        if changes:
+            parts.append(Text("layers that changed phase, latest first", "bold"))
+            parts.extend(
+                plain(f"{job_id}: {c.layer} {c.before}→{c.after} ({now - c.seen:.0f}s ago)")
+                for job_id, c in changes
+            )
     if problem is not None:
         parts.append(plain(problem, "red"))
     return Group(*parts)
@@ -276,12 +355,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         "live and stale, and the layers that changed phase most recently, refreshed in place. "
         "Keys: t sorts by temperature, s by entropy change, j by job; q quits.",
     )
-    t.add_argument(
-        "--collector",
-        default=DEFAULTS.metrics,
-        metavar="ADDR",
-        help=f"the collector's /metrics: HOST:PORT or a URL (default {DEFAULTS.metrics})",
-    )
+    reading_arguments(t)
     t.add_argument("--job", action="append", metavar="ID", help="only this job (repeat for several)")
     t.add_argument("--sort", choices=tuple(SORTS), default="job", help="the first sort order (default job)")
     t.add_argument(
@@ -289,11 +363,21 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--once", action="store_true", help="print the table once and exit")
     t.add_argument("--iterations", type=_iterations, metavar="N", help="exit after N reads")
-    t.add_argument(
+
+
+def reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where and how to read a collector's /metrics (`top`'s, `jobs`')."""
+    parser.add_argument(
+        "--collector",
+        default=DEFAULTS.metrics,
+        metavar="ADDR",
+        help=f"the collector's /metrics: HOST:PORT or a URL (default {DEFAULTS.metrics})",
+    )
+    parser.add_argument(
         "--tls-ca", metavar="PEM", help="the CA that signed the collector's /metrics certificate (HTTPS)"
     )
-    t.add_argument("--basic-auth-user", metavar="USER", help="basic auth of /metrics: the user")
-    t.add_argument(
+    parser.add_argument("--basic-auth-user", metavar="USER", help="basic auth of /metrics: the user")
+    parser.add_argument(
         "--basic-auth-password-file",
         metavar="FILE",
         help="basic auth of /metrics: a file holding the password",
@@ -316,26 +400,27 @@ def _iterations(text: str) -> int:
     return int(text)
 
 
-def source(args: argparse.Namespace, p: argparse.ArgumentParser) -> Source:
-    """The `Source` of the flags; a bad combination or an unreadable file: `p.error`."""
+def source(args: argparse.Namespace, p: argparse.ArgumentParser, command: str = "top") -> Source:
+    """The `Source` of the flags (`reading_arguments`); a bad combination or an unreadable file:
+    `p.error`, naming `command`."""
     url = args.collector if "://" in args.collector else None
     if url is None:
         try:
             host, port = split_address(args.collector)
         except ValueError as exc:
-            p.error(f"top: --collector: {exc} (or give a URL)")
+            p.error(f"{command}: --collector: {exc} (or give a URL)")
         host = f"[{host}]" if ":" in host else host
         url = f"{'https' if args.tls_ca else 'http'}://{host}:{port}/metrics"
     elif urllib.parse.urlsplit(url).path in ("", "/"):
         url = url.rstrip("/") + "/metrics"
     if (args.basic_auth_user is None) != (args.basic_auth_password_file is None):
-        p.error("top: --basic-auth-user and --basic-auth-password-file go together")
+        p.error(f"{command}: --basic-auth-user and --basic-auth-password-file go together")
     authorization = None
     if args.basic_auth_user is not None:
         try:
             password = Path(args.basic_auth_password_file).read_text().rstrip("\r\n")
         except OSError as exc:
-            p.error(f"top: --basic-auth-password-file: cannot read {exc.filename}: {exc.strerror}")
+            p.error(f"{command}: --basic-auth-password-file: cannot read {exc.filename}: {exc.strerror}")
         token = base64.b64encode(f"{args.basic_auth_user}:{password}".encode()).decode()
         authorization = f"Basic {token}"
     context = None
@@ -343,7 +428,7 @@ def source(args: argparse.Namespace, p: argparse.ArgumentParser) -> Source:
         try:
             context = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
-            p.error(f"top: --tls-ca: cannot use {args.tls_ca}: {exc}")
+            p.error(f"{command}: --tls-ca: cannot use {args.tls_ca}: {exc}")
     return Source(url, context, authorization)
 
 
@@ -357,6 +442,9 @@ def main(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     if not console.is_terminal:  # a pipe or a file: whole lines, not cut at 80 columns
         console = Console(width=1000)
 
+    def screen(problem: str | None = None) -> Group:
+        return view(board, sort, src, time.time(), problem, console.width)
+
     def read() -> None:
         jobs = src.read()
         board.update(jobs if wanted is None else {k: v for k, v in jobs.items() if k in wanted}, time.time())
@@ -367,7 +455,7 @@ def main(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 read()
             except Unreachable as exc:
                 raise TopError(str(exc)) from None
-            console.print(view(board, sort, src, time.time()))
+            console.print(screen())
             return 0
         reads = 0
         with _keys() as keys, Live(console=console, auto_refresh=False) as live:
@@ -378,7 +466,7 @@ def main(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 except Unreachable as exc:
                     problem = f"{exc} (retrying every {args.interval:g} s)"
                 reads += 1
-                live.update(view(board, sort, src, time.time(), problem), refresh=True)
+                live.update(screen(problem), refresh=True)
                 if args.iterations is not None and reads >= args.iterations:
                     return 0
                 deadline = time.monotonic() + args.interval
@@ -389,7 +477,7 @@ def main(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                     for name, k in SORTS.items():
                         if key == k:
                             sort = name
-                            live.update(view(board, sort, src, time.time(), problem), refresh=True)
+                            live.update(screen(problem), refresh=True)
     except TopError as exc:
         print(f"thermoscope top: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +54,22 @@ T = TypeVar("T")
 
 class ListenError(OSError):
     """The collector cannot listen on an address it was given (taken, or not this machine's)."""
+
+
+def _cannot_bind(address: str) -> str | None:
+    """Why `address` ("host:port") cannot be listened on (taken, not this machine's), or None: a
+    socket bound and closed at once, as gRPC's are (SO_REUSEADDR). Any free port (0) can be."""
+    host, port = split_address(address)
+    if port == 0:
+        return None
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class Collector:
@@ -160,6 +177,9 @@ class Collector:
         server.add_generic_rpc_handlers((self.telemetry.handler(self.settings.max_message_bytes),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        taken = _cannot_bind(self.grpc_address)  # before gRPC tries: it logs its own `E...` lines
+        if taken is not None:
+            raise ListenError(f"cannot listen for gRPC on {self.grpc_address}: {taken}")
         try:
             self.grpc_port = self._guard.add_port(server, self.grpc_address)
         except RuntimeError:  # all gRPC says is "Failed to bind" (the TLS files were checked before)

@@ -6,8 +6,8 @@ c6482c8, rendered by `prometheus_client.generate_latest`), recorded in tests/gol
 HELP, TYPE) and sample by sample (names, label sets, values with NaN and +-Inf), over jobs built
 to hit escaping, folding, engines, phases, liveness and jobs without a reading
 (helpers/exporter_jobs.py). The families added since (the temperatures' standard errors, whether
-the energy is cumulative work) and the energy's and temperatures' HELP texts were recorded from
-this exporter, the rest left as they were.
+the energy is cumulative work, the run a job shows) and the energy's and temperatures' HELP texts
+were recorded from this exporter, the rest left as they were.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from thermoscope.cli import raw_protocol
 from thermoscope.collector.exposition.catalogue import FAMILIES
 from thermoscope.collector.exposition.export import MetricsExporter
 from thermoscope.collector.exposition.writer import CONTENT_TYPE
@@ -49,7 +50,7 @@ def test_the_body_has_the_recorded_families_and_samples_of_the_previous_exporter
     body = b"".join(exporter.render())
     # as JSON holds it: tuples as lists
     assert json.loads(json.dumps(parsed(body))) == golden.load_json("metrics")[str(max_series)]
-    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 37  # one per family
+    assert body.count(b"# HELP ") == body.count(b"# TYPE ") == len(parsed(body)) == 38  # one per family
     # the escaped label values, written once per label set and not read as %-format directives
     assert b'thermoscope_layer_work{job_id="we\\"ird\\\\job\\nwith %s and \xc3\xa9",layer="l\\"%d1"} ' in body
     assert b"+Inf\n" in body and b"-Inf\n" in body and b"NaN\n" in body
@@ -142,6 +143,25 @@ def test_metrics_endpoint_serves_text_format_with_name_filter(collector) -> None
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=5)
     assert refused.value.code == 405
+
+
+def test_a_jobs_run_as_its_agents_name_it_is_an_info_series_so_a_ray_train_run_is_found_by_name(
+    collector,
+) -> None:
+    """A Ray job's id is opaque (`01000000`); its agents name the run after the Train run."""
+    train_run = 'ray_train_run-2026-12-08_02-00-00 "x"'  # RunConfig(name=...) is the user's: escaped
+    opened = [raw_protocol.hello("01000000", run=train_run, agent="test"), frame(1, 0)]
+    assert stream(collector.grpc_target, opened)[1] is None
+    assert stream(collector.grpc_target, [hello("unnamed"), frame(1, 0)])[1] is None
+    url = f"{collector.metrics_url}?name[]=thermoscope_run_info"
+    deadline = time.monotonic() + 30
+    while (
+        len(samples := [s for f in parsed(urllib.request.urlopen(url, timeout=5).read()) for s in f[3]]) < 2
+    ):
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.05)
+    assert ("thermoscope_run_info", {"job_id": "01000000", "run": train_run}, "1.0") in samples
+    assert {s[1]["job_id"] for s in samples} == {"01000000", "unnamed"}  # the tests' agents name a run
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus")

@@ -26,7 +26,7 @@ from thermoscope.collector import actor  # noqa: E402
 from thermoscope.wire.contract import ACTOR_NAME, NAMESPACE  # noqa: E402
 
 from helpers.metrics import scrape, value  # noqa: E402
-from helpers.processes import thermoscope  # noqa: E402
+from helpers.processes import free_port, thermoscope  # noqa: E402
 from helpers.protocol import frame, hello, stream  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -237,6 +237,71 @@ def test_attach_to_a_running_job_streams_every_rank_within_two_intervals_and_det
         assert "stopped the collector actor" in stopped.stdout
     # the job never restarted: one attempt per rank
     assert [r for r in records(out, 0) if "attempt" in r] == [records(out, 0)[0]]
+
+
+def test_jobs_lists_a_running_ray_job_with_its_entrypoint_and_a_typo_in_attach_or_detach_is_one_line(
+    cluster: str, tmp_path: Path
+) -> None:
+    assert actor.find() is None
+    out, stop = tmp_path / "job", tmp_path / "stop"
+    job = submit(cluster, out, "--mode", "zero-code", "--until", str(stop))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "job_id").exists():
+            assert time.monotonic() < deadline and job.poll() is None, "the job did not start"
+            time.sleep(0.5)
+        job_id = (out / "job_id").read_text()
+        nowhere = f"127.0.0.1:{free_port()}"  # no collector yet: the Ray side alone
+
+        listed = thermoscope("jobs", "--address", cluster, "--collector", nowhere)
+        assert listed.returncode == 0, listed.stderr
+        (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
+        assert "not streaming" in row and "ray_job.py" in row, listed.stdout  # its entrypoint
+        assert "cannot reach" in listed.stderr and len(listed.stderr.splitlines()) == 1, listed.stderr
+
+        typo = job_id[:-1]
+        for verb, extra in (("attach", ("--grpc-port", "0", "--metrics-port", "0")), ("detach", ())):
+            refused = thermoscope(verb, "--address", cluster, "--job", typo, *extra)
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            (line,) = refused.stderr.splitlines()
+            assert f"no job {typo!r}" in line and job_id in line and "ray_job.py" in line, line
+            assert "attached" not in refused.stdout and "detached" not in refused.stdout
+        assert actor.find() is None  # nothing was started for the typo
+
+        # in a terminal, --wait updates one line in place until every rank streams
+        shown = in_a_terminal(
+            "attach", "--address", cluster, "--job", job_id, "--wait", "60",
+            "--grpc-port", "0", "--metrics-port", "0", "--sd-file", str(tmp_path / "sd.json"),
+        )  # fmt: skip
+        progress = shown[shown.index("dormant agents connect") :].split("\n")[1:]
+        assert len(progress) == 2 and progress[-1] == "", shown  # one line of progress, ended once
+        updates = progress[0].split("\r\x1b[K")[1:]
+        assert updates[-1].startswith(f"job {job_id}: 2/2 ranks streaming"), shown
+    finally:
+        stop.touch()
+        finish(job)
+        thermoscope("detach", "--address", cluster, "--stop")
+
+
+def in_a_terminal(*args: str) -> str:
+    """What `thermoscope ARGS` writes to a pseudo-terminal, once it exited (0)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thermoscope.cli", *args], stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 def test_a_killed_worker_is_marked_lost_and_its_replayed_steps_are_not_counted_twice(

@@ -85,7 +85,11 @@ def test_top_shows_markup_and_escape_sequences_in_labels_as_plain_text() -> None
     assert shown.returncode == 0, shown.stderr
     assert "MarkupError" not in shown.stderr and "Traceback" not in shown.stderr
     rows = [line for line in shown.stdout.splitlines() if line.startswith((HOSTILE_JOB, "fine"))]
-    assert [row.split()[:3] for row in rows] == [[HOSTILE_JOB, "—", "7"], ["fine", "—", "7"]]
+    # job, phase, ranks ("0 live"), step
+    assert [row.split()[:5] for row in rows] == [
+        [HOSTILE_JOB, "—", "0", "live", "7"],
+        ["fine", "—", "0", "live", "7"],
+    ]
     assert "\x1b" not in shown.stdout and "\x9b" not in shown.stdout and "\x07" not in shown.stdout
 
 

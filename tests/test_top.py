@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from thermoscope.cli import top
 from thermoscope.collector.exposition.passwords import hash_password
 from thermoscope.collector.security import Security
 from thermoscope.collector.service import Collector
@@ -82,11 +83,12 @@ def phase(metrics: dict, job: str, layer: str) -> str:
 
 
 class Terminal:
-    """`thermoscope top ARGS` in a 160x50 pseudo-terminal: keys typed into it, its screen read back."""
+    """`thermoscope top ARGS` in a pseudo-terminal `columns` wide and 50 lines high: keys typed into
+    it, its screen read back."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, columns: int = 160) -> None:
         master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
         env = {**os.environ, "TERM": "xterm-256color", "PYTHONIOENCODING": "utf-8"}
         env.pop("COLUMNS", None), env.pop("LINES", None)
         self.proc = subprocess.Popen(
@@ -233,7 +235,7 @@ def test_top_in_a_terminal_shows_each_jobs_readings_as_metrics_has_them_and_quit
         assert phase(metrics, "learner", "") in line
         assert str(int(value(metrics, "thermoscope_last_step", job_id="learner"))) in line
         assert re.search(r"\b1 live, 1 stale\b", line), line  # rank 0 streams, rank 1 broke
-        assert re.search(r"\b1 live, 0 stale\b", row(screen, "idle"))
+        assert re.search(r"\b1 live\b", row(screen, "idle")) and "stale" not in row(screen, "idle")
         assert "±" not in row(screen, "idle")  # an undefined temperature has no error either
 
         # layer0 learns: it leaves type_i while top watches, and top names it
@@ -241,13 +243,88 @@ def test_top_in_a_terminal_shows_each_jobs_readings_as_metrics_has_them_and_quit
         wait_until(lambda: phase(scrape(url), "learner", "layer0") != "type_i", 30, "layer0 stayed in type_i")
         now = phase(scrape(url), "learner", "layer0")
         term.wait_for(
-            lambda t: re.search(rf"^learner\s.*layer0 type_i→{now}", last_screen(t), re.M),
-            f"layer0 type_i→{now} on learner's row",
+            lambda t: re.search(rf"^learner: layer0 type_i→{now}", last_screen(t), re.M),
+            f"layer0 type_i→{now} below the jobs",
         )
         term.press("q")
         assert term.exit_code() == 0
     finally:
         term.close()
+
+
+LONG = "my-run-transformer-2026"  # a job id as users name their runs
+
+
+def header(screen: str) -> list[str]:
+    """The column names of the jobs' table in `screen`."""
+    (line,) = [line for line in screen.splitlines() if re.match(r"job\s+phase\b", line)]
+    return line.split()
+
+
+@pytest.mark.parametrize(("columns", "kept"), [(80, "step"), (60, "ranks")])
+def test_top_in_a_narrow_terminal_shows_job_ids_and_phases_whole_and_drops_columns_by_priority(
+    jobs: Jobs, columns: int, kept: str
+) -> None:
+    """At 80 columns (and 60) every line fits, the job id and phase are whole, and the columns shown
+    are the first ones of `top.COLUMNS`' priority, down to `kept` at least, not all."""
+    long = OpenStream(jobs.collector.grpc_target, hello(LONG))
+    try:
+        feed(long, range(1, 8))
+        url = jobs.collector.metrics_url
+        wait_until(lambda: phase(scrape(url), LONG, "") != "", 30, f"{LONG} never got a phase")
+        jobs.collector.detach("cooler")  # paused: its ranks are quiet, not stale
+        wait_until(lambda: value(scrape(url), "thermoscope_job_paused", job_id="cooler") == 1, 30, "no pause")
+        metrics = scrape(url)
+        everyone = ("cooler", "idle", "learner", LONG)
+        term = Terminal("--collector", url, "--interval", "0.3", columns=columns)
+        try:
+            term.wait_for(lambda t: last_screen(t, jobs=everyone) != "", "every job's row")
+            screen = last_screen(term.text, jobs=everyone)
+            assert max(len(line) for line in screen.splitlines()) <= columns, screen
+            names = [c.name for c in top.COLUMNS]
+            shown = header(screen)
+            assert shown == names[: len(shown)] and kept in shown and len(shown) < len(names), screen
+            for job in everyone:
+                assert row(screen, job).split()[:2] == [job, phase(metrics, job, "")], screen
+            assert "paused" in row(screen, "cooler") and "paused" not in row(screen, "idle"), screen
+            assert re.search(r"\b1 live, 1 stale\b", row(screen, "learner")), screen
+            term.press("q")
+            assert term.exit_code() == 0
+        finally:
+            term.close()
+    finally:
+        long.close()
+
+
+def test_top_lists_the_layers_that_changed_phase_below_the_jobs_keeping_every_column_of_a_wide_terminal(
+    jobs: Jobs,
+) -> None:
+    url = jobs.collector.metrics_url
+    term = Terminal("--collector", url, "--interval", "0.3", columns=160)
+    try:
+        term.wait_for(lambda t: last_screen(t) != "", "the jobs")
+        feed(jobs.learner, range(8, 30))
+        wait_until(lambda: phase(scrape(url), "learner", "layer0") != "type_i", 30, "layer0 stayed in type_i")
+        now = phase(scrape(url), "learner", "layer0")
+        term.wait_for(lambda t: f"learner: layer0 type_i→{now}" in last_screen(t), "layer0's change")
+        screen = last_screen(term.text)
+        assert header(screen) == [c.name for c in top.COLUMNS], screen
+        assert row(screen, "learner").split()[0] == "learner"  # the job id whole beside the change
+        below = screen.index("layers that changed phase")
+        assert below > screen.index(row(screen, "learner"))  # the layer list is below the table
+        term.press("q")
+        assert term.exit_code() == 0
+    finally:
+        term.close()
+
+
+def test_top_pointed_at_the_grpc_port_says_in_one_line_it_is_not_a_metrics_endpoint(
+    collector: Collector,
+) -> None:
+    shown = thermoscope("top", "--collector", collector.grpc_target, "--once")
+    assert shown.returncode == 1
+    (line,) = shown.stderr.splitlines()
+    assert "is not a /metrics endpoint" in line and "--collector" in line, line
 
 
 def order(text: str, sort: str) -> list[str]:

@@ -161,6 +161,13 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         "1 if the collector asked the job's agents to stop sampling (detached), else 0.",
     ),
+    Family(
+        "thermoscope_run_info",
+        "gauge",
+        "The run the job shows, as its agents name it: a Ray Train job's run name (RunConfig(name=...)), "
+        "else the launcher's run id; none where the agents named no run.",
+        ("job_id", "run"),
+    ),
     Family("thermoscope_frames_received_total", "counter", "Frames accepted for the job."),
     Family(
         "thermoscope_frames_duplicate_total",

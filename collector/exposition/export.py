@@ -172,6 +172,7 @@ class MetricsExporter:
             "thermoscope_rank_stale": self._rank_stale,
             "thermoscope_rank_lost_total": partial(_per_live, lambda job, live: live.lost_total),
             "thermoscope_job_paused": partial(_per_live, lambda job, live: live.paused),
+            "thermoscope_run_info": _run_info,
             "thermoscope_frames_received_total": partial(_per_job, "frames_received"),
             "thermoscope_frames_duplicate_total": partial(_per_job, "frames_duplicate"),
             "thermoscope_frames_rejected_total": self._rejected_total,
@@ -281,6 +282,13 @@ class MetricsExporter:
 
 def _per_job(attr: str, name: bytes, view: Snapshot) -> bytes:
     return rows(name, [(labels.job, getattr(job, attr)) for job, _, labels in view.jobs])
+
+
+def _run_info(name: bytes, view: Snapshot) -> bytes:
+    """The run each job shows, where its agents named one (a Ray Train run's name: what users
+    know a Ray job by, whose id is opaque)."""
+    named = [job for job, _, _ in view.jobs if job.run_id]
+    return rows(name, [(label_set(("job_id", job.job_id), ("run", job.run_id)), 1.0) for job in named])
 
 
 def _per_live(value: Callable[[Job, Liveness], float], name: bytes, view: Snapshot) -> bytes:

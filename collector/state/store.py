@@ -194,9 +194,17 @@ class EventStore:
                 f"{path}: an empty file (0 bytes), not a Thermoscope database; remove it to start"
             )
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError as exc:  # a file where a folder should be
+                raise StoreError(f"{path}: its folder {exc.filename} is a file") from None
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot make its folder {exc.filename}: {exc.strerror}") from None
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False)
+        except sqlite3.OperationalError as exc:  # /proc/events.db: sqlite's message names no path
+            raise StoreError(f"{path}: cannot be opened ({exc})") from None
         try:
             self._open(create)
         except (sqlite3.DatabaseError, schema.StateError) as exc:

@@ -83,7 +83,9 @@ def jobs_of_every_kind() -> dict[str, Job]:
         merged.accept(s, sample(step, n_layers=2, energy=1.0 / (step + 1)))
     jobs[merged.job_id] = merged
 
-    weird = Job(WEIRD, window=10)  # labels to escape, more layers and sites than max_series
+    # labels to escape (its run's too: a Ray Train run's name is the user's), more layers and sites
+    # than max_series
+    weird = Job(WEIRD, window=10, run_id='run "%s"\\ é')
     names = ['l"%d1', "l\\2", "l\n3", "l4", "é5", "l6", "l7"]
     weird.pipeline.reading = reading(
         names,
