@@ -146,10 +146,24 @@ def attach(args: argparse.Namespace, security: Security) -> int:
     if fresh:
         print(f"started the collector actor: gRPC {targets['grpc']}, metrics {targets['metrics']}")
 
-    ray.get(handle.attach.remote(args.job, _token()))
+    if not _authorized(ray, handle.attach.remote(args.job, _token()), "attach"):
+        return 1
     what = f"job {args.job}" if args.job else "every job"
     print(f"attached to {what}; dormant agents connect within two discovery intervals", flush=True)
     return _wait_for_ranks(ray, handle, args.job, args.wait)
+
+
+def _authorized(ray, done: object, what: str) -> bool:
+    """Wait for the actor's attach or detach; False, with one line, if it refused who asked (a
+    collector with a tokens file takes a token covering the job)."""
+    try:
+        ray.get(done)
+    except ray.exceptions.RayTaskError as exc:
+        if not isinstance(exc.cause, PermissionError):
+            raise
+        print(f"thermoscope {what}: refused: {exc.cause}", file=sys.stderr)
+        return False
+    return True
 
 
 def _token() -> str | None:
@@ -208,7 +222,8 @@ def detach(args: argparse.Namespace) -> int:
     if handle is None:
         print("no collector actor is running: nothing is attached")
         return 0
-    ray.get(handle.detach.remote(args.job, _token()))
+    if not _authorized(ray, handle.detach.remote(args.job, _token()), "detach"):
+        return 1
     print(f"detached from {'job ' + args.job if args.job else 'every job'}; its agents are idle")
     return 0
 

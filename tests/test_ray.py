@@ -410,12 +410,16 @@ def test_an_actor_attached_with_a_tokens_file_refuses_streams_without_it_and_wor
     attached = thermoscope(
         "attach", "--address", cluster, "--tokens", str(tokens),
         "--grpc-port", "0", "--metrics-port", "0", "--sd-file", str(tmp_path / "sd.json"),
+        env={"THERMOSCOPE_TOKEN": token},  # attaching every job takes a token bound to no job
     )  # fmt: skip
     try:
         assert attached.returncode == 0, attached.stdout + attached.stderr
         assert token not in attached.stdout + attached.stderr
         tokens.unlink()  # read by the command, shipped to the actor: nothing reads it again
         targets = ray.get(actor.find().targets.remote())
+        refused = thermoscope("detach", "--address", cluster)  # no token: one line, nothing detached
+        assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
 
         replies, error = stream(targets["grpc"], [hello("intruder"), frame(1, 0)])
         assert replies == [] and error is not None and error.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -3,6 +3,7 @@ ports (the load generator's, `thermoscope.cli.collector_process`)."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -30,13 +31,17 @@ __all__ = [
 ]
 
 
-def thermoscope(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the `thermoscope` command as a user would, capturing its output."""
+def thermoscope(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `thermoscope` command as a user would, capturing its output (`env`: variables set
+    for it beside this process's)."""
     return subprocess.run(
         [sys.executable, "-m", "thermoscope.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
