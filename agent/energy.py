@@ -35,9 +35,9 @@ backward (reentrant checkpointing) are not the loss and are skipped. The patches
 `torch.autograd.backward`, `GradScaler.scale` and `GradScaler.step` are installed with the first
 capture and stay; while no capture is armed they return at once (tests/bench/bench_loss_capture.py
 measures it). The global optimizer step pre-hook that notes steps is registered only while a
-capture is armed. Every armed capture of the process sees
-every backward: a process that trains two models with two monitors at once gives each the sum
-of both losses.
+capture is armed. A capture sees the backwards and optimizer steps of the thread that armed it
+(the training loop's): two monitors training on two threads each see their own loop; two
+monitors armed on one thread (two models trained in one loop) each see both losses, summed.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class LossCapture:
         self._closure = False  # the last optimizer step ran a closure: its backwards are its own
         self._stepped = 0  # optimizer steps since `arm`
         self._skipped = False  # GradScaler skipped a step, and no optimizer step came after it
+        self._thread = threading.get_ident()  # the training thread: the one that armed it
 
     @property
     def armed(self) -> bool:
@@ -93,6 +94,7 @@ class LossCapture:
         `values`: sum the losses (False: note the order only)."""
         self._clear()
         self._values, self._stepped, self._closure = values, 0, False
+        self._thread = threading.get_ident()
         _armed.add(self)
         _watch_steps(True)
 
@@ -199,6 +201,13 @@ def _scalar(tensors: Any, grad_tensors: Any) -> torch.Tensor | None:
     return None
 
 
+def _here() -> list[LossCapture]:
+    """The captures armed by this thread: a process that trains two models on two threads, each
+    with its monitor, has each see its own loop's backwards and steps only."""
+    thread = threading.get_ident()
+    return [capture for capture in list(_armed) if capture._thread == thread]
+
+
 def _watch_steps(on: bool) -> None:
     """Register the global optimizer step pre-hook while some capture is armed, and only then, so
     that an unsampled step runs no hook of ours. (A capture armed from a global post-hook, as the
@@ -229,7 +238,7 @@ def _noting_backward(backward: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(backward)
     def noting_backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> None:
         if _armed.data and torch._C._current_graph_task_id() == -1:  # not from inside a backward
-            for capture in list(_armed):
+            for capture in _here():
                 capture._backward(tensors, kwargs.get("grad_variables", grad_tensors))
         return backward(tensors, grad_tensors, *args, **kwargs)
 
@@ -243,7 +252,7 @@ def _noting_scale(scale: Callable[..., Any]) -> Callable[..., Any]:
     def noting_scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
         scaled = scale(self, outputs)
         if _armed.data and self.is_enabled() and self._scale is not None:
-            for capture in list(_armed):
+            for capture in _here():
                 capture._note_scaled(scaled, self._scale)
         return scaled
 
@@ -259,7 +268,7 @@ def _noting_step(step: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         if not _armed.data:
             return step(self, optimizer, *args, **kwargs)
-        captures = [(capture, capture._stepped) for capture in list(_armed)]
+        captures = [(capture, capture._stepped) for capture in _here()]
         result = step(self, optimizer, *args, **kwargs)
         for capture, stepped in captures:
             if capture._stepped == stepped:  # no optimizer step ran: inf/NaN found
@@ -274,5 +283,5 @@ def _step_begins(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) ->
     capture is armed). A step given a closure runs its own forward and backward."""
     if _armed.data:
         closure = any(a is not None for a in args[1:]) or kwargs.get("closure") is not None  # args[0]: self
-        for capture in list(_armed):
+        for capture in _here():
             capture._step(closure)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 
 import pytest
 import torch
@@ -83,6 +84,28 @@ def test_the_right_order_keeps_every_sample_without_a_warning(
     with caplog.at_level(logging.WARNING, logger="thermoscope.agent"):
         monitor = train(name, optimizer, "after")
     assert monitor.sampled == STEPS // EVERY
+    assert order_warnings(caplog) == []
+
+
+def test_two_monitors_training_on_two_threads_each_see_their_own_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process training two models on two threads, each with its monitor (a test harness, two
+    ranks in one process): neither takes the other's backwards for its own loop's order."""
+    monitors: dict[str, Monitor] = {}
+    with caplog.at_level(logging.WARNING, logger="thermoscope.agent"):
+        threads = [
+            threading.Thread(target=lambda n=name, o=opt: monitors.__setitem__(n, train(n, o, "after")))
+            for name, opt in (("gpt2", "adamw"), ("llama", "sgd"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert {name: m.sampled for name, m in monitors.items()} == {
+        "gpt2": STEPS // EVERY,
+        "llama": STEPS // EVERY,
+    }
     assert order_warnings(caplog) == []
 
 
