@@ -162,7 +162,8 @@ def test_the_agents_own_pings_are_allowed_by_the_collectors_policy() -> None:
 
 
 def test_a_ping_flood_gets_goaway_and_its_connection_is_closed(tmp_path: Path, tokens: Path) -> None:
-    """Six connections flood PINGs at once for 12 s, each from 0.2 s after its handshake. grpc
+    """Six connections flood PINGs at once for up to 40 s (a generous bound: the look closes
+    them within seconds), each from 0.2 s after its handshake. grpc
     sends each GOAWAY `too_many_pings` (11, ENHANCE_YOUR_CALM) at once, but closes only the
     connections it caught between two writes; the others (13 of 18 in three runs) it went on
     reading and answering, ~1 CPU-s a second each, until the collector's look at its connections
@@ -171,9 +172,9 @@ def test_a_ping_flood_gets_goaway_and_its_connection_is_closed(tmp_path: Path, t
     try:
         host, port = collector.grpc_target.rsplit(":", 1)
         with ThreadPoolExecutor(6) as pool:
-            floods = list(pool.map(lambda _: ping_flood(host, int(port), 12.0, pause=0.2), range(6)))
+            floods = list(pool.map(lambda _: ping_flood(host, int(port), 40.0, pause=0.2), range(6)))
         assert {flood.goaway for flood in floods} <= {11, None} and 11 in {flood.goaway for flood in floods}
-        assert [flood.closed_at is not None for flood in floods] == [True] * 6  # EOF, or reset, before 12 s
+        assert [flood.closed_at is not None for flood in floods] == [True] * 6, floods  # EOF, or reset
         # the collector still serves agents
         stream = OpenStream(
             collector.grpc_target, hello("after"), metadata=(("authorization", f"Bearer {TOKEN_A}"),)

@@ -10,8 +10,10 @@ it keeps is a race with grpc's own first writes.
 
 So the collector looks at its own connections on the gRPC port as the kernel sees them (Linux:
 `/proc/self/fd` and `TCP_INFO`), every `INTERVAL` s: one that received more than `FLOOD_BYTES`
-since the last look (or since it opened), `LOOKS` looks in a row, without an open `Telemetry`
-call at any of them or the look before, is shut down (the client reads EOF; grpc ends the
+since the last look (or since it opened), or that holds as much unread (grpc stopped reading a
+flood it sent GOAWAY, and never closed it), `LOOKS` looks more than it did not (a flooder starved
+of CPU for a look is not forgiven its earlier ones), without an open `Telemetry` call at any of
+them or the look before, is shut down (the client reads EOF; grpc ends the
 transport). Without a call, an honest client sends next to nothing (an agent's channel between two
 streams pings every 30 s, 17 bytes; a health check is a few hundred bytes) but for the rest of a
 message whose call was refused, which its flow-control window bounds and which ends within a look
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 from collections.abc import Callable, Collection, Iterator
 
 log = logging.getLogger("thermoscope.collector")
@@ -36,7 +40,7 @@ log = logging.getLogger("thermoscope.collector")
 INTERVAL = 1.0
 #: Bytes a connection without a call may receive between two looks (a flood's are megabytes).
 FLOOD_BYTES = 16 << 10
-#: Looks in a row a connection must flood to be shut down: the rest of a refused message
+#: Looks a connection must flood, net of those it did not, to be shut down: the rest of a refused message
 #: (up to its flow-control window, megabytes) may still arrive just after its call ended.
 LOOKS = 3
 #: `struct tcp_info`'s tcpi_bytes_received (Linux 4.1+).
@@ -64,8 +68,9 @@ async def reap(port: int, callers: Callable[[], Collection[str]]) -> None:
                 except OSError:  # closed meanwhile
                     continue
                 before, looks = seen.get(peer, (0, 0))  # a new connection: all it received
-                flooding = peer not in spared and total - before > FLOOD_BYTES
-                now[peer] = total, looks + 1 if flooding else 0
+                # received much, or holds much that grpc stopped reading (a flood it gave up on)
+                flooding = peer not in spared and max(total - before, unread(conn)) > FLOOD_BYTES
+                now[peer] = total, looks + 1 if flooding else max(0, looks - 1)  # (a look it idled)
                 if now[peer][1] < LOOKS:
                     continue
                 log.warning(
@@ -108,6 +113,11 @@ def received(conn: socket.socket) -> int:
     """Bytes the connection has received, by the kernel's count."""
     info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED_OFFSET + _BYTES_RECEIVED.size)
     return _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFFSET)[0]
+
+
+def unread(conn: socket.socket) -> int:
+    """Bytes the connection has received that its reader (grpc) has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def grpc_peer(conn: socket.socket) -> str:
