@@ -1,16 +1,21 @@
-"""The agent's work against a per-layer truth on a tiny Qwen2 learning a Markov chain (real Monitor).
+"""The agent's work against a per-layer truth on a Qwen2 learning a Markov chain (real Monitor).
 
-    python tests/bench/bench_work_qwen.py [--steps 50]
+    python tests/bench/bench_work_qwen.py [--steps 20] [--held 256] [--only TEXT] [--cost]
 
 Per run: a Qwen2 from a config (narrow: hidden 32, MLP 64; wide: hidden 128, MLP 1024), trained
 on sequences of a fixed random Markov chain, with one of: AdamW 1e-3, SGD momentum 0.9 lr 0.1,
-AdamW with clip_grad_norm_ 0.1. Modes: `one rank` (one backward per step), `accum 4` (four
-micro-batches, (loss / 4).backward() each), `closure` (Monitor(work_closure=...) on an independent
-batch). Every step is sampled. The truth per layer is the trapezoid with a large held-out batch's
-gradients at theta_t and theta_{t+1}, <(G_H(t) + G_H(t+1)) / 2, d_l>, summed over the run.
-Columns: sum of the agent's work / sum of the truth; the per-layer error, sum_l |W_l - T_l| /
-sum_l |T_l| over the run; the old estimator w+ (the next step's gradient) / truth; and the
-agent's sampled-step time over an unsampled one's (ms).
+AdamW with clip_grad_norm_ 0.1. Modes: `one rank` (one backward per step: the agent's w+ alone),
+`accum 4` (four micro-batches, (loss / 4).backward() each), `ddp 2` (two real processes in a gloo
+group on 127.0.0.1, DistributedDataParallel, 16 sequences a rank: accum 4's 32 a step),
+`closure` (Monitor(work_closure=...) on an independent batch). Every step is sampled. The truth
+per layer is the trapezoid with a held-out batch's gradients at theta_t and theta_{t+1},
+<(G_H(t) + G_H(t+1)) / 2, d_l>, summed over the run (taken on a copy of the model, out of the
+agent's hooks). Learning columns: sum of the agent's work / sum of the truth, and / the held-out
+loss change; the per-layer error, sum_l |W_l - T_l| / sum_l |T_l| over the run; the same two for
+the old estimator w+ (the next step's gradient, unclipped); the truth; the sampled step's ms (the
+monitored training step, load-dependent). Stationary runs (a chain with uniform transitions,
+nothing to learn): the sums of the work, of w+ and of the truth, beside the truth's size per step.
+`--cost`: the closure's cost on a sampled step (`cost`).
 """
 
 from __future__ import annotations
@@ -189,12 +194,50 @@ def run_ddp(wide: bool, optim: str, steps: int, held: int = HELD, stationary: bo
         return torch.load(out)
 
 
+def cost(wide: bool, steps: int = 12) -> dict:
+    """Median ms of a training step (one backward of 8 sequences, SGD momentum) unmonitored, with a
+    sampled step of the monitor (w+ alone, one rank) and with its closure (on another 8): three
+    copies of the model stepped in turn, so that the machine's load falls on each alike."""
+    p = chain(1)
+    gen = torch.Generator().manual_seed(2)
+    runs = {}
+    for name in ("plain", "sampled", "closure"):
+        model = qwen(wide)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        closure = (lambda m=model: loss_of(m, sequences(p, BATCH, gen))) if name == "closure" else None
+        monitor = None if name == "plain" else Monitor(model, opt, every=1, work_closure=closure)
+        runs[name] = (model, opt, monitor, [])
+    for _ in range(steps):
+        ids = sequences(p, BATCH, gen)
+        for model, opt, monitor, times in runs.values():
+            start = time.perf_counter()
+            loss_of(model, ids).backward()
+            opt.step()
+            opt.zero_grad()
+            if monitor is not None:
+                monitor.step()
+            times.append(time.perf_counter() - start)
+    for _, _, monitor, _ in runs.values():
+        if monitor is not None:
+            monitor.close()
+    return {name: 1000 * sorted(t[2:])[len(t[2:]) // 2] for name, (_, _, _, t) in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--held", type=int, default=HELD)
     parser.add_argument("--only", default="", help="a substring of the runs to keep")
+    parser.add_argument("--cost", action="store_true", help="only the closure's cost")
     args = parser.parse_args()
+    if args.cost:
+        print("| model | training step ms | with a sampled step | with the closure's |")
+        print("|---|---|---|---|")
+        for wide in (False, True):
+            c = cost(wide)
+            label = "wide" if wide else "narrow"
+            print(f"| {label} | {c['plain']:.1f} | {c['sampled']:.1f} | {c['closure']:.1f} |")
+        return
     print("| model | optimizer | mode | Σw/truth | Σw/ΔL | per-layer error | old w+/truth | old w+ per-layer"
           " | truth ΔL | step ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
