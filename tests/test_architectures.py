@@ -198,3 +198,12 @@ def test_the_work_of_a_wide_qwen2_on_two_data_parallel_ranks_matches_the_per_lay
     # measured (10 steps, 16 sequences a rank): 1.006 of the truth, 1.104 of the loss change, per
     # layer 0.035 off (the old w+: 0.434, per layer 0.566 off); adamw+clip 1.056, 1.056, 0.085
     assert_work_matches_the_truth(run_ddp(wide=True, optim=optim, steps=10, held=128))
+
+
+@pytest.mark.slow
+def test_the_work_of_a_stationary_qwen2_on_two_data_parallel_ranks_stays_near_the_truth() -> None:
+    # nothing to learn (uniform transitions): before the step's unscaling was pooled over layers,
+    # one small layer's noisy u, squared, summed the work to +0.060 (AdamW) where the truth was -0.0002
+    r = run_ddp(wide=False, optim="adamw", steps=10, held=128, stationary=True)
+    assert abs(r["truth"]) < 0.002  # stationary indeed
+    assert abs(r["work"] - r["truth"]) < 0.02, r  # measured -0.0046 against -0.0002
