@@ -545,6 +545,9 @@ class Sampler:
         same = [zero] * len(self.params)
         known = [False] * len(self.params)
         factors = self._clip_now.factors()
+        unscale = None
+        if self._independent is None:
+            unscale = self._spread.unscale({i: seen[0] / factors[i] for i, seen in self._grad_now.items()})
         for i in range(len(self.params)):
             if i in self._sharded:  # a shard's update is read where its optimizer holds it: w+ alone
                 continue
@@ -571,7 +574,7 @@ class Sampler:
                     g,
                     lambda flat, i=i, rows=rows: self._coords.take(flat, i, rows).double(),
                 )
-                var = self._spread.variance(i, g)
+                var = None if unscale is None else self._spread.variance(i, g, unscale * factors[i])
                 if jac is None or var is None:  # no correction to be had: w+ alone (`_work`)
                     continue
                 weighted = jac if weight is None else jac * weight
