@@ -1,12 +1,11 @@
 """A sampled step on its way to the host, and its unpacking into a `Sample`.
 
-The sampler packs a sampled step into one float64 tensor, in this order: per layer its sum, sum
-of squares and the two work dots (`LAYER_COLUMNS` rows), per site the mean and M2 of its input
-and its output and its probe spread (`SITE_COLUMNS` rows), the histograms when the step counted
-any, and the loss when it is a tensor; the copy to the host runs while training goes on, and
-`Pending.to_sample` (on the sender thread, or in-process at `latest()`) waits for it and turns it
-into the wire's `Sample`.
-"""
+The sampler packs a sampled step into one float64 tensor, in this order: per layer its sum, sum of
+squares, the two work dots and its update's sum of squares (`LAYER_COLUMNS` rows), per site the
+mean and M2 of its input and its output and its probe spread (`SITE_COLUMNS` rows), the histograms
+when the step counted any, and the loss when it is a tensor; the copy to the host runs while
+training goes on, and `Pending.to_sample` (on the sender thread, or in-process at `latest()`) waits
+for it and turns it into the wire's `Sample`."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import torch
 
 from thermoscope.science.stats import LayerStats, Sample, SiteStats
 
-LAYER_COLUMNS = 4  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>
+LAYER_COLUMNS = 5  # sum, sum of squares, <g, theta_t>, <g, theta_{t+1}>, sum (theta_{t+1} - theta_t)^2
 SITE_COLUMNS = 5  # mean z, M2 z, mean a, M2 a, probe spread (the counts stay on the host)
 
 
@@ -64,6 +63,7 @@ class Pending:
                 dot_before=layer[2].copy(),
                 dot_after=layer[3].copy(),
                 histogram=hist.reshape(n_layers, self.bins + 2).astype(np.int64) if hist_size else None,
+                update_sq=layer[4].copy(),
             ),
             sites=SiteStats(
                 count=self.site_count,

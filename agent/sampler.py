@@ -177,6 +177,10 @@ class Sampler:
         # Built once, here: a host-to-device copy during a step would make CUDA wait.
         small_sizes = [values[i].numel() for i in self._small]
         self._lengths = torch.tensor(small_sizes, dtype=torch.long).to(self._device)
+        self._small_index = torch.tensor(self._small, dtype=torch.long).to(self._device)
+        self._large_index = torch.tensor(
+            [i for i in range(len(values)) if i not in self._small_pos], dtype=torch.long
+        ).to(self._device)
         if fused is None:
             fused = self._device.type == "cuda"
         # the large layers a bucket holds (larger ones are read one by one: a few launches per
@@ -388,7 +392,7 @@ class Sampler:
     def held_bytes(self) -> int:
         """Bytes of tensors the sampler keeps between steps: the blocks and the shares' indices, the
         small layers' sizes, and theta_t on a sample's work coordinates until the next step."""
-        kept = [self._lengths, self._scales]
+        kept = [self._lengths, self._scales, self._small_index, self._large_index]
         if self._before is not None:
             rows, large, small = self._before
             kept += (
@@ -531,6 +535,30 @@ class Sampler:
         start = sum(self.params[j].numel() for j in self._small[: self._small_pos[i]])
         return small[start : start + self.params[i].numel()]  # type: ignore[index]
 
+    def _update_sq(self) -> torch.Tensor:
+        """Per layer, sum (theta_{t+1} - theta_t)^2 of the step just made: what the findings weigh a
+        layer's update against its weights with (a frozen layer's 0, an exploding update's jump).
+        Read where theta_t was kept for the work (`_pick`), so it costs a subtraction and a dot: the
+        small layers exact (their float64 copy), a large one on its work blocks scaled to the layer
+        as the work is (n/k, or `weight` where it has a tail: unbiased). 0 where no optimizer step
+        was seen (the pre-hook keeps theta_t): nothing measured moved the values."""
+        sq = torch.zeros(len(self.params), dtype=torch.float64, device=self._device)
+        if self._theta is None:
+            return sq
+        rows, large, small = self._theta
+        values = self._held()
+        if small is not None:
+            d = flat64([values[i] for i in self._small]) - small
+            sq.index_copy_(0, self._small_index, segment_sum(d * d, self._lengths))
+        dots = []
+        for i, before in large.items():  # the large layers, in order (`_pick`)
+            d = (wide(self._coords.take(values[i], i, rows[i])) - wide(before)).double()
+            weight = self._coords.weight(i)
+            dots.append(torch.dot(d if weight is None else d * weight, d))
+        if dots:
+            sq.index_copy_(0, self._large_index, torch.stack(dots))
+        return sq * self._scales
+
     def _same_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per layer, the same-step half of the work of the update just made, and where it is
         known: <g'_t, d_t> with the closure's independent gradient g'_t, else the same-batch work
@@ -616,11 +644,12 @@ class Sampler:
             [i in self._follow_dots for i in range(len(self.params))], device=self._device
         )
         work = self._work(plus, followed)
+        update_sq = self._update_sq()
         self._same = self._same_step()
         self._clip_now.stop()
         self._start_following()
         # on the wire, <g_{t+1}, theta_{t+1}> and that less the work: their difference is the work
-        columns = [sums, sumsqs, after - work, after]
+        columns = [sums, sumsqs, after - work, after, update_sq]
         if self.sites:
             columns.extend(self._capture.columns(self._device))
         if hist is not None:

@@ -2,16 +2,16 @@
 sample. One engine for all three (docs/ray.md, "One job of thousands of ranks").
 
 Each part reports a `Table` (science/stats.py): a rank's entries are one shard each, a node
-aggregator's are runs of shards (`Table.of_node`). A merge fills the rows of a `Target`: the
-job's layers, whole (`Target.whole`), or a node's runs (`Target.runs`). Each entry goes to the
-row of its layer that holds its shards. Parts are taken lowest first, and an entry holding a
-shard that a kept entry holds already (a replica's copy) is skipped: a layer held whole by
-several ranks (data parallel replicas) is counted once, from the lowest rank, and a layer split
-into shards (FSDP, ZeRO: `Shard{index, count}`) is the exact Chan merge of one copy of each
-shard, its work dots and histograms added. A row whose kept entries do not hold all its shards
-at a step is NaN for that step (a job's layer that no part of the step holds reads empty, count
-0: no shard of it was due). Activation sites pool every part's batch. Energy is the mean over
-ranks: a node's weighs as many ranks as its energy averages.
+aggregator's are runs of shards (`Table.of_node`). A merge fills the rows of a `Target`: the job's
+layers, whole (`Target.whole`), or a node's runs (`Target.runs`). Each entry goes to the row of its
+layer that holds its shards. Parts are taken lowest first, and an entry holding a shard that a kept
+entry holds already (a replica's copy) is skipped: a layer held whole by several ranks (data
+parallel replicas) is counted once, from the lowest rank, and a layer split into shards (FSDP,
+ZeRO: `Shard{index, count}`) is the exact Chan merge of one copy of each shard, its work dots,
+update sums of squares and histograms added. A row whose kept entries do not hold all its shards at
+a step is NaN for that step (a job's layer that no part of the step holds reads empty, count 0: no
+shard of it was due). Activation sites pool every part's batch. Energy is the mean over ranks: a
+node's weighs as many ranks as its energy averages.
 
 A flat job is the case of one-shard entries; through node aggregators a job merges to what its
 ranks streaming flat merge to, to rounding (tests/test_aggregate.py), because every statistic
@@ -91,6 +91,7 @@ class Plan:
     dest: np.ndarray  # the kept rows' target rows, in the order of `rows`
     repeats: bool  # a part's kept rows go to one target row twice (a node's runs of one layer)
     nan_if_missing: np.ndarray  # NaN where a row misses a shard, else 1
+    nan_if_unheld: np.ndarray  # ... and where no entry holds the row (nothing said, not 0)
     site_dest: np.ndarray  # every part's site rows' target sites, in part order
     #: where each moment `apply` merges goes, in one group array: the kept layer rows to their
     #: rows, then every part's sites' inputs and outputs to theirs (offset past the layers)
@@ -161,6 +162,7 @@ class Plan:
             dest=d,
             repeats=any(to is not None and len(np.unique(to)) < len(to) for _, _, to in rows),
             nan_if_missing=np.where(missing, np.nan, 1.0),
+            nan_if_unheld=np.where(missing | (np.bincount(d, minlength=n_layers) == 0), np.nan, 1.0),
             site_dest=site_dest,
             moment_dest=np.concatenate((d, n_layers + site_dest, n_layers + n_sites + site_dest)),
         )
@@ -238,6 +240,9 @@ class Plan:
             dot_before=np.bincount(d, column("dot_before"), n_layers) * nan_if_missing,
             dot_after=np.bincount(d, column("dot_after"), n_layers) * nan_if_missing,
             histogram=merged_hist,
+            # a sum over the layer's values, as the dots: its shards' add, one replica's kept; a
+            # layer no part held at the step said no update (NaN), not one of 0
+            update_sq=np.bincount(d, column("update_sq"), n_layers) * self.nan_if_unheld,
         )
 
         probe = np.full(n_sites, -1.0)  # any part whose probe moved makes the site temperature-dependent

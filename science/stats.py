@@ -85,6 +85,11 @@ class Table:
         return cls(tuple(layers), tuple(spans), tuple(sites.values()))
 
 
+#: LayerStats's columns a sample may lack: the histogram (not taken every sample) and what was
+#: added after the first release (NaN where absent).
+OPTIONAL_LAYER_COLUMNS = ("histogram", "update_sq")
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """Per-layer columns: moments of the values at step t and the two work dot products."""
@@ -96,6 +101,15 @@ class LayerStats:
     dot_before: np.ndarray  # float64, <g_{t+1}, theta_t> (theta_t estimated on k of n coordinates)
     dot_after: np.ndarray  # float64, <g_{t+1}, theta_{t+1}>
     histogram: np.ndarray | None  # int64 (layers, bins + 2): below lo, the bins, at/above hi; None: not taken
+    # float64, sum over the layer of (theta_{t+1} - theta_t)^2: this sampled step's own update, the
+    # findings' update-to-weight ratio (a frozen layer's 0, an exploding one's jump). Added after
+    # the columns above: a sample made without it (an older agent's frame, a state saved before
+    # it) reads NaN, "not sent", never 0, "did not move".
+    update_sq: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.update_sq is None:
+            object.__setattr__(self, "update_sq", np.full(len(self.count), np.nan))
 
     @property
     def work(self) -> np.ndarray:
@@ -174,10 +188,10 @@ class Sample:
         `layers` layers and `sites` sites (-1: as many as its columns say); ValueError if its
         columns do not fit together."""
         layer_v, site_v = state["layers"], state["sites"]
-        layer_columns = [f.name for f in fields(LayerStats) if f.name != "histogram"]
+        layer_columns = [f.name for f in fields(LayerStats) if f.name not in OPTIONAL_LAYER_COLUMNS]
         n = len(checked.array(layer_v["count"], (layers,), "sample.layers.count"))
         m = len(checked.array(site_v["count"], (sites,), "sample.sites.count"))
-        histogram = layer_v.get("histogram")
+        histogram, update_sq = layer_v.get("histogram"), layer_v.get("update_sq")
         return cls(
             step=int(state["step"]),
             wall_time=float(state["wall_time"]),
@@ -185,6 +199,7 @@ class Sample:
             layers=LayerStats(
                 *(checked.array(layer_v[c], (n,), f"sample.layers.{c}") for c in layer_columns),
                 None if histogram is None else checked.array(histogram, (n, -1), "sample.layers.histogram"),
+                None if update_sq is None else checked.array(update_sq, (n,), "sample.layers.update_sq"),
             ),
             sites=SiteStats(
                 *(checked.array(site_v[f.name], (m,), f"sample.sites.{f.name}") for f in fields(SiteStats))

@@ -137,8 +137,8 @@ def test_the_format_names_its_fields_itself_not_after_private_attributes(tmp_pat
     assert {n.split(".", 1)[1] for n in pending} == {  # stacked: one member per column, not per sample
         "step", "rank", "wall_time", "energy", "layer_rows", "site_rows", "histogram_taken",
         "layers.count", "layers.mean", "layers.m2", "layers.dot_before", "layers.dot_after",
-        "layers.histogram", "sites.count", "sites.in_mean", "sites.in_m2", "sites.out_mean",
-        "sites.out_m2", "sites.probe_spread",
+        "layers.histogram", "layers.update_sq", "sites.count", "sites.in_mean", "sites.in_m2",
+        "sites.out_mean", "sites.out_m2", "sites.probe_spread",
     }  # fmt: skip
 
 

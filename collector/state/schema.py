@@ -46,7 +46,14 @@ import numpy as np
 from thermoscope.science import saved as checked
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.detect import PhaseDetector
-from thermoscope.science.stats import LayerInfo, LayerStats, Sample, SiteInfo, SiteStats
+from thermoscope.science.stats import (
+    OPTIONAL_LAYER_COLUMNS,
+    LayerInfo,
+    LayerStats,
+    Sample,
+    SiteInfo,
+    SiteStats,
+)
 
 #: The version of the state this release writes, and the newest it reads.
 FORMAT = 1
@@ -318,7 +325,7 @@ def _from_sites(v: Mapping[str, np.ndarray]) -> list[SiteInfo]:
 
 #: The per-row columns of a sample, by the part of it that holds them.
 _COLUMNS = {
-    "layers": [f.name for f in fields(LayerStats) if f.name != "histogram"],
+    "layers": [f.name for f in fields(LayerStats) if f.name not in OPTIONAL_LAYER_COLUMNS],
     "sites": [f.name for f in fields(SiteStats)],
 }
 
@@ -345,6 +352,8 @@ def _pending(pending: Mapping[int, Mapping[int, Sample]]) -> dict[str, Any]:
             out[f"{part}.{column}"] = np.concatenate(values) if values else np.zeros(0)
     if taken:
         out["layers.histogram"] = np.concatenate([s.layers.histogram for s in taken])
+    if samples:
+        out["layers.update_sq"] = np.concatenate([s.layers.update_sq for _, _, s in samples])
     return out
 
 
@@ -362,11 +371,12 @@ def _from_pending(v: Mapping[str, Any]) -> dict[int, dict[int, Sample]]:
         hist = slice(hist_rows[i] - v["layer_rows"][i], hist_rows[i])
         layer_columns = [v["layers"][c][layers] for c in _COLUMNS["layers"]]
         histogram = v["layers"]["histogram"][hist] if v["histogram_taken"][i] else None
+        update_sq = v["layers"]["update_sq"][layers] if "update_sq" in v["layers"] else None
         pending.setdefault(int(step), {})[int(rank)] = Sample(
             step=int(step),
             wall_time=float(v["wall_time"][i]),
             energy=float(v["energy"][i]),
-            layers=LayerStats(*layer_columns, histogram),
+            layers=LayerStats(*layer_columns, histogram, update_sq),
             sites=SiteStats(*(v["sites"][c][sites] for c in _COLUMNS["sites"])),
         )
     return dict(sorted(pending.items()))
@@ -384,6 +394,8 @@ def _check_pending(v: Mapping[str, Any]) -> None:
     for part, total in (("layers", layer_rows.sum()), ("sites", site_rows.sum())):
         for column in _COLUMNS[part]:
             checked.array(v[part][column], (int(total),), f"pending.{part}.{column}")
+    if "update_sq" in v["layers"]:  # saved since the agents send it
+        checked.array(v["layers"]["update_sq"], (int(layer_rows.sum()),), "pending.layers.update_sq")
     taken = int(layer_rows[v["histogram_taken"].astype(bool)].sum())
     if taken:
         checked.array(v["layers"]["histogram"], (taken, -1), "pending.layers.histogram")

@@ -127,6 +127,7 @@ def encode(sample: Sample, seq: int) -> pb.AgentMessage:
             grad_dot_before=_bytes(layers.dot_before, F64),
             grad_dot_after=_bytes(layers.dot_after, F64),
             histogram=b"" if layers.histogram is None else _bytes(layers.histogram, U32),
+            update_sq=b"" if np.isnan(layers.update_sq).all() else _bytes(layers.update_sq, F64),
         ),
         sites=pb.SiteColumns(
             count=_bytes(sites.count, I64),
@@ -214,6 +215,9 @@ def decode(
     decoding, not refused: refusing would lose the whole run of an agent whose clock is wrong,
     while the time only places the sample in the history and its events. Each is counted into
     `nonfinite` by what carried it: "energy", "wall_time", "layer", "site" (values, not rows).
+    The layers' `update_sq`, added after the others, is read apart: absent (an agent before it) or
+    NaN (a layer it did not say, as a node merging such an agent's) is NaN, an infinite value is
+    NaN and counted, and neither touches the rest of its layer's row; a negative one is refused.
 
     Cost: a collector decodes every frame, so the columns are read as one buffer and the
     common case (all finite, nothing negative or too large) is settled with three checks
@@ -238,6 +242,7 @@ def decode(
     if frame.seq > MAX_SEQ:
         raise WireError("invalid_value", f"frame seq {frame.seq} exceeds {MAX_SEQ}")
     counts = {} if nonfinite is None else nonfinite
+    update_sq = _update_sq(frame.seq, lm.update_sq, nl, counts)
     energy = frame.energy if frame.HasField("energy") else math.nan
     if math.isinf(energy):
         counts["energy"] = counts.get("energy", 0) + 1
@@ -272,9 +277,23 @@ def decode(
         step=frame.step,
         wall_time=wall_time,
         energy=energy,
-        layers=LayerStats(*lc, hist),
+        layers=LayerStats(*lc, hist, update_sq),
         sites=SiteStats(*sc),
     )
+
+
+def _update_sq(seq: int, column: bytes, n_layers: int, counts: dict[str, int]) -> np.ndarray | None:
+    """The layers' update sums of squares (`decode`): None where the column is absent (NaN)."""
+    if not column:
+        return None
+    _check_length("layer.update_sq", len(column), n_layers, F64, "layer")
+    values = np.frombuffer(column, dtype=F64)
+    if (values < 0).any():
+        raise WireError("invalid_value", f"frame {seq}: column layer.update_sq has negative values")
+    if np.isinf(values).any():
+        counts["layer"] = counts.get("layer", 0) + int(np.isinf(values).sum())
+        values = np.where(np.isinf(values), np.nan, values)
+    return values
 
 
 @functools.lru_cache(maxsize=256)

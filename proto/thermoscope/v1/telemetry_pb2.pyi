@@ -113,20 +113,22 @@ class Frame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., energy: _Optional[float] = ..., layers: _Optional[_Union[LayerColumns, _Mapping]] = ..., sites: _Optional[_Union[SiteColumns, _Mapping]] = ..., energy_ranks: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LayerColumns(_message.Message):
-    __slots__ = ("count", "mean", "m2", "grad_dot_before", "grad_dot_after", "histogram")
+    __slots__ = ("count", "mean", "m2", "grad_dot_before", "grad_dot_after", "histogram", "update_sq")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     M2_FIELD_NUMBER: _ClassVar[int]
     GRAD_DOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     GRAD_DOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SQ_FIELD_NUMBER: _ClassVar[int]
     count: bytes
     mean: bytes
     m2: bytes
     grad_dot_before: bytes
     grad_dot_after: bytes
     histogram: bytes
-    def __init__(self, count: _Optional[bytes] = ..., mean: _Optional[bytes] = ..., m2: _Optional[bytes] = ..., grad_dot_before: _Optional[bytes] = ..., grad_dot_after: _Optional[bytes] = ..., histogram: _Optional[bytes] = ...) -> None: ...
+    update_sq: bytes
+    def __init__(self, count: _Optional[bytes] = ..., mean: _Optional[bytes] = ..., m2: _Optional[bytes] = ..., grad_dot_before: _Optional[bytes] = ..., grad_dot_after: _Optional[bytes] = ..., histogram: _Optional[bytes] = ..., update_sq: _Optional[bytes] = ...) -> None: ...
 
 class SiteColumns(_message.Message):
     __slots__ = ("count", "in_mean", "in_m2", "out_mean", "out_m2", "probe_spread")
