@@ -1,6 +1,7 @@
-"""A job's way from its ranks' samples to readings and phases: which steps merge when, then
-`merge.JobMerge` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector`, and the history
-rows and events that wait in memory for the next checkpoint.
+"""A job's way from its ranks' samples to readings, phases and findings: which steps merge when,
+then `merge.JobMerge` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector` ->
+`science.findings.Findings`, and the history rows, events and findings that wait in memory for
+the next checkpoint.
 
 Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
 job waits for has sent it: the connected ranks, and the ranks of its `world_size` that have not
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.detect import PhaseDetector
+from thermoscope.science.findings import Finding, Findings
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
@@ -173,6 +175,7 @@ class Unsaved:
 
     history: list[Reading] = field(default_factory=list)  # the readings its history keeps
     events: list[Event] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # raised or cleared (a copy as it was then)
 
 
 class Pipeline:
@@ -203,6 +206,7 @@ class Pipeline:
         self.detector: PhaseDetector | None = None
         self.transitions: Counter[tuple[str, str]] = Counter()  # job-scope (from, to)
         self.last_transition_time: float | None = None
+        self.findings: Findings | None = None
         self.unsaved = Unsaved()
         self._merge = JobMerge()  # a cache, not state
 
@@ -218,7 +222,7 @@ class Pipeline:
         default run leaves): their readings cannot go on from the earlier ones, so its steps,
         temperatures and phases start over (its counters go on)."""
         self.merged_step, self.world = -1, 0
-        self.thermometer = self.reading = self.detector = None
+        self.thermometer = self.reading = self.detector = self.findings = None
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""
@@ -265,9 +269,10 @@ class Pipeline:
             del self.pending[step]
             weights = self.energy_ranks.pop(step, None)
             layers, sites = self.declared.layers, self.declared.sites
-            self._apply(self._merge.merge(step, parts, declared, layers, sites, nodes, weights))
+            bad = _nonfinite_rows(parts, declared)
+            self._apply(self._merge.merge(step, parts, declared, layers, sites, nodes, weights), bad)
 
-    def _apply(self, sample: Sample) -> None:
+    def _apply(self, sample: Sample, nonfinite: Sequence[tuple[int, str, str]] = ()) -> None:
         layers, sites = self.declared.layers, self.declared.sites
         th = self.thermometer
         if th is None or th.layer_names != tuple(layers) or th.site_names != tuple(sites):
@@ -281,6 +286,19 @@ class Pipeline:
         if self.history_due is not None and self.history_due(self.job_id, self.reading):
             self.unsaved.history.append(self.reading)
         self._detect(sample)
+        self._find(sample, nonfinite)
+
+    def _find(self, sample: Sample, nonfinite: Sequence[tuple[int, str, str]]) -> None:
+        """Update the findings from the merged sample (after the phases: the flow is one-way);
+        keep what was raised or cleared for the next checkpoint."""
+        reading = self.reading
+        if self.findings is None:
+            self.findings = Findings()
+        changed = self.findings.update(
+            sample, reading.layer_names, reading.site_names, reading.site_function, nonfinite
+        )
+        if self.history_due is not None:
+            self.unsaved.findings.extend(replace(f) for f in changed)
 
     def _detect(self, sample: Sample) -> None:
         """Update the phases from the new reading; keep and count what changed."""
@@ -311,3 +329,21 @@ class Pipeline:
                 self.last_transition_time = e.time
         if self.history_due is not None:
             self.unsaved.events.extend(events)
+
+
+def _nonfinite_rows(parts: Mapping[int, Sample], tables: Tables) -> list[tuple[int, str, str]]:
+    """(rank, "layer" or "site", name) of each row a part sent non-finite at this step: the
+    wire NaN-s such a row (`codec.decode`) before anything merges it."""
+    out = []
+    for rank, part in parts.items():
+        table = tables.get(rank)
+        if table is None:
+            continue
+        layers, sites = table
+        for i in np.flatnonzero(np.isnan(part.layers.mean) | np.isnan(part.layers.m2)):
+            if i < len(layers):
+                out.append((rank, "layer", layers[i].name))
+        for i in np.flatnonzero(np.isnan(part.sites.in_mean) | np.isnan(part.sites.out_m2)):
+            if i < len(sites):
+                out.append((rank, "site", sites[i].name))
+    return out
