@@ -50,6 +50,7 @@ FAMILIES = (
     "thermoscope_agents_connected",
     "thermoscope_rank_stale",
     "thermoscope_phase",
+    "thermoscope_finding",
 )
 #: Sort orders: the key that selects each, and what the title calls it.
 SORTS = {"job": "j", "temperature": "t", "entropy": "s"}
@@ -84,6 +85,7 @@ class Job:
     connected: int = 0
     stale: int = 0
     layer_phases: dict[str, str] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)  # "name layer" of each finding that holds
 
 
 _GAUGES = {
@@ -120,6 +122,9 @@ def parse(text: str) -> dict[str, Job]:
                     job.phase = sample.labels["phase"]
                 else:
                     job.layer_phases[sample.labels.get("layer", "")] = sample.labels["phase"]
+            elif sample.name == "thermoscope_finding" and sample.value == 1:
+                where = sample.labels.get("layer", "")
+                job.findings.append(f"{sample.labels.get('finding', '')} {where}".strip())
     return jobs
 
 
@@ -242,6 +247,7 @@ def view(board: Board, sort: str, source: Source, now: float, problem: str | Non
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("job", "phase", "step", "energy", "temperature", "efficiency", "ΔS/step", "ranks"):
         table.add_column(name, justify="left" if name in ("job", "phase", "ranks") else "right", no_wrap=True)
+    table.add_column("findings", no_wrap=True)
     table.add_column("layers that changed phase, latest first", no_wrap=True)
     for job in board.ordered(sort):
         temperature = _number(job.temperature)
@@ -259,6 +265,7 @@ def view(board: Board, sort: str, source: Source, now: float, problem: str | Non
             _number(job.efficiency),
             _number(board.entropy_change.get(job.job_id, math.nan)),
             f"{job.connected} live, {job.stale} stale",
+            plain(", ".join(job.findings) or "—"),
             plain(changes),
         )
     parts: list[Text | Table] = [title, table if board.jobs else Text("no job yet")]
@@ -273,7 +280,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         "top",
         help="a live view of a collector's jobs (read from its /metrics)",
         description="Each job's phase, energy, temperature with its standard error, efficiency, ranks "
-        "live and stale, and the layers that changed phase most recently, refreshed in place. "
+        "live and stale, the findings that hold (docs/findings.md), and the layers that changed phase "
+        "most recently, refreshed in place. "
         "Keys: t sorts by temperature, s by entropy change, j by job; q quits.",
     )
     t.add_argument(

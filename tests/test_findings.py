@@ -113,6 +113,8 @@ def test_a_relu_whose_bias_is_pushed_far_negative_is_a_dead_site_at_that_site(co
         None,
     )
     assert INDUCED <= found["step"] <= INDUCED + 3  # within its RAISE_AFTER samples
+    shown = thermoscope("top", "--collector", collector.metrics_url, "--job", "dead", "--once")
+    assert shown.returncode == 0 and "dead_site 1" in shown.stdout, shown.stdout + shown.stderr
     listed = json.loads(thermoscope("events", "--db", str(db), "--json", "--job", "dead").stdout)
     assert [{k: e[k] for k in ("job", "scope", "layer", "finding")} for e in listed if "finding" in e] == [
         {"job": "dead", "scope": "site", "layer": "1", "finding": "dead_site"}
