@@ -29,6 +29,7 @@ from thermoscope.collector.exposition.catalogue import FAMILIES
 from thermoscope.collector.exposition.export import MetricsExporter
 from thermoscope.collector.exposition.writer import CONTENT_TYPE
 from thermoscope.collector.state.job import Job
+from thermoscope.science.findings import NAMES
 from thermoscope.wire.contract import VERSION
 
 from helpers import golden
@@ -75,7 +76,7 @@ def test_a_finding_holds_as_a_one_per_layer_and_beyond_max_series_folds_into_oth
         for name, labels, v in next(f for f in parsed(body) if f[0] == "thermoscope_findings")[3]
         if labels["job_id"] == WEIRD
     }
-    assert totals == {"dead_site": 6, "exploding_update": 1}
+    assert totals == {**dict.fromkeys(NAMES, 0.0), "dead_site": 6, "exploding_update": 1}
 
 
 def test_the_catalogue_says_what_each_family_of_the_body_is() -> None:

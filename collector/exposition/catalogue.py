@@ -239,7 +239,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "thermoscope_findings_total",
         "counter",
-        "Findings raised for the job, by name.",
+        "Findings raised for the job, by name (every name from the job's first merged step, at 0).",
         ("job_id", "finding"),
     ),
     Family(

@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PHASES, TRANSITIONS
-from thermoscope.science.findings import Finding
+from thermoscope.science.findings import NAMES, Finding
 from thermoscope.science.physics import QUANTILES
 
 from ..settings import DEFAULTS
@@ -134,8 +134,9 @@ class Snapshot:
 
     @functools.cached_property
     def findings(self) -> list[tuple[str, list[Finding], dict[str, int]]]:
-        """Each job's findings that hold and its counts of each, taken once for both families."""
-        return [(job.job_id, *job.findings()) for job, _, _ in self.jobs]
+        """Each job's findings that hold and its counts of each, taken once for both families
+        (the jobs that merged a step)."""
+        return [(job.job_id, *found) for job, _, _ in self.jobs if (found := job.findings()) is not None]
 
     @functools.cached_property
     def phases(self) -> list[tuple[Phases, _JobLabels]]:
@@ -309,9 +310,9 @@ def _findings_total(name: bytes, view: Snapshot) -> bytes:
     return rows(
         name,
         [
-            (label_set(("job_id", job_id), ("finding", finding)), n)
+            (label_set(("job_id", job_id), ("finding", finding)), totals.get(finding, 0))
             for job_id, _, totals in view.findings
-            for finding, n in sorted(totals.items())
+            for finding in NAMES  # every one from the job's first step, at 0: increase() sees the first
         ],
     )
 

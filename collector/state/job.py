@@ -334,12 +334,12 @@ class Job:
         """The job's and its layers' phases and transitions (None: no step merged yet)."""
         return self.pipeline.phases()
 
-    def findings(self) -> tuple[list[Finding], dict[str, int]]:
+    def findings(self) -> tuple[list[Finding], dict[str, int]] | None:
         """The findings that hold now and how many of each were raised (copies: the event loop
-        changes the live ones)."""
+        changes the live ones); None before the first merged step."""
         findings = self.pipeline.findings
         if findings is None:
-            return [], {}
+            return None
         return list(dict(findings.active).values()), dict(findings.totals)
 
     def liveness(self, now: float | None = None) -> Liveness:
