@@ -18,7 +18,8 @@ Rules (the names are the contract's):
   its slope at 0, is under `SATURATED_GAIN` (a tanh at input scale 1 reads 0.39, at 3: 0.09).
 * `frozen_layer`: a layer whose moments (count, mean, M2) are bit-identical to the previous
   sample's and whose work is 0 (or unread), while another layer moved; a layer that never moved
-  since its first sample (frozen on purpose, from the start) is never raised.
+  since its first sample (frozen on purpose, from the start) is never raised, nor one while a
+  `dead_site` holds (a dead ReLU zeroes the gradient of the layers around it: it is the cause).
 * `vanishing_gradient` / `exploding_update`: from the layer's update-to-weight ratio
   r = sqrt(update_sq / sum theta^2) (`LayerStats.update_sq`, absent from older agents: unknown),
   in decades against its own exponentially weighted baseline (learned over `WARMUP` samples and
@@ -204,7 +205,9 @@ class Findings:
             idle = ~np.isfinite(work) | (work == 0)
             frozen = same & idle & self._moved
             learning = bool((~same & finite).any())  # another layer moved: the job still learns
-            self._frozen.update(frozen, finite & learning)
+            # a dead site stops the gradient of the layers around it: the site is the cause
+            dead = any(k[0] == "dead_site" for k in self.active)
+            self._frozen.update(frozen & ~dead, finite & learning)
             self._judge(
                 "frozen_layer",
                 "layer",

@@ -172,3 +172,23 @@ def test_an_unknown_finding_name_is_refused_with_the_names_it_knows(db) -> None:
     result = thermoscope("events", "--db", str(db), "--finding", "dead_relu")
     assert result.returncode == 2
     assert "not a finding: 'dead_relu'" in result.stderr and "dead_site" in result.stderr
+
+
+def test_in_process_a_monitor_finds_a_dead_relu_itself() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    monitor = Monitor(model, opt, collector=None, every=1)
+    for step in range(20):
+        if step == 10:
+            with torch.no_grad():
+                model[0].bias.fill_(-1e3)
+        loss = model(torch.randn(16, 6)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        if step == 9:
+            assert monitor.latest() is not None and monitor.findings() == []  # healthy so far
+    assert [(f.finding, f.scope, f.layer) for f in monitor.findings()] == [("dead_site", "site", "1")]
+    assert monitor.close()
