@@ -15,6 +15,8 @@ VACUUM when a collector opens it), and the commit after a prune runs `PRAGMA inc
 Beside each row, `layer_history` keeps what is measurable of each layer where its temperature is
 not: its share of the window's work and its entropy change (a table of its own, created when
 any database opens, so that a database stays one an earlier release of its format writes to).
+`findings` (created the same way) keeps each finding (docs/findings.md) as it was raised, and
+as it cleared (the same row, its `cleared` step set), written at the checkpoints with the events.
 
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_run` / `load_run`): per (job, run, rank) the
