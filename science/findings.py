@@ -143,6 +143,8 @@ class Findings:
         self._explode = _Streaks(n)
 
     def _reset_sites(self, n: int) -> None:
+        self._functions: tuple[str, ...] | None = None  # a cache of `_slopes`, not state
+        self._s0 = np.zeros(0)
         self._dead = _Streaks(n)
         self._saturated = _Streaks(n)
 
@@ -178,9 +180,7 @@ class Findings:
             n = np.maximum(s.count, 1)
             in_var, out_var = s.in_m2 / n, s.out_m2 / n
             gain = out_var / in_var
-            s0 = np.array([_slope_at_zero(f) for f in functions] + [0.0] * (len(s) - len(functions)))[
-                : len(s)
-            ]
+            s0 = self._slopes(functions, len(s))
             known = (s.count > 0) & np.isfinite(gain) & (in_var > 0)
             dead = known & (s0 == 0) & (gain < DEAD_GAIN) & (np.abs(s.out_mean) < DEAD_MEAN * np.sqrt(in_var))
             sat_gain = gain / np.where(s0 > 0, s0, 1.0) ** 2
@@ -191,6 +191,13 @@ class Findings:
         self._judge(
             "saturated_site", "site", self.site_names, self._saturated, "site_gain", sat_gain, sample, out
         )
+
+    def _slopes(self, functions: Sequence[str], n: int) -> np.ndarray:
+        """s0 of each site's function, worked out again only when the functions change."""
+        if functions != self._functions:
+            self._functions = tuple(functions)
+            self._s0 = np.array([_slope_at_zero(f) for f in self._functions], dtype=np.float64)
+        return self._s0[:n] if len(self._s0) >= n else np.append(self._s0, np.zeros(n - len(self._s0)))
 
     def _layers(self, sample: Sample, out: list[Finding]) -> None:
         layers = sample.layers
@@ -328,8 +335,13 @@ class Findings:
                     confidence,
                 )
                 self._hold(f, out)
-        for i in np.flatnonzero(streaks.off >= CLEAR_AFTER):
-            self._clear_if(name, scope, names[i], sample, out)
+        held = [k[2] for k in self.active if k[0] == name and k[1] == scope]  # few: not every entity
+        if held:
+            index = {n: i for i, n in enumerate(names)} if len(held) > 8 else None
+            for layer in held:
+                i = index[layer] if index is not None else names.index(layer)
+                if streaks.off[i] >= CLEAR_AFTER:
+                    self._clear_if(name, scope, layer, sample, out)
 
     def _raise_once(
         self,
