@@ -46,15 +46,18 @@ def train(
     job: str,
     induce: Callable[[nn.Sequential, int], None] = nothing,
     after_backward: Callable[[nn.Sequential, int], None] = nothing,
-) -> None:
-    """STEPS Adam steps of a Linear-ReLU-Linear-Tanh-Linear regression, every step sampled, with
-    `induce(model, step)` called before each step's forward and `after_backward` before its
-    optimizer step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
+    first: int = 0,
+    model: nn.Sequential | None = None,
+) -> nn.Sequential:
+    """STEPS Adam steps (from step `first`) of a Linear-ReLU-Linear-Tanh-Linear regression (or
+    `model`), every step sampled, with `induce(model, step)` called before each step's forward
+    and `after_backward` before its optimizer step; the model."""
+    torch.manual_seed(first)
+    if model is None:
+        model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    monitor = Monitor(model, opt, collector=collector.grpc_target, job=job, every=1)
-    for step in range(STEPS):
+    monitor = Monitor(model, opt, collector=collector.grpc_target, job=job, run="r", every=1, step=first)
+    for step in range(first, first + STEPS):
         induce(model, step)
         x = torch.randn(32, 6)
         loss = nn.functional.mse_loss(model(x), x[:, :1] - x[:, 1:2])
@@ -64,7 +67,8 @@ def train(
         opt.step()
         monitor.step(loss)
     assert monitor.close(timeout=10)
-    wait_for_value(collector.metrics_url, "thermoscope_last_step", STEPS - 1, job_id=job)
+    wait_for_value(collector.metrics_url, "thermoscope_last_step", first + STEPS - 1, job_id=job)
+    return model
 
 
 def stored(db: Path, job: str) -> list[dict]:
@@ -73,7 +77,7 @@ def stored(db: Path, job: str) -> list[dict]:
     while True:
         store = EventStore(db, create=False)
         try:
-            if store.load_run(job, "default")[1] is not None or time.monotonic() > deadline:
+            if store.load_run(job, "r")[1] is not None or time.monotonic() > deadline:
                 return store.findings(job=job)
         finally:
             store.close()
@@ -119,6 +123,40 @@ def test_a_relu_whose_bias_is_pushed_far_negative_is_a_dead_site_at_that_site(co
     assert [{k: e[k] for k in ("job", "scope", "layer", "finding")} for e in listed if "finding" in e] == [
         {"job": "dead", "scope": "site", "layer": "1", "finding": "dead_site"}
     ]
+
+
+def test_a_finding_that_holds_carries_on_across_a_collector_restart_neither_lost_nor_raised_twice(
+    tmp_path: Path,
+) -> None:
+    def kill(model: nn.Sequential, step: int) -> None:
+        if step == INDUCED:
+            with torch.no_grad():
+                model[0].bias.fill_(-1e3)
+
+    db = tmp_path / "events.db"
+    first = start_collector_process(db)
+    try:
+        model = train(first, "restart", kill)
+        assert held(first.metrics_url, "restart") == {("dead_site", "1")}
+    finally:
+        first.stop()
+    second = start_collector_process(db)
+    try:
+        train(second, "restart", first=STEPS, model=model)  # the same run goes on: the ReLU stays dead
+        assert held(second.metrics_url, "restart") == {("dead_site", "1")}
+        m = scrape(second.metrics_url)
+        assert (
+            m[("thermoscope_findings_total", frozenset({("job_id", "restart"), ("finding", "dead_site")}))]
+            == 1
+        )
+    finally:
+        second.stop()
+    store = EventStore(db, create=False)
+    try:
+        rows = store.findings(job="restart")
+        assert [(f["finding"], f["layer"], f["cleared"]) for f in rows] == [("dead_site", "1", None)]
+    finally:
+        store.close()
 
 
 def test_a_tanh_driven_into_its_flat_region_is_a_saturated_site_at_that_site(collector, db) -> None:

@@ -220,9 +220,10 @@ class Pipeline:
         """The job's ranks bound other edges or bins than its earlier ranks had (whose tables were
         released: a different model under the same job and run, as a squatter's frame on the
         default run leaves): their readings cannot go on from the earlier ones, so its steps,
-        temperatures and phases start over (its counters go on)."""
+        temperatures and phases start over (its counters go on, and its findings: their rules read
+        the layers' moments and sites, not the edges, and a finding that holds still holds)."""
         self.merged_step, self.world = -1, 0
-        self.thermometer = self.reading = self.detector = self.findings = None
+        self.thermometer = self.reading = self.detector = None
 
     def phases(self) -> Phases | None:
         """The phases now (None: no step merged yet)."""
