@@ -65,6 +65,8 @@ DEAD_MEAN = 1e-3
 SATURATED_GAIN = 0.1
 #: Saturating functions, by a name their site's `function` (or kind) contains, with their slope at 0.
 SATURATING = (("hardsigmoid", 1 / 6), ("sigmoid", 0.25), ("hardtanh", 1.0), ("tanh", 1.0), ("softsign", 1.0))
+#: Functions whose names contain a saturating one's but that do not saturate on both sides.
+NOT_SATURATING = ("tanhshrink", "logsigmoid")
 #: The update-ratio baseline: samples it learns from before judging, its EWMA weight.
 WARMUP = 5
 BASELINE_WEIGHT = 0.2
@@ -101,9 +103,11 @@ class Finding:
 _COLUMNS = tuple(f.name for f in fields(Finding))
 
 
-def _slope_at_zero(function: str) -> float:
+def slope_at_zero(function: str) -> float:
     """s0 of a saturating function (by its name), 0.0 for any other."""
     name = function.lower()
+    if any(key in name for key in NOT_SATURATING):
+        return 0.0
     return next((s0 for key, s0 in SATURATING if key in name), 0.0)
 
 
@@ -196,7 +200,7 @@ class Findings:
         """s0 of each site's function, worked out again only when the functions change."""
         if functions != self._functions:
             self._functions = tuple(functions)
-            self._s0 = np.array([_slope_at_zero(f) for f in self._functions], dtype=np.float64)
+            self._s0 = np.array([slope_at_zero(f) for f in self._functions], dtype=np.float64)
         return self._s0[:n] if len(self._s0) >= n else np.append(self._s0, np.zeros(n - len(self._s0)))
 
     def _layers(self, sample: Sample, out: list[Finding]) -> None:

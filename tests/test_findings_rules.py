@@ -134,3 +134,22 @@ def test_a_saved_state_carries_on_with_the_same_findings() -> None:
         ("vanishing_gradient", "layer", "a.bias"),
         ("exploding_update", "layer", "b.bias"),
     }
+
+
+def test_only_functions_that_saturate_are_judged_saturated() -> None:
+    from thermoscope.science.findings import slope_at_zero
+
+    slopes = {
+        f: slope_at_zero(f)
+        for f in ("Tanh()", "tanh()", "Sigmoid()", "Hardsigmoid()", "Hardtanh(min_val=-2.0)")
+    }
+    assert slopes == {
+        "Tanh()": 1.0,
+        "tanh()": 1.0,
+        "Sigmoid()": 0.25,
+        "Hardsigmoid()": 1 / 6,
+        "Hardtanh(min_val=-2.0)": 1.0,
+    }
+    assert [
+        slope_at_zero(f) for f in ("ReLU()", "GELU(approximate='none')", "Tanhshrink()", "LogSigmoid()", "")
+    ] == [0.0] * 5
