@@ -120,9 +120,11 @@ class _Streaks:
 
     def update(self, hit: np.ndarray, known: np.ndarray) -> None:
         """`hit` where the condition held, of the entities whose condition could be read (`known`)."""
-        miss = known & ~hit
-        self.on = np.where(hit & known, self.on + 1, np.where(miss, 0, self.on))
-        self.off = np.where(miss, self.off + 1, np.where(hit & known, 0, self.off))
+        held, miss = hit & known, known & ~hit
+        self.on[held] += 1
+        self.on[miss] = 0
+        self.off[miss] += 1
+        self.off[held] = 0
 
 
 class Findings:
@@ -218,7 +220,7 @@ class Findings:
             learning = bool((~same & finite).any())  # another layer moved: the job still learns
             # a dead site stops the gradient of the layers around it: the site is the cause
             dead = any(k[0] == "dead_site" for k in self.active)
-            self._frozen.update(frozen & ~dead, finite & learning)
+            self._frozen.update(frozen & (not dead), finite & learning)
             self._judge(
                 "frozen_layer",
                 "layer",
