@@ -63,6 +63,8 @@ DEAD_GAIN = 1e-6
 DEAD_MEAN = 1e-3
 #: saturated_site: gain under this (see the module docstring).
 SATURATED_GAIN = 0.1
+#: A site finding clears when its gain is this many times past its bound (hysteresis).
+CLEAR_FACTOR = 2.0
 #: Saturating functions, by a name their site's `function` (or kind) contains, with their slope at 0.
 SATURATING = (("hardsigmoid", 1 / 6), ("sigmoid", 0.25), ("hardtanh", 1.0), ("tanh", 1.0), ("softsign", 1.0))
 #: Functions whose names contain a saturating one's but that do not saturate on both sides.
@@ -191,9 +193,12 @@ class Findings:
             dead = known & (s0 == 0) & (gain < DEAD_GAIN) & (np.abs(s.out_mean) < DEAD_MEAN * np.sqrt(in_var))
             sat_gain = gain / np.where(s0 > 0, s0, 1.0) ** 2
             saturated = known & (s0 > 0) & (sat_gain < SATURATED_GAIN)
-        self._dead.update(dead, known & (s0 == 0))
+        # hysteresis: a finding clears only well past its bound (a gain hovering at it does not flap)
+        self._dead.update(dead, (dead | (gain > CLEAR_FACTOR * DEAD_GAIN)) & known & (s0 == 0))
         self._judge("dead_site", "site", self.site_names, self._dead, "site_gain", gain, sample, out)
-        self._saturated.update(saturated, known & (s0 > 0))
+        self._saturated.update(
+            saturated, (saturated | (sat_gain > CLEAR_FACTOR * SATURATED_GAIN)) & known & (s0 > 0)
+        )
         self._judge(
             "saturated_site", "site", self.site_names, self._saturated, "site_gain", sat_gain, sample, out
         )
