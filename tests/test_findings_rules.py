@@ -153,3 +153,26 @@ def test_only_functions_that_saturate_are_judged_saturated() -> None:
     assert [
         slope_at_zero(f) for f in ("ReLU()", "GELU(approximate='none')", "Tanhshrink()", "LogSigmoid()", "")
     ] == [0.0] * 5
+
+
+def site_sample(step: int, gain: float) -> Sample:
+    """No layer; one tanh site whose output variance is `gain` times its input's (4096 values)."""
+    empty = np.zeros(0)
+    layers = UpdatedLayers(np.zeros(0, dtype=np.int64), empty, empty, empty, empty, None)
+    n = np.array([4096])
+    sites = SiteStats(
+        n, np.zeros(1), np.array([4096.0 * 9]), np.zeros(1), np.array([4096.0 * 9 * gain]), -np.ones(1)
+    )
+    return Sample(step=step, wall_time=1.7e9 + step, energy=1.0, layers=layers, sites=sites)
+
+
+def test_a_saturated_site_at_its_bound_holds_one_finding_and_clears_only_well_past_it() -> None:
+    findings, out = Findings(), []
+    gains = [0.5] * 5 + [0.05, 0.15] * 10 + [0.3] * 5  # hovering at the bound 0.1, then well past it
+    for step, gain in enumerate(gains):
+        out += findings.update(site_sample(step, gain), (), ("act",), ("Tanh()",))
+    # raised at 9 (its third hit: the samples between, short of clearing, leave the run alone),
+    # cleared at 27 (its third sample past twice the bound); `out` holds it twice: raised, cleared
+    assert len(out) == 2 and {(f.finding, f.layer, f.step, f.cleared) for f in out} == {
+        ("saturated_site", "act", 9, 27)
+    }
