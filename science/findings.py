@@ -164,7 +164,8 @@ class Findings:
         site_functions: Sequence[str],
         nonfinite: Iterable[tuple[int, str, str]] = (),
     ) -> list[Finding]:
-        """The findings this sample raised and cleared (cleared ones with `cleared` set).
+        """The findings this sample raised and cleared (cleared ones with `cleared` set; a raised
+        one is the object that holds, and clears in place: keep a copy to keep it as raised).
         `nonfinite`: (rank, scope, name) of the rows ranks sent non-finite at this step."""
         if tuple(layer_names) != self.layer_names:
             self.layer_names = tuple(layer_names)
