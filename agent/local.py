@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from thermoscope.science.derive import Reading, Thermometer
+from thermoscope.science.findings import Finding, Findings
 from thermoscope.science.stats import LayerInfo, SiteInfo
 from thermoscope.v1 import telemetry_pb2 as pb
 
@@ -34,6 +35,7 @@ class Local:
         self._layers, self._sites, self._window = layers, sites, window
         self.pending: deque[Pending] = deque(maxlen=max_queue)
         self._thermometer: Thermometer | None = None
+        self._findings = Findings()  # fed each derived sample, as a collector's pipeline feeds its own
         self._retabled = False  # the next sample starts a thermometer over the new tables
         self.submitted = 0
         self.dropped = 0
@@ -60,8 +62,15 @@ class Local:
         if th is not None and len(th.site_names) < n_sites:
             th.grow_sites(list(self._sites))
         while self.pending:
-            th.update(self.pending.popleft().to_sample().with_sites(n_sites))  # type: ignore[union-attr]
+            sample = self.pending.popleft().to_sample().with_sites(n_sites)
+            r = th.update(sample)  # type: ignore[union-attr]
+            self._findings.update(sample, r.layer_names, r.site_names, r.site_function)
         return None if self._thermometer is None else self._thermometer.latest
+
+    def findings(self) -> list[Finding]:
+        """The findings that hold after deriving what waits (`latest`), oldest first."""
+        self.latest()
+        return sorted(self._findings.active.values(), key=lambda f: (f.step, f.layer))
 
     @property
     def thermometer(self) -> Thermometer | None:

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.findings import Finding
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import VERSION
@@ -323,6 +324,11 @@ class Monitor:
     def latest(self) -> Reading | None:
         """The newest derived reading (in-process mode; None before the first sample)."""
         return self._sink.latest()
+
+    def findings(self) -> list[Finding]:
+        """The findings that hold now (in-process mode, docs/findings.md: a dead or saturated
+        site, a frozen layer, ...); with a collector, it finds them: `/metrics`, `thermoscope events`."""
+        return self._sink.findings()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait (bounded) until the collector has accepted every sampled step (accepted: applied;

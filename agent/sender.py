@@ -71,6 +71,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
+from thermoscope.science.findings import Finding
 from thermoscope.science.stats import LayerInfo, SiteInfo
 from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
@@ -183,6 +184,10 @@ class Sender(Processor):
     def latest(self) -> None:
         """A streaming monitor derives nothing itself: its collector does."""
         return None
+
+    def findings(self) -> list[Finding]:
+        """Nor finds anything: its collector does (`/metrics`, `thermoscope events`)."""
+        return []
 
     def submit(self, item: Pending) -> None:
         """Queue a sampled step with the hello of the table it was measured with."""

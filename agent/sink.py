@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.findings import Finding
 from thermoscope.science.stats import LayerInfo, SiteInfo
 from thermoscope.v1 import telemetry_pb2 as pb
 
@@ -45,6 +46,9 @@ class Sink(Protocol):
 
     def latest(self) -> Reading | None:
         """The newest reading derived in-process (None where the collector derives them)."""
+
+    def findings(self) -> list[Finding]:
+        """The findings that hold after `latest` (in-process); a streaming sink's collector holds them."""
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait at most `timeout` seconds for what was handed over; False if it did not settle."""

@@ -1,4 +1,5 @@
-"""`thermoscope events`: the phase transitions a collector stored, as a table or JSON."""
+"""`thermoscope events`: the phase transitions and findings a collector stored, as tables or JSON
+(one list, in time order: a finding is the object with a `finding` key)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.table import Table
 
-from thermoscope.collector.state.store import FIELDS, EventStore
+from thermoscope.collector.state.store import FIELDS, FINDING_FIELDS, EventStore
+from thermoscope.science.findings import NAMES
 
 from .plain import plain
 
@@ -34,17 +36,37 @@ def since(text: str) -> float:
     return value
 
 
+def finding_name(text: str) -> str:
+    """A finding's name, one of `findings.NAMES`."""
+    if text not in NAMES:
+        raise argparse.ArgumentTypeError(f"not a finding: {text!r} (one of {', '.join(NAMES)})")
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the events; raises FileNotFoundError when there is no database at --db."""
+    """Print the events; raises FileNotFoundError when there is no database at --db.
+    `--finding NAME`: that finding's records alone (no phase events)."""
     store = EventStore(args.db, create=False)
     try:
-        events = store.query(job=args.job, since=args.since)
+        events = [] if args.finding else store.query(job=args.job, since=args.since)
+        findings = store.findings(job=args.job, since=args.since, finding=args.finding)
     finally:
         store.close()
     if args.json:
-        print(json.dumps([e.as_dict() for e in events]))
+        listed = sorted([*(e.as_dict() for e in events), *findings], key=lambda d: d["time"])
+        print(json.dumps(listed))
         return 0
-    table = Table(title=plain(f"{len(events)} phase transitions in {args.db}"))
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the columns into 80 characters
+        console = Console(width=200)
+    if not args.finding:
+        console.print(_transitions(args.db, events))
+    console.print(_findings(args.db, findings))
+    return 0
+
+
+def _transitions(db: str, events: list) -> Table:
+    table = Table(title=plain(f"{len(events)} phase transitions in {db}"))
     for name in FIELDS:
         table.add_column(name, justify="right" if name in ("step", "confidence") else "left")
     for e in events:
@@ -53,11 +75,20 @@ def run(args: argparse.Namespace) -> int:
             *map(plain, (e.job, e.scope, e.layer, str(e.step), stamp, e.from_, e.to, e.statistic)),
             f"{e.confidence:.3f}",
         )
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file: do not squeeze the columns into 80 characters
-        console = Console(width=200)
-    console.print(table)
-    return 0
+    return table
+
+
+def _findings(db: str, findings: list[dict[str, object]]) -> Table:
+    table = Table(title=plain(f"{len(findings)} findings in {db}"))
+    for name in FINDING_FIELDS:
+        table.add_column(name, justify="left" if name in ("job", "scope", "layer", "finding") else "right")
+    for f in findings:
+        cells = {k: "" if v is None else str(v) for k, v in f.items()}
+        cells["time"] = _stamp(float(f["time"]))
+        cells["confidence"] = f"{f['confidence']:.3f}"
+        cells["value"] = "" if f["value"] is None else f"{f['value']:.4g}"
+        table.add_row(*(plain(cells[k]) for k in FINDING_FIELDS))
+    return table
 
 
 def _stamp(seconds: float) -> str:

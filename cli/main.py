@@ -98,7 +98,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--since", type=events_cli.since, help="only events at or after this time (Unix s or ISO 8601)"
     )
-    e.add_argument("--json", action="store_true", help="print a JSON list of events")
+    e.add_argument("--json", action="store_true", help="print a JSON list of events and findings")
+    e.add_argument(
+        "--finding",
+        type=events_cli.finding_name,
+        metavar="NAME",
+        help="only the findings of this name (e.g. dead_site)",
+    )
 
     x = sub.add_parser(
         "export",

@@ -53,6 +53,7 @@ FAMILIES = (
     "thermoscope_rank_stale",
     "thermoscope_phase",
     "thermoscope_job_paused",
+    "thermoscope_finding",
 )
 #: Sort orders: the key that selects each, and what the title calls it.
 SORTS = {"job": "j", "temperature": "t", "entropy": "s"}
@@ -94,6 +95,7 @@ class Job:
     paused: bool = False
     run: str = ""  # the run its agents named (a Ray Train run's name), where the page says it
     layer_phases: dict[str, str] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)  # "name layer" of each finding that holds
 
 
 _GAUGES = {
@@ -134,6 +136,9 @@ def parse(text: str) -> dict[str, Job]:
                     job.phase = sample.labels["phase"]
                 else:
                     job.layer_phases[sample.labels.get("layer", "")] = sample.labels["phase"]
+            elif sample.name == "thermoscope_finding" and sample.value == 1:
+                where = sample.labels.get("layer", "")
+                job.findings.append(f"{sample.labels.get('finding', '')} {where}".strip())
     return jobs
 
 
@@ -334,6 +339,10 @@ def view(
         for row in cells:
             table.add_row(*row[:shown])
         parts.append(table)
+        held = [(job.job_id, finding) for job in jobs for finding in job.findings]
+        if held:
+            parts.append(Text("findings that hold (docs/findings.md)", "bold"))
+            parts.extend(plain(f"{job_id}: {finding}") for job_id, finding in held)
         changes = [(job.job_id, c) for job in jobs for c in board.changes[job.job_id]]
         if changes:
             parts.append(Text("layers that changed phase, latest first", "bold"))
@@ -352,7 +361,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
         "top",
         help="a live view of a collector's jobs (read from its /metrics)",
         description="Each job's phase, energy, temperature with its standard error, efficiency, ranks "
-        "live and stale, and the layers that changed phase most recently, refreshed in place. "
+        "live and stale, the findings that hold (docs/findings.md), and the layers that changed phase "
+        "most recently, refreshed in place. "
         "Keys: t sorts by temperature, s by entropy change, j by job; q quits.",
     )
     reading_arguments(t)

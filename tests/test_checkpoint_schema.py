@@ -107,6 +107,13 @@ def test_a_round_trip_of_the_state_format_is_exact(tmp_path: Path) -> None:
 #: The names the format gives what it holds (schema.py): the file format, fixed here.
 STATE_NAMES = {
     "frames_duplicate", "frames_late", "frames_received", "last_transition_time", "merged_step",
+    "findings.layer_names", "findings.site_names", "findings.moved", "findings.seen", "findings.base",
+    "findings.base_var", "findings.previous", "findings.totals.finding", "findings.totals.count",
+    *(f"findings.active.{c}" for c in (
+        "finding", "scope", "layer", "step", "time", "statistic", "value", "confidence", "rank", "cleared"
+    )),
+    *(f"findings.{k}_{end}" for k in ("frozen", "vanish", "explode", "dead", "saturated")
+      for end in ("on", "off")),
     "first.run", "first.rank", "first.step", "first.wall_time",
     "transitions.count", "transitions.from", "transitions.to",
     "detector.cooldown", "detector.cusum", "detector.down", "detector.drift", "detector.excursion",

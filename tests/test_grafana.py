@@ -195,6 +195,12 @@ def test_dashboard_layout_ids_and_variable() -> None:
     assert heat["options"]["filterValues"] == {}, "the default filter hides negative temperatures"
     transitions = [a for a in model["annotations"]["list"] if "phase_transitions" in a["target"]["expr"]]
     assert transitions and transitions[0]["enable"]
+    findings = [
+        a for a in model["annotations"]["list"] if "thermoscope_findings_total" in a["target"]["expr"]
+    ]
+    assert findings and findings[0]["enable"]
+    (table,) = [p for p in panels(model) if p["title"] == "Findings that hold"]
+    assert table["type"] == "table" and "thermoscope_finding{" in table["targets"][0]["expr"]
 
 
 def test_phase_panels_map_every_phase_of_the_detector() -> None:
@@ -218,7 +224,10 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     monitor = Monitor(model, opt, collector=collector.grpc_target, job="grafana", every=1)
     try:
-        train_steps(monitor, model, opt, 24)
+        train_steps(monitor, model, opt, 12)
+        with torch.no_grad():
+            model[0].bias.fill_(-1e3)  # the ReLU dies: a finding holds (the findings table reads it)
+        train_steps(monitor, model, opt, 12)
         stream(collector.grpc_target, [frame(1, 0)])  # a frame before any hello: one rejection
         deadline = time.monotonic() + 20
         needed = {
@@ -230,6 +239,7 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
             "thermoscope_site_efficiency_ratio",
             "thermoscope_site_efficiency_quantile_ratio",
             "thermoscope_site_efficiency_extreme_ratio",
+            "thermoscope_finding",
         }
         while True:
             exported = {name for name, _ in scrape(collector.metrics_url)}
@@ -261,6 +271,8 @@ def test_every_query_names_only_series_the_collector_exports(collector) -> None:
         "thermoscope_agents_connected",
         "thermoscope_rank_stale",
         "thermoscope_phase_transitions_total",
+        "thermoscope_finding",
+        "thermoscope_findings_total",
     ):
         assert family in used, f"no panel or alert reads {family}"
 

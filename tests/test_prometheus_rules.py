@@ -83,9 +83,25 @@ def test_promtool_unit_tests_of_the_rules_pass(unit: str) -> None:
     assert "SUCCESS" in tested.stdout
 
 
-def test_both_rule_files_are_unit_tested() -> None:
+#: The findings' alerts (one per job and finding, docs/findings.md): name -> (finding, severity).
+FINDING_ALERTS = {
+    "ThermoscopeDeadSite": ("dead_site", "warning"),
+    "ThermoscopeSaturatedSite": ("saturated_site", "warning"),
+    "ThermoscopeFrozenLayer": ("frozen_layer", "warning"),
+    "ThermoscopeVanishingGradient": ("vanishing_gradient", "warning"),
+    "ThermoscopeExplodingUpdate": ("exploding_update", "critical"),
+    "ThermoscopeNonfinite": ("nonfinite", "critical"),
+}
+FINDINGS_DOC = ROOT / "docs" / "findings.md"
+FINDINGS_URL = "https://github.com/thermoscope/thermoscope/blob/main/docs/findings.md#"
+
+
+def test_every_rule_file_group_is_unit_tested() -> None:
     tests = {p.name for p in (DEPLOY / "tests").glob("*.yml")}
-    assert tests == {"alerts_test.yml", "recording_test.yml"}
+    assert tests == {"alerts_test.yml", "recording_test.yml", "findings_test.yml"}
+    unit = yaml.safe_load((DEPLOY / "tests" / "findings_test.yml").read_text())
+    tested = {t["alertname"] for group in unit["tests"] for t in group["alert_rule_test"]}
+    assert tested == set(FINDING_ALERTS)
     unit = yaml.safe_load((DEPLOY / "tests" / "alerts_test.yml").read_text())
     tested = {t["alertname"] for group in unit["tests"] for t in group["alert_rule_test"]}
     assert tested == set(ALERTS)
@@ -96,7 +112,7 @@ def test_both_rule_files_are_unit_tested() -> None:
 
 def test_alerts_keep_their_agreed_names_expressions_and_timings() -> None:
     rules = groups()
-    assert set(rules) == {"thermoscope-recording", "thermoscope-alerts"}
+    assert set(rules) == {"thermoscope-recording", "thermoscope-alerts", "thermoscope-findings"}
     alerts = {rule["alert"]: rule for rule in rules["thermoscope-alerts"]}
     assert set(alerts) == set(ALERTS)
     for name, (expr, for_, keep, severity) in ALERTS.items():
@@ -110,10 +126,27 @@ def test_alerts_keep_their_agreed_names_expressions_and_timings() -> None:
 
 def test_every_alert_links_to_its_runbook_section() -> None:
     headings = {slug(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines() if line.startswith("#")}
-    for rule in groups()["thermoscope-alerts"]:
+    for rule in groups()["thermoscope-alerts"]:  # (the findings' link to docs/findings.md: below)
         url = rule["annotations"]["runbook_url"]
         assert url == RUNBOOK_URL + rule["alert"].lower(), url
         assert url.removeprefix(RUNBOOK_URL) in headings, f"no section {rule['alert']} in {RUNBOOK}"
+
+
+def test_each_finding_alerts_once_per_job_grouped_and_linked_to_what_to_do() -> None:
+    """One alert per job and finding (a dying block does not page once per layer), labelled for
+    Alertmanager's grouping and inhibition, its runbook the finding's section of docs/findings.md."""
+    headings = {
+        slug(line.lstrip("#")) for line in FINDINGS_DOC.read_text().splitlines() if line.startswith("#")
+    }
+    alerts = {rule["alert"]: rule for rule in groups()["thermoscope-findings"]}
+    assert set(alerts) == set(FINDING_ALERTS)
+    for name, (finding, severity) in FINDING_ALERTS.items():
+        rule = alerts[name]
+        expr = f'count by (job_id, finding) (thermoscope_finding{{finding="{finding}"}} == 1)'
+        assert " ".join(rule["expr"].split()) == expr, name
+        assert rule["labels"] == {"severity": severity, "category": "finding"}, name
+        assert rule["annotations"]["runbook_url"] == FINDINGS_URL + finding, name
+        assert finding in headings, f"no section {finding} in {FINDINGS_DOC}"
 
 
 def test_recording_rules_follow_the_naming_convention() -> None:
@@ -141,7 +174,10 @@ def test_every_metric_the_rules_read_is_exported_by_the_collector(collector) -> 
             time.sleep(0.05)
     finally:
         agent.close()
-    exprs = [rule["expr"] for rules in groups().values() for rule in rules]
+    # (thermoscope_finding has a series only while a finding holds: test_findings.py shows it exported)
+    exprs = [
+        rule["expr"] for name, rules in groups().items() if name != "thermoscope-findings" for rule in rules
+    ]
     read = {name for expr in exprs for name in re.findall(r"\bthermoscope_[a-z_]+", expr)}
     assert read, exprs
     assert read <= exported, read - exported

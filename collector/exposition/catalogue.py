@@ -237,6 +237,19 @@ FAMILIES: tuple[Family, ...] = (
         ("job_id", "from", "to"),
     ),
     Family(
+        "thermoscope_finding",
+        "gauge",
+        "1 while a finding holds (docs/findings.md): finding is its name, layer the layer or site it is "
+        'about ("" for the job\'s); beyond max_series_per_job of one finding, the rest fold into __other__.',
+        ("job_id", "finding", "layer"),
+    ),
+    Family(
+        "thermoscope_findings_total",
+        "counter",
+        "Findings raised for the job, by name (every name from the job's first merged step, at 0).",
+        ("job_id", "finding"),
+    ),
+    Family(
         "thermoscope_last_transition_timestamp_seconds",
         "gauge",
         "When the job's last phase transition happened (Unix time).",

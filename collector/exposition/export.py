@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PHASES, TRANSITIONS
+from thermoscope.science.findings import NAMES, Finding
 from thermoscope.science.physics import QUANTILES
 
 from ..settings import DEFAULTS
@@ -132,6 +133,12 @@ class Snapshot:
         return [(job, job.liveness(), labels) for job, _, labels in self.jobs]
 
     @functools.cached_property
+    def findings(self) -> list[tuple[str, list[Finding], dict[str, int]]]:
+        """Each job's findings that hold and its counts of each, taken once for both families
+        (the jobs that merged a step)."""
+        return [(job.job_id, *found) for job, _, _ in self.jobs if (found := job.findings()) is not None]
+
+    @functools.cached_property
     def phases(self) -> list[tuple[Phases, _JobLabels]]:
         """The phases of each job that merged a step, taken once for the three phase families."""
         return [(phases, labels) for job, _, labels in self.jobs if (phases := job.phases()) is not None]
@@ -189,6 +196,8 @@ class MetricsExporter:
             "thermoscope_network_engine_info": _network_engine,
             "thermoscope_phase": self._phase,
             "thermoscope_phase_transitions_total": _transitions,
+            "thermoscope_finding": self._finding,
+            "thermoscope_findings_total": _findings_total,
             "thermoscope_last_transition_timestamp_seconds": _last_transition,
         }
         # the catalogue's order, each family with its reader (a family without one is a KeyError here)
@@ -269,6 +278,24 @@ class MetricsExporter:
             ],
         )
 
+    def _finding(self, name: bytes, view: Snapshot) -> bytes:
+        """1 per finding that holds, by its layer or site; of one finding's, the first
+        `max_series - 1` (by the step raised) keep their own series, the rest share `OTHER`."""
+        out = []
+        for job_id, active, _ in view.findings:
+            by_name: dict[str, list[str]] = {}
+            for f in sorted(active, key=lambda f: (f.step, f.layer)):
+                names = by_name.setdefault(f.finding, [])
+                if f.layer not in names:
+                    names.append(f.layer)
+            for finding, names in sorted(by_name.items()):
+                keep = _kept(len(names), self._max_series)
+                out += [
+                    (label_set(("job_id", job_id), ("finding", finding), ("layer", layer)), 1.0)
+                    for layer in _series(tuple(names), keep)
+                ]
+        return rows(name, out)
+
     def _phase(self, name: bytes, view: Snapshot) -> bytes:
         """State-sets of the job's and its first `phase_layers` layers' phases."""
         out = []
@@ -278,6 +305,17 @@ class MetricsExporter:
             one_hot = list(itertools.chain.from_iterable(map(_ONE_HOT.__getitem__, phases[:n])))
             out.append(fill(name, b"".join(labels.phases[:n]), one_hot))
         return b"".join(out)
+
+
+def _findings_total(name: bytes, view: Snapshot) -> bytes:
+    return rows(
+        name,
+        [
+            (label_set(("job_id", job_id), ("finding", finding)), totals.get(finding, 0))
+            for job_id, _, totals in view.findings
+            for finding in NAMES  # every one from the job's first step, at 0: increase() sees the first
+        ],
+    )
 
 
 def _per_job(attr: str, name: bytes, view: Snapshot) -> bytes:

@@ -60,6 +60,7 @@ def _holders(job: Job) -> dict[str, tuple[object, str]]:
         "pending": (p, "pending"),
         "merged_step": (p, "merged_step"),
         "thermometer": (p, "thermometer"),
+        "findings": (p, "findings"),
         "layers": (d, "layers"),
         "sites": (d, "sites"),
         "bins": (d, "bins"),
@@ -82,6 +83,7 @@ class Saved:
     history: int
     events: int
     marks: dict[tuple[str, int], tuple[int, int]]
+    findings: int = 0
 
 
 class Checkpointer:
@@ -181,6 +183,7 @@ class Checkpointer:
         for saved in self.written:
             unsaved = saved.job.pipeline.unsaved
             del unsaved.history[: saved.history], unsaved.events[: saved.events]
+            del unsaved.findings[: saved.findings]
             saved.job.marks.durable = saved.marks
         self.written.clear()
         if self.failing:
@@ -203,8 +206,11 @@ class Checkpointer:
         for reading in unsaved.history:
             store.add_reading(job.job_id, reading)
         store.add(unsaved.events)
+        store.add_findings(job.job_id, unsaved.findings)
         state = schema.encode_state(values_of(job, schema.STATE))
         tables = schema.encode_tables(values_of(job, schema.TABLES)) if job.tables_dirty else None
         store.save_run(job.job_id, job.run_id, job.marks.applied, state, tables)
         job.dirty = job.tables_dirty = False
-        return Saved(job, len(unsaved.history), len(unsaved.events), dict(job.marks.applied))
+        return Saved(
+            job, len(unsaved.history), len(unsaved.events), dict(job.marks.applied), len(unsaved.findings)
+        )

@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.findings import Finding
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
@@ -332,6 +333,14 @@ class Job:
     def phases(self) -> Phases | None:
         """The job's and its layers' phases and transitions (None: no step merged yet)."""
         return self.pipeline.phases()
+
+    def findings(self) -> tuple[list[Finding], dict[str, int]] | None:
+        """The findings that hold now and how many of each were raised (copies: the event loop
+        changes the live ones); None before the first merged step."""
+        findings = self.pipeline.findings
+        if findings is None:
+            return None
+        return list(dict(findings.active).values()), dict(findings.totals)
 
     def liveness(self, now: float | None = None) -> Liveness:
         """The job's ranks now (see `Ranks.liveness`)."""

@@ -70,6 +70,7 @@ ABSENT = {
     "merged_step": -1,
     "thermometer": None,
     "first": {},  # (not kept by the pickles: their agents' replays start past their frame 1)
+    "findings": None,
 }
 #: The pickles' names -> the format's (the same values).
 RENAMED = {

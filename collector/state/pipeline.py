@@ -1,6 +1,7 @@
-"""A job's way from its ranks' samples to readings and phases: which steps merge when, then
-`merge.JobMerge` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector`, and the history
-rows and events that wait in memory for the next checkpoint.
+"""A job's way from its ranks' samples to readings, phases and findings: which steps merge when,
+then `merge.JobMerge` -> `science.derive.Thermometer` -> `science.detect.PhaseDetector` ->
+`science.findings.Findings`, and the history rows, events and findings that wait in memory for
+the next checkpoint.
 
 Each rank's hello declares its layer table (`Declared`). A step is merged once every rank the
 job waits for has sent it: the connected ranks, and the ranks of its `world_size` that have not
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.detect import PhaseDetector
+from thermoscope.science.findings import Finding, Findings
 from thermoscope.science.stats import LayerInfo, Sample, SiteInfo
 from thermoscope.wire.codec import WireError
 
@@ -176,6 +178,7 @@ class Unsaved:
 
     history: list[Reading] = field(default_factory=list)  # the readings its history keeps
     events: list[Event] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # raised or cleared (a copy as it was then)
 
 
 class Pipeline:
@@ -209,6 +212,7 @@ class Pipeline:
         # the last RECENT_EVENTS events, replaced whole (never mutated), so that the web page's
         # thread reads them without a lock, with or without a store
         self.recent_events: tuple[Event, ...] = ()
+        self.findings: Findings | None = None
         self.unsaved = Unsaved()
         self._merge = JobMerge()  # a cache, not state
 
@@ -222,7 +226,8 @@ class Pipeline:
         """The job's ranks bound other edges or bins than its earlier ranks had (whose tables were
         released: a different model under the same job and run, as a squatter's frame on the
         default run leaves): their readings cannot go on from the earlier ones, so its steps,
-        temperatures and phases start over (its counters go on)."""
+        temperatures and phases start over (its counters go on, and its findings: their rules read
+        the layers' moments and sites, not the edges, and a finding that holds still holds)."""
         self.merged_step, self.world = -1, 0
         self.thermometer = self.reading = self.detector = None
 
@@ -271,9 +276,10 @@ class Pipeline:
             del self.pending[step]
             weights = self.energy_ranks.pop(step, None)
             layers, sites = self.declared.layers, self.declared.sites
-            self._apply(self._merge.merge(step, parts, declared, layers, sites, nodes, weights))
+            bad = _nonfinite_rows(parts, declared)
+            self._apply(self._merge.merge(step, parts, declared, layers, sites, nodes, weights), bad)
 
-    def _apply(self, sample: Sample) -> None:
+    def _apply(self, sample: Sample, nonfinite: Sequence[tuple[int, str, str]] = ()) -> None:
         layers, sites = self.declared.layers, self.declared.sites
         th = self.thermometer
         if th is not None and th.layer_names == tuple(layers) and len(sites) > len(th.site_names):
@@ -290,6 +296,19 @@ class Pipeline:
         if self.history_due is not None and self.history_due(self.job_id, self.reading):
             self.unsaved.history.append(self.reading)
         self._detect(sample)
+        self._find(sample, nonfinite)
+
+    def _find(self, sample: Sample, nonfinite: Sequence[tuple[int, str, str]]) -> None:
+        """Update the findings from the merged sample (after the phases: the flow is one-way);
+        keep what was raised or cleared for the next checkpoint."""
+        reading = self.reading
+        if self.findings is None:
+            self.findings = Findings()
+        changed = self.findings.update(
+            sample, reading.layer_names, reading.site_names, reading.site_function, nonfinite
+        )
+        if self.history_due is not None:
+            self.unsaved.findings.extend(replace(f) for f in changed)
 
     def _detect(self, sample: Sample) -> None:
         """Update the phases from the new reading; keep and count what changed."""
@@ -322,3 +341,21 @@ class Pipeline:
             self.recent_events = (*self.recent_events, *events)[-RECENT_EVENTS:]
         if self.history_due is not None:
             self.unsaved.events.extend(events)
+
+
+def _nonfinite_rows(parts: Mapping[int, Sample], tables: Tables) -> list[tuple[int, str, str]]:
+    """(rank, "layer" or "site", name) of each row a part sent non-finite at this step: the
+    wire NaN-s such a row (`codec.decode`) before anything merges it."""
+    out = []
+    for rank, part in parts.items():
+        table = tables.get(rank)
+        if table is None:
+            continue
+        layers, sites = table
+        for i in np.flatnonzero(np.isnan(part.layers.mean) | np.isnan(part.layers.m2)):
+            if i < len(layers):
+                out.append((rank, "layer", layers[i].name))
+        for i in np.flatnonzero(np.isnan(part.sites.in_mean) | np.isnan(part.sites.out_m2)):
+            if i < len(sites):
+                out.append((rank, "site", sites[i].name))
+    return out

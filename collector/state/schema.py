@@ -6,7 +6,7 @@ releases named private attributes of live classes, and a rename made a database 
 afresh", dropping the no-loss guarantee across an upgrade. Here every value is written by name,
 as plain data (numbers, strings, numpy arrays of numbers or strings). Each stateful object gives
 its own and is made again from it (`to_state`, `from_state`: the thermometer, the phase detector,
-a reading, a sample), under names that are the format's, not its attribute names: renaming an
+the findings, a reading, a sample), under names that are the format's, not its attribute names: renaming an
 attribute changes those two methods, never the format. This module adds the run's counters,
 marks, pending samples and tables, and keeps what is the file's alone: its version, the
 migrations from earlier formats, the archive. A state is a flat `.npz` archive (numpy's zip of
@@ -46,6 +46,7 @@ import numpy as np
 from thermoscope.science import saved as checked
 from thermoscope.science.derive import Reading, Thermometer
 from thermoscope.science.detect import PhaseDetector
+from thermoscope.science.findings import Findings
 from thermoscope.science.stats import (
     OPTIONAL_LAYER_COLUMNS,
     LayerInfo,
@@ -73,6 +74,7 @@ STATE = (
     "merged_step",
     "thermometer",
     "first",
+    "findings",
 )
 #: ... and of its tables (`Declared`), written when an agent's first frame changed them.
 TABLES = ("layers", "sites", "bins", "by_rank")
@@ -194,6 +196,7 @@ def encode_state(values: Mapping[str, Any]) -> bytes:
             "pending": _pending(pending),
             "merged_step": values["merged_step"],
             "thermometer": _state(values["thermometer"]),
+            "findings": _state(values["findings"]),
             "first": {
                 "run": _strings(run for run, _ in values["first"]),
                 "rank": np.array([rank for _, rank in values["first"]], dtype=np.int64),
@@ -228,6 +231,7 @@ def decode_state(data: bytes) -> dict[str, Any]:
             "pending": _from_pending(v.get("pending", {})),
             "merged_step": int(v["merged_step"]),
             "thermometer": _restored(Thermometer, v.get("thermometer")),
+            "findings": _restored(Findings, v.get("findings")),  # (absent before findings were added)
             "first": {
                 (str(run), int(rank)): (int(step), float(t))
                 for run, rank, step, t in zip(*(f.get(k, ()) for k in FIRST), strict=True)
@@ -402,7 +406,7 @@ def _check_pending(v: Mapping[str, Any]) -> None:
 
 
 #: The objects that save their own state (`to_state`) and are made again from it (`from_state`).
-Stateful = Reading | Thermometer | PhaseDetector
+Stateful = Reading | Thermometer | PhaseDetector | Findings
 
 
 def _state(obj: Stateful | None) -> dict[str, Any] | None:

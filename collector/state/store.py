@@ -15,6 +15,8 @@ VACUUM when a collector opens it), and the commit after a prune runs `PRAGMA inc
 Beside each row, `layer_history` keeps what is measurable of each layer where its temperature is
 not: its share of the window's work and its entropy change (a table of its own, created when
 any database opens, so that a database stays one an earlier release of its format writes to).
+`findings` (created the same way) keeps each finding (docs/findings.md) as it was raised, and
+as it cleared (the same row, its `cleared` step set), written at the checkpoints with the events.
 
 It also keeps what a collector killed and restarted on the same database needs in order to
 lose no frame and count none twice (`save_run` / `load_run`): per (job, run, rank) the
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from thermoscope.science.derive import Reading
+from thermoscope.science.findings import Finding
 
 from ..settings import DEFAULTS
 from . import legacy, schema
@@ -117,7 +120,35 @@ CREATE TABLE IF NOT EXISTS layer_history (
     entropy_change BLOB NOT NULL,
     PRIMARY KEY (job, step)
 );
+CREATE TABLE IF NOT EXISTS findings (
+    job TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    layer TEXT NOT NULL,
+    step INTEGER NOT NULL,  -- raised at
+    time REAL NOT NULL,
+    finding TEXT NOT NULL,
+    cleared INTEGER,  -- NULL: it still holds
+    statistic TEXT NOT NULL,
+    value REAL,  -- NULL: NaN (no value: a non-finite row)
+    confidence REAL NOT NULL,
+    rank INTEGER NOT NULL,
+    PRIMARY KEY (job, finding, scope, layer, step)
+);
 """
+#: The columns of a finding, in the contract's names (`thermoscope events --json`).
+FINDING_FIELDS = (
+    "job",
+    "scope",
+    "layer",
+    "step",
+    "time",
+    "finding",
+    "cleared",
+    "statistic",
+    "value",
+    "confidence",
+    "rank",
+)
 #: The tables of a database of format `schema.FORMAT`.
 TABLES = ("events", "history", "layer_names", "marks", "run_state", "admission")
 
@@ -350,6 +381,45 @@ class EventStore:
             " confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [tuple(e.as_dict().values()) for e in events],
         )
+
+    def add_findings(self, job: str, findings: list[Finding]) -> None:
+        """Write findings raised or cleared (a cleared one replaces the row of its raising)."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO findings (job, scope, layer, step, time, finding, cleared, statistic,"
+            " value, confidence, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    job,
+                    f.scope,
+                    f.layer,
+                    f.step,
+                    f.time,
+                    f.finding,
+                    f.cleared,
+                    f.statistic,
+                    f.value if math.isfinite(f.value) else None,
+                    f.confidence,
+                    f.rank,
+                )
+                for f in findings
+            ],
+        )
+
+    def findings(
+        self, job: str | None = None, since: float | None = None, finding: str | None = None
+    ) -> list[dict[str, object]]:
+        """Findings in time order (each with `FINDING_FIELDS`), optionally of one job, at or
+        after `since` (epoch seconds), of one name."""
+        where, args = [], []
+        for column, value in (("job = ?", job), ("time >= ?", since), ("finding = ?", finding)):
+            if value is not None:
+                where.append(column)
+                args.append(value)
+        sql = f"SELECT {', '.join(FINDING_FIELDS)} FROM findings"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY time, rowid", args)
+        return [dict(zip(FINDING_FIELDS, row, strict=True)) for row in rows]
 
     def due(self, job: str, reading: Reading) -> bool:
         """Whether the reading goes into the job's history: none was kept less than an interval

@@ -235,6 +235,24 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             .tag_keys("job_id,from,to")
             .use_value_for_time(False)
         )
+        .annotation(
+            AnnotationQuery()
+            .name("Findings")
+            .datasource(DATASOURCE)
+            .enable(True)
+            .icon_color("red")
+            .target(
+                prometheus.Dataquery()
+                .datasource(DATASOURCE)
+                .ref_id("Findings")
+                .expr(f"increase(thermoscope_findings_total{{{JOB}}}[1m]) > 0")
+            )
+            .step("1m")
+            .title_format("{{job_id}}: {{finding}}")
+            .text_format("finding raised by the collector (docs/findings.md; thermoscope events --finding)")
+            .tag_keys("job_id,finding")
+            .use_value_for_time(False)
+        )
     )
 
     d = d.with_row(ids(Row("Job"), "Job"))
@@ -500,6 +518,34 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
         )
         .span(8)
         .height(8)
+    )
+
+    d = d.with_row(ids(Row("Findings"), "Findings"))
+    d = d.with_panel(
+        ids(table.Panel(), "Findings that hold")
+        .description(
+            "What is wrong and where (docs/findings.md): each finding that holds now, with the layer or site "
+            "it is about (empty: the job's). Its history: thermoscope events --json"
+        )
+        .datasource(DATASOURCE)
+        .with_target(query(f"thermoscope_finding{{{JOB}}} == 1", instant=True).format(PromQueryFormat.TABLE))
+        .with_transformation(
+            dashboard_models.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {
+                        "Time": True,
+                        "Value": True,
+                        "__name__": True,
+                        "instance": True,
+                        "job": True,
+                    },
+                    "indexByName": {"job_id": 0, "finding": 1, "layer": 2},
+                },
+            )
+        )
+        .span(24)
+        .height(6)
     )
 
     d = d.with_row(ids(Row("Agents and collector"), "Agents and collector"))

@@ -17,6 +17,7 @@ from thermoscope.collector.state.job import Job
 from thermoscope.collector.state.stream import Stream
 from thermoscope.science.derive import Reading
 from thermoscope.science.detect import PhaseDetector
+from thermoscope.science.findings import Finding, Findings
 from thermoscope.science.stats import SiteInfo
 
 from helpers.protocol import layer_table, sample
@@ -104,6 +105,15 @@ def jobs_of_every_kind() -> dict[str, Job]:
     weird.close(lost, clean=False)
     weird.set_paused(True)
     weird.frames_received, weird.frames_duplicate = 12_345_678, 3
+    weird.pipeline.findings = findings = Findings()  # more of one finding than max_series: folded
+    for k, site in enumerate(["s1", 's"2', "s3", "s4", "s5"]):
+        findings.active[("dead_site", "site", site)] = Finding(
+            "dead_site", "site", site, 10 + k, 1.7e9, "site_gain", 0.0, 0.9
+        )
+    findings.active[("exploding_update", "job", "")] = Finding(
+        "exploding_update", "job", "", 12, 1.7e9, "update_ratio_decades", 1.5, 0.99
+    )
+    findings.totals.update({"dead_site": 6, "exploding_update": 1})
     jobs[weird.job_id] = weird
 
     short = Job("short", window=10)  # a detector with fewer layers than the reading (mid-update)
