@@ -24,7 +24,8 @@ Rules (the names are the contract's):
   r = sqrt(update_sq / sum theta^2) (`LayerStats.update_sq`, absent from older agents: unknown),
   in decades against its own exponentially weighted baseline (learned over `WARMUP` samples and
   then only while no finding holds, so warmup and decay move the baseline, not the finding):
-  `VANISH_DECADES` below, or `EXPLODE_DECADES` above and `EXPLODE_SIGMAS` of its own scatter.
+  `VANISH_DECADES` below, or `EXPLODE_DECADES` above and `EXPLODE_SIGMAS` of its own scatter
+  (a vanishing update is not raised while a `dead_site` holds: the site is the cause).
   Where at least half the layers with a ratio jump at once, the cause is job-wide (a learning
   rate raised for all): one `exploding_update` of scope `job`.
 * `nonfinite`: a rank's row of a layer or site that carried NaN/Inf (the wire NaN-s the row):
@@ -256,7 +257,9 @@ class Findings:
         explode = judged & (excess > EXPLODE_DECADES) & (excess > EXPLODE_SIGMAS * scatter)
         n_known = int(judged.sum())
         job_wide = n_known > 1 and explode.sum() >= JOB_WIDE * n_known
-        self._vanish.update(vanish, judged)
+        # a dead site stops the gradient of the layers around it: the site is the cause (as frozen)
+        dead = any(k[0] == "dead_site" for k in self.active)
+        self._vanish.update(vanish & (not dead), judged)
         self._judge(
             "vanishing_gradient",
             "layer",
