@@ -248,7 +248,7 @@ class Sampler:
         if closure is not None:
             self._independent = self._independent_gradient(closure)
         else:
-            self._spread.arm(lambda flat, i: self._coords.take(flat, i, self._rows[i]))
+            self._spread.arm(self._at_work)
         self._clip_now.start()
         self._handles.extend(self._capture.arm(number))
         self._handles.extend(self._step_pre_hooks(self._before_step))
@@ -269,7 +269,7 @@ class Sampler:
         for i, g in zip(wanted, grads, strict=True):
             if g is not None:
                 g = g.to_local() if i in self._sharded else g
-                taken[i] = self._coords.take(g.detach().reshape(-1), i, self._rows[i]).double()
+                taken[i] = self._at_work(g.detach().reshape(-1), i).double()
         return taken
 
     def _step_pre_hooks(self, hook) -> list:
@@ -358,6 +358,13 @@ class Sampler:
             values[i] = values[i].to_local()
         return values
 
+    def _at_work(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Layer i's values where the same-step work reads it, as theta_t was kept: a small layer
+        whole (however large the `subset`), a large one at the sample's work coordinates."""
+        if i in self._small_pos or not self._rows:
+            return flat
+        return self._coords.take(flat, i, self._rows[i])
+
     def _held(self) -> list[torch.Tensor]:
         """`_read_values` as flat, detached views, once per sampled step and once on the step after
         it (`to_local` is an autograd call per tensor; the optimizer updates the values in place).
@@ -386,7 +393,7 @@ class Sampler:
                 i = self._index.get(id(p))
                 if i is not None and i not in self._grad_now and p.grad is not None:
                     g = p.grad.to_local() if i in self._sharded else p.grad
-                    taken = self._coords.take(g.detach().reshape(-1), i, self._rows[i])
+                    taken = self._at_work(g.detach().reshape(-1), i)
                     self._grad_now[i] = (taken.double(), optimizer, group)
 
     def held_bytes(self) -> int:
@@ -579,7 +586,6 @@ class Sampler:
         for i in range(len(self.params)):
             if i in self._sharded:  # a shard's update is read where its optimizer holds it: w+ alone
                 continue
-            rows = self._rows[i] if self._rows else None
             if self._independent is not None:
                 g, seen = self._independent.get(i), None
             else:
@@ -587,8 +593,8 @@ class Sampler:
                 g = None if seen is None else seen[0]
             if g is None:
                 continue
-            d = self._coords.take(values[i], i, rows).double() - self._theta_at(self._theta, i).double()
-            weight = self._coords.weight(i)
+            d = self._at_work(values[i], i).double() - self._theta_at(self._theta, i).double()
+            weight = None if i in self._small_pos else self._coords.weight(i)
             if weight is not None:
                 d = d * weight
             work = torch.dot(g, d)
@@ -600,7 +606,7 @@ class Sampler:
                     group,
                     p,
                     g,
-                    lambda flat, i=i, rows=rows: self._coords.take(flat, i, rows).double(),
+                    lambda flat, i=i: self._at_work(flat, i).double(),
                 )
                 var = None if unscale is None else self._spread.variance(i, g, unscale * factors[i])
                 if jac is None or var is None:  # no correction to be had: w+ alone (`_work`)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from thermoscope.agent import Monitor
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 from bench_work_qwen import run
@@ -26,3 +29,27 @@ def test_the_work_matches_the_held_out_trapezoid_per_layer_under_sgd_momentum(mo
     # measured (10 steps, docs/benchmarks.md): accum 0.976, closure 0.988
     assert 0.85 <= r["ratio"] <= 1.15
     assert r["layer_err"] < 0.15  # measured: 0.024, 0.020
+
+
+def test_a_subset_smaller_than_a_small_layer_reads_its_same_step_work_whole() -> None:
+    """A small layer (4,800 values) is read whole whatever `subset` is: with accumulation, the
+    same-step half of its work with `subset=4096` is the default subset's, to the bit (it once
+    compared 4,096 of its values with all 4,800 and raised in the training step)."""
+
+    def layer_work(subset: int | None) -> np.ndarray:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.ReLU(), torch.nn.Linear(300, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        monitor = Monitor(model, opt, every=1, **({} if subset is None else {"subset": subset}))
+        for _ in range(4):
+            for _ in range(2):  # two micro-batches: the step's gradient spread is known
+                (model(torch.randn(8, 16)).square().mean() / 2).backward()
+            opt.step()
+            opt.zero_grad()
+            monitor.step()
+        assert monitor.sampled == 4
+        reading = monitor.latest()
+        monitor.close()
+        return reading.layer_work
+
+    np.testing.assert_array_equal(layer_work(4096), layer_work(None))
