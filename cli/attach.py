@@ -129,6 +129,7 @@ def _check_job(what: str, job: str | None, seen: dict[str, Any]) -> None:
 
 def attach(args: argparse.Namespace, security: Security) -> int:
     """Start or find the collector actor, let the job (or every job) stream, and report who streams."""
+    _actor("attach").PackedSecurity.pack(security)  # the security files, checked before Ray is joined
     actor = join("attach", args.address)
     import ray
 
