@@ -152,6 +152,14 @@ FAMILIES: tuple[Family, ...] = (
         ("job_id", "rank"),
     ),
     Family(
+        "thermoscope_rank_info",
+        "gauge",
+        "Where each rank of thermoscope_rank_stale runs, in the labels the cluster's exporters use "
+        "(DCGM exporter: Hostname, gpu; kube-state-metrics: pod), to join a job to its GPUs; "
+        '"" where the agent could not tell (pod outside Kubernetes, gpu on CPU).',
+        ("job_id", "rank", "host", "pod", "gpu"),
+    ),
+    Family(
         "thermoscope_rank_lost_total",
         "counter",
         "Times a rank of the job went stale (a rank that reconnects is live again).",

@@ -177,6 +177,7 @@ class MetricsExporter:
             "thermoscope_collector_info": self._collector_info,
             "thermoscope_agents_connected": partial(_per_live, lambda job, live: live.connected),
             "thermoscope_rank_stale": self._rank_stale,
+            "thermoscope_rank_info": self._rank_info,
             "thermoscope_rank_lost_total": partial(_per_live, lambda job, live: live.lost_total),
             "thermoscope_job_paused": partial(_per_live, lambda job, live: live.paused),
             "thermoscope_run_info": _run_info,
@@ -277,6 +278,18 @@ class MetricsExporter:
                 for rank, is_stale in _stale_ranks(live, self._max_series)
             ],
         )
+
+    def _rank_info(self, name: bytes, view: Snapshot) -> bytes:
+        """The placement of each rank `thermoscope_rank_stale` names (a folded rank has none: its
+        `__other__` runs nowhere in particular)."""
+        out = []
+        for job, live, _ in view.liveness:
+            for rank, _ in _stale_ranks(live, self._max_series):
+                if rank != OTHER:
+                    s = live.ranks[int(rank)][0]
+                    labels = (("job_id", job.job_id), ("rank", rank), ("host", s.host), ("pod", s.pod))
+                    out.append((label_set(*labels, ("gpu", s.gpu)), 1.0))
+        return rows(name, out)
 
     def _finding(self, name: bytes, view: Snapshot) -> bytes:
         """1 per finding that holds, by its layer or site; of one finding's, the first
