@@ -226,6 +226,15 @@ FAMILIES: tuple[Family, ...] = (
         ("job_id", "site", "engine", "function"),
     ),
     Family(
+        "thermoscope_site_info",
+        "gauge",
+        "What each activation site of the job applies, its site label being a module path (an index "
+        'in a Sequential: site="1"): function, with its parameters ("ReLU6()", "Tanh()"), '
+        'and kind, the module class or function call the agent caught ("ReLU", "gelu()"); "" where the '
+        "agent did not say.",
+        ("job_id", "site", "function", "kind"),
+    ),
+    Family(
         "thermoscope_network_engine_info",
         "gauge",
         "Engine type of the network: A when all its sites are.",

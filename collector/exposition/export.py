@@ -194,6 +194,7 @@ class MetricsExporter:
             "thermoscope_layers_folded": partial(_folded, "layer"),
             "thermoscope_sites_folded": partial(_folded, "site"),
             "thermoscope_engine_info": self._site_engines,
+            "thermoscope_site_info": _site_info,
             "thermoscope_network_engine_info": _network_engine,
             "thermoscope_phase": self._phase,
             "thermoscope_phase_transitions_total": _transitions,
@@ -408,6 +409,25 @@ def _efficiency_extremes(name: bytes, view: Snapshot) -> bytes:
                 (label_set(("job_id", labels.job_id), ("extreme", "min"), ("site", low)), lowest),
                 (label_set(("job_id", labels.job_id), ("extreme", "max"), ("site", high)), highest),
             ]
+    return rows(name, out)
+
+
+def _site_info(name: bytes, view: Snapshot) -> bytes:
+    """What each site with a series of its own applies (a folded site has none: `__other__`
+    applies no one function), its kind from the job's site table as the agents declared it."""
+    out = []
+    for job, reading, labels in view.jobs:
+        if reading is None:
+            continue
+        declared = dict(job.pipeline.declared.sites)  # one copy: the event loop may add sites
+        for site, function in zip(labels.site_names[: labels.site_keep], reading.site_function, strict=False):
+            kind = info.kind if (info := declared.get(site)) is not None else ""
+            out.append(
+                (
+                    label_set(("job_id", job.job_id), ("site", site), ("function", function), ("kind", kind)),
+                    1.0,
+                )
+            )
     return rows(name, out)
 
 
