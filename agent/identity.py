@@ -5,10 +5,11 @@ run (the collector would take the second launch's steps for replays of the first
 `accelerate launch` (torchrun underneath) tell each rank its rank and the rendezvous, not a job id,
 so the names are derived from what every rank of one launch sees alike:
 
-* job: $THERMOSCOPE_JOB; else torchrun's rendezvous id ($TORCHELASTIC_RUN_ID: `--rdzv-id`, or a
-  fresh one under `--standalone`) unless it is torchrun's placeholder "none"; else the rendezvous
-  address $MASTER_ADDR:$MASTER_PORT, with this host's name for a loopback address (one machine's
-  127.0.0.1 is not another's); else None (`Monitor`'s default: host and pid).
+* job: $THERMOSCOPE_JOB; else torchrun's rendezvous id ($TORCHELASTIC_RUN_ID: `--rdzv-id` with
+  `--rdzv-endpoint`; without an endpoint or a port, torch 2.13 draws a fresh UUID each launch)
+  unless it is torchrun's placeholder "none" (a fixed `--master-port`); else the rendezvous address
+  $MASTER_ADDR:$MASTER_PORT, with this host's name for a loopback address (one machine's 127.0.0.1
+  is not another's); else None (`Monitor`'s default: host and pid).
 * run: $THERMOSCOPE_RUN; else the rendezvous id (unless "none"); else $SLURM_JOB_ID; else, for one
   process, a fresh id; else, once torch.distributed is initialized, a fresh id that rank 0 draws and
   broadcasts (so building the monitor is then a collective, which every rank makes); else "" (the

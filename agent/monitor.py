@@ -52,7 +52,7 @@ from thermoscope.v1 import telemetry_pb2 as pb
 from thermoscope.wire import codec
 from thermoscope.wire.contract import VERSION
 
-from . import discovery
+from . import discovery, placement
 from .energy import LossCapture
 from .identity import launcher_run
 from .local import Local
@@ -446,6 +446,8 @@ class Monitor:
             local_rank=self.local_rank,
             node=self.node,
             host=socket.gethostname(),
+            pod=placement.pod(),
+            gpu=placement.gpu(self._model.parameters()),
             agent_version=VERSION,
             every=self.every,
             layers=self._sampler.layers,

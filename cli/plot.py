@@ -45,6 +45,22 @@ def _pyplot():
     return plt
 
 
+def _plt_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _phase_legend(ax, phases: Sequence[str]) -> None:
+    """Which color is which phase, once each (a label at every transition overlapped the next one's
+    when two came close: 300 -> refresh, 330 -> transition in the demo)."""
+    from matplotlib.patches import Patch
+
+    seen = list(dict.fromkeys(phases))
+    handles = [Patch(color=PHASE_COLORS.get(p, "0.3"), label=p) for p in seen]
+    ax.legend(handles=handles, fontsize=7, loc="best", title="phase entered", title_fontsize=7)
+
+
 def _phase_diagram(ax, fig, steps: np.ndarray, entropy: np.ndarray, energy: np.ndarray, ylabel: str) -> None:
     points = ax.scatter(entropy, energy, c=steps, cmap="viridis", s=12)
     ax.plot(entropy, energy, color="0.7", lw=0.6, zorder=0)
@@ -93,14 +109,17 @@ def _measurable(
     for mask, style in ((defined, {"color": "C3"}), (~defined, {"facecolors": "none", "edgecolors": "0.4"})):
         label = "T defined" if mask is defined else "T undefined"
         ax.scatter(np.maximum(share[mask], 1e-6), change[mask], s=18, label=label, **style)
-    for j in np.argsort(-np.nan_to_num(share))[:5]:  # the layers doing the most work, named
-        ax.annotate(names[j], (max(share[j], 1e-6), change[j]), fontsize=6)
+    for k, j in enumerate(np.argsort(-np.nan_to_num(share))[:5]):  # the layers doing the most work,
+        # named in the legend (a name written at its point ran off the axes and over its neighbours')
+        ax.scatter(max(share[j], 1e-6), change[j], s=60, marker="+x*^v"[k], color="k", lw=0.8, label=names[j])
     ax.axhline(0, color="0.5", lw=0.6)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(_plt_ticker().NullFormatter())  # a narrow log range labelled them all
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set(xlabel="share of the window's |work|", ylabel="ΔS_l over the window (nats)")
     ax.set_title(f"what is measurable, step {step}")
-    ax.legend(fontsize=7, loc="best")
+    ax.margins(x=0.1, y=0.1)  # a point at the edge is drawn whole
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the points, not on them
 
 
 def _save(fig, plt, path: str | Path, title: str) -> Path:
@@ -154,6 +173,13 @@ def phase_figure(readings: Sequence[Reading], path: str | Path, title: str = "")
 def history_figure(history: History, events: Sequence[Event], path: str | Path) -> Path:
     """The run of one job from its stored history and job-scope transitions (see module docstring)."""
     plt = _pyplot()
+    fig = history_drawing(history, events)
+    return _save(fig, plt, path, "")
+
+
+def history_drawing(history: History, events: Sequence[Event]):
+    """`history_figure`'s matplotlib figure, before it is written (what its labels are is testable)."""
+    plt = _pyplot()
     if len(history.step) < 2:
         raise ValueError(f"job {history.job!r} has {len(history.step)} history row(s); a figure needs two")
     steps = history.step
@@ -184,14 +210,13 @@ def history_figure(history: History, events: Sequence[Event], path: str | Path) 
         phase.scatter(
             history.entropy[i], history.energy[i], s=90, facecolors="none", edgecolors=color, lw=1.8
         )
-        phase.annotate(f"-> {e.to}", (history.entropy[i], history.energy[i]), fontsize=7, color=color)
         for ax in (energy, temps):
             ax.axvline(e.step, color=color, lw=1, ls="--")
-        energy.annotate(
-            f"{e.from_} -> {e.to}", (e.step, 1.0), xycoords=("data", "axes fraction"),
-            rotation=90, va="top", ha="right", fontsize=7, color=color,
-        )  # fmt: skip
-    return _save(fig, plt, path, f"thermoscope: job {history.job}, steps {steps[0]}-{steps[-1]}")
+    if changes:
+        _phase_legend(phase, [e.to for e in changes])
+        _phase_legend(energy, phases)
+    fig.suptitle(f"thermoscope: job {history.job}, steps {steps[0]}-{steps[-1]}")
+    return fig
 
 
 def plot_job(db: str | Path, job: str | None, out: str | Path) -> Path:

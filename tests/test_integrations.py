@@ -8,6 +8,7 @@ import importlib.util
 import math
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -92,18 +93,27 @@ def test_a_plain_process_keeps_the_monitors_defaults(launcher_env: pytest.Monkey
     assert set(found) == {"run"} and len(found["run"]) == 12
 
 
-def torchrun(collector: Collector, port: int, *args: str) -> None:
-    """docs/examples/torchrun_watch.py on 2 CPU processes (gloo), as a user launches it."""
+#: The command docs/examples/torchrun_watch.py's docstring shows, and the port it names.
+COMMAND = next(
+    line.strip()
+    for line in (EXAMPLES / "torchrun_watch.py").read_text().splitlines()
+    if "torchrun --" in line
+)
+DOCUMENTED_PORT = "29500"
+
+
+def torchrun(collector: Collector, port: int) -> None:
+    """The documented command, run as shown from the checkout (torchrun as this Python's module;
+    the collector's address and a free port in place of the documented ones)."""
     env = {**os.environ, "THERMOSCOPE_COLLECTOR": collector.grpc_target}
     for name in ("THERMOSCOPE_JOB", "THERMOSCOPE_RUN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
         env.pop(name, None)
+    launcher, *args = shlex.split(COMMAND)
+    assert launcher == "torchrun" and DOCUMENTED_PORT in args
+    args = [str(port) if a == DOCUMENTED_PORT else a for a in args]
     done = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(port), *args,
-            str(EXAMPLES / "torchrun_watch.py"),
-        ],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "torch.distributed.run", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

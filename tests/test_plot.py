@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from pathlib import Path
@@ -95,3 +96,53 @@ def test_plot_says_what_is_wrong_with_its_input(tmp_path: Path, args: list[str],
     result = thermoscope("plot", *(a.format(tmp=tmp_path) for a in args), "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def texts_shown(fig) -> dict[str, list]:
+    """Each group of a drawn figure's texts that must not overlap among themselves, with their
+    extents in pixels: each axis's tick labels, each axes' notes (titles, annotations, legends)."""
+    fig.draw_without_rendering()  # (constrained layout places everything at a draw)
+    renderer = fig.canvas.get_renderer()
+    groups: dict[str, list] = {}
+    for i, ax in enumerate(fig.axes):
+        for which, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            lo, hi = sorted(axis.get_view_interval())
+            ticks = [
+                label
+                for locs, labels in (
+                    (axis.get_majorticklocs(), axis.get_majorticklabels()),
+                    (axis.get_minorticklocs(), axis.get_minorticklabels()),
+                )
+                for loc, label in zip(locs, labels, strict=False)
+                if lo <= loc <= hi  # (ticks beyond the view are kept, not drawn)
+            ]
+            groups[f"axes {i} {which} ticks"] = [t for t in ticks if t.get_visible() and t.get_text()]
+        legend = ax.get_legend()
+        notes = [ax.title, *ax.texts, *(legend.get_texts() if legend is not None else [])]
+        groups[f"axes {i} notes"] = [t for t in notes if t.get_visible() and t.get_text()]
+    return {
+        name: [(t.get_text(), t.get_window_extent(renderer)) for t in texts] for name, texts in groups.items()
+    }
+
+
+@pytest.mark.slow
+def test_plot_of_a_600_step_run_writes_every_label_whole_and_apart(tmp_path: Path) -> None:
+    """At step 600 the demo's transitions came close (300 -> refresh, 330 -> transition): their
+    labels overlapped, a layer's name ran off the figure, a log axis's minor labels piled up."""
+    from thermoscope.cli.plot import history_drawing
+
+    db = tmp_path / "demo.db"
+    assert thermoscope("demo", "--steps", "600", "--db", str(db)).returncode == 0
+    store = EventStore(db, create=False)
+    try:
+        fig = history_drawing(store.history("demo"), store.query(job="demo"))
+    finally:
+        store.close()
+    page = fig.bbox
+    for group, texts in texts_shown(fig).items():
+        for text, box in texts:
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (
+                f"{group}: {text!r} is cut at the figure's edge"
+            )
+        for (a, box_a), (b, box_b) in itertools.combinations(texts, 2):
+            assert not box_a.overlaps(box_b), f"{group}: {a!r} overlaps {b!r}"

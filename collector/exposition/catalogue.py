@@ -152,6 +152,14 @@ FAMILIES: tuple[Family, ...] = (
         ("job_id", "rank"),
     ),
     Family(
+        "thermoscope_rank_info",
+        "gauge",
+        "Where each rank of thermoscope_rank_stale runs, in the labels the cluster's exporters use "
+        "(DCGM exporter: Hostname, gpu; kube-state-metrics: pod), to join a job to its GPUs; "
+        '"" where the agent could not tell (pod outside Kubernetes, gpu on CPU).',
+        ("job_id", "rank", "host", "pod", "gpu"),
+    ),
+    Family(
         "thermoscope_rank_lost_total",
         "counter",
         "Times a rank of the job went stale (a rank that reconnects is live again).",
@@ -216,6 +224,15 @@ FAMILIES: tuple[Family, ...] = (
         "Engine type of the activation site by its scale probe: A scale-invariant, B temperature-dependent "
         "(at its operating point: thermoscope_site_input_scale); function: what it applies.",
         ("job_id", "site", "engine", "function"),
+    ),
+    Family(
+        "thermoscope_site_info",
+        "gauge",
+        "What each activation site of the job applies, its site label being a module path (an index "
+        'in a Sequential: site="1"): function, with its parameters ("ReLU6()", "Tanh()"), '
+        'and kind, the module class or function call the agent caught ("ReLU", "gelu()"); "" where the '
+        "agent did not say.",
+        ("job_id", "site", "function", "kind"),
     ),
     Family(
         "thermoscope_network_engine_info",

@@ -177,6 +177,7 @@ class MetricsExporter:
             "thermoscope_collector_info": self._collector_info,
             "thermoscope_agents_connected": partial(_per_live, lambda job, live: live.connected),
             "thermoscope_rank_stale": self._rank_stale,
+            "thermoscope_rank_info": self._rank_info,
             "thermoscope_rank_lost_total": partial(_per_live, lambda job, live: live.lost_total),
             "thermoscope_job_paused": partial(_per_live, lambda job, live: live.paused),
             "thermoscope_run_info": _run_info,
@@ -193,6 +194,7 @@ class MetricsExporter:
             "thermoscope_layers_folded": partial(_folded, "layer"),
             "thermoscope_sites_folded": partial(_folded, "site"),
             "thermoscope_engine_info": self._site_engines,
+            "thermoscope_site_info": _site_info,
             "thermoscope_network_engine_info": _network_engine,
             "thermoscope_phase": self._phase,
             "thermoscope_phase_transitions_total": _transitions,
@@ -277,6 +279,18 @@ class MetricsExporter:
                 for rank, is_stale in _stale_ranks(live, self._max_series)
             ],
         )
+
+    def _rank_info(self, name: bytes, view: Snapshot) -> bytes:
+        """The placement of each rank `thermoscope_rank_stale` names (a folded rank has none: its
+        `__other__` runs nowhere in particular)."""
+        out = []
+        for job, live, _ in view.liveness:
+            for rank, _ in _stale_ranks(live, self._max_series):
+                if rank != OTHER:
+                    s = live.ranks[int(rank)][0]
+                    labels = (("job_id", job.job_id), ("rank", rank), ("host", s.host), ("pod", s.pod))
+                    out.append((label_set(*labels, ("gpu", s.gpu)), 1.0))
+        return rows(name, out)
 
     def _finding(self, name: bytes, view: Snapshot) -> bytes:
         """1 per finding that holds, by its layer or site; of one finding's, the first
@@ -395,6 +409,25 @@ def _efficiency_extremes(name: bytes, view: Snapshot) -> bytes:
                 (label_set(("job_id", labels.job_id), ("extreme", "min"), ("site", low)), lowest),
                 (label_set(("job_id", labels.job_id), ("extreme", "max"), ("site", high)), highest),
             ]
+    return rows(name, out)
+
+
+def _site_info(name: bytes, view: Snapshot) -> bytes:
+    """What each site with a series of its own applies (a folded site has none: `__other__`
+    applies no one function), its kind from the job's site table as the agents declared it."""
+    out = []
+    for job, reading, labels in view.jobs:
+        if reading is None:
+            continue
+        declared = dict(job.pipeline.declared.sites)  # one copy: the event loop may add sites
+        for site, function in zip(labels.site_names[: labels.site_keep], reading.site_function, strict=False):
+            kind = info.kind if (info := declared.get(site)) is not None else ""
+            out.append(
+                (
+                    label_set(("job_id", job.job_id), ("site", site), ("function", function), ("kind", kind)),
+                    1.0,
+                )
+            )
     return rows(name, out)
 
 

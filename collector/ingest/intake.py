@@ -111,6 +111,8 @@ class Intake:
             host=hello.host,
             local_rank=hello.local_rank,
             node=hello.node,
+            pod=hello.pod,
+            gpu=hello.gpu,
             layers=layers,
             sites=sites,
             bins=hello.histogram_bins,
@@ -131,7 +133,7 @@ class Intake:
     def _check_names(self, hello: pb.Hello) -> None:
         """Every name a hello carries is at most `max_name_length` characters (WireError)."""
         limit = self.settings.limits.max_name_length
-        fields = ("job_id", "run_id", "host", "agent_version", "node")
+        fields = ("job_id", "run_id", "host", "agent_version", "node", "pod", "gpu")
         named = [(f, getattr(hello, f)) for f in fields]
         for i, layer in enumerate(hello.layers):  # (the common case: one pass, no labels built)
             name, dtype = layer.name, layer.dtype

@@ -34,3 +34,6 @@ class Stream:
     spans: tuple[int, ...] = ()
     rank_heard: dict[int, float] = field(default_factory=dict)
     stale_ranks: set[int] = field(default_factory=set)
+    # Where it runs, as the cluster's exporters name it (agent/placement.py): "" where unknown.
+    pod: str = ""
+    gpu: str = ""

@@ -133,6 +133,14 @@ def query(expression: str, legend: str = "", ref: str = "A", instant: bool = Fal
     return q.instant() if instant else q.range()
 
 
+#: A DCGM exporter field per rank: `thermoscope_rank_info`'s host is DCGM's `Hostname`, its gpu
+#: DCGM's `gpu` (the physical index); many ranks may share a GPU, each GPU has one series.
+GPU_JOIN = (
+    'label_replace(thermoscope_rank_info{{{job},gpu!=""}}, "Hostname", "$1", "host", "(.*)")'
+    " * on (Hostname, gpu) group_left () {field}"
+)
+
+
 def legend() -> VizLegendOptions:
     return (
         VizLegendOptions()
@@ -610,6 +618,20 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
             .mappings(state_mappings({0: ("down", "red"), 1: ("up", "green")}))
             .span(6)
             .height(8)
+        )
+        .with_panel(
+            ts(
+                ids,
+                "GPU utilization of each rank (DCGM exporter)",
+                "Each rank's GPU, joined from thermoscope_rank_info to NVIDIA's DCGM exporter on its "
+                "labels (Hostname, gpu): a layer's finding beside the GPU it ran on (docs/metrics.md, "
+                "Placement). Empty without a DCGM exporter, or for ranks on CPU.",
+                query(
+                    GPU_JOIN.format(job=JOB, field="DCGM_FI_DEV_GPU_UTIL"),
+                    "{{job_id}} rank {{rank}}: {{Hostname}} GPU {{gpu}}",
+                ),
+                unit="percent",
+            )
         )
     )
     model = json.loads(JSONEncoder(sort_keys=True).encode(d.build()))

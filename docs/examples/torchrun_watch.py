@@ -1,8 +1,10 @@
 """A data-parallel training under torchrun (or `accelerate launch`), watched with one line.
 
-    THERMOSCOPE_COLLECTOR=127.0.0.1:50051 torchrun --nproc-per-node 2 docs/examples/torchrun_watch.py
+    export THERMOSCOPE_COLLECTOR=127.0.0.1:50051
+    torchrun --nproc-per-node 2 --master-port 29500 docs/examples/torchrun_watch.py
 
-Every rank names the same job and run and its own rank without being told (docs/integrations.md).
+Every rank names the same job and run and its own rank without being told (docs/integrations.md);
+the same command run again is the same job (its port), a run of its own.
 """
 
 import sys

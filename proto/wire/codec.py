@@ -77,6 +77,8 @@ def hello(
     agent_version: str,
     local_rank: int = 0,
     node: str = "",
+    pod: str = "",
+    gpu: str = "",
     every: int,
     layers: list[LayerInfo],
     sites: list[SiteInfo],
@@ -92,6 +94,8 @@ def hello(
             agent_version=agent_version,
             local_rank=local_rank,
             node=node,
+            pod=pod,
+            gpu=gpu,
             protocol_version=PROTOCOL_VERSION,
             every=every,
             layers=[

@@ -23,7 +23,7 @@ class CollectorMessage(_message.Message):
     def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., config: _Optional[_Union[Config, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins", "local_rank", "node", "ranks")
+    __slots__ = ("job_id", "run_id", "rank", "world_size", "host", "agent_version", "protocol_version", "every", "layers", "sites", "histogram_bins", "local_rank", "node", "ranks", "pod", "gpu")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class Hello(_message.Message):
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     run_id: str
     rank: int
@@ -52,7 +54,9 @@ class Hello(_message.Message):
     local_rank: int
     node: str
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., local_rank: _Optional[int] = ..., node: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    pod: str
+    gpu: str
+    def __init__(self, job_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., host: _Optional[str] = ..., agent_version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., every: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., histogram_bins: _Optional[int] = ..., local_rank: _Optional[int] = ..., node: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., pod: _Optional[str] = ..., gpu: _Optional[str] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("name", "shape", "numel", "dtype", "shard", "histogram_lo", "histogram_hi")
