@@ -201,7 +201,7 @@ class Collector:
         self.metrics_port = self._http.server_port
         await server.start()
         self._server = server
-        self._reaper = asyncio.create_task(reaper.reap(self.grpc_port, lambda: self.telemetry.callers))
+        self._reaper = asyncio.create_task(reaper.reap(self.grpc_port, self.telemetry.peers_calling))
         if self.store is not None:
             self.telemetry.checkpointer.on_failing = self._set_serving_by_checkpoints
             checkpoints = self.telemetry.checkpointer.every(self.settings.checkpoint_interval)

@@ -50,7 +50,8 @@ _BYTES_RECEIVED_OFFSET = 128
 
 async def reap(port: int, callers: Callable[[], Collection[str]]) -> None:
     """Every `INTERVAL` s, shut down the connections to `port` that flood without a call, until
-    cancelled. `callers()`: the peers (gRPC's `context.peer()`) with an open call."""
+    cancelled. `callers()`: the peers (gRPC's `context.peer()`) with a call open now or opened
+    since the last look."""
     if not hasattr(socket, "TCP_INFO") or not os.path.isdir("/proc/self/fd"):
         return  # not Linux: nothing to look at
     seen: dict[str, tuple[int, int]] = {}  # peer -> (bytes received, looks in a row it flooded)

@@ -105,6 +105,7 @@ class Telemetry:
         self.rejected: Counter[str] = Counter()
         self._sessions: dict[str, set[Session]] = {}  # by job: calls that sent a valid hello
         self.callers: Counter[str] = Counter()  # open calls by peer (`reaper.py` spares their connections)
+        self._called: set[str] = set()  # peers that opened a call since `peers_calling` was last asked
         self.draining = False  # the collector is shutting down: see `drain`
 
     # -- graceful shutdown ------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class Telemetry:
         reader = asyncio.create_task(self._read(requests, session))
         peer = context.peer()
         self.callers[peer] += 1
+        self._called.add(peer)
         try:
             while True:
                 item = await inbox.get()
@@ -251,6 +253,13 @@ class Telemetry:
             self.callers[peer] -= 1
             if not self.callers[peer]:
                 del self.callers[peer]
+
+    def peers_calling(self) -> set[str]:
+        """The peers with a call open now or opened since the last time this was asked (the
+        reaper's look): a client of many short calls, each refused at once, is a caller, not a
+        PING flood."""
+        seen, self._called = self._called | set(self.callers), set()
+        return seen
 
     async def _read(self, requests: AsyncIterator[pb.AgentMessage | BadBytes], session: Session) -> None:
         inbox = session.inbox
