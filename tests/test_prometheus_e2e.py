@@ -238,7 +238,8 @@ def test_prometheus_fires_the_data_shift_alert_for_a_real_run_with_the_shipped_r
     # the shipped rules loaded and evaluate cleanly, and the recording rules have the job
     rules = prometheus.get("/api/v1/rules") or {"groups": []}
     loaded = {g["name"]: g for g in rules["groups"]}
-    assert set(loaded) == {"thermoscope-recording", "thermoscope-alerts"}, prometheus.explain("rule groups")
+    groups = {"thermoscope-recording", "thermoscope-alerts", "thermoscope-findings"}
+    assert set(loaded) == groups, prometheus.explain("rule groups")
     for group in loaded.values():
         assert group["interval"] == 5, group  # the shipped evaluation_interval
         for rule in group["rules"]:
