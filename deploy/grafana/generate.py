@@ -126,6 +126,15 @@ def thresholds(*steps: tuple[float | None, str]) -> ThresholdsConfig:
     )
 
 
+def _columns(*names: str) -> dashboard_models.DataTransformerConfig:
+    """A table's columns: these labels in this order, without the series' own fields."""
+    hidden = dict.fromkeys(("Time", "Value", "__name__", "instance", "job"), True)
+    return dashboard_models.DataTransformerConfig(
+        id_val="organize",
+        options={"excludeByName": hidden, "indexByName": {name: i for i, name in enumerate(names)}},
+    )
+
+
 def query(expression: str, legend: str = "", ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
     q = prometheus.Dataquery().datasource(DATASOURCE).expr(expression).ref_id(ref)
     if legend:
@@ -509,21 +518,7 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
         )
         .datasource(DATASOURCE)
         .with_target(query(f"thermoscope_engine_info{{{JOB}}}", instant=True).format(PromQueryFormat.TABLE))
-        .with_transformation(
-            dashboard_models.DataTransformerConfig(
-                id_val="organize",
-                options={
-                    "excludeByName": {
-                        "Time": True,
-                        "Value": True,
-                        "__name__": True,
-                        "instance": True,
-                        "job": True,
-                    },
-                    "indexByName": {"job_id": 0, "site": 1, "engine": 2},
-                },
-            )
-        )
+        .with_transformation(_columns("job_id", "site", "engine"))
         .span(8)
         .height(8)
     )
@@ -537,21 +532,7 @@ def dashboard() -> tuple[dict[str, Any], dict[str, int]]:
         )
         .datasource(DATASOURCE)
         .with_target(query(f"thermoscope_finding{{{JOB}}} == 1", instant=True).format(PromQueryFormat.TABLE))
-        .with_transformation(
-            dashboard_models.DataTransformerConfig(
-                id_val="organize",
-                options={
-                    "excludeByName": {
-                        "Time": True,
-                        "Value": True,
-                        "__name__": True,
-                        "instance": True,
-                        "job": True,
-                    },
-                    "indexByName": {"job_id": 0, "finding": 1, "layer": 2},
-                },
-            )
-        )
+        .with_transformation(_columns("job_id", "finding", "layer"))
         .span(24)
         .height(6)
     )
